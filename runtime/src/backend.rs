@@ -1,0 +1,44 @@
+//! The seam between the training loop and a device. A backend owns the model parameters,
+//! their gradients and the optimizer state (so the CUDA backend keeps all three on the GPU);
+//! the loop only hands it token batches and per-group learning rates.
+
+use archscale_compiler::Plan;
+
+/// What the loop asks of a backend. Parameters are exchanged as f32 in `plan.params` order.
+pub trait Backend {
+    /// `cpu` or `cuda:<ordinal>`.
+    fn name(&self) -> String;
+
+    /// Forward and backward on `micro` rows of `T + 1` tokens each (inputs `[0, T)`,
+    /// targets `[1, T + 1)`). Gradients accumulate, scaled by `grad_scale` (1/gas).
+    /// Returns the mean loss of these rows (unscaled).
+    fn forward_backward(&mut self, rows: &[u32], micro: usize, grad_scale: f32) -> crate::Result<f64>;
+
+    /// Global L2 norm of the accumulated gradients.
+    fn grad_norm(&mut self) -> crate::Result<f64>;
+
+    /// Multiplies gradients by `grad_mult` (the clip coefficient), applies one optimizer step
+    /// with `group_lrs[g]` for `plan.optimizer.groups[g]`, and zeroes the gradients.
+    fn optimizer_step(&mut self, group_lrs: &[f64], grad_mult: f64) -> crate::Result<()>;
+
+    /// Mean cross-entropy (no label smoothing, no gradients) of `rows` rows of `row_len`
+    /// tokens, measured on the first `p` predictions of each row for every `p` in `prefixes`.
+    fn eval_loss(&mut self, tokens: &[u32], rows: usize, row_len: usize, prefixes: &[usize]) -> crate::Result<Vec<f64>>;
+
+    /// Parameters in plan order.
+    fn read_params(&mut self) -> crate::Result<Vec<Vec<f32>>>;
+    fn write_params(&mut self, params: &[Vec<f32>]) -> crate::Result<()>;
+
+    /// Optimizer state as named f32 tensors (`<param>.exp_avg`, ...) plus the step count.
+    fn read_optimizer_state(&mut self) -> crate::Result<OptimizerState>;
+    fn write_optimizer_state(&mut self, state: &OptimizerState) -> crate::Result<()>;
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OptimizerState {
+    pub step: u64,
+    pub tensors: Vec<(String, Vec<f32>)>,
+}
+
+/// Builds the backend `choice` names for `plan`.
+pub type BackendFactory = fn(&Plan) -> crate::Result<Box<dyn Backend>>;

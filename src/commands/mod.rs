@@ -1,0 +1,11 @@
+//! One module per subcommand: argument struct and `run`. Domain logic lives in the crates.
+//! `run` returns the exit code: 0 success, 2 invalid input (nothing written), 1 other failure.
+
+pub mod bench;
+pub mod import_archscale;
+pub mod plan;
+pub mod prepare;
+pub mod run;
+pub mod schema;
+pub mod selftest;
+pub mod validate;
