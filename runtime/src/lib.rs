@@ -2,6 +2,9 @@
 //! packed data, checkpoints and the training loop.
 
 pub mod backend;
+pub mod checkpoint;
+pub mod data;
+pub mod optim;
 
 pub use backend::{Backend, OptimizerState};
 
@@ -10,6 +13,16 @@ pub use backend::{Backend, OptimizerState};
 pub enum RuntimeError {
     #[error("{0}")]
     Message(String),
+    /// The run directory already has checkpoints and no resume was asked for.
+    #[error("{} already holds a checkpoint ({})", run_dir.display(), checkpoint.display())]
+    #[diagnostic(help("continue it with `--resume auto`, or set a different `train.out_dir`"))]
+    RunExists { run_dir: std::path::PathBuf, checkpoint: std::path::PathBuf },
+    /// A packed (LITPKDS) shard is malformed: bad header, truncated, invalid token.
+    #[error("corrupt packed shard {}: at byte {offset}: {reason}", path.display())]
+    CorruptShard { path: std::path::PathBuf, offset: u64, reason: String },
+    /// Input to `prepare` or a data source is unusable (missing file, bad JSON line, ...).
+    #[error("{}{}: {reason}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    BadInput { path: std::path::PathBuf, line: Option<usize>, reason: String },
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -1,0 +1,227 @@
+//! Checkpoints: `checkpoints/step-NNNNNNNN/` holding `model.safetensors` (ArchScale
+//! parameter names, f32), `optimizer.safetensors` and `state.json` (step counters, data
+//! loader state, a SHA-256 of each tensor file).
+//!
+//! A checkpoint is written into `step-NNNNNNNN.partial/`, every file is synced, and the
+//! directory is renamed into place; a process killed at any moment leaves the previous
+//! checkpoint intact and never a half-written one under a final name.
+
+use crate::{OptimizerState, Result, RuntimeError};
+use archscale_compiler::Plan;
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+const FORMAT_VERSION: u32 = 1;
+const MODEL_FILE: &str = "model.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "state.json";
+
+/// Everything besides tensors that resuming needs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TrainState {
+    pub format: u32,
+    pub run_name: String,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Per-device micro-iterations consumed (`step * gas`).
+    pub iter_num: u64,
+    /// Training tokens consumed across the cluster.
+    pub tokens: u64,
+    /// Optimizer step counter (bias correction).
+    pub optimizer_step: u64,
+    /// Training data loader state of each rank, in rank order.
+    pub loaders: Vec<serde_json::Value>,
+    /// SHA-256 of each tensor file, checked on load.
+    pub sha256: BTreeMap<String, String>,
+}
+
+/// A loaded checkpoint.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub state: TrainState,
+    pub params: Vec<Vec<f32>>,
+    pub optimizer: OptimizerState,
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
+    let context = context.into();
+    move |source| RuntimeError::Io { context, source }
+}
+
+fn bad(msg: impl Into<String>) -> RuntimeError {
+    RuntimeError::Message(msg.into())
+}
+
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Result<String> {
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            TensorView::new(Dtype::F32, shape.clone(), data)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| bad(format!("tensor {name}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, &None).map_err(|e| bad(format!("serialising {}: {e}", path.display())))?;
+    write_synced(path, &bytes)?;
+    Ok(hex_sha256(&bytes))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs::File::create(path).map_err(io_err(format!("creating {}", path.display())))?;
+    f.write_all(bytes).map_err(io_err(format!("writing {}", path.display())))?;
+    f.sync_all().map_err(io_err(format!("syncing {}", path.display())))
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sync_dir(dir: &Path) {
+    // Directory fsync makes the rename durable; not every filesystem supports it.
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Writes a checkpoint for `state.step` under `run_dir/checkpoints/` and returns its path.
+pub fn save(run_dir: &Path, plan: &Plan, params: &[Vec<f32>], optimizer: &OptimizerState, mut state: TrainState) -> Result<PathBuf> {
+    let root = run_dir.join("checkpoints");
+    fs::create_dir_all(&root).map_err(io_err(format!("creating {}", root.display())))?;
+    let final_dir = root.join(step_dir_name(state.step));
+    let partial = root.join(format!("{}.partial", step_dir_name(state.step)));
+    if partial.exists() {
+        fs::remove_dir_all(&partial).map_err(io_err(format!("removing stale {}", partial.display())))?;
+    }
+    fs::create_dir(&partial).map_err(io_err(format!("creating {}", partial.display())))?;
+
+    if params.len() != plan.params.len() {
+        return Err(bad(format!("checkpoint: {} tensors given, the plan has {}", params.len(), plan.params.len())));
+    }
+    let model: Vec<(String, Vec<usize>, Vec<u8>)> =
+        plan.params.iter().zip(params).map(|(p, v)| (p.name.clone(), p.shape.clone(), f32_bytes(v))).collect();
+    let opt: Vec<(String, Vec<usize>, Vec<u8>)> =
+        optimizer.tensors.iter().map(|(n, v)| (n.clone(), vec![v.len()], f32_bytes(v))).collect();
+    state.format = FORMAT_VERSION;
+    state.optimizer_step = optimizer.step;
+    state.sha256.clear();
+    state.sha256.insert(MODEL_FILE.into(), write_tensors(&partial.join(MODEL_FILE), &model)?);
+    state.sha256.insert(OPTIMIZER_FILE.into(), write_tensors(&partial.join(OPTIMIZER_FILE), &opt)?);
+    let json = serde_json::to_vec_pretty(&state).map_err(|e| bad(format!("encoding state.json: {e}")))?;
+    write_synced(&partial.join(STATE_FILE), &json)?;
+    sync_dir(&partial);
+
+    if final_dir.exists() {
+        // Re-saving the same step (resume then interrupt): replace it only after the new one is complete.
+        let old = root.join(format!("{}.old", step_dir_name(state.step)));
+        let _ = fs::remove_dir_all(&old);
+        fs::rename(&final_dir, &old).map_err(io_err(format!("moving aside {}", final_dir.display())))?;
+        fs::rename(&partial, &final_dir).map_err(io_err(format!("renaming into {}", final_dir.display())))?;
+        let _ = fs::remove_dir_all(&old);
+    } else {
+        fs::rename(&partial, &final_dir).map_err(io_err(format!("renaming into {}", final_dir.display())))?;
+    }
+    sync_dir(&root);
+    Ok(final_dir)
+}
+
+/// Complete checkpoints of a run, oldest first (partial directories are ignored).
+pub fn list(run_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out = Vec::new();
+    if let Ok(entries) = fs::read_dir(run_dir.join("checkpoints")) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name.strip_prefix("step-") {
+                if let Ok(step) = n.parse::<u64>() {
+                    if e.path().join(STATE_FILE).is_file() {
+                        out.push((step, e.path()));
+                    }
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The newest complete checkpoint of a run, if any.
+pub fn latest(run_dir: &Path) -> Option<PathBuf> {
+    list(run_dir).pop().map(|(_, p)| p)
+}
+
+fn read_checked(dir: &Path, file: &str, state: &TrainState) -> Result<Vec<u8>> {
+    let path = dir.join(file);
+    let bytes = fs::read(&path).map_err(io_err(format!("reading checkpoint file {}", path.display())))?;
+    let want = state.sha256.get(file).ok_or_else(|| bad(format!("{}: state.json has no checksum for {file}", dir.display())))?;
+    let got = hex_sha256(&bytes);
+    if &got != want {
+        return Err(bad(format!(
+            "checkpoint file {} is corrupt: SHA-256 {got} does not match {want} recorded in state.json",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+fn tensor_f32(st: &safetensors::SafeTensors, name: &str, path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
+    let t = st.tensor(name).map_err(|_| bad(format!("{}: tensor `{name}` is missing", path.display())))?;
+    if t.dtype() != Dtype::F32 {
+        return Err(bad(format!("{}: tensor `{name}` is {:?}, expected F32", path.display(), t.dtype())));
+    }
+    let data = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    Ok((t.shape().to_vec(), data))
+}
+
+/// Loads and verifies a checkpoint directory against `plan`.
+pub fn load(dir: &Path, plan: &Plan) -> Result<Checkpoint> {
+    let state_path = dir.join(STATE_FILE);
+    let text = fs::read_to_string(&state_path).map_err(io_err(format!("reading {}", state_path.display())))?;
+    let state: TrainState =
+        serde_json::from_str(&text).map_err(|e| bad(format!("{} is not a valid checkpoint state: {e}", state_path.display())))?;
+    if state.format != FORMAT_VERSION {
+        return Err(bad(format!("{}: checkpoint format {} is not supported (expected {FORMAT_VERSION})", state_path.display(), state.format)));
+    }
+    if state.run_name != plan.run_name {
+        return Err(bad(format!(
+            "{} belongs to run `{}`, not `{}`",
+            dir.display(),
+            state.run_name,
+            plan.run_name
+        )));
+    }
+    let model_path = dir.join(MODEL_FILE);
+    let bytes = read_checked(dir, MODEL_FILE, &state)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("{}: {e}", model_path.display())))?;
+    let mut params = Vec::with_capacity(plan.params.len());
+    for p in &plan.params {
+        let (shape, data) = tensor_f32(&st, &p.name, &model_path)?;
+        if shape != p.shape {
+            return Err(bad(format!("{}: `{}` has shape {shape:?}, the plan expects {:?}", model_path.display(), p.name, p.shape)));
+        }
+        params.push(data);
+    }
+    let opt_path = dir.join(OPTIMIZER_FILE);
+    let bytes = read_checked(dir, OPTIMIZER_FILE, &state)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("{}: {e}", opt_path.display())))?;
+    let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+    names.sort();
+    let mut tensors = Vec::with_capacity(names.len());
+    for n in names {
+        let (_, data) = tensor_f32(&st, &n, &opt_path)?;
+        tensors.push((n, data));
+    }
+    let optimizer = OptimizerState { step: state.optimizer_step, tensors };
+    Ok(Checkpoint { dir: dir.to_path_buf(), state, params, optimizer })
+}
