@@ -62,6 +62,12 @@ pub struct BaseHyperparameters {
     pub beta2_0: f64,
     pub muon_beta_0: f64,
     pub weight_lr_scale_0: f64,
+    /// `n0_mult` is a Python float. ArchScale's default is the int 237568, but any
+    /// `--base_hps.*` flag makes jsonargparse rebuild the dataclass with float-annotated
+    /// fields as floats (hp-spec §1.1). A float `n0` turns the token rule's exact
+    /// `int / int` into a float division, which can move `train_tokens` by one.
+    #[serde(default)]
+    pub n0_mult_is_float: bool,
 }
 
 impl Default for BaseHyperparameters {
@@ -82,6 +88,7 @@ impl Default for BaseHyperparameters {
             beta2_0: 0.95,
             muon_beta_0: 0.95,
             weight_lr_scale_0: 1.0,
+            n0_mult_is_float: false,
         }
     }
 }

@@ -176,6 +176,8 @@ pub enum InitRule {
     MambaALog,
     /// Mamba `dt_proj.bias = softplus⁻¹(dt)`, `dt = exp(U(ln dt_min, ln dt_max))` clamped below at `dt_floor`.
     MambaDtBias { dt_min: f64, dt_max: f64, dt_floor: f64 },
+    /// `ln(U(low, high))` per element: Mamba-2 `A_log` (1, 16) and Gated DeltaNet `A_log` (0, 16).
+    LogUniform { low: f64, high: f64 },
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
