@@ -1,0 +1,174 @@
+// Embedding, RMSNorm, RoPE, SwiGLU, casts.
+
+// out[t, :] = wte[idx[t], :]   (fp32 rows)
+extern "C" __global__ void embedding_fwd(const int* __restrict__ idx, const float* __restrict__ wte,
+                                         float* __restrict__ out, int rows, int n) {
+    const int t = blockIdx.x;
+    if (t >= rows) return;
+    const float* src = wte + (size_t)idx[t] * n;
+    float* dst = out + (size_t)t * n;
+    if ((n & 3) == 0) {
+        for (int c = threadIdx.x * 4; c < n; c += blockDim.x * 4)
+            *reinterpret_cast<float4*>(dst + c) = *reinterpret_cast<const float4*>(src + c);
+    } else {
+        for (int c = threadIdx.x; c < n; c += blockDim.x) dst[c] = src[c];
+    }
+}
+
+// dwte[idx[t], :] += dout[t, :]
+extern "C" __global__ void embedding_bwd(const int* __restrict__ idx, const float* __restrict__ dout,
+                                         float* __restrict__ dwte, int rows, int n) {
+    const int t = blockIdx.x;
+    if (t >= rows) return;
+    float* dst = dwte + (size_t)idx[t] * n;
+    const float* src = dout + (size_t)t * n;
+    for (int c = threadIdx.x; c < n; c += blockDim.x) atomicAdd(dst + c, src[c]);
+}
+
+// y = x * rsqrt(mean(x^2) + eps) * gamma * scale, fp32 math, bf16 out. One block per row.
+extern "C" __global__ void rmsnorm_fwd(const float* __restrict__ x, const float* __restrict__ gamma,
+                                       bf16* __restrict__ y, float* __restrict__ rstd_out,
+                                       int rows, int n, float eps, float scale) {
+    __shared__ float scratch[32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + (size_t)r * n;
+    bf16* yr = y + (size_t)r * n;
+    float ss = 0.f;
+    if ((n & 3) == 0) {
+        for (int c = threadIdx.x * 4; c < n; c += blockDim.x * 4) {
+            float4 v = *reinterpret_cast<const float4*>(xr + c);
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+    } else {
+        for (int c = threadIdx.x; c < n; c += blockDim.x) ss += xr[c] * xr[c];
+    }
+    ss = block_sum(ss, scratch);
+    const float rstd = rsqrtf(ss / (float)n + eps);
+    if (rstd_out != nullptr && threadIdx.x == 0) rstd_out[r] = rstd;
+    if ((n & 3) == 0) {
+        for (int c = threadIdx.x * 4; c < n; c += blockDim.x * 4) {
+            float4 v = *reinterpret_cast<const float4*>(xr + c);
+            float4 g = *reinterpret_cast<const float4*>(gamma + c);
+            bf162 a = __floats2bfloat162_rn(v.x * rstd * g.x * scale, v.y * rstd * g.y * scale);
+            bf162 b = __floats2bfloat162_rn(v.z * rstd * g.z * scale, v.w * rstd * g.w * scale);
+            *reinterpret_cast<bf162*>(yr + c) = a;
+            *reinterpret_cast<bf162*>(yr + c + 2) = b;
+        }
+    } else {
+        for (int c = threadIdx.x; c < n; c += blockDim.x) yr[c] = tobf(xr[c] * rstd * gamma[c] * scale);
+    }
+}
+
+// Backward of rmsnorm_fwd. dy is the bf16 gradient of y. Per row:
+//   dxhat = dy * gamma * scale;  dx = rstd * (dxhat - xhat * mean(dxhat * xhat))
+//   dres = (accumulate ? dres : 0) + dx   (fp32), dres_bf = bf16(dres)
+//   dgamma[c] += sum_rows dy * xhat * scale   (block partials in shared memory, then atomics)
+// Grid-stride over rows; dynamic shared memory holds n floats of dgamma partials.
+extern "C" __global__ void rmsnorm_bwd(const float* __restrict__ x, const float* __restrict__ gamma,
+                                       const float* __restrict__ rstd_in, const bf16* __restrict__ dy,
+                                       float* __restrict__ dres, bf16* __restrict__ dres_bf,
+                                       float* __restrict__ dgamma, int rows, int n, float scale,
+                                       int accumulate) {
+    extern __shared__ float dg[];
+    __shared__ float scratch[32];
+    for (int c = threadIdx.x; c < n; c += blockDim.x) dg[c] = 0.f;
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* xr = x + (size_t)r * n;
+        const bf16* dyr = dy + (size_t)r * n;
+        const float rstd = rstd_in[r];
+        float dot = 0.f;
+        for (int c = threadIdx.x; c < n; c += blockDim.x) {
+            const float xh = xr[c] * rstd;
+            const float d = bf(dyr[c]);
+            dot += d * gamma[c] * scale * xh;
+            dg[c] += d * xh * scale;
+        }
+        dot = block_sum(dot, scratch) / (float)n;
+        float* dr = dres + (size_t)r * n;
+        bf16* drb = dres_bf + (size_t)r * n;
+        for (int c = threadIdx.x; c < n; c += blockDim.x) {
+            const float xh = xr[c] * rstd;
+            const float dxh = bf(dyr[c]) * gamma[c] * scale;
+            float v = rstd * (dxh - xh * dot);
+            if (accumulate) v += dr[c];
+            dr[c] = v;
+            drb[c] = tobf(v);
+        }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < n; c += blockDim.x) atomicAdd(dgamma + c, dg[c]);
+}
+
+// NeoX rotate-half RoPE in place on the fused grouped QKV buffer
+// [rows, G, (qpg + 2), hs]: rotates the qpg query slots and the key slot of every group.
+// Position of row r is r % T. cos/sin: bf16 [T, hs/2]. sign = +1 forward, -1 backward.
+// One block per row.
+extern "C" __global__ void rope_qkv(bf16* __restrict__ qkv, const bf16* __restrict__ cos_t,
+                                    const bf16* __restrict__ sin_t, int rows, int T, int groups,
+                                    int qpg, int hs, float sign) {
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const int half = hs / 2;
+    const int heads = groups * (qpg + 1);  // rotated slots per row
+    const int t = r % T;
+    bf16* row = qkv + (size_t)r * groups * (qpg + 2) * hs;
+    const bf16* ct = cos_t + (size_t)t * half;
+    const bf16* st = sin_t + (size_t)t * half;
+    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+        const int slot = i / half, p = i - slot * half;
+        const int g = slot / (qpg + 1), j = slot - g * (qpg + 1);
+        bf16* base = row + (g * (qpg + 2) + j) * hs;
+        const float c = bf(ct[p]);
+        const float s = bf(st[p]) * sign;
+        const float x1 = bf(base[p]), x2 = bf(base[p + half]);
+        base[p] = tobf(x1 * c - x2 * s);
+        base[p + half] = tobf(x2 * c + x1 * s);
+    }
+}
+
+__device__ __forceinline__ float silu_f(float g) { return g / (1.f + __expf(-g)); }
+
+// a = silu(g) * u with gu = [rows, 2I] (g first half, u second half), fp32 math, bf16 out.
+// One block per row.
+extern "C" __global__ void swiglu_fwd(const bf16* __restrict__ gu, bf16* __restrict__ a, int rows, int I) {
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const bf16* gr = gu + (size_t)r * 2 * I;
+    const bf16* ur = gr + I;
+    bf16* ar = a + (size_t)r * I;
+    if ((I & 1) == 0) {
+        for (int c = threadIdx.x * 2; c < I; c += blockDim.x * 2) {
+            const float2 g = __bfloat1622float2(*reinterpret_cast<const bf162*>(gr + c));
+            const float2 u = __bfloat1622float2(*reinterpret_cast<const bf162*>(ur + c));
+            *reinterpret_cast<bf162*>(ar + c) = __floats2bfloat162_rn(silu_f(g.x) * u.x, silu_f(g.y) * u.y);
+        }
+    } else {
+        for (int c = threadIdx.x; c < I; c += blockDim.x) ar[c] = tobf(silu_f(bf(gr[c])) * bf(ur[c]));
+    }
+}
+
+// In place: gu <- d(gu) given da. dg = da*u*sig*(1+g*(1-sig)), du = da*silu(g). One block per row.
+extern "C" __global__ void swiglu_bwd(bf16* __restrict__ gu, const bf16* __restrict__ da, int rows, int I) {
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    bf16* gr = gu + (size_t)r * 2 * I;
+    bf16* ur = gr + I;
+    const bf16* dr = da + (size_t)r * I;
+    for (int c = threadIdx.x; c < I; c += blockDim.x) {
+        const float g = bf(gr[c]), u = bf(ur[c]), d = bf(dr[c]);
+        const float sig = 1.f / (1.f + __expf(-g));
+        gr[c] = tobf(d * u * sig * (1.f + g * (1.f - sig)));
+        ur[c] = tobf(d * g * sig);
+    }
+}
+
+extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16* __restrict__ y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] = tobf(x[i]);
+}
+
+extern "C" __global__ void cast_bf16_f32(const bf16* __restrict__ x, float* __restrict__ y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] = bf(x[i]);
+}

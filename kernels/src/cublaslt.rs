@@ -1,0 +1,374 @@
+//! cuBLASLt bf16 matrix products with fp32 accumulation. Descriptors and the heuristic's
+//! algorithm are cached per shape; outputs are bf16 or fp32 (`D = alpha·op(A)·op(B) + beta·C`).
+//!
+//! Row-major helpers follow PyTorch's `Linear`: weights are `[out, in]`, `y = x·Wᵀ`.
+
+use crate::error::{KernelError, Result};
+use crate::gpu::{DeviceBuffer, Gpu};
+use cudarc::cublaslt::{result as lt, sys};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::c_void;
+
+const WORKSPACE_BYTES: usize = 64 << 20;
+
+/// Element types of the output (C and D) of a product; A and B are always bf16.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum OutType {
+    Bf16,
+    F32,
+}
+
+impl OutType {
+    fn cuda(self) -> sys::cudaDataType {
+        match self {
+            OutType::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+            OutType::F32 => sys::cudaDataType::CUDA_R_32F,
+        }
+    }
+}
+
+/// One column-major product `D[m×n] = alpha·op(A)·op(B) + beta·C`.
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: u64,
+    pub lda: usize,
+    pub b: u64,
+    pub ldb: usize,
+    /// C (read when `beta != 0`); may equal `d`.
+    pub c: u64,
+    pub d: u64,
+    pub ldd: usize,
+    pub out: OutType,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct Key {
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: usize,
+    ldb: usize,
+    ldd: usize,
+    out: OutType,
+}
+
+struct Cached {
+    desc: sys::cublasLtMatmulDesc_t,
+    a: sys::cublasLtMatrixLayout_t,
+    b: sys::cublasLtMatrixLayout_t,
+    d: sys::cublasLtMatrixLayout_t,
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+pub struct Lt {
+    handle: sys::cublasLtHandle_t,
+    workspace: DeviceBuffer,
+    cache: RefCell<HashMap<Key, Cached>>,
+}
+
+fn cublas<T>(call: &str, r: std::result::Result<T, lt::CublasError>) -> Result<T> {
+    r.map_err(|e| KernelError::Cublas {
+        call: call.to_string(),
+        message: format!("{e:?}"),
+    })
+}
+
+/// Checks that libcublasLt loads.
+pub fn ensure_cublaslt() -> Result<()> {
+    if unsafe { sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(KernelError::LibraryMissing {
+            library: "libcublasLt.so (CUDA 13 cuBLASLt)",
+            hint: "put the CUDA toolkit's lib64 on LD_LIBRARY_PATH (on the GPU machine: /usr/local/cuda/lib64)".into(),
+        })
+    }
+}
+
+impl Lt {
+    pub fn new(gpu: &Gpu) -> Result<Lt> {
+        ensure_cublaslt()?;
+        gpu.bind()?;
+        let handle = cublas("cublasLtCreate", lt::create_handle())?;
+        let workspace = gpu.alloc(WORKSPACE_BYTES)?;
+        Ok(Lt {
+            handle,
+            workspace,
+            cache: RefCell::new(HashMap::new()),
+        })
+    }
+
+    fn prepare(&self, key: Key) -> Result<()> {
+        if self.cache.borrow().contains_key(&key) {
+            return Ok(());
+        }
+        unsafe {
+            let desc = cublas(
+                "cublasLtMatmulDescCreate",
+                lt::create_matmul_desc(
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cudaDataType::CUDA_R_32F,
+                ),
+            )?;
+            let ta: i32 = key.trans_a as i32;
+            let tb: i32 = key.trans_b as i32;
+            cublas(
+                "set TRANSA",
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                    &ta as *const i32 as *const c_void,
+                    4,
+                ),
+            )?;
+            cublas(
+                "set TRANSB",
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                    &tb as *const i32 as *const c_void,
+                    4,
+                ),
+            )?;
+            // Stored shapes (column-major rows × cols) of A and B before op().
+            let (ar, ac) = if key.trans_a {
+                (key.k, key.m)
+            } else {
+                (key.m, key.k)
+            };
+            let (br, bc) = if key.trans_b {
+                (key.n, key.k)
+            } else {
+                (key.k, key.n)
+            };
+            let bf = sys::cudaDataType::CUDA_R_16BF;
+            let a = cublas(
+                "layout A",
+                lt::create_matrix_layout(bf, ar as u64, ac as u64, key.lda as i64),
+            )?;
+            let b = cublas(
+                "layout B",
+                lt::create_matrix_layout(bf, br as u64, bc as u64, key.ldb as i64),
+            )?;
+            let d = cublas(
+                "layout D",
+                lt::create_matrix_layout(
+                    key.out.cuda(),
+                    key.m as u64,
+                    key.n as u64,
+                    key.ldd as i64,
+                ),
+            )?;
+            let pref = cublas("cublasLtMatmulPreferenceCreate", lt::create_matmul_pref())?;
+            let ws: usize = WORKSPACE_BYTES;
+            cublas(
+                "set workspace",
+                lt::set_matmul_pref_attribute(
+                    pref,
+                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    &ws as *const usize as *const c_void,
+                    std::mem::size_of::<usize>(),
+                ),
+            )?;
+            let heur = lt::get_matmul_algo_heuristic(self.handle, desc, a, b, d, d, pref);
+            let _ = lt::destroy_matmul_pref(pref);
+            let heur = heur.map_err(|e| KernelError::Cublas {
+                call: format!("cublasLtMatmulAlgoGetHeuristic({key:?})"),
+                message: format!("{e:?}: no algorithm for this shape"),
+            })?;
+            self.cache.borrow_mut().insert(
+                key,
+                Cached {
+                    desc,
+                    a,
+                    b,
+                    d,
+                    algo: heur.algo,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs one product on `gpu`'s stream.
+    pub fn gemm(&self, gpu: &Gpu, g: &Gemm) -> Result<()> {
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        let key = Key {
+            trans_a: g.trans_a,
+            trans_b: g.trans_b,
+            m: g.m,
+            n: g.n,
+            k: g.k,
+            lda: g.lda,
+            ldb: g.ldb,
+            ldd: g.ldd,
+            out: g.out,
+        };
+        self.prepare(key)?;
+        let cache = self.cache.borrow();
+        let c = cache
+            .get(&key)
+            .ok_or_else(|| KernelError::Unsupported("gemm cache miss".into()))?;
+        let c_ptr = if g.beta == 0.0 { g.d } else { g.c };
+        unsafe {
+            cublas(
+                &format!("cublasLtMatmul({key:?})"),
+                lt::matmul(
+                    self.handle,
+                    c.desc,
+                    &g.alpha as *const f32 as *const c_void,
+                    &g.beta as *const f32 as *const c_void,
+                    g.a as *const c_void,
+                    c.a,
+                    g.b as *const c_void,
+                    c.b,
+                    c_ptr as *const c_void,
+                    c.d,
+                    g.d as *mut c_void,
+                    c.d,
+                    &c.algo,
+                    self.workspace.ptr as *mut c_void,
+                    self.workspace.bytes,
+                    gpu.raw_stream() as sys::cudaStream_t,
+                ),
+            )
+        }
+    }
+
+    /// `y[rows, out] = alpha · x[rows, in] · w[out, in]ᵀ + beta · c` (c has y's shape and type).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(
+        &self,
+        gpu: &Gpu,
+        x: u64,
+        w: u64,
+        y: u64,
+        c: u64,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        ty: OutType,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        self.gemm(
+            gpu,
+            &Gemm {
+                trans_a: true,
+                trans_b: false,
+                m: out,
+                n: rows,
+                k: inp,
+                a: w,
+                lda: inp,
+                b: x,
+                ldb: inp,
+                c,
+                d: y,
+                ldd: out,
+                out: ty,
+                alpha,
+                beta,
+            },
+        )
+    }
+
+    /// `dx[rows, in] = alpha · dy[rows, out] · w[out, in] + beta · dx` (bf16 out).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_grad_input(
+        &self,
+        gpu: &Gpu,
+        dy: u64,
+        w: u64,
+        dx: u64,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        ty: OutType,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        self.gemm(
+            gpu,
+            &Gemm {
+                trans_a: false,
+                trans_b: false,
+                m: inp,
+                n: rows,
+                k: out,
+                a: w,
+                lda: inp,
+                b: dy,
+                ldb: out,
+                c: dx,
+                d: dx,
+                ldd: inp,
+                out: ty,
+                alpha,
+                beta,
+            },
+        )
+    }
+
+    /// `dw[out, in] (fp32) = alpha · dy[rows, out]ᵀ · x[rows, in] + beta · dw`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_grad_weight(
+        &self,
+        gpu: &Gpu,
+        dy: u64,
+        x: u64,
+        dw: u64,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        self.gemm(
+            gpu,
+            &Gemm {
+                trans_a: false,
+                trans_b: true,
+                m: inp,
+                n: out,
+                k: rows,
+                a: x,
+                lda: inp,
+                b: dy,
+                ldb: out,
+                c: dw,
+                d: dw,
+                ldd: inp,
+                out: OutType::F32,
+                alpha,
+                beta,
+            },
+        )
+    }
+}
+
+impl Drop for Lt {
+    fn drop(&mut self) {
+        unsafe {
+            for (_, c) in self.cache.borrow_mut().drain() {
+                let _ = lt::destroy_matrix_layout(c.a);
+                let _ = lt::destroy_matrix_layout(c.b);
+                let _ = lt::destroy_matrix_layout(c.d);
+                let _ = lt::destroy_matmul_desc(c.desc);
+            }
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! CUDA kernels for archscale: CUDA C sources (compiled by NVRTC at first use for the
+//! device's compute capability and cached on disk), a cuBLASLt wrapper, and typed launch
+//! wrappers. Builds and links with no CUDA installed: every library is loaded at run time,
+//! and a missing one is an error naming it.
+
+pub mod cublaslt;
+pub mod error;
+pub mod gpu;
+pub mod nvrtc;
+pub mod ops;
+
+pub use error::{KernelError, Result};
+pub use gpu::{Args, DeviceBuffer, Gpu};
+
+const COMMON: &str = include_str!("../cuda/common.cuh");
+
+/// Kernel modules: (name, source without the common header).
+pub const MODULES: &[(&str, &str)] = &[
+    ("elementwise", include_str!("../cuda/elementwise.cu")),
+    ("loss_optim", include_str!("../cuda/loss_optim.cu")),
+    ("flash", include_str!("../cuda/flash.cu")),
+];
+
+/// Full source of module `name` (common header prepended), as NVRTC compiles it.
+pub fn module_source(name: &str) -> Option<String> {
+    MODULES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, src)| format!("{COMMON}\n#line 1 \"{name}.cu\"\n{src}"))
+}
+
+/// Compiles every module for `arch` (e.g. `sm_90a`) into the disk cache. Needs only NVRTC,
+/// not a GPU. Returns (module, cubin bytes) per module. With `ARCHSCALE_NVRTC_LOG` set, a
+/// fresh compile prints NVRTC's log with ptxas' register and spill report.
+pub fn compile_all(arch: &str) -> Result<Vec<(String, usize)>> {
+    let mut out = Vec::new();
+    for (name, _) in MODULES {
+        let src = module_source(name)
+            .ok_or_else(|| KernelError::Unsupported(format!("unknown module {name}")))?;
+        let cubin = nvrtc::compile_cubin(name, &src, arch, &[])?;
+        out.push((name.to_string(), cubin.len()));
+    }
+    Ok(out)
+}
