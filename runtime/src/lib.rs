@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod cpu;
 pub mod data;
 pub mod optim;
 
