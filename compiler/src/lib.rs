@@ -5,6 +5,7 @@
 
 pub mod compile;
 pub mod estimates;
+pub mod expand;
 pub mod hparams;
 pub mod inputs;
 pub mod params;
