@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod cpu;
+pub mod cuda;
 pub mod data;
 pub mod optim;
 

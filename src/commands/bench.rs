@@ -1,13 +1,115 @@
-//! `archscale bench` (being built in this session; until then it says so).
+//! `archscale bench FILE [--set k=v]... [--micro M[,M...]] [--steps N] [--warmup N] [--json PATH]`:
+//! training throughput (tokens/s), MFU and peak GPU memory of the CUDA backend for each run
+//! of an experiment, on a fixed random batch.
 
+use archscale_runtime::cuda::bench::{bench_plan, BenchResult};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+    /// Experiment file (TOML); every run of it is benchmarked.
+    pub file: PathBuf,
+    /// Override a spec value (repeatable), e.g. `--set depth=[8]`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Micro-batch per run (one value for all, or one per run in order).
+    #[arg(long, value_delimiter = ',')]
+    pub micro: Vec<usize>,
+    /// Timed optimizer steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed steps first (kernel compile, cuBLASLt heuristics, clocks).
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
-pub fn run(_args: Args) -> miette::Result<ExitCode> {
-    Err(miette::miette!("`archscale bench` is not built yet"))
+pub fn run(args: Args) -> miette::Result<ExitCode> {
+    let experiment = match archscale_spec::load_experiment(&args.file, &args.set) {
+        Ok(e) => e,
+        Err(errors) => {
+            eprint!("{}", errors.render());
+            eprintln!("{errors}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let mut plans = match archscale_compiler::plan_experiment(&experiment) {
+        Ok(p) => p,
+        Err(errors) => {
+            eprint!("{}", errors.render());
+            eprintln!("{errors}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if !args.micro.is_empty() && args.micro.len() != 1 && args.micro.len() != plans.len() {
+        eprintln!(
+            "error: --micro has {} values for {} runs (give one, or one per run)",
+            args.micro.len(),
+            plans.len()
+        );
+        return Ok(ExitCode::from(2));
+    }
+    if args.micro.contains(&0) {
+        eprintln!("error: --micro values must be positive");
+        return Ok(ExitCode::from(2));
+    }
+    for (i, p) in plans.iter_mut().enumerate() {
+        if let Some(&m) = args.micro.get(i).or(args.micro.first()) {
+            p.layout.micro_batch = m;
+        }
+    }
+    let mut results: Vec<BenchResult> = Vec::new();
+    let mut failed = false;
+    for p in &plans {
+        eprintln!(
+            "bench {} (micro {}, T {}) ...",
+            p.run_name, p.layout.micro_batch, p.layout.seq_len
+        );
+        match bench_plan(p, args.steps, args.warmup) {
+            Ok(r) => {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                results.push(r);
+            }
+            Err(e) => {
+                eprintln!("error: {}: {e}", p.run_name);
+                failed = true;
+            }
+        }
+    }
+    if !results.is_empty() {
+        println!(
+            "{:<40} {:>5} {:>5} {:>6} {:>9} {:>11} {:>7} {:>11} {:>9}",
+            "run", "depth", "micro", "T", "step s", "tokens/s", "MFU", "MFU(torch)", "peak GiB"
+        );
+        for r in &results {
+            println!(
+                "{:<40} {:>5} {:>5} {:>6} {:>9.4} {:>11.0} {:>6.1}% {:>10.1}% {:>9.1}",
+                r.run_name,
+                r.depth,
+                r.micro,
+                r.seq,
+                r.step_s,
+                r.tokens_per_s,
+                100.0 * r.mfu,
+                100.0 * r.mfu_torch_basis,
+                r.peak_gib
+            );
+        }
+        if let Some(dev) = results.first().map(|r| r.device.clone()) {
+            println!("device: {dev}");
+        }
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&results).map_err(|e| miette::miette!("{e}"))?;
+        std::fs::write(path, text)
+            .map_err(|e| miette::miette!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

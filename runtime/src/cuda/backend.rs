@@ -1,0 +1,1189 @@
+//! `CudaBackend`: Transformer++ (every layer full or sliding-window GQA attention with
+//! optional RoPE, SwiGLU MLP, RMSNorm) from a Plan, on one GPU.
+//!
+//! Precision as ArchScale's bf16 autocast: fp32 master weights, gradients and AdamW state;
+//! fp32 embedding and residual stream; norm outputs, matmul operands and outputs, attention
+//! and logits in bf16; fp32 accumulation everywhere. All memory is allocated once.
+//!
+//! Saved for backward per layer: the fp32 residual at the layer input and mid-point, the
+//! fused QKV after RoPE, the attention output and its log-sum-exp, the MLP up-projection
+//! `gu`. Norm outputs and `silu(g)·u` are recomputed in the backward pass.
+
+use crate::optim::adamw::AdamWHyper;
+use crate::{Backend, OptimizerState, Result, RuntimeError};
+use archscale_compiler::plan::{Mixer, MlpKind, NormKind, OptimizerKind, Plan};
+use archscale_kernels::cublaslt::{Lt, OutType};
+use archscale_kernels::ops::{AttnLayout, Ops};
+use archscale_kernels::{DeviceBuffer, Gpu};
+use std::sync::Arc;
+
+fn err(msg: impl Into<String>) -> RuntimeError {
+    RuntimeError::Message(msg.into())
+}
+
+/// Model dimensions the kernels need.
+#[derive(Clone, Debug)]
+pub struct Dims {
+    pub batch: usize,
+    pub seq: usize,
+    pub n: usize,
+    pub heads: usize,
+    pub groups: usize,
+    pub hs: usize,
+    pub inner: usize,
+    pub vocab: usize,
+    pub padded_vocab: usize,
+    pub layers: usize,
+    pub eps: f32,
+    pub residual_scale: f32,
+    pub logit_scale: f32,
+    pub attn_scale: f32,
+    pub smoothing: f32,
+    pub windows: Vec<usize>,
+    pub rope: Vec<bool>,
+    pub rope_base: f64,
+}
+
+impl Dims {
+    fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.groups) * self.hs
+    }
+    fn attn_width(&self) -> usize {
+        self.heads * self.hs
+    }
+}
+
+/// Offsets (in elements of the flat parameter buffer) of one block's tensors.
+#[derive(Clone, Copy, Debug)]
+struct LayerParams {
+    norm1: usize,
+    qkv: usize,
+    proj: usize,
+    norm2: usize,
+    w1: usize,
+    w3: usize,
+}
+
+/// Per-layer saved activations (device pointers).
+#[derive(Clone, Copy, Debug)]
+struct Saved {
+    qkv: u64,
+    y: u64,
+    lse: u64,
+    gu: u64,
+    rstd1: u64,
+    rstd2: u64,
+}
+
+pub struct CudaBackend {
+    gpu: Arc<Gpu>,
+    ops: Ops,
+    lt: Lt,
+    plan: Plan,
+    pub dims: Dims,
+    /// Element offset of each plan parameter in the flat buffers (tied tensors share).
+    offsets: Vec<usize>,
+    numel: usize,
+    layer_params: Vec<LayerParams>,
+    wte: usize,
+    ln_f: usize,
+    head: usize,
+    step: u64,
+    /// Token capacity of the per-layer buffers (rows·seq) and of layer 0 / logits.
+    cap_train: usize,
+    cap_eval: usize,
+    // flat parameter state
+    params: DeviceBuffer,
+    params_bf: DeviceBuffer,
+    grads: DeviceBuffer,
+    exp_avg: DeviceBuffer,
+    exp_avg_sq: DeviceBuffer,
+    chunk_off: DeviceBuffer,
+    chunk_len: DeviceBuffer,
+    chunk_group: DeviceBuffer,
+    n_chunks: usize,
+    hyper: DeviceBuffer,
+    // activations
+    residual: Vec<DeviceBuffer>, // 2L+1 fp32 [cap, n]; index 0 has eval capacity
+    saved: Vec<Saved>,
+    _saved_bufs: Vec<DeviceBuffer>,
+    rstd_f: DeviceBuffer,
+    hf: DeviceBuffer,
+    logits: DeviceBuffer,
+    losses: DeviceBuffer,
+    tokens: DeviceBuffer,
+    targets: DeviceBuffer,
+    rope_cos: DeviceBuffer,
+    rope_sin: DeviceBuffer,
+    rope_len: usize,
+    // scratch
+    h: DeviceBuffer,
+    a: DeviceBuffer,
+    dres: DeviceBuffer,
+    dres_bf: DeviceBuffer,
+    dy: DeviceBuffer,
+    dqkv: DeviceBuffer,
+    dq_acc: DeviceBuffer,
+    delta: DeviceBuffer,
+    norm_out: DeviceBuffer,
+}
+
+const BF: usize = 2;
+const F32: usize = 4;
+
+/// Checks that `plan` is a model this backend runs, and extracts its dimensions.
+pub fn dims_of(plan: &Plan) -> Result<Dims> {
+    let m = &plan.model;
+    if m.norm != NormKind::RmsNorm {
+        return Err(err(
+            "CUDA backend: only RMSNorm models are supported (LayerNorm is not built yet)",
+        ));
+    }
+    if m.mlp != MlpKind::Swiglu {
+        return Err(err("CUDA backend: only SwiGLU MLPs are supported"));
+    }
+    if m.bias || m.attn_bias || m.attn_out_bias {
+        return Err(err("CUDA backend: linear biases are not supported yet"));
+    }
+    if m.varlen {
+        return Err(err(
+            "CUDA backend: varlen (document-masked) attention is not built yet",
+        ));
+    }
+    if m.n_head % m.n_query_groups != 0 {
+        return Err(err(
+            "CUDA backend: n_head must be a multiple of n_query_groups",
+        ));
+    }
+    if m.head_size != 64 && m.head_size != 128 {
+        return Err(err(format!(
+            "CUDA backend: flash attention supports head sizes 64 and 128, not {}",
+            m.head_size
+        )));
+    }
+    let mut windows = Vec::new();
+    let mut rope = Vec::new();
+    for l in &plan.layers {
+        match &l.mixer {
+            Mixer::Attention(a) => {
+                if a.kv_from.is_some()
+                    || a.differential.is_some()
+                    || a.exports_memory
+                    || l.mlp_exports_memory
+                {
+                    return Err(err(format!(
+                        "CUDA backend: layer {} uses cross-attention, differential attention or GMU memory, which are not built yet",
+                        l.index
+                    )));
+                }
+                windows.push(a.window.unwrap_or(0));
+                rope.push(a.rope);
+            }
+            other => {
+                let kind = match other {
+                    Mixer::Mamba(_) => "mamba",
+                    Mixer::Mamba2 { .. } => "mamba2",
+                    Mixer::GatedDeltaNet { .. } => "gated_deltanet",
+                    Mixer::Gmu(_) => "gmu",
+                    Mixer::Attention(_) => "attention",
+                };
+                return Err(err(format!(
+                    "CUDA backend: layer {} mixer `{kind}` is not built yet (Transformer++ only)",
+                    l.index
+                )));
+            }
+        }
+    }
+    if rope.iter().any(|&r| r) && m.rope_base.is_none() {
+        return Err(err(
+            "CUDA backend: a layer asks for RoPE but the model has no rope_base",
+        ));
+    }
+    for g in &plan.optimizer.groups {
+        if g.optimizer != OptimizerKind::AdamW {
+            return Err(err(format!(
+                "CUDA backend: optimizer {:?} (group `{}`) is not built yet; AdamW only",
+                g.optimizer, g.name
+            )));
+        }
+    }
+    Ok(Dims {
+        batch: plan.layout.micro_batch,
+        seq: plan.layout.seq_len,
+        n: m.n_embd,
+        heads: m.n_head,
+        groups: m.n_query_groups,
+        hs: m.head_size,
+        inner: m.intermediate_size,
+        vocab: m.vocab_size,
+        padded_vocab: m.padded_vocab_size,
+        layers: m.n_layer,
+        eps: m.norm_eps as f32,
+        residual_scale: m.residual_scale as f32,
+        logit_scale: m.logit_scale as f32,
+        attn_scale: m.attn_scale as f32,
+        smoothing: plan.training.label_smoothing as f32,
+        windows,
+        rope,
+        rope_base: m.rope_base.unwrap_or(10000.0),
+    })
+}
+
+/// Device bytes the backend will allocate for `plan` (for fitting a micro-batch).
+pub fn planned_bytes(plan: &Plan) -> Result<usize> {
+    let d = dims_of(plan)?;
+    let numel: usize = plan
+        .params
+        .iter()
+        .map(|p| p.numel().div_ceil(64) * 64)
+        .sum();
+    let cap = d.batch * d.seq;
+    let cap_eval = cap.max(plan.data.val_block_size.saturating_sub(1));
+    let per_layer = cap
+        * (2 * d.n * F32 + d.qkv_width() * BF + d.attn_width() * BF + 2 * d.inner * BF + 2 * F32)
+        + d.batch * d.heads * d.seq * F32;
+    let params = numel * (4 * F32 + BF);
+    let acts =
+        per_layer * d.layers + cap_eval * (d.n * F32 + d.padded_vocab * BF + d.n * BF + 3 * F32);
+    let scratch = cap
+        * (d.n * BF
+            + d.inner * BF
+            + d.n * F32
+            + d.n * BF
+            + d.attn_width() * BF
+            + d.qkv_width() * BF
+            + d.attn_width() * F32)
+        + cap_eval * d.n * BF
+        + d.batch * d.heads * d.seq * F32;
+    Ok(params + acts + scratch + (64 << 20))
+}
+
+/// bf16 RoPE tables (computed in f32, rounded to bf16 as ArchScale) as raw bf16 bits.
+fn rope_tables(len: usize, hs: usize, base: f64) -> (Vec<u16>, Vec<u16>) {
+    let t = crate::cpu::ops::rope::RopeTable::new(len, hs, base);
+    let c = t
+        .cos
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect();
+    let s = t
+        .sin
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect();
+    (c, s)
+}
+
+impl CudaBackend {
+    /// Allocates everything for `plan` on device `ordinal` and initialises the parameters
+    /// from `init` (plan order, f32) — use the CPU reference initialiser so both backends
+    /// start from the same weights.
+    pub fn new(plan: &Plan, ordinal: usize, init: &[Vec<f32>]) -> Result<CudaBackend> {
+        let dims = dims_of(plan)?;
+        let gpu = Gpu::new(ordinal)?;
+        let ops = Ops::new(gpu.clone())?;
+        let lt = Lt::new(&gpu)?;
+        let d = dims.clone();
+
+        // flat parameter layout, plan order
+        let mut offsets = Vec::with_capacity(plan.params.len());
+        let mut numel = 0usize;
+        for p in &plan.params {
+            // 64-element (256-byte) alignment: vector loads and cuBLASLt like aligned operands
+            offsets.push(numel);
+            numel += p.numel().div_ceil(64) * 64;
+        }
+        let find = |name: &str| -> Result<usize> {
+            plan.params
+                .iter()
+                .position(|p| p.name == name || p.aliases.iter().any(|a| a == name))
+                .map(|i| offsets[i])
+                .ok_or_else(|| err(format!("CUDA backend: plan has no parameter `{name}`")))
+        };
+        let expect_shape = |name: &str, shape: &[usize]| -> Result<()> {
+            let p = plan
+                .params
+                .iter()
+                .find(|p| p.name == name || p.aliases.iter().any(|a| a == name));
+            match p {
+                Some(p) if p.shape == shape => Ok(()),
+                Some(p) => Err(err(format!(
+                    "CUDA backend: `{name}` has shape {:?}, expected {shape:?}",
+                    p.shape
+                ))),
+                None => Err(err(format!("CUDA backend: plan has no parameter `{name}`"))),
+            }
+        };
+        let mut layer_params = Vec::new();
+        for i in 0..d.layers {
+            let pre = format!("transformer.h.{i}");
+            expect_shape(&format!("{pre}.attn.attn.weight"), &[d.qkv_width(), d.n])?;
+            expect_shape(&format!("{pre}.attn.proj.weight"), &[d.n, d.attn_width()])?;
+            expect_shape(&format!("{pre}.mlp.w1.weight"), &[2 * d.inner, d.n])?;
+            expect_shape(&format!("{pre}.mlp.w3.weight"), &[d.n, d.inner])?;
+            layer_params.push(LayerParams {
+                norm1: find(&format!("{pre}.norm_1.weight"))?,
+                qkv: find(&format!("{pre}.attn.attn.weight"))?,
+                proj: find(&format!("{pre}.attn.proj.weight"))?,
+                norm2: find(&format!("{pre}.norm_2.weight"))?,
+                w1: find(&format!("{pre}.mlp.w1.weight"))?,
+                w3: find(&format!("{pre}.mlp.w3.weight"))?,
+            });
+        }
+        expect_shape("transformer.wte.weight", &[d.padded_vocab, d.n])?;
+        expect_shape("lm_head.weight", &[d.padded_vocab, d.n])?;
+        let wte = find("transformer.wte.weight")?;
+        let ln_f = find("transformer.ln_f.weight")?;
+        let head = find("lm_head.weight")?;
+        let tied = head == wte;
+        let known = 6 * d.layers + if tied { 2 } else { 3 };
+        if plan.params.len() != known {
+            let names: Vec<&str> = plan.params.iter().map(|p| p.name.as_str()).collect();
+            return Err(err(format!(
+                "CUDA backend: expected {known} Transformer++ parameters, the plan has {} ({})",
+                plan.params.len(),
+                names.join(", ")
+            )));
+        }
+
+        let alloc = |bytes: usize| -> Result<DeviceBuffer> { Ok(gpu.alloc(bytes)?) };
+        let params = alloc(numel * F32)?;
+        let params_bf = alloc(numel * BF)?;
+        let grads = alloc(numel * F32)?;
+        let exp_avg = alloc(numel * F32)?;
+        let exp_avg_sq = alloc(numel * F32)?;
+        gpu.memset_zero(params.ptr, params.bytes)?;
+        gpu.memset_zero(grads.ptr, grads.bytes)?;
+        gpu.memset_zero(exp_avg.ptr, exp_avg.bytes)?;
+        gpu.memset_zero(exp_avg_sq.ptr, exp_avg_sq.bytes)?;
+
+        // AdamW chunk table
+        let (mut offs, mut lens, mut grps) =
+            (Vec::<i64>::new(), Vec::<i32>::new(), Vec::<i32>::new());
+        for (i, p) in plan.params.iter().enumerate() {
+            let mut o = 0;
+            while o < p.numel() {
+                let len = (p.numel() - o).min(1 << 16);
+                offs.push((offsets[i] + o) as i64);
+                lens.push(len as i32);
+                grps.push(p.group as i32);
+                o += len;
+            }
+        }
+        let n_chunks = offs.len();
+        let chunk_off = alloc(n_chunks * 8)?;
+        let chunk_len = alloc(n_chunks * 4)?;
+        let chunk_group = alloc(n_chunks * 4)?;
+        gpu.upload(chunk_off.ptr, &offs)?;
+        gpu.upload(chunk_len.ptr, &lens)?;
+        gpu.upload(chunk_group.ptr, &grps)?;
+        let hyper = alloc(8 * F32 * plan.optimizer.groups.len().max(1))?;
+
+        let cap_train = d.batch * d.seq;
+        let val_len = plan.data.val_block_size.saturating_sub(1);
+        let cap_eval = cap_train.max(val_len);
+        let mut residual = Vec::new();
+        for i in 0..2 * d.layers + 1 {
+            let cap = if i == 0 { cap_eval } else { cap_train };
+            residual.push(alloc(cap * d.n * F32)?);
+        }
+        let mut saved = Vec::new();
+        let mut saved_bufs = Vec::new();
+        for l in 0..d.layers {
+            let cap = if l == 0 { cap_eval } else { cap_train };
+            let rows_max = if l == 0 { cap_eval } else { cap_train };
+            let qkv = alloc(cap * d.qkv_width() * BF)?;
+            let y = alloc(cap * d.attn_width() * BF)?;
+            let lse = alloc(rows_max * d.heads * F32)?;
+            let gu = alloc(cap * 2 * d.inner * BF)?;
+            let rstd1 = alloc(cap * F32)?;
+            let rstd2 = alloc(cap * F32)?;
+            saved.push(Saved {
+                qkv: qkv.ptr,
+                y: y.ptr,
+                lse: lse.ptr,
+                gu: gu.ptr,
+                rstd1: rstd1.ptr,
+                rstd2: rstd2.ptr,
+            });
+            saved_bufs.extend([qkv, y, lse, gu, rstd1, rstd2]);
+        }
+        let rstd_f = alloc(cap_eval * F32)?;
+        let hf = alloc(cap_eval * d.n * BF)?;
+        let logits = alloc(cap_eval * d.padded_vocab * BF)?;
+        let losses = alloc(cap_eval * F32)?;
+        let tokens = alloc(cap_eval * 4)?;
+        let targets = alloc(cap_eval * 4)?;
+        let rope_len = d.seq.max(val_len);
+        let (c, s) = rope_tables(rope_len, d.hs, d.rope_base);
+        let rope_cos = alloc(c.len() * BF)?;
+        let rope_sin = alloc(s.len() * BF)?;
+        gpu.upload(rope_cos.ptr, &c)?;
+        gpu.upload(rope_sin.ptr, &s)?;
+
+        let h = alloc(cap_eval * d.n * BF)?;
+        let a = alloc(cap_eval * d.inner * BF)?;
+        let dres = alloc(cap_train * d.n * F32)?;
+        let dres_bf = alloc(cap_train * d.n * BF)?;
+        let dy = alloc(cap_train * d.attn_width() * BF)?;
+        let dqkv = alloc(cap_train * d.qkv_width() * BF)?;
+        let dq_acc = alloc(cap_train * d.attn_width() * F32)?;
+        let delta = alloc(cap_train * d.heads * F32)?;
+        let norm_out = alloc(8)?;
+
+        let mut be = CudaBackend {
+            gpu,
+            ops,
+            lt,
+            plan: plan.clone(),
+            dims,
+            offsets,
+            numel,
+            layer_params,
+            wte,
+            ln_f,
+            head,
+            step: 0,
+            cap_train,
+            cap_eval,
+            params,
+            params_bf,
+            grads,
+            exp_avg,
+            exp_avg_sq,
+            chunk_off,
+            chunk_len,
+            chunk_group,
+            n_chunks,
+            hyper,
+            residual,
+            saved,
+            _saved_bufs: saved_bufs,
+            rstd_f,
+            hf,
+            logits,
+            losses,
+            tokens,
+            targets,
+            rope_cos,
+            rope_sin,
+            rope_len,
+            h,
+            a,
+            dres,
+            dres_bf,
+            dy,
+            dqkv,
+            dq_acc,
+            delta,
+            norm_out,
+        };
+        be.write_params(init)?;
+        Ok(be)
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// Bytes allocated at the high-water mark.
+    pub fn peak_bytes(&self) -> usize {
+        self.gpu.peak_allocated()
+    }
+
+    fn p32(&self, off: usize) -> u64 {
+        self.params.ptr + (off * F32) as u64
+    }
+    fn pbf(&self, off: usize) -> u64 {
+        self.params_bf.ptr + (off * BF) as u64
+    }
+    fn g32(&self, off: usize) -> u64 {
+        self.grads.ptr + (off * F32) as u64
+    }
+
+    fn upload_tokens(
+        &self,
+        rows: &[u32],
+        nrows: usize,
+        row_len: usize,
+        with_targets: bool,
+    ) -> Result<()> {
+        let seq = row_len - 1;
+        let (mut inp, mut tgt) = (
+            Vec::with_capacity(nrows * seq),
+            Vec::with_capacity(nrows * seq),
+        );
+        for r in 0..nrows {
+            let row = &rows[r * row_len..(r + 1) * row_len];
+            for &t in row {
+                if t as usize >= self.dims.vocab {
+                    return Err(err(format!(
+                        "token id {t} is outside the vocabulary ({})",
+                        self.dims.vocab
+                    )));
+                }
+            }
+            inp.extend(row[..seq].iter().map(|&t| t as i32));
+            tgt.extend(row[1..].iter().map(|&t| t as i32));
+        }
+        self.gpu.upload(self.tokens.ptr, &inp)?;
+        if with_targets {
+            self.gpu.upload(self.targets.ptr, &tgt)?;
+        }
+        Ok(())
+    }
+
+    /// Forward over `batch` rows of `seq` tokens already uploaded. `train`: per-layer saves
+    /// (else every layer uses layer 0's buffers). Leaves bf16 logits in `self.logits`.
+    fn forward(&self, batch: usize, seq: usize, train: bool) -> Result<()> {
+        let d = &self.dims;
+        let rows = batch * seq;
+        let (n, hs, qw, aw, inner) = (d.n, d.hs, d.qkv_width(), d.attn_width(), d.inner);
+        let ops = &self.ops;
+        let gpu = &self.gpu;
+        let rs = d.residual_scale;
+        ops.embedding_fwd(
+            self.tokens.ptr,
+            self.p32(self.wte),
+            self.residual[0].ptr,
+            rows,
+            n,
+        )?;
+        for l in 0..d.layers {
+            let lp = self.layer_params[l];
+            let sv = if train { self.saved[l] } else { self.saved[0] };
+            let (x_in, x_mid, x_out) = if train {
+                (
+                    self.residual[2 * l].ptr,
+                    self.residual[2 * l + 1].ptr,
+                    self.residual[2 * l + 2].ptr,
+                )
+            } else {
+                // eval: the residual stream is updated in place (C == D in the GEMM).
+                (
+                    self.residual[0].ptr,
+                    self.residual[0].ptr,
+                    self.residual[0].ptr,
+                )
+            };
+            ops.rmsnorm_fwd(
+                x_in,
+                self.p32(lp.norm1),
+                self.h.ptr,
+                sv.rstd1,
+                rows,
+                n,
+                d.eps,
+                1.0,
+            )?;
+            self.lt.linear(
+                gpu,
+                self.h.ptr,
+                self.pbf(lp.qkv),
+                sv.qkv,
+                0,
+                rows,
+                n,
+                qw,
+                OutType::Bf16,
+                1.0,
+                0.0,
+            )?;
+            if d.rope[l] {
+                ops.rope_qkv(
+                    sv.qkv,
+                    self.rope_cos.ptr,
+                    self.rope_sin.ptr,
+                    rows,
+                    seq,
+                    d.groups,
+                    d.heads / d.groups,
+                    hs,
+                    1.0,
+                )?;
+            }
+            let al = AttnLayout::fused_qkv(
+                batch,
+                seq,
+                d.heads,
+                d.groups,
+                hs,
+                d.attn_scale,
+                d.windows[l],
+            );
+            let (ko, vo) = (
+                (al.fused_k_offset() * BF) as u64,
+                (al.fused_v_offset() * BF) as u64,
+            );
+            ops.flash_fwd(&al, sv.qkv, sv.qkv + ko, sv.qkv + vo, sv.y, sv.lse)?;
+            self.lt.linear(
+                gpu,
+                sv.y,
+                self.pbf(lp.proj),
+                x_mid,
+                x_in,
+                rows,
+                aw,
+                n,
+                OutType::F32,
+                rs,
+                1.0,
+            )?;
+            ops.rmsnorm_fwd(
+                x_mid,
+                self.p32(lp.norm2),
+                self.h.ptr,
+                sv.rstd2,
+                rows,
+                n,
+                d.eps,
+                1.0,
+            )?;
+            self.lt.linear(
+                gpu,
+                self.h.ptr,
+                self.pbf(lp.w1),
+                sv.gu,
+                0,
+                rows,
+                n,
+                2 * inner,
+                OutType::Bf16,
+                1.0,
+                0.0,
+            )?;
+            ops.swiglu_fwd(sv.gu, self.a.ptr, rows, inner)?;
+            self.lt.linear(
+                gpu,
+                self.a.ptr,
+                self.pbf(lp.w3),
+                x_out,
+                x_mid,
+                rows,
+                inner,
+                n,
+                OutType::F32,
+                rs,
+                1.0,
+            )?;
+        }
+        let x_final = if train {
+            self.residual[2 * d.layers].ptr
+        } else {
+            self.residual[0].ptr
+        };
+        ops.rmsnorm_fwd(
+            x_final,
+            self.p32(self.ln_f),
+            self.hf.ptr,
+            self.rstd_f.ptr,
+            rows,
+            n,
+            d.eps,
+            d.logit_scale,
+        )?;
+        self.lt.linear(
+            gpu,
+            self.hf.ptr,
+            self.pbf(self.head),
+            self.logits.ptr,
+            0,
+            rows,
+            n,
+            d.padded_vocab,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
+        Ok(())
+    }
+
+    fn backward(&self, batch: usize, seq: usize) -> Result<()> {
+        let d = &self.dims;
+        let rows = batch * seq;
+        let (n, hs, qw, aw, inner) = (d.n, d.hs, d.qkv_width(), d.attn_width(), d.inner);
+        let ops = &self.ops;
+        let gpu = &self.gpu;
+        let lt = &self.lt;
+        let rs = d.residual_scale;
+        // head: dW_head += dlogitsᵀ·hf; dhf = dlogits·W_head
+        lt.linear_grad_weight(
+            gpu,
+            self.logits.ptr,
+            self.hf.ptr,
+            self.g32(self.head),
+            rows,
+            n,
+            d.padded_vocab,
+            1.0,
+            1.0,
+        )?;
+        lt.linear_grad_input(
+            gpu,
+            self.logits.ptr,
+            self.pbf(self.head),
+            self.h.ptr,
+            rows,
+            n,
+            d.padded_vocab,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
+        ops.rmsnorm_bwd(
+            self.residual[2 * d.layers].ptr,
+            self.p32(self.ln_f),
+            self.rstd_f.ptr,
+            self.h.ptr,
+            self.dres.ptr,
+            self.dres_bf.ptr,
+            self.g32(self.ln_f),
+            rows,
+            n,
+            d.logit_scale,
+            false,
+        )?;
+        for l in (0..d.layers).rev() {
+            let lp = self.layer_params[l];
+            let sv = self.saved[l];
+            let (x_in, x_mid) = (self.residual[2 * l].ptr, self.residual[2 * l + 1].ptr);
+            // MLP branch: out = rs · a·W3ᵀ
+            ops.swiglu_fwd(sv.gu, self.a.ptr, rows, inner)?;
+            lt.linear_grad_weight(
+                gpu,
+                self.dres_bf.ptr,
+                self.a.ptr,
+                self.g32(lp.w3),
+                rows,
+                inner,
+                n,
+                rs,
+                1.0,
+            )?;
+            lt.linear_grad_input(
+                gpu,
+                self.dres_bf.ptr,
+                self.pbf(lp.w3),
+                self.a.ptr,
+                rows,
+                inner,
+                n,
+                OutType::Bf16,
+                rs,
+                0.0,
+            )?;
+            ops.swiglu_bwd(sv.gu, self.a.ptr, rows, inner)?;
+            ops.rmsnorm_fwd(
+                x_mid,
+                self.p32(lp.norm2),
+                self.h.ptr,
+                0,
+                rows,
+                n,
+                d.eps,
+                1.0,
+            )?;
+            lt.linear_grad_weight(
+                gpu,
+                sv.gu,
+                self.h.ptr,
+                self.g32(lp.w1),
+                rows,
+                n,
+                2 * inner,
+                1.0,
+                1.0,
+            )?;
+            lt.linear_grad_input(
+                gpu,
+                sv.gu,
+                self.pbf(lp.w1),
+                self.h.ptr,
+                rows,
+                n,
+                2 * inner,
+                OutType::Bf16,
+                1.0,
+                0.0,
+            )?;
+            ops.rmsnorm_bwd(
+                x_mid,
+                self.p32(lp.norm2),
+                sv.rstd2,
+                self.h.ptr,
+                self.dres.ptr,
+                self.dres_bf.ptr,
+                self.g32(lp.norm2),
+                rows,
+                n,
+                1.0,
+                true,
+            )?;
+            // attention branch: out = rs · y·Woᵀ
+            lt.linear_grad_weight(
+                gpu,
+                self.dres_bf.ptr,
+                sv.y,
+                self.g32(lp.proj),
+                rows,
+                aw,
+                n,
+                rs,
+                1.0,
+            )?;
+            lt.linear_grad_input(
+                gpu,
+                self.dres_bf.ptr,
+                self.pbf(lp.proj),
+                self.dy.ptr,
+                rows,
+                aw,
+                n,
+                OutType::Bf16,
+                rs,
+                0.0,
+            )?;
+            let al = AttnLayout::fused_qkv(
+                batch,
+                seq,
+                d.heads,
+                d.groups,
+                hs,
+                d.attn_scale,
+                d.windows[l],
+            );
+            let (ko, vo) = (
+                (al.fused_k_offset() * BF) as u64,
+                (al.fused_v_offset() * BF) as u64,
+            );
+            ops.flash_bwd(
+                &al,
+                sv.qkv,
+                sv.qkv + ko,
+                sv.qkv + vo,
+                sv.y,
+                self.dy.ptr,
+                sv.lse,
+                self.dqkv.ptr,
+                self.dqkv.ptr + ko,
+                self.dqkv.ptr + vo,
+                self.dq_acc.ptr,
+                self.delta.ptr,
+            )?;
+            if d.rope[l] {
+                ops.rope_qkv(
+                    self.dqkv.ptr,
+                    self.rope_cos.ptr,
+                    self.rope_sin.ptr,
+                    rows,
+                    seq,
+                    d.groups,
+                    d.heads / d.groups,
+                    hs,
+                    -1.0,
+                )?;
+            }
+            ops.rmsnorm_fwd(x_in, self.p32(lp.norm1), self.h.ptr, 0, rows, n, d.eps, 1.0)?;
+            lt.linear_grad_weight(
+                gpu,
+                self.dqkv.ptr,
+                self.h.ptr,
+                self.g32(lp.qkv),
+                rows,
+                n,
+                qw,
+                1.0,
+                1.0,
+            )?;
+            lt.linear_grad_input(
+                gpu,
+                self.dqkv.ptr,
+                self.pbf(lp.qkv),
+                self.h.ptr,
+                rows,
+                n,
+                qw,
+                OutType::Bf16,
+                1.0,
+                0.0,
+            )?;
+            ops.rmsnorm_bwd(
+                x_in,
+                self.p32(lp.norm1),
+                sv.rstd1,
+                self.h.ptr,
+                self.dres.ptr,
+                self.dres_bf.ptr,
+                self.g32(lp.norm1),
+                rows,
+                n,
+                1.0,
+                true,
+            )?;
+        }
+        ops.embedding_bwd(self.tokens.ptr, self.dres.ptr, self.g32(self.wte), rows, n)?;
+        Ok(())
+    }
+
+    /// Per-row losses of the last forward (rows·seq values).
+    fn read_losses(&self, count: usize) -> Result<Vec<f32>> {
+        Ok(self.gpu.download_vec(self.losses.ptr, count)?)
+    }
+
+    /// Mean training loss of a micro-batch without the backward pass (for timing splits).
+    pub fn forward_only(&mut self, rows: &[u32], micro: usize) -> Result<f64> {
+        let seq = self.dims.seq;
+        self.upload_tokens(rows, micro, seq + 1, true)?;
+        self.forward(micro, seq, true)?;
+        let n = micro * seq;
+        self.ops.cross_entropy(
+            self.logits.ptr,
+            self.targets.ptr,
+            self.losses.ptr,
+            n,
+            self.dims.padded_vocab,
+            self.dims.smoothing,
+            0.0,
+            false,
+        )?;
+        let l = self.read_losses(n)?;
+        Ok(l.iter().map(|&x| x as f64).sum::<f64>() / n as f64)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> String {
+        format!("cuda:{}", self.gpu.ordinal)
+    }
+
+    fn forward_backward(&mut self, rows: &[u32], micro: usize, grad_scale: f32) -> Result<f64> {
+        let d = &self.dims;
+        let seq = d.seq;
+        if micro == 0 || micro > d.batch {
+            return Err(err(format!(
+                "CUDA backend: micro-batch {micro} outside 1..={} (allocated from the plan)",
+                d.batch
+            )));
+        }
+        if rows.len() != micro * (seq + 1) {
+            return Err(err(format!(
+                "CUDA backend: expected {} tokens ({micro} rows of {}), got {}",
+                micro * (seq + 1),
+                seq + 1,
+                rows.len()
+            )));
+        }
+        self.upload_tokens(rows, micro, seq + 1, true)?;
+        self.forward(micro, seq, true)?;
+        let n = micro * seq;
+        let scale = grad_scale / n as f32;
+        self.ops.cross_entropy(
+            self.logits.ptr,
+            self.targets.ptr,
+            self.losses.ptr,
+            n,
+            self.dims.padded_vocab,
+            self.dims.smoothing,
+            scale,
+            true,
+        )?;
+        self.backward(micro, seq)?;
+        let l = self.read_losses(n)?;
+        Ok(l.iter().map(|&x| x as f64).sum::<f64>() / n as f64)
+    }
+
+    fn grad_norm(&mut self) -> Result<f64> {
+        self.gpu.memset_zero(self.norm_out.ptr, 8)?;
+        self.ops
+            .sum_squares(self.grads.ptr, self.numel, self.norm_out.ptr)?;
+        let v: Vec<f64> = self.gpu.download_vec(self.norm_out.ptr, 1)?;
+        Ok(v[0].sqrt())
+    }
+
+    fn optimizer_step(&mut self, group_lrs: &[f64], grad_mult: f64) -> Result<()> {
+        let groups = &self.plan.optimizer.groups;
+        if group_lrs.len() != groups.len() {
+            return Err(err(format!(
+                "optimizer_step: {} learning rates for {} groups",
+                group_lrs.len(),
+                groups.len()
+            )));
+        }
+        self.step += 1;
+        let mut hyper = Vec::with_capacity(8 * groups.len());
+        for (g, &lr) in groups.iter().zip(group_lrs) {
+            let h = AdamWHyper {
+                lr,
+                beta1: g.beta1,
+                beta2: g.beta2,
+                eps: g.eps,
+                weight_decay: g.weight_decay,
+                step: self.step,
+            };
+            hyper.extend(super::selftest::adamw_hyper(&h));
+        }
+        self.gpu.upload(self.hyper.ptr, &hyper)?;
+        self.ops.adamw(
+            self.params.ptr,
+            self.grads.ptr,
+            self.exp_avg.ptr,
+            self.exp_avg_sq.ptr,
+            self.params_bf.ptr,
+            self.chunk_off.ptr,
+            self.chunk_len.ptr,
+            self.chunk_group.ptr,
+            self.n_chunks,
+            self.hyper.ptr,
+            grad_mult as f32,
+        )?;
+        Ok(())
+    }
+
+    fn eval_loss(
+        &mut self,
+        tokens: &[u32],
+        rows: usize,
+        row_len: usize,
+        prefixes: &[usize],
+    ) -> Result<Vec<f64>> {
+        if row_len < 2 || tokens.len() != rows * row_len {
+            return Err(err(format!(
+                "eval_loss: {} tokens for {rows} rows of {row_len}",
+                tokens.len()
+            )));
+        }
+        let seq = row_len - 1;
+        if seq > self.rope_len || seq > self.cap_eval {
+            return Err(err(format!(
+                "eval_loss: rows of {seq} tokens exceed what was allocated ({})",
+                self.cap_eval.min(self.rope_len)
+            )));
+        }
+        for &p in prefixes {
+            if p == 0 || p > seq {
+                return Err(err(format!("eval_loss: prefix {p} outside 1..={seq}")));
+            }
+        }
+        let chunk = (self.cap_train / seq).max(1).min(rows);
+        let mut sums = vec![0.0f64; prefixes.len()];
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = chunk.min(rows - r0);
+            self.upload_tokens(
+                &tokens[r0 * row_len..(r0 + nr) * row_len],
+                nr,
+                row_len,
+                true,
+            )?;
+            self.forward(nr, seq, false)?;
+            self.ops.cross_entropy(
+                self.logits.ptr,
+                self.targets.ptr,
+                self.losses.ptr,
+                nr * seq,
+                self.dims.padded_vocab,
+                0.0,
+                0.0,
+                false,
+            )?;
+            let l = self.read_losses(nr * seq)?;
+            for r in 0..nr {
+                for (i, &p) in prefixes.iter().enumerate() {
+                    sums[i] += l[r * seq..r * seq + p]
+                        .iter()
+                        .map(|&x| x as f64)
+                        .sum::<f64>();
+                }
+            }
+            r0 += nr;
+        }
+        Ok(prefixes
+            .iter()
+            .zip(sums)
+            .map(|(&p, s)| s / (p * rows) as f64)
+            .collect())
+    }
+
+    fn read_params(&mut self) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(self.plan.params.len());
+        for (i, p) in self.plan.params.iter().enumerate() {
+            out.push(
+                self.gpu
+                    .download_vec(self.p32(self.offsets[i]), p.numel())?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn write_params(&mut self, params: &[Vec<f32>]) -> Result<()> {
+        if params.len() != self.plan.params.len() {
+            return Err(err(format!(
+                "write_params: {} tensors for {} parameters",
+                params.len(),
+                self.plan.params.len()
+            )));
+        }
+        for (i, (p, v)) in self.plan.params.iter().zip(params).enumerate() {
+            if v.len() != p.numel() {
+                return Err(err(format!(
+                    "write_params: `{}` has {} values, expected {}",
+                    p.name,
+                    v.len(),
+                    p.numel()
+                )));
+            }
+            self.gpu.upload(self.p32(self.offsets[i]), v)?;
+        }
+        self.ops
+            .cast_f32_bf16(self.params.ptr, self.params_bf.ptr, self.numel)?;
+        self.gpu.sync()?;
+        Ok(())
+    }
+
+    fn read_optimizer_state(&mut self) -> Result<OptimizerState> {
+        let mut tensors = Vec::new();
+        for (i, p) in self.plan.params.iter().enumerate() {
+            let off = (self.offsets[i] * F32) as u64;
+            tensors.push((
+                format!("{}.exp_avg", p.name),
+                self.gpu.download_vec(self.exp_avg.ptr + off, p.numel())?,
+            ));
+            tensors.push((
+                format!("{}.exp_avg_sq", p.name),
+                self.gpu
+                    .download_vec(self.exp_avg_sq.ptr + off, p.numel())?,
+            ));
+        }
+        Ok(OptimizerState {
+            step: self.step,
+            tensors,
+        })
+    }
+
+    fn write_optimizer_state(&mut self, state: &OptimizerState) -> Result<()> {
+        for (i, p) in self.plan.params.iter().enumerate() {
+            let off = (self.offsets[i] * F32) as u64;
+            for (suffix, base) in [
+                ("exp_avg", self.exp_avg.ptr),
+                ("exp_avg_sq", self.exp_avg_sq.ptr),
+            ] {
+                let name = format!("{}.{suffix}", p.name);
+                let t = state
+                    .tensors
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .ok_or_else(|| err(format!("optimizer state lacks `{name}`")))?;
+                if t.1.len() != p.numel() {
+                    return Err(err(format!(
+                        "optimizer state `{name}` has {} values, expected {}",
+                        t.1.len(),
+                        p.numel()
+                    )));
+                }
+                self.gpu.upload(base + off, &t.1)?;
+            }
+        }
+        self.step = state.step;
+        Ok(())
+    }
+}

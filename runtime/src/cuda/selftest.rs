@@ -1,0 +1,937 @@
+//! `archscale selftest`: every CUDA kernel against the CPU reference (`crate::cpu::ops`),
+//! with fresh random inputs, several shapes (odd sizes included), outputs poisoned with NaN
+//! before each launch. Error measure: ‖out − ref‖ / ‖ref‖ over all elements, with the
+//! reference computed in f64 from the same (bf16-rounded where the kernel reads bf16) inputs.
+
+use crate::cpu::ops;
+use crate::optim::adamw::{adamw_step, AdamWHyper};
+use archscale_kernels::cublaslt::{Lt, OutType};
+use archscale_kernels::ops::{AttnLayout, Ops};
+use archscale_kernels::{DeviceBuffer, Gpu, KernelError};
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use std::sync::Arc;
+
+/// One line of the report.
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub name: String,
+    pub shape: String,
+    pub rel_err: f64,
+    pub tol: f64,
+    pub seconds: f64,
+}
+
+impl Check {
+    pub fn passed(&self) -> bool {
+        self.rel_err.is_finite() && self.rel_err <= self.tol
+    }
+}
+
+/// What the self-test did.
+#[derive(Debug)]
+pub struct Report {
+    pub seed: u64,
+    /// NVRTC compile of every module for this arch (CPU-side check), or why skipped.
+    pub compile: Result<Vec<(String, usize)>, String>,
+    pub compile_arch: String,
+    /// Device description, or why GPU checks were skipped.
+    pub device: Result<String, String>,
+    pub checks: Vec<Check>,
+    /// A check that could not run at all (launch failure).
+    pub errors: Vec<String>,
+}
+
+impl Report {
+    pub fn all_passed(&self) -> bool {
+        self.compile.is_ok()
+            && self.device.is_ok()
+            && self.errors.is_empty()
+            && self.checks.iter().all(Check::passed)
+    }
+}
+
+impl Default for Check {
+    fn default() -> Self {
+        Check {
+            name: String::new(),
+            shape: String::new(),
+            rel_err: f64::NAN,
+            tol: 0.0,
+            seconds: 0.0,
+        }
+    }
+}
+
+/// Relative L2 error; NaN anywhere in `out` gives NaN.
+pub fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
+    assert_eq!(out.len(), reference.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&o, &r) in out.iter().zip(reference) {
+        if !o.is_finite() {
+            return f64::NAN;
+        }
+        num += (o - r) * (o - r);
+        den += r * r;
+    }
+    if den == 0.0 {
+        return if num == 0.0 { 0.0 } else { f64::INFINITY };
+    }
+    (num / den).sqrt()
+}
+
+struct Env {
+    gpu: Arc<Gpu>,
+    ops: Ops,
+    lt: Lt,
+    rng: ChaCha8Rng,
+    bufs: Vec<DeviceBuffer>,
+}
+
+type R<T> = std::result::Result<T, KernelError>;
+
+fn round_bf16(v: &mut [f64]) {
+    for x in v.iter_mut() {
+        *x = bf16::from_f64(*x).to_f64();
+    }
+}
+
+impl Env {
+    fn randn(&mut self, n: usize, std: f64) -> Vec<f64> {
+        (0..n)
+            .map(|_| {
+                std * <StandardNormal as Distribution<f64>>::sample(&StandardNormal, &mut self.rng)
+            })
+            .collect()
+    }
+    fn randn_bf16(&mut self, n: usize, std: f64) -> Vec<f64> {
+        let mut v = self.randn(n, std);
+        round_bf16(&mut v);
+        v
+    }
+    /// Allocates a buffer poisoned with 0xFF bytes (NaN as f32 and as bf16).
+    fn poisoned(&mut self, bytes: usize) -> R<u64> {
+        let b = self.gpu.alloc(bytes)?;
+        self.gpu.memset_byte(b.ptr, 0xFF, b.bytes)?;
+        let p = b.ptr;
+        self.bufs.push(b);
+        Ok(p)
+    }
+    fn f32_buf(&mut self, v: &[f64]) -> R<u64> {
+        let p = self.poisoned(v.len() * 4)?;
+        let host: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+        self.gpu.upload(p, &host)?;
+        Ok(p)
+    }
+    fn bf16_buf(&mut self, v: &[f64]) -> R<u64> {
+        let p = self.poisoned(v.len() * 2)?;
+        let host: Vec<u16> = v.iter().map(|&x| bf16::from_f64(x).to_bits()).collect();
+        self.gpu.upload(p, &host)?;
+        Ok(p)
+    }
+    fn i32_buf(&mut self, v: &[u32]) -> R<u64> {
+        let p = self.poisoned(v.len() * 4)?;
+        let host: Vec<i32> = v.iter().map(|&x| x as i32).collect();
+        self.gpu.upload(p, &host)?;
+        Ok(p)
+    }
+    fn read_f32(&self, p: u64, n: usize) -> R<Vec<f64>> {
+        let v: Vec<f32> = self.gpu.download_vec(p, n)?;
+        Ok(v.into_iter().map(|x| x as f64).collect())
+    }
+    fn read_bf16(&self, p: u64, n: usize) -> R<Vec<f64>> {
+        let v: Vec<u16> = self.gpu.download_vec(p, n)?;
+        Ok(v.into_iter().map(|x| bf16::from_bits(x).to_f64()).collect())
+    }
+    fn release(&mut self) {
+        for b in self.bufs.drain(..) {
+            self.gpu.free(b);
+        }
+    }
+}
+
+/// Runs the self-test. `seed` = None draws a fresh one from the clock.
+pub fn run(seed: Option<u64>) -> Report {
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let mut report = Report {
+        seed,
+        compile_arch: String::new(),
+        compile: Err(String::new()),
+        device: Err(String::new()),
+        checks: Vec::new(),
+        errors: Vec::new(),
+    };
+
+    // CPU side: NVRTC compile of every module (for the device's arch if one is present).
+    let gpu = Gpu::new(0);
+    let arch = match &gpu {
+        Ok(g) => g.arch(),
+        Err(_) => "sm_90a".to_string(),
+    };
+    report.compile_arch = arch.clone();
+    report.compile = archscale_kernels::compile_all(&arch).map_err(|e| e.to_string());
+
+    let gpu = match gpu {
+        Ok(g) => g,
+        Err(e) => {
+            report.device = Err(e.to_string());
+            return report;
+        }
+    };
+    report.device = Ok(format!(
+        "{} (sm_{}{}, {} SMs, {:.1} GiB)",
+        gpu.name,
+        gpu.cc.0,
+        gpu.cc.1,
+        gpu.sm_count,
+        gpu.total_mem as f64 / (1u64 << 30) as f64
+    ));
+    if report.compile.is_err() {
+        return report;
+    }
+    let ops = match Ops::new(gpu.clone()) {
+        Ok(o) => o,
+        Err(e) => {
+            report.errors.push(format!("loading kernels: {e}"));
+            return report;
+        }
+    };
+    let lt = match Lt::new(&gpu) {
+        Ok(l) => l,
+        Err(e) => {
+            report.errors.push(format!("cuBLASLt: {e}"));
+            return report;
+        }
+    };
+    let mut env = Env {
+        gpu,
+        ops,
+        lt,
+        rng: ChaCha8Rng::seed_from_u64(seed),
+        bufs: Vec::new(),
+    };
+
+    type CheckFn = fn(&mut Env, &mut Vec<Check>) -> R<()>;
+    let suites: [(&str, CheckFn); 9] = [
+        ("gemm", check_gemm),
+        ("embedding", check_embedding),
+        ("rmsnorm", check_rmsnorm),
+        ("rope", check_rope),
+        ("swiglu", check_swiglu),
+        ("cross_entropy", check_cross_entropy),
+        ("adamw", check_adamw),
+        ("grad_norm+cast", check_norm_cast),
+        ("flash_attention", check_flash),
+    ];
+    for (name, f) in suites {
+        let mut checks = Vec::new();
+        let t = std::time::Instant::now();
+        let r = f(&mut env, &mut checks).and_then(|_| env.gpu.sync());
+        let secs = t.elapsed().as_secs_f64();
+        for c in checks.iter_mut() {
+            c.seconds = secs;
+        }
+        report.checks.extend(checks);
+        if let Err(e) = r {
+            report.errors.push(format!("{name}: {e}"));
+        }
+        env.release();
+    }
+    report
+}
+
+fn push(out: &mut Vec<Check>, name: &str, shape: String, err: f64, tol: f64) {
+    out.push(Check {
+        name: name.to_string(),
+        shape,
+        rel_err: err,
+        tol,
+        seconds: 0.0,
+    });
+}
+
+const TOL_BF16: f64 = 1e-2;
+const TOL_F32: f64 = 1e-5;
+
+fn check_gemm(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
+    for &(rows, d_in, d_out) in &[
+        (64usize, 128usize, 256usize),
+        (37, 72, 136),
+        (1000, 520, 392),
+    ] {
+        let shape = format!("{rows}x{d_in}->{d_out}");
+        let x = env.randn_bf16(rows * d_in, 1.0);
+        let w = env.randn_bf16(d_out * d_in, 0.05);
+        let mut y_ref = vec![0.0; rows * d_out];
+        ops::linear::linear_forward(&mut y_ref, &x, &w, None, rows, d_in, d_out);
+        let (xp, wp) = (env.bf16_buf(&x)?, env.bf16_buf(&w)?);
+        let yp = env.poisoned(rows * d_out * 2)?;
+        env.lt.linear(
+            &env.gpu,
+            xp,
+            wp,
+            yp,
+            0,
+            rows,
+            d_in,
+            d_out,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
+        push(
+            out,
+            "gemm y=x·Wᵀ (bf16 out)",
+            shape.clone(),
+            rel_err(&env.read_bf16(yp, rows * d_out)?, &y_ref),
+            TOL_BF16,
+        );
+
+        // residual epilogue: r_new = r + 0.5·x·Wᵀ (fp32 C and D, distinct buffers)
+        let r = env.randn(rows * d_out, 1.0);
+        let rp = env.f32_buf(&r)?;
+        let dp = env.poisoned(rows * d_out * 4)?;
+        env.lt.linear(
+            &env.gpu,
+            xp,
+            wp,
+            dp,
+            rp,
+            rows,
+            d_in,
+            d_out,
+            OutType::F32,
+            0.5,
+            1.0,
+        )?;
+        let want: Vec<f64> = r.iter().zip(&y_ref).map(|(a, b)| a + 0.5 * b).collect();
+        push(
+            out,
+            "gemm r+0.5·x·Wᵀ (fp32 out)",
+            shape.clone(),
+            rel_err(&env.read_f32(dp, rows * d_out)?, &want),
+            TOL_F32 * 10.0,
+        );
+
+        // grads: dx = dy·W (bf16), dW += dyᵀ·x (fp32, accumulating)
+        let dy = env.randn_bf16(rows * d_out, 1.0);
+        let dw0 = env.randn(d_out * d_in, 1.0);
+        let mut dx_ref = vec![0.0; rows * d_in];
+        let mut dw_ref = dw0.clone();
+        ops::linear::linear_backward(
+            Some(&mut dx_ref),
+            &mut dw_ref,
+            None,
+            &dy,
+            &x,
+            &w,
+            rows,
+            d_in,
+            d_out,
+        );
+        let dyp = env.bf16_buf(&dy)?;
+        let dxp = env.poisoned(rows * d_in * 2)?;
+        let dwp = env.f32_buf(&dw0)?;
+        env.lt.linear_grad_input(
+            &env.gpu,
+            dyp,
+            wp,
+            dxp,
+            rows,
+            d_in,
+            d_out,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
+        env.lt
+            .linear_grad_weight(&env.gpu, dyp, xp, dwp, rows, d_in, d_out, 1.0, 1.0)?;
+        push(
+            out,
+            "gemm dx=dy·W (bf16)",
+            shape.clone(),
+            rel_err(&env.read_bf16(dxp, rows * d_in)?, &dx_ref),
+            TOL_BF16,
+        );
+        push(
+            out,
+            "gemm dW+=dyᵀ·x (fp32)",
+            shape,
+            rel_err(&env.read_f32(dwp, d_out * d_in)?, &dw_ref),
+            TOL_F32 * 10.0,
+        );
+    }
+    Ok(())
+}
+
+fn check_embedding(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
+    for &(rows, vocab, dim) in &[(300usize, 1000usize, 256usize), (77, 50, 30)] {
+        let shape = format!("{rows} tok, V={vocab}, n={dim}");
+        let table = env.randn(vocab * dim, 1.0);
+        let tokens: Vec<u32> = (0..rows)
+            .map(|_| env.rng.gen_range(0..vocab as u32))
+            .collect();
+        let mut y_ref = vec![0.0; rows * dim];
+        ops::embedding::embedding_forward(&mut y_ref, &tokens, &table, dim);
+        let (tp, ip) = (env.f32_buf(&table)?, env.i32_buf(&tokens)?);
+        let yp = env.poisoned(rows * dim * 4)?;
+        env.ops.embedding_fwd(ip, tp, yp, rows, dim)?;
+        push(
+            out,
+            "embedding fwd",
+            shape.clone(),
+            rel_err(&env.read_f32(yp, rows * dim)?, &y_ref),
+            0.0,
+        );
+        let dy = env.randn(rows * dim, 1.0);
+        let mut dt_ref = vec![0.0; vocab * dim];
+        ops::embedding::embedding_backward(&mut dt_ref, &tokens, &dy, dim);
+        let dyp = env.f32_buf(&dy)?;
+        let dtp = env.poisoned(vocab * dim * 4)?;
+        env.gpu.memset_zero(dtp, vocab * dim * 4)?;
+        env.ops.embedding_bwd(ip, dyp, dtp, rows, dim)?;
+        push(
+            out,
+            "embedding bwd",
+            shape,
+            rel_err(&env.read_f32(dtp, vocab * dim)?, &dt_ref),
+            TOL_F32,
+        );
+    }
+    Ok(())
+}
+
+fn check_rmsnorm(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
+    for &(rows, dim, scale) in &[
+        (512usize, 1024usize, 1.0f64),
+        (33, 100, 0.5),
+        (5, 2048, 2.0),
+    ] {
+        let shape = format!("{rows}x{dim} s={scale}");
+        let x = env.randn(rows * dim, 1.0);
+        let gamma: Vec<f64> = env.randn(dim, 0.2).iter().map(|v| 1.0 + v).collect();
+        let gamma_s: Vec<f64> = gamma.iter().map(|g| g * scale).collect();
+        let mut y_ref = vec![0.0; rows * dim];
+        let mut rstd_ref = vec![0.0; rows];
+        ops::rmsnorm::rmsnorm_forward(&mut y_ref, &mut rstd_ref, &x, &gamma_s, dim, 1e-5);
+        let (xp, gp) = (env.f32_buf(&x)?, env.f32_buf(&gamma)?);
+        let yp = env.poisoned(rows * dim * 2)?;
+        let rp = env.poisoned(rows * 4)?;
+        env.ops
+            .rmsnorm_fwd(xp, gp, yp, rp, rows, dim, 1e-5, scale as f32)?;
+        push(
+            out,
+            "rmsnorm fwd (bf16 out)",
+            shape.clone(),
+            rel_err(&env.read_bf16(yp, rows * dim)?, &y_ref),
+            TOL_BF16,
+        );
+        push(
+            out,
+            "rmsnorm rstd",
+            shape.clone(),
+            rel_err(&env.read_f32(rp, rows)?, &rstd_ref),
+            TOL_F32,
+        );
+
+        // backward with accumulation into an existing residual gradient
+        let dy = env.randn_bf16(rows * dim, 1.0);
+        let dres0 = env.randn(rows * dim, 1.0);
+        let mut dx_ref = dres0.clone();
+        let mut dg_ref_s = vec![0.0; dim];
+        ops::rmsnorm::rmsnorm_backward(
+            &mut dx_ref,
+            &mut dg_ref_s,
+            &dy,
+            &x,
+            &gamma_s,
+            &rstd_ref,
+            dim,
+        );
+        // d gamma = d(gamma_s) * scale
+        let dg0 = env.randn(dim, 1.0);
+        let dg_ref: Vec<f64> = dg_ref_s
+            .iter()
+            .zip(&dg0)
+            .map(|(d, a)| a + d * scale)
+            .collect();
+        let dyp = env.bf16_buf(&dy)?;
+        let dresp = env.f32_buf(&dres0)?;
+        let dresb = env.poisoned(rows * dim * 2)?;
+        let dgp = env.f32_buf(&dg0)?;
+        env.ops.rmsnorm_bwd(
+            xp,
+            gp,
+            rp,
+            dyp,
+            dresp,
+            dresb,
+            dgp,
+            rows,
+            dim,
+            scale as f32,
+            true,
+        )?;
+        push(
+            out,
+            "rmsnorm bwd dx (fp32, +=)",
+            shape.clone(),
+            rel_err(&env.read_f32(dresp, rows * dim)?, &dx_ref),
+            1e-4,
+        );
+        push(
+            out,
+            "rmsnorm bwd dx (bf16 copy)",
+            shape.clone(),
+            rel_err(&env.read_bf16(dresb, rows * dim)?, &dx_ref),
+            TOL_BF16,
+        );
+        push(
+            out,
+            "rmsnorm bwd dgamma (+=)",
+            shape,
+            rel_err(&env.read_f32(dgp, dim)?, &dg_ref),
+            1e-4,
+        );
+    }
+    Ok(())
+}
+
+/// Splits the fused grouped layout `[rows, G, qpg+2, hs]` into per-slot vectors for the CPU.
+fn check_rope(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
+    for &(batch, seq, heads, groups, hs) in &[
+        (2usize, 100usize, 4usize, 2usize, 128usize),
+        (1, 37, 6, 3, 64),
+    ] {
+        let shape = format!("B{batch} T{seq} H{heads} G{groups} hs{hs}");
+        let qpg = heads / groups;
+        let rows = batch * seq;
+        let width = groups * (qpg + 2) * hs;
+        let qkv = env.randn_bf16(rows * width, 1.0);
+        let table = ops::rope::RopeTable::new(seq, hs, 10000.0);
+        // reference: rotate each rotated slot as one "head" sequence
+        let mut want = qkv.clone();
+        for b in 0..batch {
+            for slot in 0..groups * (qpg + 2) {
+                if slot % (qpg + 2) == qpg + 1 {
+                    continue; // v is not rotated
+                }
+                let mut head: Vec<f64> = (0..seq)
+                    .flat_map(|t| qkv[((b * seq + t) * width + slot * hs)..][..hs].to_vec())
+                    .collect();
+                ops::rope::rope_forward(&mut head, &table, seq, hs);
+                for t in 0..seq {
+                    want[((b * seq + t) * width + slot * hs)..][..hs]
+                        .copy_from_slice(&head[t * hs..(t + 1) * hs]);
+                }
+            }
+        }
+        let cos: Vec<f64> = table.cos.iter().map(|&c| c as f64).collect();
+        let sin: Vec<f64> = table.sin.iter().map(|&c| c as f64).collect();
+        let (cp, sp) = (env.bf16_buf(&cos)?, env.bf16_buf(&sin)?);
+        let p = env.bf16_buf(&qkv)?;
+        env.ops
+            .rope_qkv(p, cp, sp, rows, seq, groups, qpg, hs, 1.0)?;
+        push(
+            out,
+            "rope fwd (fused qkv, in place)",
+            shape.clone(),
+            rel_err(&env.read_bf16(p, rows * width)?, &want),
+            TOL_BF16,
+        );
+        // backward: inverse rotation of a random gradient
+        let g = env.randn_bf16(rows * width, 1.0);
+        let mut gwant = g.clone();
+        for b in 0..batch {
+            for slot in 0..groups * (qpg + 2) {
+                if slot % (qpg + 2) == qpg + 1 {
+                    continue;
+                }
+                let mut head: Vec<f64> = (0..seq)
+                    .flat_map(|t| g[((b * seq + t) * width + slot * hs)..][..hs].to_vec())
+                    .collect();
+                ops::rope::rope_backward(&mut head, &table, seq, hs);
+                for t in 0..seq {
+                    gwant[((b * seq + t) * width + slot * hs)..][..hs]
+                        .copy_from_slice(&head[t * hs..(t + 1) * hs]);
+                }
+            }
+        }
+        let gp = env.bf16_buf(&g)?;
+        env.ops
+            .rope_qkv(gp, cp, sp, rows, seq, groups, qpg, hs, -1.0)?;
+        push(
+            out,
+            "rope bwd",
+            shape,
+            rel_err(&env.read_bf16(gp, rows * width)?, &gwant),
+            TOL_BF16,
+        );
+    }
+    Ok(())
+}
+
+fn check_swiglu(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
+    for &(rows, inner) in &[(256usize, 1024usize), (13, 301)] {
+        let shape = format!("{rows}x{inner}");
+        let h = env.randn_bf16(rows * 2 * inner, 2.0);
+        let mut a_ref = vec![0.0; rows * inner];
+        ops::swiglu::swiglu_forward(&mut a_ref, &h, inner);
+        let hp = env.bf16_buf(&h)?;
+        let ap = env.poisoned(rows * inner * 2)?;
+        env.ops.swiglu_fwd(hp, ap, rows, inner)?;
+        push(
+            out,
+            "swiglu fwd",
+            shape.clone(),
+            rel_err(&env.read_bf16(ap, rows * inner)?, &a_ref),
+            TOL_BF16,
+        );
+        let da = env.randn_bf16(rows * inner, 1.0);
+        let mut dh_ref = vec![0.0; rows * 2 * inner];
+        ops::swiglu::swiglu_backward(&mut dh_ref, &da, &h, inner);
+        let dap = env.bf16_buf(&da)?;
+        env.ops.swiglu_bwd(hp, dap, rows, inner)?;
+        push(
+            out,
+            "swiglu bwd (in place)",
+            shape,
+            rel_err(&env.read_bf16(hp, rows * 2 * inner)?, &dh_ref),
+            TOL_BF16,
+        );
+    }
+    Ok(())
+}
+
+fn check_cross_entropy(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
+    for &(rows, vocab, eps) in &[
+        (64usize, 32000usize, 0.1f64),
+        (37, 1001, 0.0),
+        (8, 50304, 0.1),
+    ] {
+        let shape = format!("{rows}x{vocab} ε={eps}");
+        let z = env.randn_bf16(rows * vocab, 3.0);
+        let targets: Vec<u32> = (0..rows)
+            .map(|_| env.rng.gen_range(0..vocab as u32))
+            .collect();
+        let mut loss_ref = vec![0.0; rows];
+        ops::cross_entropy::cross_entropy_forward(&mut loss_ref, &z, &targets, vocab, eps);
+        let scale = 1.0 / rows as f64;
+        let mut dz_ref = vec![0.0; rows * vocab];
+        ops::cross_entropy::cross_entropy_backward(&mut dz_ref, &z, &targets, vocab, eps, scale);
+        let zp = env.bf16_buf(&z)?;
+        let tp = env.i32_buf(&targets)?;
+        let lp = env.poisoned(rows * 4)?;
+        env.ops
+            .cross_entropy(zp, tp, lp, rows, vocab, eps as f32, scale as f32, true)?;
+        push(
+            out,
+            "cross-entropy loss",
+            shape.clone(),
+            rel_err(&env.read_f32(lp, rows)?, &loss_ref),
+            1e-5,
+        );
+        push(
+            out,
+            "cross-entropy dlogits (bf16 in place)",
+            shape,
+            rel_err(&env.read_bf16(zp, rows * vocab)?, &dz_ref),
+            TOL_BF16,
+        );
+    }
+    Ok(())
+}
+
+fn check_adamw(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
+    // two tensors in two groups, three steps, clip multiplier 0.7
+    let sizes = [70_000usize, 1234];
+    let groups = [(3e-3f64, 0.1f64), (1e-3, 0.0)];
+    let n: usize = sizes.iter().sum();
+    let p0 = env.randn(n, 1.0);
+    let mut p_ref = p0.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+    let (mut m_ref, mut v_ref) = (vec![0f32; n], vec![0f32; n]);
+    let pp = env.f32_buf(&p0)?;
+    let zeros = vec![0.0; n];
+    let (mp, vp) = (env.f32_buf(&zeros)?, env.f32_buf(&zeros)?);
+    let gp = env.poisoned(n * 4)?;
+    let pb = env.poisoned(n * 2)?;
+    // chunk table
+    let (mut offs, mut lens, mut grps) = (Vec::<i64>::new(), Vec::<i32>::new(), Vec::<i32>::new());
+    let mut start = 0usize;
+    for (t, &s) in sizes.iter().enumerate() {
+        let mut o = 0;
+        while o < s {
+            let len = (s - o).min(16384);
+            offs.push((start + o) as i64);
+            lens.push(len as i32);
+            grps.push(t as i32);
+            o += len;
+        }
+        start += s;
+    }
+    let op = env.poisoned(offs.len() * 8)?;
+    env.gpu.upload(op, &offs)?;
+    let lp = env.poisoned(lens.len() * 4)?;
+    env.gpu.upload(lp, &lens)?;
+    let grp = env.poisoned(grps.len() * 4)?;
+    env.gpu.upload(grp, &grps)?;
+    let hp = env.poisoned(8 * 4 * groups.len())?;
+    for step in 1..=3u64 {
+        let g = env.randn(n, 0.1);
+        let g32: Vec<f32> = g.iter().map(|&x| x as f32).collect();
+        env.gpu.upload(gp, &g32)?;
+        let mut hyper = Vec::new();
+        let mut start = 0usize;
+        for (t, &(lr, wd)) in groups.iter().enumerate() {
+            let h = AdamWHyper {
+                lr,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: wd,
+                step,
+            };
+            hyper.extend(adamw_hyper(&h));
+            let r = start..start + sizes[t];
+            adamw_step(
+                &mut p_ref[r.clone()],
+                &g32[r.clone()],
+                &mut m_ref[r.clone()],
+                &mut v_ref[r],
+                h,
+                0.7,
+            );
+            start += sizes[t];
+        }
+        env.gpu.upload(hp, &hyper)?;
+        env.ops
+            .adamw(pp, gp, mp, vp, pb, op, lp, grp, offs.len(), hp, 0.7)?;
+    }
+    let want: Vec<f64> = p_ref.iter().map(|&x| x as f64).collect();
+    let shape = format!("{n} params, 2 groups, 3 steps");
+    push(
+        out,
+        "adamw params",
+        shape.clone(),
+        rel_err(&env.read_f32(pp, n)?, &want),
+        1e-6,
+    );
+    let mw: Vec<f64> = m_ref.iter().map(|&x| x as f64).collect();
+    push(
+        out,
+        "adamw exp_avg",
+        shape.clone(),
+        rel_err(&env.read_f32(mp, n)?, &mw),
+        1e-6,
+    );
+    let vw: Vec<f64> = v_ref.iter().map(|&x| x as f64).collect();
+    push(
+        out,
+        "adamw exp_avg_sq",
+        shape.clone(),
+        rel_err(&env.read_f32(vp, n)?, &vw),
+        1e-6,
+    );
+    push(
+        out,
+        "adamw bf16 shadow",
+        shape.clone(),
+        rel_err(&env.read_bf16(pb, n)?, &want),
+        TOL_BF16,
+    );
+    push(
+        out,
+        "adamw zeroes grads",
+        shape,
+        env.read_f32(gp, n)?.iter().map(|x| x.abs()).sum::<f64>(),
+        0.0,
+    );
+    Ok(())
+}
+
+/// The 8 floats per group that `adamw_step` reads, computed as the CPU optimizer does.
+pub fn adamw_hyper(h: &AdamWHyper) -> [f32; 8] {
+    let bias1 = 1.0 - h.beta1.powi(h.step as i32);
+    let bias2 = 1.0 - h.beta2.powi(h.step as i32);
+    [
+        h.lr as f32,
+        h.beta1 as f32,
+        h.beta2 as f32,
+        h.eps as f32,
+        (1.0 - h.lr * h.weight_decay) as f32,
+        (h.lr / bias1) as f32,
+        bias2.sqrt() as f32,
+        0.0,
+    ]
+}
+
+fn check_norm_cast(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
+    for &n in &[1usize << 20, 12345] {
+        let x = env.randn(n, 1.0);
+        let want = x.iter().map(|v| (*v as f32 as f64).powi(2)).sum::<f64>();
+        let xp = env.f32_buf(&x)?;
+        let op = env.poisoned(8)?;
+        env.gpu.memset_zero(op, 8)?;
+        env.ops.sum_squares(xp, n, op)?;
+        let got: Vec<f64> = env.gpu.download_vec(op, 1)?;
+        push(
+            out,
+            "grad norm Σx² (fp64 acc)",
+            format!("{n}"),
+            ((got[0] - want) / want).abs(),
+            1e-6,
+        );
+        let bp = env.poisoned(n * 2)?;
+        env.ops.cast_f32_bf16(xp, bp, n)?;
+        let mut xb = x.clone();
+        round_bf16(&mut xb);
+        push(
+            out,
+            "cast f32->bf16",
+            format!("{n}"),
+            rel_err(&env.read_bf16(bp, n)?, &xb),
+            0.0,
+        );
+        let fp = env.poisoned(n * 4)?;
+        env.ops.cast_bf16_f32(bp, fp, n)?;
+        push(
+            out,
+            "cast bf16->f32",
+            format!("{n}"),
+            rel_err(&env.read_f32(fp, n)?, &xb),
+            0.0,
+        );
+    }
+    Ok(())
+}
+
+fn check_flash(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
+    // (batch, seq, heads, groups, head_dim, window)
+    let cases: [(usize, usize, usize, usize, usize, usize); 5] = [
+        (2, 200, 4, 2, 64, 0),
+        (1, 256, 8, 2, 128, 64),
+        (1, 129, 2, 1, 128, 0),
+        (1, 1024, 4, 4, 128, 0),
+        (2, 77, 6, 3, 64, 16),
+    ];
+    for &(batch, seq, heads, groups, hs, window) in &cases {
+        let shape = format!(
+            "B{batch} T{seq} H{heads} G{groups} hs{hs}{}",
+            if window > 0 {
+                format!(" W{window}")
+            } else {
+                String::new()
+            }
+        );
+        let scale = 1.0 / (hs as f64).sqrt();
+        let l = AttnLayout::fused_qkv(batch, seq, heads, groups, hs, scale as f32, window);
+        let rows = batch * seq;
+        let width = l.q_row_stride;
+        let qkv = env.randn_bf16(rows * width, 1.0);
+        let s = ops::attention::AttnShape {
+            batch,
+            seq,
+            n_head: heads,
+            n_kv: groups,
+            head_size: hs,
+            window: if window > 0 { Some(window) } else { None },
+            scale,
+        };
+        let (mut q, mut k, mut v) = (
+            vec![0.0; rows * heads * hs],
+            vec![0.0; rows * groups * hs],
+            vec![0.0; rows * groups * hs],
+        );
+        ops::attention::split_qkv(&mut q, &mut k, &mut v, &qkv, &s);
+        let mut o_heads = vec![0.0; rows * heads * hs];
+        let mut probs = vec![0.0; batch * heads * seq * seq];
+        ops::attention::attention_forward(&mut o_heads, &mut probs, &q, &k, &v, &s, None);
+        let mut o_ref = vec![0.0; rows * heads * hs];
+        ops::attention::heads_to_tokens(&mut o_ref, &o_heads, batch, seq, heads, hs);
+
+        let qkvp = env.bf16_buf(&qkv)?;
+        let op = env.poisoned(rows * heads * hs * 2)?;
+        let lsep = env.poisoned(batch * heads * seq * 4)?;
+        let k_off = (l.fused_k_offset() * 2) as u64;
+        let v_off = (l.fused_v_offset() * 2) as u64;
+        env.ops
+            .flash_fwd(&l, qkvp, qkvp + k_off, qkvp + v_off, op, lsep)?;
+        let o_gpu = env.read_bf16(op, rows * heads * hs)?;
+        push(
+            out,
+            "flash fwd O",
+            shape.clone(),
+            rel_err(&o_gpu, &o_ref),
+            TOL_BF16,
+        );
+
+        // backward from a random dO
+        let dout = env.randn_bf16(rows * heads * hs, 1.0);
+        let mut dout_heads = vec![0.0; rows * heads * hs];
+        ops::attention::tokens_to_heads(&mut dout_heads, &dout, batch, seq, heads, hs);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        ops::attention::attention_backward(
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &dout_heads,
+            &probs,
+            &q,
+            &k,
+            &v,
+            &s,
+        );
+        let mut dqkv_ref = vec![0.0; rows * width];
+        ops::attention::merge_qkv(&mut dqkv_ref, &dq, &dk, &dv, &s);
+        let dop = env.bf16_buf(&dout)?;
+        let dqkvp = env.poisoned(rows * width * 2)?;
+        let dq_acc = env.poisoned(rows * heads * hs * 4)?;
+        let delta = env.poisoned(batch * heads * seq * 4)?;
+        env.ops.flash_bwd(
+            &l,
+            qkvp,
+            qkvp + k_off,
+            qkvp + v_off,
+            op,
+            dop,
+            lsep,
+            dqkvp,
+            dqkvp + k_off,
+            dqkvp + v_off,
+            dq_acc,
+            delta,
+        )?;
+        let got = env.read_bf16(dqkvp, rows * width)?;
+        // split the error by slot kind
+        let qpg = heads / groups;
+        for (name, pick) in [
+            ("flash bwd dQ", 0usize),
+            ("flash bwd dK", 1),
+            ("flash bwd dV", 2),
+        ] {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for r in 0..rows {
+                for slot in 0..groups * (qpg + 2) {
+                    let kind = match slot % (qpg + 2) {
+                        x if x < qpg => 0,
+                        x if x == qpg => 1,
+                        _ => 2,
+                    };
+                    if kind == pick {
+                        a.extend_from_slice(&got[r * width + slot * hs..][..hs]);
+                        b.extend_from_slice(&dqkv_ref[r * width + slot * hs..][..hs]);
+                    }
+                }
+            }
+            push(out, name, shape.clone(), rel_err(&a, &b), TOL_BF16);
+        }
+    }
+    Ok(())
+}
