@@ -30,6 +30,16 @@ enum Command {
     Selftest(commands::selftest::Args),
     /// Measure training throughput, MFU and peak memory.
     Bench(commands::bench::Args),
+    /// Evaluate a checkpoint: validation loss/perplexity, Phonebook, needle-in-a-haystack, multiple choice.
+    Eval(commands::eval::Args),
+    /// Generate text from a checkpoint (greedy, temperature, top-p).
+    Generate(commands::generate::Args),
+    /// Export a checkpoint for the PyTorch stack (safetensors + config.json).
+    Export(commands::export::Args),
+    /// Fit scaling laws L(x) = A·x^(−b) + C to runs, compare architectures, draw the figure.
+    Fit(commands::fit::Args),
+    /// Plot loss curves of runs, and final loss against peak LR for LR sweeps.
+    Plot(commands::plot::Args),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +53,11 @@ fn main() -> ExitCode {
         Command::Run(a) => commands::run::run(a),
         Command::Selftest(a) => commands::selftest::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Export(a) => commands::export::run(a),
+        Command::Fit(a) => commands::fit::run(a),
+        Command::Plot(a) => commands::plot::run(a),
     };
     match result {
         Ok(code) => code,
