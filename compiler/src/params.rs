@@ -270,6 +270,8 @@ pub fn build_params(
                 b.push(format!("{a}.dt_proj.bias"), vec![d_in], Kind::Fixed(DT_BIAS), Some(i));
                 b.linear(&format!("{a}.out_proj"), n, d_in, false, true, i);
             }
+            // Mamba-2 and Gated DeltaNet follow the mamba_ssm / fla layouts of arch-spec
+            // §1.11-1.12; no oracle table covers them, so their counts are unverified.
             Mixer::Mamba2 { .. } => {
                 let m = mamba2_dims(n);
                 if m.d_inner % 64 != 0 {

@@ -982,3 +982,13 @@ fn phi4_tied_layer_norm_biases() {
     let mup = compile(&inputs("phi4miniflash", 32)).unwrap();
     assert_eq!(mup.model.attn_scale, (1.0 / 8.0) * (128f64.sqrt() / 8.0));
 }
+
+#[test]
+fn sambayoco_d16_matches_the_arch_spec_count() {
+    // arch-spec §1.1 gives 1138.7M (a hand count there, not an oracle value).
+    let inp = inputs("sambayoco", 16);
+    let sv = hparams::setup(&inp).unwrap();
+    let (_, params) = model_and_params(&inp, &sv).unwrap();
+    let total = archscale_compiler::params::count_total(&params) as f64 / 1e6;
+    assert!((total - 1138.7).abs() < 0.05, "{total}");
+}

@@ -6,6 +6,7 @@
 
 use archscale_compiler::plan::*;
 use archscale_compiler::{ArchAtDepth, BaseHyperparameters, Cluster, OptimizerChoice, RunInputs, TokenMult};
+use serde_json::Value;
 
 pub struct Family {
     pub name: &'static str,
@@ -365,4 +366,46 @@ pub fn from_argv(argv: &[String], nodes: usize, gpus: usize) -> RunInputs {
     }
     apply_train_name(&mut inp, &name);
     inp
+}
+
+/// Integers equal (and still integers), floats within 1e-12 relative (and still floats),
+/// everything else equal; `path` names the key in messages.
+pub fn compare(path: &str, got: &Value, want: &Value, errors: &mut Vec<String>) {
+    match (got, want) {
+        (Value::Number(g), Value::Number(w)) => {
+            if w.is_f64() != g.is_f64() {
+                errors.push(format!("{path}: {g} vs {w} (int/float kind differs)"));
+            } else if w.is_f64() {
+                let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+                if (g - w).abs() > 1e-12 * w.abs() {
+                    errors.push(format!("{path}: {g:e} vs {w:e}"));
+                }
+            } else if g.as_i64() != w.as_i64() {
+                errors.push(format!("{path}: {g} vs {w}"));
+            }
+        }
+        (Value::Array(g), Value::Array(w)) => {
+            if g.len() != w.len() {
+                errors.push(format!("{path}: {} items vs {}", g.len(), w.len()));
+            }
+            for (i, (g, w)) in g.iter().zip(w).enumerate() {
+                compare(&format!("{path}[{i}]"), g, w, errors);
+            }
+        }
+        (Value::Object(g), Value::Object(w)) => {
+            for k in w.keys().filter(|k| !g.contains_key(*k)) {
+                errors.push(format!("{path}.{k}: missing"));
+            }
+            for k in g.keys().filter(|k| !w.contains_key(*k)) {
+                errors.push(format!("{path}.{k}: not in the reference"));
+            }
+            for (k, w) in w {
+                if let Some(g) = g.get(k) {
+                    compare(&format!("{path}.{k}"), g, w, errors);
+                }
+            }
+        }
+        (g, w) if g == w => {}
+        (g, w) => errors.push(format!("{path}: {g} vs {w}")),
+    }
 }
