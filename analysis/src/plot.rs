@@ -356,6 +356,14 @@ struct Frame {
     y: (f64, f64),
 }
 
+/// Decimals that resolve a tick step of `step`.
+fn decimals_for(step: f64) -> usize {
+    if !(step.is_finite() && step > 0.0) {
+        return 2;
+    }
+    (-(step.log10().floor())).clamp(0.0, 6.0) as usize
+}
+
 /// Axes, grid, title; returns the chart for plotting in data coordinates.
 macro_rules! chart {
     ($area:expr, $s:expr, $frame:expr, $xspec:expr) => {{
@@ -371,6 +379,8 @@ macro_rules! chart {
             .y_label_area_size((82.0 * s) as i32)
             .build_cartesian_2d($xspec, f.y.0..f.y.1)
             .map_err(|e| e.to_string())?;
+        let y_decimals = decimals_for((f.y.1 - f.y.0) / 8.0);
+        let y_fmt = move |v: &f64| format!("{v:.y_decimals$}");
         let grid = RGBColor(225, 225, 225);
         let light = RGBColor(243, 243, 243);
         chart
@@ -380,7 +390,7 @@ macro_rules! chart {
             .axis_desc_style(text_style(20.0, s))
             .label_style(text_style(17.0, s))
             .x_label_formatter(&|v| tick_label(*v))
-            .y_label_formatter(&|v| format!("{v:.2}"))
+            .y_label_formatter(&y_fmt)
             .bold_line_style(grid.stroke_width((1.0 * s).round() as u32))
             .light_line_style(light.stroke_width((1.0 * s).round() as u32))
             .axis_style(BLACK.stroke_width((1.2 * s).round() as u32))
@@ -395,32 +405,40 @@ macro_rules! chart {
     }};
 }
 
-/// One legend row: a sample (marker, dashed or solid line) and text; `(text, true)` parts
-/// are drawn as superscripts.
+/// One legend row: a sample (line and/or marker) and text; `(text, true)` parts are
+/// drawn as superscripts.
 struct LegendEntry {
     series: usize,
     parts: Vec<(String, bool)>,
     marker: bool,
-    dashed: bool,
+    line: Line,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Line {
+    None,
+    Solid,
+    Dashed,
 }
 
 impl LegendEntry {
-    fn plain(series: usize, text: String, marker: bool, dashed: bool) -> Self {
+    fn plain(series: usize, text: String, marker: bool, line: Line) -> Self {
         Self {
             series,
             parts: vec![(text, false)],
             marker,
-            dashed,
+            line,
         }
     }
 }
 
-/// A legend box in the top-right corner of the plotting area.
+/// A legend box in the corner of the plotting area that covers the fewest drawn points.
 fn legend<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     plot_px: (std::ops::Range<i32>, std::ops::Range<i32>),
     s: f64,
     entries: &[LegendEntry],
+    occupied: &[(i32, i32)],
 ) -> Result<(), Err> {
     if entries.is_empty() {
         return Ok(());
@@ -448,8 +466,29 @@ fn legend<DB: DrawingBackend>(
     let w = pad * 3 + sample_w + text_w;
     let h = pad * 2 + line_h * entries.len() as i32;
     let (xr, yr) = plot_px;
-    let x0 = xr.end - w - pad;
-    let y0 = yr.start + pad;
+    let corners = [
+        (xr.end - w - pad, yr.start + pad),
+        (xr.start + pad, yr.start + pad),
+        (xr.end - w - pad, yr.end - h - pad),
+        (xr.start + pad, yr.end - h - pad),
+    ];
+    let margin = (8.0 * s) as i32;
+    let covered = |&(x0, y0): &(i32, i32)| {
+        occupied
+            .iter()
+            .filter(|(x, y)| {
+                *x >= x0 - margin
+                    && *x <= x0 + w + margin
+                    && *y >= y0 - margin
+                    && *y <= y0 + h + margin
+            })
+            .count()
+    };
+    let (x0, y0) = corners
+        .iter()
+        .min_by_key(|c| covered(c))
+        .copied()
+        .unwrap_or(corners[0]);
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     area.draw(&Rectangle::new(
         [(x0, y0), (x0 + w, y0 + h)],
@@ -469,20 +508,24 @@ fn legend<DB: DrawingBackend>(
         let cy = y0 + pad + line_h * row as i32 + line_h / 2;
         let (sx0, sx1) = (x0 + pad, x0 + pad + sample_w);
         let stroke = color(entry.series).stroke_width((2.2 * s).round() as u32);
-        if entry.dashed {
-            let dash = (7.0 * s) as i32;
-            let mut x = sx0;
-            while x < sx1 {
-                area.draw(&PathElement::new(
-                    vec![(x, cy), ((x + dash).min(sx1), cy)],
-                    stroke,
-                ))
-                .map_err(err)?;
-                x += dash * 2;
+        match entry.line {
+            Line::Dashed => {
+                let dash = (7.0 * s) as i32;
+                let mut x = sx0;
+                while x < sx1 {
+                    area.draw(&PathElement::new(
+                        vec![(x, cy), ((x + dash).min(sx1), cy)],
+                        stroke,
+                    ))
+                    .map_err(err)?;
+                    x += dash * 2;
+                }
             }
-        } else if !entry.marker {
-            area.draw(&PathElement::new(vec![(sx0, cy), (sx1, cy)], stroke))
-                .map_err(err)?;
+            Line::Solid => {
+                area.draw(&PathElement::new(vec![(sx0, cy), (sx1, cy)], stroke))
+                    .map_err(err)?;
+            }
+            Line::None => {}
         }
         if entry.marker {
             put_marker(area, ((sx0 + sx1) / 2, cy), entry.series, s)?;
@@ -572,6 +615,7 @@ fn draw_scaling<DB: DrawingBackend>(
         frame,
         (x_lo..x_hi).log_scale().with_key_points(ticks)
     );
+    let drawn_lines: Vec<Vec<(f64, f64)>> = curves.clone();
     for (i, curve) in curves.iter().enumerate() {
         if !curve.is_empty() {
             chart
@@ -587,11 +631,19 @@ fn draw_scaling<DB: DrawingBackend>(
     let plot = chart.plotting_area();
     let (xr, yr) = plot.get_pixel_range();
     let base = area.get_base_pixel();
+    let mut occupied: Vec<(i32, i32)> = Vec::new();
     for (i, g) in series.iter().enumerate() {
         for p in &g.points {
             let (px, py) = plot.map_coordinate(p);
             put_marker(area, (px - base.0, py - base.1), i, s)?;
+            occupied.push((px - base.0, py - base.1));
         }
+    }
+    for pts in &drawn_lines {
+        occupied.extend(pts.iter().map(|p| {
+            let (px, py) = plot.map_coordinate(p);
+            (px - base.0, py - base.1)
+        }));
     }
     let entries: Vec<LegendEntry> = series
         .iter()
@@ -601,9 +653,9 @@ fn draw_scaling<DB: DrawingBackend>(
                 series: i,
                 parts: law_parts(&g.label, law, x_symbol),
                 marker: true,
-                dashed: true,
+                line: Line::Dashed,
             },
-            None => LegendEntry::plain(i, format!("{} (no fit)", g.label), true, false),
+            None => LegendEntry::plain(i, format!("{} (no fit)", g.label), true, Line::None),
         })
         .collect();
     legend(
@@ -614,6 +666,7 @@ fn draw_scaling<DB: DrawingBackend>(
         ),
         s,
         &entries,
+        &occupied,
     )
 }
 
@@ -656,16 +709,22 @@ fn draw_loss_curves<DB: DrawingBackend>(
     let plot = chart.plotting_area();
     let (xr, yr) = plot.get_pixel_range();
     let base = area.get_base_pixel();
+    let mut occupied: Vec<(i32, i32)> = Vec::new();
     for (i, c) in curves.iter().enumerate() {
         for p in c.val.iter().filter(|p| p.0 > 0.0) {
             let (px, py) = plot.map_coordinate(p);
             put_marker(area, (px - base.0, py - base.1), i, s)?;
+            occupied.push((px - base.0, py - base.1));
+        }
+        for p in c.train.iter().filter(|p| p.0 > 0.0) {
+            let (px, py) = plot.map_coordinate(p);
+            occupied.push((px - base.0, py - base.1));
         }
     }
     let entries: Vec<LegendEntry> = curves
         .iter()
         .enumerate()
-        .map(|(i, c)| LegendEntry::plain(i, c.label.clone(), !c.val.is_empty(), false))
+        .map(|(i, c)| LegendEntry::plain(i, c.label.clone(), !c.val.is_empty(), Line::Solid))
         .collect();
     legend(
         area,
@@ -675,6 +734,7 @@ fn draw_loss_curves<DB: DrawingBackend>(
         ),
         s,
         &entries,
+        &occupied,
     )
 }
 
@@ -707,6 +767,7 @@ fn draw_lr_sweep<DB: DrawingBackend>(
         frame,
         (x_lo..x_hi).log_scale().with_key_points(ticks)
     );
+    let drawn_lines: Vec<Vec<(f64, f64)>> = series.iter().map(|g| g.points.clone()).collect();
     for (i, g) in series.iter().enumerate() {
         let mut pts = g.points.clone();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -720,11 +781,19 @@ fn draw_lr_sweep<DB: DrawingBackend>(
     let plot = chart.plotting_area();
     let (xr, yr) = plot.get_pixel_range();
     let base = area.get_base_pixel();
+    let mut occupied: Vec<(i32, i32)> = Vec::new();
     for (i, g) in series.iter().enumerate() {
         for p in &g.points {
             let (px, py) = plot.map_coordinate(p);
             put_marker(area, (px - base.0, py - base.1), i, s)?;
+            occupied.push((px - base.0, py - base.1));
         }
+    }
+    for pts in &drawn_lines {
+        occupied.extend(pts.iter().map(|p| {
+            let (px, py) = plot.map_coordinate(p);
+            (px - base.0, py - base.1)
+        }));
     }
     let entries: Vec<LegendEntry> = series
         .iter()
@@ -732,10 +801,10 @@ fn draw_lr_sweep<DB: DrawingBackend>(
         .map(|(i, g)| {
             let best = g.points.iter().min_by(|a, b| a.1.total_cmp(&b.1));
             let text = match best {
-                Some(b) => format!("{} (best lr {})", g.label, fmt_sig(b.0, 2)),
+                Some(b) => format!("{} (best lr {})", g.label, crate::runs::fmt_lr(b.0)),
                 None => g.label.clone(),
             };
-            LegendEntry::plain(i, text, true, false)
+            LegendEntry::plain(i, text, true, Line::Solid)
         })
         .collect();
     legend(
@@ -746,6 +815,7 @@ fn draw_lr_sweep<DB: DrawingBackend>(
         ),
         s,
         &entries,
+        &occupied,
     )
 }
 

@@ -75,7 +75,7 @@ impl Run {
                 "{} d{} lr {}",
                 self.family,
                 self.depth,
-                fmt_sig(self.peak_lr, 2)
+                fmt_lr(self.peak_lr)
             )
         } else {
             format!("{} d{}", self.family, self.depth)
@@ -97,6 +97,17 @@ pub fn fmt_sig(v: f64, digits: usize) -> String {
         let m = v / 10f64.powi(mag);
         format!("{m:.decimals$}e{mag}")
     }
+}
+
+/// A learning rate as `4e-4`, `1.5e-3`.
+pub fn fmt_lr(v: f64) -> String {
+    if v <= 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let exp = v.log10().floor() as i32;
+    let m = format!("{:.2}", v / 10f64.powi(exp));
+    let m = m.trim_end_matches('0').trim_end_matches('.');
+    format!("{m}e{exp}")
 }
 
 fn bad_run(path: &Path, reason: impl Into<String>) -> AnalysisError {
@@ -353,5 +364,7 @@ mod tests {
         assert_eq!(fmt_sig(3.14159, 3), "3.14");
         assert_eq!(fmt_sig(2.5e17, 3), "2.50e17");
         assert_eq!(fmt_sig(123.4, 3), "123");
+        assert_eq!(fmt_lr(4e-4), "4e-4");
+        assert_eq!(fmt_lr(0.0015), "1.5e-3");
     }
 }
