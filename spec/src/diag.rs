@@ -50,6 +50,10 @@ impl SourceFile {
     }
 }
 
+/// Shown when an error has no specific help of its own.
+pub const DEFAULT_HELP: &str =
+    "`archscale schema experiment` and `archscale schema arch` list every key with its type and default";
+
 /// One problem in a spec, pointing at the exact span that causes it.
 #[derive(Debug, Clone)]
 pub struct SpecError {
@@ -112,9 +116,7 @@ impl Diagnostic for SpecError {
     }
 
     fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        self.help
-            .as_ref()
-            .map(|h| Box::new(h.clone()) as Box<dyn fmt::Display>)
+        Some(Box::new(self.help.as_deref().unwrap_or(DEFAULT_HELP)))
     }
 
     fn source_code(&self) -> Option<&dyn miette::SourceCode> {

@@ -93,6 +93,9 @@ fn py_float(s: &str) -> Option<f64> {
 }
 
 fn toml_float(x: f64) -> String {
+    if x.is_finite() && x.abs() >= 1e6 {
+        return format!("{x:e}"); // 5e12, 2.5e10: TOML floats, shortest round trip
+    }
     let s = format!("{x:?}");
     if s.contains(['.', 'e', 'E']) || !x.is_finite() {
         s
@@ -605,6 +608,9 @@ mod tests {
         assert_eq!(py_int("2e11"), None);
         assert_eq!(py_int("1__0"), None);
         assert_eq!(py_float("5e-4"), Some(5e-4));
-        assert_eq!(toml_float(1e11), "100000000000.0");
+        assert_eq!(toml_float(1e11), "1e11");
+        assert_eq!(toml_float(0.1), "0.1");
+        assert_eq!(toml_float(640000.0), "640000.0");
+        assert_eq!(toml_float(1.2288e6), "1.2288e6");
     }
 }

@@ -394,6 +394,7 @@ enum MixerName {
     CrossAttention,
     Mamba,
     Mamba2,
+    #[serde(rename = "gated_deltanet")]
     GatedDeltaNet,
     Gmu,
 }

@@ -311,7 +311,10 @@ impl Reader {
                     "`{what}` must be a table, found {}",
                     node.type_name()
                 ))
-                .label("not a table"),
+                .label("not a table")
+                .help(format!(
+                    "write [{what}] as a section header, or {what} = {{ key = value }}"
+                )),
             );
             return None;
         };
@@ -324,7 +327,16 @@ impl Reader {
     }
 
     pub fn unknown_key(&mut self, key: &str, node: &Node, what: &str, known: &[&str]) {
-        let suggestion = did_you_mean(key, known.iter().copied()).or_else(|| synonym(key, known));
+        let suggestion = did_you_mean(key, known.iter().copied())
+            .or_else(|| synonym(key, known))
+            .or_else(|| {
+                // A typo of a name ArchScale users know (`learning_rat` -> `learning_rate` -> `lr`).
+                let aliases = SYNONYMS
+                    .iter()
+                    .filter(|(_, to)| known.contains(to))
+                    .map(|(from, _)| *from);
+                did_you_mean(key, aliases).and_then(|alias| synonym(alias, known))
+            });
         let where_ = if what.is_empty() {
             "at the top level".to_string()
         } else {
@@ -377,7 +389,8 @@ impl Reader {
             Kind::Float(f) if allow_float => {
                 self.push(
                     node.error(format!("`{what}` must be a whole number, found {f}"))
-                        .label("not a whole number"),
+                        .label("not a whole number")
+                        .help("this count must be a whole number, e.g. 1e11 or 25_165_824_000"),
                 );
                 return None;
             }
@@ -394,7 +407,8 @@ impl Reader {
             };
             self.push(
                 node.error(format!("`{what}` must be {bound}, found {v}"))
-                    .label("out of range"),
+                    .label("out of range")
+                    .help(format!("use a value {bound}")),
             );
             return None;
         }
@@ -420,7 +434,8 @@ impl Reader {
         if !v.is_finite() {
             self.push(
                 node.error(format!("`{what}` must be finite, found {v}"))
-                    .label("not finite"),
+                    .label("not finite")
+                    .help("inf and nan are not allowed here"),
             );
             return None;
         }
@@ -433,7 +448,8 @@ impl Reader {
             };
             self.push(
                 node.error(format!("`{what}` must be {range}, found {v}"))
-                    .label("out of range"),
+                    .label("out of range")
+                    .help(format!("use a value {range}")),
             );
             return None;
         }
