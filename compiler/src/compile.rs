@@ -447,8 +447,52 @@ pub fn model_and_params(inputs: &RunInputs, sv: &SetupValues) -> Result<(ModelCo
     Ok((model, params))
 }
 
+/// Largest model dimension accepted (keeps every tensor size and count far inside u64).
+const MAX_DIM: usize = 1 << 24;
+/// Largest total parameter count accepted.
+const MAX_PARAMS: u128 = 1 << 53;
+
+/// Sizes beyond anything trainable are rejected before any arithmetic can overflow.
+fn check_sizes(inputs: &RunInputs) -> Result<(), CompileError> {
+    let a = &inputs.arch;
+    let mut dims = vec![
+        ("depth", a.depth),
+        ("n_embd", a.n_embd),
+        ("n_head", a.n_head),
+        ("n_query_groups", a.n_query_groups),
+        ("head_size", a.head_size),
+        ("intermediate_size", a.intermediate_size),
+        ("vocab_size", a.vocab_size),
+        ("padding_multiple", a.padding_multiple),
+    ];
+    if let Some(m) = a.mamba {
+        dims.extend([
+            ("mamba d_inner", m.d_inner),
+            ("mamba d_state", m.d_state),
+            ("mamba d_conv", m.d_conv),
+        ]);
+        dims.push(("mamba dt_rank", m.dt_rank));
+    }
+    for l in &a.layers {
+        if let Mixer::Gmu(g) = &l.mixer {
+            dims.push(("GMU d_mem", g.d_mem));
+        }
+    }
+    for (what, v) in dims {
+        if v > MAX_DIM {
+            let key = if what == "depth" { keys::DEPTH } else { keys::ARCH };
+            return Err(CompileError::new(
+                key,
+                format!("{what} = {v} is larger than the supported {MAX_DIM}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Compiles one run.
 pub fn compile(inputs: &RunInputs) -> Result<Plan, CompileError> {
+    check_sizes(inputs)?;
     let arch = &inputs.arch;
     if arch.layers.len() != arch.depth {
         return Err(CompileError::new(
@@ -509,6 +553,16 @@ pub fn compile(inputs: &RunInputs) -> Result<Plan, CompileError> {
         }),
     };
     let (model, mut params) = model_and_params(inputs, &sv)?;
+    let total: u128 = params
+        .iter()
+        .map(|p| p.shape.iter().map(|&d| d as u128).product::<u128>())
+        .sum();
+    if total > MAX_PARAMS {
+        return Err(CompileError::new(
+            keys::ARCH,
+            format!("{total} parameters is more than the supported {MAX_PARAMS}"),
+        ));
+    }
     let mut run_name = format!("{train_name}_{}_ctx{}", model.name, sv.seq_len);
     if let Some(w) = inputs.swa_len {
         run_name.push_str(&format!("_swa{w}"));

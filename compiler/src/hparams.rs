@@ -99,7 +99,14 @@ pub fn n_target(inputs: &RunInputs) -> Result<(PyNum, PyNum), SetupError> {
     } else {
         PyNum::Float(inputs.arch.token_mult.value)
     };
-    let d3 = PyNum::Int((inputs.arch.depth as i128).pow(3));
+    let d3 = PyNum::Int(
+        (inputs.arch.depth as i128)
+            .checked_pow(3)
+            .ok_or(SetupError::Arithmetic {
+                what: "depth^3",
+                err: PyArithError("overflow"),
+            })?,
+    );
     Ok((mult, mult.mul(d3).map_err(arith("n_target = mult * depth^3"))?))
 }
 
@@ -111,9 +118,11 @@ pub fn n0(inputs: &RunInputs) -> Result<PyNum, SetupError> {
     } else {
         PyNum::Int(b.n0_mult as i128)
     };
-    n0_mult
-        .mul(PyNum::Int((b.d0 as i128).pow(3)))
-        .map_err(arith("n0 = n0_mult * d0^3"))
+    let d0_cubed = (b.d0 as i128).checked_pow(3).ok_or(SetupError::Arithmetic {
+        what: "d0^3",
+        err: PyArithError("overflow"),
+    })?;
+    n0_mult.mul(PyNum::Int(d0_cubed)).map_err(arith("n0 = n0_mult * d0^3"))
 }
 
 pub fn setup(inputs: &RunInputs) -> Result<SetupValues, SetupError> {
@@ -136,7 +145,10 @@ pub fn setup(inputs: &RunInputs) -> Result<SetupValues, SetupError> {
     }
     let nodes = inputs.cluster.nodes as u64;
     let devices = inputs.cluster.gpus_per_node as u64;
-    let world = nodes * devices;
+    let world = nodes.checked_mul(devices).ok_or(SetupError::Arithmetic {
+        what: "nodes * gpus_per_node",
+        err: PyArithError("overflow"),
+    })?;
 
     // §4.3-4.4 token budget.
     let (mult, n_target) = n_target(inputs)?;
@@ -186,7 +198,7 @@ pub fn setup(inputs: &RunInputs) -> Result<SetupValues, SetupError> {
 
     // §9 schedule quantities, in per-device micro-iterations.
     let world_n = PyNum::Int(world as i128);
-    let tokens_per_iter = PyNum::Int((micro * seq_len) as i128);
+    let tokens_per_iter = PyNum::Int(micro as i128 * seq_len as i128);
     let max_iters = train_tokens
         .floordiv(world_n)
         .and_then(|x| x.floordiv(tokens_per_iter))
