@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod cpu;
 pub mod cuda;
 pub mod data;
+pub mod eval;
 pub mod optim;
 
 pub use backend::{Backend, OptimizerState};

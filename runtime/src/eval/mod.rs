@@ -1,0 +1,19 @@
+//! Evaluation of trained checkpoints on the CPU: validation loss/perplexity at 1×..k× the
+//! training context, Phonebook (arch-spec §5.2), single-needle retrieval (RULER
+//! `niah_single` style), multiple-choice likelihood scoring (lm-eval conventions), and the
+//! decoding path they share with `archscale generate`; plus export for the PyTorch stack.
+
+pub mod decoder;
+pub mod load;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use decoder::{Decoder, DecoderState, Logits};
+pub use load::{load_model, LoadedModel};
+pub use sampling::{Sampler, SamplingOptions};
+pub use tokenizer::{TextTokenizer, TokenizerChoice};
+
+#[cfg(test)]
+pub(crate) mod test_support;
+#[cfg(test)]
+mod tests;
