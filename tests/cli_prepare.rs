@@ -60,7 +60,7 @@ fn text_file_to_shards() {
     let train = tokens_of(&out, "train");
     let val = tokens_of(&out, "validation");
     let eos = |t: &[u32]| t.iter().filter(|&&x| x == 50256).count();
-    assert!(train.len() % 512 == 0 && val.len() % 512 == 0);
+    assert!(train.len().is_multiple_of(512) && val.len().is_multiple_of(512));
     // Every paragraph is one document ending with <|endoftext|>; the tail padding is EOS
     // too (GPT-2 has no BOS), so count documents by the text instead.
     let decoded_docs = train

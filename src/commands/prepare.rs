@@ -219,8 +219,12 @@ fn print_summary(s: &PrepareSummary, opts: &PrepareOptions) {
         println!("  skipped {} empty document(s)", s.empty_documents_skipped);
     }
     if opts.val_fraction > 0.0 && s.validation.documents == 0 {
+        let hint = match opts.doc_split {
+            DocSplit::File => "; a file is one document: try --doc-split blank-line",
+            _ => "",
+        };
         println!(
-            "  note: no document went to validation ({} documents in all); with one document per file try --doc-split blank-line",
+            "  note: no document went to validation ({} documents in all{hint})",
             s.train.documents
         );
     }

@@ -777,6 +777,47 @@ mod tests {
             .exists());
     }
 
+    /// A minimal word-level tokenizer.json: EOS found by name, BOS as the separator.
+    const TINY_TOKENIZER: &str = r#"{
+      "version": "1.0", "truncation": null, "padding": null,
+      "added_tokens": [
+        {"id": 0, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+        {"id": 1, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+      ],
+      "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+      "model": {"type": "WordLevel", "vocab": {"<s>": 0, "</s>": 1, "hello": 2, "world": 3, "[UNK]": 4}, "unk_token": "[UNK]"}
+    }"#;
+
+    #[test]
+    fn hugging_face_tokenizer_json() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tok_path = dir.path().join("tokenizer.json");
+        std::fs::write(&tok_path, TINY_TOKENIZER).expect("write");
+        let input = dir.path().join("a.jsonl");
+        std::fs::write(
+            &input,
+            "{\"text\": \"hello world\"}\n{\"text\": \"world hello nope\"}\n",
+        )
+        .expect("write");
+        let mut opts = PrepareOptions::new(vec![input], dir.path().join("out"));
+        opts.tokenizer = TokenizerChoice::HuggingFace(tok_path.clone());
+        opts.val_fraction = 0.0;
+        opts.chunk_size = 10;
+        let summary = prepare(&opts).expect("prepare");
+        assert_eq!(
+            (summary.eos_id, summary.sep_id, summary.vocab_size),
+            (1, 0, 5)
+        );
+        assert_eq!(
+            read_all(&summary.train.shards),
+            vec![2, 3, 1, 3, 2, 4, 1, 0, 0, 0]
+        );
+        // A file that is not a tokenizer is invalid input.
+        std::fs::write(&tok_path, "{}").expect("write");
+        opts.overwrite = true;
+        assert!(matches!(prepare(&opts), Err(RuntimeError::BadInput { .. })));
+    }
+
     #[test]
     fn split_is_deterministic_and_near_the_fraction() {
         let n = 20_000;

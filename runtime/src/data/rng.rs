@@ -208,8 +208,8 @@ pub fn seed_sequence_words(entropy: u64, n_words: usize) -> Vec<u32> {
         }
     }
     for &word in words.iter().skip(POOL) {
-        for dst in 0..POOL {
-            pool[dst] = mix(pool[dst], hashmix(word));
+        for slot in pool.iter_mut() {
+            *slot = mix(*slot, hashmix(word));
         }
     }
     let mut hash_const = INIT_B;
