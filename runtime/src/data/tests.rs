@@ -562,3 +562,33 @@ fn synthetic_sources_generate_and_load() {
         .chunks(129)
         .all(|r| !train_rows.contains(&r[..65])));
 }
+
+/// Random header bytes and random truncations: always an error or valid tokens, never a panic.
+#[test]
+fn mutated_shards_never_panic() {
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let original = std::fs::read(&write_numbered(dir.path(), "m", 1, 32, 3)[0]).expect("read");
+    let path = dir.path().join("mutated.bin");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    for case in 0..300 {
+        let mut bytes = original.clone();
+        match case % 3 {
+            0 => {
+                let i = rng.next_u32() as usize % HEADER_SIZE;
+                bytes[i] = rng.next_u32() as u8;
+            }
+            1 => bytes.truncate(rng.next_u32() as usize % (original.len() + 1)),
+            _ => {
+                // A plausible header with random dtype and size.
+                bytes[15] = (rng.next_u32() % 10) as u8;
+                let size = rng.next_u64() % 80;
+                bytes[16..24].copy_from_slice(&size.to_le_bytes());
+            }
+        }
+        std::fs::write(&path, &bytes).expect("write");
+        if let Ok(file) = PackedFile::open(&path) {
+            let _ = file.tokens();
+        }
+    }
+}
