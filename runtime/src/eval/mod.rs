@@ -3,10 +3,16 @@
 //! `niah_single` style), multiple-choice likelihood scoring (lm-eval conventions), and the
 //! decoding path they share with `archscale generate`; plus export for the PyTorch stack.
 
+pub mod choice;
 pub mod decoder;
+pub mod export;
 pub mod load;
+pub mod names;
+pub mod niah;
+pub mod phonebook;
 pub mod sampling;
 pub mod tokenizer;
+pub mod val;
 
 pub use decoder::{Decoder, DecoderState, Logits};
 pub use load::{load_model, LoadedModel};

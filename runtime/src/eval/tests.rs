@@ -173,3 +173,97 @@ fn sampling_is_deterministic_for_a_seed_and_greedy_is_argmax() {
     assert_eq!(greedy[0], super::sampling::argmax(&logits[..spec.vocab]));
     assert!(greedy.iter().all(|&t| (t as usize) < spec.vocab));
 }
+
+fn loaded(plan: Plan, params: Vec<Vec<f32>>) -> super::LoadedModel {
+    super::LoadedModel {
+        plan,
+        params,
+        run_dir: "run".into(),
+        checkpoint: "run/checkpoints/step-00000001".into(),
+        step: 1,
+        tokens: 64,
+    }
+}
+
+#[test]
+fn val_matches_the_reference_loss_on_the_synthetic_corpus() {
+    use archscale_compiler::DataSource;
+    let spec = TinySpec {
+        vocab: 512,
+        padded_vocab: 512,
+        block_size: 8,
+        ..TinySpec::default()
+    };
+    let val = vec![DataSource::Synthetic {
+        seed: 11,
+        tokens: 40_000,
+        weight: 1.0,
+    }];
+    let plan = plan(model_config(&spec, 2, false), transformer_layers(2), val);
+    let params = noisy_params(&plan, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let model = loaded(plan.clone(), params.clone());
+    let report = super::val::evaluate(&model, dir.path(), None, None).unwrap();
+    assert_eq!(report.at.len(), 2);
+    assert_eq!(report.batches, 2);
+    // Recompute: the first eval_iters rows of the validation loader, prefix losses averaged.
+    let loader = crate::data::ValLoader::new(&plan, 0, 1, dir.path()).unwrap();
+    let cpu = CpuModel::<f32>::new(&plan).unwrap();
+    let mut sums = [0.0; 2];
+    for b in loader.batches(2, 1).unwrap() {
+        let l = cpu.forward_loss(&params, &b, 1, 17, &[8, 16]).unwrap();
+        sums[0] += l[0] / 2.0;
+        sums[1] += l[1] / 2.0;
+    }
+    assert!(
+        (report.at[0].loss - sums[0]).abs() < 1e-9 && (report.at[1].loss - sums[1]).abs() < 1e-9
+    );
+    assert!((report.at[0].ppl - sums[0].exp()).abs() < 1e-9);
+    let longer = super::val::evaluate(&model, dir.path(), Some(3), Some(1)).unwrap();
+    assert_eq!(
+        longer.at.iter().map(|a| a.context).collect::<Vec<_>>(),
+        vec![8, 16, 24]
+    );
+}
+
+#[test]
+fn export_writes_both_names_of_a_tied_head_and_a_config() {
+    let spec = TinySpec {
+        tied: true,
+        ..TinySpec::default()
+    };
+    let plan = plan(model_config(&spec, 2, false), transformer_layers(2), vec![]);
+    let params = noisy_params(&plan, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let model = loaded(plan.clone(), params.clone());
+    let paths =
+        super::export::export_hf(&model, dir.path(), super::export::ExportDtype::F32).unwrap();
+    let bytes = std::fs::read(&paths[0]).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let wte = st.tensor("transformer.wte.weight").unwrap();
+    let head = st.tensor("lm_head.weight").unwrap();
+    assert_eq!(wte.data(), head.data());
+    assert_eq!(st.names().len(), plan.params.len() + 1);
+    let idx = plan
+        .params
+        .iter()
+        .position(|p| p.name == "transformer.h.1.attn.attn.weight")
+        .unwrap();
+    let got: Vec<f32> = st
+        .tensor("transformer.h.1.attn.attn.weight")
+        .unwrap()
+        .data()
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(got, params[idx]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&paths[1]).unwrap()).unwrap();
+    assert_eq!(cfg["name"], "tiny_d2");
+    assert_eq!(cfg["overrides"]["tied_embed"], true);
+    assert_eq!(cfg["overrides"]["mup"], true);
+    assert_eq!(cfg["overrides"]["mup_d0"], 16);
+    assert_eq!(cfg["overrides"]["mup_hd0"], 128);
+    assert_eq!(cfg["overrides"]["local_window"], 3);
+    assert_eq!(cfg["resolved"]["padded_vocab_size"], 24);
+}

@@ -1,0 +1,106 @@
+//! Validation loss and perplexity at 1×..k× the training context (arch-spec §5.1): the
+//! plan's validation loader (every rank, sequential blocks, the same set each time),
+//! `val_micro_batch` rows per batch, `eval_iters` batches per rank, and the mean
+//! cross-entropy of the first `j·T` predictions of each row for j = 1..k. With
+//! `k = num_extrapol` and the default batch count this is exactly the number the training
+//! loop logs as `val_loss@{j}x`; a larger k reads longer rows (`k·T + 1` tokens).
+
+use super::load::LoadedModel;
+use crate::cpu::CpuModel;
+use crate::data::ValLoader;
+use crate::{Result, RuntimeError};
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ValAt {
+    /// Context multiple j (`val_loss@{j}x`).
+    pub factor: usize,
+    /// Tokens of context per row, `j·T`.
+    pub context: usize,
+    pub loss: f64,
+    pub ppl: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ValReport {
+    pub seq_len: usize,
+    pub rows_per_batch: usize,
+    pub batches: usize,
+    pub at: Vec<ValAt>,
+}
+
+/// `extrapolate`: largest multiple k (default the plan's `num_extrapol`); `batches`: per
+/// rank (default the plan's `eval_iters`).
+pub fn evaluate(
+    model: &LoadedModel,
+    data_root: &Path,
+    extrapolate: Option<usize>,
+    batches: Option<usize>,
+) -> Result<ValReport> {
+    let plan = &model.plan;
+    let t = plan.layout.seq_len;
+    let k = extrapolate.unwrap_or(plan.training.num_extrapol);
+    if k == 0 || t == 0 {
+        return Err(RuntimeError::Message(
+            "the context multiple and sequence length must be positive".into(),
+        ));
+    }
+    let n_batches = batches.unwrap_or(plan.training.eval_iters as usize);
+    let mut data = plan.data.clone();
+    data.val_block_size = k * t + 1;
+    if data.val.is_empty() {
+        return Err(RuntimeError::Message(
+            "the plan has no validation data".into(),
+        ));
+    }
+    let rows = plan.data.val_micro_batch.max(1);
+    let world = plan.layout.world.max(1);
+    let n_chunks = 8usize.div_ceil(plan.layout.nodes.max(1));
+    let cpu = CpuModel::<f32>::new(plan)?;
+    let prefixes: Vec<usize> = (1..=k).map(|j| j * t).collect();
+    let mut sums = vec![0.0; k];
+    let mut count = 0usize;
+    for rank in 0..world {
+        let loader = ValLoader::from_data_plan(
+            &data,
+            Some(plan.model.vocab_size),
+            n_chunks,
+            rank,
+            world,
+            data_root,
+        )?;
+        for batch in loader.batches(n_batches, rows)? {
+            let losses =
+                cpu.forward_loss(&model.params, &batch, rows, data.val_block_size, &prefixes)?;
+            for (s, l) in sums.iter_mut().zip(losses) {
+                *s += l;
+            }
+            count += 1;
+        }
+    }
+    if count == 0 {
+        return Err(RuntimeError::Message(
+            "validation data yielded no batches".into(),
+        ));
+    }
+    let at = sums
+        .iter()
+        .enumerate()
+        .map(|(j, s)| {
+            let loss = s / count as f64;
+            ValAt {
+                factor: j + 1,
+                context: (j + 1) * t,
+                loss,
+                ppl: loss.exp(),
+            }
+        })
+        .collect();
+    Ok(ValReport {
+        seq_len: t,
+        rows_per_batch: rows,
+        batches: count,
+        at,
+    })
+}
