@@ -1,6 +1,7 @@
 //! The float type the CPU ops are generic over (`f32` for training, `f64` for gradient
 //! checks), and a bounds-checked strided GEMM on top of `matrixmultiply`.
 
+use rayon::prelude::*;
 use std::fmt::Debug;
 use std::iter::Sum;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
@@ -146,8 +147,14 @@ pub fn silu<T: Real>(x: T) -> T {
 /// `d silu / dx = σ(x) (1 + x (1 − σ(x)))`.
 #[inline(always)]
 pub fn silu_grad<T: Real>(x: T) -> T {
+    silu_and_grad(x).1
+}
+
+/// `(silu(x), silu'(x))` from one sigmoid.
+#[inline(always)]
+pub fn silu_and_grad<T: Real>(x: T) -> (T, T) {
     let s = sigmoid(x);
-    s * (T::ONE + x * (T::ONE - s))
+    (x * s, s * (T::ONE + x * (T::ONE - s)))
 }
 
 /// Where a matrix lives inside a slice: element `(i, j)` is at `offset + i·rs + j·cs`.
@@ -224,6 +231,53 @@ pub fn gemm<T: Real>(
         m == 1 || n == 1 || lc.rs != lc.cs,
         "gemm: aliasing C strides"
     );
+    // Large products with row-major C: split the rows of C over rayon. Every element is
+    // still one K-loop in the same order, so the result does not depend on the split.
+    if m * k * n >= PAR_MIN_FLOPS && lc.cs == 1 && lc.rs >= n && m >= 2 * PAR_MIN_ROWS {
+        let tasks = (2 * rayon::current_num_threads())
+            .min(m / PAR_MIN_ROWS)
+            .max(1);
+        let rows = m.div_ceil(tasks);
+        let c = &mut c[lc.offset..];
+        c.par_chunks_mut(rows * lc.rs)
+            .enumerate()
+            .for_each(|(i, cc)| {
+                let i0 = i * rows;
+                let mi = rows.min(m - i0);
+                let lci = Layout {
+                    offset: 0,
+                    rs: lc.rs,
+                    cs: 1,
+                };
+                gemm_serial(mi, k, n, alpha, a, la.at(i0 * la.rs), b, lb, beta, cc, lci);
+            });
+        return;
+    }
+    gemm_serial(m, k, n, alpha, a, la, b, lb, beta, c, lc);
+}
+
+/// Products below this many multiply-adds run on the calling thread.
+const PAR_MIN_FLOPS: usize = 1 << 21;
+/// Fewest rows of C per parallel task.
+const PAR_MIN_ROWS: usize = 32;
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_serial<T: Real>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: T,
+    a: &[T],
+    la: Layout,
+    b: &[T],
+    lb: Layout,
+    beta: T,
+    c: &mut [T],
+    lc: Layout,
+) {
+    la.check(m, k, a.len(), "A");
+    lb.check(k, n, b.len(), "B");
+    lc.check(m, n, c.len(), "C");
     // SAFETY: every addressed element was bounds-checked above and C's strides are distinct.
     unsafe {
         T::gemm_raw(

@@ -516,6 +516,36 @@ impl<T: Real> CpuModel<T> {
         Ok(loss)
     }
 
+    /// The loss of [`CpuModel::forward_backward`] without the backward pass.
+    pub fn loss(
+        &self,
+        params: &[Vec<T>],
+        rows: &[u32],
+        micro: usize,
+        label_smoothing: f64,
+    ) -> Result<f64> {
+        self.check_params(params)?;
+        let seq = row_seq(rows.len(), micro)?;
+        self.check_tokens(rows)?;
+        let mut cache = self.workspaces.lock().unwrap_or_else(|e| e.into_inner());
+        let ws = workspace(&mut cache, self, micro, seq, true);
+        ws.load_rows(
+            rows,
+            micro,
+            seq,
+            self.cfg.varlen.then_some(self.cfg.eos_token_id),
+        );
+        self.forward(ws, params);
+        cross_entropy_forward(
+            &mut ws.losses,
+            &ws.logits,
+            &ws.targets,
+            self.cfg.padded_vocab_size,
+            label_smoothing,
+        );
+        Ok(ws.losses.iter().map(|l| l.to_f64()).sum::<f64>() / ws.losses.len() as f64)
+    }
+
     /// Mean cross-entropy (no smoothing, no gradients) of `rows` rows of `row_len` tokens,
     /// on the first `p` predictions of each row for every `p` in `prefixes` (all models are
     /// causal, so this equals evaluating each prefix separately).

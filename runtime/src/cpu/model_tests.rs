@@ -309,12 +309,12 @@ fn check_model(plan: &Plan, smoothing: f64, seed: u64) -> f64 {
     model
         .forward_backward(&params, &mut grads, &rows, micro, grad_scale, smoothing)
         .expect("forward_backward");
-    let mut scratch = model.zero_grads();
-    let mut loss_at = |p: &[Vec<f64>]| {
-        model
-            .forward_backward(p, &mut scratch, &rows, micro, 1.0, smoothing)
-            .expect("loss")
-    };
+    let loss_at = |p: &[Vec<f64>]| model.loss(p, &rows, micro, smoothing).expect("loss");
+    let mut g2 = model.zero_grads();
+    let fb = model
+        .forward_backward(&params, &mut g2, &rows, micro, 1.0, smoothing)
+        .unwrap();
+    assert_eq!(loss_at(&params), fb);
     let mut params = params;
     let (step, samples) = (1e-4, 6);
     let mut worst = 0.0f64;
@@ -663,4 +663,64 @@ fn plan_only_mixers_and_bad_input_are_errors() {
         .expect("missing param")
         .to_string();
     assert!(e.contains("transformer.h.1.mlp.w3.weight"), "{e}");
+}
+
+/// Forward+backward throughput of the CPU quickstart shape (Transformer++ n=128, L=4,
+/// 4 heads of 32, 2 KV groups, V=512, T=128, micro 8, SP). Run with
+/// `cargo test --release -p archscale-runtime quickstart_throughput -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark; run in release mode"]
+fn quickstart_throughput() {
+    let (n, depth, seq, micro) = (128, 4, 128, 8);
+    let mut cfg = model_config(
+        Tiny {
+            parametrization: Parametrization::Sp,
+            ..Tiny::default()
+        },
+        depth,
+        false,
+    );
+    cfg.n_embd = n;
+    cfg.n_head = 4;
+    cfg.n_query_groups = 2;
+    cfg.head_size = 32;
+    cfg.intermediate_size = 4 * n;
+    cfg.vocab_size = 512;
+    cfg.padded_vocab_size = 512;
+    cfg.block_size = seq;
+    cfg.attn_scale = 1.0 / (32f64).sqrt();
+    let layers = (0..depth)
+        .map(|i| LayerPlan {
+            index: i,
+            mixer: attn(None, true),
+            mlp_exports_memory: false,
+        })
+        .collect();
+    let p = plan(cfg, layers);
+    let model = CpuModel::<f32>::new(&p).unwrap();
+    let params = model.init_params();
+    let mut grads = model.zero_grads();
+    let mut rng = rng(40);
+    let rows: Vec<u32> = (0..micro * (seq + 1))
+        .map(|_| rng.gen_range(0..512))
+        .collect();
+    let n_params: usize = params.iter().map(|t| t.len()).sum();
+    model
+        .forward_backward(&params, &mut grads, &rows, micro, 1.0, 0.0)
+        .unwrap();
+    let steps = 20;
+    let start = std::time::Instant::now();
+    for _ in 0..steps {
+        model
+            .forward_backward(&params, &mut grads, &rows, micro, 1.0, 0.0)
+            .unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let tokens = (steps * micro * seq) as f64;
+    eprintln!(
+        "QUICKSTART {n_params} params, {} threads: {:.1} ms per micro-step, {:.0} tokens/s (forward+backward)",
+        rayon::current_num_threads(),
+        1e3 * secs / steps as f64,
+        tokens / secs
+    );
 }

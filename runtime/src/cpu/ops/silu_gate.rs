@@ -1,7 +1,7 @@
 //! SiLU gate `out = a ⊙ silu(g)`: Mamba's z-gate (`a = y`, `g = z`) and the GMU
 //! (`a = memory m`, `g = in_proj(x)`).
 
-use crate::cpu::float::{silu, silu_grad, Real};
+use crate::cpu::float::{silu, silu_and_grad, Real};
 use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;
@@ -34,8 +34,9 @@ pub fn silu_gate_backward<T: Real>(da: &mut [T], dg: &mut [T], dout: &[T], a: &[
             for ((((dav, dgv), &d), &av), &gv) in
                 dac.iter_mut().zip(dgc.iter_mut()).zip(oc).zip(ac).zip(gc)
             {
-                *dav += d * silu(gv);
-                *dgv += d * av * silu_grad(gv);
+                let (act, grad) = silu_and_grad(gv);
+                *dav += d * act;
+                *dgv += d * av * grad;
             }
         });
 }

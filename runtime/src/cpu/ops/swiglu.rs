@@ -1,7 +1,7 @@
 //! SwiGLU activation on the fused `w1` output: `h = [g ‖ u]` per row, `out = silu(g) ⊙ u`
 //! (gate = FIRST half, up = SECOND half, as ArchScale's `LLaMAMLP`).
 
-use crate::cpu::float::{silu, silu_grad, Real};
+use crate::cpu::float::{silu, silu_and_grad, Real};
 use rayon::prelude::*;
 
 /// `out[r, i] = silu(h[r, i]) · h[r, inter + i]`; `h` is `[rows, 2·inter]`, `out` `[rows, inter]`.
@@ -28,8 +28,9 @@ pub fn swiglu_backward<T: Real>(dh: &mut [T], dout: &[T], h: &[T], inter: usize)
             let (g, u) = hr.split_at(inter);
             let (dg, du) = dhr.split_at_mut(inter);
             for i in 0..inter {
-                dg[i] += dor[i] * u[i] * silu_grad(g[i]);
-                du[i] += dor[i] * silu(g[i]);
+                let (act, grad) = silu_and_grad(g[i]);
+                dg[i] += dor[i] * u[i] * grad;
+                du[i] += dor[i] * act;
             }
         });
 }
