@@ -345,7 +345,7 @@ impl<'a> DocumentReader<'a> {
             } else {
                 match self.opts.doc_split {
                     DocSplit::File => self.next_whole_file()?,
-                    DocSplit::Line => self.read_line()?,
+                    DocSplit::Line => self.next_nonblank_line()?,
                     DocSplit::BlankLine => self.next_paragraph()?,
                 }
             };
@@ -413,6 +413,16 @@ impl<'a> DocumentReader<'a> {
                 + 1;
             bad_input(path, Some(line), "not valid UTF-8")
         })
+    }
+
+    /// Blank lines separate documents; they are not empty documents.
+    fn next_nonblank_line(&mut self) -> Result<Option<String>> {
+        while let Some(line) = self.read_line()? {
+            if !line.trim().is_empty() {
+                return Ok(Some(line));
+            }
+        }
+        Ok(None)
     }
 
     fn next_paragraph(&mut self) -> Result<Option<String>> {
@@ -816,6 +826,34 @@ mod tests {
         std::fs::write(&tok_path, "{}").expect("write");
         opts.overwrite = true;
         assert!(matches!(prepare(&opts), Err(RuntimeError::BadInput { .. })));
+    }
+
+    #[test]
+    fn directories_and_document_splits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let corpus = dir.path().join("corpus");
+        std::fs::create_dir_all(corpus.join("sub")).expect("mkdir");
+        std::fs::write(corpus.join("b.txt"), "one\n\ntwo\nthree\n").expect("write");
+        std::fs::write(corpus.join("sub").join("a.txt"), "four\n").expect("write");
+        std::fs::write(corpus.join(".hidden.txt"), "never\n").expect("write");
+        std::fs::write(corpus.join("empty.txt"), "  \n").expect("write");
+        let count = |split: DocSplit| {
+            let mut opts = PrepareOptions::new(vec![corpus.clone()], dir.path().join("out"));
+            opts.doc_split = split;
+            opts.val_fraction = 0.0;
+            opts.chunk_size = 64;
+            opts.overwrite = true;
+            let summary = prepare(&opts).expect("prepare");
+            (
+                summary.files_read,
+                summary.train.documents,
+                summary.empty_documents_skipped,
+            )
+        };
+        // Files in name order: b.txt, empty.txt, sub/a.txt (the hidden file is skipped).
+        assert_eq!(count(DocSplit::File), (3, 2, 1));
+        assert_eq!(count(DocSplit::BlankLine), (3, 3, 0));
+        assert_eq!(count(DocSplit::Line), (3, 4, 0));
     }
 
     #[test]
