@@ -238,7 +238,8 @@ pub fn gemm<T: Real>(
             .min(m / PAR_MIN_ROWS)
             .max(1);
         let rows = m.div_ceil(tasks);
-        let c = &mut c[lc.offset..];
+        // Only C's own m rows: the slice may continue past them (other heads' outputs).
+        let c = &mut c[lc.offset..lc.offset + (m - 1) * lc.rs + n];
         c.par_chunks_mut(rows * lc.rs)
             .enumerate()
             .for_each(|(i, cc)| {
