@@ -583,9 +583,14 @@ pub fn compile(inputs: &RunInputs) -> Result<Plan, CompileError> {
             keys::TOKENS,
             format!(
                 "{} training tokens are less than one optimizer step of {} tokens",
-                sv.train_tokens, sv.batch_tokens
+                sv.train_tokens.to_f64(),
+                sv.batch_tokens
             ),
-        ));
+        )
+        .help(format!(
+            "raise train.tokens to at least {} (one optimizer step)",
+            sv.batch_tokens
+        )));
     }
     let train_tokens = sv.train_tokens.to_f64();
     if !(train_tokens.is_finite() && train_tokens > 0.0) {

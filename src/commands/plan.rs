@@ -451,6 +451,8 @@ fn group_int(x: u64) -> String {
 /// `190.3M`, `1.05G` (decimal prefixes).
 fn si(x: f64, unit: &str) -> String {
     let prefixes = [
+        (1e24, "Y"),
+        (1e21, "Z"),
         (1e18, "E"),
         (1e15, "P"),
         (1e12, "T"),
