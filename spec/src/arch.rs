@@ -7,6 +7,8 @@
 //! `i % rnn_per_layer` rules). Mixers can export a named memory or KV cache that later
 //! layers import (YOCO cross-attention, GMU), so a new hybrid is a new TOML file.
 
+#![allow(clippy::result_large_err)] // ArchIssue carries a full diagnostic; errors are rare
+
 use crate::diag::{SourceFile, SpecError};
 use crate::expr::{self, Value};
 use crate::tree::{self, Kind, Node, Reader, POSITIVE};

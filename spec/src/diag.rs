@@ -221,7 +221,7 @@ pub fn did_you_mean<'a>(
     for c in candidates {
         let score = strsim::jaro_winkler(word, c);
         let close = strsim::levenshtein(word, c) <= (word.len().max(c.len()) / 3).max(1);
-        if (score >= 0.8 || close) && best.map_or(true, |(_, s)| score > s) {
+        if (score >= 0.8 || close) && best.is_none_or(|(_, s)| score > s) {
             best = Some((c, score));
         }
     }

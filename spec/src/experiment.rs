@@ -365,12 +365,8 @@ pub fn parse_experiment(
         return Err(SpecError::new(&src, 0..0, "an experiment must be a TOML table").into());
     }
     apply_overrides(&mut root, overrides, &mut errors);
+    // Bad overrides and sweep keys are reported, and the rest of the file is still checked.
     let sweep = collect_sweep(&mut root, &mut errors);
-    if !errors.is_empty() {
-        let mut e = SpecErrors::new(errors);
-        e.dedup();
-        return Err(e);
-    }
     let n_runs = sweep
         .iter()
         .map(|a| a.values.len())
@@ -380,14 +376,16 @@ pub fn parse_experiment(
         _ => {
             let span = sweep.first().map_or(0..0, |a| a.key_node_span.clone());
             let src0 = sweep.first().map_or(src.clone(), |a| a.src.clone());
-            return Err(SpecError::new(
-                &src0,
-                span,
-                format!("the sweep expands to more than {MAX_RUNS} runs"),
-            )
-            .label("sweep")
-            .help("split the experiment, or sweep fewer values")
-            .into());
+            errors.push(
+                SpecError::new(
+                    &src0,
+                    span,
+                    format!("the sweep expands to more than {MAX_RUNS} runs"),
+                )
+                .label("sweep")
+                .help("split the experiment, or sweep fewer values"),
+            );
+            return Err(SpecErrors::new(errors));
         }
     }
     let n_runs = n_runs.unwrap_or(1);
@@ -1367,6 +1365,14 @@ fn cross_checks(r: &mut Reader, run: &mut RunSpec, tied_node: Option<&Node>) {
             );
         }
     }
+    if run.varlen && micro != 1 {
+        let n = label_node(&root, &["train.micro_batch", "train.varlen"]);
+        r.push(
+            n.error(format!("varlen training needs micro_batch = 1, found {micro}"))
+                .label("micro-batch")
+                .help("varlen packs one document stream per rank (ArchScale forces micro-batch 1); remove micro_batch or set it to 1"),
+        );
+    }
     // At least one micro-batch per rank per optimizer step (hp-spec §4.5-4.6).
     let world = run.nodes.saturating_mul(run.gpus_per_node);
     let multiple = world.saturating_mul(micro).saturating_mul(seq);
@@ -1499,7 +1505,7 @@ fn check_name_flags(r: &mut Reader, run: &RunSpec, name: &str, node: &Node) {
     let rope_ok = if f.rbase {
         run.rope_base == Some(names::RBASE_ROPE_BASE)
     } else {
-        run.rope_base.map_or(true, |b| b == 10000.0)
+        run.rope_base.is_none_or(|b| b == 10000.0)
     };
     if !rope_ok {
         let want = if f.rbase {

@@ -94,7 +94,7 @@ fn lex(text: &str) -> Result<Vec<(Tok, Range<usize>)>, ExprError> {
             while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'_') {
                 i += 1;
             }
-            if i < bytes.len() && bytes[i] == b'.' && !(bytes.get(i + 1) == Some(&b'.')) {
+            if i < bytes.len() && bytes[i] == b'.' && bytes.get(i + 1) != Some(&b'.') {
                 is_float = true;
                 i += 1;
                 while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'_') {
@@ -215,16 +215,13 @@ impl<'a> Parser<'a> {
     fn or(&mut self) -> R {
         self.nest()?;
         let mut lhs = self.and()?;
-        loop {
-            let Some(op_span) = self
-                .eat_word("or")
-                .or_else(|| self.eat_op(&["||"]).map(|(_, s)| s))
-            else {
-                break;
-            };
+        while self
+            .eat_word("or")
+            .or_else(|| self.eat_op(&["||"]).map(|(_, s)| s))
+            .is_some()
+        {
             let rhs = self.and()?;
             let (a, b) = (want_bool(&lhs)?, want_bool(&rhs)?);
-            let _ = op_span;
             lhs = (Value::Bool(a || b), lhs.1.start..rhs.1.end);
         }
         self.depth -= 1;

@@ -92,13 +92,25 @@ impl Node {
         Some(node)
     }
 
-    /// The deepest existing node along a dotted path (for labels of defaulted keys).
+    /// The deepest existing node along a dotted path (for labels of defaulted keys). When
+    /// not even the first part exists, the root's first entry (so the label has a span).
     pub fn nearest(&self, path: &str) -> &Node {
         let mut node = self;
         for part in path.split('.') {
             match node.get(part) {
                 Some(n) => node = n,
                 None => break,
+            }
+        }
+        if std::ptr::eq(node, self) && self.label_span().is_empty() {
+            if let Some(entries) = self.entries() {
+                if let Some((_, first)) = entries
+                    .iter()
+                    .find(|(k, _)| k == "arch")
+                    .or(entries.first())
+                {
+                    return first;
+                }
             }
         }
         node
@@ -259,11 +271,11 @@ pub fn parse_value(src: &Arc<SourceFile>, value_start: usize) -> Node {
 }
 
 fn shift(node: &mut Node, base: usize, prefix: usize) {
-    let f = |r: &Range<usize>| {
+    fn moved(r: &Range<usize>, base: usize, prefix: usize) -> Range<usize> {
         (r.start + base).saturating_sub(prefix)..(r.end + base).saturating_sub(prefix)
-    };
-    node.span = f(&node.span);
-    node.key_span = node.key_span.as_ref().map(f);
+    }
+    node.span = moved(&node.span, base, prefix);
+    node.key_span = node.key_span.as_ref().map(|r| moved(r, base, prefix));
     match &mut node.kind {
         Kind::Array(items) => items.iter_mut().for_each(|n| shift(n, base, prefix)),
         Kind::Table(entries) => entries.iter_mut().for_each(|(_, n)| shift(n, base, prefix)),
