@@ -1255,7 +1255,7 @@ impl<T: Real> CpuModel<T> {
 
 /// Sequence length of `rows` rows holding `len` tokens in all (`T + 1` per row).
 fn row_seq(len: usize, rows: usize) -> Result<usize> {
-    if rows == 0 || len % rows != 0 || len / rows < 2 {
+    if rows == 0 || !len.is_multiple_of(rows) || len / rows < 2 {
         return Err(err(format!(
             "{len} tokens do not form {rows} rows of at least 2 tokens"
         )));

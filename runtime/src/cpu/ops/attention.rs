@@ -37,7 +37,7 @@ impl AttnShape {
 
     fn validate(&self) {
         assert!(
-            self.n_kv > 0 && self.n_head % self.n_kv == 0,
+            self.n_kv > 0 && self.n_head.is_multiple_of(self.n_kv),
             "n_head must be a multiple of n_kv"
         );
         assert!(

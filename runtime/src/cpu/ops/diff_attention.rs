@@ -224,10 +224,10 @@ pub fn diff_attention_backward<T: Real>(
 
 fn check<T>(s: &AttnShape, q: &[T], k: &[T], v: &[T]) -> (usize, usize, usize) {
     assert!(
-        s.n_head % 2 == 0 && s.n_kv % 2 == 0,
+        s.n_head.is_multiple_of(2) && s.n_kv.is_multiple_of(2),
         "differential attention needs even head and kv-group counts"
     );
-    assert!(s.n_head % s.n_kv == 0);
+    assert!(s.n_head.is_multiple_of(s.n_kv));
     assert_eq!(q.len(), s.batch * s.n_head * s.seq * s.head_size);
     assert_eq!(k.len(), s.batch * s.n_kv * s.seq * s.head_size);
     assert_eq!(v.len(), k.len());

@@ -19,7 +19,7 @@ pub struct RopeTable {
 
 impl RopeTable {
     pub fn new(seq: usize, head_size: usize, base: f64) -> Self {
-        assert!(head_size % 2 == 0, "rope needs an even head size");
+        assert!(head_size.is_multiple_of(2), "rope needs an even head size");
         let half = head_size / 2;
         let base = base as f32;
         let theta: Vec<f32> = (0..half)
