@@ -242,3 +242,57 @@ fn import_archscale_rejects_unknown_flags_by_name() {
     );
     assert!(text(&out.stdout).is_empty());
 }
+
+#[test]
+fn a_new_hybrid_is_just_a_toml_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("archs")).unwrap();
+    write(
+        &dir,
+        "archs/hymba.toml",
+        r#"name = "hymba"
+width = { aspect_ratio = 64 }
+heads = "depth"
+kv_groups = "depth // 2"
+head_dim = 64
+vocab_size = 1000
+position = { kind = "rope", base = 10000 }
+local_window = 256
+token_rule = { mult = "14*ar^2" }
+
+[[section]]
+layers = "0 .. depth - 2"
+pattern = ["mamba", { mixer = "attention", export_kv = "kv", export_memory = "m" }]
+
+[[section]]
+layers = "depth - 2 .. depth"
+pattern = [{ mixer = "gmu", memory = "m" }, "cross_attention"]
+"#,
+    );
+    let exp = write(
+        &dir,
+        "exp.toml",
+        "arch = \"archs/hymba.toml\"\ndepth = 6\nparametrization = \"mup++\"\n[base]\nbatch_tokens = 32768\n[train]\nseq_len = 1024\n",
+    );
+    let out = run(&["plan", exp.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let layers = plan["runs"][0]["layers"].as_array().unwrap();
+    let kinds: Vec<&str> = layers
+        .iter()
+        .map(|l| l["mixer"]["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "mamba",
+            "attention",
+            "mamba",
+            "attention",
+            "gmu",
+            "attention"
+        ]
+    );
+    assert_eq!(layers[4]["mixer"]["memory_from"], 3);
+    assert_eq!(layers[5]["mixer"]["kv_from"], 3);
+}
