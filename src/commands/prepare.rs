@@ -7,9 +7,16 @@ use archscale_runtime::data::prepare::{
     SplitSummary, TokenizerChoice,
 };
 use archscale_runtime::RuntimeError;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// `println!` that ignores a closed stdout (`archscale prepare ... | head`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum FormatArg {
@@ -114,7 +121,7 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
     if args.synthetic {
         return match prepare_synthetic(&args.out, args.seed, args.tokens, args.force) {
             Ok(m) => {
-                println!(
+                say!(
                     "synthetic corpus ({}) seed {} in {}\n  train:      {} shards x {} tokens\n  validation: {} shards x {} tokens\n  vocabulary {} (BOS {}, EOS {}), u16; process entropy {:.3} nats/token (uniform: {:.3})",
                     m.generator,
                     m.seed,
@@ -178,7 +185,7 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
 }
 
 fn print_summary(s: &PrepareSummary, opts: &PrepareOptions) {
-    println!(
+    say!(
         "prepared {} file(s), {:.1} MiB, with {} (vocabulary {}, EOS {}, separator {}, {:?} shards of {} tokens) in {:.2} s, {:.0} tokens/s",
         s.files_read,
         s.bytes_read as f64 / (1 << 20) as f64,
@@ -211,19 +218,19 @@ fn print_summary(s: &PrepareSummary, opts: &PrepareOptions) {
                 split.dropped_tokens
             );
         }
-        println!("{text}");
+        say!("{text}");
     };
     line("train", &opts.train_prefix, &s.train);
     line("validation", &opts.val_prefix, &s.validation);
     if s.empty_documents_skipped > 0 {
-        println!("  skipped {} empty document(s)", s.empty_documents_skipped);
+        say!("  skipped {} empty document(s)", s.empty_documents_skipped);
     }
     if opts.val_fraction > 0.0 && s.validation.documents == 0 {
         let hint = match opts.doc_split {
             DocSplit::File => "; a file is one document: try --doc-split blank-line",
             _ => "",
         };
-        println!(
+        say!(
             "  note: no document went to validation ({} documents in all{hint})",
             s.train.documents
         );
