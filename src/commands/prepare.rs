@@ -129,7 +129,7 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
                     m.train_files,
                     m.chunk_size,
                     m.validation_files,
-                    m.chunk_size,
+                    m.validation_chunk_size,
                     m.vocab_size,
                     m.bos,
                     m.eos,

@@ -17,8 +17,9 @@
 //! uniform guess. It is written to `synthetic.json`. Generation runs at about 30M
 //! tokens/s on one core.
 //!
-//! Layout on disk: `train_*.bin` (about `tokens` tokens) and 8 `validation_*.bin` files,
-//! u16 LITPKDS, drawn from two independent streams of the same seed.
+//! Layout on disk: `train_*.bin` (about `tokens` tokens, at least 8 files once `tokens`
+//! exceeds 8 x 65568) and 8 `validation_*.bin` files (about 1/8 as many tokens, at least
+//! 8 x 65568), u16 LITPKDS, drawn from two independent streams of the same seed.
 
 use super::packed::{Dtype, FinalChunk, PackedWriter};
 use crate::{Result, RuntimeError};
@@ -272,6 +273,9 @@ pub struct Manifest {
     pub eos: u32,
     pub chunk_size: usize,
     pub train_files: usize,
+    /// Validation shards hold `validation_chunk_size` tokens each.
+    #[serde(default)]
+    pub validation_chunk_size: usize,
     pub validation_files: usize,
     /// Entropy of the generating process on the train split (an upper bound on the best loss).
     pub entropy_nats_per_token: f64,
@@ -283,6 +287,13 @@ fn layout(tokens: u64) -> (usize, usize) {
     let grains = tokens.div_ceil(8).div_ceil(CHUNK_GRAIN).clamp(32, 1024);
     let chunk = grains * CHUNK_GRAIN;
     (chunk as usize, tokens.div_ceil(chunk).max(1) as usize)
+}
+
+/// Validation shards: 8 of them (one per rank up to 8 ranks) of an eighth of a training
+/// shard, at least 32 x 2049 tokens: about 1/8 of the training tokens for large corpora.
+fn validation_chunk(train_chunk: usize) -> usize {
+    let grains = (train_chunk as u64 / 8).div_ceil(CHUNK_GRAIN).max(32);
+    ((grains * CHUNK_GRAIN) as usize).min(train_chunk)
 }
 
 fn write_split(
@@ -319,11 +330,12 @@ pub fn write_corpus(dir: &Path, seed: u64, tokens: u64) -> Result<Manifest> {
         chunk,
         train_files,
     )?;
+    let val_chunk = validation_chunk(chunk);
     write_split(
         dir,
         VALIDATION_PREFIX,
         Generator::new(seed, 1),
-        chunk,
+        val_chunk,
         VALIDATION_FILES,
     )?;
     let manifest = Manifest {
@@ -335,6 +347,7 @@ pub fn write_corpus(dir: &Path, seed: u64, tokens: u64) -> Result<Manifest> {
         eos: EOS,
         chunk_size: chunk,
         train_files,
+        validation_chunk_size: val_chunk,
         validation_files: VALIDATION_FILES,
         entropy_nats_per_token: train.entropy_per_token(),
     };
@@ -536,6 +549,8 @@ mod tests {
         assert_eq!(chunk % 2049, 0);
         assert_eq!(files, 8);
         assert_eq!(layout(10_000_000_000).0, 2049 * 1024);
+        assert_eq!(validation_chunk(2049 * 1024), 2049 * 128);
+        assert_eq!(validation_chunk(32 * 2049), 32 * 2049);
     }
 
     const PINNED_SEED7_HASH: u64 = 2370179420429429826;
