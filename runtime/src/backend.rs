@@ -12,7 +12,12 @@ pub trait Backend {
     /// Forward and backward on `micro` rows of `T + 1` tokens each (inputs `[0, T)`,
     /// targets `[1, T + 1)`). Gradients accumulate, scaled by `grad_scale` (1/gas).
     /// Returns the mean loss of these rows (unscaled).
-    fn forward_backward(&mut self, rows: &[u32], micro: usize, grad_scale: f32) -> crate::Result<f64>;
+    fn forward_backward(
+        &mut self,
+        rows: &[u32],
+        micro: usize,
+        grad_scale: f32,
+    ) -> crate::Result<f64>;
 
     /// Global L2 norm of the accumulated gradients.
     fn grad_norm(&mut self) -> crate::Result<f64>;
@@ -23,7 +28,13 @@ pub trait Backend {
 
     /// Mean cross-entropy (no label smoothing, no gradients) of `rows` rows of `row_len`
     /// tokens, measured on the first `p` predictions of each row for every `p` in `prefixes`.
-    fn eval_loss(&mut self, tokens: &[u32], rows: usize, row_len: usize, prefixes: &[usize]) -> crate::Result<Vec<f64>>;
+    fn eval_loss(
+        &mut self,
+        tokens: &[u32],
+        rows: usize,
+        row_len: usize,
+        prefixes: &[usize],
+    ) -> crate::Result<Vec<f64>>;
 
     /// Parameters in plan order.
     fn read_params(&mut self) -> crate::Result<Vec<Vec<f32>>>;

@@ -74,19 +74,25 @@ fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Resu
                 .map_err(|e| bad(format!("tensor {name}: {e}")))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, &None).map_err(|e| bad(format!("serialising {}: {e}", path.display())))?;
+    let bytes = safetensors::serialize(views, &None)
+        .map_err(|e| bad(format!("serialising {}: {e}", path.display())))?;
     write_synced(path, &bytes)?;
     Ok(hex_sha256(&bytes))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = fs::File::create(path).map_err(io_err(format!("creating {}", path.display())))?;
-    f.write_all(bytes).map_err(io_err(format!("writing {}", path.display())))?;
-    f.sync_all().map_err(io_err(format!("syncing {}", path.display())))
+    f.write_all(bytes)
+        .map_err(io_err(format!("writing {}", path.display())))?;
+    f.sync_all()
+        .map_err(io_err(format!("syncing {}", path.display())))
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn sync_dir(dir: &Path) {
@@ -97,29 +103,54 @@ fn sync_dir(dir: &Path) {
 }
 
 /// Writes a checkpoint for `state.step` under `run_dir/checkpoints/` and returns its path.
-pub fn save(run_dir: &Path, plan: &Plan, params: &[Vec<f32>], optimizer: &OptimizerState, mut state: TrainState) -> Result<PathBuf> {
+pub fn save(
+    run_dir: &Path,
+    plan: &Plan,
+    params: &[Vec<f32>],
+    optimizer: &OptimizerState,
+    mut state: TrainState,
+) -> Result<PathBuf> {
     let root = run_dir.join("checkpoints");
     fs::create_dir_all(&root).map_err(io_err(format!("creating {}", root.display())))?;
     let final_dir = root.join(step_dir_name(state.step));
     let partial = root.join(format!("{}.partial", step_dir_name(state.step)));
     if partial.exists() {
-        fs::remove_dir_all(&partial).map_err(io_err(format!("removing stale {}", partial.display())))?;
+        fs::remove_dir_all(&partial)
+            .map_err(io_err(format!("removing stale {}", partial.display())))?;
     }
     fs::create_dir(&partial).map_err(io_err(format!("creating {}", partial.display())))?;
 
     if params.len() != plan.params.len() {
-        return Err(bad(format!("checkpoint: {} tensors given, the plan has {}", params.len(), plan.params.len())));
+        return Err(bad(format!(
+            "checkpoint: {} tensors given, the plan has {}",
+            params.len(),
+            plan.params.len()
+        )));
     }
-    let model: Vec<(String, Vec<usize>, Vec<u8>)> =
-        plan.params.iter().zip(params).map(|(p, v)| (p.name.clone(), p.shape.clone(), f32_bytes(v))).collect();
-    let opt: Vec<(String, Vec<usize>, Vec<u8>)> =
-        optimizer.tensors.iter().map(|(n, v)| (n.clone(), vec![v.len()], f32_bytes(v))).collect();
+    let model: Vec<(String, Vec<usize>, Vec<u8>)> = plan
+        .params
+        .iter()
+        .zip(params)
+        .map(|(p, v)| (p.name.clone(), p.shape.clone(), f32_bytes(v)))
+        .collect();
+    let opt: Vec<(String, Vec<usize>, Vec<u8>)> = optimizer
+        .tensors
+        .iter()
+        .map(|(n, v)| (n.clone(), vec![v.len()], f32_bytes(v)))
+        .collect();
     state.format = FORMAT_VERSION;
     state.optimizer_step = optimizer.step;
     state.sha256.clear();
-    state.sha256.insert(MODEL_FILE.into(), write_tensors(&partial.join(MODEL_FILE), &model)?);
-    state.sha256.insert(OPTIMIZER_FILE.into(), write_tensors(&partial.join(OPTIMIZER_FILE), &opt)?);
-    let json = serde_json::to_vec_pretty(&state).map_err(|e| bad(format!("encoding state.json: {e}")))?;
+    state.sha256.insert(
+        MODEL_FILE.into(),
+        write_tensors(&partial.join(MODEL_FILE), &model)?,
+    );
+    state.sha256.insert(
+        OPTIMIZER_FILE.into(),
+        write_tensors(&partial.join(OPTIMIZER_FILE), &opt)?,
+    );
+    let json =
+        serde_json::to_vec_pretty(&state).map_err(|e| bad(format!("encoding state.json: {e}")))?;
     write_synced(&partial.join(STATE_FILE), &json)?;
     sync_dir(&partial);
 
@@ -127,11 +158,14 @@ pub fn save(run_dir: &Path, plan: &Plan, params: &[Vec<f32>], optimizer: &Optimi
         // Re-saving the same step (resume then interrupt): replace it only after the new one is complete.
         let old = root.join(format!("{}.old", step_dir_name(state.step)));
         let _ = fs::remove_dir_all(&old);
-        fs::rename(&final_dir, &old).map_err(io_err(format!("moving aside {}", final_dir.display())))?;
-        fs::rename(&partial, &final_dir).map_err(io_err(format!("renaming into {}", final_dir.display())))?;
+        fs::rename(&final_dir, &old)
+            .map_err(io_err(format!("moving aside {}", final_dir.display())))?;
+        fs::rename(&partial, &final_dir)
+            .map_err(io_err(format!("renaming into {}", final_dir.display())))?;
         let _ = fs::remove_dir_all(&old);
     } else {
-        fs::rename(&partial, &final_dir).map_err(io_err(format!("renaming into {}", final_dir.display())))?;
+        fs::rename(&partial, &final_dir)
+            .map_err(io_err(format!("renaming into {}", final_dir.display())))?;
     }
     sync_dir(&root);
     Ok(final_dir)
@@ -163,8 +197,16 @@ pub fn latest(run_dir: &Path) -> Option<PathBuf> {
 
 fn read_checked(dir: &Path, file: &str, state: &TrainState) -> Result<Vec<u8>> {
     let path = dir.join(file);
-    let bytes = fs::read(&path).map_err(io_err(format!("reading checkpoint file {}", path.display())))?;
-    let want = state.sha256.get(file).ok_or_else(|| bad(format!("{}: state.json has no checksum for {file}", dir.display())))?;
+    let bytes = fs::read(&path).map_err(io_err(format!(
+        "reading checkpoint file {}",
+        path.display()
+    )))?;
+    let want = state.sha256.get(file).ok_or_else(|| {
+        bad(format!(
+            "{}: state.json has no checksum for {file}",
+            dir.display()
+        ))
+    })?;
     let got = hex_sha256(&bytes);
     if &got != want {
         return Err(bad(format!(
@@ -175,23 +217,46 @@ fn read_checked(dir: &Path, file: &str, state: &TrainState) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn tensor_f32(st: &safetensors::SafeTensors, name: &str, path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
-    let t = st.tensor(name).map_err(|_| bad(format!("{}: tensor `{name}` is missing", path.display())))?;
+fn tensor_f32(
+    st: &safetensors::SafeTensors,
+    name: &str,
+    path: &Path,
+) -> Result<(Vec<usize>, Vec<f32>)> {
+    let t = st
+        .tensor(name)
+        .map_err(|_| bad(format!("{}: tensor `{name}` is missing", path.display())))?;
     if t.dtype() != Dtype::F32 {
-        return Err(bad(format!("{}: tensor `{name}` is {:?}, expected F32", path.display(), t.dtype())));
+        return Err(bad(format!(
+            "{}: tensor `{name}` is {:?}, expected F32",
+            path.display(),
+            t.dtype()
+        )));
     }
-    let data = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let data = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     Ok((t.shape().to_vec(), data))
 }
 
 /// Loads and verifies a checkpoint directory against `plan`.
 pub fn load(dir: &Path, plan: &Plan) -> Result<Checkpoint> {
     let state_path = dir.join(STATE_FILE);
-    let text = fs::read_to_string(&state_path).map_err(io_err(format!("reading {}", state_path.display())))?;
-    let state: TrainState =
-        serde_json::from_str(&text).map_err(|e| bad(format!("{} is not a valid checkpoint state: {e}", state_path.display())))?;
+    let text = fs::read_to_string(&state_path)
+        .map_err(io_err(format!("reading {}", state_path.display())))?;
+    let state: TrainState = serde_json::from_str(&text).map_err(|e| {
+        bad(format!(
+            "{} is not a valid checkpoint state: {e}",
+            state_path.display()
+        ))
+    })?;
     if state.format != FORMAT_VERSION {
-        return Err(bad(format!("{}: checkpoint format {} is not supported (expected {FORMAT_VERSION})", state_path.display(), state.format)));
+        return Err(bad(format!(
+            "{}: checkpoint format {} is not supported (expected {FORMAT_VERSION})",
+            state_path.display(),
+            state.format
+        )));
     }
     if state.run_name != plan.run_name {
         return Err(bad(format!(
@@ -203,18 +268,25 @@ pub fn load(dir: &Path, plan: &Plan) -> Result<Checkpoint> {
     }
     let model_path = dir.join(MODEL_FILE);
     let bytes = read_checked(dir, MODEL_FILE, &state)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("{}: {e}", model_path.display())))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("{}: {e}", model_path.display())))?;
     let mut params = Vec::with_capacity(plan.params.len());
     for p in &plan.params {
         let (shape, data) = tensor_f32(&st, &p.name, &model_path)?;
         if shape != p.shape {
-            return Err(bad(format!("{}: `{}` has shape {shape:?}, the plan expects {:?}", model_path.display(), p.name, p.shape)));
+            return Err(bad(format!(
+                "{}: `{}` has shape {shape:?}, the plan expects {:?}",
+                model_path.display(),
+                p.name,
+                p.shape
+            )));
         }
         params.push(data);
     }
     let opt_path = dir.join(OPTIMIZER_FILE);
     let bytes = read_checked(dir, OPTIMIZER_FILE, &state)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("{}: {e}", opt_path.display())))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("{}: {e}", opt_path.display())))?;
     let mut names: Vec<String> = st.names().into_iter().cloned().collect();
     names.sort();
     let mut tensors = Vec::with_capacity(names.len());
@@ -222,6 +294,14 @@ pub fn load(dir: &Path, plan: &Plan) -> Result<Checkpoint> {
         let (_, data) = tensor_f32(&st, &n, &opt_path)?;
         tensors.push((n, data));
     }
-    let optimizer = OptimizerState { step: state.optimizer_step, tensors };
-    Ok(Checkpoint { dir: dir.to_path_buf(), state, params, optimizer })
+    let optimizer = OptimizerState {
+        step: state.optimizer_step,
+        tensors,
+    };
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        state,
+        params,
+        optimizer,
+    })
 }

@@ -14,14 +14,30 @@ pub struct AdamWHyper {
 }
 
 /// One AdamW update of `param` in place. `grad_mult` scales the gradient first (clipping).
-pub fn adamw_step(param: &mut [f32], grad: &[f32], exp_avg: &mut [f32], exp_avg_sq: &mut [f32], h: AdamWHyper, grad_mult: f64) {
-    debug_assert!(param.len() == grad.len() && grad.len() == exp_avg.len() && exp_avg.len() == exp_avg_sq.len());
+pub fn adamw_step(
+    param: &mut [f32],
+    grad: &[f32],
+    exp_avg: &mut [f32],
+    exp_avg_sq: &mut [f32],
+    h: AdamWHyper,
+    grad_mult: f64,
+) {
+    debug_assert!(
+        param.len() == grad.len()
+            && grad.len() == exp_avg.len()
+            && exp_avg.len() == exp_avg_sq.len()
+    );
     let bias1 = 1.0 - h.beta1.powi(h.step as i32);
     let bias2 = 1.0 - h.beta2.powi(h.step as i32);
     let step_size = (h.lr / bias1) as f32;
     let bias2_sqrt = bias2.sqrt() as f32;
     let decay = (1.0 - h.lr * h.weight_decay) as f32;
-    let (b1, b2, eps, gm) = (h.beta1 as f32, h.beta2 as f32, h.eps as f32, grad_mult as f32);
+    let (b1, b2, eps, gm) = (
+        h.beta1 as f32,
+        h.beta2 as f32,
+        h.eps as f32,
+        grad_mult as f32,
+    );
     for i in 0..param.len() {
         let g = grad[i] * gm;
         let m = b1 * exp_avg[i] + (1.0 - b1) * g;
@@ -60,16 +76,35 @@ mod tests {
         let g = vec![0.5f32, 0.25];
         let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
         for step in 1..=3 {
-            let h = AdamWHyper { lr: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step };
+            let h = AdamWHyper {
+                lr: 0.1,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                step,
+            };
             adamw_step(&mut p, &g, &mut m, &mut v, h, 1.0);
         }
-        assert!((p[0] as f64 - reference(1.0, 0.5, 3)).abs() < 1e-6, "{} vs {}", p[0], reference(1.0, 0.5, 3));
+        assert!(
+            (p[0] as f64 - reference(1.0, 0.5, 3)).abs() < 1e-6,
+            "{} vs {}",
+            p[0],
+            reference(1.0, 0.5, 3)
+        );
         assert!((p[1] as f64 - reference(-2.0, 0.25, 3)).abs() < 1e-6);
     }
 
     #[test]
     fn grad_mult_scales_the_gradient_before_the_moments() {
-        let h = AdamWHyper { lr: 0.01, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0, step: 1 };
+        let h = AdamWHyper {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step: 1,
+        };
         let (mut a, mut b) = (vec![1.0f32], vec![1.0f32]);
         let (mut ma, mut va, mut mb, mut vb) = (vec![0.0], vec![0.0], vec![0.0], vec![0.0]);
         adamw_step(&mut a, &[2.0], &mut ma, &mut va, h, 0.5);

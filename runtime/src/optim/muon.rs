@@ -19,7 +19,22 @@ fn matmul_abt(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut c = vec![0.0f32; m * n];
     // SAFETY: slices hold m*k, n*k and m*n elements; strides describe row-major layouts.
     unsafe {
-        matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), 1, k as isize, 0.0, c.as_mut_ptr(), n as isize, 1);
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
     }
     c
 }
@@ -29,7 +44,22 @@ fn matmul_ab(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut c = vec![0.0f32; m * n];
     // SAFETY: as above.
     unsafe {
-        matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), n as isize, 1, 0.0, c.as_mut_ptr(), n as isize, 1);
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            n as isize,
+            1,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
     }
     c
 }
@@ -49,9 +79,17 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 pub fn newton_schulz(g: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let tall = rows > cols;
     let (m, n) = if tall { (cols, rows) } else { (rows, cols) };
-    let mut x = if tall { transpose(g, rows, cols) } else { g.to_vec() };
+    let mut x = if tall {
+        transpose(g, rows, cols)
+    } else {
+        g.to_vec()
+    };
     round_bf16(&mut x);
-    let norm = x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt() as f32;
+    let norm = x
+        .iter()
+        .map(|v| (*v as f64) * (*v as f64))
+        .sum::<f64>()
+        .sqrt() as f32;
     for v in x.iter_mut() {
         *v /= norm + 1e-7;
     }
@@ -62,7 +100,11 @@ pub fn newton_schulz(g: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         round_bf16(&mut gram);
         let mut gram2 = matmul_ab(&gram, &gram, m, m, m); // A²
         round_bf16(&mut gram2);
-        let poly: Vec<f32> = gram.iter().zip(&gram2).map(|(p, q)| b * p + c * q).collect(); // B = bA + cA²
+        let poly: Vec<f32> = gram
+            .iter()
+            .zip(&gram2)
+            .map(|(p, q)| b * p + c * q)
+            .collect(); // B = bA + cA²
         let mut poly = poly;
         round_bf16(&mut poly);
         let bx = matmul_ab(&poly, &x, m, m, n); // B X
@@ -79,7 +121,17 @@ pub fn newton_schulz(g: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// One Muon update of a [rows, cols] matrix in place. `lr` includes schedule and `lr_mult`.
-pub fn muon_step(param: &mut [f32], grad: &[f32], momentum: &mut [f32], rows: usize, cols: usize, lr: f64, beta: f64, weight_decay: f64, grad_mult: f64) {
+pub fn muon_step(
+    param: &mut [f32],
+    grad: &[f32],
+    momentum: &mut [f32],
+    rows: usize,
+    cols: usize,
+    lr: f64,
+    beta: f64,
+    weight_decay: f64,
+    grad_mult: f64,
+) {
     let (beta, gm) = (beta as f32, grad_mult as f32);
     let mut mixed = vec![0.0f32; grad.len()];
     for i in 0..grad.len() {
@@ -105,11 +157,22 @@ mod tests {
         let g: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
         let x = newton_schulz(&g, rows, cols);
         let (m, n) = (rows.min(cols), rows.max(cols));
-        let xs = if rows > cols { transpose(&x, rows, cols) } else { x };
+        let xs = if rows > cols {
+            transpose(&x, rows, cols)
+        } else {
+            x
+        };
         let gram = matmul_abt(&xs, &xs, m, n, m);
         let diag: Vec<f32> = (0..m).map(|i| gram[i * m + i]).collect();
-        let off = (0..m).flat_map(|i| (0..m).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| gram[i * m + j].abs()).fold(0.0f32, f32::max);
-        (diag.iter().cloned().fold(f32::MAX, f32::min), diag.iter().cloned().fold(0.0, f32::max), off)
+        let off = (0..m)
+            .flat_map(|i| (0..m).filter(move |&j| j != i).map(move |j| (i, j)))
+            .map(|(i, j)| gram[i * m + j].abs())
+            .fold(0.0f32, f32::max);
+        (
+            diag.iter().cloned().fold(f32::MAX, f32::min),
+            diag.iter().cloned().fold(0.0, f32::max),
+            off,
+        )
     }
 
     #[test]
@@ -118,7 +181,10 @@ mod tests {
         // rows of X are near-unit and near-orthogonal, for wide and tall inputs alike.
         for (r, c) in [(32, 96), (96, 32), (48, 48)] {
             let (dmin, dmax, off) = gram_stats(r, c);
-            assert!(dmin > 0.4 && dmax < 1.5, "{r}x{c}: diag in [{dmin}, {dmax}]");
+            assert!(
+                dmin > 0.4 && dmax < 1.5,
+                "{r}x{c}: diag in [{dmin}, {dmax}]"
+            );
             assert!(off < 0.35, "{r}x{c}: off-diagonal {off}");
         }
     }
@@ -127,10 +193,15 @@ mod tests {
     fn muon_step_applies_decay_and_scaled_update() {
         let (rows, cols) = (4, 8);
         let mut p = vec![1.0f32; rows * cols];
-        let g: Vec<f32> = (0..rows * cols).map(|i| ((i * 7 % 5) as f32) - 2.0).collect();
+        let g: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7 % 5) as f32) - 2.0)
+            .collect();
         let mut mom = vec![0.0f32; rows * cols];
         muon_step(&mut p, &g, &mut mom, rows, cols, 0.0, 0.95, 0.1, 1.0);
-        assert!(p.iter().all(|v| *v == 1.0), "lr 0 leaves the weights unchanged");
+        assert!(
+            p.iter().all(|v| *v == 1.0),
+            "lr 0 leaves the weights unchanged"
+        );
         assert!(mom.iter().zip(&g).all(|(m, g)| (m - 0.05 * g).abs() < 1e-6));
     }
 }

@@ -1,0 +1,375 @@
+//! The training loop: one orchestrating function, as ArchScale's `train()`.
+//!
+//! Counting follows ArchScale (hp-spec §9): `iter_num` counts per-device micro-iterations,
+//! an optimizer step follows every `gas` of them, and the LR of a step is the schedule's
+//! value at its last micro-iteration. A single process runs every rank of the plan's
+//! world in turn, so a CPU run of an 8-GPU plan computes what the 8 GPUs would.
+
+use crate::checkpoint::{self, TrainState};
+use crate::data::{TrainLoader, ValLoader};
+use crate::optim::clip_coefficient;
+use crate::{Backend, Result, RuntimeError};
+use archscale_compiler::Plan;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Where to continue from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resume {
+    /// Start fresh; an existing checkpoint in the run directory is an error.
+    No,
+    /// Continue from the newest checkpoint of the run directory, or start fresh if none.
+    Auto,
+    /// Continue from this checkpoint directory.
+    From(PathBuf),
+}
+
+pub struct TrainOptions {
+    /// Directory relative data paths and synthetic corpora resolve against.
+    pub data_root: PathBuf,
+    pub resume: Resume,
+    /// Set by Ctrl-C: checkpoint at the next step boundary and return.
+    pub stop: &'static AtomicBool,
+    /// Stop after this many optimizer steps in this invocation (tests, benchmarks).
+    pub max_steps_this_run: Option<u64>,
+    /// Draw a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    pub steps: u64,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub last_val_loss: Option<f64>,
+    pub tokens_per_s: f64,
+    pub interrupted: bool,
+}
+
+/// The run directory of a plan: `<out_dir>/<run_name>`.
+pub fn run_dir(plan: &Plan) -> PathBuf {
+    Path::new(&plan.training.out_dir).join(&plan.run_name)
+}
+
+fn msg(s: impl Into<String>) -> RuntimeError {
+    RuntimeError::Message(s.into())
+}
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> RuntimeError {
+    move |source| RuntimeError::Io { context, source }
+}
+
+/// Appends lines to `metrics.jsonl` / `events.log`, flushed per line.
+struct Log {
+    metrics: fs::File,
+    events: fs::File,
+}
+
+impl Log {
+    fn open(dir: &Path) -> Result<Self> {
+        let open = |name: &str| {
+            let p = dir.join(name);
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .map_err(io(format!("opening {}", p.display())))
+        };
+        Ok(Self {
+            metrics: open("metrics.jsonl")?,
+            events: open("events.log")?,
+        })
+    }
+    fn metric(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.metrics, "{v}").map_err(io("writing metrics.jsonl".into()))
+    }
+    fn event(&mut self, text: &str) -> Result<()> {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        writeln!(self.events, "[{secs}] {text}").map_err(io("writing events.log".into()))
+    }
+}
+
+/// Keeps the metric lines before `step`, and the training line of `step` itself: a resumed
+/// run re-runs (deterministically) everything after its checkpoint, validation at `step` included.
+fn truncate_metrics(dir: &Path, step: u64) -> Result<()> {
+    let path = dir.join("metrics.jsonl");
+    let Ok(text) = fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s < step || (s == step && !l.contains("val_loss")))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let tmp = dir.join("metrics.jsonl.tmp");
+    fs::write(&tmp, kept).map_err(io(format!("writing {}", tmp.display())))?;
+    fs::rename(&tmp, &path).map_err(io(format!("replacing {}", path.display())))
+}
+
+fn write_plan(dir: &Path, plan: &Plan) -> Result<()> {
+    let text =
+        serde_json::to_string_pretty(plan).map_err(|e| msg(format!("encoding plan.json: {e}")))?;
+    let tmp = dir.join("plan.json.tmp");
+    fs::write(&tmp, text).map_err(io(format!("writing {}", tmp.display())))?;
+    fs::rename(&tmp, dir.join("plan.json"))
+        .map_err(io(format!("writing {}", dir.join("plan.json").display())))
+}
+
+/// Validation loss at 1x..num_extrapol x the training context, averaged over ranks.
+fn validate(plan: &Plan, backend: &mut dyn Backend, val: &[ValLoader]) -> Result<Vec<f64>> {
+    let t = plan.layout.seq_len;
+    let prefixes: Vec<usize> = (1..=plan.training.num_extrapol).map(|k| k * t).collect();
+    let rows = plan.data.val_micro_batch;
+    let mut sums = vec![0.0; prefixes.len()];
+    let mut count = 0usize;
+    for loader in val {
+        for batch in loader.batches(plan.training.eval_iters as usize, rows)? {
+            let losses = backend.eval_loss(&batch, rows, plan.data.val_block_size, &prefixes)?;
+            for (s, l) in sums.iter_mut().zip(losses) {
+                *s += l;
+            }
+            count += 1;
+        }
+    }
+    if count == 0 {
+        return Err(msg("validation data yielded no batches"));
+    }
+    Ok(sums.into_iter().map(|s| s / count as f64).collect())
+}
+
+/// Trains `plan` on `backend`, writing the run directory. Returns when the plan's steps are
+/// done, `max_steps_this_run` is reached, or `stop` is set (after writing a checkpoint).
+pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Result<TrainSummary> {
+    let dir = run_dir(plan);
+    let world = plan.layout.world;
+    let gas = plan.layout.gas as u64;
+    let micro = plan.layout.micro_batch;
+    let max_steps = plan.training.max_steps;
+
+    let resume_from = match &opts.resume {
+        Resume::No => {
+            if let Some(existing) = checkpoint::latest(&dir) {
+                return Err(RuntimeError::RunExists {
+                    run_dir: dir.clone(),
+                    checkpoint: existing,
+                });
+            }
+            None
+        }
+        Resume::Auto => checkpoint::latest(&dir),
+        Resume::From(p) => Some(p.clone()),
+    };
+    fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+
+    let mut loaders: Vec<TrainLoader> = (0..world)
+        .map(|r| TrainLoader::new(plan, r, world, &opts.data_root))
+        .collect::<Result<_>>()?;
+    let val: Vec<ValLoader> = (0..world)
+        .map(|r| ValLoader::new(plan, r, world, &opts.data_root))
+        .collect::<Result<_>>()?;
+
+    let (mut step, mut tokens) = (0u64, 0u64);
+    if let Some(ckpt_dir) = &resume_from {
+        let ck = checkpoint::load(ckpt_dir, plan)?;
+        if ck.state.loaders.len() != world {
+            return Err(msg(format!(
+                "{} was written with {} data-loader states, this plan has world {world}",
+                ckpt_dir.display(),
+                ck.state.loaders.len()
+            )));
+        }
+        backend.write_params(&ck.params)?;
+        backend.write_optimizer_state(&ck.optimizer)?;
+        for (loader, state) in loaders.iter_mut().zip(&ck.state.loaders) {
+            let state = serde_json::from_value(state.clone()).map_err(|e| {
+                msg(format!(
+                    "{}: data-loader state is invalid: {e}",
+                    ckpt_dir.display()
+                ))
+            })?;
+            loader.restore(&state)?;
+        }
+        step = ck.state.step;
+        tokens = ck.state.tokens;
+        truncate_metrics(&dir, step)?;
+    }
+    write_plan(&dir, plan)?;
+    let mut log = Log::open(&dir)?;
+    match &resume_from {
+        Some(p) => log.event(&format!("resumed from {} at step {step}", p.display()))?,
+        None => log.event(&format!("started {} on {}", plan.run_name, backend.name()))?,
+    }
+
+    let last_step = match opts.max_steps_this_run {
+        Some(n) => (step + n).min(max_steps),
+        None => max_steps,
+    };
+    let pb = if opts.progress {
+        ProgressBar::new(max_steps)
+    } else {
+        ProgressBar::hidden()
+    };
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}  ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_position(step);
+
+    let save = |step: u64,
+                tokens: u64,
+                backend: &mut dyn Backend,
+                loaders: &[TrainLoader]|
+     -> Result<PathBuf> {
+        let params = backend.read_params()?;
+        let optimizer = backend.read_optimizer_state()?;
+        let loader_states = loaders
+            .iter()
+            .map(|l| {
+                serde_json::to_value(l.state())
+                    .map_err(|e| msg(format!("encoding data-loader state: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let state = TrainState {
+            format: 0,
+            run_name: plan.run_name.clone(),
+            step,
+            iter_num: step * gas,
+            tokens,
+            optimizer_step: optimizer.step,
+            loaders: loader_states,
+            sha256: Default::default(),
+        };
+        checkpoint::save(&dir, plan, &params, &optimizer, state)
+    };
+
+    let started = Instant::now();
+    let mut summary = TrainSummary {
+        run_dir: dir.clone(),
+        steps: step,
+        first_loss: None,
+        last_loss: None,
+        last_val_loss: None,
+        tokens_per_s: 0.0,
+        interrupted: false,
+    };
+    let eval_due =
+        |s: u64| s == 0 || s % plan.training.eval_interval.max(1) == 0 || s + 1 == max_steps;
+    let (mut window_tokens, mut window_start) = (0u64, Instant::now());
+    let mut tokens_this_run = 0u64;
+
+    while step < last_step {
+        if eval_due(step) {
+            let losses = validate(plan, backend, &val)?;
+            let mut rec = json!({ "step": step, "tokens": tokens });
+            for (k, l) in losses.iter().enumerate() {
+                rec[format!("val_loss@{}x", k + 1)] = json!(l);
+                rec[format!("val_ppl@{}x", k + 1)] = json!(l.exp());
+            }
+            log.metric(rec)?;
+            summary.last_val_loss = losses.first().copied();
+            pb.suspend(|| eprintln!("step {step:>6}  val_loss {:.4}", losses[0]));
+        }
+
+        // One optimizer step: gas micro-iterations on every rank.
+        let grad_scale = 1.0 / (gas as f32 * world as f32);
+        let mut loss_sum = 0.0;
+        for _ in 0..gas {
+            for loader in loaders.iter_mut() {
+                let rows = loader.next_batch(micro)?;
+                loss_sum += backend.forward_backward(&rows, micro, grad_scale)?;
+            }
+        }
+        let loss = loss_sum / (gas as f64 * world as f64);
+        let it = (step + 1) * gas - 1;
+        let lrs: Vec<f64> = plan
+            .optimizer
+            .groups
+            .iter()
+            .map(|g| g.lr_at(&plan.schedule, it))
+            .collect();
+        let grad_norm = backend.grad_norm()?;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            let last = checkpoint::latest(&dir)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "none".into());
+            log.event(&format!(
+                "stopped: non-finite loss {loss} / grad norm {grad_norm} at step {}",
+                step + 1
+            ))?;
+            return Err(msg(format!(
+                "training diverged at step {}: loss {loss}, grad norm {grad_norm}. Nothing was saved after the last good checkpoint ({last}); lower the learning rate or check the data",
+                step + 1
+            )));
+        }
+        backend.optimizer_step(&lrs, clip_coefficient(grad_norm, plan.optimizer.grad_clip))?;
+        step += 1;
+        let step_tokens = plan.layout.batch_tokens;
+        tokens += step_tokens;
+        tokens_this_run += step_tokens;
+        window_tokens += step_tokens;
+        summary.first_loss.get_or_insert(loss);
+        summary.last_loss = Some(loss);
+        summary.steps = step;
+        pb.set_position(step);
+
+        if step % plan.training.log_interval.max(1) == 0 || step == last_step {
+            let tps = window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
+            log.metric(json!({
+                "step": step, "tokens": tokens, "loss": loss, "lr": lrs.first().copied().unwrap_or(0.0),
+                "lrs": lrs, "grad_norm": grad_norm, "tokens_per_s": tps, "elapsed_s": started.elapsed().as_secs_f64(),
+            }))?;
+            pb.set_message(format!("loss {loss:.4}  {tps:.0} tok/s"));
+            if !opts.progress {
+                eprintln!("step {step:>6}  loss {loss:.4}  lr {:.3e}  grad_norm {grad_norm:.3}  {tps:.0} tok/s", lrs[0]);
+            }
+            window_tokens = 0;
+            window_start = Instant::now();
+        }
+
+        let stopping = opts.stop.load(Ordering::SeqCst);
+        if step % plan.training.save_interval.max(1) == 0 || step == last_step || stopping {
+            let path = save(step, tokens, backend, &loaders)?;
+            log.event(&format!("checkpoint {}", path.display()))?;
+        }
+        if stopping {
+            log.event(&format!("interrupted at step {step}"))?;
+            pb.suspend(|| {
+                eprintln!(
+                    "interrupted: checkpoint written at step {step}; continue with --resume auto"
+                )
+            });
+            summary.interrupted = true;
+            break;
+        }
+    }
+    if step >= max_steps && !summary.interrupted {
+        let losses = validate(plan, backend, &val)?;
+        let mut rec = json!({ "step": step, "tokens": tokens, "final": true });
+        for (k, l) in losses.iter().enumerate() {
+            rec[format!("val_loss@{}x", k + 1)] = json!(l);
+            rec[format!("val_ppl@{}x", k + 1)] = json!(l.exp());
+        }
+        log.metric(rec)?;
+        summary.last_val_loss = losses.first().copied();
+        log.event(&format!("finished at step {step}"))?;
+    }
+    pb.finish_and_clear();
+    summary.tokens_per_s = tokens_this_run as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    Ok(summary)
+}
