@@ -299,6 +299,11 @@ fn noisy_params(model: &CpuModel<f64>, rng: &mut TestRng) -> Vec<Vec<f64>> {
 /// denominator floored at 1e-4 of the largest gradient of the model (below that the f64
 /// differences of an O(1) loss are noise).
 fn check_model(plan: &Plan, smoothing: f64, seed: u64) -> f64 {
+    check_model_sampled(plan, smoothing, seed, 6)
+}
+
+/// [`check_model`] with `samples` random elements per tensor (plus its largest gradient).
+fn check_model_sampled(plan: &Plan, smoothing: f64, seed: u64, samples: usize) -> f64 {
     let model = CpuModel::<f64>::new(plan).expect("tiny model builds");
     let mut rng = rng(seed);
     let params = noisy_params(&model, &mut rng);
@@ -316,7 +321,7 @@ fn check_model(plan: &Plan, smoothing: f64, seed: u64) -> f64 {
         .unwrap();
     assert_eq!(loss_at(&params), fb);
     let mut params = params;
-    let (step, samples) = (1e-4, 6);
+    let step = 1e-4;
     let mut worst = 0.0f64;
     let global = grads.iter().flatten().fold(0.0f64, |m, v| m.max(v.abs())) / grad_scale as f64;
     for t in 0..params.len() {
@@ -723,4 +728,145 @@ fn quickstart_throughput() {
         1e3 * secs / steps as f64,
         tokens / secs
     );
+}
+
+/// Every builtin family, shrunk (n_embd 16, 4 heads of 4, 2 KV groups, vocab 64, window 4,
+/// depth 8, any-depth) and compiled by the real spec → compiler pipeline: the CPU model accepts the
+/// compiler's parameter inventory, its whole-model gradients pass a sampled f64 check, and
+/// plan-only mixers are rejected by name.
+#[test]
+fn compiled_families_build_and_gradcheck() {
+    let families: &[(&str, &str)] = &[
+        (
+            "transformer",
+            include_str!("../../../experiments/archs/transformer.toml"),
+        ),
+        (
+            "transformerls",
+            include_str!("../../../experiments/archs/transformerls.toml"),
+        ),
+        (
+            "samba",
+            include_str!("../../../experiments/archs/samba.toml"),
+        ),
+        (
+            "sambay",
+            include_str!("../../../experiments/archs/sambay.toml"),
+        ),
+        (
+            "sambayda",
+            include_str!("../../../experiments/archs/sambayda.toml"),
+        ),
+        (
+            "sambayoco",
+            include_str!("../../../experiments/archs/sambayoco.toml"),
+        ),
+        (
+            "mambay",
+            include_str!("../../../experiments/archs/mambay.toml"),
+        ),
+        (
+            "sambaymlp",
+            include_str!("../../../experiments/archs/sambaymlp.toml"),
+        ),
+        (
+            "sambayattn",
+            include_str!("../../../experiments/archs/sambayattn.toml"),
+        ),
+        (
+            "sambayattnall",
+            include_str!("../../../experiments/archs/sambayattnall.toml"),
+        ),
+        (
+            "phi4miniflash",
+            include_str!("../../../experiments/archs/phi4miniflash.toml"),
+        ),
+        (
+            "sambay2",
+            include_str!("../../../experiments/archs/sambay2.toml"),
+        ),
+        (
+            "mambay2",
+            include_str!("../../../experiments/archs/mambay2.toml"),
+        ),
+        ("gdny", include_str!("../../../experiments/archs/gdny.toml")),
+        (
+            "sgdny",
+            include_str!("../../../experiments/archs/sgdny.toml"),
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for &(family, text) in families {
+        let arch: String = text
+            .lines()
+            .map(|line| {
+                let key = line.split(['=', ' ']).next().unwrap_or("");
+                match key {
+                    "depths" => String::new(),
+                    "width" => "width = { n_embd = 16 }".to_string(),
+                    "heads" => "heads = 4".to_string(),
+                    "kv_groups" => "kv_groups = 2".to_string(),
+                    "head_dim" => "head_dim = 4".to_string(),
+                    "vocab_size" => "vocab_size = 64".to_string(),
+                    "local_window" => "local_window = 4".to_string(),
+                    "token_rule" => {
+                        "token_rule = { mult = \"15 * n_embd^2 / depth^2\" }".to_string()
+                    }
+                    _ => line.to_string(),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let arch_path = dir.path().join(format!("{family}.toml"));
+        std::fs::write(&arch_path, arch).unwrap();
+        let experiment = format!(
+            r#"arch = "{arch}"
+depth = 8
+parametrization = "mup++"
+
+[base]
+depth = 8
+lr = 1e-3
+batch_tokens = 16
+warmup_tokens = 16
+
+[train]
+tokens = 160
+seq_len = 8
+micro_batch = 2
+
+[data]
+train = [{{ synthetic = {{ seed = 1, tokens = 10_000 }} }}]
+val = [{{ synthetic = {{ seed = 2, tokens = 1_000 }} }}]
+
+[cluster]
+nodes = 1
+gpus_per_node = 1
+"#,
+            arch = arch_path.display()
+        );
+        let exp = archscale_spec::parse_experiment("exp.toml", &experiment, dir.path(), &[])
+            .unwrap_or_else(|e| panic!("{family}: {}", e.render()));
+        let plans = archscale_compiler::plan_experiment(&exp)
+            .unwrap_or_else(|e| panic!("{family}: {}", e.render()));
+        let plan = &plans[0];
+        match family {
+            "sambay2" | "mambay2" | "gdny" | "sgdny" => {
+                let e = CpuModel::<f32>::new(plan)
+                    .err()
+                    .unwrap_or_else(|| panic!("{family} must be rejected"))
+                    .to_string();
+                assert!(e.contains("plan-only"), "{family}: {e}");
+            }
+            _ => {
+                let model = CpuModel::<f32>::new(plan).unwrap_or_else(|e| panic!("{family}: {e}"));
+                let n: u64 = model.param_specs().iter().map(|s| s.numel() as u64).sum();
+                assert_eq!(n, plan.estimates.params_total, "{family}: parameter count");
+                report(
+                    &format!("compiled {family}"),
+                    check_model_sampled(plan, 0.1, 50, 1),
+                );
+            }
+        }
+    }
 }
