@@ -489,6 +489,8 @@ pub struct Staging {
     dir: PathBuf,
     prefixes: Vec<String>,
     committed: bool,
+    /// The output directory did not exist before: removed again (if empty) on failure.
+    created_out_dir: bool,
 }
 
 impl Staging {
@@ -518,6 +520,7 @@ impl Staging {
                 }
             }
         }
+        let created_out_dir = !out_dir.exists();
         std::fs::create_dir_all(out_dir)
             .map_err(io_err(format!("creating {}", out_dir.display())))?;
         let dir = out_dir.join(format!(".prepare-tmp-{}", std::process::id()));
@@ -530,6 +533,7 @@ impl Staging {
             dir,
             prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
             committed: false,
+            created_out_dir,
         })
     }
 
@@ -571,6 +575,9 @@ impl Drop for Staging {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_dir_all(&self.dir);
+            if self.created_out_dir {
+                let _ = std::fs::remove_dir(&self.out_dir);
+            }
         }
     }
 }
@@ -876,7 +883,9 @@ mod tests {
             RuntimeError::BadInput { line, .. } => assert_eq!(line, Some(2)),
             other => panic!("unexpected {other}"),
         }
-        let left: Vec<_> = std::fs::read_dir(&out).expect("out exists").collect();
-        assert!(left.is_empty(), "left behind: {left:?}");
+        assert!(
+            !out.exists(),
+            "the output directory it created is removed again"
+        );
     }
 }
