@@ -32,7 +32,12 @@ pub enum Split {
     Validation,
 }
 
-/// Where a [`DataSource`] lives on disk for a split.
+/// Where built-in synthetic corpora are generated (once) under the data root: a cache,
+/// kept out of the way of the user's own files.
+pub const SYNTHETIC_CACHE_DIR: &str = ".archscale/synthetic";
+
+/// Where a [`DataSource`] lives on disk for a split. Relative packed directories resolve
+/// against `data_root` (the working directory of `archscale run`, as ArchScale's paths do).
 pub fn resolve_source(
     source: &DataSource,
     split: Split,
@@ -49,7 +54,8 @@ pub fn resolve_source(
             Ok((dir, prefix.clone()))
         }
         DataSource::Synthetic { seed, tokens, .. } => {
-            let dir = synthetic::ensure_corpus(data_root, *seed, *tokens)?;
+            let dir =
+                synthetic::ensure_corpus(&data_root.join(SYNTHETIC_CACHE_DIR), *seed, *tokens)?;
             let prefix = match split {
                 Split::Train => synthetic::TRAIN_PREFIX,
                 Split::Validation => synthetic::VALIDATION_PREFIX,
