@@ -231,20 +231,17 @@ pub fn gemm<T: Real>(
         m == 1 || n == 1 || lc.rs != lc.cs,
         "gemm: aliasing C strides"
     );
-    // Large products with row-major C: split the rows of C over rayon. Every element is
-    // still one K-loop in the same order, so the result does not depend on the split.
-    if m * k * n >= PAR_MIN_FLOPS && lc.cs == 1 && lc.rs >= n && m >= 2 * PAR_MIN_ROWS {
-        let tasks = (2 * rayon::current_num_threads())
-            .min(m / PAR_MIN_ROWS)
-            .max(1);
-        let rows = m.div_ceil(tasks);
+    // Large products with row-major C: split the rows of C over rayon in blocks of
+    // PAR_ROWS, a multiple of every micro-kernel tile, so each block is tiled exactly as
+    // the serial product is and the result is bitwise the serial one (for any thread count).
+    if m * k * n >= PAR_MIN_FLOPS && lc.cs == 1 && lc.rs >= n && m > PAR_ROWS {
         // Only C's own m rows: the slice may continue past them (other heads' outputs).
         let c = &mut c[lc.offset..lc.offset + (m - 1) * lc.rs + n];
-        c.par_chunks_mut(rows * lc.rs)
+        c.par_chunks_mut(PAR_ROWS * lc.rs)
             .enumerate()
             .for_each(|(i, cc)| {
-                let i0 = i * rows;
-                let mi = rows.min(m - i0);
+                let i0 = i * PAR_ROWS;
+                let mi = PAR_ROWS.min(m - i0);
                 let lci = Layout {
                     offset: 0,
                     rs: lc.rs,
@@ -259,8 +256,8 @@ pub fn gemm<T: Real>(
 
 /// Products below this many multiply-adds run on the calling thread.
 const PAR_MIN_FLOPS: usize = 1 << 21;
-/// Fewest rows of C per parallel task.
-const PAR_MIN_ROWS: usize = 32;
+/// Rows of C per parallel task: a multiple of matrixmultiply's MR and NR (4, 8 or 16).
+const PAR_ROWS: usize = 64;
 
 #[allow(clippy::too_many_arguments)]
 fn gemm_serial<T: Real>(
@@ -303,6 +300,64 @@ fn gemm_serial<T: Real>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Large products take the parallel row split; C is a view inside a longer slice (as
+    /// an attention head's output among other heads'), and the split must match the serial
+    /// product bit for bit and leave the rest of the slice alone.
+    #[test]
+    fn parallel_split_matches_serial_inside_a_longer_slice() {
+        let (m, k, n) = (300, 64, 128);
+        assert!(m * k * n >= PAR_MIN_FLOPS);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+            .collect();
+        let ld = n + 3;
+        let lc = Layout {
+            offset: 2 * ld,
+            rs: ld,
+            cs: 1,
+        };
+        let total = 2 * ld + m * ld + 5 * ld;
+        let mut par = vec![7.0f32; total];
+        let mut ser = par.clone();
+        gemm(
+            m,
+            k,
+            n,
+            1.5,
+            &a,
+            Layout::row_major(k),
+            &b,
+            Layout::row_major(n),
+            0.5,
+            &mut par,
+            lc,
+        );
+        gemm_serial(
+            m,
+            k,
+            n,
+            1.5,
+            &a,
+            Layout::row_major(k),
+            &b,
+            Layout::row_major(n),
+            0.5,
+            &mut ser,
+            lc,
+        );
+        assert!(par == ser);
+        for (i, v) in par.iter().enumerate() {
+            let (row, col) = (i / ld, i % ld);
+            let inside = row >= 2 && row < 2 + m && col < n;
+            if !inside {
+                assert_eq!(*v, 7.0, "element {i} outside C was written");
+            }
+        }
+    }
 
     #[test]
     fn gemm_matches_naive_with_transposes() {

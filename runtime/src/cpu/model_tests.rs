@@ -870,3 +870,43 @@ gpus_per_node = 1
         }
     }
 }
+
+/// Sizes where the products take the parallel GEMM split: gradients are bitwise the same
+/// with 1 and 3 rayon threads.
+#[test]
+fn parallel_gemm_split_is_thread_count_independent() {
+    let (n, depth, seq, micro) = (64, 2, 64, 4);
+    let mut cfg = model_config(Tiny::default(), depth, false);
+    cfg.n_embd = n;
+    cfg.n_head = 4;
+    cfg.n_query_groups = 2;
+    cfg.head_size = 16;
+    cfg.intermediate_size = 4 * n;
+    cfg.vocab_size = 256;
+    cfg.padded_vocab_size = 256;
+    cfg.block_size = seq;
+    let p = plan(cfg, transformer_layers(depth, true));
+    let model = CpuModel::<f32>::new(&p).unwrap();
+    let params = model.init_params();
+    let mut rng = rng(41);
+    let rows: Vec<u32> = (0..micro * (seq + 1))
+        .map(|_| rng.gen_range(0..256))
+        .collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut g = model.zero_grads();
+            let l = model
+                .forward_backward(&params, &mut g, &rows, micro, 1.0, 0.1)
+                .unwrap();
+            (l, g)
+        })
+    };
+    let (l1, g1) = run(1);
+    let (l3, g3) = run(3);
+    assert_eq!(l1.to_bits(), l3.to_bits());
+    assert!(g1 == g3, "gradients depend on the thread count");
+}
