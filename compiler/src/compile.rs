@@ -504,7 +504,7 @@ pub fn compile(inputs: &RunInputs) -> Result<Plan, CompileError> {
         .layers
         .iter()
         .any(|l| matches!(&l.mixer, Mixer::Attention(a) if a.differential.is_some()));
-    if has_da && (arch.n_query_groups % 2 != 0 || arch.n_head % 2 != 0) {
+    if has_da && (!arch.n_query_groups.is_multiple_of(2) || !arch.n_head.is_multiple_of(2)) {
         return Err(CompileError::new(
             keys::DEPTH,
             format!(

@@ -107,7 +107,7 @@ pub fn n_target(inputs: &RunInputs) -> Result<(PyNum, PyNum), SetupError> {
                 err: PyArithError("overflow"),
             })?,
     );
-    Ok((mult, mult.mul(d3).map_err(arith("n_target = mult * depth^3"))?))
+    Ok((mult, mult.times(d3).map_err(arith("n_target = mult * depth^3"))?))
 }
 
 /// `n0 = n0_mult * d0^3`; an int unless `n0_mult` is a float (hp-spec §1.1).
@@ -122,7 +122,9 @@ pub fn n0(inputs: &RunInputs) -> Result<PyNum, SetupError> {
         what: "d0^3",
         err: PyArithError("overflow"),
     })?;
-    n0_mult.mul(PyNum::Int(d0_cubed)).map_err(arith("n0 = n0_mult * d0^3"))
+    n0_mult
+        .times(PyNum::Int(d0_cubed))
+        .map_err(arith("n0 = n0_mult * d0^3"))
 }
 
 pub fn setup(inputs: &RunInputs) -> Result<SetupValues, SetupError> {
@@ -157,7 +159,7 @@ pub fn setup(inputs: &RunInputs) -> Result<SetupValues, SetupError> {
         None => {
             let t0 = PyNum::Int(base.t0 as i128);
             let n0 = n0(inputs)?;
-            t0.mul(n_target)
+            t0.times(n_target)
                 .and_then(|x| x.truediv(n0))
                 .and_then(PyNum::int)
                 .map_err(arith("train_tokens = int(t0 * n_target / n0)"))?

@@ -274,7 +274,7 @@ pub fn build_params(
             // §1.11-1.12; no oracle table covers them, so their counts are unverified.
             Mixer::Mamba2 { .. } => {
                 let m = mamba2_dims(n);
-                if m.d_inner % 64 != 0 {
+                if !m.d_inner.is_multiple_of(64) {
                     return Err(format!(
                         "Mamba-2 inner width {} at n_embd {n} is not a multiple of its head dim 64",
                         m.d_inner

@@ -49,7 +49,7 @@ impl PyNum {
     }
 
     /// `a * b`.
-    pub fn mul(self, other: PyNum) -> PyResult {
+    pub fn times(self, other: PyNum) -> PyResult {
         match (self, other) {
             (PyNum::Int(a), PyNum::Int(b)) => a
                 .checked_mul(b)
@@ -63,7 +63,7 @@ impl PyNum {
     pub fn truediv(self, other: PyNum) -> PyResult {
         match (self, other) {
             (_, PyNum::Int(0)) => Err(PyArithError("division by zero")),
-            (_, PyNum::Float(b)) if b == 0.0 => Err(PyArithError("float division by zero")),
+            (_, PyNum::Float(0.0)) => Err(PyArithError("float division by zero")),
             (PyNum::Int(a), PyNum::Int(b)) => Ok(PyNum::Float(int_truediv(a, b))),
             (a, b) => Ok(PyNum::Float(a.to_f64() / b.to_f64())),
         }
@@ -73,9 +73,13 @@ impl PyNum {
     pub fn floordiv(self, other: PyNum) -> PyResult {
         match (self, other) {
             (_, PyNum::Int(0)) => Err(PyArithError("integer division or modulo by zero")),
-            (_, PyNum::Float(b)) if b == 0.0 => Err(PyArithError("float floor division by zero")),
+            (_, PyNum::Float(0.0)) => Err(PyArithError("float floor division by zero")),
             (PyNum::Int(a), PyNum::Int(b)) => {
-                let (q, r) = (a / b, a % b);
+                let overflow = PyArithError("integer overflow in floor division");
+                let (q, r) = (
+                    a.checked_div(b).ok_or(overflow.clone())?,
+                    a.checked_rem(b).ok_or(overflow)?,
+                );
                 Ok(PyNum::Int(if r != 0 && ((r < 0) != (b < 0)) { q - 1 } else { q }))
             }
             (a, b) => Ok(PyNum::Float(float_floordiv(a.to_f64(), b.to_f64()))),

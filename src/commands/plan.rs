@@ -341,7 +341,7 @@ fn run_view(p: &Plan) -> RunView {
     let tokens = format!(
         "{} tokens ({}), {} per parameter",
         group_int(t.train_tokens as u64),
-        if p.archscale_summary.get("train_tokens").map_or(false, |v| v.is_f64()) {
+        if p.archscale_summary.get("train_tokens").is_some_and(|v| v.is_f64()) {
             "given"
         } else {
             "Chinchilla rule"
@@ -440,7 +440,7 @@ fn group_int(x: u64) -> String {
     let s = x.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

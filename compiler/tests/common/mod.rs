@@ -166,12 +166,7 @@ pub fn layers(f: &Family, depth: usize) -> Vec<LayerPlan> {
     let h = depth / 2;
     (0..depth)
         .map(|i| {
-            let mixer = if !f.yoco {
-                match f.rnn_per_layer {
-                    Some(r) if i % r == 0 => Mixer::Mamba(MambaPlan { export_memory: false }),
-                    _ => attention(i, local(i), None, false),
-                }
-            } else if i < h {
+            let mixer = if !f.yoco || i < h {
                 match f.rnn_per_layer {
                     Some(r) if i % r == 0 => Mixer::Mamba(MambaPlan { export_memory: false }),
                     _ => attention(i, local(i), None, false),
