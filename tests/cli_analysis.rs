@@ -208,6 +208,12 @@ fn sweep_fit_plot_eval_generate_export() {
         "{table}"
     );
 
+    // One curve per model: three single-point groups, each without a fit and saying why.
+    let per_model = json(&archscale(dir, &["fit", "runs", "--group-by", "model", "--json", "--no-figure"]));
+    let groups = per_model["study"]["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 3);
+    assert!(groups.iter().all(|g| g["fit"].is_null() && g["note"].as_str().unwrap().contains("at least 3")));
+
     // plot: loss curves, and an LR sweep because two runs differ only in LR.
     let out = ok(&archscale(
         dir,

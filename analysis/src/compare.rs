@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 pub enum GroupBy {
     /// One curve per architecture family (`plan.model.family`).
     Arch,
+    /// One curve per model (family and size, `plan.model.name`): data-scaling studies.
+    Model,
     /// One curve through every run.
     None,
 }
@@ -92,6 +94,7 @@ pub struct StudyOptions {
 fn group_key(run: &Run, by: GroupBy) -> String {
     match by {
         GroupBy::Arch => run.family.clone(),
+        GroupBy::Model => run.model.clone(),
         GroupBy::None => "all".to_string(),
     }
 }

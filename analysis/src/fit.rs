@@ -335,7 +335,6 @@ pub fn fit_power_law(
     let inits = starts(x, y, setup);
     let law = solve_best(&prep, x, y, setup, &inits)
         .ok_or_else(|| bad("the least-squares solver did not converge from any starting point"))?;
-    let (r2, rmse) = goodness(&law, x, y);
     let min_l = y.iter().cloned().fold(f64::INFINITY, f64::min);
     let (b_lo, b_hi) = setup.b_bounds();
     let near = |v: f64, bound: f64| (v - bound).abs() <= 1e-6 * bound.abs().max(1e-3);
@@ -347,6 +346,19 @@ pub fn fit_power_law(
         at_bound.push("b");
     }
 
+    // The reparametrisation only approaches a bound; report a parameter on it exactly.
+    let mut law = law;
+    if at_bound.contains(&"c") {
+        law.c = if law.c < 0.5 * min_l { 0.0 } else { min_l };
+    }
+    if at_bound.contains(&"b") {
+        law.b = if near(law.b, b_lo) {
+            b_lo
+        } else {
+            b_hi.unwrap_or(law.b)
+        };
+    }
+    let (r2, rmse) = goodness(&law, x, y);
     let n = x.len();
     let intervals = if bootstrap > 0 && n > 3 {
         let fitted: Vec<f64> = x.iter().map(|&x| law.eval(x)).collect();

@@ -576,23 +576,18 @@ fn draw_scaling<DB: DrawingBackend>(
         0.06,
     )
     .ok_or("no points to plot")?;
-    let data_x = log_range(
-        series.iter().flat_map(|g| g.points.iter().map(|p| p.0)),
-        0.0,
-    )
-    .ok_or("no points to plot")?;
+    // As ArchScale: each fitted curve on 100 geometric points over its own group's data.
     let curves: Vec<Vec<(f64, f64)>> = series
         .iter()
-        .map(|g| {
-            g.law
-                .map(|law| {
-                    geometric(data_x.0, data_x.1, 100)
-                        .into_iter()
-                        .map(|x| (x, law.eval(x)))
-                        .collect()
-                })
-                .unwrap_or_default()
-        })
+        .map(
+            |g| match (g.law, log_range(g.points.iter().map(|p| p.0), 0.0)) {
+                (Some(law), Some((lo, hi))) => geometric(lo, hi, 100)
+                    .into_iter()
+                    .map(|x| (x, law.eval(x)))
+                    .collect(),
+                _ => Vec::new(),
+            },
+        )
         .collect();
     let y = lin_range(
         series

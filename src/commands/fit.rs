@@ -26,6 +26,8 @@ pub enum XArg {
 pub enum GroupArg {
     /// One curve per architecture family (plan.model.family).
     Arch,
+    /// One curve per model (family and size, plan.model.name): data scaling.
+    Model,
     /// One curve through all runs.
     None,
 }
@@ -78,6 +80,7 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
     };
     let group_by = match args.group_by {
         GroupArg::Arch => GroupBy::Arch,
+        GroupArg::Model => GroupBy::Model,
         GroupArg::None => GroupBy::None,
     };
     if !(args.extrapolate.is_finite() && args.extrapolate >= 0.0) {
@@ -192,15 +195,22 @@ fn table(rows: &[Vec<String>]) -> String {
 
 fn render(study: &Study) -> String {
     let mut out = format!("x: {}\n\n", study.x_description);
-    let mut rows = vec![vec!["group", "run", "x", "val_loss@1x", "peak lr", "note"]
-        .into_iter()
-        .map(String::from)
-        .collect()];
+    let mut rows = vec![vec![
+        "group",
+        "run directory",
+        "x",
+        "val_loss@1x",
+        "peak lr",
+        "note",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()];
     for g in &study.groups {
         for p in &g.points {
             rows.push(vec![
                 g.group.clone(),
-                p.run.clone(),
+                p.dir.clone(),
                 fmt_sig(p.x, 3),
                 format!("{:.4}", p.loss),
                 fmt_sig(p.peak_lr, 3),
@@ -214,7 +224,7 @@ fn render(study: &Study) -> String {
         for p in &g.superseded {
             rows.push(vec![
                 g.group.clone(),
-                p.run.clone(),
+                p.dir.clone(),
                 fmt_sig(p.x, 3),
                 format!("{:.4}", p.loss),
                 fmt_sig(p.peak_lr, 3),
