@@ -346,7 +346,7 @@ pub struct ParallelLayout {
 pub enum DataSource {
     /// `dir/{prefix}*.bin` LITPKDS files.
     Packed { dir: String, prefix: String, weight: f64 },
-    /// The built-in deterministic corpus, generated into the run directory.
+    /// The built-in deterministic corpus, generated once into `<data root>/.archscale/synthetic/`.
     Synthetic { seed: u64, tokens: u64, weight: f64 },
 }
 

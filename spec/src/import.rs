@@ -208,6 +208,20 @@ pub fn archscale_argv_to_toml(
         })?,
         None => 16,
     };
+    // ArchScale's config table defines the scaling families only at these depths
+    // (`<model>_d<depth>` is a KeyError otherwise); single-depth families are checked by
+    // their arch file's `depths`.
+    const SCALING_DEPTHS: [u64; 5] = [8, 12, 16, 20, 24];
+    let scaling_family = matches!(
+        model,
+        "transformer" | "transformerls" | "samba" | "sambay" | "sambayda" | "sambayoco"
+    );
+    if scaling_family && !SCALING_DEPTHS.contains(&(depth as u64)) {
+        return Err(ImportError::new(
+            format!("ArchScale has no config `{model}_d{depth}` (its pretrain.py raises KeyError)"),
+            format!("ArchScale defines {model} at depths 8, 12, 16, 20, 24; for other depths write an experiment TOML directly"),
+        ));
+    }
     let name = get("train_name").unwrap_or(DEFAULT_TRAIN_NAME);
     let flags: NameFlags = names::decode(name);
     if flags.validation {
@@ -612,5 +626,22 @@ mod tests {
         assert_eq!(toml_float(0.1), "0.1");
         assert_eq!(toml_float(640000.0), "640000.0");
         assert_eq!(toml_float(1.2288e6), "1.2288e6");
+    }
+
+    #[test]
+    fn depths_archscale_lacks_are_rejected() {
+        let argv: Vec<String> = [
+            "--train_model",
+            "transformer",
+            "--depth",
+            "10",
+            "--train_name",
+            "scaling_mup",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let e = archscale_argv_to_toml(&argv, 1, 8).unwrap_err();
+        assert!(e.to_string().contains("transformer_d10"), "{e}");
     }
 }
