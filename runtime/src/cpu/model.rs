@@ -1045,11 +1045,23 @@ impl<T: Real> CpuModel<T> {
                                 &params[dp.subln],
                                 dp.lambda_init,
                                 &sh,
+                                s.seg(),
                             );
                         }
                         None => {
                             tokens_to_heads(&mut dyh, &dy, s.batch, s.seq, h, hs);
-                            attention_backward(&mut dq, dk, dv, &dyh, &a.probs, &a.q, k, v, &sh);
+                            attention_backward(
+                                &mut dq,
+                                dk,
+                                dv,
+                                &dyh,
+                                &a.probs,
+                                &a.q,
+                                k,
+                                v,
+                                &sh,
+                                s.seg(),
+                            );
                         }
                     }
                 }

@@ -150,7 +150,8 @@ pub fn heads_to_tokens<T: Real>(
 
 /// `out[b,h] = softmax(scale·q[b,h]·k[b,h/(H/G)]ᵀ + mask)·v[b,h/(H/G)]`.
 /// `q`, `out`: `[B, H, T, hs]`; `k`, `v`: `[B, G, T, hs]`; `probs`: `[B, H, T, T]`, the
-/// attention weights saved for backward (masked entries exactly 0).
+/// attention weights saved for backward (masked entries exactly 0). Queries are processed
+/// in blocks of [`QUERY_BLOCK`] rows against only the keys the block can see.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward<T: Real>(
     out: &mut [T],
@@ -178,33 +179,15 @@ pub fn attention_forward<T: Real>(
             let qc = &q[i * qpk * tl * hs..(i + 1) * qpk * tl * hs];
             for j in 0..qpk {
                 let p = &mut pc[j * tl * tl..(j + 1) * tl * tl];
-                gemm(
-                    tl,
-                    hs,
-                    tl,
-                    scale,
-                    qc,
-                    rm(hs).at(j * tl * hs),
-                    kc,
-                    rm(hs).t(),
-                    T::ZERO,
-                    p,
-                    rm(tl),
-                );
-                masked_softmax_rows(p, s, seg_start, b);
-                gemm(
-                    tl,
-                    tl,
-                    hs,
-                    T::ONE,
-                    p,
-                    rm(tl),
-                    vc,
-                    rm(hs),
-                    T::ZERO,
-                    oc,
-                    rm(hs).at(j * tl * hs),
-                );
+                let head = rm(hs).at(j * tl * hs);
+                for blk in query_blocks(s, seg_start, b) {
+                    let (rows, nk) = (blk.rows.len(), blk.keys.len());
+                    let (qb, kb) = (head.at(blk.rows.start * hs), rm(hs).at(blk.keys.start * hs));
+                    let pb = rm(tl).at(blk.rows.start * tl + blk.keys.start);
+                    gemm(rows, hs, nk, scale, qc, qb, kc, kb.t(), T::ZERO, p, pb);
+                    masked_softmax_rows(p, s, seg_start, b, blk.rows.clone());
+                    gemm(rows, nk, hs, T::ONE, p, pb, vc, kb, T::ZERO, oc, qb);
+                }
             }
         });
 }
@@ -223,6 +206,7 @@ pub fn attention_backward<T: Real>(
     k: &[T],
     v: &[T],
     s: &AttnShape,
+    seg_start: Option<&[u32]>,
 ) {
     s.validate();
     let (tl, hs, qpk) = (s.seq, s.head_size, s.q_per_kv());
@@ -237,6 +221,7 @@ pub fn attention_backward<T: Real>(
         .zip(dv.par_chunks_mut(tl * hs))
         .enumerate()
         .for_each(|(i, ((dqc, dkc), dvc))| {
+            let b = i / s.n_kv;
             let (kc, vc) = (
                 &k[i * tl * hs..(i + 1) * tl * hs],
                 &v[i * tl * hs..(i + 1) * tl * hs],
@@ -244,64 +229,45 @@ pub fn attention_backward<T: Real>(
             let qc = &q[i * qpk * tl * hs..(i + 1) * qpk * tl * hs];
             let doc = &dout[i * qpk * tl * hs..(i + 1) * qpk * tl * hs];
             let pc = &probs[i * qpk * tl * tl..(i + 1) * qpk * tl * tl];
-            let mut ds = vec![T::ZERO; tl * tl];
+            let mut ds = vec![T::ZERO; QUERY_BLOCK.min(tl) * tl];
             for j in 0..qpk {
                 let p = &pc[j * tl * tl..(j + 1) * tl * tl];
                 let head = rm(hs).at(j * tl * hs);
-                // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)).
-                gemm(
-                    tl,
-                    hs,
-                    tl,
-                    T::ONE,
-                    doc,
-                    head,
-                    vc,
-                    rm(hs).t(),
-                    T::ZERO,
-                    &mut ds,
-                    rm(tl),
-                );
-                softmax_backward_rows(&mut ds, p, tl);
-                gemm(
-                    tl,
-                    tl,
-                    hs,
-                    scale,
-                    &ds,
-                    rm(tl),
-                    kc,
-                    rm(hs),
-                    T::ONE,
-                    dqc,
-                    head,
-                );
-                gemm(
-                    tl,
-                    tl,
-                    hs,
-                    scale,
-                    &ds,
-                    rm(tl).t(),
-                    qc,
-                    head,
-                    T::ONE,
-                    dkc,
-                    rm(hs),
-                );
-                gemm(
-                    tl,
-                    tl,
-                    hs,
-                    T::ONE,
-                    p,
-                    rm(tl).t(),
-                    doc,
-                    head,
-                    T::ONE,
-                    dvc,
-                    rm(hs),
-                );
+                for blk in query_blocks(s, seg_start, b) {
+                    let (rows, nk) = (blk.rows.len(), blk.keys.len());
+                    let (qb, kb) = (head.at(blk.rows.start * hs), rm(hs).at(blk.keys.start * hs));
+                    let pb = rm(tl).at(blk.rows.start * tl + blk.keys.start);
+                    // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)).
+                    gemm(
+                        rows,
+                        hs,
+                        nk,
+                        T::ONE,
+                        doc,
+                        qb,
+                        vc,
+                        kb.t(),
+                        T::ZERO,
+                        &mut ds,
+                        rm(nk),
+                    );
+                    softmax_backward_rows(&mut ds[..rows * nk], nk, p, pb);
+                    gemm(rows, nk, hs, scale, &ds, rm(nk), kc, kb, T::ONE, dqc, qb);
+                    gemm(
+                        nk,
+                        rows,
+                        hs,
+                        scale,
+                        &ds,
+                        rm(nk).t(),
+                        qc,
+                        qb,
+                        T::ONE,
+                        dkc,
+                        kb,
+                    );
+                    gemm(nk, rows, hs, T::ONE, p, pb.t(), doc, qb, T::ONE, dvc, kb);
+                }
             }
         });
 }
@@ -315,16 +281,43 @@ fn check_sizes<T>(s: &AttnShape, q: &[T], k: &[T], v: &[T], out_len: usize, prob
     assert_eq!(probs_len, b * s.n_head * tl * tl);
 }
 
-/// Row-wise masked softmax of the `[T, T]` score matrix `p` of row `b`, in place; masked
-/// entries become exactly 0.
+/// Query rows per block.
+pub const QUERY_BLOCK: usize = 32;
+
+/// A block of query rows and the keys any of them can see.
+#[derive(Clone, Debug)]
+pub(crate) struct QueryBlock {
+    pub rows: std::ops::Range<usize>,
+    pub keys: std::ops::Range<usize>,
+}
+
+/// Blocks of [`QUERY_BLOCK`] queries of row `b`; block `[i0, i1)` sees keys
+/// `[key_start(i0), i1)` (`key_start` never decreases with `t`).
+pub(crate) fn query_blocks<'a>(
+    s: &'a AttnShape,
+    seg_start: Option<&'a [u32]>,
+    b: usize,
+) -> impl Iterator<Item = QueryBlock> + 'a {
+    (0..s.seq).step_by(QUERY_BLOCK).map(move |i0| {
+        let i1 = (i0 + QUERY_BLOCK).min(s.seq);
+        QueryBlock {
+            rows: i0..i1,
+            keys: s.key_start(seg_start, b, i0)..i1,
+        }
+    })
+}
+
+/// Row-wise masked softmax, in place, of the rows `rows` of the `[T, T]` score matrix `p`
+/// of batch row `b`: scores are read in `[lo(t), t]`; every other entry becomes exactly 0.
 pub(crate) fn masked_softmax_rows<T: Real>(
     p: &mut [T],
     s: &AttnShape,
     seg_start: Option<&[u32]>,
     b: usize,
+    rows: std::ops::Range<usize>,
 ) {
     let tl = s.seq;
-    for t in 0..tl {
+    for t in rows {
         let lo = s.key_start(seg_start, b, t);
         let row = &mut p[t * tl..(t + 1) * tl];
         let max = row[lo..=t].iter().copied().fold(row[t], T::max);
@@ -342,9 +335,11 @@ pub(crate) fn masked_softmax_rows<T: Real>(
     }
 }
 
-/// In place `dp → p ⊙ (dp − rowsum(p ⊙ dp))` (masked entries of `p` are 0, so stay 0).
-pub(crate) fn softmax_backward_rows<T: Real>(dp: &mut [T], p: &[T], tl: usize) {
-    for (drow, prow) in dp.chunks_mut(tl).zip(p.chunks(tl)) {
+/// In place `dp → p ⊙ (dp − rowsum(p ⊙ dp))` for a block: `dp` holds rows of `width`,
+/// row `r` of `p` starts at `pl.offset + r·pl.rs` (masked entries of `p` are 0, so stay 0).
+pub(crate) fn softmax_backward_rows<T: Real>(dp: &mut [T], width: usize, p: &[T], pl: Layout) {
+    for (r, drow) in dp.chunks_mut(width).enumerate() {
+        let prow = &p[pl.offset + r * pl.rs..pl.offset + r * pl.rs + width];
         let dot = drow.iter().zip(prow).map(|(&d, &pv)| d * pv).sum::<T>();
         for (d, &pv) in drow.iter_mut().zip(prow) {
             *d = pv * (*d - dot);
@@ -408,7 +403,18 @@ mod tests {
             |p, dout, gr| {
                 let (_, probs) = fwd(p);
                 let [dq, dk, dv] = gr else { unreachable!() };
-                attention_backward(dq, dk, dv, dout, &probs, &p[0], &p[1], &p[2], &s);
+                attention_backward(
+                    dq,
+                    dk,
+                    dv,
+                    dout,
+                    &probs,
+                    &p[0],
+                    &p[1],
+                    &p[2],
+                    &s,
+                    seg.as_deref(),
+                );
             },
         )
     }
@@ -424,20 +430,22 @@ mod tests {
             (2, 8, 4, 2, 2, Some(1), false),
             (2, 9, 2, 2, 3, None, true),
             (1, 11, 4, 1, 3, Some(4), true),
+            (1, 70, 2, 1, 2, Some(40), true),
+            (1, 45, 2, 2, 2, None, false),
         ]
     );
 
     /// Naive reference: scores, mask and softmax written out per query.
     #[test]
     fn matches_naive_with_window_and_gqa() {
-        let (batch, seq, h, g, hs) = (2, 7, 4, 2, 3);
+        let (batch, seq, h, g, hs) = (2, 75, 4, 2, 3);
         let s = AttnShape {
             batch,
             seq,
             n_head: h,
             n_kv: g,
             head_size: hs,
-            window: Some(3),
+            window: Some(40),
             scale: 0.5,
         };
         let mut rng = rng(13);
@@ -453,7 +461,7 @@ mod tests {
             for hh in 0..h {
                 let kvh = hh / (h / g);
                 for t in 0..seq {
-                    let lo = (t + 1).saturating_sub(3);
+                    let lo = (t + 1).saturating_sub(40);
                     let qv = &q[((b * h + hh) * seq + t) * hs..][..hs];
                     let sc: Vec<f64> = (lo..=t)
                         .map(|u| {

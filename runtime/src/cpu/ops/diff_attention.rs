@@ -12,7 +12,9 @@
 //! so [`super::attention::heads_to_tokens`] with `heads = H/2, d = 2hs` gives `[B, T, H·hs]`.
 //! λ is kept in `T` (ArchScale rounds it to bf16 under autocast, like its matmul inputs).
 
-use super::attention::{masked_softmax_rows, softmax_backward_rows, AttnShape};
+use super::attention::{
+    masked_softmax_rows, query_blocks, softmax_backward_rows, AttnShape, QUERY_BLOCK,
+};
 use super::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::cpu::float::{gemm, Layout, Real};
 use rayon::prelude::*;
@@ -100,35 +102,31 @@ pub fn diff_attention_forward<T: Real>(
                 for half in 0..2 {
                     let p = &mut pc[(2 * jl + half) * tl * tl..(2 * jl + half + 1) * tl * tl];
                     let qh = rm(hs).at((2 * jl + half) * tl * hs);
-                    gemm(
-                        tl,
-                        hs,
-                        tl,
-                        scale,
-                        qc,
-                        qh,
-                        kc,
-                        rm(hs).at(half * tl * hs).t(),
-                        T::ZERO,
-                        p,
-                        rm(tl),
-                    );
-                    masked_softmax_rows(p, s, seg_start, b);
                     let dst: &mut [T] = if half == 0 { &mut *dc } else { &mut *o2c };
-                    for vi in 0..2 {
+                    for blk in query_blocks(s, seg_start, b) {
+                        let (rows, nk) = (blk.rows.len(), blk.keys.len());
+                        let (r0, k0) = (blk.rows.start, blk.keys.start);
+                        let pb = rm(tl).at(r0 * tl + k0);
+                        let kb = rm(hs).at((half * tl + k0) * hs);
                         gemm(
-                            tl,
-                            tl,
+                            rows,
                             hs,
-                            T::ONE,
-                            p,
-                            rm(tl),
-                            vc,
-                            rm(hs).at(vi * tl * hs),
+                            nk,
+                            scale,
+                            qc,
+                            qh.at(r0 * hs),
+                            kc,
+                            kb.t(),
                             T::ZERO,
-                            dst,
-                            pair.at(jl * tl * 2 * hs + vi * hs),
+                            p,
+                            pb,
                         );
+                        masked_softmax_rows(p, s, seg_start, b, blk.rows.clone());
+                        for vi in 0..2 {
+                            let vb = rm(hs).at((vi * tl + k0) * hs);
+                            let ob = pair.at((jl * tl + r0) * 2 * hs + vi * hs);
+                            gemm(rows, nk, hs, T::ONE, p, pb, vc, vb, T::ZERO, dst, ob);
+                        }
                     }
                 }
             }
@@ -161,6 +159,7 @@ pub fn diff_attention_backward<T: Real>(
     subln: &[T],
     lambda_init: f64,
     s: &AttnShape,
+    seg_start: Option<&[u32]>,
 ) {
     let (tl, hs, qpk) = check(s, q, k, v);
     let (lambda, l1, l2) = lambda_full(lambdas, lambda_init);
@@ -200,23 +199,53 @@ pub fn diff_attention_backward<T: Real>(
             let vc = &v[i * 2 * tl * hs..(i + 1) * 2 * tl * hs];
             let pc = &probs[i * 2 * qpk * tl * tl..(i + 1) * 2 * qpk * tl * tl];
             let gc = &ddiff[i * qpk * tl * 2 * hs..(i + 1) * qpk * tl * 2 * hs];
-            let mut ds = vec![T::ZERO; tl * tl];
+            let b = i / (s.n_kv / 2);
+            let mut ds = vec![T::ZERO; QUERY_BLOCK.min(tl) * tl];
             for jl in 0..qpk {
                 for half in 0..2 {
                     let alpha = if half == 0 { T::ONE } else { -lambda };
                     let p = &pc[(2 * jl + half) * tl * tl..(2 * jl + half + 1) * tl * tl];
                     let qh = rm(hs).at((2 * jl + half) * tl * hs);
-                    let kh = rm(hs).at(half * tl * hs);
-                    for vi in 0..2 {
-                        let g = pair.at(jl * tl * 2 * hs + vi * hs);
-                        let vh = rm(hs).at(vi * tl * hs);
-                        let beta = if vi == 0 { T::ZERO } else { T::ONE };
-                        gemm(tl, hs, tl, alpha, gc, g, vc, vh.t(), beta, &mut ds, rm(tl));
-                        gemm(tl, tl, hs, alpha, p, rm(tl).t(), gc, g, T::ONE, dvc, vh);
+                    for blk in query_blocks(s, seg_start, b) {
+                        let (rows, nk) = (blk.rows.len(), blk.keys.len());
+                        let (r0, k0) = (blk.rows.start, blk.keys.start);
+                        let pb = rm(tl).at(r0 * tl + k0);
+                        let (qb, kb) = (qh.at(r0 * hs), rm(hs).at((half * tl + k0) * hs));
+                        for vi in 0..2 {
+                            let g = pair.at((jl * tl + r0) * 2 * hs + vi * hs);
+                            let vb = rm(hs).at((vi * tl + k0) * hs);
+                            let beta = if vi == 0 { T::ZERO } else { T::ONE };
+                            gemm(
+                                rows,
+                                hs,
+                                nk,
+                                alpha,
+                                gc,
+                                g,
+                                vc,
+                                vb.t(),
+                                beta,
+                                &mut ds,
+                                rm(nk),
+                            );
+                            gemm(nk, rows, hs, alpha, p, pb.t(), gc, g, T::ONE, dvc, vb);
+                        }
+                        softmax_backward_rows(&mut ds[..rows * nk], nk, p, pb);
+                        gemm(rows, nk, hs, scale, &ds, rm(nk), kc, kb, T::ONE, dqc, qb);
+                        gemm(
+                            nk,
+                            rows,
+                            hs,
+                            scale,
+                            &ds,
+                            rm(nk).t(),
+                            qc,
+                            qb,
+                            T::ONE,
+                            dkc,
+                            kb,
+                        );
                     }
-                    softmax_backward_rows(&mut ds, p, tl);
-                    gemm(tl, tl, hs, scale, &ds, rm(tl), kc, kh, T::ONE, dqc, qh);
-                    gemm(tl, tl, hs, scale, &ds, rm(tl).t(), qc, qh, T::ONE, dkc, kh);
                 }
             }
         });
@@ -323,8 +352,24 @@ mod tests {
                     k2: dk2,
                 };
                 diff_attention_backward(
-                    dq, dk, dv, dl, dsub, dout, &sv[0], &sv[1], &sv[2], &sv[3], &p[0], &p[1],
-                    &p[2], &l, &p[7], li, &s,
+                    dq,
+                    dk,
+                    dv,
+                    dl,
+                    dsub,
+                    dout,
+                    &sv[0],
+                    &sv[1],
+                    &sv[2],
+                    &sv[3],
+                    &p[0],
+                    &p[1],
+                    &p[2],
+                    &l,
+                    &p[7],
+                    li,
+                    &s,
+                    seg.as_deref(),
                 );
             },
         )
@@ -338,6 +383,7 @@ mod tests {
             (1, 6, 8, 2, 2, Some(2), false),
             (2, 7, 4, 4, 2, None, true),
             (1, 8, 4, 2, 2, Some(3), true),
+            (1, 50, 4, 2, 2, Some(36), true),
         ]
     );
 
