@@ -163,14 +163,33 @@ fn a_finished_run_is_not_overwritten_without_resume() {
         .is_file());
 }
 
+/// Complete checkpoints (not `.partial` / `.old`) of the single run under `dir/runs`.
+fn complete_checkpoints(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("runs"))
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+        .and_then(|e| std::fs::read_dir(e.path().join("checkpoints")).ok())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| !e.file_name().to_string_lossy().contains('.'))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 #[test]
-fn sigkill_at_any_moment_leaves_a_loadable_checkpoint() {
-    let tmp = tempfile::tempdir().unwrap();
-    let exp = experiment(tmp.path(), 400, "", "");
-    // Checkpoint every step so kills land inside checkpoint writes too.
-    for (i, delay_ms) in [0u64, 37, 91].into_iter().enumerate() {
+fn sigkill_mid_run_then_resume_matches_the_uninterrupted_run() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let steps = 30;
+    let exp_a = experiment(a.path(), steps, "", "");
+    assert!(run(a.path(), &[exp_a.to_str().unwrap()]).status.success());
+
+    // Checkpoint every step so kills also land inside checkpoint and metrics writes.
+    let exp = experiment(b.path(), steps, "", "");
+    for (i, delay_ms) in [0u64, 23, 61].into_iter().enumerate() {
         let mut child = Command::new(BIN)
-            .current_dir(tmp.path())
+            .current_dir(b.path())
             .args([
                 "run",
                 exp.to_str().unwrap(),
@@ -178,50 +197,42 @@ fn sigkill_at_any_moment_leaves_a_loadable_checkpoint() {
                 "cpu",
                 "--resume",
                 "auto",
-                "--set",
-                "train.save_interval=1",
             ])
+            .args(["--set", "train.save_interval=1"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let ckpts = tmp.path().join("runs");
         let deadline = Instant::now() + Duration::from_secs(120);
-        // Wait until this invocation has written at least (i+1)*2 checkpoints, then kill.
-        loop {
-            let n = std::fs::read_dir(&ckpts)
-                .ok()
-                .and_then(|mut d| d.next())
-                .and_then(|e| e.ok())
-                .and_then(|e| std::fs::read_dir(e.path().join("checkpoints")).ok())
-                .map(|d| {
-                    d.flatten()
-                        .filter(|e| !e.file_name().to_string_lossy().contains('.'))
-                        .count()
-                })
-                .unwrap_or(0);
-            if n >= (i + 1) * 2 || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        while complete_checkpoints(b.path()) < (i + 1) * 4 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
         }
         std::thread::sleep(Duration::from_millis(delay_ms));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
     }
-    // The newest complete checkpoint loads: resuming for two more steps succeeds.
+    // The newest complete checkpoint loads, and finishing from it reproduces run A exactly.
     let out = run(
-        tmp.path(),
+        b.path(),
         &[
             exp.to_str().unwrap(),
             "--resume",
             "auto",
-            "--max-steps",
-            "2",
+            "--set",
+            "train.save_interval=1",
         ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("scaling"), "{}", stderr(&out));
+    let (ta, va) = metrics(&run_dir(a.path()));
+    let (tb, vb) = metrics(&run_dir(b.path()));
+    assert_eq!(
+        ta, tb,
+        "training losses after kills and resume equal the uninterrupted run's"
+    );
+    assert_eq!(
+        va, vb,
+        "validation losses after kills and resume equal the uninterrupted run's"
+    );
 }
 
 #[test]

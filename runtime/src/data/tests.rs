@@ -553,6 +553,7 @@ fn synthetic_sources_generate_and_load() {
     assert_eq!(val_batches.len(), 2);
     assert!(root
         .path()
+        .join(crate::data::loader::SYNTHETIC_CACHE_DIR)
         .join("synthetic-11-200000")
         .join("synthetic.json")
         .exists());
