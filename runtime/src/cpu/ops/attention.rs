@@ -194,7 +194,8 @@ pub fn attention_forward<T: Real>(
 
 /// Accumulates `dq`, `dk`, `dv` (layouts as `q`, `k`, `v`) for [`attention_forward`] given
 /// `dout` and the saved `probs`. kv heads shared by several query heads (GQA) and by later
-/// YOCO cross-attention layers sum their gradients.
+/// YOCO cross-attention layers sum their gradients. `seg_start` only narrows the key
+/// ranges visited (the mask itself is in `probs`): pass the forward's, or `None` (slower).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<T: Real>(
     dq: &mut [T],

@@ -139,7 +139,8 @@ pub fn diff_attention_forward<T: Real>(
     out.par_iter_mut().for_each(|x| *x *= post);
 }
 
-/// Backward: accumulates `dq`, `dk`, `dv`, the λ gradients and `dsubln`.
+/// Backward: accumulates `dq`, `dk`, `dv`, the λ gradients and `dsubln`. `seg_start` as in
+/// [`super::attention::attention_backward`].
 #[allow(clippy::too_many_arguments)]
 pub fn diff_attention_backward<T: Real>(
     dq: &mut [T],
