@@ -30,6 +30,20 @@ fn exit_for(e: AnalysisError) -> miette::Result<ExitCode> {
     Ok(ExitCode::from(if input { 2 } else { 1 }))
 }
 
+/// `246k`, `1.97M`.
+fn human(n: f64) -> String {
+    if n >= 1e6 {
+        format!("{:.3}M", n / 1e6)
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
+    } else if n >= 1e3 {
+        format!("{:.0}k", n / 1e3)
+    } else {
+        format!("{n:.0}")
+    }
+}
+
 /// Exponential moving average, debiased as Adam's moments (`v / (1 − αᵗ)`, `v₀ = 0`).
 fn ema(points: &[(f64, f64)], alpha: f64) -> Vec<(f64, f64)> {
     let mut v = 0.0;
@@ -61,7 +75,15 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
         }
     }
     runs.sort_by(|a, b| {
-        (&a.family, a.depth, a.peak_lr.to_bits()).cmp(&(&b.family, b.depth, b.peak_lr.to_bits()))
+        let key = |r: &Run| {
+            (
+                r.family.clone(),
+                r.depth,
+                trained_tokens(r) as u64,
+                r.peak_lr.to_bits(),
+            )
+        };
+        key(a).cmp(&key(b))
     });
     let prefix = args
         .title
@@ -89,12 +111,22 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
         lrs.len() > 1
     });
 
+    // Runs of one model with different budgets get the budget in their label.
+    let mut labels: Vec<String> = runs.iter().map(|r| r.label(lr_differs)).collect();
+    let repeated = |l: &String, all: &[String]| all.iter().filter(|m| *m == l).count() > 1;
+    let snapshot = labels.clone();
+    for (label, r) in labels.iter_mut().zip(&runs) {
+        if repeated(label, &snapshot) {
+            label.push_str(&format!(", {} tokens", human(trained_tokens(r))));
+        }
+    }
     let curves: Vec<LossCurve> = runs
         .iter()
-        .map(|r| {
+        .zip(labels)
+        .map(|(r, label)| {
             let train: Vec<(f64, f64)> = r.train.iter().map(|p| (p.tokens, p.loss)).collect();
             LossCurve {
-                label: r.label(lr_differs),
+                label,
                 train: if args.smooth > 0.0 {
                     ema(&train, args.smooth)
                 } else {
