@@ -16,6 +16,9 @@ pub use backend::{Backend, OptimizerState};
 /// The CUDA backend on GPU 0 for `plan`, initialised exactly as the CPU reference would be
 /// (same init rules, same seed), or an error naming what is missing (GPU, driver, library).
 pub fn cuda_backend(plan: &archscale_compiler::Plan) -> Result<Box<dyn Backend>> {
+    // A missing driver is the likelier reason on most machines; say it before shape limits.
+    archscale_kernels::gpu::ensure_driver()
+        .map_err(|e| RuntimeError::Message(format!("CUDA backend: {e}")))?;
     let init = cpu::model::CpuModel::<f32>::new(plan)?.init_params();
     Ok(Box::new(cuda::CudaBackend::new(plan, 0, &init)?))
 }

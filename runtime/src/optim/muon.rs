@@ -2,6 +2,7 @@
 //! Nesterov-style mix, 5 Newton–Schulz steps in bf16, decoupled decay, update scaled by
 //! 0.4·√max(rows, cols).
 
+use crate::cpu::float::{gemm, Layout};
 use half::bf16;
 
 /// Quintic Newton–Schulz coefficients of ArchScale's `zeropower_via_newtonschulz5`.
@@ -17,50 +18,38 @@ fn round_bf16(x: &mut [f32]) {
 /// `c = a · bᵀ` for row-major a [m, k], b [n, k] (f32 accumulate).
 fn matmul_abt(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut c = vec![0.0f32; m * n];
-    // SAFETY: slices hold m*k, n*k and m*n elements; strides describe row-major layouts.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            k as isize,
-            1,
-            b.as_ptr(),
-            1,
-            k as isize,
-            0.0,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
+    gemm(
+        m,
+        k,
+        n,
+        1.0,
+        a,
+        Layout::row_major(k),
+        b,
+        Layout::row_major(k).t(),
+        0.0,
+        &mut c,
+        Layout::row_major(n),
+    );
     c
 }
 
 /// `c = a · b` for row-major a [m, k], b [k, n].
 fn matmul_ab(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut c = vec![0.0f32; m * n];
-    // SAFETY: as above.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            k as isize,
-            1,
-            b.as_ptr(),
-            n as isize,
-            1,
-            0.0,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
+    gemm(
+        m,
+        k,
+        n,
+        1.0,
+        a,
+        Layout::row_major(k),
+        b,
+        Layout::row_major(n),
+        0.0,
+        &mut c,
+        Layout::row_major(n),
+    );
     c
 }
 
