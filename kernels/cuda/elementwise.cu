@@ -73,27 +73,65 @@ extern "C" __global__ void rmsnorm_bwd(const float* __restrict__ x, const float*
     extern __shared__ float dg[];
     __shared__ float scratch[32];
     for (int c = threadIdx.x; c < n; c += blockDim.x) dg[c] = 0.f;
+    const bool vec = (n & 3) == 0;
     for (int r = blockIdx.x; r < rows; r += gridDim.x) {
         const float* xr = x + (size_t)r * n;
         const bf16* dyr = dy + (size_t)r * n;
-        const float rstd = rstd_in[r];
-        float dot = 0.f;
-        for (int c = threadIdx.x; c < n; c += blockDim.x) {
-            const float xh = xr[c] * rstd;
-            const float d = bf(dyr[c]);
-            dot += d * gamma[c] * scale * xh;
-            dg[c] += d * xh * scale;
-        }
-        dot = block_sum(dot, scratch) / (float)n;
         float* dr = dres + (size_t)r * n;
         bf16* drb = dres_bf + (size_t)r * n;
-        for (int c = threadIdx.x; c < n; c += blockDim.x) {
-            const float xh = xr[c] * rstd;
-            const float dxh = bf(dyr[c]) * gamma[c] * scale;
-            float v = rstd * (dxh - xh * dot);
-            if (accumulate) v += dr[c];
-            dr[c] = v;
-            drb[c] = tobf(v);
+        const float rstd = rstd_in[r];
+        float dot = 0.f;
+        if (vec) {
+            for (int c = threadIdx.x * 4; c < n; c += blockDim.x * 4) {
+                const float4 xv = *reinterpret_cast<const float4*>(xr + c);
+                const float4 gv = *reinterpret_cast<const float4*>(gamma + c);
+                const float2 d01 = __bfloat1622float2(*reinterpret_cast<const bf162*>(dyr + c));
+                const float2 d23 = __bfloat1622float2(*reinterpret_cast<const bf162*>(dyr + c + 2));
+                dot += d01.x * gv.x * xv.x + d01.y * gv.y * xv.y + d23.x * gv.z * xv.z + d23.y * gv.w * xv.w;
+                dg[c] += d01.x * xv.x * rstd * scale;
+                dg[c + 1] += d01.y * xv.y * rstd * scale;
+                dg[c + 2] += d23.x * xv.z * rstd * scale;
+                dg[c + 3] += d23.y * xv.w * rstd * scale;
+            }
+        } else {
+            for (int c = threadIdx.x; c < n; c += blockDim.x) {
+                const float d = bf(dyr[c]);
+                dot += d * gamma[c] * xr[c];
+                dg[c] += d * xr[c] * rstd * scale;
+            }
+        }
+        dot = block_sum(dot, scratch) * rstd * scale / (float)n;
+        if (vec) {
+            for (int c = threadIdx.x * 4; c < n; c += blockDim.x * 4) {
+                const float4 xv = *reinterpret_cast<const float4*>(xr + c);
+                const float4 gv = *reinterpret_cast<const float4*>(gamma + c);
+                const float2 d01 = __bfloat1622float2(*reinterpret_cast<const bf162*>(dyr + c));
+                const float2 d23 = __bfloat1622float2(*reinterpret_cast<const bf162*>(dyr + c + 2));
+                float4 o;
+                o.x = rstd * (d01.x * gv.x * scale - xv.x * rstd * dot);
+                o.y = rstd * (d01.y * gv.y * scale - xv.y * rstd * dot);
+                o.z = rstd * (d23.x * gv.z * scale - xv.z * rstd * dot);
+                o.w = rstd * (d23.y * gv.w * scale - xv.w * rstd * dot);
+                if (accumulate) {
+                    const float4 p = *reinterpret_cast<const float4*>(dr + c);
+                    o.x += p.x;
+                    o.y += p.y;
+                    o.z += p.z;
+                    o.w += p.w;
+                }
+                *reinterpret_cast<float4*>(dr + c) = o;
+                *reinterpret_cast<bf162*>(drb + c) = __floats2bfloat162_rn(o.x, o.y);
+                *reinterpret_cast<bf162*>(drb + c + 2) = __floats2bfloat162_rn(o.z, o.w);
+            }
+        } else {
+            for (int c = threadIdx.x; c < n; c += blockDim.x) {
+                const float xh = xr[c] * rstd;
+                const float dxh = bf(dyr[c]) * gamma[c] * scale;
+                float v = rstd * (dxh - xh * dot);
+                if (accumulate) v += dr[c];
+                dr[c] = v;
+                drb[c] = tobf(v);
+            }
         }
     }
     __syncthreads();
@@ -155,11 +193,22 @@ extern "C" __global__ void swiglu_bwd(bf16* __restrict__ gu, const bf16* __restr
     bf16* gr = gu + (size_t)r * 2 * I;
     bf16* ur = gr + I;
     const bf16* dr = da + (size_t)r * I;
-    for (int c = threadIdx.x; c < I; c += blockDim.x) {
-        const float g = bf(gr[c]), u = bf(ur[c]), d = bf(dr[c]);
-        const float sig = 1.f / (1.f + __expf(-g));
-        gr[c] = tobf(d * u * sig * (1.f + g * (1.f - sig)));
-        ur[c] = tobf(d * g * sig);
+    if ((I & 1) == 0) {
+        for (int c = threadIdx.x * 2; c < I; c += blockDim.x * 2) {
+            const float2 g = __bfloat1622float2(*reinterpret_cast<const bf162*>(gr + c));
+            const float2 u = __bfloat1622float2(*reinterpret_cast<const bf162*>(ur + c));
+            const float2 d = __bfloat1622float2(*reinterpret_cast<const bf162*>(dr + c));
+            const float s0 = 1.f / (1.f + __expf(-g.x)), s1 = 1.f / (1.f + __expf(-g.y));
+            *reinterpret_cast<bf162*>(gr + c) = __floats2bfloat162_rn(d.x * u.x * s0 * (1.f + g.x * (1.f - s0)), d.y * u.y * s1 * (1.f + g.y * (1.f - s1)));
+            *reinterpret_cast<bf162*>(ur + c) = __floats2bfloat162_rn(d.x * g.x * s0, d.y * g.y * s1);
+        }
+    } else {
+        for (int c = threadIdx.x; c < I; c += blockDim.x) {
+            const float g = bf(gr[c]), u = bf(ur[c]), d = bf(dr[c]);
+            const float sig = 1.f / (1.f + __expf(-g));
+            gr[c] = tobf(d * u * sig * (1.f + g * (1.f - sig)));
+            ur[c] = tobf(d * g * sig);
+        }
     }
 }
 

@@ -46,11 +46,11 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
 }
 
 // Copies ROWS x D bf16 rows starting at token row0 (zero rows past T) into smem [ROWS][D+8].
-template <int ROWS, int D>
+template <int ROWS, int D, int NT = NTHREADS>
 __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long long rs, int row0, int T) {
     constexpr int CPR = D / 8;  // 16-byte chunks per row
     constexpr int LD = D + 8;
-    for (int i = threadIdx.x; i < ROWS * CPR; i += NTHREADS) {
+    for (int i = threadIdx.x; i < ROWS * CPR; i += NT) {
         const int r = i / CPR, c = (i % CPR) * 8;
         const bool valid = row0 + r < T;
         const bf16* src = valid ? g + (long long)(row0 + r) * rs + c : g;
@@ -133,14 +133,27 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
             }
         }
         float mx[2] = {-INF_F, -INF_F};
+        // Blocks wholly inside the mask for every row of the tile skip the per-element test.
+        const bool full = kb * BC + BC - 1 <= q0 && kb * BC + BC <= T && (window == 0 || kb * BC > q0 + BR - 1 - window);
+        if (full) {
 #pragma unroll
-        for (int nt = 0; nt < BC / 8; nt++) {
+            for (int nt = 0; nt < BC / 8; nt++) {
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int i = row_a + (e >> 1) * 8;
-                const int j = kb * BC + nt * 8 + (lane & 3) * 2 + (e & 1);
-                s[nt][e] = (visible(i, j, T, window) && j < T) ? s[nt][e] * scale_log2 : -INF_F;
-                mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+                for (int e = 0; e < 4; e++) {
+                    s[nt][e] *= scale_log2;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < BC / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int i = row_a + (e >> 1) * 8;
+                    const int j = kb * BC + nt * 8 + (lane & 3) * 2 + (e & 1);
+                    s[nt][e] = (visible(i, j, T, window) && j < T) ? s[nt][e] * scale_log2 : -INF_F;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+                }
             }
         }
         float alpha[2], mu[2], rsum[2] = {0.f, 0.f};
@@ -239,18 +252,22 @@ extern "C" __global__ void flash_bwd_delta(const bf16* __restrict__ o, const bf1
     }
 }
 
-// dq[row, head h slot] = bf16(dq_acc[(row*H + h)*D + d] * scale)
+// dq[row, head h slot] = bf16(dq_acc[(row*H + h)*D + d] * scale). One block per row.
 extern "C" __global__ void flash_bwd_dq(const float* __restrict__ dq_acc, bf16* __restrict__ dq, int rows, int H, int D, int qpg,
                                         int q_rs, int q_gs, float scale) {
-    const long long total = (long long)rows * H * D;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
-        const int d = (int)(i % D);
-        const long long rh = i / D;
-        const int h = (int)(rh % H);
-        const long long r = rh / H;
-        dq[r * q_rs + (h / qpg) * q_gs + (h % qpg) * D + d] = tobf(dq_acc[i] * scale);
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* src = dq_acc + (long long)r * H * D;
+    bf16* dst = dq + (long long)r * q_rs;
+    for (int i = threadIdx.x * 2; i < H * D; i += blockDim.x * 2) {
+        const int h = i / D, d = i - h * D;
+        const float2 v = *reinterpret_cast<const float2*>(src + i);
+        *reinterpret_cast<bf162*>(dst + (h / qpg) * q_gs + (h % qpg) * D + d) = __floats2bfloat162_rn(v.x * scale, v.y * scale);
     }
 }
+
+#define BBC 128               // keys per backward CTA (16 per warp)
+#define BNT 256               // backward threads (8 warps)
 
 // One CTA per (key block, kv group, batch): loops over the group's query heads and the query
 // blocks that see this key block. dK, dV accumulate in registers; dQ goes to dq_acc (fp32,
@@ -266,21 +283,21 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     constexpr int LDS = BR + 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* Ks = reinterpret_cast<bf16*>(smem_raw);
-    bf16* Vs = Ks + BC * LD;
-    bf16* Qs = Vs + BC * LD;
-    bf16* dOs = Qs + BR * LD;
-    bf16* dSs = dOs + BR * LD;  // [BC][LDS]
-    float* lse_s = reinterpret_cast<float*>(dSs + BC * LDS);
-    float* del_s = lse_s + BR;
+    bf16* Vs = Ks + BBC * LD;
+    bf16* Qs2 = Vs + BBC * LD;       // 2 stages
+    bf16* dOs2 = Qs2 + 2 * BR * LD;  // 2 stages
+    bf16* dSs = dOs2 + 2 * BR * LD;  // [BBC][LDS]
+    float* lse2 = reinterpret_cast<float*>(dSs + BBC * LDS);  // 2 stages
+    float* del2 = lse2 + 2 * BR;                               // 2 stages
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int kb = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
-    const int k0 = kb * BC;
+    const int k0 = kb * BBC;
     const bf16* kg = k + (long long)b * T * kv_rs + g * kv_gs;
     const bf16* vg = v + (long long)b * T * kv_rs + g * kv_gs;
 
-    load_tile<BC, D>(Ks, kg, kv_rs, k0, T);
-    load_tile<BC, D>(Vs, vg, kv_rs, k0, T);
+    load_tile<BBC, D, BNT>(Ks, kg, kv_rs, k0, T);
+    load_tile<BBC, D, BNT>(Vs, vg, kv_rs, k0, T);
     cp_async_commit();
 
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
@@ -290,30 +307,46 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         dv_acc[i][0] = dv_acc[i][1] = dv_acc[i][2] = dv_acc[i][3] = 0.f;
     }
     const int qb_lo = k0 / BR;
-    const int q_hi = window > 0 ? min(T, k0 + BC - 1 + window) : T;
+    const int q_hi = window > 0 ? min(T, k0 + BBC - 1 + window) : T;
     const int qb_hi = (q_hi + BR - 1) / BR;
     const int key_a = k0 + warp * 16 + (lane >> 2);  // this thread's keys: key_a, key_a + 8
 
-    for (int j = 0; j < qpg; j++) {
+    // Work items: (query head j of the group, query block qb), flattened; the next item's
+    // Q, dO, lse and delta are prefetched into the other stage while this one computes.
+    const int nqb = max(qb_hi - qb_lo, 0);
+    const int items = qpg * nqb;
+    auto issue = [&](int item, int st) {
+        const int j = item / nqb, q0 = (qb_lo + item % nqb) * BR;
         const int h = g * qpg + j;
-        const bf16* qh = q + (long long)b * T * q_rs + g * q_gs + j * D;
-        const bf16* doh = dout + (long long)b * T * o_rs + h * D;
+        load_tile<BR, D, BNT>(Qs2 + st * BR * LD, q + (long long)b * T * q_rs + g * q_gs + j * D, q_rs, q0, T);
+        load_tile<BR, D, BNT>(dOs2 + st * BR * LD, dout + (long long)b * T * o_rs + h * D, o_rs, q0, T);
+        cp_async_commit();
         const float* lse_h = lse + ((long long)b * H + h) * T;
         const float* del_h = delta + ((long long)b * H + h) * T;
-        float* dqh = dq_acc + (long long)b * T * H * D + (long long)h * D;
-        for (int qb = qb_lo; qb < qb_hi; qb++) {
-            const int q0 = qb * BR;
-            load_tile<BR, D>(Qs, qh, q_rs, q0, T);
-            load_tile<BR, D>(dOs, doh, o_rs, q0, T);
-            cp_async_commit();
-            for (int i = threadIdx.x; i < BR; i += NTHREADS) {
-                const bool ok = q0 + i < T;
-                lse_s[i] = ok ? lse_h[q0 + i] * 1.44269504088896340736f : INF_F;
-                del_s[i] = ok ? del_h[q0 + i] : 0.f;
-            }
+        for (int i = threadIdx.x; i < BR; i += BNT) {
+            const bool ok = q0 + i < T;
+            lse2[st * BR + i] = ok ? lse_h[q0 + i] * 1.44269504088896340736f : INF_F;
+            del2[st * BR + i] = ok ? del_h[q0 + i] : 0.f;
+        }
+    };
+    if (items > 0) issue(0, 0);
+    for (int item = 0; item < items; item++) {
+        const int st = item & 1;
+        if (item + 1 < items) {
+            issue(item + 1, st ^ 1);
+            cp_async_wait<1>();
+        } else {
             cp_async_wait<0>();
-            __syncthreads();
-
+        }
+        __syncthreads();
+        const int j = item / nqb, q0 = (qb_lo + item % nqb) * BR;
+        const int h = g * qpg + j;
+        float* dqh = dq_acc + (long long)b * T * H * D + (long long)h * D;
+        const bf16* Qs = Qs2 + st * BR * LD;
+        const bf16* dOs = dOs2 + st * BR * LD;
+        const float* lse_s = lse2 + st * BR;
+        const float* del_s = del2 + st * BR;
+        {
             // S^T = K_w Q^T (16 keys x BR queries)
             float st[BR / 8][4];
 #pragma unroll
@@ -330,15 +363,28 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                     mma16816(st[2 * np + 1], a, b2, b3);
                 }
             }
-            // P^T
+            // P^T (rows past T have lse = +inf, so they give 0 without a test)
+            const int kw = k0 + warp * 16;
+            const bool full = kw + 15 <= q0 && kw + 15 < T && (window == 0 || kw > q0 + BR - 1 - window);
+            if (full) {
 #pragma unroll
-            for (int nt = 0; nt < BR / 8; nt++) {
+                for (int nt = 0; nt < BR / 8; nt++) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int key = key_a + (e >> 1) * 8;
-                    const int ql = nt * 8 + (lane & 3) * 2 + (e & 1);
-                    const bool ok = visible(q0 + ql, key, T, window) && key < T;
-                    st[nt][e] = ok ? exp2f(st[nt][e] * scale_log2 - lse_s[ql]) : 0.f;
+                    for (int e = 0; e < 4; e++) {
+                        const int ql = nt * 8 + (lane & 3) * 2 + (e & 1);
+                        st[nt][e] = exp2f(st[nt][e] * scale_log2 - lse_s[ql]);
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int nt = 0; nt < BR / 8; nt++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int key = key_a + (e >> 1) * 8;
+                        const int ql = nt * 8 + (lane & 3) * 2 + (e & 1);
+                        const bool ok = visible(q0 + ql, key, T, window) && key < T;
+                        st[nt][e] = ok ? exp2f(st[nt][e] * scale_log2 - lse_s[ql]) : 0.f;
+                    }
                 }
             }
             // dV += P^T dO
@@ -405,37 +451,42 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                 }
             }
             __syncthreads();
-            // dQ (queries warp*16.., all D) += dS K over the BC keys of this block
-            u32 af[BC / 16][4];
+            // dQ (BR queries x D) += dS K over the BBC keys of this block. Warp w: queries
+            // 16*(w&3).., columns (w>>2)*D/2 .. +D/2.
+            {
+                const int mq = (warp & 3) * 16, c0base = (warp >> 2) * (D / 2);
+                u32 af[BBC / 16][4];
 #pragma unroll
-            for (int kk = 0; kk < BC / 16; kk++)
-                ldsm_x4_t(af[kk][0], af[kk][1], af[kk][2], af[kk][3],
-                          dSs + (kk * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + warp * 16 + ((lane >> 3) & 1) * 8);
-            const int qa = q0 + warp * 16 + (lane >> 2);
+                for (int kk = 0; kk < BBC / 16; kk++)
+                    ldsm_x4_t(af[kk][0], af[kk][1], af[kk][2], af[kk][3],
+                              dSs + (kk * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + mq + ((lane >> 3) & 1) * 8);
+                const int qa = q0 + mq + (lane >> 2);
 #pragma unroll
-            for (int dp = 0; dp < D / 16; dp++) {
-                float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+                for (int dp = 0; dp < D / 32; dp++) {
+                    float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+                    const int cb = c0base + dp * 16;
 #pragma unroll
-                for (int kk = 0; kk < BC / 16; kk++) {
-                    u32 b0, b1, b2, b3;
-                    ldsm_x4_t(b0, b1, b2, b3, Ks + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
-                    mma16816(c0, af[kk], b0, b1);
-                    mma16816(c1, af[kk], b2, b3);
-                }
-                const int col = dp * 16 + (lane & 3) * 2;
-                if (qa < T) {
-                    float* p = dqh + (long long)qa * H * D + col;
-                    atomicAdd(p, c0[0]);
-                    atomicAdd(p + 1, c0[1]);
-                    atomicAdd(p + 8, c1[0]);
-                    atomicAdd(p + 9, c1[1]);
-                }
-                if (qa + 8 < T) {
-                    float* p = dqh + (long long)(qa + 8) * H * D + col;
-                    atomicAdd(p, c0[2]);
-                    atomicAdd(p + 1, c0[3]);
-                    atomicAdd(p + 8, c1[2]);
-                    atomicAdd(p + 9, c1[3]);
+                    for (int kk = 0; kk < BBC / 16; kk++) {
+                        u32 b0, b1, b2, b3;
+                        ldsm_x4_t(b0, b1, b2, b3, Ks + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + cb + (lane >> 4) * 8);
+                        mma16816(c0, af[kk], b0, b1);
+                        mma16816(c1, af[kk], b2, b3);
+                    }
+                    const int col = cb + (lane & 3) * 2;
+                    if (qa < T) {
+                        float* p = dqh + (long long)qa * H * D + col;
+                        atomicAdd(p, c0[0]);
+                        atomicAdd(p + 1, c0[1]);
+                        atomicAdd(p + 8, c1[0]);
+                        atomicAdd(p + 9, c1[1]);
+                    }
+                    if (qa + 8 < T) {
+                        float* p = dqh + (long long)(qa + 8) * H * D + col;
+                        atomicAdd(p, c0[2]);
+                        atomicAdd(p + 1, c0[3]);
+                        atomicAdd(p + 8, c1[2]);
+                        atomicAdd(p + 9, c1[3]);
+                    }
                 }
             }
             __syncthreads();
@@ -457,13 +508,13 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS) flash_bwd_d128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+extern "C" __global__ void __launch_bounds__(BNT) flash_bwd_d128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                                               const float* delta, float* dq_acc, bf16* dk, bf16* dv, int T, int H, int qpg,
                                               int q_rs, int q_gs, int kv_rs, int kv_gs, int o_rs, float scale, float scale_log2,
                                               int window) {
     flash_bwd<128>(q, k, v, dout, lse, delta, dq_acc, dk, dv, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale, scale_log2, window);
 }
-extern "C" __global__ void __launch_bounds__(NTHREADS) flash_bwd_d64(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+extern "C" __global__ void __launch_bounds__(BNT) flash_bwd_d64(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                                              const float* delta, float* dq_acc, bf16* dk, bf16* dv, int T, int H, int qpg,
                                              int q_rs, int q_gs, int kv_rs, int kv_gs, int o_rs, float scale, float scale_log2,
                                              int window) {

@@ -23,10 +23,18 @@ pub const MODULES: &[(&str, &str)] = &[
 
 /// Full source of module `name` (common header prepended), as NVRTC compiles it.
 pub fn module_source(name: &str) -> Option<String> {
+    // Timing experiments only: ARCHSCALE_KERNEL_DEFINES="A B" prepends `#define A` ...
+    let defines: String = std::env::var("ARCHSCALE_KERNEL_DEFINES")
+        .map(|v| {
+            v.split_whitespace()
+                .map(|d| format!("#define {d}\n"))
+                .collect()
+        })
+        .unwrap_or_default();
     MODULES
         .iter()
         .find(|(n, _)| *n == name)
-        .map(|(_, src)| format!("{COMMON}\n#line 1 \"{name}.cu\"\n{src}"))
+        .map(|(_, src)| format!("{defines}{COMMON}\n#line 1 \"{name}.cu\"\n{src}"))
 }
 
 /// Compiles every module for `arch` (e.g. `sm_90a`) into the disk cache. Needs only NVRTC,

@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 const FLASH_BR: usize = 64;
 const FLASH_BC: usize = 64;
+/// Keys per backward CTA (8 warps of 16 keys).
+const FLASH_BWD_BC: usize = 128;
 
 /// Every kernel, loaded once per device.
 pub struct Ops {
@@ -155,9 +157,9 @@ impl Ops {
         (FLASH_BR + 4 * FLASH_BC) * (d + 8) * 2
     }
     fn flash_bwd_smem(d: usize) -> usize {
-        (2 * FLASH_BC + 2 * FLASH_BR) * (d + 8) * 2
-            + FLASH_BC * (FLASH_BR + 8) * 2
-            + 2 * FLASH_BR * 4
+        (2 * FLASH_BWD_BC + 4 * FLASH_BR) * (d + 8) * 2
+            + FLASH_BWD_BC * (FLASH_BR + 8) * 2
+            + 4 * FLASH_BR * 4
     }
 
     /// `out[t] = wte[idx[t]]` (fp32 rows of width n).
@@ -536,18 +538,17 @@ impl Ops {
             .f32(l.scale * std::f32::consts::LOG2_E)
             .i32(i32_of("window", l.window)?);
         let grid = (
-            l.seq.div_ceil(FLASH_BC) as u32,
+            l.seq.div_ceil(FLASH_BWD_BC) as u32,
             l.groups() as u32,
             l.batch as u32,
         );
         self.gpu.launch(
             kernel,
             grid,
-            (128, 1, 1),
+            (256, 1, 1),
             Self::flash_bwd_smem(d) as u32,
             &a,
         )?;
-        let total = rows * l.heads * d;
         let a = Args::new()
             .ptr(dq_acc)
             .ptr(dq)
@@ -558,13 +559,8 @@ impl Ops {
             .i32(i32_of("q_row_stride", l.q_row_stride)?)
             .i32(i32_of("q_group_stride", l.q_group_stride)?)
             .f32(l.scale);
-        self.gpu.launch(
-            self.flash_dq,
-            ew_grid(&self.gpu, total, 256),
-            (256, 1, 1),
-            0,
-            &a,
-        )
+        self.gpu
+            .launch(self.flash_dq, grid1(rows), (256, 1, 1), 0, &a)
     }
 }
 

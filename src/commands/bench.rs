@@ -22,6 +22,9 @@ pub struct Args {
     /// Untimed steps first (kernel compile, cuBLASLt heuristics, clocks).
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// Also time every op of one step with device events and print the breakdown.
+    #[arg(long)]
+    pub profile: bool,
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -68,9 +71,21 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
             "bench {} (micro {}, T {}) ...",
             p.run_name, p.layout.micro_batch, p.layout.seq_len
         );
-        match bench_plan(p, args.steps, args.warmup) {
+        match bench_plan(p, args.steps, args.warmup, args.profile) {
             Ok(r) => {
                 println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                if !r.profile.is_empty() {
+                    let total: f64 = r.profile.iter().map(|(_, ms)| ms).sum();
+                    println!(
+                        "profile of one step of {} ({total:.1} ms with event overhead):",
+                        r.run_name
+                    );
+                    let mut sorted = r.profile.clone();
+                    sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
+                    for (name, ms) in sorted {
+                        println!("  {name:<16} {ms:>9.2} ms {:>5.1}%", 100.0 * ms / total);
+                    }
+                }
                 results.push(r);
             }
             Err(e) => {

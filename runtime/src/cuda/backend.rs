@@ -126,6 +126,8 @@ pub struct CudaBackend {
     dq_acc: DeviceBuffer,
     delta: DeviceBuffer,
     norm_out: DeviceBuffer,
+    /// When set, `mark` records a device event before each op (see `profile_step`).
+    prof: std::cell::RefCell<Option<Vec<(&'static str, archscale_kernels::gpu::Event)>>>,
 }
 
 const BF: usize = 2;
@@ -477,9 +479,50 @@ impl CudaBackend {
             dq_acc,
             delta,
             norm_out,
+            prof: std::cell::RefCell::new(None),
         };
         be.write_params(init)?;
         Ok(be)
+    }
+
+    /// Records an event named for the op that follows (profiling only).
+    fn mark(&self, name: &'static str) -> Result<()> {
+        if let Some(v) = self.prof.borrow_mut().as_mut() {
+            v.push((name, self.gpu.event()?));
+        }
+        Ok(())
+    }
+
+    /// One full optimizer step with a device event before every op; returns milliseconds
+    /// per op name (summed over layers), in first-seen order.
+    pub fn profile_step(
+        &mut self,
+        rows: &[u32],
+        micro: usize,
+        lrs: &[f64],
+    ) -> Result<Vec<(String, f64)>> {
+        *self.prof.borrow_mut() = Some(Vec::new());
+        let r = (|| -> Result<()> {
+            self.forward_backward(rows, micro, 1.0)?;
+            self.mark("grad norm")?;
+            self.grad_norm()?;
+            self.mark("adamw")?;
+            self.optimizer_step(lrs, 1.0)?;
+            self.mark("end")?;
+            self.gpu.sync()?;
+            Ok(())
+        })();
+        let marks = self.prof.borrow_mut().take().unwrap_or_default();
+        r?;
+        let mut out: Vec<(String, f64)> = Vec::new();
+        for w in marks.windows(2) {
+            let ms = w[0].1.elapsed_ms(&w[1].1)? as f64;
+            match out.iter_mut().find(|(n, _)| n == w[0].0) {
+                Some(e) => e.1 += ms,
+                None => out.push((w[0].0.to_string(), ms)),
+            }
+        }
+        Ok(out)
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -542,6 +585,7 @@ impl CudaBackend {
         let ops = &self.ops;
         let gpu = &self.gpu;
         let rs = d.residual_scale;
+        self.mark("embedding")?;
         ops.embedding_fwd(
             self.tokens.ptr,
             self.p32(self.wte),
@@ -566,6 +610,7 @@ impl CudaBackend {
                     self.residual[0].ptr,
                 )
             };
+            self.mark("norm fwd")?;
             ops.rmsnorm_fwd(
                 x_in,
                 self.p32(lp.norm1),
@@ -576,6 +621,7 @@ impl CudaBackend {
                 d.eps,
                 1.0,
             )?;
+            self.mark("gemm qkv")?;
             self.lt.linear(
                 gpu,
                 self.h.ptr,
@@ -589,6 +635,7 @@ impl CudaBackend {
                 1.0,
                 0.0,
             )?;
+            self.mark("rope")?;
             if d.rope[l] {
                 ops.rope_qkv(
                     sv.qkv,
@@ -615,7 +662,9 @@ impl CudaBackend {
                 (al.fused_k_offset() * BF) as u64,
                 (al.fused_v_offset() * BF) as u64,
             );
+            self.mark("attn fwd")?;
             ops.flash_fwd(&al, sv.qkv, sv.qkv + ko, sv.qkv + vo, sv.y, sv.lse)?;
+            self.mark("gemm proj")?;
             self.lt.linear(
                 gpu,
                 sv.y,
@@ -629,6 +678,7 @@ impl CudaBackend {
                 rs,
                 1.0,
             )?;
+            self.mark("norm fwd")?;
             ops.rmsnorm_fwd(
                 x_mid,
                 self.p32(lp.norm2),
@@ -639,6 +689,7 @@ impl CudaBackend {
                 d.eps,
                 1.0,
             )?;
+            self.mark("gemm w1")?;
             self.lt.linear(
                 gpu,
                 self.h.ptr,
@@ -652,7 +703,9 @@ impl CudaBackend {
                 1.0,
                 0.0,
             )?;
+            self.mark("swiglu")?;
             ops.swiglu_fwd(sv.gu, self.a.ptr, rows, inner)?;
+            self.mark("gemm w3")?;
             self.lt.linear(
                 gpu,
                 self.a.ptr,
@@ -672,6 +725,7 @@ impl CudaBackend {
         } else {
             self.residual[0].ptr
         };
+        self.mark("norm fwd")?;
         ops.rmsnorm_fwd(
             x_final,
             self.p32(self.ln_f),
@@ -682,6 +736,7 @@ impl CudaBackend {
             d.eps,
             d.logit_scale,
         )?;
+        self.mark("gemm head")?;
         self.lt.linear(
             gpu,
             self.hf.ptr,
@@ -707,6 +762,7 @@ impl CudaBackend {
         let lt = &self.lt;
         let rs = d.residual_scale;
         // head: dW_head += dlogitsᵀ·hf; dhf = dlogits·W_head
+        self.mark("gemm head dW")?;
         lt.linear_grad_weight(
             gpu,
             self.logits.ptr,
@@ -718,6 +774,7 @@ impl CudaBackend {
             1.0,
             1.0,
         )?;
+        self.mark("gemm head dx")?;
         lt.linear_grad_input(
             gpu,
             self.logits.ptr,
@@ -730,6 +787,7 @@ impl CudaBackend {
             1.0,
             0.0,
         )?;
+        self.mark("norm bwd")?;
         ops.rmsnorm_bwd(
             self.residual[2 * d.layers].ptr,
             self.p32(self.ln_f),
@@ -748,7 +806,9 @@ impl CudaBackend {
             let sv = self.saved[l];
             let (x_in, x_mid) = (self.residual[2 * l].ptr, self.residual[2 * l + 1].ptr);
             // MLP branch: out = rs · a·W3ᵀ
+            self.mark("swiglu")?;
             ops.swiglu_fwd(sv.gu, self.a.ptr, rows, inner)?;
+            self.mark("gemm w3 dW")?;
             lt.linear_grad_weight(
                 gpu,
                 self.dres_bf.ptr,
@@ -760,6 +820,7 @@ impl CudaBackend {
                 rs,
                 1.0,
             )?;
+            self.mark("gemm w3 dx")?;
             lt.linear_grad_input(
                 gpu,
                 self.dres_bf.ptr,
@@ -772,7 +833,9 @@ impl CudaBackend {
                 rs,
                 0.0,
             )?;
+            self.mark("swiglu bwd")?;
             ops.swiglu_bwd(sv.gu, self.a.ptr, rows, inner)?;
+            self.mark("norm fwd")?;
             ops.rmsnorm_fwd(
                 x_mid,
                 self.p32(lp.norm2),
@@ -783,6 +846,7 @@ impl CudaBackend {
                 d.eps,
                 1.0,
             )?;
+            self.mark("gemm w1 dW")?;
             lt.linear_grad_weight(
                 gpu,
                 sv.gu,
@@ -794,6 +858,7 @@ impl CudaBackend {
                 1.0,
                 1.0,
             )?;
+            self.mark("gemm w1 dx")?;
             lt.linear_grad_input(
                 gpu,
                 sv.gu,
@@ -806,6 +871,7 @@ impl CudaBackend {
                 1.0,
                 0.0,
             )?;
+            self.mark("norm bwd")?;
             ops.rmsnorm_bwd(
                 x_mid,
                 self.p32(lp.norm2),
@@ -820,6 +886,7 @@ impl CudaBackend {
                 true,
             )?;
             // attention branch: out = rs · y·Woᵀ
+            self.mark("gemm proj dW")?;
             lt.linear_grad_weight(
                 gpu,
                 self.dres_bf.ptr,
@@ -831,6 +898,7 @@ impl CudaBackend {
                 rs,
                 1.0,
             )?;
+            self.mark("gemm proj dx")?;
             lt.linear_grad_input(
                 gpu,
                 self.dres_bf.ptr,
@@ -856,6 +924,7 @@ impl CudaBackend {
                 (al.fused_k_offset() * BF) as u64,
                 (al.fused_v_offset() * BF) as u64,
             );
+            self.mark("attn bwd")?;
             ops.flash_bwd(
                 &al,
                 sv.qkv,
@@ -870,6 +939,7 @@ impl CudaBackend {
                 self.dq_acc.ptr,
                 self.delta.ptr,
             )?;
+            self.mark("rope")?;
             if d.rope[l] {
                 ops.rope_qkv(
                     self.dqkv.ptr,
@@ -883,7 +953,9 @@ impl CudaBackend {
                     -1.0,
                 )?;
             }
+            self.mark("norm fwd")?;
             ops.rmsnorm_fwd(x_in, self.p32(lp.norm1), self.h.ptr, 0, rows, n, d.eps, 1.0)?;
+            self.mark("gemm qkv dW")?;
             lt.linear_grad_weight(
                 gpu,
                 self.dqkv.ptr,
@@ -895,6 +967,7 @@ impl CudaBackend {
                 1.0,
                 1.0,
             )?;
+            self.mark("gemm qkv dx")?;
             lt.linear_grad_input(
                 gpu,
                 self.dqkv.ptr,
@@ -907,6 +980,7 @@ impl CudaBackend {
                 1.0,
                 0.0,
             )?;
+            self.mark("norm bwd")?;
             ops.rmsnorm_bwd(
                 x_in,
                 self.p32(lp.norm1),
@@ -921,6 +995,7 @@ impl CudaBackend {
                 true,
             )?;
         }
+        self.mark("embedding bwd")?;
         ops.embedding_bwd(self.tokens.ptr, self.dres.ptr, self.g32(self.wte), rows, n)?;
         Ok(())
     }
@@ -977,6 +1052,7 @@ impl Backend for CudaBackend {
         self.forward(micro, seq, true)?;
         let n = micro * seq;
         let scale = grad_scale / n as f32;
+        self.mark("cross-entropy")?;
         self.ops.cross_entropy(
             self.logits.ptr,
             self.targets.ptr,

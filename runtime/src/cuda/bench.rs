@@ -28,6 +28,8 @@ pub struct BenchResult {
     pub mfu_torch_basis: f64,
     pub peak_gib: f64,
     pub loss: f64,
+    /// Milliseconds per op kind in one profiled step (events between ops), if asked for.
+    pub profile: Vec<(String, f64)>,
 }
 
 /// Fast parallel init for benchmarking: each rule's distribution matched in mean and
@@ -65,7 +67,7 @@ pub fn bench_init(plan: &Plan, seed: u64) -> Vec<Vec<f32>> {
 }
 
 /// Runs `warmup + steps` optimizer steps (gas 1) and reports the timed ones.
-pub fn bench_plan(plan: &Plan, steps: usize, warmup: usize) -> Result<BenchResult> {
+pub fn bench_plan(plan: &Plan, steps: usize, warmup: usize, profile: bool) -> Result<BenchResult> {
     let d = dims_of(plan)?;
     let init = bench_init(plan, 3407);
     let mut be = CudaBackend::new(plan, 0, &init)?;
@@ -104,6 +106,11 @@ pub fn bench_plan(plan: &Plan, steps: usize, warmup: usize) -> Result<BenchResul
     }
     be.gpu().sync()?;
     let step_s = t.elapsed().as_secs_f64() / steps.max(1) as f64;
+    let profile = if profile {
+        be.profile_step(&rows, micro, &lrs)?
+    } else {
+        Vec::new()
+    };
     let tokens_per_s = (micro * d.seq) as f64 / step_s;
     let est = &plan.estimates;
     let emb = (d.padded_vocab * d.n) as f64;
@@ -122,5 +129,6 @@ pub fn bench_plan(plan: &Plan, steps: usize, warmup: usize) -> Result<BenchResul
         mfu_torch_basis: tokens_per_s * torch_fpt / PEAK_FLOPS,
         peak_gib: be.peak_bytes() as f64 / (1u64 << 30) as f64,
         loss,
+        profile,
     })
 }

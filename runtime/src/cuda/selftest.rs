@@ -94,7 +94,7 @@ type R<T> = std::result::Result<T, KernelError>;
 
 fn round_bf16(v: &mut [f64]) {
     for x in v.iter_mut() {
-        *x = bf16::from_f64(*x).to_f64();
+        *x = bf16::from_f32(*x as f32).to_f64();
     }
 }
 
@@ -127,7 +127,10 @@ impl Env {
     }
     fn bf16_buf(&mut self, v: &[f64]) -> R<u64> {
         let p = self.poisoned(v.len() * 2)?;
-        let host: Vec<u16> = v.iter().map(|&x| bf16::from_f64(x).to_bits()).collect();
+        let host: Vec<u16> = v
+            .iter()
+            .map(|&x| bf16::from_f32(x as f32).to_bits())
+            .collect();
         self.gpu.upload(p, &host)?;
         Ok(p)
     }
@@ -374,7 +377,12 @@ fn check_gemm(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
 fn check_embedding(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     for &(rows, vocab, dim) in &[(300usize, 1000usize, 256usize), (77, 50, 30)] {
         let shape = format!("{rows} tok, V={vocab}, n={dim}");
-        let table = env.randn(vocab * dim, 1.0);
+        // values exactly representable in f32, so the copy must be exact
+        let table: Vec<f64> = env
+            .randn(vocab * dim, 1.0)
+            .iter()
+            .map(|&v| v as f32 as f64)
+            .collect();
         let tokens: Vec<u32> = (0..rows)
             .map(|_| env.rng.gen_range(0..vocab as u32))
             .collect();
@@ -774,7 +782,7 @@ pub fn adamw_hyper(h: &AdamWHyper) -> [f32; 8] {
 
 fn check_norm_cast(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     for &n in &[1usize << 20, 12345] {
-        let x = env.randn(n, 1.0);
+        let x: Vec<f64> = env.randn(n, 1.0).iter().map(|&v| v as f32 as f64).collect();
         let want = x.iter().map(|v| (*v as f32 as f64).powi(2)).sum::<f64>();
         let xp = env.f32_buf(&x)?;
         let op = env.poisoned(8)?;
@@ -835,26 +843,42 @@ fn check_flash(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
         let rows = batch * seq;
         let width = l.q_row_stride;
         let qkv = env.randn_bf16(rows * width, 1.0);
-        let s = ops::attention::AttnShape {
-            batch,
+        // Reference: the CPU oracle called once per query head (batch 1, one kv head), with
+        // the head's kv group picked here; dK/dV of a group accumulate over its heads.
+        let qpg = heads / groups;
+        let s1 = ops::attention::AttnShape {
+            batch: 1,
             seq,
-            n_head: heads,
-            n_kv: groups,
+            n_head: 1,
+            n_kv: 1,
             head_size: hs,
             window: if window > 0 { Some(window) } else { None },
             scale,
         };
-        let (mut q, mut k, mut v) = (
-            vec![0.0; rows * heads * hs],
-            vec![0.0; rows * groups * hs],
-            vec![0.0; rows * groups * hs],
-        );
-        ops::attention::split_qkv(&mut q, &mut k, &mut v, &qkv, &s);
-        let mut o_heads = vec![0.0; rows * heads * hs];
-        let mut probs = vec![0.0; batch * heads * seq * seq];
-        ops::attention::attention_forward(&mut o_heads, &mut probs, &q, &k, &v, &s, None);
+        let slot = |r: usize, sl: usize| r * width + sl * hs;
+        let gather = |b: usize, sl: usize, src: &[f64]| -> Vec<f64> {
+            (0..seq)
+                .flat_map(|t| src[slot(b * seq + t, sl)..][..hs].to_vec())
+                .collect()
+        };
         let mut o_ref = vec![0.0; rows * heads * hs];
-        ops::attention::heads_to_tokens(&mut o_ref, &o_heads, batch, seq, heads, hs);
+        let mut probs_all = Vec::new();
+        for b in 0..batch {
+            for h in 0..heads {
+                let (g, j) = (h / qpg, h % qpg);
+                let q = gather(b, g * (qpg + 2) + j, &qkv);
+                let k = gather(b, g * (qpg + 2) + qpg, &qkv);
+                let v = gather(b, g * (qpg + 2) + qpg + 1, &qkv);
+                let mut o = vec![0.0; seq * hs];
+                let mut probs = vec![0.0; seq * seq];
+                ops::attention::attention_forward(&mut o, &mut probs, &q, &k, &v, &s1, None);
+                for t in 0..seq {
+                    o_ref[((b * seq + t) * heads + h) * hs..][..hs]
+                        .copy_from_slice(&o[t * hs..(t + 1) * hs]);
+                }
+                probs_all.push(probs);
+            }
+        }
 
         let qkvp = env.bf16_buf(&qkv)?;
         let op = env.poisoned(rows * heads * hs * 2)?;
@@ -874,22 +898,44 @@ fn check_flash(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
 
         // backward from a random dO
         let dout = env.randn_bf16(rows * heads * hs, 1.0);
-        let mut dout_heads = vec![0.0; rows * heads * hs];
-        ops::attention::tokens_to_heads(&mut dout_heads, &dout, batch, seq, heads, hs);
-        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        ops::attention::attention_backward(
-            &mut dq,
-            &mut dk,
-            &mut dv,
-            &dout_heads,
-            &probs,
-            &q,
-            &k,
-            &v,
-            &s,
-        );
         let mut dqkv_ref = vec![0.0; rows * width];
-        ops::attention::merge_qkv(&mut dqkv_ref, &dq, &dk, &dv, &s);
+        for b in 0..batch {
+            for g in 0..groups {
+                let k = gather(b, g * (qpg + 2) + qpg, &qkv);
+                let v = gather(b, g * (qpg + 2) + qpg + 1, &qkv);
+                let (mut dk, mut dv) = (vec![0.0; seq * hs], vec![0.0; seq * hs]);
+                for j in 0..qpg {
+                    let h = g * qpg + j;
+                    let q = gather(b, g * (qpg + 2) + j, &qkv);
+                    let d_o: Vec<f64> = (0..seq)
+                        .flat_map(|t| dout[((b * seq + t) * heads + h) * hs..][..hs].to_vec())
+                        .collect();
+                    let mut dq = vec![0.0; seq * hs];
+                    ops::attention::attention_backward(
+                        &mut dq,
+                        &mut dk,
+                        &mut dv,
+                        &d_o,
+                        &probs_all[b * heads + h],
+                        &q,
+                        &k,
+                        &v,
+                        &s1,
+                        None,
+                    );
+                    for t in 0..seq {
+                        dqkv_ref[slot(b * seq + t, g * (qpg + 2) + j)..][..hs]
+                            .copy_from_slice(&dq[t * hs..(t + 1) * hs]);
+                    }
+                }
+                for t in 0..seq {
+                    dqkv_ref[slot(b * seq + t, g * (qpg + 2) + qpg)..][..hs]
+                        .copy_from_slice(&dk[t * hs..(t + 1) * hs]);
+                    dqkv_ref[slot(b * seq + t, g * (qpg + 2) + qpg + 1)..][..hs]
+                        .copy_from_slice(&dv[t * hs..(t + 1) * hs]);
+                }
+            }
+        }
         let dop = env.bf16_buf(&dout)?;
         let dqkvp = env.poisoned(rows * width * 2)?;
         let dq_acc = env.poisoned(rows * heads * hs * 4)?;
@@ -910,7 +956,6 @@ fn check_flash(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
         )?;
         let got = env.read_bf16(dqkvp, rows * width)?;
         // split the error by slot kind
-        let qpg = heads / groups;
         for (name, pick) in [
             ("flash bwd dQ", 0usize),
             ("flash bwd dK", 1),
