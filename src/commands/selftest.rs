@@ -13,10 +13,49 @@ pub struct Args {
     /// Fail (exit 1) when no GPU is usable instead of running the CPU-side parts only.
     #[arg(long)]
     pub require_gpu: bool,
+    /// Also check the whole model: the first run of this experiment, CUDA backend against
+    /// the CPU reference model (loss and every gradient, same init and batch).
+    #[arg(long, value_name = "FILE")]
+    pub model: Option<std::path::PathBuf>,
+    /// Override a value of the `--model` experiment (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "model")]
+    pub set: Vec<String>,
 }
 
 pub fn run(args: Args) -> miette::Result<ExitCode> {
-    let report = archscale_runtime::cuda::selftest::run(args.seed);
+    // The model plan is validated first: bad input exits 2 before any GPU work.
+    let model_plan = match &args.model {
+        Some(file) => {
+            let experiment = match archscale_spec::load_experiment(file, &args.set) {
+                Ok(e) => e,
+                Err(errors) => {
+                    eprint!("{}", errors.render());
+                    eprintln!("{errors}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            match archscale_compiler::plan_experiment(&experiment) {
+                Ok(mut plans) if !plans.is_empty() => Some(plans.swap_remove(0)),
+                Ok(_) => {
+                    eprintln!("error: {} has no runs", file.display());
+                    return Ok(ExitCode::from(2));
+                }
+                Err(errors) => {
+                    eprint!("{}", errors.render());
+                    eprintln!("{errors}");
+                    return Ok(ExitCode::from(2));
+                }
+            }
+        }
+        None => None,
+    };
+    let mut report = archscale_runtime::cuda::selftest::run(args.seed);
+    if let (Some(plan), Ok(_)) = (&model_plan, &report.device) {
+        match archscale_runtime::cuda::selftest::model_parity(plan, report.seed) {
+            Ok(checks) => report.checks.extend(checks),
+            Err(e) => report.errors.push(format!("model parity: {e}")),
+        }
+    }
     println!("archscale selftest (seed {})", report.seed);
     match &report.compile {
         Ok(mods) => {

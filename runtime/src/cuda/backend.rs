@@ -525,6 +525,18 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// Accumulated gradients in plan order (f32).
+    pub fn read_grads(&self) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(self.plan.params.len());
+        for (i, p) in self.plan.params.iter().enumerate() {
+            out.push(
+                self.gpu
+                    .download_vec(self.g32(self.offsets[i]), p.numel())?,
+            );
+        }
+        Ok(out)
+    }
+
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
     }
