@@ -151,6 +151,19 @@ fn validate(plan: &Plan, backend: &mut dyn Backend, val: &[ValLoader]) -> Result
     Ok(sums.into_iter().map(|s| s / count as f64).collect())
 }
 
+/// A `metrics.jsonl` line: `val_loss@kx` and `val_ppl@kx` for k = 1..num_extrapol.
+fn validation_record(step: u64, tokens: u64, losses: &[f64], last: bool) -> serde_json::Value {
+    let mut rec = json!({ "step": step, "tokens": tokens });
+    if last {
+        rec["final"] = json!(true);
+    }
+    for (k, l) in losses.iter().enumerate() {
+        rec[format!("val_loss@{}x", k + 1)] = json!(l);
+        rec[format!("val_ppl@{}x", k + 1)] = json!(l.exp());
+    }
+    rec
+}
+
 /// Trains `plan` on `backend`, writing the run directory. Returns when the plan's steps are
 /// done, `max_steps_this_run` is reached, or `stop` is set (after writing a checkpoint).
 pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Result<TrainSummary> {
@@ -276,12 +289,7 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
     while step < last_step {
         if eval_due(step) {
             let losses = validate(plan, backend, &val)?;
-            let mut rec = json!({ "step": step, "tokens": tokens });
-            for (k, l) in losses.iter().enumerate() {
-                rec[format!("val_loss@{}x", k + 1)] = json!(l);
-                rec[format!("val_ppl@{}x", k + 1)] = json!(l.exp());
-            }
-            log.metric(rec)?;
+            log.metric(validation_record(step, tokens, &losses, false))?;
             summary.last_val_loss = losses.first().copied();
             pb.suspend(|| eprintln!("step {step:>6}  val_loss {:.4}", losses[0]));
         }
@@ -360,12 +368,7 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
     }
     if step >= max_steps && !summary.interrupted {
         let losses = validate(plan, backend, &val)?;
-        let mut rec = json!({ "step": step, "tokens": tokens, "final": true });
-        for (k, l) in losses.iter().enumerate() {
-            rec[format!("val_loss@{}x", k + 1)] = json!(l);
-            rec[format!("val_ppl@{}x", k + 1)] = json!(l.exp());
-        }
-        log.metric(rec)?;
+        log.metric(validation_record(step, tokens, &losses, true))?;
         summary.last_val_loss = losses.first().copied();
         log.event(&format!("finished at step {step}"))?;
     }
