@@ -10,11 +10,13 @@
 //! `ops::selective_scan`. Tests check the logits against `CpuModel::forward_loss`.
 //!
 //! Supported: attention (GQA, RoPE, sliding window, μP scales, biases), YOCO
-//! cross-attention, Mamba-1, GMU (plain gate), RMSNorm/LayerNorm, tied heads. Differential
-//! attention and the plan-only mixers are errors that name the layer. The input is one
+//! cross-attention, differential attention (arch-spec §1.8, λ and subln from
+//! `ops::diff_attention`), Mamba-1, GMU (plain gate), RMSNorm/LayerNorm, tied heads. The
+//! plan-only mixers are errors that name the layer. The input is one
 //! document: varlen (EOS) boundaries are not applied, as in ArchScale's `eval.py`.
 
 use crate::cpu::float::silu;
+use crate::cpu::ops::diff_attention::{lambda_full, Lambdas, SUBLN_EPS};
 use crate::cpu::ops::embedding::embedding_forward;
 use crate::cpu::ops::layernorm::layernorm_forward;
 use crate::cpu::ops::linear::linear_forward;
@@ -45,6 +47,17 @@ struct Lin {
     d_out: usize,
 }
 
+/// Differential attention's parameters (indices) and `λ_init`.
+#[derive(Clone, Copy, Debug)]
+struct DiffRef {
+    q1: usize,
+    k1: usize,
+    q2: usize,
+    k2: usize,
+    subln: usize,
+    lambda_init: f64,
+}
+
 #[derive(Clone, Debug)]
 enum MixerRef {
     Attention {
@@ -53,6 +66,7 @@ enum MixerRef {
         window: Option<usize>,
         rope: bool,
         kv_from: Option<usize>,
+        diff: Option<DiffRef>,
     },
     Mamba {
         in_proj: usize,
@@ -222,11 +236,24 @@ impl<'a> Decoder<'a> {
             let a = format!("transformer.h.{pos}.attn");
             let (mixer, mixer_exports) = match &layer.mixer {
                 Mixer::Attention(at) => {
-                    if at.differential.is_some() {
-                        return Err(err(format!(
-                            "layer {pos}: decoding with differential attention is not implemented (`eval --task val` works)"
-                        )));
-                    }
+                    let diff = match &at.differential {
+                        Some(d) => {
+                            if h % 2 != 0 || g % 2 != 0 {
+                                return Err(err(format!(
+                                    "layer {pos}: differential attention needs even heads and KV groups, got {h} and {g}"
+                                )));
+                            }
+                            Some(DiffRef {
+                                q1: names.get(&format!("{a}.da.lambda_q1"), hs)?,
+                                k1: names.get(&format!("{a}.da.lambda_k1"), hs)?,
+                                q2: names.get(&format!("{a}.da.lambda_q2"), hs)?,
+                                k2: names.get(&format!("{a}.da.lambda_k2"), hs)?,
+                                subln: names.get(&format!("{a}.da.subln.weight"), 2 * hs)?,
+                                lambda_init: d.lambda_init,
+                            })
+                        }
+                        None => None,
+                    };
                     if at.window == Some(0) {
                         return Err(err(format!(
                             "layer {pos}: attention window must be at least 1"
@@ -257,6 +284,7 @@ impl<'a> Decoder<'a> {
                         window: at.window,
                         rope: at.rope,
                         kv_from: at.kv_from,
+                        diff,
                     };
                     (mixer, at.exports_memory)
                 }
@@ -481,6 +509,7 @@ impl<'a> Decoder<'a> {
                 window,
                 rope,
                 kv_from,
+                diff,
             } => {
                 let (h, g, hs) = (cfg.n_head, cfg.n_query_groups, cfg.head_size);
                 let qpk = h / g;
@@ -540,12 +569,9 @@ impl<'a> Decoder<'a> {
                 };
                 let scale = cfg.attn_scale as f32;
                 let mut y = vec![0.0f32; c * h * hs];
-                y.par_chunks_mut(hs).enumerate().for_each(|(idx, out)| {
-                    let (i, hq) = (idx / h, idx % h);
-                    let t = p0 + i;
+                // Softmax weights of query `qv` (at position `t`) over the visible cached keys.
+                let attend = |qv: &[f32], kc: &[f32], t: usize| -> (usize, Vec<f32>) {
                     let lo = window.map_or(0, |w| (t + 1).saturating_sub(w));
-                    let (kc, vc) = (&k[hq / qpk], &v[hq / qpk]);
-                    let qv = &q[idx * hs..(idx + 1) * hs];
                     let scores: Vec<f32> = (lo..=t)
                         .map(|s| {
                             scale
@@ -558,14 +584,70 @@ impl<'a> Decoder<'a> {
                     let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                     let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
                     let total: f32 = weights.iter().sum();
+                    (lo, weights.into_iter().map(|w| w / total).collect())
+                };
+                let mix = |out: &mut [f32], lo: usize, probs: &[f32], vc: &[f32]| {
                     out.fill(0.0);
-                    for (wgt, s) in weights.iter().zip(lo..=t) {
-                        let p = wgt / total;
+                    for (p, s) in probs.iter().zip(lo..) {
                         for (o, vv) in out.iter_mut().zip(&vc[s * hs..(s + 1) * hs]) {
                             *o += p * vv;
                         }
                     }
-                });
+                };
+                match diff {
+                    None => {
+                        y.par_chunks_mut(hs).enumerate().for_each(|(idx, out)| {
+                            let (i, hq) = (idx / h, idx % h);
+                            let (lo, probs) =
+                                attend(&q[idx * hs..(idx + 1) * hs], &k[hq / qpk], p0 + i);
+                            mix(out, lo, &probs, &v[hq / qpk]);
+                        });
+                    }
+                    Some(d) => {
+                        // Pair j: queries 2j, 2j+1; kv heads 2jj, 2jj+1 with jj = j / qpk.
+                        // O1 − λ·O2 per pair (width 2hs), then subln and (1 − λ_init).
+                        let lambdas = Lambdas {
+                            q1: &params[d.q1],
+                            k1: &params[d.k1],
+                            q2: &params[d.q2],
+                            k2: &params[d.k2],
+                        };
+                        let (lambda, _, _) = lambda_full(&lambdas, d.lambda_init);
+                        let mut diff_rows = vec![0.0f32; c * h * hs];
+                        diff_rows
+                            .par_chunks_mut(2 * hs)
+                            .enumerate()
+                            .for_each(|(idx, out)| {
+                                let (i, j) = (idx / (h / 2), idx % (h / 2));
+                                let jj = j / qpk;
+                                let (k1, k2) = (&k[2 * jj], &k[2 * jj + 1]);
+                                let (v1, v2) = (&v[2 * jj], &v[2 * jj + 1]);
+                                let q1 = &q[(i * h + 2 * j) * hs..(i * h + 2 * j + 1) * hs];
+                                let q2 = &q[(i * h + 2 * j + 1) * hs..(i * h + 2 * j + 2) * hs];
+                                let (lo1, a1) = attend(q1, k1, p0 + i);
+                                let (lo2, a2) = attend(q2, k2, p0 + i);
+                                let mut o2 = vec![0.0f32; 2 * hs];
+                                mix(&mut out[..hs], lo1, &a1, v1);
+                                mix(&mut out[hs..], lo1, &a1, v2);
+                                mix(&mut o2[..hs], lo2, &a2, v1);
+                                mix(&mut o2[hs..], lo2, &a2, v2);
+                                for (o, b) in out.iter_mut().zip(&o2) {
+                                    *o -= lambda * b;
+                                }
+                            });
+                        let mut rstd = vec![0.0f32; c * h / 2];
+                        rmsnorm_forward(
+                            &mut y,
+                            &mut rstd,
+                            &diff_rows,
+                            &params[d.subln],
+                            2 * hs,
+                            SUBLN_EPS,
+                        );
+                        let post = (1.0 - d.lambda_init) as f32;
+                        y.iter_mut().for_each(|x| *x *= post);
+                    }
+                }
                 *branch = lin(*proj, &y, params, c);
                 Ok(y)
             }

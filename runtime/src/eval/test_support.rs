@@ -66,6 +66,22 @@ pub(crate) fn transformer_layers(depth: usize) -> Vec<LayerPlan> {
         .collect()
 }
 
+/// `layers` with differential attention on every attention layer (λ_init as ArchScale's
+/// `0.8 − 0.6·exp(−0.3·index)`).
+pub(crate) fn with_differential(layers: Vec<LayerPlan>) -> Vec<LayerPlan> {
+    layers
+        .into_iter()
+        .map(|mut l| {
+            if let Mixer::Attention(a) = &mut l.mixer {
+                a.differential = Some(DiffAttnPlan {
+                    lambda_init: 0.8 - 0.6 * (-0.3 * l.index as f64).exp(),
+                });
+            }
+            l
+        })
+        .collect()
+}
+
 /// SambaY-like, NoPE: `M S M S | M* A | G X` with the GMU reading the Mamba memory of layer 4
 /// and the cross-attention layer 7 reading layer 5's K/V.
 pub(crate) fn hybrid_layers(n_embd: usize) -> Vec<LayerPlan> {

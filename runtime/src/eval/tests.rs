@@ -127,6 +127,45 @@ fn hybrid_decoder_matches_the_reference_model() {
 }
 
 #[test]
+fn differential_attention_decoder_matches_the_reference_model() {
+    let spec = TinySpec::default();
+    // SambaY-DA-like hybrid (windowed, full, cross-attention DA) and a DA Transformer++ with
+    // RoPE and a window.
+    let cases = [
+        plan(
+            model_config(&spec, 8, true),
+            with_differential(hybrid_layers(spec.n_embd)),
+            vec![],
+        ),
+        plan(
+            model_config(&spec, 3, false),
+            with_differential(transformer_layers(3)),
+            vec![],
+        ),
+    ];
+    for (seed, plan) in cases.iter().enumerate() {
+        let params = noisy_params(plan, 11 + seed as u64);
+        let tokens = random_tokens(14, spec.vocab, 12 + seed as u64);
+        let want = reference_losses(plan, &params, &tokens);
+        assert_close(
+            &decoder_losses(plan, &params, &tokens, &[13]),
+            &want,
+            "one chunk",
+        );
+        assert_close(
+            &decoder_losses(plan, &params, &tokens, &[1]),
+            &want,
+            "token by token",
+        );
+        assert_close(
+            &decoder_losses(plan, &params, &tokens, &[3, 1]),
+            &want,
+            "prefill then steps",
+        );
+    }
+}
+
+#[test]
 fn state_snapshots_continue_identically() {
     let spec = TinySpec::default();
     let plan = plan(
