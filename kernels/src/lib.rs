@@ -50,3 +50,55 @@ pub fn compile_all(arch: &str) -> Result<Vec<(String, usize)>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hopper_gets_the_wgmma_capable_target() {
+        assert_eq!(gpu::arch_for((9, 0)), "sm_90a");
+        assert_eq!(gpu::arch_for((8, 0)), "sm_80");
+        assert_eq!(gpu::arch_for((12, 0)), "sm_120");
+    }
+
+    #[test]
+    fn every_module_source_has_the_common_header_and_its_kernels() {
+        for (name, _) in MODULES {
+            let src = module_source(name).expect("known module");
+            assert!(src.contains("typedef __nv_bfloat16 bf16;"), "{name}");
+            assert!(src.contains("extern \"C\" __global__"), "{name}");
+        }
+        assert!(module_source("nope").is_none());
+        let flash = module_source("flash").unwrap_or_default();
+        for k in [
+            "flash_fwd_d64",
+            "flash_fwd_d128",
+            "flash_bwd_d64",
+            "flash_bwd_d128",
+            "flash_bwd_delta",
+            "flash_bwd_dq",
+        ] {
+            assert!(flash.contains(k), "{k}");
+        }
+    }
+
+    #[test]
+    fn missing_cuda_libraries_are_errors_that_name_them() {
+        // On a machine with CUDA these succeed; without, they must fail cleanly (no panic).
+        if let Err(e) = compile_all("sm_90a") {
+            let msg = e.to_string();
+            assert!(msg.contains("nvrtc") || msg.contains("NVRTC"), "{msg}");
+        }
+        if let Err(e) = Gpu::new(0) {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("libcuda") || msg.contains("device") || msg.contains("CUDA"),
+                "{msg}"
+            );
+        }
+        if let Err(e) = cublaslt::ensure_cublaslt() {
+            assert!(e.to_string().contains("cublasLt"));
+        }
+    }
+}

@@ -1039,3 +1039,56 @@ pub fn model_parity(plan: &archscale_compiler::Plan, seed: u64) -> crate::Result
     });
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_error_is_scale_free_and_nan_never_passes() {
+        let r = vec![1.0, -2.0, 3.0];
+        assert_eq!(rel_err(&r, &r), 0.0);
+        let o: Vec<f64> = r.iter().map(|x| x * 1.01).collect();
+        assert!((rel_err(&o, &r) - 0.01).abs() < 1e-12);
+        let big: Vec<f64> = r.iter().map(|x| x * 1e6).collect();
+        let ob: Vec<f64> = big.iter().map(|x| x * 1.01).collect();
+        assert!((rel_err(&ob, &big) - 0.01).abs() < 1e-12);
+        let nan = vec![1.0, f64::NAN, 3.0];
+        let c = Check {
+            name: "x".into(),
+            shape: String::new(),
+            rel_err: rel_err(&nan, &r),
+            tol: 1.0,
+            seconds: 0.0,
+        };
+        assert!(!c.passed());
+        assert!(rel_err(&[1.0], &[0.0]).is_infinite());
+    }
+
+    #[test]
+    fn adamw_hyper_matches_the_cpu_optimizer_constants() {
+        let h = AdamWHyper {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: 2,
+        };
+        let v = adamw_hyper(&h);
+        assert_eq!(v[0], 1e-3);
+        assert!((v[4] as f64 - (1.0 - 1e-4)).abs() < 1e-7);
+        assert!((v[5] as f64 - 1e-3 / (1.0 - 0.81)).abs() < 1e-9);
+        assert!((v[6] as f64 - (1.0f64 - 0.9025).sqrt()).abs() < 1e-7);
+    }
+
+    #[test]
+    fn without_a_gpu_the_selftest_reports_why_and_runs_no_gpu_check() {
+        let r = run(Some(7));
+        assert_eq!(r.seed, 7);
+        if r.device.is_err() {
+            assert!(r.checks.is_empty());
+            assert!(!r.all_passed());
+        }
+    }
+}
