@@ -209,10 +209,22 @@ fn sweep_fit_plot_eval_generate_export() {
     );
 
     // One curve per model: three single-point groups, each without a fit and saying why.
-    let per_model = json(&archscale(dir, &["fit", "runs", "--group-by", "model", "--json", "--no-figure"]));
+    let per_model = json(&archscale(
+        dir,
+        &[
+            "fit",
+            "runs",
+            "--group-by",
+            "model",
+            "--json",
+            "--no-figure",
+        ],
+    ));
     let groups = per_model["study"]["groups"].as_array().unwrap();
     assert_eq!(groups.len(), 3);
-    assert!(groups.iter().all(|g| g["fit"].is_null() && g["note"].as_str().unwrap().contains("at least 3")));
+    assert!(groups
+        .iter()
+        .all(|g| g["fit"].is_null() && g["note"].as_str().unwrap().contains("at least 3")));
 
     // plot: loss curves, and an LR sweep because two runs differ only in LR.
     let out = ok(&archscale(
@@ -420,6 +432,14 @@ val = [{ dir = "data/text", prefix = "validation" }]"#;
     let a = json(&archscale(dir, &args));
     let b = json(&archscale(dir, &args));
     assert_eq!(a, b, "evals are deterministic");
+    // NIAH prompts and choice items decoded 2 and 3 at a time score as one at a time.
+    let mut batched = args.to_vec();
+    batched[3] = "niah,choice";
+    assert_eq!(batched[10], "--batch-size");
+    batched[11] = "3";
+    let c = json(&archscale(dir, &batched));
+    assert_eq!(c["niah"]["cells"], a["niah"]["cells"]);
+    assert_eq!(c["choice"], a["choice"]);
     let pb = &a["phonebook"]["sizes"][0];
     assert_eq!(pb["size"], 4);
     assert_eq!(pb["samples"].as_array().unwrap().len(), 4);

@@ -56,7 +56,8 @@ pub struct Args {
     /// phonebook: batches per size (over 4 measurements).
     #[arg(long, default_value_t = 8)]
     pub phonebook_batches: usize,
-    /// phonebook: prompts per batch.
+    /// Prompts decoded together, each with its own cache (phonebook: prompts per batch, as
+    /// ArchScale; niah and choice: results do not depend on it).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
     /// niah: prompt lengths in tokens.
@@ -202,8 +203,8 @@ fn run_task(
                 batch_size: args.batch_size,
                 seed: args.seed,
             };
-            let mut dec = Decoder::new(&model.plan, &model.params)?;
-            let r = phonebook::evaluate(&mut dec, tok, &opts, progress("phonebook"))?;
+            let dec = Decoder::new(&model.plan, &model.params)?;
+            let r = phonebook::evaluate(&dec, tok, &opts, progress("phonebook"))?;
             text.push_str(&format!(
                 "\nphonebook (seed {}, greedy, ≤{} new tokens, exact match)\n",
                 args.seed,
@@ -225,9 +226,10 @@ fn run_task(
                 depths: args.depths.clone(),
                 samples: args.samples,
                 seed: args.seed,
+                batch_size: args.batch_size,
             };
-            let mut dec = Decoder::new(&model.plan, &model.params)?;
-            let cells = niah::evaluate(&mut dec, tok, &opts, progress("niah"))?;
+            let dec = Decoder::new(&model.plan, &model.params)?;
+            let cells = niah::evaluate(&dec, tok, &opts, progress("niah"))?;
             text.push_str(&format!(
                 "\nniah single needle (seed {}, {} samples per cell, accuracy)\n",
                 args.seed, args.samples
@@ -250,8 +252,15 @@ fn run_task(
             let tok = tokenizer.ok_or_else(|| RuntimeError::Message("no tokenizer".into()))?;
             let items = items.ok_or_else(|| RuntimeError::Message("no items".into()))?;
             let max_length = args.max_length.unwrap_or(model.plan.model.block_size);
-            let mut dec = Decoder::new(&model.plan, &model.params)?;
-            let r = choice::evaluate(&mut dec, tok, items, max_length, progress("choice"))?;
+            let dec = Decoder::new(&model.plan, &model.params)?;
+            let r = choice::evaluate(
+                &dec,
+                tok,
+                items,
+                max_length,
+                args.batch_size,
+                progress("choice"),
+            )?;
             text.push_str(&format!(
                 "\nchoice ({} items, max length {})\n",
                 r.items, r.max_length

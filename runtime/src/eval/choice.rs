@@ -15,6 +15,7 @@ use super::decoder::{Decoder, Logits};
 use super::sampling::log_prob;
 use super::tokenizer::TextTokenizer;
 use crate::{Result, RuntimeError};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -186,13 +187,61 @@ fn score(
     Ok(total)
 }
 
-/// Scores every item.
-pub fn evaluate(
+/// Log-likelihood of each choice `(context, continuation)` of one item.
+fn score_item(
     decoder: &mut Decoder,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    max_length: usize,
+) -> Result<Vec<f64>> {
+    // All choices share the context tokens unless BPE merged across the boundary.
+    let shared = pairs.iter().all(|p| p.0 == pairs[0].0);
+    let cached = if !pairs.is_empty() && shared && pairs[0].0.len() <= max_length {
+        decoder.reset();
+        let last = decoder.feed(&pairs[0].0, Logits::Last)?;
+        Some((decoder.state().clone(), last))
+    } else {
+        None
+    };
+    pairs
+        .iter()
+        .map(|(ctx, cont)| score(decoder, cached.as_ref(), ctx, cont, max_length))
+        .collect()
+}
+
+/// Log-likelihoods of every item's choices, `batch_size` items scored together (each with
+/// its own cache, rows on the rayon pool); results do not depend on `batch_size`.
+pub fn score_items(
+    decoder: &Decoder,
+    items: &[Vec<(Vec<u32>, Vec<u32>)>],
+    max_length: usize,
+    batch_size: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<Vec<f64>>> {
+    if batch_size == 0 {
+        return Err(RuntimeError::Message(
+            "batch size must be at least 1".into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for batch in items.chunks(batch_size) {
+        let lls: Vec<Vec<f64>> = batch
+            .par_iter()
+            .map(|pairs| score_item(&mut decoder.fork(), pairs, max_length))
+            .collect::<Result<_>>()?;
+        out.extend(lls);
+        progress(out.len(), items.len());
+    }
+    Ok(out)
+}
+
+/// Scores every item, `batch_size` at a time.
+pub fn evaluate(
+    decoder: &Decoder,
     tokenizer: &TextTokenizer,
     items: &[ChoiceItem],
     max_length: usize,
-    mut progress: impl FnMut(usize, usize),
+    batch_size: usize,
+    progress: impl FnMut(usize, usize),
 ) -> Result<ChoiceReport> {
     if !tokenizer.is_text() {
         return Err(RuntimeError::Message(
@@ -202,26 +251,18 @@ pub fn evaluate(
     if max_length == 0 {
         return Err(RuntimeError::Message("max_length must be positive".into()));
     }
+    let encoded: Vec<Vec<(Vec<u32>, Vec<u32>)>> = items
+        .iter()
+        .map(|item| {
+            item.choices
+                .iter()
+                .map(|c| encode_pair(tokenizer, &item.context, c))
+                .collect::<Result<_>>()
+        })
+        .collect::<Result<_>>()?;
+    let all_lls = score_items(decoder, &encoded, max_length, batch_size, progress)?;
     let mut scores = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        let pairs: Vec<(Vec<u32>, Vec<u32>)> = item
-            .choices
-            .iter()
-            .map(|c| encode_pair(tokenizer, &item.context, c))
-            .collect::<Result<_>>()?;
-        // All choices share the context tokens unless BPE merged across the boundary.
-        let shared = pairs.iter().all(|p| p.0 == pairs[0].0);
-        let cached = if shared && pairs[0].0.len() <= max_length {
-            decoder.reset();
-            let last = decoder.feed(&pairs[0].0, Logits::Last)?;
-            Some((decoder.state().clone(), last))
-        } else {
-            None
-        };
-        let lls: Vec<f64> = pairs
-            .iter()
-            .map(|(ctx, cont)| score(decoder, cached.as_ref(), ctx, cont, max_length))
-            .collect::<Result<_>>()?;
+    for (item, lls) in items.iter().zip(all_lls) {
         let lens: Vec<f64> = item
             .choices
             .iter()
@@ -235,7 +276,6 @@ pub fn evaluate(
             pred,
             pred_norm,
         });
-        progress(i + 1, items.len());
     }
     let n = scores.len() as f64;
     let acc = scores.iter().filter(|s| s.pred == s.label).count() as f64 / n;
@@ -312,5 +352,39 @@ mod score_tests {
         let short = score(&mut dec, None, &ctx[2..], &cont, 64).unwrap();
         assert!((truncated - short).abs() < 1e-9, "{truncated} vs {short}");
         assert!(fresh < 0.0);
+    }
+
+    #[test]
+    fn batched_scores_equal_one_at_a_time() {
+        let spec = TinySpec::default();
+        let plan = plan(
+            model_config(&spec, 8, true),
+            with_differential(hybrid_layers(spec.n_embd)),
+            vec![],
+        );
+        let params = noisy_params(&plan, 13);
+        let dec = Decoder::new(&plan, &params).unwrap();
+        // Shared contexts, differing contexts, and one truncated by max_length 8.
+        let items: Vec<Vec<(Vec<u32>, Vec<u32>)>> = (0..7u32)
+            .map(|i| {
+                let ctx: Vec<u32> = (0..3 + i).map(|t| (t * 5 + i) % 20).collect();
+                let other: Vec<u32> = if i % 3 == 0 {
+                    ctx[1..].to_vec()
+                } else {
+                    ctx.clone()
+                };
+                vec![(ctx, vec![i % 20, 7]), (other, vec![(i + 3) % 20])]
+            })
+            .collect();
+        let mut serial = Vec::new();
+        for pairs in &items {
+            serial.push(score_item(&mut dec.fork(), pairs, 8).unwrap());
+        }
+        for batch in [1, 3, 7, 16] {
+            let mut calls = 0;
+            let got = score_items(&dec, &items, 8, batch, |_, _| calls += 1).unwrap();
+            assert_eq!(got, serial, "batch size {batch}");
+            assert_eq!(calls, items.len().div_ceil(batch));
+        }
     }
 }

@@ -405,6 +405,20 @@ impl<'a> Decoder<'a> {
         DecoderState { pos: 0, layers }
     }
 
+    /// A decoder of the same model with a fresh state (one row of a batch).
+    pub fn fork(&self) -> Decoder<'a> {
+        Decoder {
+            plan: self.plan,
+            params: self.params,
+            blocks: self.blocks.clone(),
+            wte: self.wte,
+            head: self.head,
+            ln_f: self.ln_f,
+            rope: self.rope.clone(),
+            state: Self::fresh_state(self.plan, &self.blocks),
+        }
+    }
+
     /// Forgets the sequence.
     pub fn reset(&mut self) {
         self.state = Self::fresh_state(self.plan, &self.blocks);

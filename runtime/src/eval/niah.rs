@@ -7,7 +7,7 @@
 
 use super::decoder::Decoder;
 use super::names::{ADJECTIVES, NOUNS};
-use super::sampling::{generate, Sampler, SamplingOptions};
+use super::sampling::generate_greedy_batch;
 use super::tokenizer::TextTokenizer;
 use crate::{Result, RuntimeError};
 use rand::{Rng, SeedableRng};
@@ -126,6 +126,8 @@ pub struct NiahOptions {
     pub depths: Vec<f64>,
     pub samples: usize,
     pub seed: u64,
+    /// Prompts decoded together (results do not depend on it).
+    pub batch_size: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -138,7 +140,7 @@ pub struct NiahCell {
 }
 
 pub fn evaluate(
-    decoder: &mut Decoder,
+    decoder: &Decoder,
     tokenizer: &TextTokenizer,
     opts: &NiahOptions,
     mut progress: impl FnMut(usize, usize),
@@ -153,28 +155,45 @@ pub fn evaluate(
             "NIAH depths are fractions in [0, 1], got {d}"
         )));
     }
-    let total = opts.lengths.len() * opts.depths.len() * opts.samples;
-    let mut done = 0;
+    if opts.batch_size == 0 {
+        return Err(RuntimeError::Message(
+            "batch size must be at least 1".into(),
+        ));
+    }
+    // Every (length, depth, sample) prompt in order, decoded batch_size at a time.
+    let mut jobs = Vec::new();
+    for &length in &opts.lengths {
+        for &depth in &opts.depths {
+            for s in 0..opts.samples {
+                let p = make_prompt(tokenizer, length, depth, s, opts.seed)?;
+                let ids = tokenizer.encode(&p.prompt)?;
+                jobs.push((p, ids));
+            }
+        }
+    }
+    let total = jobs.len();
+    let eos = tokenizer.eos();
+    let mut results = Vec::with_capacity(total);
+    for batch in jobs.chunks(opts.batch_size) {
+        let ids: Vec<Vec<u32>> = batch.iter().map(|j| j.1.clone()).collect();
+        let generated = generate_greedy_batch(decoder, &ids, MAX_NEW_TOKENS, eos, |_| false)?;
+        for ((p, ids), generated) in batch.iter().zip(generated) {
+            let kept: Vec<u32> = generated.into_iter().filter(|&t| Some(t) != eos).collect();
+            let text = tokenizer.decode(&kept)?;
+            let ok = text.to_lowercase().contains(&p.value.to_lowercase());
+            results.push((p.value.clone(), text, ok, ids.len()));
+            progress(results.len(), total);
+        }
+    }
+    let mut results = results.into_iter();
     let mut cells = Vec::new();
     for &length in &opts.lengths {
         for &depth in &opts.depths {
             let mut answers = Vec::new();
             let mut tokens_sum = 0usize;
-            for s in 0..opts.samples {
-                let p = make_prompt(tokenizer, length, depth, s, opts.seed)?;
-                let ids = tokenizer.encode(&p.prompt)?;
-                tokens_sum += ids.len();
-                decoder.reset();
-                let eos = tokenizer.eos();
-                let mut sampler = Sampler::new(SamplingOptions::greedy());
-                let generated =
-                    generate(decoder, &ids, MAX_NEW_TOKENS, &mut sampler, eos, |_| false)?;
-                let kept: Vec<u32> = generated.into_iter().filter(|&t| Some(t) != eos).collect();
-                let text = tokenizer.decode(&kept)?;
-                let ok = text.to_lowercase().contains(&p.value.to_lowercase());
-                answers.push((p.value, text, ok));
-                done += 1;
-                progress(done, total);
+            for (value, text, ok, n_tokens) in results.by_ref().take(opts.samples) {
+                tokens_sum += n_tokens;
+                answers.push((value, text, ok));
             }
             let n = answers.len().max(1) as f64;
             let accuracy = answers.iter().filter(|a| a.2).count() as f64 / n;

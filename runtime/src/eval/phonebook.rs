@@ -17,7 +17,7 @@
 
 use super::decoder::Decoder;
 use super::names::{FIRST, LAST};
-use super::sampling::{generate, Sampler, SamplingOptions};
+use super::sampling::generate_greedy_batch;
 use super::tokenizer::TextTokenizer;
 use crate::{Result, RuntimeError};
 use rand::seq::index::sample;
@@ -161,9 +161,10 @@ pub struct PhonebookSize {
     pub samples: Vec<PhonebookSample>,
 }
 
-/// Runs the protocol; `progress` is called after each prompt.
+/// Runs the protocol, each batch of prompts decoded together; `progress` is called after
+/// each prompt.
 pub fn evaluate(
-    decoder: &mut Decoder,
+    decoder: &Decoder,
     tokenizer: &TextTokenizer,
     opts: &PhonebookOptions,
     mut progress: impl FnMut(usize, usize),
@@ -185,18 +186,20 @@ pub fn evaluate(
             let mut correct = 0usize;
             let mut count = 0usize;
             for b in 0..per_measurement {
-                for p in batch_prompts(opts.seed, m, size, b, opts.batch_size)? {
-                    let ids = tokenizer.encode(&p.prompt)?;
-                    decoder.reset();
-                    let mut sampler = Sampler::new(SamplingOptions::greedy());
-                    let eos = tokenizer.eos();
-                    let generated =
-                        generate(decoder, &ids, MAX_NEW_TOKENS, &mut sampler, eos, |g| {
-                            tokenizer
-                                .decode(g)
-                                .map(|t| t.contains('\n'))
-                                .unwrap_or(false)
-                        })?;
+                let prompts = batch_prompts(opts.seed, m, size, b, opts.batch_size)?;
+                let ids: Vec<Vec<u32>> = prompts
+                    .iter()
+                    .map(|p| tokenizer.encode(&p.prompt))
+                    .collect::<Result<_>>()?;
+                let eos = tokenizer.eos();
+                // The batch is decoded together, each prompt with its own cache.
+                let generated = generate_greedy_batch(decoder, &ids, MAX_NEW_TOKENS, eos, |g| {
+                    tokenizer
+                        .decode(g)
+                        .map(|t| t.contains('\n'))
+                        .unwrap_or(false)
+                })?;
+                for ((p, ids), generated) in prompts.into_iter().zip(&ids).zip(generated) {
                     let kept: Vec<u32> = generated
                         .iter()
                         .copied()

@@ -6,6 +6,7 @@ use super::decoder::{Decoder, Logits};
 use crate::{Result, RuntimeError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplingOptions {
@@ -130,6 +131,26 @@ pub fn generate(
         logits = decoder.feed(&[next], Logits::Last)?;
     }
     Ok(out)
+}
+
+/// Greedy decoding of a batch of prompts, each row with its own cache: the rows run
+/// together on the rayon pool (each row's ops also split over it), and a row's result does
+/// not depend on the batch it is in — it is exactly [`generate`] with a greedy sampler.
+pub fn generate_greedy_batch(
+    decoder: &Decoder,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    stop_id: Option<u32>,
+    stop: impl Fn(&[u32]) -> bool + Sync,
+) -> Result<Vec<Vec<u32>>> {
+    prompts
+        .par_iter()
+        .map(|prompt| {
+            let mut row = decoder.fork();
+            let mut sampler = Sampler::new(SamplingOptions::greedy());
+            generate(&mut row, prompt, max_new, &mut sampler, stop_id, &stop)
+        })
+        .collect()
 }
 
 /// Natural-log softmax probability of `target` over all of `logits` (the padded vocabulary,

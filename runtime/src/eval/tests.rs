@@ -1,7 +1,7 @@
 //! Decoder logits against the CPU reference model's losses, decoding determinism.
 
 use super::decoder::{Decoder, Logits};
-use super::sampling::{generate, log_prob, Sampler, SamplingOptions};
+use super::sampling::{generate, generate_greedy_batch, log_prob, Sampler, SamplingOptions};
 use super::test_support::*;
 use crate::cpu::CpuModel;
 use archscale_compiler::{NormKind, Parametrization, Plan};
@@ -163,6 +163,39 @@ fn differential_attention_decoder_matches_the_reference_model() {
             "prefill then steps",
         );
     }
+}
+
+#[test]
+fn batched_greedy_decoding_equals_one_prompt_at_a_time() {
+    let spec = TinySpec::default();
+    let plan = plan(
+        model_config(&spec, 8, true),
+        with_differential(hybrid_layers(spec.n_embd)),
+        vec![],
+    );
+    let params = noisy_params(&plan, 14);
+    let dec = Decoder::new(&plan, &params).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|i| random_tokens(2 + 3 * i, spec.vocab, 40 + i as u64))
+        .collect();
+    // Stop id 5 and a stop rule end some rows early.
+    let stop = |g: &[u32]| g.len() >= 3 && g[g.len() - 1] == g[g.len() - 2];
+    let serial: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let mut one = Decoder::new(&plan, &params).unwrap();
+            let mut sampler = Sampler::new(SamplingOptions::greedy());
+            generate(&mut one, p, 9, &mut sampler, Some(5), stop).unwrap()
+        })
+        .collect();
+    for batch in [1, 2, 4, 6] {
+        let got: Vec<Vec<u32>> = prompts
+            .chunks(batch)
+            .flat_map(|b| generate_greedy_batch(&dec, b, 9, Some(5), stop).unwrap())
+            .collect();
+        assert_eq!(got, serial, "batch size {batch}");
+    }
+    assert!(serial.iter().all(|g| !g.is_empty() && g.len() <= 9));
 }
 
 #[test]
