@@ -242,8 +242,17 @@ fn sweep_fit_plot_eval_generate_export() {
         .unwrap();
     let ev = json(&archscale(
         dir,
-        &["eval", d2.to_str().unwrap(), "--task", "val", "--json"],
+        &[
+            "eval",
+            d2.to_str().unwrap(),
+            "--task",
+            "val",
+            "--backend",
+            "cpu",
+            "--json",
+        ],
     ));
+    assert_eq!(ev["val"]["backend"], "cpu");
     let loss = ev["val"]["at"][0]["loss"].as_f64().unwrap();
     assert!(
         (loss - final_val(d2)).abs() < 1e-9,
@@ -265,6 +274,9 @@ fn sweep_fit_plot_eval_generate_export() {
         ],
     ));
     assert_eq!(longer["val"]["at"].as_array().unwrap().len(), 3);
+    // --backend auto (the default) takes CUDA when present, else the CPU with a warning.
+    let name = longer["val"]["backend"].as_str().unwrap();
+    assert!(name == "cpu" || name.starts_with("cuda"), "{name}");
 
     // generate: ids in, ids out, deterministic for a seed.
     let gen = |seed: &str| {

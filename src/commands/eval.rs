@@ -1,10 +1,12 @@
-//! `archscale eval CHECKPOINT_OR_RUN_DIR --task val|phonebook|niah|choice ...` on the CPU:
-//! results as a table (and `--json`), deterministic given the seed.
+//! `archscale eval CHECKPOINT_OR_RUN_DIR --task val|phonebook|niah|choice ...`: results as a
+//! table (and `--json`), deterministic given the seed. `val` runs on the chosen backend
+//! (CUDA or CPU); the decoding tasks run on the CPU decoder.
 
+use super::run::BackendChoice;
 use archscale_runtime::eval::{
     choice, load_model, niah, phonebook, val, Decoder, TextTokenizer, TokenizerChoice,
 };
-use archscale_runtime::RuntimeError;
+use archscale_runtime::{Backend, RuntimeError};
 use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -29,6 +31,10 @@ pub struct Args {
     /// Tasks to run (repeat or comma-separate).
     #[arg(long = "task", value_enum, value_delimiter = ',', required = true)]
     pub tasks: Vec<Task>,
+    /// Device of `val` (auto: CUDA when available, else CPU with a warning). The decoding
+    /// tasks (phonebook, niah, choice) always run on the CPU decoder.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendChoice,
     /// Where relative data paths and synthetic corpora resolve (as for `archscale run`).
     #[arg(long, default_value = ".")]
     pub data_root: PathBuf,
@@ -101,6 +107,26 @@ fn progress(task: &'static str) -> impl FnMut(usize, usize) {
     }
 }
 
+/// The backend of `val`: as `archscale run` chooses it (auto falls back to the CPU).
+fn make_backend(
+    choice: BackendChoice,
+    plan: &archscale_compiler::Plan,
+) -> archscale_runtime::Result<Box<dyn Backend>> {
+    let cpu = || -> archscale_runtime::Result<Box<dyn Backend>> {
+        Ok(Box::new(archscale_runtime::cpu_backend::CpuBackend::new(
+            plan,
+        )?))
+    };
+    match choice {
+        BackendChoice::Cpu => cpu(),
+        BackendChoice::Cuda => archscale_runtime::cuda_backend(plan),
+        BackendChoice::Auto => archscale_runtime::cuda_backend(plan).or_else(|e| {
+            eprintln!("warning: CUDA backend unavailable ({e}); validation runs on the CPU");
+            cpu()
+        }),
+    }
+}
+
 pub fn run(args: Args) -> miette::Result<ExitCode> {
     if args.tasks.contains(&Task::Choice) && args.items.is_none() {
         eprintln!("error: --task choice needs --items FILE.jsonl");
@@ -126,6 +152,20 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
     } else {
         None
     };
+    let decodes = args.tasks.iter().any(|t| *t != Task::Val);
+    if decodes && args.backend == BackendChoice::Cuda {
+        eprintln!(
+            "note: phonebook, niah and choice run on the CPU decoder; --backend cuda applies to val only"
+        );
+    }
+    let mut backend = if args.tasks.contains(&Task::Val) {
+        match make_backend(args.backend, &model.plan) {
+            Ok(b) => Some(b),
+            Err(e) => return fail(e),
+        }
+    } else {
+        None
+    };
     let mut results = serde_json::Map::new();
     results.insert(
         "model".into(),
@@ -145,6 +185,7 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
             *task,
             &args,
             &model,
+            backend.as_mut(),
             tokenizer.as_ref(),
             items.as_deref(),
             &mut text,
@@ -173,16 +214,25 @@ fn run_task(
     task: Task,
     args: &Args,
     model: &archscale_runtime::eval::LoadedModel,
+    backend: Option<&mut Box<dyn Backend>>,
     tokenizer: Option<&TextTokenizer>,
     items: Option<&[choice::ChoiceItem]>,
     text: &mut String,
 ) -> archscale_runtime::Result<(&'static str, serde_json::Value)> {
     match task {
         Task::Val => {
-            let r = val::evaluate(model, &args.data_root, args.extrapolate, args.val_batches)?;
+            let backend =
+                backend.ok_or_else(|| RuntimeError::Message("no backend for val".into()))?;
+            let r = val::evaluate(
+                model,
+                backend.as_mut(),
+                &args.data_root,
+                args.extrapolate,
+                args.val_batches,
+            )?;
             text.push_str(&format!(
-                "\nval ({} batches of {} rows, T = {})\n",
-                r.batches, r.rows_per_batch, r.seq_len
+                "\nval on {} ({} batches of {} rows, T = {})\n",
+                r.backend, r.batches, r.rows_per_batch, r.seq_len
             ));
             text.push_str("  context  tokens  loss     ppl\n");
             for a in &r.at {

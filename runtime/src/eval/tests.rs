@@ -275,7 +275,10 @@ fn val_matches_the_reference_loss_on_the_synthetic_corpus() {
     let params = noisy_params(&plan, 3);
     let dir = tempfile::tempdir().unwrap();
     let model = loaded(plan.clone(), params.clone());
-    let report = super::val::evaluate(&model, dir.path(), None, None).unwrap();
+    // The backend starts from its own init: evaluate must load the checkpoint's parameters.
+    let mut backend = crate::cpu_backend::CpuBackend::new(&plan).unwrap();
+    let report = super::val::evaluate(&model, &mut backend, dir.path(), None, None).unwrap();
+    assert_eq!(report.backend, "cpu");
     assert_eq!(report.at.len(), 2);
     assert_eq!(report.batches, 2);
     // Recompute: the first eval_iters rows of the validation loader, prefix losses averaged.
@@ -291,7 +294,7 @@ fn val_matches_the_reference_loss_on_the_synthetic_corpus() {
         (report.at[0].loss - sums[0]).abs() < 1e-9 && (report.at[1].loss - sums[1]).abs() < 1e-9
     );
     assert!((report.at[0].ppl - sums[0].exp()).abs() < 1e-9);
-    let longer = super::val::evaluate(&model, dir.path(), Some(3), Some(1)).unwrap();
+    let longer = super::val::evaluate(&model, &mut backend, dir.path(), Some(3), Some(1)).unwrap();
     assert_eq!(
         longer.at.iter().map(|a| a.context).collect::<Vec<_>>(),
         vec![8, 16, 24]

@@ -4,9 +4,10 @@
 //! cross-entropy of the first `j·T` predictions of each row for j = 1..k. With
 //! `k = num_extrapol` and the default batch count this is exactly the number the training
 //! loop logs as `val_loss@{j}x`; a larger k reads longer rows (`k·T + 1` tokens).
+//! The losses come from a [`Backend`] (CPU or CUDA) holding the checkpoint's parameters.
 
 use super::load::LoadedModel;
-use crate::cpu::CpuModel;
+use crate::backend::Backend;
 use crate::data::ValLoader;
 use crate::{Result, RuntimeError};
 use serde::Serialize;
@@ -24,6 +25,8 @@ pub struct ValAt {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ValReport {
+    /// The backend that computed the losses (`cpu`, `cuda:0`).
+    pub backend: String,
     pub seq_len: usize,
     pub rows_per_batch: usize,
     pub batches: usize,
@@ -31,9 +34,11 @@ pub struct ValReport {
 }
 
 /// `extrapolate`: largest multiple k (default the plan's `num_extrapol`); `batches`: per
-/// rank (default the plan's `eval_iters`).
+/// rank (default the plan's `eval_iters`). The checkpoint's parameters are written into
+/// `backend` (built for `model.plan`) first.
 pub fn evaluate(
     model: &LoadedModel,
+    backend: &mut dyn Backend,
     data_root: &Path,
     extrapolate: Option<usize>,
     batches: Option<usize>,
@@ -57,7 +62,7 @@ pub fn evaluate(
     let rows = plan.data.val_micro_batch.max(1);
     let world = plan.layout.world.max(1);
     let n_chunks = 8usize.div_ceil(plan.layout.nodes.max(1));
-    let cpu = CpuModel::<f32>::new(plan)?;
+    backend.write_params(&model.params)?;
     let prefixes: Vec<usize> = (1..=k).map(|j| j * t).collect();
     let mut sums = vec![0.0; k];
     let mut count = 0usize;
@@ -71,8 +76,7 @@ pub fn evaluate(
             data_root,
         )?;
         for batch in loader.batches(n_batches, rows)? {
-            let losses =
-                cpu.forward_loss(&model.params, &batch, rows, data.val_block_size, &prefixes)?;
+            let losses = backend.eval_loss(&batch, rows, data.val_block_size, &prefixes)?;
             for (s, l) in sums.iter_mut().zip(losses) {
                 *s += l;
             }
@@ -98,6 +102,7 @@ pub fn evaluate(
         })
         .collect();
     Ok(ValReport {
+        backend: backend.name(),
         seq_len: t,
         rows_per_batch: rows,
         batches: count,
