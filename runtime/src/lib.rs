@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod cpu_backend;
 pub mod cuda;
 pub mod data;
+pub mod distributed;
 pub mod eval;
 pub mod optim;
 pub mod train;

@@ -1,0 +1,236 @@
+use super::shard::{ShardLayout, State};
+use super::*;
+use archscale_compiler::plan::{Plan, Sharding};
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn err(pairs: &[(&str, &str)]) -> String {
+    RankEnv::from_map(&env(pairs)).unwrap_err().to_string()
+}
+
+#[test]
+fn no_launcher_is_a_single_process() {
+    let e = RankEnv::from_map(&env(&[("PATH", "/bin")])).unwrap();
+    assert_eq!(
+        (e.rank, e.world, e.local_rank, e.local_world, e.node_rank()),
+        (0, 1, 0, 1, 0)
+    );
+    assert_eq!(
+        (e.master_addr.as_str(), e.master_port, e.source),
+        ("127.0.0.1", 29500, EnvSource::Single)
+    );
+}
+
+#[test]
+fn torchrun_variables() {
+    let e = RankEnv::from_map(&env(&[
+        ("RANK", "11"),
+        ("WORLD_SIZE", "16"),
+        ("LOCAL_RANK", "3"),
+        ("LOCAL_WORLD_SIZE", "8"),
+        ("MASTER_ADDR", "10.0.0.5"),
+        ("MASTER_PORT", "29400"),
+        // Torchrun wins over Slurm when both are set (torchrun inside an sbatch job).
+        ("SLURM_PROCID", "0"),
+        ("SLURM_NTASKS", "2"),
+    ]))
+    .unwrap();
+    assert_eq!(
+        (e.rank, e.world, e.local_rank, e.local_world, e.node_rank()),
+        (11, 16, 3, 8, 1)
+    );
+    assert_eq!(
+        (e.master_addr.as_str(), e.master_port, e.source),
+        ("10.0.0.5", 29400, EnvSource::Torchrun)
+    );
+}
+
+#[test]
+fn slurm_variables_and_master_fallbacks() {
+    let base = [
+        ("SLURM_PROCID", "9"),
+        ("SLURM_NTASKS", "16"),
+        ("SLURM_LOCALID", "1"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut all = base.to_vec();
+        all.extend_from_slice(extra);
+        RankEnv::from_map(&env(&all)).unwrap()
+    };
+    let e = with(&[
+        ("SLURM_NTASKS_PER_NODE", "8(x2)"),
+        ("SLURM_JOB_NODELIST", "gpu-[03-04]"),
+    ]);
+    assert_eq!(
+        (e.rank, e.world, e.local_rank, e.local_world, e.node_rank()),
+        (9, 16, 1, 8, 1)
+    );
+    assert_eq!(
+        (e.master_addr.as_str(), e.source),
+        ("gpu-03", EnvSource::Slurm)
+    );
+    let e = with(&[
+        ("SLURM_JOB_NUM_NODES", "4"),
+        ("SLURM_LAUNCH_NODE_IPADDR", "10.1.1.1"),
+        ("SLURM_JOB_NODELIST", "a,b"),
+    ]);
+    assert_eq!((e.local_world, e.master_addr.as_str()), (4, "10.1.1.1"));
+    let e = with(&[
+        ("SLURM_NTASKS_PER_NODE", "8"),
+        ("MASTER_ADDR", "head"),
+        ("SLURM_LAUNCH_NODE_IPADDR", "10.1.1.1"),
+    ]);
+    assert_eq!(e.master_addr, "head");
+}
+
+#[test]
+fn slurm_node_list_first_host() {
+    assert_eq!(first_host("gpu-[03-05,9],cpu1").as_deref(), Some("gpu-03"));
+    assert_eq!(first_host("node7,node8").as_deref(), Some("node7"));
+    assert_eq!(first_host("node[12,14]-ib").as_deref(), Some("node12-ib"));
+    assert_eq!(first_host("single").as_deref(), Some("single"));
+    assert_eq!(first_host("a,b[1-2]").as_deref(), Some("a"));
+    assert_eq!(first_host("bad[").as_deref(), None);
+}
+
+#[test]
+fn inconsistent_values_name_the_variables() {
+    assert!(err(&[("RANK", "4"), ("WORLD_SIZE", "4")]).contains("RANK=4 is not below WORLD_SIZE=4"));
+    assert!(err(&[("RANK", "1")]).contains("RANK is set but WORLD_SIZE is not"));
+    assert!(
+        err(&[("RANK", "x"), ("WORLD_SIZE", "2")]).contains("RANK=x is not a non-negative integer")
+    );
+    assert!(err(&[
+        ("RANK", "0"),
+        ("WORLD_SIZE", "6"),
+        ("LOCAL_WORLD_SIZE", "4")
+    ])
+    .contains("WORLD_SIZE=6 is not a multiple of LOCAL_WORLD_SIZE=4"));
+    assert!(err(&[
+        ("RANK", "0"),
+        ("WORLD_SIZE", "8"),
+        ("LOCAL_RANK", "4"),
+        ("LOCAL_WORLD_SIZE", "4")
+    ])
+    .contains("LOCAL_RANK=4 is not below LOCAL_WORLD_SIZE=4"));
+    assert!(
+        err(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_PORT", "70000")])
+            .contains("MASTER_PORT=70000")
+    );
+    assert!(err(&[
+        ("SLURM_PROCID", "2"),
+        ("SLURM_NTASKS", "2"),
+        ("MASTER_ADDR", "h")
+    ])
+    .contains("SLURM_PROCID=2 is not below SLURM_NTASKS=2"));
+    assert!(err(&[
+        ("SLURM_PROCID", "0"),
+        ("SLURM_NTASKS", "6"),
+        ("SLURM_JOB_NUM_NODES", "4"),
+        ("MASTER_ADDR", "h")
+    ])
+    .contains("SLURM_NTASKS=6 is not a multiple of SLURM_JOB_NUM_NODES=4"));
+    assert!(err(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")]).contains("set MASTER_ADDR"));
+}
+
+/// Compiled plans of a small transformer on `nodes x gpus` under each sharding.
+fn plan(nodes: usize, gpus: usize, sharding: &str) -> Plan {
+    let dir = tempfile::tempdir().unwrap();
+    let experiment = format!(
+        r#"arch = "transformer"
+depth = 4
+parametrization = "mup++"
+
+[base]
+depth = 4
+lr = 1e-3
+batch_tokens = 4096
+warmup_tokens = 4096
+
+[train]
+tokens = 40960
+seq_len = 64
+micro_batch = 1
+
+[data]
+train = [{{ synthetic = {{ seed = 1, tokens = 10_000 }} }}]
+val = [{{ synthetic = {{ seed = 2, tokens = 1_000 }} }}]
+
+[cluster]
+nodes = {nodes}
+gpus_per_node = {gpus}
+gpu_memory_gib = 80
+sharding = "{sharding}"
+"#
+    );
+    let exp = archscale_spec::parse_experiment("exp.toml", &experiment, dir.path(), &[])
+        .unwrap_or_else(|e| panic!("{}", e.render()));
+    let mut plans =
+        archscale_compiler::plan_experiment(&exp).unwrap_or_else(|e| panic!("{}", e.render()));
+    plans.swap_remove(0)
+}
+
+#[test]
+fn per_rank_bytes_agree_with_plan_estimates() {
+    for (nodes, gpus) in [(1, 1), (1, 4), (2, 4)] {
+        for sharding in ["data_parallel", "zero1", "zero3", "hybrid_shard"] {
+            let plan = plan(nodes, gpus, sharding);
+            let layout = ShardLayout::from_plan(&plan).unwrap();
+            let mem = &plan.estimates.memory;
+            let tensors = plan.params.len() as u64;
+            for (state, estimate, per_element) in [
+                (State::Params, mem.params_bytes, 4),
+                (State::Grads, mem.grads_bytes, 4),
+                (State::Optimizer, mem.optimizer_bytes, 8),
+            ] {
+                let got = layout.max_rank_bytes(state);
+                // Per-tensor padding to a multiple of the world adds at most world-1
+                // elements per tensor, spread over the shards.
+                let slack = per_element * tensors * (plan.layout.world as u64 - 1);
+                assert!(
+                    got >= estimate && got <= estimate + slack,
+                    "{nodes}x{gpus} {sharding} {state:?}: {got} B per rank, plan says {estimate} (slack {slack})"
+                );
+                if plan.layout.world == 1 {
+                    assert_eq!(got, estimate, "{sharding} {state:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rank_env_checked_against_plan_layout() {
+    let p = plan(2, 4, "hybrid_shard");
+    assert_eq!(p.layout.sharding, Sharding::HybridShard);
+    let ok = RankEnv::from_map(&env(&[
+        ("RANK", "5"),
+        ("WORLD_SIZE", "8"),
+        ("LOCAL_WORLD_SIZE", "4"),
+        ("LOCAL_RANK", "1"),
+    ]))
+    .unwrap();
+    ok.check_layout(&p.layout).unwrap();
+    let single = RankEnv::from_map(&env(&[])).unwrap();
+    let e = single.check_layout(&p.layout).unwrap_err().to_string();
+    assert!(
+        e.contains("WORLD_SIZE=1 but the plan's world is 8 (2 nodes x 4 GPUs)"),
+        "{e}"
+    );
+    let wrong_node = RankEnv::from_map(&env(&[
+        ("RANK", "0"),
+        ("WORLD_SIZE", "8"),
+        ("LOCAL_WORLD_SIZE", "8"),
+    ]))
+    .unwrap();
+    assert!(wrong_node
+        .check_layout(&p.layout)
+        .unwrap_err()
+        .to_string()
+        .contains("LOCAL_WORLD_SIZE=8 but the plan runs 4 GPUs per node"));
+}
