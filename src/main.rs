@@ -26,6 +26,8 @@ enum Command {
     Prepare(commands::prepare::Args),
     /// Train the runs of an experiment.
     Run(commands::run::Args),
+    /// Print a Slurm or torchrun script that launches an experiment on its cluster.
+    Launch(commands::launch::Args),
     /// Check every kernel against the CPU reference on fresh random inputs.
     Selftest(commands::selftest::Args),
     /// Measure training throughput, MFU and peak memory.
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
         Command::ImportArchscale(a) => commands::import_archscale::run(a),
         Command::Prepare(a) => commands::prepare::run(a),
         Command::Run(a) => commands::run::run(a),
+        Command::Launch(a) => commands::launch::run(a),
         Command::Selftest(a) => commands::selftest::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Eval(a) => commands::eval::run(a),

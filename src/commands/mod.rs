@@ -7,6 +7,7 @@ pub mod export;
 pub mod fit;
 pub mod generate;
 pub mod import_archscale;
+pub mod launch;
 pub mod plan;
 pub mod plot;
 pub mod prepare;
