@@ -94,7 +94,7 @@ fn final_val(run: &Path) -> f64 {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["final"] == true)
         .filter_map(|v| v["val_loss@1x"].as_f64())
-        .last()
+        .next_back()
         .unwrap()
 }
 

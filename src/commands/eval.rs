@@ -159,7 +159,10 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
         );
     }
     let mut backend = if args.tasks.contains(&Task::Val) {
-        match make_backend(args.backend, &model.plan) {
+        match make_backend(
+            args.backend,
+            &val::backend_plan(&model.plan, args.extrapolate),
+        ) {
             Ok(b) => Some(b),
             Err(e) => return fail(e),
         }

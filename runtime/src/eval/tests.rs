@@ -299,6 +299,15 @@ fn val_matches_the_reference_loss_on_the_synthetic_corpus() {
         longer.at.iter().map(|a| a.context).collect::<Vec<_>>(),
         vec![8, 16, 24]
     );
+    // A device backend is built for rows of k·T + 1 tokens.
+    assert_eq!(
+        super::val::backend_plan(&plan, Some(3)).data.val_block_size,
+        25
+    );
+    assert_eq!(
+        super::val::backend_plan(&plan, None).data.val_block_size,
+        17
+    );
 }
 
 #[test]

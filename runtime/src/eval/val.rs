@@ -33,6 +33,18 @@ pub struct ValReport {
     pub at: Vec<ValAt>,
 }
 
+/// The plan a backend for [`evaluate`] is built from: `plan` with validation rows of
+/// `k·T + 1` tokens, so a device backend sizes its buffers and RoPE table for them.
+pub fn backend_plan(
+    plan: &archscale_compiler::Plan,
+    extrapolate: Option<usize>,
+) -> archscale_compiler::Plan {
+    let k = extrapolate.unwrap_or(plan.training.num_extrapol);
+    let mut sized = plan.clone();
+    sized.data.val_block_size = sized.data.val_block_size.max(k * plan.layout.seq_len + 1);
+    sized
+}
+
 /// `extrapolate`: largest multiple k (default the plan's `num_extrapol`); `batches`: per
 /// rank (default the plan's `eval_iters`). The checkpoint's parameters are written into
 /// `backend` (built for `model.plan`) first.
