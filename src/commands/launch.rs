@@ -136,7 +136,7 @@ pub fn render(
     let most = plans
         .iter()
         .max_by_key(|p| p.estimates.memory.total_bytes)
-        .map(|p| memory_line(p))
+        .map(memory_line)
         .unwrap_or_default();
     let mut context = tera::Context::new();
     context.insert("what", &what);

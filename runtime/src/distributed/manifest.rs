@@ -51,6 +51,14 @@ pub struct PieceEntry {
     pub shard_offset: usize,
 }
 
+/// One tensor rebuilt from its pieces.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FullTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
 /// File name of chunk `shard` of `count`: `<prefix>.shard-00001-of-00004.bin`.
 pub fn shard_file_name(prefix: &str, shard: usize, count: usize) -> String {
     format!("{prefix}.shard-{shard:05}-of-{count:05}.bin")
@@ -157,7 +165,7 @@ impl Manifest {
     }
 
     /// The full tensors, in manifest order, rebuilt from `shards`.
-    pub fn gather(&self, shards: &[Vec<f32>]) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn gather(&self, shards: &[Vec<f32>]) -> Result<Vec<FullTensor>> {
         self.check(shards)?;
         Ok(self
             .tensors
@@ -170,7 +178,11 @@ impl Manifest {
                         &shards[p.shard][p.shard_offset..p.shard_offset + end - start],
                     );
                 }
-                (t.name.clone(), t.shape.clone(), data)
+                FullTensor {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    data,
+                }
             })
             .collect())
     }
@@ -198,16 +210,14 @@ pub fn reshard(
 ) -> Result<(Manifest, Vec<Vec<f32>>)> {
     let tensors = manifest.gather(shards)?;
     let layout = ShardLayout::new(
-        tensors
-            .iter()
-            .map(|(name, shape, _)| (name.clone(), shape.clone(), 8)),
+        tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), 8)),
         manifest.layout,
         new_world,
         gpus_per_node,
     )?;
     let full: Vec<f32> = tensors
         .iter()
-        .flat_map(|(_, _, d)| d.iter().copied())
+        .flat_map(|t| t.data.iter().copied())
         .collect();
     let state = manifest.state();
     let new_manifest = Manifest::new(&layout, state, prefix);
@@ -281,7 +291,7 @@ mod tests {
                 .gather(&s3)
                 .unwrap()
                 .into_iter()
-                .flat_map(|t| t.2)
+                .flat_map(|t| t.data)
                 .collect();
             assert_eq!(
                 gathered.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),

@@ -92,7 +92,7 @@ impl RankEnv {
                 }
                 None => match optional(env, "SLURM_JOB_NUM_NODES")? {
                     Some(0) => return Err(msg("SLURM_JOB_NUM_NODES=0: a job needs at least one node".into())),
-                    Some(n) if world % n == 0 => world / n,
+                    Some(n) if world.is_multiple_of(n) => world / n,
                     Some(n) => {
                         return Err(msg(format!(
                             "SLURM_NTASKS={world} is not a multiple of SLURM_JOB_NUM_NODES={n}: every node must run the same number of tasks"
@@ -160,7 +160,7 @@ impl RankEnv {
                 self.rank, self.world
             )));
         }
-        if self.local_world == 0 || self.world % self.local_world != 0 {
+        if self.local_world == 0 || !self.world.is_multiple_of(self.local_world) {
             return Err(msg(format!(
                 "{world}={} is not a multiple of {local_world}={}: every node must run the same number of processes",
                 self.world, self.local_world

@@ -81,7 +81,7 @@ impl ShardLayout {
         world: usize,
         gpus_per_node: usize,
     ) -> Result<Self> {
-        if world == 0 || gpus_per_node == 0 || world % gpus_per_node != 0 {
+        if world == 0 || gpus_per_node == 0 || !world.is_multiple_of(gpus_per_node) {
             return Err(RuntimeError::Message(format!(
                 "sharding: world {world} must be a positive multiple of gpus_per_node {gpus_per_node}"
             )));
