@@ -18,6 +18,8 @@ pub struct Manifest {
     pub world: usize,
     pub gpus_per_node: usize,
     pub layout: Sharding,
+    /// Which state the files hold; it sets how many chunks the layout cuts it into.
+    pub state: State,
     /// Length of each shard file's buffer, in elements.
     pub shard_len: usize,
     pub files: Vec<ShardFile>,
@@ -92,6 +94,7 @@ impl Manifest {
             world: layout.world,
             gpus_per_node: layout.gpus_per_node,
             layout: layout.sharding,
+            state,
             shard_len: layout.padded_total / count,
             files: (0..count)
                 .map(|shard| ShardFile {
@@ -186,16 +189,6 @@ impl Manifest {
             })
             .collect())
     }
-
-    /// Which state a manifest of this layout describes, from its shard count.
-    fn state(&self) -> State {
-        match self.layout {
-            // Under ZeRO-1 only the optimizer state is sharded; a one-file ZeRO-1
-            // manifest (world 1) reads the same either way.
-            Sharding::Zero1 => State::Optimizer,
-            _ => State::Params,
-        }
-    }
 }
 
 /// Re-shards a checkpoint state written at `manifest.world` to `new_world` ranks of the same
@@ -219,7 +212,7 @@ pub fn reshard(
         .iter()
         .flat_map(|t| t.data.iter().copied())
         .collect();
-    let state = manifest.state();
+    let state = manifest.state;
     let new_manifest = Manifest::new(&layout, state, prefix);
     let new_shards = (0..layout.shard_count(state))
         .map(|shard| layout.scatter(&full, state, shard))
@@ -327,6 +320,22 @@ mod tests {
             ),
             (2, 32)
         );
+    }
+
+    #[test]
+    fn zero1_params_stay_whole_and_optimizer_state_is_cut_per_rank() {
+        let layout = ShardLayout::new(tensors(), Sharding::Zero1, 2, 2).unwrap();
+        let numel: usize = layout.tensors.iter().map(|t| t.numel).sum();
+        let full = values(numel, 3);
+        for (state, files_at_3) in [(State::Params, 1), (State::Optimizer, 3)] {
+            let m = Manifest::new(&layout, state, "s");
+            let s = sharded(&layout, state, &full);
+            let (m3, s3) = reshard(&m, &s, 3, 3, "s").unwrap();
+            assert_eq!(
+                (m3.state, m3.files.len(), s3.len()),
+                (state, files_at_3, files_at_3)
+            );
+        }
     }
 
     #[test]

@@ -15,7 +15,8 @@ use archscale_compiler::plan::{OptimizerKind, Plan, Sharding};
 use std::ops::Range;
 
 /// A state that may be sharded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
 pub enum State {
     Params,
     Grads,
