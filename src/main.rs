@@ -6,7 +6,11 @@ use std::process::ExitCode;
 mod commands;
 
 #[derive(Parser)]
-#[command(name = "archscale", version, about = "Neural-architecture and scaling-law research toolkit")]
+#[command(
+    name = "archscale",
+    version,
+    about = "Neural-architecture and scaling-law research toolkit"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -64,7 +64,9 @@ impl miette::Diagnostic for CompileError {
         Some(Box::new("archscale::compile"))
     }
     fn help<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
-        self.help.as_ref().map(|h| Box::new(h) as Box<dyn std::fmt::Display>)
+        self.help
+            .as_ref()
+            .map(|h| Box::new(h) as Box<dyn std::fmt::Display>)
     }
 }
 
@@ -73,7 +75,9 @@ fn setup_error(e: SetupError) -> CompileError {
         SetupError::BatchTooSmall { .. } => keys::BATCH_TOKENS,
         SetupError::VarlenMicroBatch { .. } => keys::MICRO_BATCH,
         SetupError::ZeroSize { what } if what.starts_with("cluster") => keys::NODES,
-        SetupError::ZeroSize { what: "micro_batch" } => keys::MICRO_BATCH,
+        SetupError::ZeroSize {
+            what: "micro_batch",
+        } => keys::MICRO_BATCH,
         SetupError::ZeroSize { what: "seq_len" } => keys::SEQ_LEN,
         SetupError::ZeroSize { what: "depth" } => keys::DEPTH,
         SetupError::ZeroSize { .. } => keys::BATCH_TOKENS,
@@ -130,7 +134,10 @@ fn check_train_name(name: &str, inputs: &RunInputs, tied: bool) -> Result<(), Co
     if (inputs.arch.tied_embeddings || f.tie) != tied {
         return mismatch(
             keys::TIED,
-            format!("`_tie` in the name is {}, tied embeddings are {}", f.tie, tied),
+            format!(
+                "`_tie` in the name is {}, tied embeddings are {}",
+                f.tie, tied
+            ),
         );
     }
     let want_rope = if f.rbase {
@@ -150,7 +157,10 @@ fn check_train_name(name: &str, inputs: &RunInputs, tied: bool) -> Result<(), Co
     if f.varlen != inputs.varlen {
         return mismatch(
             keys::VARLEN,
-            format!("`_varlen` in the name is {}, varlen is {}", f.varlen, inputs.varlen),
+            format!(
+                "`_varlen` in the name is {}, varlen is {}",
+                f.varlen, inputs.varlen
+            ),
         );
     }
     let want_ls = if f.label_smoothing {
@@ -192,10 +202,17 @@ fn check_train_name(name: &str, inputs: &RunInputs, tied: bool) -> Result<(), Co
     Ok(())
 }
 
-fn model_config(inputs: &RunInputs, sv: &SetupValues, tied: bool) -> Result<ModelConfig, CompileError> {
+fn model_config(
+    inputs: &RunInputs,
+    sv: &SetupValues,
+    tied: bool,
+) -> Result<ModelConfig, CompileError> {
     let a = &inputs.arch;
     if a.padding_multiple == 0 {
-        return Err(CompileError::new(keys::ARCH, "padding_multiple must be positive"));
+        return Err(CompileError::new(
+            keys::ARCH,
+            "padding_multiple must be positive",
+        ));
     }
     if a.head_size == 0 || a.n_head == 0 || a.n_query_groups == 0 {
         return Err(CompileError::new(
@@ -206,7 +223,11 @@ fn model_config(inputs: &RunInputs, sv: &SetupValues, tied: bool) -> Result<Mode
     let mup = inputs.parametrization != Parametrization::Sp;
     let d0 = inputs.base.d0 as i128;
     let depth = a.depth as i128;
-    let logit_scale = if mup { crate::pynum::int_truediv(d0, depth) } else { 1.0 };
+    let logit_scale = if mup {
+        crate::pynum::int_truediv(d0, depth)
+    } else {
+        1.0
+    };
     let residual_scale = if inputs.parametrization == Parametrization::MupPlusPlus {
         1.0 / (2.0 * a.depth as f64).sqrt()
     } else {
@@ -340,7 +361,10 @@ fn optimizer_plan(inputs: &RunInputs, lr: f64, opt: EffectiveOptimizer) -> Optim
             }
         }
     };
-    OptimizerPlan { groups, grad_clip: 1.0 }
+    OptimizerPlan {
+        groups,
+        grad_clip: 1.0,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -370,7 +394,12 @@ fn group(
 fn as_u64(what: &str, v: PyNum) -> Result<u64, CompileError> {
     v.to_i128()
         .and_then(|i| u64::try_from(i).ok())
-        .ok_or_else(|| CompileError::new(keys::TOKENS, format!("{what} = {v} is not a non-negative integer")))
+        .ok_or_else(|| {
+            CompileError::new(
+                keys::TOKENS,
+                format!("{what} = {v} is not a non-negative integer"),
+            )
+        })
 }
 
 fn py_json(x: f64) -> Value {
@@ -439,7 +468,10 @@ fn archscale_summary(
 
 /// The resolved model and its parameter inventory (all in optimizer group 0), without
 /// the run-level checks of `compile`: what ArchScale would instantiate.
-pub fn model_and_params(inputs: &RunInputs, sv: &SetupValues) -> Result<(ModelConfig, Vec<ParamSpec>), CompileError> {
+pub fn model_and_params(
+    inputs: &RunInputs,
+    sv: &SetupValues,
+) -> Result<(ModelConfig, Vec<ParamSpec>), CompileError> {
     let tied = inputs.arch.tied_embeddings || inputs.tied_embeddings;
     let model = model_config(inputs, sv, tied)?;
     let params = params::build_params(&model, &inputs.arch.layers, inputs.base.w_init0)
@@ -480,7 +512,11 @@ fn check_sizes(inputs: &RunInputs) -> Result<(), CompileError> {
     }
     for (what, v) in dims {
         if v > MAX_DIM {
-            let key = if what == "depth" { keys::DEPTH } else { keys::ARCH };
+            let key = if what == "depth" {
+                keys::DEPTH
+            } else {
+                keys::ARCH
+            };
             return Err(CompileError::new(
                 key,
                 format!("{what} = {v} is larger than the supported {MAX_DIM}"),
@@ -497,7 +533,11 @@ pub fn compile(inputs: &RunInputs) -> Result<Plan, CompileError> {
     if arch.layers.len() != arch.depth {
         return Err(CompileError::new(
             keys::DEPTH,
-            format!("architecture at depth {} has {} layers", arch.depth, arch.layers.len()),
+            format!(
+                "architecture at depth {} has {} layers",
+                arch.depth,
+                arch.layers.len()
+            ),
         ));
     }
     let has_da = arch
@@ -622,8 +662,8 @@ pub fn compile(inputs: &RunInputs) -> Result<Plan, CompileError> {
     };
 
     let params_total = params::count_total(&params);
-    let activation_bytes =
-        (estimates::activation_bytes_per_token(&model, &arch.layers) * (sv.micro_batch * sv.seq_len) as f64) as u64;
+    let activation_bytes = (estimates::activation_bytes_per_token(&model, &arch.layers)
+        * (sv.micro_batch * sv.seq_len) as f64) as u64;
     let cl = &inputs.cluster;
     let sharding = inputs.sharding.unwrap_or_else(|| {
         estimates::choose_sharding(
@@ -661,7 +701,11 @@ pub fn compile(inputs: &RunInputs) -> Result<Plan, CompileError> {
         block_size: sv.seq_len + 1,
         val_block_size: sv.num_extrapol * sv.seq_len + 1,
         val_micro_batch: sv.micro_batch.div_ceil(2),
-        n_chunks: if model.name.contains("phi4miniflash") { 128 } else { 8 },
+        n_chunks: if model.name.contains("phi4miniflash") {
+            128
+        } else {
+            8
+        },
         seed: inputs.seed,
     };
     let estimates = Estimates {
@@ -671,7 +715,15 @@ pub fn compile(inputs: &RunInputs) -> Result<Plan, CompileError> {
         flops_per_token_exact: estimates::flops_exact(&model, &arch.layers, &params),
         memory,
     };
-    let archscale_summary = archscale_summary(inputs, &train_name, &sv, &model, &optimizer, opt_kind, params_total);
+    let archscale_summary = archscale_summary(
+        inputs,
+        &train_name,
+        &sv,
+        &model,
+        &optimizer,
+        opt_kind,
+        params_total,
+    );
 
     Ok(Plan {
         run_name,

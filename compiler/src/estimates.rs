@@ -16,13 +16,17 @@
 //! NAdam 8 B, Muon momentum 4 B per element), each divided by the shard count of the
 //! layout, plus activations saved for backward at `micro x T` tokens (`activation_bytes_per_token`).
 
-use crate::plan::{LayerPlan, MemoryEstimate, Mixer, ModelConfig, OptimizerKind, OptimizerPlan, ParamSpec, Sharding};
+use crate::plan::{
+    LayerPlan, MemoryEstimate, Mixer, ModelConfig, OptimizerKind, OptimizerPlan, ParamSpec,
+    Sharding,
+};
 
 pub const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 /// ArchScale's `6N + 12·L·n·T` (speed_monitor.py `estimate_flops`, per token).
 pub fn flops_archscale(params_total: u64, cfg: &ModelConfig) -> f64 {
-    6.0 * params_total as f64 + 12.0 * cfg.n_layer as f64 * cfg.n_embd as f64 * cfg.block_size as f64
+    6.0 * params_total as f64
+        + 12.0 * cfg.n_layer as f64 * cfg.n_embd as f64 * cfg.block_size as f64
 }
 
 /// Mean number of keys a query attends to under a causal mask with an optional window.
@@ -44,7 +48,9 @@ pub fn flops_exact(cfg: &ModelConfig, layers: &[LayerPlan], params: &[ParamSpec]
     // Every 2-D weight except the embedding is a Linear executed once per token.
     let linear: f64 = params
         .iter()
-        .filter(|p| p.shape.len() == 2 && p.name.ends_with(".weight") && p.name != "transformer.wte.weight")
+        .filter(|p| {
+            p.shape.len() == 2 && p.name.ends_with(".weight") && p.name != "transformer.wte.weight"
+        })
         .map(|p| 2.0 * p.numel() as f64)
         .sum();
     let mut mixers = 0.0;
@@ -79,7 +85,11 @@ pub fn flops_exact(cfg: &ModelConfig, layers: &[LayerPlan], params: &[ParamSpec]
 pub fn activation_bytes_per_token(cfg: &ModelConfig, layers: &[LayerPlan]) -> f64 {
     let n = cfg.n_embd as f64;
     let inter = cfg.intermediate_size as f64;
-    let (h, g, hs) = (cfg.n_head as f64, cfg.n_query_groups as f64, cfg.head_size as f64);
+    let (h, g, hs) = (
+        cfg.n_head as f64,
+        cfg.n_query_groups as f64,
+        cfg.head_size as f64,
+    );
     let mut total = 0.0;
     for layer in layers {
         total += 2.0 * (4.0 * n + 2.0 * n) + 2.0 * (2.0 * inter) + 2.0 * inter;
@@ -107,7 +117,10 @@ pub fn activation_bytes_per_token(cfg: &ModelConfig, layers: &[LayerPlan]) -> f6
             Mixer::Mamba2 { .. } => {
                 let m = crate::params::mamba2_dims(cfg.n_embd);
                 let d = m.d_inner as f64;
-                2.0 * ((2.0 * d + 2.0 * m.d_state as f64 + m.nheads as f64) + m.conv_dim as f64 + d + d)
+                2.0 * ((2.0 * d + 2.0 * m.d_state as f64 + m.nheads as f64)
+                    + m.conv_dim as f64
+                    + d
+                    + d)
             }
             Mixer::GatedDeltaNet { .. } => {
                 let gd = crate::params::gdn_dims(cfg.n_embd);
@@ -187,7 +200,18 @@ pub fn choose_sharding(
     if world <= 1 {
         return Sharding::DataParallel;
     }
-    let fits = |s| memory(s, world, gpus_per_node, params, opt, activation_bytes, gpu_memory_gib).fits;
+    let fits = |s| {
+        memory(
+            s,
+            world,
+            gpus_per_node,
+            params,
+            opt,
+            activation_bytes,
+            gpu_memory_gib,
+        )
+        .fits
+    };
     if fits(Sharding::Zero1) {
         Sharding::Zero1
     } else if nodes > 1 && fits(Sharding::HybridShard) {

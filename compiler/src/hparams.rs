@@ -77,7 +77,11 @@ fn arith(what: &'static str) -> impl Fn(PyArithError) -> SetupError {
 
 /// pretrain.py:157, 178-187: `(seq_len, micro_batch, num_extrapol)`. An explicit micro
 /// batch from the spec replaces ArchScale's hard-coded choice.
-pub fn sequence_and_micro(ctx_len: Option<usize>, varlen: bool, micro: Option<usize>) -> (usize, usize, usize) {
+pub fn sequence_and_micro(
+    ctx_len: Option<usize>,
+    varlen: bool,
+    micro: Option<usize>,
+) -> (usize, usize, usize) {
     let mut seq_len = ctx_len.unwrap_or(4096);
     let (rule_micro, num_extrapol) = if seq_len == 4096 {
         if varlen {
@@ -99,15 +103,16 @@ pub fn n_target(inputs: &RunInputs) -> Result<(PyNum, PyNum), SetupError> {
     } else {
         PyNum::Float(inputs.arch.token_mult.value)
     };
-    let d3 = PyNum::Int(
-        (inputs.arch.depth as i128)
-            .checked_pow(3)
-            .ok_or(SetupError::Arithmetic {
-                what: "depth^3",
-                err: PyArithError("overflow"),
-            })?,
-    );
-    Ok((mult, mult.times(d3).map_err(arith("n_target = mult * depth^3"))?))
+    let d3 = PyNum::Int((inputs.arch.depth as i128).checked_pow(3).ok_or(
+        SetupError::Arithmetic {
+            what: "depth^3",
+            err: PyArithError("overflow"),
+        },
+    )?);
+    Ok((
+        mult,
+        mult.times(d3).map_err(arith("n_target = mult * depth^3"))?,
+    ))
 }
 
 /// `n0 = n0_mult * d0^3`; an int unless `n0_mult` is a float (hp-spec §1.1).
@@ -118,10 +123,12 @@ pub fn n0(inputs: &RunInputs) -> Result<PyNum, SetupError> {
     } else {
         PyNum::Int(b.n0_mult as i128)
     };
-    let d0_cubed = (b.d0 as i128).checked_pow(3).ok_or(SetupError::Arithmetic {
-        what: "d0^3",
-        err: PyArithError("overflow"),
-    })?;
+    let d0_cubed = (b.d0 as i128)
+        .checked_pow(3)
+        .ok_or(SetupError::Arithmetic {
+            what: "d0^3",
+            err: PyArithError("overflow"),
+        })?;
     n0_mult
         .times(PyNum::Int(d0_cubed))
         .map_err(arith("n0 = n0_mult * d0^3"))
@@ -129,7 +136,8 @@ pub fn n0(inputs: &RunInputs) -> Result<PyNum, SetupError> {
 
 pub fn setup(inputs: &RunInputs) -> Result<SetupValues, SetupError> {
     let base = &inputs.base;
-    let (seq_len, micro, num_extrapol) = sequence_and_micro(inputs.ctx_len, inputs.varlen, inputs.micro_batch);
+    let (seq_len, micro, num_extrapol) =
+        sequence_and_micro(inputs.ctx_len, inputs.varlen, inputs.micro_batch);
     if inputs.varlen && micro != 1 {
         return Err(SetupError::VarlenMicroBatch { micro });
     }
@@ -178,11 +186,13 @@ pub fn setup(inputs: &RunInputs) -> Result<SetupValues, SetupError> {
         return Err(SetupError::ZeroSize { what: "b0" });
     }
     let b = (base.b0 / multiple) * multiple;
-    let mut learning_rate = base.eta0 * crate::pynum::int_truediv(b as i128, base.b0 as i128).sqrt();
+    let mut learning_rate =
+        base.eta0 * crate::pynum::int_truediv(b as i128, base.b0 as i128).sqrt();
     let mup = inputs.parametrization != crate::plan::Parametrization::Sp;
     let original_mup = inputs.parametrization == crate::plan::Parametrization::Mup;
     if mup && !original_mup {
-        learning_rate *= crate::pynum::int_truediv(base.d0 as i128, inputs.arch.depth as i128).sqrt();
+        learning_rate *=
+            crate::pynum::int_truediv(base.d0 as i128, inputs.arch.depth as i128).sqrt();
     }
 
     // §4.6 bookkeeping.
@@ -190,7 +200,10 @@ pub fn setup(inputs: &RunInputs) -> Result<SetupValues, SetupError> {
     let batch_size = global_batch_size / devices;
     let gas = batch_size / micro as u64;
     if gas == 0 {
-        return Err(SetupError::BatchTooSmall { b0: base.b0, multiple });
+        return Err(SetupError::BatchTooSmall {
+            b0: base.b0,
+            multiple,
+        });
     }
     let eval_iters = if micro == 1 {
         400 / micro as u64 / 2

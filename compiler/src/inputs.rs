@@ -2,7 +2,9 @@
 //! swept and expanded at one depth. `expand` builds these from spec types; everything
 //! downstream (hyperparameters, parameters, estimates) reads only these.
 
-use crate::plan::{DataSource, DecayShape, LayerPlan, MambaDims, MlpKind, NormKind, Parametrization, Sharding};
+use crate::plan::{
+    DataSource, DecayShape, LayerPlan, MambaDims, MlpKind, NormKind, Parametrization, Sharding,
+};
 use serde::{Deserialize, Serialize};
 
 /// An architecture family evaluated at one depth (ArchScale `Config` before run overrides).

@@ -15,7 +15,9 @@ pub mod pynum;
 pub mod train_name;
 
 pub use compile::{compile, CompileError};
-pub use inputs::{ArchAtDepth, BaseHyperparameters, Cluster, OptimizerChoice, RunInputs, TokenMult};
+pub use inputs::{
+    ArchAtDepth, BaseHyperparameters, Cluster, OptimizerChoice, RunInputs, TokenMult,
+};
 pub use plan::*;
 
 use archscale_spec::{Experiment, SpecErrors};

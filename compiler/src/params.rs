@@ -87,11 +87,22 @@ impl Builder<'_> {
         });
     }
 
-    fn linear(&mut self, prefix: &str, out_f: usize, in_f: usize, bias: bool, out_proj: bool, layer: usize) {
+    fn linear(
+        &mut self,
+        prefix: &str,
+        out_f: usize,
+        in_f: usize,
+        bias: bool,
+        out_proj: bool,
+        layer: usize,
+    ) {
         self.push(
             format!("{prefix}.weight"),
             vec![out_f, in_f],
-            Kind::Linear { fan_in: in_f, out_proj },
+            Kind::Linear {
+                fan_in: in_f,
+                out_proj,
+            },
             Some(layer),
         );
         if bias {
@@ -169,7 +180,9 @@ fn init_rule(cfg: &ModelConfig, w_init0: f64, kind: Kind) -> InitRule {
                     bound: (dt_rank as f64).powf(-0.5) * w_init0,
                 }
             } else {
-                InitRule::Normal { std: 0.02 * w_init0 }
+                InitRule::Normal {
+                    std: 0.02 * w_init0,
+                }
             }
         }
         Kind::Fixed(rule) => rule,
@@ -244,12 +257,19 @@ pub fn build_params(
                         Some(i),
                     );
                 }
-                b.linear(&format!("{a}.proj"), n, heads * hs, cfg.attn_out_bias, true, i);
+                b.linear(
+                    &format!("{a}.proj"),
+                    n,
+                    heads * hs,
+                    cfg.attn_out_bias,
+                    true,
+                    i,
+                );
             }
             Mixer::Mamba(_) => {
-                let m = cfg
-                    .mamba
-                    .ok_or_else(|| format!("layer {i} is a Mamba layer but the architecture has no Mamba sizes"))?;
+                let m = cfg.mamba.ok_or_else(|| {
+                    format!("layer {i} is a Mamba layer but the architecture has no Mamba sizes")
+                })?;
                 let (d_in, r, ds) = (m.d_inner, m.dt_rank, m.d_state);
                 b.push(
                     format!("{a}.A_log"),
@@ -257,7 +277,12 @@ pub fn build_params(
                     Kind::Fixed(InitRule::MambaALog),
                     Some(i),
                 );
-                b.push(format!("{a}.D"), vec![d_in], Kind::Fixed(InitRule::Ones), Some(i));
+                b.push(
+                    format!("{a}.D"),
+                    vec![d_in],
+                    Kind::Fixed(InitRule::Ones),
+                    Some(i),
+                );
                 b.linear(&format!("{a}.in_proj"), 2 * d_in, n, false, false, i);
                 b.conv1d(&format!("{a}.conv1d"), d_in, m.d_conv, true, i);
                 b.linear(&format!("{a}.x_proj"), r + 2 * ds, d_in, false, false, i);
@@ -267,7 +292,12 @@ pub fn build_params(
                     Kind::DtProjWeight { dt_rank: r },
                     Some(i),
                 );
-                b.push(format!("{a}.dt_proj.bias"), vec![d_in], Kind::Fixed(DT_BIAS), Some(i));
+                b.push(
+                    format!("{a}.dt_proj.bias"),
+                    vec![d_in],
+                    Kind::Fixed(DT_BIAS),
+                    Some(i),
+                );
                 b.linear(&format!("{a}.out_proj"), n, d_in, false, true, i);
             }
             // Mamba-2 and Gated DeltaNet follow the mamba_ssm / fla layouts of arch-spec
@@ -280,14 +310,27 @@ pub fn build_params(
                         m.d_inner
                     ));
                 }
-                b.push(format!("{a}.dt_bias"), vec![m.nheads], Kind::Fixed(DT_BIAS), Some(i));
+                b.push(
+                    format!("{a}.dt_bias"),
+                    vec![m.nheads],
+                    Kind::Fixed(DT_BIAS),
+                    Some(i),
+                );
                 b.push(
                     format!("{a}.A_log"),
                     vec![m.nheads],
-                    Kind::Fixed(InitRule::LogUniform { low: 1.0, high: 16.0 }),
+                    Kind::Fixed(InitRule::LogUniform {
+                        low: 1.0,
+                        high: 16.0,
+                    }),
                     Some(i),
                 );
-                b.push(format!("{a}.D"), vec![m.nheads], Kind::Fixed(InitRule::Ones), Some(i));
+                b.push(
+                    format!("{a}.D"),
+                    vec![m.nheads],
+                    Kind::Fixed(InitRule::Ones),
+                    Some(i),
+                );
                 b.linear(
                     &format!("{a}.in_proj"),
                     2 * m.d_inner + 2 * m.d_state + m.nheads,
@@ -305,10 +348,18 @@ pub fn build_params(
                 b.push(
                     format!("{a}.A_log"),
                     vec![g.heads],
-                    Kind::Fixed(InitRule::LogUniform { low: 0.0, high: 16.0 }),
+                    Kind::Fixed(InitRule::LogUniform {
+                        low: 0.0,
+                        high: 16.0,
+                    }),
                     Some(i),
                 );
-                b.push(format!("{a}.dt_bias"), vec![g.heads], Kind::Fixed(DT_BIAS), Some(i));
+                b.push(
+                    format!("{a}.dt_bias"),
+                    vec![g.heads],
+                    Kind::Fixed(DT_BIAS),
+                    Some(i),
+                );
                 b.linear(&format!("{a}.q_proj"), g.key_dim, n, false, false, i);
                 b.linear(&format!("{a}.k_proj"), g.key_dim, n, false, false, i);
                 b.linear(&format!("{a}.v_proj"), g.value_dim, n, false, false, i);
@@ -318,14 +369,24 @@ pub fn build_params(
                 b.conv1d(&format!("{a}.k_conv1d"), g.key_dim, 4, false, i);
                 b.conv1d(&format!("{a}.v_conv1d"), g.value_dim, 4, false, i);
                 b.linear(&format!("{a}.g_proj"), g.value_dim, n, false, false, i);
-                b.norm(&format!("{a}.norm"), g.value_dim, NormKind::RmsNorm, Some(i));
+                b.norm(
+                    &format!("{a}.norm"),
+                    g.value_dim,
+                    NormKind::RmsNorm,
+                    Some(i),
+                );
                 b.linear(&format!("{a}.o_proj"), n, g.value_dim, false, true, i);
             }
             Mixer::Gmu(g) => {
                 b.linear(&format!("{a}.gmu.in_proj"), g.d_mem, n, cfg.bias, false, i);
                 b.linear(&format!("{a}.gmu.out_proj"), n, g.d_mem, cfg.bias, true, i);
                 if g.gated_norm {
-                    b.norm(&format!("{a}.gmu.norm"), g.d_mem, NormKind::RmsNorm, Some(i));
+                    b.norm(
+                        &format!("{a}.gmu.norm"),
+                        g.d_mem,
+                        NormKind::RmsNorm,
+                        Some(i),
+                    );
                 }
             }
         }

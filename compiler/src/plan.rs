@@ -121,9 +121,13 @@ pub enum Mixer {
     Attention(AttentionPlan),
     Mamba(MambaPlan),
     /// Plan-only: `run` rejects it by name.
-    Mamba2 { export_memory: bool },
+    Mamba2 {
+        export_memory: bool,
+    },
     /// Plan-only: `run` rejects it by name.
-    GatedDeltaNet { export_memory: bool },
+    GatedDeltaNet {
+        export_memory: bool,
+    },
     Gmu(GmuPlan),
 }
 
@@ -168,16 +172,27 @@ pub struct GmuPlan {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(tag = "dist", rename_all = "snake_case")]
 pub enum InitRule {
-    Normal { std: f64 },
-    Uniform { bound: f64 },
+    Normal {
+        std: f64,
+    },
+    Uniform {
+        bound: f64,
+    },
     Zeros,
     Ones,
     /// Mamba `A_log[c, k] = ln(k + 1)`.
     MambaALog,
     /// Mamba `dt_proj.bias = softplus⁻¹(dt)`, `dt = exp(U(ln dt_min, ln dt_max))` clamped below at `dt_floor`.
-    MambaDtBias { dt_min: f64, dt_max: f64, dt_floor: f64 },
+    MambaDtBias {
+        dt_min: f64,
+        dt_max: f64,
+        dt_floor: f64,
+    },
     /// `ln(U(low, high))` per element: Mamba-2 `A_log` (1, 16) and Gated DeltaNet `A_log` (0, 16).
-    LogUniform { low: f64, high: f64 },
+    LogUniform {
+        low: f64,
+        high: f64,
+    },
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -282,7 +297,8 @@ impl Schedule {
         };
         match self.decay {
             DecayShape::Cosine => {
-                self.min_lr + 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos()) * (lr - self.min_lr)
+                self.min_lr
+                    + 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos()) * (lr - self.min_lr)
             }
             DecayShape::Linear => lr + ratio * (self.min_lr - lr),
         }
@@ -345,7 +361,11 @@ pub struct ParallelLayout {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DataSource {
     /// `dir/{prefix}*.bin` LITPKDS files.
-    Packed { dir: String, prefix: String, weight: f64 },
+    Packed {
+        dir: String,
+        prefix: String,
+        weight: f64,
+    },
     /// The built-in deterministic corpus, generated once into `<data root>/.archscale/synthetic/`.
     Synthetic { seed: u64, tokens: u64, weight: f64 },
 }

@@ -43,7 +43,9 @@ impl PyNum {
     pub fn to_i128(self) -> Option<i128> {
         match self {
             PyNum::Int(i) => Some(i),
-            PyNum::Float(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 1.7e38 => Some(f as i128),
+            PyNum::Float(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 1.7e38 => {
+                Some(f as i128)
+            }
             PyNum::Float(_) => None,
         }
     }
@@ -80,7 +82,11 @@ impl PyNum {
                     a.checked_div(b).ok_or(overflow.clone())?,
                     a.checked_rem(b).ok_or(overflow)?,
                 );
-                Ok(PyNum::Int(if r != 0 && ((r < 0) != (b < 0)) { q - 1 } else { q }))
+                Ok(PyNum::Int(if r != 0 && ((r < 0) != (b < 0)) {
+                    q - 1
+                } else {
+                    q
+                }))
             }
             (a, b) => Ok(PyNum::Float(float_floordiv(a.to_f64(), b.to_f64()))),
         }
@@ -90,9 +96,9 @@ impl PyNum {
     pub fn int(self) -> PyResult {
         match self {
             PyNum::Int(i) => Ok(PyNum::Int(i)),
-            PyNum::Float(f) if !f.is_finite() => {
-                Err(PyArithError("cannot convert an infinite or NaN float to an integer"))
-            }
+            PyNum::Float(f) if !f.is_finite() => Err(PyArithError(
+                "cannot convert an infinite or NaN float to an integer",
+            )),
             PyNum::Float(f) if f.abs() >= 1.7e38 => Err(PyArithError("integer too large")),
             PyNum::Float(f) => Ok(PyNum::Int(f.trunc() as i128)),
         }
@@ -220,9 +226,17 @@ mod tests {
     fn int_division_of_big_ints_is_correctly_rounded() {
         // Values computed with CPython 3 (`(a / b).hex()`), exact int / int.
         let cases: [(i128, i128, f64); 4] = [
-            (100_000_000_000 * 124_303_360, 973_078_528, 12774237271.012932),
+            (
+                100_000_000_000 * 124_303_360,
+                973_078_528,
+                12774237271.012932,
+            ),
             ((1i128 << 60) + 1, 3, 3.843071682022823e17),
-            (12345678901234567890123456789, 987654321, 1.249999988734375e19),
+            (
+                12345678901234567890123456789,
+                987654321,
+                1.249999988734375e19,
+            ),
             ((1i128 << 54) + 1, 1, 18014398509481984.0),
         ];
         for (a, b, want) in cases {
@@ -246,9 +260,16 @@ mod tests {
     #[test]
     fn python_types_propagate() {
         let t = PyNum::Float(4e10);
-        let it = t.floordiv(PyNum::Int(8)).unwrap().floordiv(PyNum::Int(32768)).unwrap();
+        let it = t
+            .floordiv(PyNum::Int(8))
+            .unwrap()
+            .floordiv(PyNum::Int(32768))
+            .unwrap();
         assert_eq!(it, PyNum::Float(152587.0));
-        assert_eq!(PyNum::Int(-7).floordiv(PyNum::Int(2)).unwrap(), PyNum::Int(-4));
+        assert_eq!(
+            PyNum::Int(-7).floordiv(PyNum::Int(2)).unwrap(),
+            PyNum::Int(-4)
+        );
         assert_eq!(PyNum::Float(2.9).int().unwrap(), PyNum::Int(2));
         assert_eq!(PyNum::Int(3).to_json().to_string(), "3");
         assert_eq!(PyNum::Float(3.0).to_json().to_string(), "3.0");

@@ -200,7 +200,11 @@ mod tests {
 
     #[test]
     fn derived_names_decode_to_their_settings() {
-        let params = [Parametrization::Sp, Parametrization::Mup, Parametrization::MupPlusPlus];
+        let params = [
+            Parametrization::Sp,
+            Parametrization::Mup,
+            Parametrization::MupPlusPlus,
+        ];
         let opts = [
             EffectiveOptimizer::AdamW,
             EffectiveOptimizer::AdamWNAdam,
@@ -215,7 +219,11 @@ mod tests {
                     let s = NameSettings {
                         parametrization: p,
                         tie: bits & 1 != 0,
-                        rope_base: if bits & 2 != 0 { Some(RBASE_ROPE_BASE) } else { None },
+                        rope_base: if bits & 2 != 0 {
+                            Some(RBASE_ROPE_BASE)
+                        } else {
+                            None
+                        },
                         label_smoothing: if bits & 4 != 0 { 0.1 } else { 0.0 },
                         varlen: bits & 8 != 0,
                         optimizer: o,

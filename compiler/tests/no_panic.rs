@@ -18,7 +18,12 @@ fn any_size() -> impl Strategy<Value = usize> {
 }
 
 fn any_u64() -> impl Strategy<Value = u64> {
-    prop_oneof![0u64..4, 1u64..10_000_000_000_000, Just(u64::MAX), Just(1 << 62)]
+    prop_oneof![
+        0u64..4,
+        1u64..10_000_000_000_000,
+        Just(u64::MAX),
+        Just(1 << 62)
+    ]
 }
 
 fn any_f64() -> impl Strategy<Value = f64> {

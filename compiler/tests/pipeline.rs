@@ -12,8 +12,13 @@ use std::path::Path;
 
 const CASES: &str = include_str!("../../tests/data/archscale-hps.json");
 
-fn pipeline(argv: &[String], nodes: usize, gpus: usize) -> Result<Vec<archscale_compiler::Plan>, String> {
-    let toml = archscale_spec::import::archscale_argv_to_toml(argv, nodes, gpus).map_err(|e| format!("import: {e}"))?;
+fn pipeline(
+    argv: &[String],
+    nodes: usize,
+    gpus: usize,
+) -> Result<Vec<archscale_compiler::Plan>, String> {
+    let toml = archscale_spec::import::archscale_argv_to_toml(argv, nodes, gpus)
+        .map_err(|e| format!("import: {e}"))?;
     let experiment = archscale_spec::parse_experiment("imported.toml", &toml, Path::new("."), &[])
         .map_err(|e| format!("validate: {}", e.render()))?;
     archscale_compiler::plan_experiment(&experiment).map_err(|e| format!("plan: {}", e.render()))
@@ -45,7 +50,12 @@ fn reference_cases_through_import() {
             Err(e) => failures.push(format!("{label}: {e}")),
             Ok(plans) => {
                 let mut errors = Vec::new();
-                compare("summary", &plans[0].archscale_summary, &case["summary"], &mut errors);
+                compare(
+                    "summary",
+                    &plans[0].archscale_summary,
+                    &case["summary"],
+                    &mut errors,
+                );
                 if !errors.is_empty() {
                     failures.push(format!("{label}:\n  {}", errors.join("\n  ")));
                 }
@@ -119,12 +129,19 @@ fn arch_specs_agree_with_the_restated_rules() {
                                     && a.layout == b.layout
                                     && a.archscale_summary == b.archscale_summary;
                                 if !same {
-                                    failures.push(format!("{label}: plans differ ({} vs {})", a.run_name, b.run_name));
+                                    failures.push(format!(
+                                        "{label}: plans differ ({} vs {})",
+                                        a.run_name, b.run_name
+                                    ));
                                 }
                             }
                             (Err(_), Err(_)) => {}
-                            (Ok(_), Err(e)) => failures.push(format!("{label}: only the pipeline rejects: {e}")),
-                            (Err(e), Ok(_)) => failures.push(format!("{label}: only compile rejects: {e}")),
+                            (Ok(_), Err(e)) => {
+                                failures.push(format!("{label}: only the pipeline rejects: {e}"))
+                            }
+                            (Err(e), Ok(_)) => {
+                                failures.push(format!("{label}: only compile rejects: {e}"))
+                            }
                         }
                     }
                 }

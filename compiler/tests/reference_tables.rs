@@ -13,7 +13,19 @@ use common::{apply_train_name, inputs};
 
 /// hp-spec §10.1: model, d, n_embd, n_head, n_query_groups, head_size, intermediate_size,
 /// padded vocab, num_parameters, non-embedding, tied.
-const TABLE_10_1: [(&str, usize, usize, usize, usize, usize, usize, usize, u64, u64, bool); 21] = [
+const TABLE_10_1: [(
+    &str,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    u64,
+    u64,
+    bool,
+); 21] = [
     (
         "transformer",
         8,
@@ -79,8 +91,12 @@ const TABLE_10_1: [(&str, usize, usize, usize, usize, usize, usize, usize, u64, 
         3284290560,
         false,
     ),
-    ("sambay", 8, 992, 8, 2, 128, 3968, 32000, 190340000, 126852000, false),
-    ("sambay", 12, 1488, 12, 3, 128, 5952, 32000, 519825360, 424593360, false),
+    (
+        "sambay", 8, 992, 8, 2, 128, 3968, 32000, 190340000, 126852000, false,
+    ),
+    (
+        "sambay", 12, 1488, 12, 3, 128, 5952, 32000, 519825360, 424593360, false,
+    ),
     (
         "sambay", 16, 1984, 16, 4, 128, 7936, 32000, 1129306688, 1002330688, false,
     ),
@@ -90,7 +106,9 @@ const TABLE_10_1: [(&str, usize, usize, usize, usize, usize, usize, usize, u64, 
     (
         "sambay", 24, 2976, 24, 6, 128, 11904, 32000, 3559614432, 3369150432, false,
     ),
-    ("sambayda", 8, 992, 8, 2, 128, 3968, 32000, 190343072, 126855072, false),
+    (
+        "sambayda", 8, 992, 8, 2, 128, 3968, 32000, 190343072, 126855072, false,
+    ),
     (
         "sambayda", 12, 1488, 12, 3, 128, 5952, 32000, 519829968, 424597968, false,
     ),
@@ -103,8 +121,12 @@ const TABLE_10_1: [(&str, usize, usize, usize, usize, usize, usize, usize, u64, 
     (
         "sambayda", 24, 2976, 24, 6, 128, 11904, 32000, 3559623648, 3369159648, false,
     ),
-    ("samba", 8, 976, 8, 2, 128, 3904, 32000, 188165968, 125701968, false),
-    ("samba", 12, 1464, 12, 3, 128, 5856, 32000, 517455192, 423759192, false),
+    (
+        "samba", 8, 976, 8, 2, 128, 3904, 32000, 188165968, 125701968, false,
+    ),
+    (
+        "samba", 12, 1464, 12, 3, 128, 5856, 32000, 517455192, 423759192, false,
+    ),
     (
         "samba", 16, 1952, 16, 4, 128, 7808, 32000, 1128757664, 1003829664, false,
     ),
@@ -190,7 +212,12 @@ fn transformer_d8_worked_check() {
     assert_eq!(matrices, 121_634_816);
     assert_eq!(plan.estimates.params_total, 187_188_224);
     // Registration order: lm_head, wte, blocks (norm_1, attn, norm_2, mlp), ln_f.
-    let names: Vec<&str> = plan.params.iter().take(8).map(|p| p.name.as_str()).collect();
+    let names: Vec<&str> = plan
+        .params
+        .iter()
+        .take(8)
+        .map(|p| p.name.as_str())
+        .collect();
     assert_eq!(
         names,
         [
@@ -260,12 +287,30 @@ fn sambay_layout_and_names() {
         ]
     );
     let p = |name: &str| plan.params.iter().find(|p| p.name == name).unwrap();
-    assert_eq!(p("transformer.h.0.attn.x_proj.weight").shape, vec![62 + 32, 1984]);
-    assert_eq!(p("transformer.h.0.attn.conv1d.weight").shape, vec![1984, 1, 4]);
-    assert_eq!(p("transformer.h.6.attn.gmu.in_proj.weight").shape, vec![1984, 992]);
-    assert_eq!(p("transformer.h.6.attn.gmu.out_proj.weight").shape, vec![992, 1984]);
-    assert_eq!(p("transformer.h.7.attn.attn.weight").shape, vec![8 * 128, 992]);
-    assert_eq!(p("transformer.h.5.attn.attn.weight").shape, vec![(8 + 4) * 128, 992]);
+    assert_eq!(
+        p("transformer.h.0.attn.x_proj.weight").shape,
+        vec![62 + 32, 1984]
+    );
+    assert_eq!(
+        p("transformer.h.0.attn.conv1d.weight").shape,
+        vec![1984, 1, 4]
+    );
+    assert_eq!(
+        p("transformer.h.6.attn.gmu.in_proj.weight").shape,
+        vec![1984, 992]
+    );
+    assert_eq!(
+        p("transformer.h.6.attn.gmu.out_proj.weight").shape,
+        vec![992, 1984]
+    );
+    assert_eq!(
+        p("transformer.h.7.attn.attn.weight").shape,
+        vec![8 * 128, 992]
+    );
+    assert_eq!(
+        p("transformer.h.5.attn.attn.weight").shape,
+        vec![(8 + 4) * 128, 992]
+    );
 }
 
 fn rel_eq(a: f64, b: f64, tol: f64) -> bool {
@@ -295,7 +340,16 @@ const TABLE_10_2: [(&str, usize, u64, f64, f64, f64, u64, u64); 16] = [
         643730,
         20116,
     ),
-    ("transformer", 16, 100000000000, 0.0004, 1.0, 0.0004, 1525878, 47683),
+    (
+        "transformer",
+        16,
+        100000000000,
+        0.0004,
+        1.0,
+        0.0004,
+        1525878,
+        47683,
+    ),
     (
         "transformer",
         20,
@@ -336,7 +390,16 @@ const TABLE_10_2: [(&str, usize, u64, f64, f64, f64, u64, u64); 16] = [
         652509,
         20390,
     ),
-    ("sambay", 16, 101363820043, 0.0004, 1.0, 0.0004, 1546689, 48334),
+    (
+        "sambay",
+        16,
+        101363820043,
+        0.0004,
+        1.0,
+        0.0004,
+        1546689,
+        48334,
+    ),
     (
         "sambay",
         20,
@@ -377,7 +440,16 @@ const TABLE_10_2: [(&str, usize, u64, f64, f64, f64, u64, u64); 16] = [
         657852,
         20557,
     ),
-    ("samba", 16, 102193898168, 0.0004, 1.0, 0.0004, 1559355, 48729),
+    (
+        "samba",
+        16,
+        102193898168,
+        0.0004,
+        1.0,
+        0.0004,
+        1559355,
+        48729,
+    ),
     (
         "samba",
         20,
@@ -446,7 +518,11 @@ fn hyperparameters_match_table_10_2() {
         );
         assert_eq!(plan.schedule.warmup_iters, 15258);
         assert_eq!(
-            (plan.layout.micro_batch, plan.layout.gas, plan.layout.seq_len),
+            (
+                plan.layout.micro_batch,
+                plan.layout.gas,
+                plan.layout.seq_len
+            ),
             (2, 32, 4096)
         );
         assert_eq!(plan.layout.batch_tokens, 2_097_152);
@@ -478,19 +554,22 @@ fn train_name_variants_table_10_3() {
         (AdamW, Some(1.0), 0.0, 0.9, 0.95, 1e-8),
         (AdamW, Some(4.0 / 3.0), 0.1, 0.9, 0.95, 1e-8),
     ];
-    let v = |name, seq_len, micro, lr, rope_base, ls, tied, logit_scale, residual_div, groups, lrs| Variant {
-        name,
-        seq_len,
-        micro,
-        lr,
-        rope_base,
-        label_smoothing: ls,
-        tied,
-        logit_scale,
-        residual_div,
-        groups,
-        lr_at_10058: lrs,
-    };
+    let v =
+        |name, seq_len, micro, lr, rope_base, ls, tied, logit_scale, residual_div, groups, lrs| {
+            Variant {
+                name,
+                seq_len,
+                micro,
+                lr,
+                rope_base,
+                label_smoothing: ls,
+                tied,
+                logit_scale,
+                residual_div,
+                groups,
+                lr_at_10058: lrs,
+            }
+        };
     let sqrt24 = 24f64.sqrt();
     let variants = vec![
         v(
@@ -678,7 +757,11 @@ fn train_name_variants_table_10_3() {
         let plan = compile(&inp).unwrap_or_else(|e| panic!("{}: {e}", v.name));
         let n = v.name;
         assert_eq!(
-            (plan.layout.seq_len, plan.layout.micro_batch, plan.layout.gas),
+            (
+                plan.layout.seq_len,
+                plan.layout.micro_batch,
+                plan.layout.gas
+            ),
             (v.seq_len, v.micro, 32),
             "{n}"
         );
@@ -687,14 +770,26 @@ fn train_name_variants_table_10_3() {
         assert_eq!(plan.training.label_smoothing, v.label_smoothing, "{n}");
         assert_eq!(plan.model.tied_embeddings, v.tied, "{n}");
         assert_eq!(plan.model.logit_scale, v.logit_scale, "{n}");
-        assert!(rel_eq(1.0 / plan.model.residual_scale, v.residual_div, 1e-15), "{n}");
+        assert!(
+            rel_eq(1.0 / plan.model.residual_scale, v.residual_div, 1e-15),
+            "{n}"
+        );
         assert_eq!(plan.training.max_steps, 20116, "{n}");
         assert_eq!(plan.optimizer.grad_clip, 1.0);
         let got: Vec<_> = plan
             .optimizer
             .groups
             .iter()
-            .map(|g| (g.optimizer, g.lr_mult, g.weight_decay, g.beta1, g.beta2, g.eps))
+            .map(|g| {
+                (
+                    g.optimizer,
+                    g.lr_mult,
+                    g.weight_decay,
+                    g.beta1,
+                    g.beta2,
+                    g.eps,
+                )
+            })
             .collect();
         assert_eq!(got, v.groups, "{n}");
         let it = 10058 * plan.layout.gas as u64 - 1;
@@ -706,7 +801,10 @@ fn train_name_variants_table_10_3() {
                 g.name
             );
         }
-        assert_eq!(plan.run_name, format!("{n}_transformer_d12_ctx{}", v.seq_len));
+        assert_eq!(
+            plan.run_name,
+            format!("{n}_transformer_d12_ctx{}", v.seq_len)
+        );
         assert_eq!(plan.archscale_summary["train_name"], n);
     }
 }
@@ -731,12 +829,21 @@ fn special_cases_table_10_4() {
     assert_eq!(p.layout.batch_tokens, 2_097_152);
     assert_eq!(p.optimizer.groups[0].peak_lr, 4e-4);
     assert_eq!(p.schedule.warmup_iters, 3814);
-    assert_eq!((p.schedule.max_iters, p.training.max_steps), (152587, 19073));
+    assert_eq!(
+        (p.schedule.max_iters, p.training.max_steps),
+        (152587, 19073)
+    );
     assert_eq!(p.archscale_summary["max_iters"].to_string(), "152587.0");
     assert_eq!(p.archscale_summary["max_steps"].to_string(), "19073.0");
-    assert_eq!(p.archscale_summary["train_tokens"].to_string(), "40000000000.0");
+    assert_eq!(
+        p.archscale_summary["train_tokens"].to_string(),
+        "40000000000.0"
+    );
     assert_eq!(p.archscale_summary["rope_base"], 640000);
-    assert_eq!(p.run_name, "scaling_mup_rbase_varlen_transformer_d16_ctx32768");
+    assert_eq!(
+        p.run_name,
+        "scaling_mup_rbase_varlen_transformer_d16_ctx32768"
+    );
     assert_eq!(p.data.val_block_size, 2 * 32768 + 1);
 
     // Data scaling: 8 nodes, 2e11 tokens, scaling_mup_tie.
@@ -806,7 +913,14 @@ fn init_stds_match_table_7_2() {
     let rows: [(&str, [Option<f64>; 6]); 4] = [
         (
             "scaling",
-            [Some(0.02), Some(0.005), Some(0.02), Some(0.005), Some(1e-4), Some(0.02)],
+            [
+                Some(0.02),
+                Some(0.005),
+                Some(0.02),
+                Some(0.005),
+                Some(1e-4),
+                Some(0.02),
+            ],
         ),
         (
             "scaling_mup",
@@ -867,7 +981,10 @@ fn init_stds_match_table_7_2() {
                     "{name} {pname}: {:?} vs std {w}",
                     p.init
                 ),
-                None => assert_eq!(p.name, "lm_head.weight", "{name}: tied wte is the lm_head tensor"),
+                None => assert_eq!(
+                    p.name, "lm_head.weight",
+                    "{name}: tied wte is the lm_head tensor"
+                ),
             }
         }
         let norm = find("transformer.h.0.norm_1.weight").unwrap();
@@ -877,7 +994,14 @@ fn init_stds_match_table_7_2() {
 
 #[test]
 fn mamba_init_rules() {
-    let find = |plan: &Plan, n: &str| plan.params.iter().find(|p| p.name == n).unwrap().init.clone();
+    let find = |plan: &Plan, n: &str| {
+        plan.params
+            .iter()
+            .find(|p| p.name == n)
+            .unwrap()
+            .init
+            .clone()
+    };
     // sambay d8: n = 992, L = 8, dt_rank = 62, d_inner = 1984.
     let sp = {
         let mut inp = inputs("sambay", 8);
@@ -927,7 +1051,12 @@ fn mamba_init_rules() {
     for v in ["conv1d.weight", "conv1d.bias", "A_log", "D", "dt_proj.bias"] {
         assert_eq!(group(&format!("{a}.{v}")), 0, "{v}");
     }
-    for w in ["in_proj.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight"] {
+    for w in [
+        "in_proj.weight",
+        "x_proj.weight",
+        "dt_proj.weight",
+        "out_proj.weight",
+    ] {
         assert_eq!(group(&format!("{a}.{w}")), 1, "{w}");
     }
     assert_eq!(group("transformer.h.6.attn.gmu.out_proj.weight"), 1);
@@ -963,7 +1092,11 @@ fn differential_attention_names_and_rejection() {
     for d in [12, 20] {
         let err = compile(&inputs("sambayda", d)).unwrap_err();
         assert_eq!(err.key, "depth");
-        assert!(err.message.contains("differential attention"), "{}", err.message);
+        assert!(
+            err.message.contains("differential attention"),
+            "{}",
+            err.message
+        );
     }
 }
 
@@ -973,11 +1106,23 @@ fn phi4_tied_layer_norm_biases() {
     apply_train_name(&mut inp, "scaling");
     let plan = compile(&inp).unwrap();
     assert_eq!(plan.params[0].name, "lm_head.weight");
-    assert_eq!(plan.params[0].aliases, vec!["transformer.wte.weight".to_string()]);
+    assert_eq!(
+        plan.params[0].aliases,
+        vec!["transformer.wte.weight".to_string()]
+    );
     assert_eq!(plan.params[0].init, InitRule::Normal { std: 0.02 });
-    assert!(plan.params.iter().any(|p| p.name == "transformer.h.1.attn.attn.bias"));
-    assert!(plan.params.iter().any(|p| p.name == "transformer.h.1.attn.proj.bias"));
-    assert!(plan.params.iter().any(|p| p.name == "transformer.ln_f.bias"));
+    assert!(plan
+        .params
+        .iter()
+        .any(|p| p.name == "transformer.h.1.attn.attn.bias"));
+    assert!(plan
+        .params
+        .iter()
+        .any(|p| p.name == "transformer.h.1.attn.proj.bias"));
+    assert!(plan
+        .params
+        .iter()
+        .any(|p| p.name == "transformer.ln_f.bias"));
     // The run is tied because the family is, so the derived name needs no `_tie`.
     assert_eq!(plan.run_name, "scaling_phi4miniflash_d32_ctx4096");
     assert_eq!(plan.model.attn_scale, 1.0 / 8.0);

@@ -37,7 +37,12 @@ fn every_reference_case() {
             Err(e) => failures.push(format!("{label}: {e}")),
             Ok(plan) => {
                 let mut errors = Vec::new();
-                compare("summary", &plan.archscale_summary, &case["summary"], &mut errors);
+                compare(
+                    "summary",
+                    &plan.archscale_summary,
+                    &case["summary"],
+                    &mut errors,
+                );
                 if !errors.is_empty() {
                     failures.push(format!("{label}:\n  {}", errors.join("\n  ")));
                 }

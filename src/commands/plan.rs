@@ -1,7 +1,9 @@
 //! `archscale plan FILE [--set k=v]... [--json] [--run NAME]`: compile an experiment
 //! into one plan per run and show them, as tables (tera templates) or as JSON.
 
-use archscale_compiler::plan::{Mixer, MlpKind, NormKind, OptimizerKind, Parametrization, Plan, Sharding};
+use archscale_compiler::plan::{
+    Mixer, MlpKind, NormKind, OptimizerKind, Parametrization, Plan, Sharding,
+};
 use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
@@ -43,7 +45,10 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
         match plans.iter().position(|p| &p.run_name == name) {
             Some(i) => plans = vec![plans.swap_remove(i)],
             None => {
-                eprintln!("error: no run named `{name}` in {}; its runs are:", args.file.display());
+                eprintln!(
+                    "error: no run named `{name}` in {}; its runs are:",
+                    args.file.display()
+                );
                 for p in &plans {
                     eprintln!("  {}", p.run_name);
                 }
@@ -117,14 +122,19 @@ struct RunView {
 /// Tables for `plans`: one summary row per run first when there are several.
 pub fn render_text(plans: &[Plan], file: &str) -> miette::Result<String> {
     let mut tera = tera::Tera::default();
-    tera.add_raw_template("sweep", SWEEP_TEMPLATE).map_err(tera_error)?;
-    tera.add_raw_template("run", RUN_TEMPLATE).map_err(tera_error)?;
+    tera.add_raw_template("sweep", SWEEP_TEMPLATE)
+        .map_err(tera_error)?;
+    tera.add_raw_template("run", RUN_TEMPLATE)
+        .map_err(tera_error)?;
     let mut out = String::new();
     if plans.len() > 1 {
         let mut ctx = tera::Context::new();
         let (header, rows) = sweep_rows(plans);
         ctx.insert("file", file);
-        ctx.insert("runs", &plans.iter().map(|p| &p.run_name).collect::<Vec<_>>());
+        ctx.insert(
+            "runs",
+            &plans.iter().map(|p| &p.run_name).collect::<Vec<_>>(),
+        );
         ctx.insert("header", &header);
         ctx.insert("rows", &rows);
         out.push_str(&tera.render("sweep", &ctx).map_err(tera_error)?);
@@ -160,7 +170,10 @@ fn sweep_rows(plans: &[Plan]) -> (String, Vec<String>) {
                 p.run_name.clone(),
                 si(p.estimates.params_total as f64, ""),
                 si(p.training.train_tokens, ""),
-                format!("{:.4e}", p.optimizer.groups.first().map_or(0.0, |g| g.peak_lr)),
+                format!(
+                    "{:.4e}",
+                    p.optimizer.groups.first().map_or(0.0, |g| g.peak_lr)
+                ),
                 group_int(p.training.max_steps),
                 si(p.layout.batch_tokens as f64, ""),
                 p.layout.gas.to_string(),
@@ -233,7 +246,9 @@ pub fn layer_pattern(plan: &Plan) -> String {
             }
             Mixer::Mamba(m) => if m.export_memory { "M*" } else { "M" }.into(),
             Mixer::Mamba2 { export_memory } => if *export_memory { "M2*" } else { "M2" }.into(),
-            Mixer::GatedDeltaNet { export_memory } => if *export_memory { "D*" } else { "D" }.into(),
+            Mixer::GatedDeltaNet { export_memory } => {
+                if *export_memory { "D*" } else { "D" }.into()
+            }
             Mixer::Gmu(_) => "G".into(),
         }
     };
@@ -341,7 +356,10 @@ fn run_view(p: &Plan) -> RunView {
     let tokens = format!(
         "{} tokens ({}), {} per parameter",
         group_int(t.train_tokens as u64),
-        if p.archscale_summary.get("train_tokens").is_some_and(|v| v.is_f64()) {
+        if p.archscale_summary
+            .get("train_tokens")
+            .is_some_and(|v| v.is_f64())
+        {
             "given"
         } else {
             "Chinchilla rule"

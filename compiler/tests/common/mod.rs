@@ -5,7 +5,9 @@
 #![allow(dead_code)]
 
 use archscale_compiler::plan::*;
-use archscale_compiler::{ArchAtDepth, BaseHyperparameters, Cluster, OptimizerChoice, RunInputs, TokenMult};
+use archscale_compiler::{
+    ArchAtDepth, BaseHyperparameters, Cluster, OptimizerChoice, RunInputs, TokenMult,
+};
 use serde_json::Value;
 
 pub struct Family {
@@ -168,11 +170,15 @@ pub fn layers(f: &Family, depth: usize) -> Vec<LayerPlan> {
         .map(|i| {
             let mixer = if !f.yoco || i < h {
                 match f.rnn_per_layer {
-                    Some(r) if i % r == 0 => Mixer::Mamba(MambaPlan { export_memory: false }),
+                    Some(r) if i % r == 0 => Mixer::Mamba(MambaPlan {
+                        export_memory: false,
+                    }),
                     _ => attention(i, local(i), None, false),
                 }
             } else if i == h {
-                Mixer::Mamba(MambaPlan { export_memory: f.gmu })
+                Mixer::Mamba(MambaPlan {
+                    export_memory: f.gmu,
+                })
             } else if i == h + 1 {
                 attention(i, None, None, true)
             } else if f.gmu && i % 2 == 0 {
@@ -283,7 +289,11 @@ pub fn apply_train_name(inp: &mut RunInputs, name: &str) {
         (true, false) => Parametrization::MupPlusPlus,
     };
     inp.tied_embeddings = name.contains("_tie");
-    inp.rope_base = if name.contains("_rbase_") { Some(640000.0) } else { None };
+    inp.rope_base = if name.contains("_rbase_") {
+        Some(640000.0)
+    } else {
+        None
+    };
     inp.varlen = name.contains("_varlen");
     inp.label_smoothing = if name.contains("_ls_") { 0.1 } else { 0.0 };
     inp.optimizer = if mup && name.contains("hadam") {
