@@ -361,3 +361,24 @@ fn an_invalid_spec_exits_2_and_writes_nothing() {
     assert!(stderr(&out).contains("learning_rate"), "{}", stderr(&out));
     assert!(!tmp.path().join("runs").exists(), "nothing written");
 }
+
+#[test]
+fn multi_process_launch_is_refused_until_nccl_exists() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = experiment(tmp.path(), 4, "", "");
+    let out = Command::new(BIN)
+        .current_dir(tmp.path())
+        .args(["run", exp.to_str().unwrap(), "--backend", "cpu"])
+        .envs([
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "2"),
+        ])
+        .envs([("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not built yet"), "{}", stderr(&out));
+    assert!(!tmp.path().join("runs").exists(), "nothing written");
+}

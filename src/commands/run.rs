@@ -103,6 +103,17 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
             Resume::From(p)
         }
     };
+    // Under torchrun / Slurm each process would be one rank; until the NCCL runtime exists,
+    // refuse rather than have every process train every rank.
+    let env = archscale_runtime::distributed::RankEnv::from_env().map_err(miette::Report::new)?;
+    if env.world > 1 {
+        return Err(miette!(
+            help = "run one process: it computes every rank of the plan's world in turn (same optimizer steps)",
+            "launched as rank {} of {} processes, but multi-process data-parallel training over NCCL is not built yet",
+            env.rank,
+            env.world
+        ));
+    }
     ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
