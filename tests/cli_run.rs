@@ -363,7 +363,7 @@ fn an_invalid_spec_exits_2_and_writes_nothing() {
 }
 
 #[test]
-fn multi_process_launch_is_refused_until_nccl_exists() {
+fn multi_process_launch_on_the_cpu_backend_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let exp = experiment(tmp.path(), 4, "", "");
     let out = Command::new(BIN)
@@ -379,6 +379,10 @@ fn multi_process_launch_is_refused_until_nccl_exists() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("not built yet"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("CPU backend has no collective"),
+        "{}",
+        stderr(&out)
+    );
     assert!(!tmp.path().join("runs").exists(), "nothing written");
 }

@@ -4,6 +4,9 @@
 //! an optimizer step follows every `gas` of them, and the LR of a step is the schedule's
 //! value at its last micro-iteration. A single process runs every rank of the plan's
 //! world in turn, so a CPU run of an 8-GPU plan computes what the 8 GPUs would.
+//! With a [`Collective`] (one process per GPU), this process computes only its own rank's
+//! micro-batches, the backend sums gradients over ranks, and rank 0 alone writes the run
+//! directory (metrics, events, plan.json, checkpoints) and runs validation.
 
 use crate::checkpoint::{self, TrainState};
 use crate::data::{TrainLoader, ValLoader};
@@ -15,6 +18,7 @@ use serde_json::json;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -29,6 +33,15 @@ pub enum Resume {
     From(PathBuf),
 }
 
+/// The host-side collective the loop needs when each rank is its own process (the backend
+/// reduces gradients itself).
+pub trait Collective {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Sums `values` over all ranks, in place.
+    fn sum(&self, values: &mut [f64]) -> Result<()>;
+}
+
 pub struct TrainOptions {
     /// Directory relative data paths and synthetic corpora resolve against.
     pub data_root: PathBuf,
@@ -39,6 +52,8 @@ pub struct TrainOptions {
     pub max_steps_this_run: Option<u64>,
     /// Draw a progress bar (on a terminal).
     pub progress: bool,
+    /// One process per rank (data parallel); `None`: this process runs every rank.
+    pub collective: Option<Rc<dyn Collective>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -65,10 +80,11 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> RuntimeError {
     move |source| RuntimeError::Io { context, source }
 }
 
-/// Appends lines to `metrics.jsonl` / `events.log`, flushed per line.
+/// Appends lines to `metrics.jsonl` / `events.log`, flushed per line; ranks other than 0
+/// hold a disabled log that writes nothing.
 struct Log {
-    metrics: fs::File,
-    events: fs::File,
+    metrics: Option<fs::File>,
+    events: Option<fs::File>,
 }
 
 impl Log {
@@ -82,19 +98,31 @@ impl Log {
                 .map_err(io(format!("opening {}", p.display())))
         };
         Ok(Self {
-            metrics: open("metrics.jsonl")?,
-            events: open("events.log")?,
+            metrics: Some(open("metrics.jsonl")?),
+            events: Some(open("events.log")?),
         })
     }
+    fn disabled() -> Self {
+        Self {
+            metrics: None,
+            events: None,
+        }
+    }
     fn metric(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.metrics, "{v}").map_err(io("writing metrics.jsonl".into()))
+        match &mut self.metrics {
+            Some(f) => writeln!(f, "{v}").map_err(io("writing metrics.jsonl".into())),
+            None => Ok(()),
+        }
     }
     fn event(&mut self, text: &str) -> Result<()> {
+        let Some(events) = &mut self.events else {
+            return Ok(());
+        };
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        writeln!(self.events, "[{secs}] {text}").map_err(io("writing events.log".into()))
+        writeln!(events, "[{secs}] {text}").map_err(io("writing events.log".into()))
     }
 }
 
@@ -172,6 +200,19 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
     let gas = plan.layout.gas as u64;
     let micro = plan.layout.micro_batch;
     let max_steps = plan.training.max_steps;
+    let collective = opts.collective.as_deref();
+    if let Some(c) = collective {
+        if c.world() != world {
+            return Err(msg(format!(
+                "{} processes, but the plan's world is {world}",
+                c.world()
+            )));
+        }
+    }
+    // `lead` writes the run directory; `computes(r)`: this process runs rank r's batches.
+    let rank = collective.map_or(0, |c| c.rank());
+    let lead = rank == 0;
+    let computes = |r: usize| collective.is_none() || r == rank;
 
     let resume_from = match &opts.resume {
         Resume::No => {
@@ -186,14 +227,28 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
         Resume::Auto => checkpoint::latest(&dir),
         Resume::From(p) => Some(p.clone()),
     };
-    fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    if lead {
+        fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
 
-    let mut loaders: Vec<TrainLoader> = (0..world)
-        .map(|r| TrainLoader::new(plan, r, world, &opts.data_root))
+    // Rank 0 keeps every rank's loader (advancing the others without computing) so its
+    // checkpoints hold all loader states; other ranks keep only their own.
+    let loader_ranks: Vec<usize> = if lead {
+        (0..world).collect()
+    } else {
+        vec![rank]
+    };
+    let mut loaders: Vec<TrainLoader> = loader_ranks
+        .iter()
+        .map(|&r| TrainLoader::new(plan, r, world, &opts.data_root))
         .collect::<Result<_>>()?;
-    let val: Vec<ValLoader> = (0..world)
-        .map(|r| ValLoader::new(plan, r, world, &opts.data_root))
-        .collect::<Result<_>>()?;
+    let val: Vec<ValLoader> = if lead {
+        (0..world)
+            .map(|r| ValLoader::new(plan, r, world, &opts.data_root))
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
 
     let (mut step, mut tokens) = (0u64, 0u64);
     if let Some(ckpt_dir) = &resume_from {
@@ -207,8 +262,8 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
         }
         backend.write_params(&ck.params)?;
         backend.write_optimizer_state(&ck.optimizer)?;
-        for (loader, state) in loaders.iter_mut().zip(&ck.state.loaders) {
-            let state = serde_json::from_value(state.clone()).map_err(|e| {
+        for (loader, &r) in loaders.iter_mut().zip(&loader_ranks) {
+            let state = serde_json::from_value(ck.state.loaders[r].clone()).map_err(|e| {
                 msg(format!(
                     "{}: data-loader state is invalid: {e}",
                     ckpt_dir.display()
@@ -218,10 +273,16 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
         }
         step = ck.state.step;
         tokens = ck.state.tokens;
-        truncate_metrics(&dir, step)?;
+        if lead {
+            truncate_metrics(&dir, step)?;
+        }
     }
-    write_plan(&dir, plan)?;
-    let mut log = Log::open(&dir)?;
+    let mut log = if lead {
+        write_plan(&dir, plan)?;
+        Log::open(&dir)?
+    } else {
+        Log::disabled()
+    };
     match &resume_from {
         Some(p) => log.event(&format!("resumed from {} at step {step}", p.display()))?,
         None => log.event(&format!("started {} on {}", plan.run_name, backend.name()))?,
@@ -231,7 +292,7 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
         Some(n) => (step + n).min(max_steps),
         None => max_steps,
     };
-    let pb = if opts.progress {
+    let pb = if opts.progress && lead {
         ProgressBar::new(max_steps)
     } else {
         ProgressBar::hidden()
@@ -287,7 +348,7 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
     let mut tokens_this_run = 0u64;
 
     while step < last_step {
-        if eval_due(step) {
+        if eval_due(step) && lead {
             let losses = validate(plan, backend, &val)?;
             log.metric(validation_record(step, tokens, &losses, false))?;
             summary.last_val_loss = losses.first().copied();
@@ -298,10 +359,20 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
         let grad_scale = 1.0 / (gas as f32 * world as f32);
         let mut loss_sum = 0.0;
         for _ in 0..gas {
-            for loader in loaders.iter_mut() {
+            for (loader, &r) in loaders.iter_mut().zip(&loader_ranks) {
                 let rows = loader.next_batch(micro)?;
-                loss_sum += backend.forward_backward(&rows, micro, grad_scale)?;
+                if computes(r) {
+                    loss_sum += backend.forward_backward(&rows, micro, grad_scale)?;
+                }
             }
+        }
+        // Every rank must agree on the loss and on stopping at this step.
+        let mut stopping = opts.stop.load(Ordering::SeqCst);
+        if let Some(c) = collective {
+            let mut v = [loss_sum, if stopping { 1.0 } else { 0.0 }];
+            c.sum(&mut v)?;
+            loss_sum = v[0];
+            stopping = v[1] > 0.0;
         }
         let loss = loss_sum / (gas as f64 * world as f64);
         let it = (step + 1) * gas - 1;
@@ -343,15 +414,16 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
                 "lrs": lrs, "grad_norm": grad_norm, "tokens_per_s": tps, "elapsed_s": started.elapsed().as_secs_f64(),
             }))?;
             pb.set_message(format!("loss {loss:.4}  {tps:.0} tok/s"));
-            if !opts.progress {
+            if !opts.progress && lead {
                 eprintln!("step {step:>6}  loss {loss:.4}  lr {:.3e}  grad_norm {grad_norm:.3}  {tps:.0} tok/s", lrs[0]);
             }
             window_tokens = 0;
             window_start = Instant::now();
         }
 
-        let stopping = opts.stop.load(Ordering::SeqCst);
-        if step % plan.training.save_interval.max(1) == 0 || step == last_step || stopping {
+        let save_due =
+            step % plan.training.save_interval.max(1) == 0 || step == last_step || stopping;
+        if save_due && lead {
             let path = save(step, tokens, backend, &loaders)?;
             log.event(&format!("checkpoint {}", path.display()))?;
         }
@@ -366,7 +438,7 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
             break;
         }
     }
-    if step >= max_steps && !summary.interrupted {
+    if step >= max_steps && !summary.interrupted && lead {
         let losses = validate(plan, backend, &val)?;
         log.metric(validation_record(step, tokens, &losses, true))?;
         summary.last_val_loss = losses.first().copied();

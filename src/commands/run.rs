@@ -1,4 +1,6 @@
 //! `archscale run FILE`: compile the experiment and train its runs, one after another.
+//! `--gpus N` (N > 1) spawns N local worker processes, one per GPU; under torchrun or Slurm
+//! each process is one rank already (data parallel over NCCL, CUDA backend only).
 
 use archscale_runtime::train::{self, Resume, TrainOptions};
 use archscale_runtime::Backend;
@@ -34,6 +36,124 @@ pub struct Args {
     /// Stop after this many optimizer steps (a checkpoint is written); resume continues.
     #[arg(long)]
     pub max_steps: Option<u64>,
+    /// Train data parallel on this many local GPUs, one worker process each (the plan's
+    /// world, cluster.nodes x cluster.gpus_per_node, must equal it).
+    #[arg(long, value_name = "N")]
+    pub gpus: Option<usize>,
+}
+
+/// The command line without `--gpus N` / `--gpus=N`, for the workers.
+fn worker_args() -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut it = std::env::args_os().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--gpus" {
+            it.next();
+        } else if !a.to_string_lossy().starts_with("--gpus=") {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// Spawns `n` workers of this binary (rank = local rank = GPU), waits for all, and returns
+/// the first failure's exit code (killing the other workers), or success.
+fn launch_local(n: usize) -> miette::Result<ExitCode> {
+    let exe = std::env::current_exe().into_diagnostic()?;
+    // A free port for the NCCL bootstrap, unless the user chose one.
+    let port = match std::env::var("MASTER_PORT") {
+        Ok(p) if !p.trim().is_empty() => p,
+        _ => std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port().to_string())
+            .into_diagnostic()?,
+    };
+    // Ctrl-C reaches the workers too; they checkpoint and exit, and we wait for them.
+    ctrlc::set_handler(|| {}).into_diagnostic()?;
+    let mut children = Vec::with_capacity(n);
+    for r in 0..n {
+        let child = std::process::Command::new(&exe)
+            .args(worker_args())
+            .env("RANK", r.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_RANK", r.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", &port)
+            .spawn();
+        match child {
+            Ok(c) => children.push(Some(c)),
+            Err(e) => {
+                for c in children.iter_mut().flatten() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                return Err(miette!("starting worker {r} ({}): {e}", exe.display()));
+            }
+        }
+    }
+    let mut failure: Option<(usize, i32)> = None;
+    while children.iter().any(Option::is_some) {
+        for (r, slot) in children.iter_mut().enumerate() {
+            let Some(child) = slot else { continue };
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    *slot = None;
+                    if !status.success() && failure.is_none() {
+                        failure = Some((r, status.code().unwrap_or(1)));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return Err(miette!("waiting for worker {r}: {e}")),
+            }
+        }
+        if failure.is_some() {
+            // A rank that failed leaves the others blocked in a collective: stop them.
+            for c in children.iter_mut().flatten() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    match failure {
+        None => Ok(ExitCode::SUCCESS),
+        Some((r, code)) => {
+            eprintln!("worker {r} of {n} failed (exit {code}); the others were stopped");
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
+    }
+}
+
+/// The CUDA backend of `plan` on GPU `ordinal`, data parallel over `comm` (bootstrapped on
+/// the first call).
+fn data_parallel_backend(
+    plan: &archscale_compiler::Plan,
+    env: &archscale_runtime::distributed::RankEnv,
+    comm: &mut Option<std::rc::Rc<archscale_runtime::distributed::nccl::NcclComm>>,
+) -> miette::Result<Box<dyn Backend>> {
+    use archscale_runtime::distributed::nccl::NcclComm;
+    env.check_layout(&plan.layout)
+        .map_err(miette::Report::new)?;
+    archscale_kernels::gpu::ensure_driver().map_err(|e| miette!("CUDA backend: {e}"))?;
+    let init = archscale_runtime::cpu::model::CpuModel::<f32>::new(plan)
+        .map_err(miette::Report::new)?
+        .init_params();
+    let mut backend = archscale_runtime::cuda::CudaBackend::new(plan, env.local_rank, &init)
+        .map_err(miette::Report::new)?;
+    let comm = match comm {
+        Some(c) => c.clone(),
+        None => {
+            let c = std::rc::Rc::new(
+                NcclComm::bootstrap(env, backend.gpu().clone()).map_err(miette::Report::new)?,
+            );
+            *comm = Some(c.clone());
+            c
+        }
+    };
+    backend.set_communicator(comm);
+    Ok(Box::new(backend))
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -103,17 +223,49 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
             Resume::From(p)
         }
     };
-    // Under torchrun / Slurm each process would be one rank; until the NCCL runtime exists,
-    // refuse rather than have every process train every rank.
+    // Under torchrun / Slurm (or our own `--gpus` workers) each process is one rank.
     let env = archscale_runtime::distributed::RankEnv::from_env().map_err(miette::Report::new)?;
-    if env.world > 1 {
+    if env.world > 1 && args.backend == BackendChoice::Cpu {
         return Err(miette!(
-            help = "run one process: it computes every rank of the plan's world in turn (same optimizer steps)",
-            "launched as rank {} of {} processes, but multi-process data-parallel training over NCCL is not built yet",
+            help = "use --backend cuda, or run one process: it computes every rank of the plan's world in turn (same optimizer steps)",
+            "launched as rank {} of {} processes, but the CPU backend has no collective: multi-process data parallel with --backend cpu is not built yet",
             env.rank,
             env.world
         ));
     }
+    if let Some(n) = args.gpus {
+        if n == 0 {
+            eprintln!("error: --gpus must be at least 1");
+            return Ok(ExitCode::from(2));
+        }
+        if env.world == 1 && n > 1 {
+            if args.backend == BackendChoice::Cpu {
+                eprintln!(
+                    "error: --gpus {n} trains on GPUs; it cannot be combined with --backend cpu"
+                );
+                return Ok(ExitCode::from(2));
+            }
+            for plan in &plans {
+                if plan.layout.world != n {
+                    eprintln!(
+                        "error: --gpus {n}, but run {} plans a world of {} ({} nodes x {} GPUs); set cluster.gpus_per_node={n}",
+                        plan.run_name, plan.layout.world, plan.layout.nodes, plan.layout.gpus_per_node
+                    );
+                    return Ok(ExitCode::from(2));
+                }
+            }
+            return launch_local(n);
+        }
+        if env.world > 1 && env.world != n {
+            eprintln!(
+                "error: --gpus {n}, but the launcher started {} processes",
+                env.world
+            );
+            return Ok(ExitCode::from(2));
+        }
+    }
+    let lead = env.rank == 0;
+    let mut comm = None;
     ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
@@ -127,31 +279,43 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
     let data_root = std::env::current_dir().into_diagnostic()?;
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     for plan in &plans {
-        let mut backend = make_backend(args.backend, plan)?;
-        eprintln!(
-            "run {} on {} -> {}",
-            plan.run_name,
-            backend.name(),
-            train::run_dir(plan).display()
-        );
+        let mut backend = if env.world > 1 {
+            data_parallel_backend(plan, &env, &mut comm)?
+        } else {
+            make_backend(args.backend, plan)?
+        };
+        let collective = comm
+            .clone()
+            .map(|c| c as std::rc::Rc<dyn train::Collective>);
+        if lead {
+            eprintln!(
+                "run {} on {} -> {}",
+                plan.run_name,
+                backend.name(),
+                train::run_dir(plan).display()
+            );
+        }
         let opts = TrainOptions {
             data_root: data_root.clone(),
             resume: resume.clone(),
             stop: &STOP,
             max_steps_this_run: args.max_steps,
             progress,
+            collective,
         };
         match train::train(plan, backend.as_mut(), &opts) {
             Ok(s) => {
-                eprintln!(
-                    "{}: {} steps, loss {} -> {}, val {}, {:.0} tokens/s",
-                    plan.run_name,
-                    s.steps,
-                    s.first_loss.map_or("-".into(), |l| format!("{l:.4}")),
-                    s.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
-                    s.last_val_loss.map_or("-".into(), |l| format!("{l:.4}")),
-                    s.tokens_per_s
-                );
+                if lead {
+                    eprintln!(
+                        "{}: {} steps, loss {} -> {}, val {}, {:.0} tokens/s",
+                        plan.run_name,
+                        s.steps,
+                        s.first_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                        s.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                        s.last_val_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                        s.tokens_per_s
+                    );
+                }
                 if s.interrupted {
                     return Ok(ExitCode::from(130));
                 }

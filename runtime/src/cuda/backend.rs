@@ -128,6 +128,9 @@ pub struct CudaBackend {
     norm_out: DeviceBuffer,
     /// When set, `mark` records a device event before each op (see `profile_step`).
     prof: std::cell::RefCell<Option<Vec<(&'static str, archscale_kernels::gpu::Event)>>>,
+    /// Data parallel: gradients are summed over ranks before the norm / optimizer step.
+    comm: Option<std::rc::Rc<crate::distributed::nccl::NcclComm>>,
+    grads_reduced: bool,
 }
 
 const BF: usize = 2;
@@ -480,6 +483,8 @@ impl CudaBackend {
             delta,
             norm_out,
             prof: std::cell::RefCell::new(None),
+            comm: None,
+            grads_reduced: false,
         };
         be.write_params(init)?;
         Ok(be)
@@ -535,6 +540,23 @@ impl CudaBackend {
             );
         }
         Ok(out)
+    }
+
+    /// Data parallel over `comm`: `grad_norm` / `optimizer_step` first sum the gradients of
+    /// all ranks (each rank's are already scaled by 1/(gas·world)).
+    pub fn set_communicator(&mut self, comm: std::rc::Rc<crate::distributed::nccl::NcclComm>) {
+        self.comm = Some(comm);
+    }
+
+    /// Sums the accumulated gradients over ranks once per optimizer step.
+    fn reduce_grads(&mut self) -> Result<()> {
+        if let Some(comm) = &self.comm {
+            if !self.grads_reduced {
+                comm.all_reduce_sum_f32(&self.gpu, self.grads.ptr, self.numel)?;
+                self.grads_reduced = true;
+            }
+        }
+        Ok(())
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -1081,6 +1103,7 @@ impl Backend for CudaBackend {
     }
 
     fn grad_norm(&mut self) -> Result<f64> {
+        self.reduce_grads()?;
         self.gpu.memset_zero(self.norm_out.ptr, 8)?;
         self.ops
             .sum_squares(self.grads.ptr, self.numel, self.norm_out.ptr)?;
@@ -1089,6 +1112,8 @@ impl Backend for CudaBackend {
     }
 
     fn optimizer_step(&mut self, group_lrs: &[f64], grad_mult: f64) -> Result<()> {
+        self.reduce_grads()?;
+        self.grads_reduced = false;
         let groups = &self.plan.optimizer.groups;
         if group_lrs.len() != groups.len() {
             return Err(err(format!(

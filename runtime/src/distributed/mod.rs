@@ -1,9 +1,10 @@
 //! Groundwork for multi-GPU training: who this process is (rank environment from torchrun
 //! or Slurm), which slice of params/grads/optimizer state each rank owns (`shard`), and the
 //! manifest of a sharded checkpoint with re-sharding to another world size (`manifest`).
-//! Communication (NCCL) is not here yet.
+//! Communication: `nccl` (bootstrap and all-reduce for data parallel).
 
 pub mod manifest;
+pub mod nccl;
 pub mod shard;
 
 use crate::{Result, RuntimeError};
