@@ -385,4 +385,24 @@ fn multi_process_launch_on_the_cpu_backend_is_refused() {
         stderr(&out)
     );
     assert!(!tmp.path().join("runs").exists(), "nothing written");
+
+    // `--gpus N` spawns GPU workers: refused up front with the CPU backend, and when the
+    // plan's world is not N.
+    for (backend, needle) in [("cpu", "--backend cpu"), ("cuda", "plans a world of 1")] {
+        let out = Command::new(BIN)
+            .current_dir(tmp.path())
+            .args([
+                "run",
+                exp.to_str().unwrap(),
+                "--backend",
+                backend,
+                "--gpus",
+                "2",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{}", stderr(&out));
+        assert!(!tmp.path().join("runs").exists(), "nothing written");
+    }
 }
