@@ -50,4 +50,4 @@ pub use model::CpuModel;
 #[cfg(test)]
 pub(crate) mod gradcheck;
 #[cfg(test)]
-mod model_tests;
+pub(crate) mod model_tests;

@@ -1,7 +1,6 @@
 //! Tiny plans and parameters for the eval tests (no compiler front end needed).
 
 use crate::cpu::CpuModel;
-use archscale_compiler::params::build_params;
 use archscale_compiler::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -161,87 +160,14 @@ pub(crate) fn model_config(t: &TinySpec, depth: usize, mamba: bool) -> ModelConf
     }
 }
 
-/// A complete Plan around `model` and `layers` (fields the evals do not read get small values).
+/// The CPU model tests' complete Plan around `model` and `layers`, reading `val` for both
+/// training and validation data.
 pub(crate) fn plan(model: ModelConfig, layers: Vec<LayerPlan>, val: Vec<DataSource>) -> Plan {
-    let params = build_params(&model, &layers, 1.0).expect("tiny params build");
-    let (t, micro) = (model.block_size, 2);
-    let group = ParamGroup {
-        name: "all".into(),
-        optimizer: OptimizerKind::AdamW,
-        lr_mult: None,
-        weight_decay: 0.1,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        muon_beta: None,
-        peak_lr: 1e-3,
-    };
-    let total: u64 = params.iter().map(|p| p.numel() as u64).sum();
-    Plan {
-        run_name: format!("test_{}_ctx{t}", model.name),
-        layers,
-        params,
-        optimizer: OptimizerPlan {
-            groups: vec![group],
-            grad_clip: 1.0,
-        },
-        schedule: Schedule {
-            decay: DecayShape::Linear,
-            wsd: false,
-            warmup_iters: 2,
-            max_iters: 20,
-            min_lr: 0.0,
-        },
-        training: TrainingPlan {
-            seed: 3407,
-            train_tokens: (20 * micro * t) as f64,
-            max_iters: 20,
-            max_steps: 20,
-            label_smoothing: 0.0,
-            eval_interval: 10,
-            save_interval: 10,
-            log_interval: 1,
-            eval_iters: 2,
-            num_extrapol: 2,
-            out_dir: "runs".into(),
-        },
-        layout: ParallelLayout {
-            nodes: 1,
-            gpus_per_node: 1,
-            world: 1,
-            micro_batch: micro,
-            seq_len: t,
-            gas: 1,
-            batch_tokens: (micro * t) as u64,
-            sharding: Sharding::DataParallel,
-        },
-        data: DataPlan {
-            train: val.clone(),
-            val,
-            block_size: t + 1,
-            val_block_size: 2 * t + 1,
-            val_micro_batch: 1,
-            n_chunks: 1,
-            seed: 3407,
-        },
-        estimates: Estimates {
-            params_total: total,
-            params_non_embedding: total,
-            flops_per_token_archscale: 6.0 * total as f64,
-            flops_per_token_exact: 6.0 * total as f64,
-            memory: MemoryEstimate {
-                params_bytes: 4 * total,
-                grads_bytes: 4 * total,
-                optimizer_bytes: 8 * total,
-                activations_bytes: 0,
-                total_bytes: 16 * total,
-                gpu_bytes: 0,
-                fits: true,
-            },
-        },
-        model,
-        archscale_summary: serde_json::Value::Null,
-    }
+    let mut plan = crate::cpu::model_tests::plan(model, layers);
+    plan.training.eval_iters = 2;
+    plan.data.train = val.clone();
+    plan.data.val = val;
+    plan
 }
 
 /// Init plus noise on every tensor, so zero-initialised ones (μP readout, biases) matter.
