@@ -497,6 +497,22 @@ impl<T: Real> CpuModel<T> {
         self.check_tokens(rows)?;
         let mut cache = self.workspaces.lock().unwrap_or_else(|e| e.into_inner());
         let ws = workspace(&mut cache, self, micro, seq, true);
+        let loss = self.forward_mean_loss(ws, params, rows, micro, seq, label_smoothing);
+        self.backward(ws, params, grads, grad_scale, label_smoothing);
+        Ok(loss)
+    }
+
+    /// Loads `rows` into the training workspace, runs the forward pass and returns the mean
+    /// (label-smoothed) loss; the activations stay in `ws` for a backward pass.
+    fn forward_mean_loss(
+        &self,
+        ws: &mut Workspace<T>,
+        params: &[Vec<T>],
+        rows: &[u32],
+        micro: usize,
+        seq: usize,
+        label_smoothing: f64,
+    ) -> f64 {
         ws.load_rows(
             rows,
             micro,
@@ -511,9 +527,7 @@ impl<T: Real> CpuModel<T> {
             self.cfg.padded_vocab_size,
             label_smoothing,
         );
-        let loss = ws.losses.iter().map(|l| l.to_f64()).sum::<f64>() / ws.losses.len() as f64;
-        self.backward(ws, params, grads, grad_scale, label_smoothing);
-        Ok(loss)
+        ws.losses.iter().map(|l| l.to_f64()).sum::<f64>() / ws.losses.len() as f64
     }
 
     /// The loss of [`CpuModel::forward_backward`] without the backward pass.
@@ -529,21 +543,7 @@ impl<T: Real> CpuModel<T> {
         self.check_tokens(rows)?;
         let mut cache = self.workspaces.lock().unwrap_or_else(|e| e.into_inner());
         let ws = workspace(&mut cache, self, micro, seq, true);
-        ws.load_rows(
-            rows,
-            micro,
-            seq,
-            self.cfg.varlen.then_some(self.cfg.eos_token_id),
-        );
-        self.forward(ws, params);
-        cross_entropy_forward(
-            &mut ws.losses,
-            &ws.logits,
-            &ws.targets,
-            self.cfg.padded_vocab_size,
-            label_smoothing,
-        );
-        Ok(ws.losses.iter().map(|l| l.to_f64()).sum::<f64>() / ws.losses.len() as f64)
+        Ok(self.forward_mean_loss(ws, params, rows, micro, seq, label_smoothing))
     }
 
     /// Mean cross-entropy (no smoothing, no gradients) of `rows` rows of `row_len` tokens,
