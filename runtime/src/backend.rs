@@ -42,7 +42,42 @@ pub trait Backend {
 
     /// Optimizer state as named f32 tensors (`<param>.exp_avg`, ...) plus the step count.
     fn read_optimizer_state(&mut self) -> crate::Result<OptimizerState>;
+    /// Takes the full optimizer state (any world size wrote it); a sharded backend keeps
+    /// its own part.
     fn write_optimizer_state(&mut self, state: &OptimizerState) -> crate::Result<()>;
+
+    /// Whether the next `forward_backward` is the last micro-step of an optimizer step, so
+    /// its backward pass should also reduce the gradients over ranks (overlapped). Backends
+    /// without a collective ignore it.
+    fn set_gradient_sync(&mut self, _sync: bool) {}
+
+    /// This rank's shard of the optimizer state when the backend shards it (ZeRO-1/3);
+    /// `None` when `read_optimizer_state` holds everything.
+    fn optimizer_shard(&mut self) -> crate::Result<Option<OptimizerShard>> {
+        Ok(None)
+    }
+
+    /// Device memory of this rank: (peak bytes allocated, bytes of parameters + gradients
+    /// + optimizer state). `None` on the CPU.
+    fn device_memory(&self) -> Option<(usize, usize)> {
+        None
+    }
+
+    /// Whether `optimizer_shard` returns a shard (then every rank takes part in saving).
+    fn optimizer_is_sharded(&self) -> bool {
+        false
+    }
+}
+
+/// One rank's part of a sharded AdamW state: flat local buffers of both moments and the
+/// manifest saying where each tensor's pieces sit in every rank's buffer.
+#[derive(Clone, Debug)]
+pub struct OptimizerShard {
+    pub step: u64,
+    pub rank: usize,
+    pub manifest: crate::distributed::manifest::Manifest,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -5,8 +5,15 @@
 //! A checkpoint is written into `step-NNNNNNNN.partial/`, every file is synced, and the
 //! directory is renamed into place; a process killed at any moment leaves the previous
 //! checkpoint intact and never a half-written one under a final name.
+//!
+//! Under ZeRO the optimizer state is sharded: each rank writes its own
+//! `optimizer.exp_avg.shard-0000r-of-0000W.bin` and `optimizer.exp_avg_sq.shard-…` (raw
+//! little-endian f32), and `optimizer.<moment>.manifest.json` says where every tensor's
+//! pieces lie, so any world size can load it. `model.safetensors` stays whole (rank 0
+//! writes it), so eval and export read sharded and unsharded checkpoints alike.
 
-use crate::{OptimizerState, Result, RuntimeError};
+use crate::distributed::manifest::{shard_file_name, Manifest};
+use crate::{OptimizerShard, OptimizerState, Result, RuntimeError};
 use archscale_compiler::Plan;
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
@@ -20,6 +27,15 @@ const FORMAT_VERSION: u32 = 1;
 const MODEL_FILE: &str = "model.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const STATE_FILE: &str = "state.json";
+const MOMENTS: [&str; 2] = ["exp_avg", "exp_avg_sq"];
+
+fn manifest_file(moment: &str) -> String {
+    format!("optimizer.{moment}.manifest.json")
+}
+
+fn checksum_sidecar(rank: usize) -> String {
+    format!("optimizer.rank-{rank:05}.sha256.json")
+}
 
 /// Everything besides tensors that resuming needs.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -153,22 +169,136 @@ pub fn save(
         serde_json::to_vec_pretty(&state).map_err(|e| bad(format!("encoding state.json: {e}")))?;
     write_synced(&partial.join(STATE_FILE), &json)?;
     sync_dir(&partial);
+    // Re-saving the same step (resume then interrupt) replaces it only once complete.
+    publish(&root, &partial, &final_dir, state.step)?;
+    Ok(final_dir)
+}
 
+/// Writes a checkpoint whose optimizer state is sharded. Every rank calls it with its own
+/// `shard`; rank 0 also passes the full `params` (and the `state` that counts). `barrier`
+/// returns once every rank has reached it. Returns the final path on rank 0.
+pub fn save_sharded(
+    run_dir: &Path,
+    plan: &Plan,
+    params: Option<&[Vec<f32>]>,
+    shard: &OptimizerShard,
+    mut state: TrainState,
+    barrier: &dyn Fn() -> Result<()>,
+) -> Result<Option<PathBuf>> {
+    let root = run_dir.join("checkpoints");
+    let final_dir = root.join(step_dir_name(state.step));
+    let partial = root.join(format!("{}.partial", step_dir_name(state.step)));
+    let lead = shard.rank == 0;
+    if lead {
+        fs::create_dir_all(&root).map_err(io_err(format!("creating {}", root.display())))?;
+        if partial.exists() {
+            fs::remove_dir_all(&partial)
+                .map_err(io_err(format!("removing stale {}", partial.display())))?;
+        }
+        fs::create_dir(&partial).map_err(io_err(format!("creating {}", partial.display())))?;
+    }
+    barrier()?;
+    // every rank: its shard files, and their checksums in a sidecar for rank 0
+    let m = &shard.manifest;
+    let count = m.files.len();
+    let mine: Vec<usize> = m
+        .files
+        .iter()
+        .filter(|f| f.rank == shard.rank)
+        .map(|f| f.shard)
+        .collect();
+    let mut sums = BTreeMap::new();
+    for &idx in &mine {
+        for (moment, data) in MOMENTS.iter().zip([&shard.exp_avg, &shard.exp_avg_sq]) {
+            if data.len() != m.shard_len {
+                return Err(bad(format!(
+                    "optimizer shard {idx}: {} values, the manifest says {}",
+                    data.len(),
+                    m.shard_len
+                )));
+            }
+            let file = shard_file_name(&format!("optimizer.{moment}"), idx, count);
+            let bytes = f32_bytes(data);
+            write_synced(&partial.join(&file), &bytes)?;
+            sums.insert(file, hex_sha256(&bytes));
+        }
+    }
+    let json = serde_json::to_vec(&sums).map_err(|e| bad(format!("encoding checksums: {e}")))?;
+    write_synced(&partial.join(checksum_sidecar(shard.rank)), &json)?;
+    barrier()?;
+    let mut out = None;
+    if lead {
+        let params =
+            params.ok_or_else(|| bad("sharded checkpoint: rank 0 needs the parameters"))?;
+        if params.len() != plan.params.len() {
+            return Err(bad(format!(
+                "checkpoint: {} tensors given, the plan has {}",
+                params.len(),
+                plan.params.len()
+            )));
+        }
+        state.format = FORMAT_VERSION;
+        state.optimizer_step = shard.step;
+        state.sha256.clear();
+        let world = m.world;
+        for r in 0..world {
+            let side = partial.join(checksum_sidecar(r));
+            let text = fs::read(&side).map_err(io_err(format!("reading {}", side.display())))?;
+            let part: BTreeMap<String, String> = serde_json::from_slice(&text)
+                .map_err(|e| bad(format!("{}: {e}", side.display())))?;
+            state.sha256.extend(part);
+            fs::remove_file(&side).map_err(io_err(format!("removing {}", side.display())))?;
+        }
+        for moment in MOMENTS {
+            let mut mm = m.clone();
+            for f in &mut mm.files {
+                f.file = shard_file_name(&format!("optimizer.{moment}"), f.shard, count);
+                if !state.sha256.contains_key(&f.file) {
+                    return Err(bad(format!("sharded checkpoint: no rank wrote {}", f.file)));
+                }
+            }
+            let text = serde_json::to_vec_pretty(&mm)
+                .map_err(|e| bad(format!("encoding manifest: {e}")))?;
+            write_synced(&partial.join(manifest_file(moment)), &text)?;
+        }
+        let model: Vec<(String, Vec<usize>, Vec<u8>)> = plan
+            .params
+            .iter()
+            .zip(params)
+            .map(|(p, v)| (p.name.clone(), p.shape.clone(), f32_bytes(v)))
+            .collect();
+        state.sha256.insert(
+            MODEL_FILE.into(),
+            write_tensors(&partial.join(MODEL_FILE), &model)?,
+        );
+        let json = serde_json::to_vec_pretty(&state)
+            .map_err(|e| bad(format!("encoding state.json: {e}")))?;
+        write_synced(&partial.join(STATE_FILE), &json)?;
+        sync_dir(&partial);
+        publish(&root, &partial, &final_dir, state.step)?;
+        out = Some(final_dir);
+    }
+    barrier()?;
+    Ok(out)
+}
+
+/// Renames a complete `partial` directory to `final_dir` (replacing an older one only once
+/// the new one is complete).
+fn publish(root: &Path, partial: &Path, final_dir: &Path, step: u64) -> Result<()> {
     if final_dir.exists() {
-        // Re-saving the same step (resume then interrupt): replace it only after the new one is complete.
-        let old = root.join(format!("{}.old", step_dir_name(state.step)));
+        let old = root.join(format!("{}.old", step_dir_name(step)));
         let _ = fs::remove_dir_all(&old);
-        fs::rename(&final_dir, &old)
+        fs::rename(final_dir, &old)
             .map_err(io_err(format!("moving aside {}", final_dir.display())))?;
-        fs::rename(&partial, &final_dir)
+        fs::rename(partial, final_dir)
             .map_err(io_err(format!("renaming into {}", final_dir.display())))?;
         let _ = fs::remove_dir_all(&old);
     } else {
-        fs::rename(&partial, &final_dir)
+        fs::rename(partial, final_dir)
             .map_err(io_err(format!("renaming into {}", final_dir.display())))?;
     }
-    sync_dir(&root);
-    Ok(final_dir)
+    sync_dir(root);
+    Ok(())
 }
 
 /// Complete checkpoints of a run, oldest first (partial directories are ignored).
@@ -283,6 +413,15 @@ pub fn load(dir: &Path, plan: &Plan) -> Result<Checkpoint> {
         }
         params.push(data);
     }
+    if dir.join(manifest_file(MOMENTS[0])).is_file() {
+        let optimizer = load_sharded_optimizer(dir, &state)?;
+        return Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            state,
+            params,
+            optimizer,
+        });
+    }
     let opt_path = dir.join(OPTIMIZER_FILE);
     let bytes = read_checked(dir, OPTIMIZER_FILE, &state)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
@@ -303,5 +442,44 @@ pub fn load(dir: &Path, plan: &Plan) -> Result<Checkpoint> {
         state,
         params,
         optimizer,
+    })
+}
+
+/// The full optimizer state of a sharded checkpoint, rebuilt from every rank's files.
+fn load_sharded_optimizer(dir: &Path, state: &TrainState) -> Result<OptimizerState> {
+    let mut tensors = Vec::new();
+    for moment in MOMENTS {
+        let path = dir.join(manifest_file(moment));
+        let text = fs::read(&path).map_err(io_err(format!("reading {}", path.display())))?;
+        let manifest: Manifest = serde_json::from_slice(&text)
+            .map_err(|e| bad(format!("{} is not a valid manifest: {e}", path.display())))?;
+        let mut shards = Vec::with_capacity(manifest.files.len());
+        for f in &manifest.files {
+            let bytes = read_checked(dir, &f.file, state)?;
+            if bytes.len() % 4 != 0 {
+                return Err(bad(format!(
+                    "{}: {} bytes is not a whole number of f32",
+                    dir.join(&f.file).display(),
+                    bytes.len()
+                )));
+            }
+            shards.push(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect::<Vec<f32>>(),
+            );
+        }
+        for t in manifest
+            .gather(&shards)
+            .map_err(|e| bad(format!("{}: {e}", path.display())))?
+        {
+            tensors.push((format!("{}.{moment}", t.name), t.data));
+        }
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(OptimizerState {
+        step: state.optimizer_step,
+        tensors,
     })
 }

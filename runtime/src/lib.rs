@@ -12,7 +12,7 @@ pub mod eval;
 pub mod optim;
 pub mod train;
 
-pub use backend::{Backend, OptimizerState};
+pub use backend::{Backend, OptimizerShard, OptimizerState};
 
 /// The CUDA backend on GPU 0 for `plan`, initialised exactly as the CPU reference would be
 /// (same init rules, same seed), or an error naming what is missing (GPU, driver, library).

@@ -157,8 +157,14 @@ fn write_plan(dir: &Path, plan: &Plan) -> Result<()> {
         .map_err(io(format!("writing {}", dir.join("plan.json").display())))
 }
 
-/// Validation loss at 1x..num_extrapol x the training context, averaged over ranks.
-fn validate(plan: &Plan, backend: &mut dyn Backend, val: &[ValLoader]) -> Result<Vec<f64>> {
+/// Validation loss at 1x..num_extrapol x the training context, averaged over ranks. With a
+/// collective, each process evaluates its own rank's loader and the sums are combined.
+fn validate(
+    plan: &Plan,
+    backend: &mut dyn Backend,
+    val: &[ValLoader],
+    collective: Option<&dyn Collective>,
+) -> Result<Vec<f64>> {
     let t = plan.layout.seq_len;
     let prefixes: Vec<usize> = (1..=plan.training.num_extrapol).map(|k| k * t).collect();
     let rows = plan.data.val_micro_batch;
@@ -172,6 +178,13 @@ fn validate(plan: &Plan, backend: &mut dyn Backend, val: &[ValLoader]) -> Result
             }
             count += 1;
         }
+    }
+    if let Some(c) = collective {
+        let mut v: Vec<f64> = sums.clone();
+        v.push(count as f64);
+        c.sum(&mut v)?;
+        count = v.pop().unwrap_or(0.0) as usize;
+        sums = v;
     }
     if count == 0 {
         return Err(msg("validation data yielded no batches"));
@@ -242,34 +255,41 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
         .iter()
         .map(|&r| TrainLoader::new(plan, r, world, &opts.data_root))
         .collect::<Result<_>>()?;
-    let val: Vec<ValLoader> = if lead {
+    let val: Vec<ValLoader> = if collective.is_some() {
+        vec![ValLoader::new(plan, rank, world, &opts.data_root)?]
+    } else {
         (0..world)
             .map(|r| ValLoader::new(plan, r, world, &opts.data_root))
             .collect::<Result<_>>()?
-    } else {
-        Vec::new()
     };
 
     let (mut step, mut tokens) = (0u64, 0u64);
+    let mut resharded_from: Option<usize> = None;
     if let Some(ckpt_dir) = &resume_from {
         let ck = checkpoint::load(ckpt_dir, plan)?;
-        if ck.state.loaders.len() != world {
-            return Err(msg(format!(
-                "{} was written with {} data-loader states, this plan has world {world}",
-                ckpt_dir.display(),
-                ck.state.loaders.len()
-            )));
-        }
         backend.write_params(&ck.params)?;
         backend.write_optimizer_state(&ck.optimizer)?;
-        for (loader, &r) in loaders.iter_mut().zip(&loader_ranks) {
-            let state = serde_json::from_value(ck.state.loaders[r].clone()).map_err(|e| {
-                msg(format!(
-                    "{}: data-loader state is invalid: {e}",
-                    ckpt_dir.display()
-                ))
-            })?;
-            loader.restore(&state)?;
+        let old_world = ck.state.loaders.len();
+        if old_world == world {
+            for (loader, &r) in loaders.iter_mut().zip(&loader_ranks) {
+                let state = serde_json::from_value(ck.state.loaders[r].clone()).map_err(|e| {
+                    msg(format!(
+                        "{}: data-loader state is invalid: {e}",
+                        ckpt_dir.display()
+                    ))
+                })?;
+                loader.restore(&state)?;
+            }
+        } else {
+            // Another world size partitions the data differently: as ArchScale does on
+            // resume, each rank replays its loader past the micro-batches already consumed.
+            let skip = ck.state.step * gas;
+            for loader in loaders.iter_mut() {
+                for _ in 0..skip {
+                    loader.next_batch(micro)?;
+                }
+            }
+            resharded_from = Some(old_world);
         }
         step = ck.state.step;
         tokens = ck.state.tokens;
@@ -284,7 +304,15 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
         Log::disabled()
     };
     match &resume_from {
-        Some(p) => log.event(&format!("resumed from {} at step {step}", p.display()))?,
+        Some(p) => {
+            log.event(&format!("resumed from {} at step {step}", p.display()))?;
+            if let Some(old) = resharded_from {
+                log.event(&format!(
+                    "checkpoint written by {old} ranks, resumed on {world}: state re-sharded, data loaders replayed past {} micro-batches per rank",
+                    step * gas
+                ))?;
+            }
+        }
         None => log.event(&format!("started {} on {}", plan.run_name, backend.name()))?,
     }
 
@@ -305,13 +333,18 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
     );
     pb.set_position(step);
 
+    // Every process calls `save`: a sharded optimizer state is written by each rank, and
+    // ZeRO-3 parameters are gathered collectively. Returns the path on the lead rank.
     let save = |step: u64,
                 tokens: u64,
                 backend: &mut dyn Backend,
                 loaders: &[TrainLoader]|
-     -> Result<PathBuf> {
+     -> Result<Option<PathBuf>> {
+        let sharded = collective.is_some() && backend.optimizer_is_sharded();
+        if !sharded && !lead {
+            return Ok(None);
+        }
         let params = backend.read_params()?;
-        let optimizer = backend.read_optimizer_state()?;
         let loader_states = loaders
             .iter()
             .map(|l| {
@@ -319,17 +352,33 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
                     .map_err(|e| msg(format!("encoding data-loader state: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let state = TrainState {
+        let mut state = TrainState {
             format: 0,
             run_name: plan.run_name.clone(),
             step,
             iter_num: step * gas,
             tokens,
-            optimizer_step: optimizer.step,
+            optimizer_step: 0,
             loaders: loader_states,
             sha256: Default::default(),
         };
-        checkpoint::save(&dir, plan, &params, &optimizer, state)
+        if sharded {
+            let (Some(c), Some(shard)) = (collective, backend.optimizer_shard()?) else {
+                return Err(msg("sharded checkpoint: the backend returned no shard"));
+            };
+            let barrier = || -> Result<()> { c.sum(&mut [0.0]) };
+            return checkpoint::save_sharded(
+                &dir,
+                plan,
+                lead.then_some(&params[..]),
+                &shard,
+                state,
+                &barrier,
+            );
+        }
+        let optimizer = backend.read_optimizer_state()?;
+        state.optimizer_step = optimizer.step;
+        checkpoint::save(&dir, plan, &params, &optimizer, state).map(Some)
     };
 
     let started = Instant::now();
@@ -348,17 +397,20 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
     let mut tokens_this_run = 0u64;
 
     while step < last_step {
-        if eval_due(step) && lead {
-            let losses = validate(plan, backend, &val)?;
-            log.metric(validation_record(step, tokens, &losses, false))?;
+        if eval_due(step) {
+            let losses = validate(plan, backend, &val, collective)?;
+            if lead {
+                log.metric(validation_record(step, tokens, &losses, false))?;
+                pb.suspend(|| eprintln!("step {step:>6}  val_loss {:.4}", losses[0]));
+            }
             summary.last_val_loss = losses.first().copied();
-            pb.suspend(|| eprintln!("step {step:>6}  val_loss {:.4}", losses[0]));
         }
 
         // One optimizer step: gas micro-iterations on every rank.
         let grad_scale = 1.0 / (gas as f32 * world as f32);
         let mut loss_sum = 0.0;
-        for _ in 0..gas {
+        for m in 0..gas {
+            backend.set_gradient_sync(m + 1 == gas);
             for (loader, &r) in loaders.iter_mut().zip(&loader_ranks) {
                 let rows = loader.next_batch(micro)?;
                 if computes(r) {
@@ -409,10 +461,15 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
 
         if step % plan.training.log_interval.max(1) == 0 || step == last_step {
             let tps = window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
-            log.metric(json!({
+            let mut rec = json!({
                 "step": step, "tokens": tokens, "loss": loss, "lr": lrs.first().copied().unwrap_or(0.0),
                 "lrs": lrs, "grad_norm": grad_norm, "tokens_per_s": tps, "elapsed_s": started.elapsed().as_secs_f64(),
-            }))?;
+            });
+            if let Some((peak, model_state)) = backend.device_memory() {
+                rec["peak_mem_bytes"] = json!(peak);
+                rec["model_state_bytes"] = json!(model_state);
+            }
+            log.metric(rec)?;
             pb.set_message(format!("loss {loss:.4}  {tps:.0} tok/s"));
             if !opts.progress && lead {
                 eprintln!("step {step:>6}  loss {loss:.4}  lr {:.3e}  grad_norm {grad_norm:.3}  {tps:.0} tok/s", lrs[0]);
@@ -423,9 +480,10 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
 
         let save_due =
             step % plan.training.save_interval.max(1) == 0 || step == last_step || stopping;
-        if save_due && lead {
-            let path = save(step, tokens, backend, &loaders)?;
-            log.event(&format!("checkpoint {}", path.display()))?;
+        if save_due {
+            if let Some(path) = save(step, tokens, backend, &loaders)? {
+                log.event(&format!("checkpoint {}", path.display()))?;
+            }
         }
         if stopping {
             log.event(&format!("interrupted at step {step}"))?;
@@ -438,11 +496,13 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
             break;
         }
     }
-    if step >= max_steps && !summary.interrupted && lead {
-        let losses = validate(plan, backend, &val)?;
-        log.metric(validation_record(step, tokens, &losses, true))?;
+    if step >= max_steps && !summary.interrupted {
+        let losses = validate(plan, backend, &val, collective)?;
         summary.last_val_loss = losses.first().copied();
-        log.event(&format!("finished at step {step}"))?;
+        if lead {
+            log.metric(validation_record(step, tokens, &losses, true))?;
+            log.event(&format!("finished at step {step}"))?;
+        }
     }
     pb.finish_and_clear();
     summary.tokens_per_s = tokens_this_run as f64 / started.elapsed().as_secs_f64().max(1e-9);

@@ -126,12 +126,13 @@ fn launch_local(n: usize) -> miette::Result<ExitCode> {
     }
 }
 
-/// The CUDA backend of `plan` on GPU `ordinal`, data parallel over `comm` (bootstrapped on
-/// the first call).
+/// The CUDA backend of `plan` on this rank's GPU, one rank of `comm` (bootstrapped on the
+/// first call): data parallel, ZeRO-1 or ZeRO-3 as the plan's layout says.
 fn data_parallel_backend(
     plan: &archscale_compiler::Plan,
     env: &archscale_runtime::distributed::RankEnv,
     comm: &mut Option<std::rc::Rc<archscale_runtime::distributed::nccl::NcclComm>>,
+    gpu: &mut Option<std::sync::Arc<archscale_kernels::Gpu>>,
 ) -> miette::Result<Box<dyn Backend>> {
     use archscale_runtime::distributed::nccl::NcclComm;
     env.check_layout(&plan.layout)
@@ -140,19 +141,27 @@ fn data_parallel_backend(
     let init = archscale_runtime::cpu::model::CpuModel::<f32>::new(plan)
         .map_err(miette::Report::new)?
         .init_params();
-    let mut backend = archscale_runtime::cuda::CudaBackend::new(plan, env.local_rank, &init)
-        .map_err(miette::Report::new)?;
+    let device = match gpu {
+        Some(g) => g.clone(),
+        None => {
+            let g = archscale_kernels::Gpu::new(env.local_rank)
+                .map_err(|e| miette!("CUDA backend: {e}"))?;
+            *gpu = Some(g.clone());
+            g
+        }
+    };
     let comm = match comm {
         Some(c) => c.clone(),
         None => {
             let c = std::rc::Rc::new(
-                NcclComm::bootstrap(env, backend.gpu().clone()).map_err(miette::Report::new)?,
+                NcclComm::bootstrap(env, device.clone()).map_err(miette::Report::new)?,
             );
             *comm = Some(c.clone());
             c
         }
     };
-    backend.set_communicator(comm);
+    let backend = archscale_runtime::cuda::CudaBackend::with_comm(plan, device, &init, Some(comm))
+        .map_err(miette::Report::new)?;
     Ok(Box::new(backend))
 }
 
@@ -266,6 +275,7 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
     }
     let lead = env.rank == 0;
     let mut comm = None;
+    let mut gpu = None;
     ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
@@ -280,7 +290,7 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     for plan in &plans {
         let mut backend = if env.world > 1 {
-            data_parallel_backend(plan, &env, &mut comm)?
+            data_parallel_backend(plan, &env, &mut comm, &mut gpu)?
         } else {
             make_backend(args.backend, plan)?
         };

@@ -9,12 +9,19 @@
 //! fused QKV after RoPE, the attention output and its log-sum-exp, the MLP up-projection
 //! `gu`. Norm outputs and `silu(g)·u` are recomputed in the backward pass.
 
+use super::flat_layout::FlatLayout;
+use crate::backend::OptimizerShard;
+use crate::distributed::nccl::NcclComm;
 use crate::optim::adamw::AdamWHyper;
 use crate::{Backend, OptimizerState, Result, RuntimeError};
+use archscale_compiler::plan::Sharding;
 use archscale_compiler::plan::{Mixer, MlpKind, NormKind, OptimizerKind, Plan};
 use archscale_kernels::cublaslt::{Lt, OutType};
 use archscale_kernels::ops::{AttnLayout, Ops};
 use archscale_kernels::{DeviceBuffer, Gpu};
+use cudarc::driver::CudaStream;
+use std::cell::Cell;
+use std::rc::Rc;
 use std::sync::Arc;
 
 fn err(msg: impl Into<String>) -> RuntimeError {
@@ -75,12 +82,43 @@ struct Saved {
     rstd2: u64,
 }
 
+/// How parameters, gradients and optimizer state are spread over the ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShardMode {
+    /// Every rank holds everything (single GPU, or plain data parallel).
+    Replicated,
+    /// Optimizer state sharded; gradients reduce-scattered, parameters all-gathered.
+    Zero1,
+    /// Parameters, gradients and optimizer state sharded; each unit's parameters are
+    /// gathered just before use and its gradients reduce-scattered right after.
+    Zero3,
+}
+
+/// ZeRO-3 working buffers: the embedding unit stays gathered for a whole micro-step (the
+/// tied head reads it at the end of the forward and the start of the backward); every
+/// other unit takes its turn in one shared slot.
+struct Zero3Slots {
+    embed_unit: Option<usize>,
+    e_f32: DeviceBuffer,
+    e_bf: DeviceBuffer,
+    e_grad: DeviceBuffer,
+    l_f32: DeviceBuffer,
+    l_bf: DeviceBuffer,
+    l_grad: DeviceBuffer,
+    /// Unit whose parameters each slot holds now.
+    loaded_e: Cell<Option<usize>>,
+    loaded_l: Cell<Option<usize>>,
+}
+
 pub struct CudaBackend {
     gpu: Arc<Gpu>,
     ops: Ops,
     lt: Lt,
     plan: Plan,
     pub dims: Dims,
+    /// Where each parameter lives in the flat buffers, and this rank's share of them.
+    layout: FlatLayout,
+    pub mode: ShardMode,
     /// Element offset of each plan parameter in the flat buffers (tied tensors share).
     offsets: Vec<usize>,
     numel: usize,
@@ -101,8 +139,10 @@ pub struct CudaBackend {
     chunk_off: DeviceBuffer,
     chunk_len: DeviceBuffer,
     chunk_group: DeviceBuffer,
-    n_chunks: usize,
+    /// Per unit: (first AdamW work item, count) in the chunk tables.
+    unit_chunks: Vec<(usize, usize)>,
     hyper: DeviceBuffer,
+    zero3: Option<Zero3Slots>,
     // activations
     residual: Vec<DeviceBuffer>, // 2L+1 fp32 [cap, n]; index 0 has eval capacity
     saved: Vec<Saved>,
@@ -129,8 +169,12 @@ pub struct CudaBackend {
     /// When set, `mark` records a device event before each op (see `profile_step`).
     prof: std::cell::RefCell<Option<Vec<(&'static str, archscale_kernels::gpu::Event)>>>,
     /// Data parallel: gradients are summed over ranks before the norm / optimizer step.
-    comm: Option<std::rc::Rc<crate::distributed::nccl::NcclComm>>,
-    grads_reduced: bool,
+    comm: Option<Rc<NcclComm>>,
+    /// Gradient reductions run here, overlapped with the rest of the backward pass.
+    comm_stream: Option<Arc<CudaStream>>,
+    /// Reduce gradients during the next backward (the last micro-step of a step).
+    sync_grads: bool,
+    grads_reduced: Cell<bool>,
 }
 
 const BF: usize = 2;
@@ -284,20 +328,45 @@ impl CudaBackend {
     /// from `init` (plan order, f32) — use the CPU reference initialiser so both backends
     /// start from the same weights.
     pub fn new(plan: &Plan, ordinal: usize, init: &[Vec<f32>]) -> Result<CudaBackend> {
+        Self::with_comm(plan, Gpu::new(ordinal)?, init, None)
+    }
+
+    /// As [`CudaBackend::new`] on `gpu`, as one rank of `comm` (data parallel, or ZeRO-1 /
+    /// ZeRO-3 as the plan's layout says). Without `comm` everything is replicated.
+    pub fn with_comm(
+        plan: &Plan,
+        gpu: Arc<Gpu>,
+        init: &[Vec<f32>],
+        comm: Option<Rc<NcclComm>>,
+    ) -> Result<CudaBackend> {
         let dims = dims_of(plan)?;
-        let gpu = Gpu::new(ordinal)?;
         let ops = Ops::new(gpu.clone())?;
         let lt = Lt::new(&gpu)?;
         let d = dims.clone();
-
-        // flat parameter layout, plan order
-        let mut offsets = Vec::with_capacity(plan.params.len());
-        let mut numel = 0usize;
-        for p in &plan.params {
-            // 64-element (256-byte) alignment: vector loads and cuBLASLt like aligned operands
-            offsets.push(numel);
-            numel += p.numel().div_ceil(64) * 64;
-        }
+        let (world, rank) = comm.as_ref().map_or((1, 0), |c| (c.world, c.rank));
+        let mode = if world == 1 {
+            ShardMode::Replicated
+        } else {
+            match plan.layout.sharding {
+                Sharding::DataParallel => ShardMode::Replicated,
+                Sharding::Zero1 => ShardMode::Zero1,
+                Sharding::Zero3 => ShardMode::Zero3,
+                Sharding::HybridShard if plan.layout.nodes == 1 => ShardMode::Zero3,
+                Sharding::HybridShard => {
+                    return Err(err(
+                        "CUDA backend: hybrid shard across nodes (ZeRO-3 within a node, replicated across nodes) is not built yet; use sharding zero1 or zero3",
+                    ))
+                }
+            }
+        };
+        let shards = if mode == ShardMode::Replicated {
+            1
+        } else {
+            world
+        };
+        let layout = FlatLayout::new(plan, shards, if shards == 1 { 0 } else { rank })?;
+        let offsets = layout.offsets.clone();
+        let numel = layout.numel;
         let find = |name: &str| -> Result<usize> {
             plan.params
                 .iter()
@@ -352,37 +421,85 @@ impl CudaBackend {
         }
 
         let alloc = |bytes: usize| -> Result<DeviceBuffer> { Ok(gpu.alloc(bytes)?) };
-        let params = alloc(numel * F32)?;
-        let params_bf = alloc(numel * BF)?;
-        let grads = alloc(numel * F32)?;
-        let exp_avg = alloc(numel * F32)?;
-        let exp_avg_sq = alloc(numel * F32)?;
+        // Under ZeRO-3 a rank keeps only its chunks of params and grads; under ZeRO-1 only
+        // its chunks of the optimizer state.
+        let local = layout.local_len;
+        let (param_len, grad_len) = match mode {
+            ShardMode::Zero3 => (local, local),
+            _ => (numel, numel),
+        };
+        let params = alloc(param_len * F32)?;
+        let params_bf = alloc(if mode == ShardMode::Zero3 { 64 } else { numel } * BF)?;
+        let grads = alloc(grad_len * F32)?;
+        let exp_avg = alloc(local * F32)?;
+        let exp_avg_sq = alloc(local * F32)?;
         gpu.memset_zero(params.ptr, params.bytes)?;
         gpu.memset_zero(grads.ptr, grads.bytes)?;
         gpu.memset_zero(exp_avg.ptr, exp_avg.bytes)?;
         gpu.memset_zero(exp_avg_sq.ptr, exp_avg_sq.bytes)?;
 
-        // AdamW chunk table
+        // AdamW work items, unit by unit, offsets relative to the rank's chunk of the unit
         let (mut offs, mut lens, mut grps) =
             (Vec::<i64>::new(), Vec::<i32>::new(), Vec::<i32>::new());
-        for (i, p) in plan.params.iter().enumerate() {
-            let mut o = 0;
-            while o < p.numel() {
-                let len = (p.numel() - o).min(1 << 16);
-                offs.push((offsets[i] + o) as i64);
-                lens.push(len as i32);
-                grps.push(p.group as i32);
-                o += len;
+        let mut unit_chunks = Vec::with_capacity(layout.units.len());
+        for u in 0..layout.units.len() {
+            let first = offs.len();
+            for c in layout.opt_chunks(u) {
+                offs.push(c.offset as i64);
+                lens.push(c.len as i32);
+                grps.push(c.group as i32);
             }
+            unit_chunks.push((first, offs.len() - first));
         }
-        let n_chunks = offs.len();
+        let n_chunks = offs.len().max(1);
         let chunk_off = alloc(n_chunks * 8)?;
         let chunk_len = alloc(n_chunks * 4)?;
         let chunk_group = alloc(n_chunks * 4)?;
-        gpu.upload(chunk_off.ptr, &offs)?;
-        gpu.upload(chunk_len.ptr, &lens)?;
-        gpu.upload(chunk_group.ptr, &grps)?;
+        if !offs.is_empty() {
+            gpu.upload(chunk_off.ptr, &offs)?;
+            gpu.upload(chunk_len.ptr, &lens)?;
+            gpu.upload(chunk_group.ptr, &grps)?;
+        }
         let hyper = alloc(8 * F32 * plan.optimizer.groups.len().max(1))?;
+        let zero3 = if mode == ShardMode::Zero3 {
+            let embed_unit = Some(
+                layout.unit_of_param[plan
+                    .params
+                    .iter()
+                    .position(|p| p.name == "transformer.wte.weight")
+                    .ok_or_else(|| err("CUDA backend: no transformer.wte.weight"))?],
+            );
+            let e_len = embed_unit.map_or(64, |u| layout.units[u].len);
+            let l_len = layout
+                .units
+                .iter()
+                .enumerate()
+                .filter(|(u, _)| Some(*u) != embed_unit)
+                .map(|(_, x)| x.len)
+                .max()
+                .unwrap_or(64);
+            Some(Zero3Slots {
+                embed_unit,
+                e_f32: alloc(e_len * F32)?,
+                e_bf: alloc(e_len * BF)?,
+                e_grad: alloc(e_len * F32)?,
+                l_f32: alloc(l_len * F32)?,
+                l_bf: alloc(l_len * BF)?,
+                l_grad: alloc(l_len * F32)?,
+                loaded_e: Cell::new(None),
+                loaded_l: Cell::new(None),
+            })
+        } else {
+            None
+        };
+        let comm_stream = match &comm {
+            Some(_) => Some(
+                gpu.stream
+                    .fork()
+                    .map_err(|e| err(format!("CUDA: creating the communication stream: {e:?}")))?,
+            ),
+            None => None,
+        };
 
         let cap_train = d.batch * d.seq;
         let val_len = plan.data.val_block_size.saturating_sub(1);
@@ -442,6 +559,8 @@ impl CudaBackend {
             lt,
             plan: plan.clone(),
             dims,
+            layout,
+            mode,
             offsets,
             numel,
             layer_params,
@@ -459,8 +578,9 @@ impl CudaBackend {
             chunk_off,
             chunk_len,
             chunk_group,
-            n_chunks,
+            unit_chunks,
             hyper,
+            zero3,
             residual,
             saved,
             _saved_bufs: saved_bufs,
@@ -483,8 +603,10 @@ impl CudaBackend {
             delta,
             norm_out,
             prof: std::cell::RefCell::new(None),
-            comm: None,
-            grads_reduced: false,
+            comm,
+            comm_stream,
+            sync_grads: true,
+            grads_reduced: Cell::new(false),
         };
         be.write_params(init)?;
         Ok(be)
@@ -542,20 +664,29 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// Data parallel over `comm`: `grad_norm` / `optimizer_step` first sum the gradients of
-    /// all ranks (each rank's are already scaled by 1/(gas·world)).
-    pub fn set_communicator(&mut self, comm: std::rc::Rc<crate::distributed::nccl::NcclComm>) {
-        self.comm = Some(comm);
-    }
-
-    /// Sums the accumulated gradients over ranks once per optimizer step.
+    /// Sums the accumulated gradients over ranks if the backward pass did not already
+    /// (ZeRO-1: each rank ends with the sum of its own chunks).
     fn reduce_grads(&mut self) -> Result<()> {
-        if let Some(comm) = &self.comm {
-            if !self.grads_reduced {
-                comm.all_reduce_sum_f32(&self.gpu, self.grads.ptr, self.numel)?;
-                self.grads_reduced = true;
-            }
+        let Some(comm) = &self.comm else {
+            return Ok(());
+        };
+        if self.grads_reduced.get() || self.mode == ShardMode::Zero3 {
+            return Ok(());
         }
+        let stream = self.gpu.raw_stream() as u64;
+        match self.mode {
+            ShardMode::Replicated => {
+                comm.all_reduce_sum_f32_on(self.grads.ptr, self.numel, stream)?
+            }
+            ShardMode::Zero1 => {
+                for (u, unit) in self.layout.units.iter().enumerate() {
+                    let base = self.grads.ptr + (unit.start * F32) as u64;
+                    comm.reduce_scatter_sum_f32(base, self.layout.chunk_len(u), stream)?;
+                }
+            }
+            ShardMode::Zero3 => {}
+        }
+        self.grads_reduced.set(true);
         Ok(())
     }
 
@@ -568,14 +699,169 @@ impl CudaBackend {
         self.gpu.peak_allocated()
     }
 
+    /// Device bytes of parameters, gradients and optimizer state on this rank (the part
+    /// ZeRO shards), as opposed to activations and scratch.
+    pub fn model_state_bytes(&self) -> usize {
+        let mut b = self.params.bytes
+            + self.params_bf.bytes
+            + self.grads.bytes
+            + self.exp_avg.bytes
+            + self.exp_avg_sq.bytes;
+        if let Some(z) = &self.zero3 {
+            b += z.e_f32.bytes + z.e_bf.bytes + z.e_grad.bytes;
+            b += z.l_f32.bytes + z.l_bf.bytes + z.l_grad.bytes;
+        }
+        b
+    }
+
+    /// ZeRO-3: the slot holding unit `u` (fp32, bf16 and gradient bases, minus the unit's
+    /// flat start so a flat offset indexes it directly).
+    fn slot(&self, u: usize) -> (u64, u64, u64, &Cell<Option<usize>>) {
+        let z = self
+            .zero3
+            .as_ref()
+            .expect("slot() is called in ZeRO-3 mode only");
+        let start = self.layout.units[u].start as u64;
+        let (f, b, g, cell) = if Some(u) == z.embed_unit {
+            (&z.e_f32, &z.e_bf, &z.e_grad, &z.loaded_e)
+        } else {
+            (&z.l_f32, &z.l_bf, &z.l_grad, &z.loaded_l)
+        };
+        (
+            f.ptr.wrapping_sub(start * F32 as u64),
+            b.ptr.wrapping_sub(start * BF as u64),
+            g.ptr.wrapping_sub(start * F32 as u64),
+            cell,
+        )
+    }
+
     fn p32(&self, off: usize) -> u64 {
+        if self.zero3.is_some() {
+            return self.slot(self.layout.unit_of_offset(off)).0 + (off * F32) as u64;
+        }
         self.params.ptr + (off * F32) as u64
     }
     fn pbf(&self, off: usize) -> u64 {
+        if self.zero3.is_some() {
+            return self.slot(self.layout.unit_of_offset(off)).1 + (off * BF) as u64;
+        }
         self.params_bf.ptr + (off * BF) as u64
     }
     fn g32(&self, off: usize) -> u64 {
+        if self.zero3.is_some() {
+            return self.slot(self.layout.unit_of_offset(off)).2 + (off * F32) as u64;
+        }
         self.grads.ptr + (off * F32) as u64
+    }
+
+    /// ZeRO-3: gathers unit `u`'s parameters into its slot (fp32, then a bf16 copy) unless
+    /// they are there already. Other modes hold every parameter.
+    fn gather_unit(&self, u: usize) -> Result<()> {
+        let (Some(_), Some(comm)) = (&self.zero3, &self.comm) else {
+            return Ok(());
+        };
+        let (f, b, _, cell) = self.slot(u);
+        if cell.get() == Some(u) {
+            return Ok(());
+        }
+        self.mark("zero3 gather")?;
+        let unit = &self.layout.units[u];
+        let chunk = self.layout.chunk_len(u);
+        let base = f + (unit.start * F32) as u64;
+        let own = base + (self.layout.rank * chunk * F32) as u64;
+        self.gpu.copy_d2d(
+            own,
+            self.params.ptr + (unit.local_start * F32) as u64,
+            chunk * F32,
+        )?;
+        comm.all_gather_f32(base, chunk, self.gpu.raw_stream() as u64)?;
+        self.ops
+            .cast_f32_bf16(base, b + (unit.start * BF) as u64, unit.len)?;
+        cell.set(Some(u));
+        Ok(())
+    }
+
+    /// ZeRO-3: forget what the slots hold (parameters changed).
+    fn invalidate_slots(&self) {
+        if let Some(z) = &self.zero3 {
+            z.loaded_e.set(None);
+            z.loaded_l.set(None);
+        }
+    }
+
+    /// Before unit `u`'s gradients are written. ZeRO-3: its slot gets zeros, except this
+    /// rank's chunk, which gets the gradient accumulated so far; the reduce-scatter in
+    /// [`Self::grads_done`] then sums new contributions onto it.
+    fn grads_begin(&self, u: usize) -> Result<()> {
+        if self.zero3.is_none() {
+            return Ok(());
+        }
+        let (_, _, g, _) = self.slot(u);
+        let unit = &self.layout.units[u];
+        let chunk = self.layout.chunk_len(u);
+        let base = g + (unit.start * F32) as u64;
+        self.gpu.memset_zero(base, unit.len * F32)?;
+        self.gpu.copy_d2d(
+            base + (self.layout.rank * chunk * F32) as u64,
+            self.grads.ptr + (unit.local_start * F32) as u64,
+            chunk * F32,
+        )?;
+        Ok(())
+    }
+
+    /// Unit `u`'s gradients of this micro-step are complete. ZeRO-3: reduce-scatter them
+    /// into this rank's chunk. Data parallel / ZeRO-1 on the step's last micro-step: start
+    /// the all-reduce / reduce-scatter of the unit on the communication stream, overlapped
+    /// with the backward pass of the units before it.
+    fn grads_done(&self, u: usize) -> Result<()> {
+        let Some(comm) = &self.comm else {
+            return Ok(());
+        };
+        let unit = &self.layout.units[u];
+        let chunk = self.layout.chunk_len(u);
+        if self.zero3.is_some() {
+            self.mark("zero3 reduce-scatter")?;
+            let (_, _, g, _) = self.slot(u);
+            let base = g + (unit.start * F32) as u64;
+            comm.reduce_scatter_sum_f32(base, chunk, self.gpu.raw_stream() as u64)?;
+            self.gpu.copy_d2d(
+                self.grads.ptr + (unit.local_start * F32) as u64,
+                base + (self.layout.rank * chunk * F32) as u64,
+                chunk * F32,
+            )?;
+            return Ok(());
+        }
+        if !self.sync_grads {
+            return Ok(());
+        }
+        let cs = self
+            .comm_stream
+            .as_ref()
+            .ok_or_else(|| err("CUDA backend: no communication stream"))?;
+        cs.join(&self.gpu.stream)
+            .map_err(|e| err(format!("CUDA: stream wait: {e:?}")))?;
+        let base = self.grads.ptr + (unit.start * F32) as u64;
+        let stream = cs.cu_stream() as u64;
+        match self.mode {
+            ShardMode::Zero1 => comm.reduce_scatter_sum_f32(base, chunk, stream)?,
+            _ => comm.all_reduce_sum_f32_on(base, unit.len, stream)?,
+        }
+        Ok(())
+    }
+
+    /// End of the backward pass: the compute stream waits for the reductions in flight.
+    fn grads_all_done(&self) -> Result<()> {
+        if self.comm.is_none() || self.zero3.is_some() || !self.sync_grads {
+            return Ok(());
+        }
+        if let Some(cs) = &self.comm_stream {
+            self.gpu
+                .stream
+                .join(cs)
+                .map_err(|e| err(format!("CUDA: stream wait: {e:?}")))?;
+            self.grads_reduced.set(true);
+        }
+        Ok(())
     }
 
     fn upload_tokens(
@@ -619,6 +905,8 @@ impl CudaBackend {
         let ops = &self.ops;
         let gpu = &self.gpu;
         let rs = d.residual_scale;
+        let uof = |off: usize| self.layout.unit_of_offset(off);
+        self.gather_unit(uof(self.wte))?;
         self.mark("embedding")?;
         ops.embedding_fwd(
             self.tokens.ptr,
@@ -630,6 +918,7 @@ impl CudaBackend {
         for l in 0..d.layers {
             let lp = self.layer_params[l];
             let sv = if train { self.saved[l] } else { self.saved[0] };
+            self.gather_unit(uof(lp.qkv))?;
             let (x_in, x_mid, x_out) = if train {
                 (
                     self.residual[2 * l].ptr,
@@ -759,6 +1048,8 @@ impl CudaBackend {
         } else {
             self.residual[0].ptr
         };
+        self.gather_unit(uof(self.ln_f))?;
+        self.gather_unit(uof(self.head))?;
         self.mark("norm fwd")?;
         ops.rmsnorm_fwd(
             x_final,
@@ -795,6 +1086,17 @@ impl CudaBackend {
         let gpu = &self.gpu;
         let lt = &self.lt;
         let rs = d.residual_scale;
+        let uof = |off: usize| self.layout.unit_of_offset(off);
+        let (u_norm, u_head, u_embed) = (uof(self.ln_f), uof(self.head), uof(self.wte));
+        self.gather_unit(u_norm)?;
+        self.gather_unit(u_head)?;
+        self.grads_begin(u_norm)?;
+        if u_head != u_norm {
+            self.grads_begin(u_head)?;
+        }
+        if u_embed != u_norm && u_embed != u_head {
+            self.grads_begin(u_embed)?;
+        }
         // head: dW_head += dlogitsᵀ·hf; dhf = dlogits·W_head
         self.mark("gemm head dW")?;
         lt.linear_grad_weight(
@@ -835,8 +1137,15 @@ impl CudaBackend {
             d.logit_scale,
             false,
         )?;
+        self.grads_done(u_norm)?;
+        if u_head != u_norm && u_head != u_embed {
+            self.grads_done(u_head)?;
+        }
         for l in (0..d.layers).rev() {
             let lp = self.layer_params[l];
+            let u_layer = uof(lp.qkv);
+            self.gather_unit(u_layer)?;
+            self.grads_begin(u_layer)?;
             let sv = self.saved[l];
             let (x_in, x_mid) = (self.residual[2 * l].ptr, self.residual[2 * l + 1].ptr);
             // MLP branch: out = rs · a·W3ᵀ
@@ -1028,9 +1337,14 @@ impl CudaBackend {
                 1.0,
                 true,
             )?;
+            self.grads_done(u_layer)?;
         }
         self.mark("embedding bwd")?;
         ops.embedding_bwd(self.tokens.ptr, self.dres.ptr, self.g32(self.wte), rows, n)?;
+        if u_embed != u_norm {
+            self.grads_done(u_embed)?;
+        }
+        self.grads_all_done()?;
         Ok(())
     }
 
@@ -1105,15 +1419,39 @@ impl Backend for CudaBackend {
     fn grad_norm(&mut self) -> Result<f64> {
         self.reduce_grads()?;
         self.gpu.memset_zero(self.norm_out.ptr, 8)?;
-        self.ops
-            .sum_squares(self.grads.ptr, self.numel, self.norm_out.ptr)?;
-        let v: Vec<f64> = self.gpu.download_vec(self.norm_out.ptr, 1)?;
+        match self.mode {
+            ShardMode::Replicated => {
+                self.ops
+                    .sum_squares(self.grads.ptr, self.numel, self.norm_out.ptr)?
+            }
+            // each rank holds the reduced gradient of its chunks only
+            ShardMode::Zero1 => {
+                for u in 0..self.layout.units.len() {
+                    let own = self.layout.chunk(u, self.layout.rank);
+                    self.ops.sum_squares(
+                        self.grads.ptr + (own.start * F32) as u64,
+                        own.len(),
+                        self.norm_out.ptr,
+                    )?;
+                }
+            }
+            ShardMode::Zero3 => {
+                self.ops
+                    .sum_squares(self.grads.ptr, self.layout.local_len, self.norm_out.ptr)?
+            }
+        }
+        let mut v: Vec<f64> = self.gpu.download_vec(self.norm_out.ptr, 1)?;
+        if self.mode != ShardMode::Replicated {
+            if let Some(comm) = &self.comm {
+                comm.all_reduce_host_f64(&mut v)?;
+            }
+        }
         Ok(v[0].sqrt())
     }
 
     fn optimizer_step(&mut self, group_lrs: &[f64], grad_mult: f64) -> Result<()> {
         self.reduce_grads()?;
-        self.grads_reduced = false;
+        self.grads_reduced.set(false);
         let groups = &self.plan.optimizer.groups;
         if group_lrs.len() != groups.len() {
             return Err(err(format!(
@@ -1136,20 +1474,98 @@ impl Backend for CudaBackend {
             hyper.extend(super::selftest::adamw_hyper(&h));
         }
         self.gpu.upload(self.hyper.ptr, &hyper)?;
-        self.ops.adamw(
-            self.params.ptr,
-            self.grads.ptr,
-            self.exp_avg.ptr,
-            self.exp_avg_sq.ptr,
-            self.params_bf.ptr,
-            self.chunk_off.ptr,
-            self.chunk_len.ptr,
-            self.chunk_group.ptr,
-            self.n_chunks,
-            self.hyper.ptr,
-            grad_mult as f32,
-        )?;
+        // One launch per unit, on this rank's chunk of it.
+        for (u, unit) in self.layout.units.iter().enumerate() {
+            let (first, count) = self.unit_chunks[u];
+            if count == 0 {
+                continue;
+            }
+            let own = self.layout.chunk(u, self.layout.rank).start;
+            let (p, g, pbf) = match self.mode {
+                ShardMode::Zero3 => (
+                    self.params.ptr + (unit.local_start * F32) as u64,
+                    self.grads.ptr + (unit.local_start * F32) as u64,
+                    0,
+                ),
+                _ => (
+                    self.params.ptr + (own * F32) as u64,
+                    self.grads.ptr + (own * F32) as u64,
+                    self.params_bf.ptr + (own * BF) as u64,
+                ),
+            };
+            let state = (unit.local_start * F32) as u64;
+            self.ops.adamw(
+                p,
+                g,
+                self.exp_avg.ptr + state,
+                self.exp_avg_sq.ptr + state,
+                pbf,
+                self.chunk_off.ptr + (first * 8) as u64,
+                self.chunk_len.ptr + (first * 4) as u64,
+                self.chunk_group.ptr + (first * 4) as u64,
+                count,
+                self.hyper.ptr,
+                grad_mult as f32,
+            )?;
+        }
+        match self.mode {
+            ShardMode::Replicated => {}
+            ShardMode::Zero1 => {
+                // every rank updated its chunks: gather them everywhere, refresh the bf16
+                // copy, and clear the other ranks' partial sums left in the gradients
+                let comm = self
+                    .comm
+                    .as_ref()
+                    .ok_or_else(|| err("ZeRO-1 without NCCL"))?;
+                self.mark("zero1 all-gather")?;
+                for (u, unit) in self.layout.units.iter().enumerate() {
+                    comm.all_gather_f32(
+                        self.params.ptr + (unit.start * F32) as u64,
+                        self.layout.chunk_len(u),
+                        self.gpu.raw_stream() as u64,
+                    )?;
+                }
+                self.ops
+                    .cast_f32_bf16(self.params.ptr, self.params_bf.ptr, self.numel)?;
+                self.gpu.memset_zero(self.grads.ptr, self.grads.bytes)?;
+            }
+            ShardMode::Zero3 => self.invalidate_slots(),
+        }
         Ok(())
+    }
+
+    fn set_gradient_sync(&mut self, sync: bool) {
+        self.sync_grads = sync;
+    }
+
+    fn optimizer_is_sharded(&self) -> bool {
+        self.mode != ShardMode::Replicated
+    }
+
+    fn device_memory(&self) -> Option<(usize, usize)> {
+        Some((self.peak_bytes(), self.model_state_bytes()))
+    }
+
+    fn optimizer_shard(&mut self) -> Result<Option<OptimizerShard>> {
+        if self.mode == ShardMode::Replicated {
+            return Ok(None);
+        }
+        let comm = self
+            .comm
+            .as_ref()
+            .ok_or_else(|| err("sharded state without NCCL"))?;
+        let n = self.layout.local_len;
+        Ok(Some(OptimizerShard {
+            step: self.step,
+            rank: comm.rank,
+            manifest: self.layout.manifest(
+                self.plan.layout.sharding,
+                self.plan.layout.gpus_per_node,
+                "optimizer",
+            ),
+            exp_avg: self.gpu.download_vec(self.exp_avg.ptr, n)?,
+            exp_avg_sq: self.gpu.download_vec(self.exp_avg_sq.ptr, n)?,
+        }))
     }
 
     fn eval_loss(
@@ -1218,6 +1634,19 @@ impl Backend for CudaBackend {
     }
 
     fn read_params(&mut self) -> Result<Vec<Vec<f32>>> {
+        if self.zero3.is_some() {
+            // collective: every rank gathers unit after unit
+            let mut out: Vec<Vec<f32>> = vec![Vec::new(); self.plan.params.len()];
+            for (u, unit) in self.layout.units.iter().enumerate() {
+                self.gather_unit(u)?;
+                for &i in &unit.params {
+                    out[i] = self
+                        .gpu
+                        .download_vec(self.p32(self.offsets[i]), self.layout.numels[i])?;
+                }
+            }
+            return Ok(out);
+        }
         let mut out = Vec::with_capacity(self.plan.params.len());
         for (i, p) in self.plan.params.iter().enumerate() {
             out.push(
@@ -1236,7 +1665,7 @@ impl Backend for CudaBackend {
                 self.plan.params.len()
             )));
         }
-        for (i, (p, v)) in self.plan.params.iter().zip(params).enumerate() {
+        for (p, v) in self.plan.params.iter().zip(params) {
             if v.len() != p.numel() {
                 return Err(err(format!(
                     "write_params: `{}` has {} values, expected {}",
@@ -1245,6 +1674,16 @@ impl Backend for CudaBackend {
                     p.numel()
                 )));
             }
+        }
+        if self.zero3.is_some() {
+            let refs: Vec<&[f32]> = params.iter().map(|v| v.as_slice()).collect();
+            let local = self.layout.local_from_full(&refs)?;
+            self.gpu.upload(self.params.ptr, &local)?;
+            self.invalidate_slots();
+            self.gpu.sync()?;
+            return Ok(());
+        }
+        for (i, v) in params.iter().enumerate() {
             self.gpu.upload(self.p32(self.offsets[i]), v)?;
         }
         self.ops
@@ -1254,6 +1693,11 @@ impl Backend for CudaBackend {
     }
 
     fn read_optimizer_state(&mut self) -> Result<OptimizerState> {
+        if self.mode != ShardMode::Replicated {
+            return Err(err(
+                "CUDA backend: the optimizer state is sharded over the ranks; read it with optimizer_shard()",
+            ));
+        }
         let mut tensors = Vec::new();
         for (i, p) in self.plan.params.iter().enumerate() {
             let off = (self.offsets[i] * F32) as u64;
@@ -1273,13 +1717,14 @@ impl Backend for CudaBackend {
         })
     }
 
+    /// Takes the full state (as read back from any world size) and keeps this rank's part.
     fn write_optimizer_state(&mut self, state: &OptimizerState) -> Result<()> {
-        for (i, p) in self.plan.params.iter().enumerate() {
-            let off = (self.offsets[i] * F32) as u64;
-            for (suffix, base) in [
-                ("exp_avg", self.exp_avg.ptr),
-                ("exp_avg_sq", self.exp_avg_sq.ptr),
-            ] {
+        for (suffix, base) in [
+            ("exp_avg", self.exp_avg.ptr),
+            ("exp_avg_sq", self.exp_avg_sq.ptr),
+        ] {
+            let mut full: Vec<&[f32]> = Vec::with_capacity(self.plan.params.len());
+            for p in &self.plan.params {
                 let name = format!("{}.{suffix}", p.name);
                 let t = state
                     .tensors
@@ -1293,10 +1738,13 @@ impl Backend for CudaBackend {
                         p.numel()
                     )));
                 }
-                self.gpu.upload(base + off, &t.1)?;
+                full.push(&t.1);
             }
+            let local = self.layout.local_from_full(&full)?;
+            self.gpu.upload(base, &local)?;
         }
         self.step = state.step;
+        self.gpu.sync()?;
         Ok(())
     }
 }

@@ -4,10 +4,11 @@
 
 pub mod backend;
 pub mod bench;
+pub mod flat_layout;
 pub mod selftest;
 
 pub use archscale_kernels::KernelError;
-pub use backend::CudaBackend;
+pub use backend::{CudaBackend, ShardMode};
 
 impl From<KernelError> for crate::RuntimeError {
     fn from(e: KernelError) -> Self {

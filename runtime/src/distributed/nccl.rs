@@ -167,6 +167,65 @@ impl NcclComm {
         .map_err(|e| nccl("ncclAllReduce", e))
     }
 
+    /// In-place fp32 sum over ranks of `count` floats at `ptr`, on `stream`.
+    pub fn all_reduce_sum_f32_on(&self, ptr: u64, count: usize, stream: u64) -> Result<()> {
+        // SAFETY: as `all_reduce_sum_f32`; the caller orders `stream` after the writers.
+        unsafe {
+            nc::all_reduce(
+                ptr as *const _,
+                ptr as *mut _,
+                count,
+                ns::ncclDataType_t::ncclFloat32,
+                ns::ncclRedOp_t::ncclSum,
+                self.comm,
+                stream as _,
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| nccl("ncclAllReduce", e))
+    }
+
+    /// In-place reduce-scatter (sum) of `world · chunk` fp32 at `base`: afterwards this
+    /// rank's chunk `base + rank · chunk` holds the sum over ranks of that chunk.
+    pub fn reduce_scatter_sum_f32(&self, base: u64, chunk: usize, stream: u64) -> Result<()> {
+        let recv = base + (self.rank * chunk * 4) as u64;
+        // SAFETY: `base` holds world·chunk f32 on this device; recvbuff = sendbuff +
+        // rank·recvcount is NCCL's in-place form.
+        unsafe {
+            nc::reduce_scatter(
+                base as *const _,
+                recv as *mut _,
+                chunk,
+                ns::ncclDataType_t::ncclFloat32,
+                ns::ncclRedOp_t::ncclSum,
+                self.comm,
+                stream as _,
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| nccl("ncclReduceScatter", e))
+    }
+
+    /// In-place all-gather of `world · chunk` fp32 at `base`: every rank contributes its
+    /// chunk `base + rank · chunk` and receives everyone's.
+    pub fn all_gather_f32(&self, base: u64, chunk: usize, stream: u64) -> Result<()> {
+        let send = base + (self.rank * chunk * 4) as u64;
+        // SAFETY: `base` holds world·chunk f32; sendbuff = recvbuff + rank·sendcount is
+        // NCCL's in-place form.
+        unsafe {
+            nc::all_gather(
+                send as *const _,
+                base as *mut _,
+                chunk,
+                ns::ncclDataType_t::ncclFloat32,
+                self.comm,
+                stream as _,
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| nccl("ncclAllGather", e))
+    }
+
     /// Sums `values` (at most 64) over ranks, in place; blocks until done.
     pub fn all_reduce_host_f64(&self, values: &mut [f64]) -> Result<()> {
         if values.len() > 64 {

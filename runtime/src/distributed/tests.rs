@@ -234,3 +234,169 @@ fn rank_env_checked_against_plan_layout() {
         .to_string()
         .contains("LOCAL_WORLD_SIZE=8 but the plan runs 4 GPUs per node"));
 }
+
+/// Deterministic full tensors in plan order (varied signs and magnitudes).
+fn full_tensors(plan: &Plan, salt: u32) -> Vec<Vec<f32>> {
+    plan.params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (0..p.numel())
+                .map(|e| {
+                    let x = (e as u32)
+                        .wrapping_mul(2654435761)
+                        .wrapping_add(salt + i as u32 * 7919);
+                    (x % 20001) as f32 * 1e-4 - 1.0
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Every rank of a ZeRO world writes its optimizer shard at once (threads, a real barrier).
+fn save_from_ranks(plan: &Plan, world: usize, run_dir: &std::path::Path) -> std::path::PathBuf {
+    use crate::checkpoint::{save_sharded, TrainState};
+    use crate::cuda::flat_layout::FlatLayout;
+    let params = full_tensors(plan, 1);
+    let m = full_tensors(plan, 2);
+    let v = full_tensors(plan, 3);
+    let barrier = std::sync::Barrier::new(world);
+    let paths: Vec<Option<std::path::PathBuf>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                let (params, m, v, barrier) = (&params, &m, &v, &barrier);
+                s.spawn(move || {
+                    let layout = FlatLayout::new(plan, world, rank).unwrap();
+                    fn refs(t: &[Vec<f32>]) -> Vec<&[f32]> {
+                        t.iter().map(|x| x.as_slice()).collect()
+                    }
+                    let shard = crate::OptimizerShard {
+                        step: 7,
+                        rank,
+                        manifest: layout.manifest(plan.layout.sharding, world, "optimizer"),
+                        exp_avg: layout.local_from_full(&refs(m)).unwrap(),
+                        exp_avg_sq: layout.local_from_full(&refs(v)).unwrap(),
+                    };
+                    let state = TrainState {
+                        format: 0,
+                        run_name: plan.run_name.clone(),
+                        step: 7,
+                        iter_num: 7,
+                        tokens: 7 * 4096,
+                        optimizer_step: 0,
+                        loaders: vec![],
+                        sha256: Default::default(),
+                    };
+                    let wait = || {
+                        barrier.wait();
+                        Ok(())
+                    };
+                    save_sharded(
+                        run_dir,
+                        plan,
+                        (rank == 0).then_some(&params[..]),
+                        &shard,
+                        state,
+                        &wait,
+                    )
+                    .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(paths[1..].iter().all(|p| p.is_none()));
+    paths[0].clone().unwrap()
+}
+
+#[test]
+fn sharded_checkpoint_loads_whole_and_reshards_to_any_world() {
+    use crate::cuda::flat_layout::FlatLayout;
+    let plan = plan(1, 4, "zero1");
+    let dir = tempfile::tempdir().unwrap();
+    let ck_dir = save_from_ranks(&plan, 4, dir.path());
+    let names: Vec<String> = std::fs::read_dir(&ck_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for f in [
+        "model.safetensors",
+        "state.json",
+        "optimizer.exp_avg.manifest.json",
+        "optimizer.exp_avg_sq.shard-00003-of-00004.bin",
+    ] {
+        assert!(names.iter().any(|n| n == f), "{f} missing from {names:?}");
+    }
+    assert!(
+        !names.iter().any(|n| n.contains("sha256.json")),
+        "{names:?}"
+    );
+
+    let ck = crate::checkpoint::load(&ck_dir, &plan).unwrap();
+    assert_eq!(ck.params, full_tensors(&plan, 1));
+    assert_eq!(ck.optimizer.step, 7);
+    let (m, v) = (full_tensors(&plan, 2), full_tensors(&plan, 3));
+    for (i, p) in plan.params.iter().enumerate() {
+        let get = |suffix: &str| {
+            let name = format!("{}.{suffix}", p.name);
+            ck.optimizer
+                .tensors
+                .iter()
+                .find(|(n, _)| *n == name)
+                .unwrap()
+                .1
+                .clone()
+        };
+        assert_eq!(get("exp_avg"), m[i], "{}", p.name);
+        assert_eq!(get("exp_avg_sq"), v[i], "{}", p.name);
+    }
+    // what a rank of a 3-GPU world keeps equals cutting the original state directly
+    let refs: Vec<&[f32]> = m.iter().map(|x| x.as_slice()).collect();
+    let loaded: Vec<Vec<f32>> = plan
+        .params
+        .iter()
+        .map(|p| {
+            let name = format!("{}.exp_avg", p.name);
+            ck.optimizer
+                .tensors
+                .iter()
+                .find(|(n, _)| *n == name)
+                .unwrap()
+                .1
+                .clone()
+        })
+        .collect();
+    let loaded_refs: Vec<&[f32]> = loaded.iter().map(|x| x.as_slice()).collect();
+    for rank in 0..3 {
+        let l = FlatLayout::new(&plan, 3, rank).unwrap();
+        assert_eq!(
+            l.local_from_full(&loaded_refs).unwrap(),
+            l.local_from_full(&refs).unwrap()
+        );
+    }
+}
+
+#[test]
+fn a_corrupt_or_missing_optimizer_shard_is_named() {
+    let plan = plan(1, 2, "zero3");
+    let dir = tempfile::tempdir().unwrap();
+    let ck_dir = save_from_ranks(&plan, 2, dir.path());
+    let shard = ck_dir.join("optimizer.exp_avg.shard-00001-of-00002.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[5] ^= 0x40;
+    std::fs::write(&shard, &bytes).unwrap();
+    let err = crate::checkpoint::load(&ck_dir, &plan)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("shard-00001-of-00002.bin") && err.contains("corrupt"),
+        "{err}"
+    );
+    std::fs::remove_file(&shard).unwrap();
+    let err = crate::checkpoint::load(&ck_dir, &plan)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("shard-00001-of-00002.bin"), "{err}");
+}
