@@ -19,6 +19,8 @@ pub const MODULES: &[(&str, &str)] = &[
     ("elementwise", include_str!("../cuda/elementwise.cu")),
     ("loss_optim", include_str!("../cuda/loss_optim.cu")),
     ("flash", include_str!("../cuda/flash.cu")),
+    ("mamba", include_str!("../cuda/mamba.cu")),
+    ("hybrid", include_str!("../cuda/hybrid.cu")),
 ];
 
 /// Full source of module `name` (common header prepended), as NVRTC compiles it.
@@ -81,6 +83,12 @@ mod tests {
         ] {
             assert!(flash.contains(k), "{k}");
         }
+        let mamba = module_source("mamba").unwrap_or_default();
+        for k in ops::HYBRID_KERNELS {
+            let src = module_source(k.0).unwrap_or_default();
+            assert!(src.contains(&format!(" {}(", k.1)), "{}", k.1);
+        }
+        assert!(mamba.contains("#define SCAN_N 16"));
     }
 
     #[test]

@@ -586,3 +586,664 @@ fn check_layout(l: &AttnLayout) -> Result<()> {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hybrid and SSM families (mamba.cu, hybrid.cu): loaded separately from `Ops` so the
+// Transformer++ path compiles none of them.
+
+/// Mamba-1 d_state the scan kernels are built for.
+pub const SCAN_D_STATE: usize = 16;
+/// Interval (steps) of the scan forward's state checkpoints.
+pub const SCAN_CKPT: usize = 32;
+const SCAN_FWD_CH: usize = 64;
+const SCAN_BWD_CH: usize = 32;
+const SCAN_SUB: usize = 16;
+/// Dynamic shared memory of `selective_scan_bwd` (must match mamba.cu's carve-up).
+const SCAN_BWD_SMEM: usize = (SCAN_SUB * SCAN_D_STATE * SCAN_BWD_CH
+    + SCAN_CKPT * 2 * SCAN_D_STATE
+    + 4 * SCAN_CKPT * SCAN_BWD_CH
+    + SCAN_CKPT)
+    * 4;
+const CONV_RUN: usize = 64;
+const BIAS_RUN: usize = 128;
+/// Widest differential-attention pair vector (2·head_size) diff_combine handles.
+pub const DA_MAX_WIDTH: usize = 512;
+
+/// Every kernel of the hybrid modules: (module, kernel).
+pub const HYBRID_KERNELS: &[(&str, &str)] = &[
+    ("mamba", "conv1d_silu_fwd"),
+    ("mamba", "conv1d_silu_bwd"),
+    ("mamba", "selective_scan_fwd"),
+    ("mamba", "selective_scan_bwd"),
+    ("mamba", "scan_bc_grad_out"),
+    ("hybrid", "layernorm_fwd"),
+    ("hybrid", "layernorm_bwd"),
+    ("hybrid", "gmu_fwd"),
+    ("hybrid", "gmu_bwd"),
+    ("hybrid", "da_lambda_fwd"),
+    ("hybrid", "da_lambda_bwd"),
+    ("hybrid", "diff_combine_fwd"),
+    ("hybrid", "diff_combine_bwd"),
+    ("hybrid", "bias_add_bf16"),
+    ("hybrid", "bias_add_f32"),
+    ("hybrid", "bias_grad"),
+];
+
+/// A device tensor of rows: base pointer and row stride in elements.
+#[derive(Clone, Copy, Debug)]
+pub struct Rows {
+    pub ptr: u64,
+    pub stride: usize,
+}
+
+impl Rows {
+    pub fn new(ptr: u64, stride: usize) -> Rows {
+        Rows { ptr, stride }
+    }
+}
+
+fn opt_rows(r: Option<Rows>) -> (u64, usize) {
+    r.map_or((0, 0), |r| (r.ptr, r.stride))
+}
+
+/// Scan problem: `batch` rows of `seq` tokens, `d_inner` channels, d_state = [`SCAN_D_STATE`].
+#[derive(Clone, Copy, Debug)]
+pub struct ScanShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub d_inner: usize,
+}
+
+impl ScanShape {
+    pub fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+    /// fp32 elements of the forward's state checkpoints (`[B, ceil(T/SCAN_CKPT), N, D]`).
+    pub fn ckpt_len(&self) -> usize {
+        self.batch * self.seq.div_ceil(SCAN_CKPT) * SCAN_D_STATE * self.d_inner
+    }
+    /// fp32 elements of the backward's dB/dC accumulator (`[rows, 2N]`).
+    pub fn bc_acc_len(&self) -> usize {
+        self.rows() * 2 * SCAN_D_STATE
+    }
+}
+
+/// Inputs of the selective scan (bf16 activations, fp32 parameters), as the CPU op's
+/// `ScanInputs`: `delta` is before bias and softplus; `z` (optional) is the SiLU gate;
+/// `b` and `c` share one row stride (`x_proj`'s output); `seg` the varlen document starts
+/// (i32 `[rows]`).
+#[derive(Clone, Copy, Debug)]
+pub struct ScanTensors {
+    pub x: Rows,
+    pub delta: Rows,
+    pub z: Option<Rows>,
+    pub b: Rows,
+    pub c: Rows,
+    pub delta_bias: u64,
+    pub a_log: u64,
+    pub d_skip: u64,
+    pub seg: Option<u64>,
+}
+
+/// Gradients written (bf16 activations) or added (fp32 parameters) by the scan backward.
+#[derive(Clone, Copy, Debug)]
+pub struct ScanGrads {
+    pub x: Rows,
+    /// Pre-softplus (the `dt_proj` output's gradient, bias included).
+    pub delta: Rows,
+    pub z: Option<Rows>,
+    pub b: Rows,
+    pub c: Rows,
+    pub delta_bias: u64,
+    pub a_log: u64,
+    pub d_skip: u64,
+}
+
+pub struct HybridOps {
+    pub gpu: Arc<Gpu>,
+    conv_fwd: Kernel,
+    conv_bwd: Kernel,
+    scan_fwd: Kernel,
+    scan_bwd: Kernel,
+    scan_bc_out: Kernel,
+    layernorm_fwd: Kernel,
+    layernorm_bwd: Kernel,
+    gmu_fwd: Kernel,
+    gmu_bwd: Kernel,
+    da_lambda_fwd: Kernel,
+    da_lambda_bwd: Kernel,
+    diff_fwd: Kernel,
+    diff_bwd: Kernel,
+    bias_add_bf16: Kernel,
+    bias_add_f32: Kernel,
+    bias_grad: Kernel,
+}
+
+impl HybridOps {
+    /// Compiles (or loads from the cache) and loads the mamba and hybrid modules.
+    pub fn new(gpu: Arc<Gpu>) -> Result<HybridOps> {
+        let load = |module: &str, name: &'static str| -> Result<Kernel> {
+            let src = crate::module_source(module)
+                .ok_or_else(|| KernelError::Unsupported(format!("unknown module {module}")))?;
+            gpu.kernel(module, &src, name)
+        };
+        let ops = HybridOps {
+            conv_fwd: load("mamba", "conv1d_silu_fwd")?,
+            conv_bwd: load("mamba", "conv1d_silu_bwd")?,
+            scan_fwd: load("mamba", "selective_scan_fwd")?,
+            scan_bwd: load("mamba", "selective_scan_bwd")?,
+            scan_bc_out: load("mamba", "scan_bc_grad_out")?,
+            layernorm_fwd: load("hybrid", "layernorm_fwd")?,
+            layernorm_bwd: load("hybrid", "layernorm_bwd")?,
+            gmu_fwd: load("hybrid", "gmu_fwd")?,
+            gmu_bwd: load("hybrid", "gmu_bwd")?,
+            da_lambda_fwd: load("hybrid", "da_lambda_fwd")?,
+            da_lambda_bwd: load("hybrid", "da_lambda_bwd")?,
+            diff_fwd: load("hybrid", "diff_combine_fwd")?,
+            diff_bwd: load("hybrid", "diff_combine_bwd")?,
+            bias_add_bf16: load("hybrid", "bias_add_bf16")?,
+            bias_add_f32: load("hybrid", "bias_add_f32")?,
+            bias_grad: load("hybrid", "bias_grad")?,
+            gpu,
+        };
+        ops.gpu.set_max_dynamic_smem(ops.scan_bwd, SCAN_BWD_SMEM)?;
+        Ok(ops)
+    }
+
+    fn ew(&self, n: usize) -> (u32, u32, u32) {
+        ew_grid(&self.gpu, n, 256)
+    }
+
+    /// Causal depthwise conv (k = 4) + SiLU: `y = bf16(silu(bias + Σ_j w[:, j]·x[t−3+j]))`.
+    /// `w`: fp32 `[d, 4]`; `bias`: fp32 `[d]`; `seg`: varlen document starts (i32 `[rows]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv1d_silu_fwd(
+        &self,
+        x: Rows,
+        w: u64,
+        bias: u64,
+        seg: Option<u64>,
+        y: Rows,
+        batch: usize,
+        seq: usize,
+        d: usize,
+    ) -> Result<()> {
+        let rows = batch * seq;
+        let a = Args::new()
+            .ptr(x.ptr)
+            .i32(i32_of("x stride", x.stride)?)
+            .ptr(w)
+            .ptr(bias)
+            .ptr(seg.unwrap_or(0))
+            .ptr(y.ptr)
+            .i32(i32_of("y stride", y.stride)?)
+            .i32(i32_of("rows", rows)?)
+            .i32(i32_of("seq", seq)?)
+            .i32(i32_of("d", d)?);
+        self.gpu
+            .launch(self.conv_fwd, self.ew(rows * d), (256, 1, 1), 0, &a)
+    }
+
+    /// Backward of [`Self::conv1d_silu_fwd`] from `dy` (the SiLU output's gradient): writes
+    /// `dx` (bf16), adds into `dw` `[d, 4]` and `dbias` `[d]` (fp32).
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv1d_silu_bwd(
+        &self,
+        x: Rows,
+        w: u64,
+        bias: u64,
+        seg: Option<u64>,
+        dy: Rows,
+        dx: Rows,
+        dw: u64,
+        dbias: u64,
+        batch: usize,
+        seq: usize,
+        d: usize,
+    ) -> Result<()> {
+        let rows = batch * seq;
+        let a = Args::new()
+            .ptr(x.ptr)
+            .i32(i32_of("x stride", x.stride)?)
+            .ptr(w)
+            .ptr(bias)
+            .ptr(seg.unwrap_or(0))
+            .ptr(dy.ptr)
+            .i32(i32_of("dy stride", dy.stride)?)
+            .ptr(dx.ptr)
+            .i32(i32_of("dx stride", dx.stride)?)
+            .ptr(dw)
+            .ptr(dbias)
+            .i32(i32_of("rows", rows)?)
+            .i32(i32_of("seq", seq)?)
+            .i32(i32_of("d", d)?);
+        let grid = (d.div_ceil(32) as u32, rows.div_ceil(8 * CONV_RUN) as u32, 1);
+        self.gpu.launch(self.conv_bwd, grid, (256, 1, 1), 0, &a)
+    }
+
+    fn scan_args(&self, s: &ScanShape, t: &ScanTensors) -> Result<Args> {
+        if t.b.stride != t.c.stride {
+            return Err(KernelError::Unsupported(format!(
+                "selective scan: B and C need one row stride ({} vs {})",
+                t.b.stride, t.c.stride
+            )));
+        }
+        if s.d_inner == 0 || s.seq == 0 {
+            return Err(KernelError::Unsupported(
+                "selective scan: empty sequence or no channels".into(),
+            ));
+        }
+        i32_of("rows", s.rows())?;
+        let (z, sz) = opt_rows(t.z);
+        Ok(Args::new()
+            .ptr(t.x.ptr)
+            .i32(i32_of("x stride", t.x.stride)?)
+            .ptr(t.delta.ptr)
+            .i32(i32_of("delta stride", t.delta.stride)?)
+            .ptr(z)
+            .i32(i32_of("z stride", sz)?)
+            .ptr(t.b.ptr)
+            .ptr(t.c.ptr)
+            .i32(i32_of("B/C stride", t.b.stride)?)
+            .ptr(t.delta_bias)
+            .ptr(t.a_log)
+            .ptr(t.d_skip)
+            .ptr(t.seg.unwrap_or(0)))
+    }
+
+    /// Selective scan forward: `out = y ⊙ silu(z)` (or `y` without `z`), optionally the
+    /// pre-gate `y` (GMU memory) and the state checkpoints the backward pass needs
+    /// (`ckpt`: fp32 of [`ScanShape::ckpt_len`]).
+    pub fn selective_scan_fwd(
+        &self,
+        s: &ScanShape,
+        t: &ScanTensors,
+        out: Rows,
+        y_out: Option<Rows>,
+        ckpt: Option<u64>,
+    ) -> Result<()> {
+        let (yp, sy) = opt_rows(y_out);
+        let a = self
+            .scan_args(s, t)?
+            .ptr(out.ptr)
+            .i32(i32_of("out stride", out.stride)?)
+            .ptr(yp)
+            .i32(i32_of("y stride", sy)?)
+            .ptr(ckpt.unwrap_or(0))
+            .i32(i32_of("seq", s.seq)?)
+            .i32(i32_of("d_inner", s.d_inner)?);
+        let grid = (s.d_inner.div_ceil(SCAN_FWD_CH) as u32, s.batch as u32, 1);
+        self.gpu
+            .launch(self.scan_fwd, grid, (SCAN_FWD_CH as u32, 1, 1), 0, &a)
+    }
+
+    /// Selective scan backward from `dout` (the gated output's gradient) and optionally
+    /// `dy_extra` (a gradient on the pre-gate `y`, from GMU layers). Needs the forward's
+    /// `ckpt`; `bc_acc` is fp32 scratch of [`ScanShape::bc_acc_len`]. Activation gradients
+    /// are written (bf16); parameter gradients added (fp32).
+    #[allow(clippy::too_many_arguments)]
+    pub fn selective_scan_bwd(
+        &self,
+        s: &ScanShape,
+        t: &ScanTensors,
+        ckpt: u64,
+        dout: Rows,
+        dy_extra: Option<Rows>,
+        g: &ScanGrads,
+        bc_acc: u64,
+    ) -> Result<()> {
+        if g.b.stride != g.c.stride {
+            return Err(KernelError::Unsupported(
+                "selective scan: dB and dC need one row stride".into(),
+            ));
+        }
+        if t.z.is_some() != g.z.is_some() {
+            return Err(KernelError::Unsupported(
+                "selective scan: z and dz must both be given or both absent".into(),
+            ));
+        }
+        self.gpu.memset_zero(bc_acc, s.bc_acc_len() * 4)?;
+        let (ep, se) = opt_rows(dy_extra);
+        let (dzp, sdz) = opt_rows(g.z);
+        let a = self
+            .scan_args(s, t)?
+            .ptr(ckpt)
+            .ptr(dout.ptr)
+            .i32(i32_of("dout stride", dout.stride)?)
+            .ptr(ep)
+            .i32(i32_of("dy_extra stride", se)?)
+            .ptr(g.x.ptr)
+            .i32(i32_of("dx stride", g.x.stride)?)
+            .ptr(g.delta.ptr)
+            .i32(i32_of("ddelta stride", g.delta.stride)?)
+            .ptr(dzp)
+            .i32(i32_of("dz stride", sdz)?)
+            .ptr(bc_acc)
+            .ptr(g.a_log)
+            .ptr(g.d_skip)
+            .ptr(g.delta_bias)
+            .i32(i32_of("seq", s.seq)?)
+            .i32(i32_of("d_inner", s.d_inner)?);
+        let grid = (s.d_inner.div_ceil(SCAN_BWD_CH) as u32, s.batch as u32, 1);
+        self.gpu.launch(
+            self.scan_bwd,
+            grid,
+            (SCAN_BWD_CH as u32, 1, 1),
+            SCAN_BWD_SMEM as u32,
+            &a,
+        )?;
+        let rows = s.rows();
+        let a = Args::new()
+            .ptr(bc_acc)
+            .ptr(g.b.ptr)
+            .ptr(g.c.ptr)
+            .i32(i32_of("dB/dC stride", g.b.stride)?)
+            .i32(i32_of("rows", rows)?);
+        self.gpu.launch(
+            self.scan_bc_out,
+            self.ew(rows * 2 * SCAN_D_STATE),
+            (256, 1, 1),
+            0,
+            &a,
+        )
+    }
+
+    /// LayerNorm of fp32 rows: `y = bf16((x − μ)·rstd·γ + β)`; saves `mean`, `rstd` (fp32
+    /// `[rows]`, either may be 0 = not stored).
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_fwd(
+        &self,
+        x: u64,
+        gamma: u64,
+        beta: u64,
+        y: u64,
+        mean: u64,
+        rstd: u64,
+        rows: usize,
+        n: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let a = Args::new()
+            .ptr(x)
+            .ptr(gamma)
+            .ptr(beta)
+            .ptr(y)
+            .ptr(mean)
+            .ptr(rstd)
+            .i32(i32_of("rows", rows)?)
+            .i32(i32_of("n", n)?)
+            .f32(eps);
+        self.gpu
+            .launch(self.layernorm_fwd, grid1(rows), (256, 1, 1), 0, &a)
+    }
+
+    /// LayerNorm backward from bf16 `dy`: `dres (+)= dx` (fp32), `dres_bf = bf16(dres)` (0 =
+    /// skip), `dgamma += Σ dy·x̂`, `dbeta += Σ dy`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_bwd(
+        &self,
+        x: u64,
+        gamma: u64,
+        mean: u64,
+        rstd: u64,
+        dy: u64,
+        dres: u64,
+        dres_bf: u64,
+        dgamma: u64,
+        dbeta: u64,
+        rows: usize,
+        n: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let smem = 2 * n * 4;
+        if smem > 48 * 1024 {
+            return Err(KernelError::Unsupported(format!(
+                "layernorm_bwd: width {n} exceeds 6144"
+            )));
+        }
+        let a = Args::new()
+            .ptr(x)
+            .ptr(gamma)
+            .ptr(mean)
+            .ptr(rstd)
+            .ptr(dy)
+            .ptr(dres)
+            .ptr(dres_bf)
+            .ptr(dgamma)
+            .ptr(dbeta)
+            .i32(i32_of("rows", rows)?)
+            .i32(i32_of("n", n)?)
+            .i32(accumulate as i32);
+        let blocks = rows.min(self.gpu.sm_count.max(1) as usize * 4);
+        self.gpu.launch(
+            self.layernorm_bwd,
+            grid1(blocks),
+            (256, 1, 1),
+            smem as u32,
+            &a,
+        )
+    }
+
+    /// GMU gate `out = bf16(m ⊙ silu(g))` over `rows × width`.
+    pub fn gmu_fwd(&self, m: Rows, g: Rows, out: Rows, rows: usize, width: usize) -> Result<()> {
+        let a = Args::new()
+            .ptr(m.ptr)
+            .i32(i32_of("m stride", m.stride)?)
+            .ptr(g.ptr)
+            .i32(i32_of("g stride", g.stride)?)
+            .ptr(out.ptr)
+            .i32(i32_of("out stride", out.stride)?)
+            .i32(i32_of("rows", rows)?)
+            .i32(i32_of("width", width)?);
+        self.gpu
+            .launch(self.gmu_fwd, self.ew(rows * width), (256, 1, 1), 0, &a)
+    }
+
+    /// GMU backward: `dm += dout ⊙ silu(g)` (fp32 `[rows, width]`, summed over GMU layers),
+    /// `dg = bf16(dout ⊙ m ⊙ silu'(g))`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gmu_bwd(
+        &self,
+        m: Rows,
+        g: Rows,
+        dout: Rows,
+        dm: u64,
+        dg: Rows,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        let a = Args::new()
+            .ptr(m.ptr)
+            .i32(i32_of("m stride", m.stride)?)
+            .ptr(g.ptr)
+            .i32(i32_of("g stride", g.stride)?)
+            .ptr(dout.ptr)
+            .i32(i32_of("dout stride", dout.stride)?)
+            .ptr(dm)
+            .ptr(dg.ptr)
+            .i32(i32_of("dg stride", dg.stride)?)
+            .i32(i32_of("rows", rows)?)
+            .i32(i32_of("width", width)?);
+        self.gpu
+            .launch(self.gmu_bwd, self.ew(rows * width), (256, 1, 1), 0, &a)
+    }
+
+    /// Differential attention λ: `lam[0..3] = (λ, exp(λq1·λk1), exp(λq2·λk2))`; `lam` holds 4
+    /// floats (the 4th is the dλ accumulator of the backward).
+    #[allow(clippy::too_many_arguments)]
+    pub fn da_lambda_fwd(
+        &self,
+        q1: u64,
+        k1: u64,
+        q2: u64,
+        k2: u64,
+        lam: u64,
+        head_size: usize,
+        lambda_init: f32,
+    ) -> Result<()> {
+        let a = Args::new()
+            .ptr(q1)
+            .ptr(k1)
+            .ptr(q2)
+            .ptr(k2)
+            .ptr(lam)
+            .i32(i32_of("head_size", head_size)?)
+            .f32(lambda_init);
+        self.gpu
+            .launch(self.da_lambda_fwd, (1, 1, 1), (128, 1, 1), 0, &a)
+    }
+
+    /// Adds the λ-vector gradients from the dλ that [`Self::diff_combine_bwd`] accumulated.
+    #[allow(clippy::too_many_arguments)]
+    pub fn da_lambda_bwd(
+        &self,
+        q1: u64,
+        k1: u64,
+        q2: u64,
+        k2: u64,
+        lam: u64,
+        grads: [u64; 4],
+        head_size: usize,
+    ) -> Result<()> {
+        let a = Args::new()
+            .ptr(q1)
+            .ptr(k1)
+            .ptr(q2)
+            .ptr(k2)
+            .ptr(lam)
+            .ptr(grads[0])
+            .ptr(grads[1])
+            .ptr(grads[2])
+            .ptr(grads[3])
+            .i32(i32_of("head_size", head_size)?);
+        self.gpu
+            .launch(self.da_lambda_bwd, (1, 1, 1), (128, 1, 1), 0, &a)
+    }
+
+    fn check_da_width(w: usize) -> Result<()> {
+        if w == 0 || w > DA_MAX_WIDTH {
+            return Err(KernelError::Unsupported(format!(
+                "differential attention: pair width 2·head_size = {w} outside 1..={DA_MAX_WIDTH}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Differential attention combine over `vectors` (row, pair) vectors of width `w = 2hs`
+    /// (contiguous, bf16): `out = RMSNorm_w(o1 − λ·o2; γ, eps)·post`, saving `rstd`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn diff_combine_fwd(
+        &self,
+        o1: u64,
+        o2: u64,
+        lam: u64,
+        gamma: u64,
+        out: u64,
+        rstd: u64,
+        vectors: usize,
+        w: usize,
+        eps: f32,
+        post: f32,
+    ) -> Result<()> {
+        Self::check_da_width(w)?;
+        let a = Args::new()
+            .ptr(o1)
+            .ptr(o2)
+            .ptr(lam)
+            .ptr(gamma)
+            .ptr(out)
+            .ptr(rstd)
+            .i32(i32_of("vectors", vectors)?)
+            .i32(w as i32)
+            .f32(eps)
+            .f32(post);
+        self.gpu.launch(
+            self.diff_fwd,
+            grid1(vectors.div_ceil(8).max(1)),
+            (256, 1, 1),
+            0,
+            &a,
+        )
+    }
+
+    /// Backward of [`Self::diff_combine_fwd`]: writes `do1`, `do2` (bf16), adds `dgamma`,
+    /// and sets `lam[3] = dλ` (zeroed here first).
+    #[allow(clippy::too_many_arguments)]
+    pub fn diff_combine_bwd(
+        &self,
+        o1: u64,
+        o2: u64,
+        lam: u64,
+        gamma: u64,
+        rstd: u64,
+        dout: u64,
+        do1: u64,
+        do2: u64,
+        dgamma: u64,
+        vectors: usize,
+        w: usize,
+        post: f32,
+    ) -> Result<()> {
+        Self::check_da_width(w)?;
+        self.gpu.memset_zero(lam + 12, 4)?;
+        let a = Args::new()
+            .ptr(o1)
+            .ptr(o2)
+            .ptr(lam)
+            .ptr(gamma)
+            .ptr(rstd)
+            .ptr(dout)
+            .ptr(do1)
+            .ptr(do2)
+            .ptr(dgamma)
+            .i32(i32_of("vectors", vectors)?)
+            .i32(w as i32)
+            .f32(post);
+        let blocks = vectors
+            .div_ceil(8)
+            .clamp(1, self.gpu.sm_count.max(1) as usize * 8);
+        self.gpu
+            .launch(self.diff_bwd, grid1(blocks), (256, 1, 1), 0, &a)
+    }
+
+    /// `y = bf16(y + bias)` in place (bias fp32 `[n]`).
+    pub fn bias_add_bf16(&self, y: Rows, bias: u64, rows: usize, n: usize) -> Result<()> {
+        let a = Args::new()
+            .ptr(y.ptr)
+            .i32(i32_of("y stride", y.stride)?)
+            .ptr(bias)
+            .i32(i32_of("rows", rows)?)
+            .i32(i32_of("n", n)?);
+        self.gpu
+            .launch(self.bias_add_bf16, self.ew(rows * n), (256, 1, 1), 0, &a)
+    }
+
+    /// `y += scale·bias` on contiguous fp32 rows of `n` (the residual stream).
+    pub fn bias_add_f32(&self, y: u64, bias: u64, scale: f32, rows: usize, n: usize) -> Result<()> {
+        let a = Args::new()
+            .ptr(y)
+            .ptr(bias)
+            .f32(scale)
+            .i32(i32_of("rows", rows)?)
+            .i32(i32_of("n", n)?);
+        self.gpu
+            .launch(self.bias_add_f32, self.ew(rows * n), (256, 1, 1), 0, &a)
+    }
+
+    /// `dbias += scale·Σ_rows dy` (bf16 `dy`).
+    pub fn bias_grad(&self, dy: Rows, dbias: u64, scale: f32, rows: usize, n: usize) -> Result<()> {
+        let a = Args::new()
+            .ptr(dy.ptr)
+            .i32(i32_of("dy stride", dy.stride)?)
+            .ptr(dbias)
+            .f32(scale)
+            .i32(i32_of("rows", rows)?)
+            .i32(i32_of("n", n)?);
+        let grid = (
+            n.div_ceil(32) as u32,
+            rows.div_ceil(8 * BIAS_RUN).max(1) as u32,
+            1,
+        );
+        self.gpu.launch(self.bias_grad, grid, (256, 1, 1), 0, &a)
+    }
+}

@@ -20,6 +20,12 @@ pub struct Args {
     /// Override a value of the `--model` experiment (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE", requires = "model")]
     pub set: Vec<String>,
+    /// Only run the kernel suites whose name contains this (e.g. `mamba`, `flash`).
+    #[arg(long, value_name = "SUITE")]
+    pub only: Option<String>,
+    /// Also time the Mamba selective scan forward and backward at SambaY-d16 shapes.
+    #[arg(long)]
+    pub bench_scan: bool,
 }
 
 pub fn run(args: Args) -> miette::Result<ExitCode> {
@@ -49,7 +55,11 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
         }
         None => None,
     };
-    let mut report = archscale_runtime::cuda::selftest::run(args.seed);
+    let opts = archscale_runtime::cuda::selftest::Options {
+        only: args.only.clone(),
+        bench_scan: args.bench_scan,
+    };
+    let mut report = archscale_runtime::cuda::selftest::run_with(args.seed, &opts);
     if let (Some(plan), Ok(_)) = (&model_plan, &report.device) {
         match archscale_runtime::cuda::selftest::model_parity(plan, report.seed) {
             Ok(checks) => report.checks.extend(checks),
@@ -110,6 +120,9 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
                 if c.passed() { "ok" } else { "FAIL" }
             );
         }
+    }
+    for line in &report.bench {
+        println!("{line}");
     }
     for e in &report.errors {
         println!("ERROR {e}");

@@ -14,6 +14,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use std::sync::Arc;
 
+mod hybrid;
+
 /// One line of the report.
 #[derive(Clone, Debug)]
 pub struct Check {
@@ -42,6 +44,17 @@ pub struct Report {
     pub checks: Vec<Check>,
     /// A check that could not run at all (launch failure).
     pub errors: Vec<String>,
+    /// Timing lines (`--bench-scan`), already formatted.
+    pub bench: Vec<String>,
+}
+
+/// What to run.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Only the suites whose name contains this (e.g. `mamba`, `flash`).
+    pub only: Option<String>,
+    /// Also time the selective scan at SambaY-d16 shapes (CUDA events).
+    pub bench_scan: bool,
 }
 
 impl Report {
@@ -86,6 +99,8 @@ struct Env {
     gpu: Arc<Gpu>,
     ops: Ops,
     lt: Lt,
+    /// Hybrid-family kernels (mamba.cu, hybrid.cu); None when they failed to load.
+    hy: Option<archscale_kernels::ops::HybridOps>,
     rng: ChaCha8Rng,
     bufs: Vec<DeviceBuffer>,
 }
@@ -157,6 +172,11 @@ impl Env {
 
 /// Runs the self-test. `seed` = None draws a fresh one from the clock.
 pub fn run(seed: Option<u64>) -> Report {
+    run_with(seed, &Options::default())
+}
+
+/// Runs the self-test with `opts` (suite filter, scan benchmark).
+pub fn run_with(seed: Option<u64>, opts: &Options) -> Report {
     let seed = seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -170,6 +190,7 @@ pub fn run(seed: Option<u64>) -> Report {
         device: Err(String::new()),
         checks: Vec::new(),
         errors: Vec::new(),
+        bench: Vec::new(),
     };
 
     // CPU side: NVRTC compile of every module (for the device's arch if one is present).
@@ -213,16 +234,24 @@ pub fn run(seed: Option<u64>) -> Report {
             return report;
         }
     };
+    let hy = match archscale_kernels::ops::HybridOps::new(gpu.clone()) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            report.errors.push(format!("loading hybrid kernels: {e}"));
+            None
+        }
+    };
     let mut env = Env {
         gpu,
         ops,
         lt,
+        hy,
         rng: ChaCha8Rng::seed_from_u64(seed),
         bufs: Vec::new(),
     };
 
     type CheckFn = fn(&mut Env, &mut Vec<Check>) -> R<()>;
-    let suites: [(&str, CheckFn); 9] = [
+    let suites: [(&str, CheckFn); 15] = [
         ("gemm", check_gemm),
         ("embedding", check_embedding),
         ("rmsnorm", check_rmsnorm),
@@ -232,8 +261,17 @@ pub fn run(seed: Option<u64>) -> Report {
         ("adamw", check_adamw),
         ("grad_norm+cast", check_norm_cast),
         ("flash_attention", check_flash),
+        ("mamba_conv", hybrid::check_conv),
+        ("mamba_scan", hybrid::check_scan),
+        ("layernorm", hybrid::check_layernorm),
+        ("gmu", hybrid::check_gmu),
+        ("diff_attention", hybrid::check_diff_attention),
+        ("bias", hybrid::check_bias),
     ];
     for (name, f) in suites {
+        if opts.only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
         let mut checks = Vec::new();
         let t = std::time::Instant::now();
         let r = f(&mut env, &mut checks).and_then(|_| env.gpu.sync());
@@ -244,6 +282,13 @@ pub fn run(seed: Option<u64>) -> Report {
         report.checks.extend(checks);
         if let Err(e) = r {
             report.errors.push(format!("{name}: {e}"));
+        }
+        env.release();
+    }
+    if opts.bench_scan {
+        match hybrid::bench_scan(&mut env) {
+            Ok(lines) => report.bench.extend(lines),
+            Err(e) => report.errors.push(format!("scan benchmark: {e}")),
         }
         env.release();
     }
