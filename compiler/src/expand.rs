@@ -110,6 +110,15 @@ fn source(s: &DataSourceSpec) -> DataSource {
             tokens: *tokens,
             weight: *weight,
         },
+        DataSourceSpec::SyntheticText {
+            seed,
+            tokens,
+            weight,
+        } => DataSource::SyntheticText {
+            seed: *seed,
+            tokens: *tokens,
+            weight: *weight,
+        },
     }
 }
 

@@ -368,6 +368,8 @@ pub enum DataSource {
     },
     /// The built-in deterministic corpus, generated once into `<data root>/.archscale/synthetic/`.
     Synthetic { seed: u64, tokens: u64, weight: f64 },
+    /// The built-in deterministic text corpus (byte tokens), generated like `Synthetic`.
+    SyntheticText { seed: u64, tokens: u64, weight: f64 },
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

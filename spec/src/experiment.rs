@@ -59,7 +59,7 @@ pub const TRAIN_KEYS: &[&str] = &[
 pub const SCHEDULE_KEYS: &[&str] = &["kind", "decay"];
 pub const DATA_KEYS: &[&str] = &["train", "val"];
 pub const SOURCE_KEYS: &[&str] = &["dir", "prefix", "weight", "synthetic"];
-pub const SYNTHETIC_KEYS: &[&str] = &["seed", "tokens"];
+pub const SYNTHETIC_KEYS: &[&str] = &["seed", "tokens", "corpus"];
 pub const CLUSTER_KEYS: &[&str] = &["nodes", "gpus_per_node", "gpu_memory_gib", "sharding"];
 
 pub const PARAMETRIZATIONS: &[&str] = &["mup++", "mup", "sp"];
@@ -148,8 +148,10 @@ pub enum DataSourceSpec {
         prefix: String,
         weight: f64,
     },
-    /// The built-in deterministic corpus.
+    /// The built-in deterministic corpus of token ids (`corpus = "ids"`, the default).
     Synthetic { seed: u64, tokens: u64, weight: f64 },
+    /// The built-in deterministic English-like text corpus, byte tokens (`corpus = "text"`).
+    SyntheticText { seed: u64, tokens: u64, weight: f64 },
 }
 
 /// ArchScale `BaseHyperparameters` (hp-spec §2), under readable names in the file.
@@ -1162,7 +1164,7 @@ fn read_sources(r: &mut Reader, node: &Node, what: &str) -> Option<Vec<DataSourc
                         r.push(
                             SpecError::new(&n.src, n.key_or_value_span(), format!("`{key}` does not apply to a synthetic source"))
                                 .label("not used")
-                                .help("a source is either { dir, prefix, weight } or { synthetic = { seed, tokens }, weight }"),
+                                .help("a source is either { dir, prefix, weight } or { synthetic = { seed, tokens, corpus }, weight }"),
                         );
                     }
                 }
@@ -1185,11 +1187,36 @@ fn read_sources(r: &mut Reader, node: &Node, what: &str) -> Option<Vec<DataSourc
                         None
                     }
                 };
-                if let (Some(seed), Some(tokens)) = (seed, tokens) {
-                    out.push(DataSourceSpec::Synthetic {
-                        seed: seed as u64,
-                        tokens: tokens as u64,
-                        weight,
+                let text = match s.get("corpus") {
+                    None => Some(false),
+                    Some(n) => match r.string(n, "synthetic.corpus").as_deref() {
+                        Some("ids") => Some(false),
+                        Some("text") => Some(true),
+                        Some(other) => {
+                            r.push(
+                                n.error(format!("unknown synthetic corpus `{other}`"))
+                                    .label("not a corpus")
+                                    .help("corpus = \"ids\" (token ids, vocabulary 512) or \"text\" (English-like text, byte tokens)"),
+                            );
+                            None
+                        }
+                        None => None,
+                    },
+                };
+                if let (Some(seed), Some(tokens), Some(text)) = (seed, tokens, text) {
+                    let (seed, tokens) = (seed as u64, tokens as u64);
+                    out.push(if text {
+                        DataSourceSpec::SyntheticText {
+                            seed,
+                            tokens,
+                            weight,
+                        }
+                    } else {
+                        DataSourceSpec::Synthetic {
+                            seed,
+                            tokens,
+                            weight,
+                        }
                     });
                 }
             }
@@ -1885,6 +1912,28 @@ gpus_per_node = 8
                 + "[train]\nschedule = { kind = \"linear\", decay = \"cosine\" }\n"),
         );
         assert!(bad.errors[0].message.contains("only applies"));
+    }
+
+    #[test]
+    fn synthetic_text_corpus() {
+        let text = MINIMAL.to_string()
+            + "[data]\ntrain = [{ synthetic = { corpus = \"text\", seed = 3, tokens = 1000 } }]\n";
+        let e = parse(&text).unwrap();
+        assert_eq!(
+            e.runs[0].train_data[0],
+            DataSourceSpec::SyntheticText {
+                seed: 3,
+                tokens: 1000,
+                weight: 1.0
+            }
+        );
+        let bad = errors(
+            &(MINIMAL.to_string()
+                + "[data]\ntrain = [{ synthetic = { corpus = \"txt\", tokens = 1000 } }]\n"),
+        );
+        assert!(bad.errors[0]
+            .message
+            .contains("unknown synthetic corpus `txt`"));
     }
 
     #[test]

@@ -195,6 +195,17 @@ struct SyntheticFile {
     seed: Option<u64>,
     /// Tokens to generate.
     tokens: f64,
+    /// Which corpus (default "ids").
+    corpus: Option<SyntheticCorpus>,
+}
+
+#[derive(JsonSchema, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum SyntheticCorpus {
+    /// Token ids, vocabulary 512 (BOS 1, EOS 2).
+    Ids,
+    /// English-like text with phonebook and key-value records, byte tokens (id = byte + 3).
+    Text,
 }
 
 /// `{ dir, prefix, weight }` packed shards `dir/prefix*.bin`, or `{ synthetic = {...}, weight }`.

@@ -53,9 +53,14 @@ pub fn resolve_source(
             };
             Ok((dir, prefix.clone()))
         }
-        DataSource::Synthetic { seed, tokens, .. } => {
-            let dir =
-                synthetic::ensure_corpus(&data_root.join(SYNTHETIC_CACHE_DIR), *seed, *tokens)?;
+        DataSource::Synthetic { seed, tokens, .. }
+        | DataSource::SyntheticText { seed, tokens, .. } => {
+            let kind = match source {
+                DataSource::SyntheticText { .. } => synthetic::CorpusKind::Text,
+                _ => synthetic::CorpusKind::Ids,
+            };
+            let cache = data_root.join(SYNTHETIC_CACHE_DIR);
+            let dir = synthetic::ensure_corpus_of(kind, &cache, *seed, *tokens)?;
             let prefix = match split {
                 Split::Train => synthetic::TRAIN_PREFIX,
                 Split::Validation => synthetic::VALIDATION_PREFIX,
@@ -67,7 +72,9 @@ pub fn resolve_source(
 
 fn source_weight(source: &DataSource) -> f64 {
     match source {
-        DataSource::Packed { weight, .. } | DataSource::Synthetic { weight, .. } => *weight,
+        DataSource::Packed { weight, .. }
+        | DataSource::Synthetic { weight, .. }
+        | DataSource::SyntheticText { weight, .. } => *weight,
     }
 }
 

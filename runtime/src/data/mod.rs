@@ -1,4 +1,5 @@
-//! Packed token data: LITPKDS files, ArchScale's sampling order, the synthetic corpus,
+//! Packed token data: LITPKDS files, ArchScale's sampling order, the synthetic corpora
+//! (token ids, and English-like text in byte tokens),
 //! `archscale prepare`'s tokenization, and varlen document boundaries.
 
 pub mod loader;
@@ -6,6 +7,7 @@ pub mod packed;
 pub mod prepare;
 pub mod rng;
 pub mod synthetic;
+pub mod synthetic_text;
 pub mod varlen;
 
 pub use loader::{LoaderState, SourceState, Split, TrainLoader, ValLoader};

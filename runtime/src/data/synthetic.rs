@@ -57,14 +57,14 @@ const VALIDATION_FILES: usize = 8;
 const CHUNK_GRAIN: u64 = 2049;
 
 /// Categorical distribution sampled from one 32-bit draw.
-struct Categorical {
+pub(crate) struct Categorical {
     /// Cumulative probabilities scaled to 2^32; the last is 2^32.
     thresholds: Vec<u64>,
     neg_ln_p: Vec<f64>,
 }
 
 impl Categorical {
-    fn new(weights: &[f64]) -> Categorical {
+    pub(crate) fn new(weights: &[f64]) -> Categorical {
         let total: f64 = weights.iter().sum();
         let mut cum = 0.0;
         let mut thresholds: Vec<u64> = weights
@@ -83,7 +83,7 @@ impl Categorical {
         }
     }
 
-    fn sample(&self, source: &mut Source) -> usize {
+    pub(crate) fn sample(&self, source: &mut Source) -> usize {
         let x = source.rng.next_u32() as u64;
         let i = self.thresholds.partition_point(|&t| t <= x);
         source.neg_log_prob += self.neg_ln_p[i];
@@ -92,19 +92,29 @@ impl Categorical {
 }
 
 /// Random draws plus the running `-ln p` of every choice.
-struct Source {
+pub(crate) struct Source {
     rng: ChaCha8Rng,
-    neg_log_prob: f64,
+    pub(crate) neg_log_prob: f64,
 }
 
 impl Source {
+    /// Stream `stream` of `seed`.
+    pub(crate) fn new(seed: u64, stream: u64) -> Source {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(stream);
+        Source {
+            rng,
+            neg_log_prob: 0.0,
+        }
+    }
+
     /// Uniform in [0, n) (multiply-shift; the bias is below 2^-20 for n < 4096).
-    fn uniform(&mut self, n: u32) -> u32 {
+    pub(crate) fn uniform(&mut self, n: u32) -> u32 {
         self.neg_log_prob += (n as f64).ln();
         ((self.rng.next_u32() as u64 * n as u64) >> 32) as u32
     }
 
-    fn bernoulli(&mut self, p: f64) -> bool {
+    pub(crate) fn bernoulli(&mut self, p: f64) -> bool {
         let hit = (self.rng.next_u32() as f64) < p * 4_294_967_296.0;
         self.neg_log_prob -= if hit { p.ln() } else { (1.0 - p).ln() };
         hit
@@ -172,14 +182,9 @@ pub struct Generator {
 impl Generator {
     /// Stream `stream` (0 train, 1 validation) of corpus `seed`.
     pub fn new(seed: u64, stream: u64) -> Generator {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(stream);
         Generator {
             language: Language::new(),
-            source: Source {
-                rng,
-                neg_log_prob: 0.0,
-            },
+            source: Source::new(seed, stream),
             tokens: 0,
         }
     }
@@ -262,6 +267,63 @@ impl Generator {
     }
 }
 
+/// A deterministic stream of documents (token ids, each ending with EOS).
+pub trait Documents {
+    fn document(&mut self, out: &mut Vec<u32>);
+    /// Entropy of the generating process so far, nats per token.
+    fn entropy_per_token(&self) -> f64;
+}
+
+impl Documents for Generator {
+    fn document(&mut self, out: &mut Vec<u32>) {
+        Generator::document(self, out)
+    }
+    fn entropy_per_token(&self) -> f64 {
+        Generator::entropy_per_token(self)
+    }
+}
+
+/// The built-in corpora.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CorpusKind {
+    /// Token ids from a fixed artificial language (this module).
+    Ids,
+    /// English-like text in byte tokens ([`super::synthetic_text`]).
+    Text,
+}
+
+impl CorpusKind {
+    pub fn generator_name(self) -> &'static str {
+        match self {
+            CorpusKind::Ids => GENERATOR,
+            CorpusKind::Text => super::synthetic_text::GENERATOR,
+        }
+    }
+
+    pub fn vocab_size(self) -> usize {
+        match self {
+            CorpusKind::Ids => VOCAB_SIZE,
+            CorpusKind::Text => super::synthetic_text::VOCAB_SIZE,
+        }
+    }
+
+    /// Stream `stream` (0 train, 1 validation) of corpus `seed`.
+    pub fn documents(self, seed: u64, stream: u64) -> Box<dyn Documents> {
+        match self {
+            CorpusKind::Ids => Box::new(Generator::new(seed, stream)),
+            CorpusKind::Text => Box::new(super::synthetic_text::TextGenerator::new(seed, stream)),
+        }
+    }
+
+    /// Name of the cached directory of corpus `(seed, tokens)`.
+    pub fn dir_name(self, seed: u64, tokens: u64) -> String {
+        match self {
+            CorpusKind::Ids => format!("synthetic-{seed}-{tokens}"),
+            CorpusKind::Text => format!("synthetic-text-{seed}-{tokens}"),
+        }
+    }
+}
+
 /// What a corpus directory holds (`synthetic.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -299,10 +361,10 @@ fn validation_chunk(train_chunk: usize) -> usize {
 fn write_split(
     dir: &Path,
     prefix: &str,
-    mut generator: Generator,
+    mut generator: Box<dyn Documents>,
     chunk: usize,
     files: usize,
-) -> Result<Generator> {
+) -> Result<Box<dyn Documents>> {
     let mut writer = PackedWriter::new(dir, prefix, chunk, Dtype::U16, BOS)?;
     let mut doc = Vec::with_capacity(512);
     while writer.files_written() < files {
@@ -315,8 +377,13 @@ fn write_split(
     Ok(generator)
 }
 
-/// Writes the corpus `(seed, tokens)` into `dir` (created if needed) and returns its manifest.
+/// Writes the id corpus `(seed, tokens)` into `dir` (created if needed) and returns its manifest.
 pub fn write_corpus(dir: &Path, seed: u64, tokens: u64) -> Result<Manifest> {
+    write_corpus_of(CorpusKind::Ids, dir, seed, tokens)
+}
+
+/// Writes corpus `kind` `(seed, tokens)` into `dir` (created if needed).
+pub fn write_corpus_of(kind: CorpusKind, dir: &Path, seed: u64, tokens: u64) -> Result<Manifest> {
     if tokens == 0 {
         return Err(RuntimeError::Message(
             "synthetic corpus: tokens must be positive".into(),
@@ -326,7 +393,7 @@ pub fn write_corpus(dir: &Path, seed: u64, tokens: u64) -> Result<Manifest> {
     let train = write_split(
         dir,
         TRAIN_PREFIX,
-        Generator::new(seed, 0),
+        kind.documents(seed, 0),
         chunk,
         train_files,
     )?;
@@ -334,15 +401,15 @@ pub fn write_corpus(dir: &Path, seed: u64, tokens: u64) -> Result<Manifest> {
     write_split(
         dir,
         VALIDATION_PREFIX,
-        Generator::new(seed, 1),
+        kind.documents(seed, 1),
         val_chunk,
         VALIDATION_FILES,
     )?;
     let manifest = Manifest {
-        generator: GENERATOR.into(),
+        generator: kind.generator_name().into(),
         seed,
         tokens,
-        vocab_size: VOCAB_SIZE,
+        vocab_size: kind.vocab_size(),
         bos: BOS,
         eos: EOS,
         chunk_size: chunk,
@@ -377,16 +444,27 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
 /// `<data_root>/synthetic-<seed>-<tokens>/`, generated on first use (into a temporary
 /// directory renamed into place, so concurrent ranks and interrupted runs are safe).
 pub fn ensure_corpus(data_root: &Path, seed: u64, tokens: u64) -> Result<PathBuf> {
-    let name = format!("synthetic-{seed}-{tokens}");
+    ensure_corpus_of(CorpusKind::Ids, data_root, seed, tokens)
+}
+
+/// As [`ensure_corpus`] for corpus `kind` (`synthetic-text-<seed>-<tokens>/` for text).
+pub fn ensure_corpus_of(
+    kind: CorpusKind,
+    data_root: &Path,
+    seed: u64,
+    tokens: u64,
+) -> Result<PathBuf> {
+    let name = kind.dir_name(seed, tokens);
+    let generator = kind.generator_name();
     let dir = data_root.join(&name);
     let check = |dir: &Path| -> Result<PathBuf> {
         let manifest = read_manifest(dir)?;
-        if manifest.generator != GENERATOR || manifest.seed != seed || manifest.tokens != tokens {
+        if manifest.generator != generator || manifest.seed != seed || manifest.tokens != tokens {
             return Err(RuntimeError::BadInput {
                 path: dir.join(MANIFEST),
                 line: None,
                 reason: format!(
-                    "holds {} (seed {}, {} tokens), expected {GENERATOR} (seed {seed}, {tokens} tokens); delete the directory to regenerate it",
+                    "holds {} (seed {}, {} tokens), expected {generator} (seed {seed}, {tokens} tokens); delete the directory to regenerate it",
                     manifest.generator, manifest.seed, manifest.tokens
                 ),
             });
@@ -402,7 +480,7 @@ pub fn ensure_corpus(data_root: &Path, seed: u64, tokens: u64) -> Result<PathBuf
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(format!("removing {}", tmp.display())))?;
     }
-    if let Err(e) = write_corpus(&tmp, seed, tokens) {
+    if let Err(e) = write_corpus_of(kind, &tmp, seed, tokens) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }

@@ -33,7 +33,7 @@ fn sentences() -> Vec<&'static str> {
     NOISE.split_inclusive('.').map(str::trim).collect()
 }
 
-fn render(key: &str, value: &str, n_sentences: usize, depth: f64) -> (String, usize) {
+pub(crate) fn render(key: &str, value: &str, n_sentences: usize, depth: f64) -> (String, usize) {
     let base = sentences();
     let at = ((depth.clamp(0.0, 1.0) * n_sentences as f64).round() as usize).min(n_sentences);
     let needle = format!("One of the special magic numbers for {key} is: {value}.");

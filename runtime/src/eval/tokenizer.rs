@@ -1,7 +1,9 @@
 //! Text <-> token ids for the evals and generation: the GPT-2 BPE (tiktoken `r50k_base`,
-//! built in), a Hugging Face `tokenizer.json`, or plain ids for models of the synthetic
-//! corpus (text is a space-separated list of ids; ids decode as numbers).
+//! built in), a Hugging Face `tokenizer.json`, the byte tokenizer of the synthetic text
+//! corpus (id = byte + 3, EOS 2), or plain ids for models of the synthetic id corpus (text
+//! is a space-separated list of ids; ids decode as numbers).
 
+use crate::data::synthetic_text::{decode_bytes, encode_bytes, TEXT_EOS};
 use crate::{Result, RuntimeError};
 use archscale_compiler::{DataSource, Plan};
 use std::path::{Path, PathBuf};
@@ -9,19 +11,22 @@ use std::path::{Path, PathBuf};
 /// What the user asked for on the command line.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TokenizerChoice {
-    /// From the plan: ids for the synthetic corpus, GPT-2 for a 50257-token vocabulary.
+    /// From the plan: bytes for the synthetic text corpus, ids for the synthetic id corpus,
+    /// GPT-2 for a 50257-token vocabulary.
     Auto,
     Gpt2,
+    Bytes,
     Ids,
     HuggingFace(PathBuf),
 }
 
 impl TokenizerChoice {
-    /// `auto`, `gpt2`, `ids`, or a path to a `tokenizer.json`.
+    /// `auto`, `gpt2`, `bytes`, `ids`, or a path to a `tokenizer.json`.
     pub fn parse(s: &str) -> TokenizerChoice {
         match s {
             "auto" => TokenizerChoice::Auto,
             "gpt2" => TokenizerChoice::Gpt2,
+            "bytes" => TokenizerChoice::Bytes,
             "ids" => TokenizerChoice::Ids,
             path => TokenizerChoice::HuggingFace(PathBuf::from(path)),
         }
@@ -31,6 +36,8 @@ impl TokenizerChoice {
 pub enum TextTokenizer {
     Gpt2(Box<tiktoken_rs::CoreBPE>),
     HuggingFace(Box<tokenizers::Tokenizer>),
+    /// UTF-8 bytes, id = byte + 3 (the synthetic text corpus).
+    Bytes,
     Ids,
 }
 
@@ -45,19 +52,18 @@ impl TextTokenizer {
     pub fn load(choice: &TokenizerChoice, plan: &Plan) -> Result<TextTokenizer> {
         match choice {
             TokenizerChoice::Auto => {
-                let synthetic = plan
-                    .data
-                    .train
-                    .iter()
-                    .chain(&plan.data.val)
-                    .any(|s| matches!(s, DataSource::Synthetic { .. }));
-                if synthetic {
+                let sources = || plan.data.train.iter().chain(&plan.data.val);
+                let text = sources().any(|s| matches!(s, DataSource::SyntheticText { .. }));
+                let ids = sources().any(|s| matches!(s, DataSource::Synthetic { .. }));
+                if text {
+                    Ok(TextTokenizer::Bytes)
+                } else if ids {
                     Ok(TextTokenizer::Ids)
                 } else if plan.model.vocab_size == 50257 {
                     Self::load(&TokenizerChoice::Gpt2, plan)
                 } else {
                     Err(bad(format!(
-                        "cannot tell this model's tokenizer (vocabulary {}): pass --tokenizer gpt2|ids|PATH/tokenizer.json",
+                        "cannot tell this model's tokenizer (vocabulary {}): pass --tokenizer gpt2|bytes|ids|PATH/tokenizer.json",
                         plan.model.vocab_size
                     )))
                 }
@@ -65,6 +71,7 @@ impl TextTokenizer {
             TokenizerChoice::Gpt2 => tiktoken_rs::r50k_base()
                 .map(|b| TextTokenizer::Gpt2(Box::new(b)))
                 .map_err(|e| bad(format!("loading the built-in GPT-2 tokenizer: {e}"))),
+            TokenizerChoice::Bytes => Ok(TextTokenizer::Bytes),
             TokenizerChoice::Ids => Ok(TextTokenizer::Ids),
             TokenizerChoice::HuggingFace(path) => Self::from_file(path),
         }
@@ -84,6 +91,7 @@ impl TextTokenizer {
         match self {
             TextTokenizer::Gpt2(_) => "gpt2",
             TextTokenizer::HuggingFace(_) => "tokenizer.json",
+            TextTokenizer::Bytes => "bytes",
             TextTokenizer::Ids => "ids",
         }
     }
@@ -101,6 +109,11 @@ impl TextTokenizer {
                 .encode_fast(text, false)
                 .map(|e| e.get_ids().to_vec())
                 .map_err(|e| bad(format!("tokenizing: {e}"))),
+            TextTokenizer::Bytes => {
+                let mut ids = Vec::with_capacity(text.len());
+                encode_bytes(text.as_bytes(), &mut ids);
+                Ok(ids)
+            }
             TextTokenizer::Ids => text
                 .split_whitespace()
                 .map(|w| {
@@ -131,6 +144,8 @@ impl TextTokenizer {
             TextTokenizer::HuggingFace(t) => t
                 .decode(ids, false)
                 .map_err(|e| bad(format!("decoding: {e}"))),
+            // Token boundaries may split UTF-8 sequences; show them lossily.
+            TextTokenizer::Bytes => Ok(String::from_utf8_lossy(&decode_bytes(ids)).into_owned()),
             TextTokenizer::Ids => Ok(ids
                 .iter()
                 .map(|i| i.to_string())
@@ -146,6 +161,7 @@ impl TextTokenizer {
             TextTokenizer::HuggingFace(t) => ["</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>"]
                 .iter()
                 .find_map(|s| t.token_to_id(s)),
+            TextTokenizer::Bytes => Some(TEXT_EOS),
             TextTokenizer::Ids => None,
         }
     }
