@@ -466,7 +466,10 @@ impl CudaBackend {
                 layout.unit_of_param[plan
                     .params
                     .iter()
-                    .position(|p| p.name == "transformer.wte.weight")
+                    .position(|p| {
+                    p.name == "transformer.wte.weight"
+                        || p.aliases.iter().any(|a| a == "transformer.wte.weight")
+                })
                     .ok_or_else(|| err("CUDA backend: no transformer.wte.weight"))?],
             );
             let e_len = embed_unit.map_or(64, |u| layout.units[u].len);
@@ -1137,7 +1140,11 @@ impl CudaBackend {
             d.logit_scale,
             false,
         )?;
-        self.grads_done(u_norm)?;
+        // The embedding's unit (with a tied head, also the head's) completes only after
+        // the embedding backward at the very end.
+        if u_norm != u_embed {
+            self.grads_done(u_norm)?;
+        }
         if u_head != u_norm && u_head != u_embed {
             self.grads_done(u_head)?;
         }
@@ -1341,9 +1348,7 @@ impl CudaBackend {
         }
         self.mark("embedding bwd")?;
         ops.embedding_bwd(self.tokens.ptr, self.dres.ptr, self.g32(self.wte), rows, n)?;
-        if u_embed != u_norm {
-            self.grads_done(u_embed)?;
-        }
+        self.grads_done(u_embed)?;
         self.grads_all_done()?;
         Ok(())
     }
@@ -1535,7 +1540,8 @@ impl Backend for CudaBackend {
     }
 
     fn set_gradient_sync(&mut self, sync: bool) {
-        self.sync_grads = sync;
+        // ARCHSCALE_OVERLAP_REDUCE=0 reduces once before the norm instead (diagnostics).
+        self.sync_grads = sync && std::env::var("ARCHSCALE_OVERLAP_REDUCE").as_deref() != Ok("0");
     }
 
     fn optimizer_is_sharded(&self) -> bool {
