@@ -38,7 +38,7 @@ pub struct Args {
     /// Where relative data paths and synthetic corpora resolve (as for `archscale run`).
     #[arg(long, default_value = ".")]
     pub data_root: PathBuf,
-    /// auto, gpt2, ids, or a path to a tokenizer.json.
+    /// auto, gpt2, bytes, ids, or a path to a tokenizer.json.
     #[arg(long, default_value = "auto")]
     pub tokenizer: String,
     /// Seed of the Phonebook and NIAH prompts.
@@ -75,8 +75,9 @@ pub struct Args {
     /// niah: prompts per length × depth.
     #[arg(long, default_value_t = 4)]
     pub samples: usize,
-    /// choice: JSONL items {"context", "choices", "label"}.
-    #[arg(long)]
+    /// choice: JSONL items {"context", "choices", "label"} (e.g.
+    /// experiments/evals/quickstart_choice.jsonl for the quickstart model).
+    #[arg(long, visible_alias = "choices")]
     pub items: Option<PathBuf>,
     /// choice: longest input in tokens (default: the training context).
     #[arg(long)]
@@ -129,7 +130,7 @@ fn make_backend(
 
 pub fn run(args: Args) -> miette::Result<ExitCode> {
     if args.tasks.contains(&Task::Choice) && args.items.is_none() {
-        eprintln!("error: --task choice needs --items FILE.jsonl");
+        eprintln!("error: --task choice needs --items (or --choices) FILE.jsonl");
         return Ok(ExitCode::from(2));
     }
     let items = match &args.items {

@@ -1,6 +1,7 @@
 //! `archscale export CHECKPOINT --format hf --out DIR`: safetensors with ArchScale's
-//! parameter names plus a lit-gpt `config.json` (fields documented in
-//! `archscale_runtime::eval::export`).
+//! parameter names, a lit-gpt `config.json` (fields documented in
+//! `archscale_runtime::eval::export`) and `verify.json` (what the weights must compute,
+//! for bench/export/check_export.py).
 
 use archscale_runtime::eval::export::{export_hf, ExportDtype};
 use archscale_runtime::eval::load_model;

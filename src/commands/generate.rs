@@ -1,6 +1,7 @@
 //! `archscale generate CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T]
 //! [--top-p P] [--seed S]`: the same decoder and sampler the evals use. Temperature 0 is
-//! greedy. Models of the synthetic corpus read and print token ids.
+//! greedy. Models of the synthetic id corpus read and print token ids; models of the
+//! synthetic text corpus read and print text (byte tokens).
 
 use archscale_runtime::eval::sampling::generate;
 use archscale_runtime::eval::{
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 pub struct Args {
     /// A checkpoint directory or a run directory (its newest checkpoint).
     pub checkpoint: PathBuf,
-    /// Prompt text (token ids separated by spaces for models of the synthetic corpus).
+    /// Prompt text (token ids separated by spaces for models of the synthetic id corpus).
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value_t = 64)]
@@ -28,7 +29,7 @@ pub struct Args {
     pub top_p: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// auto, gpt2, ids, or a path to a tokenizer.json.
+    /// auto, gpt2, bytes, ids, or a path to a tokenizer.json.
     #[arg(long, default_value = "auto")]
     pub tokenizer: String,
     /// Keep generating past the end-of-text token.

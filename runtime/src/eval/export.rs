@@ -22,7 +22,15 @@
 //! `intermediate_size`, `vocab_size`, `padded_vocab_size`, `_norm_class`, `norm_eps`,
 //! `bias`, `attn_bias`, `attn_out_bias`); `layers` (each block's mixer); `run_name`,
 //! `train_name` (ArchScale's `eval.py` infers flags from the checkpoint path, so keep the
-//! files under a directory of that name); `dtype`; `step`, `tokens`.
+//! files under a directory of that name); `dtype`; `step`, `tokens`; and, for loaders
+//! other than lit-gpt, `blocks` (the plan's layers: mixer kind, window, RoPE, K/V and
+//! memory sources, differential attention), `mamba` (sizes), `rope_base` and `multipliers`
+//! (`logit_scale`, `residual_scale`, `attn_scale` as the forward applies them).
+//!
+//! `verify.json` holds what the exported values must compute: two seeded token rows, and
+//! this build's CPU decoder's log-probability of each next token and full log-softmax rows
+//! at three positions. `bench/export/check_export.py` rebuilds the model in plain PyTorch
+//! from these files alone and compares.
 
 use super::decoder::{Decoder, Logits};
 use super::load::LoadedModel;
@@ -212,7 +220,7 @@ pub fn verification_json(model: &LoadedModel, params: &[Vec<f32>]) -> Result<Val
         "full_vocab_ids": vocab_ids,
         "full_logprobs": full,
         "mean_loss": total / count as f64,
-        "tolerance": 2e-3,
+        "tolerance": 5e-4,
     }))
 }
 
