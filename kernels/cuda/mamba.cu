@@ -8,10 +8,11 @@
 #define CONV_RUN 64        // rows walked by one warp in the conv backward
 #define SCAN_N 16          // d_state (Mamba-1's N = 16; the wrapper checks it)
 #define SCAN_FWD_CH 64     // channels (threads) per forward block
-#define SCAN_L 16          // forward steps staged per chunk
+#define SCAN_L 8           // forward steps staged per chunk
 #define SCAN_CKPT 32       // state checkpoint interval (forward writes, backward reads)
 #define SCAN_SUB 16        // backward sub-chunk whose states sit in shared memory
-#define SCAN_BWD_CH 32     // channels (threads) per backward block
+#define SCAN_STAGE 8       // backward steps whose loads are issued together
+#define SCAN_BWD_CH 32     // channels (threads) per backward block (== SCAN_CKPT)
 #define SOFTPLUS_THRESHOLD 20.f
 #define LOG2E_F 1.4426950408889634f
 
@@ -20,9 +21,27 @@ __device__ __forceinline__ float ex2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
-__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
+// Branch-free fast forms (the scan calls them once per token and channel; libm's log1pf and
+// IEEE division take slow-path branches that stall the one warp each scheduler has).
+__device__ __forceinline__ float sigmoid_f(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
+// log(1 + e) for e in [0, 1]: a series below 1e-3, else log(w)·e/(w − 1) with w = 1 + e
+// (corrects the rounding of w).
+__device__ __forceinline__ float log1p_unit(float e) {
+    const float w = 1.f + e;
+    const float series = e * fmaf(e, fmaf(e, 1.f / 3.f, -0.5f), 1.f);
+    const float direct = __logf(w) * __fdividef(e, w - 1.f);
+    return e < 1e-3f ? series : direct;
+}
+// softplus(u) = max(u, 0) + log(1 + exp(−|u|)); u above 20 is returned as is (ArchScale).
 __device__ __forceinline__ float softplus_f(float u) {
-    return u > SOFTPLUS_THRESHOLD ? u : log1pf(__expf(u));
+    const float r = fmaxf(u, 0.f) + log1p_unit(__expf(-fabsf(u)));
+    return u > SOFTPLUS_THRESHOLD ? u : r;
+}
+// softplus'(pre) = sigmoid(pre) = 1 − exp(−dt) from dt = softplus(pre) (1 above 20).
+__device__ __forceinline__ float softplus_grad_from_dt(float dt) {
+    const float series = dt * fmaf(dt, fmaf(dt, 1.f / 6.f, -0.5f), 1.f);
+    const float direct = 1.f - __expf(-dt);
+    return dt > SOFTPLUS_THRESHOLD ? 1.f : (dt < 1e-3f ? series : direct);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -46,17 +65,18 @@ __device__ __forceinline__ float conv_pre(const bf16* __restrict__ x, int sx, co
 }
 
 // y[r, c] = bf16(silu(bias[c] + Σ_j w[c, j]·x[r − 3 + j, c])), w: [D, 4] fp32.
+// Grid: (ceil(D / blockDim), row blocks); each block strides over rows.
 extern "C" __global__ void conv1d_silu_fwd(const bf16* __restrict__ x, int sx, const float* __restrict__ w,
                                            const float* __restrict__ bias, const int* __restrict__ seg,
                                            bf16* __restrict__ y, int sy, int rows, int T, int D) {
-    const long long n = (long long)rows * D;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const int r = (int)(i / D), c = (int)(i - (long long)r * D);
-        float wc[CONV_K];
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= D) return;
+    float wc[CONV_K];
 #pragma unroll
-        for (int j = 0; j < CONV_K; ++j) wc[j] = w[c * CONV_K + j];
-        const float u = conv_pre(x, sx, wc, bias[c], r, c, conv_first_tap(seg, r, T));
+    for (int j = 0; j < CONV_K; ++j) wc[j] = w[c * CONV_K + j];
+    const float bc = bias[c];
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const float u = conv_pre(x, sx, wc, bc, r, c, conv_first_tap(seg, r, T));
         y[(size_t)r * sy + c] = tobf(u * sigmoid_f(u));
     }
 }
@@ -139,7 +159,9 @@ extern "C" __global__ void __launch_bounds__(256) conv1d_silu_bwd(
 // Selective scan forward. One thread per (row b, channel c) holding the 16 fp32 states; the
 // block walks T in chunks of SCAN_L steps: the next chunk's x / delta / z are prefetched into
 // registers and its B / C / reset flags into the other half of a double-buffered shared array
-// while the current chunk computes. Per step:
+// while the current chunk computes. The per-step scalars (softplus, gate) of a chunk are
+// computed together before the recurrence, and the recurrence has no branches, so the 16
+// state chains and the steps overlap. Per step:
 //   dt = softplus(delta + delta_bias); h = exp(dt·A)·h + dt·B·x; y = C·h + D·x;
 //   out = y·silu(z) (z may be null: out = y).
 // Optional outputs: y_out (pre-gate y, the GMU memory) and ckpt ([B][nck][N][D] fp32, the
@@ -150,7 +172,7 @@ extern "C" __global__ void __launch_bounds__(SCAN_FWD_CH) selective_scan_fwd(
     const float* __restrict__ a_log, const float* __restrict__ d_skip, const int* __restrict__ seg,
     bf16* __restrict__ out, int so, bf16* __restrict__ y_out, int sy, float* __restrict__ ckpt, int T, int D) {
     __shared__ float sBC[2][SCAN_L][2 * SCAN_N];
-    __shared__ int sReset[2][SCAN_L];
+    __shared__ float sKeep[2][SCAN_L];  // 0 at a row or document start (state reset), else 1
     constexpr int BC_PER_THREAD = SCAN_L * 2 * SCAN_N / SCAN_FWD_CH;
     const int tid = threadIdx.x, b = blockIdx.y;
     const int c = blockIdx.x * SCAN_FWD_CH + tid;
@@ -169,8 +191,8 @@ extern "C" __global__ void __launch_bounds__(SCAN_FWD_CH) selective_scan_fwd(
 
     bf16 px[SCAN_L], pd[SCAN_L], pz[SCAN_L];
     float pbc[BC_PER_THREAD];
-    int preset = 0;
-    // Loads chunk starting at t1 into the prefetch registers.
+    float pkeep = 1.f;
+    // Loads the chunk starting at t1 into the prefetch registers.
 #define SCAN_FWD_LOAD(t1)                                                                   \
     {                                                                                       \
         _Pragma("unroll") for (int i = 0; i < SCAN_L; ++i) {                                \
@@ -192,7 +214,7 @@ extern "C" __global__ void __launch_bounds__(SCAN_FWD_CH) selective_scan_fwd(
         }                                                                                   \
         if (tid < SCAN_L) {                                                                 \
             const int t = (t1) + tid;                                                       \
-            preset = t < T && (t == 0 || (seg != nullptr && seg[row0 + t] == t));           \
+            pkeep = (t < T && (t == 0 || (seg != nullptr && seg[row0 + t] == t))) ? 0.f : 1.f; \
         }                                                                                   \
     }
 #define SCAN_FWD_STORE_BC(buf)                                                              \
@@ -201,7 +223,7 @@ extern "C" __global__ void __launch_bounds__(SCAN_FWD_CH) selective_scan_fwd(
             const int e = tid + q * SCAN_FWD_CH;                                            \
             sBC[buf][e >> 5][e & 31] = pbc[q];                                              \
         }                                                                                   \
-        if (tid < SCAN_L) sReset[buf][tid] = preset;                                        \
+        if (tid < SCAN_L) sKeep[buf][tid] = pkeep;                                          \
     }
 
     SCAN_FWD_LOAD(0);
@@ -210,12 +232,22 @@ extern "C" __global__ void __launch_bounds__(SCAN_FWD_CH) selective_scan_fwd(
     const int nchunks = (T + SCAN_L - 1) / SCAN_L;
     for (int ch = 0; ch < nchunks; ++ch) {
         const int buf = ch & 1, t0 = ch * SCAN_L;
-        bf16 cx[SCAN_L], cd[SCAN_L], cz[SCAN_L];
+        // Steps past T get dt = 0 and x = 0: the state passes through unchanged.
+        float dtl[SCAN_L], dtx[SCAN_L], xs[SCAN_L], gate[SCAN_L];
 #pragma unroll
         for (int i = 0; i < SCAN_L; ++i) {
-            cx[i] = px[i];
-            cd[i] = pd[i];
-            cz[i] = pz[i];
+            const bool ok = t0 + i < T;
+            const float xv = ok ? bf(px[i]) : 0.f;
+            const float dt = ok ? softplus_f(bf(pd[i]) + bias) : 0.f;
+            dtl[i] = dt * LOG2E_F;
+            dtx[i] = dt * xv;
+            xs[i] = xv;
+            float gv = 1.f;
+            if (z != nullptr) {
+                const float zv = bf(pz[i]);
+                gv = zv * sigmoid_f(zv);
+            }
+            gate[i] = gv;
         }
         const bool more = t0 + SCAN_L < T;
         if (more) SCAN_FWD_LOAD(t0 + SCAN_L);
@@ -226,32 +258,18 @@ extern "C" __global__ void __launch_bounds__(SCAN_FWD_CH) selective_scan_fwd(
         }
 #pragma unroll
         for (int i = 0; i < SCAN_L; ++i) {
-            const int t = t0 + i;
-            if (t < T) {
-                if (sReset[buf][i]) {
+            const float keep = sKeep[buf][i];
+            float ya[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-                    for (int k = 0; k < SCAN_N; ++k) h[k] = 0.f;
-                }
-                const float xv = bf(cx[i]);
-                const float dt = softplus_f(bf(cd[i]) + bias);
-                const float dtl = dt * LOG2E_F, dtx = dt * xv;
-                float yv = 0.f;
-#pragma unroll
-                for (int k = 0; k < SCAN_N; ++k) {
-                    h[k] = fmaf(ex2(dtl * A[k]), h[k], __fmul_rn(dtx, sBC[buf][i][k]));
-                    yv = fmaf(sBC[buf][i][SCAN_N + k], h[k], yv);
-                }
-                yv = fmaf(dsk, xv, yv);
-                if (active) {
-                    const size_t r = row0 + t;
-                    if (y_out != nullptr) y_out[r * sy + c] = tobf(yv);
-                    float o = yv;
-                    if (z != nullptr) {
-                        const float zv = bf(cz[i]);
-                        o = yv * zv * sigmoid_f(zv);
-                    }
-                    out[r * so + c] = tobf(o);
-                }
+            for (int k = 0; k < SCAN_N; ++k) {
+                h[k] = fmaf(ex2(dtl[i] * A[k]) * keep, h[k], __fmul_rn(dtx[i], sBC[buf][i][k]));
+                ya[k & 3] = fmaf(sBC[buf][i][SCAN_N + k], h[k], ya[k & 3]);
+            }
+            const float yv = fmaf(dsk, xs[i], (ya[0] + ya[1]) + (ya[2] + ya[3]));
+            if (active && t0 + i < T) {
+                const size_t r = row0 + t0 + i;
+                if (y_out != nullptr) y_out[r * sy + c] = tobf(yv);
+                out[r * so + c] = tobf(yv * gate[i]);
             }
         }
         if (more) SCAN_FWD_STORE_BC(buf ^ 1);
@@ -261,29 +279,39 @@ extern "C" __global__ void __launch_bounds__(SCAN_FWD_CH) selective_scan_fwd(
 #undef SCAN_FWD_STORE_BC
 }
 
+// One level of the warp transpose-reduction: lanes with bit W set keep the upper half of
+// their W·2 values and send the lower half to lane ^ W, which does the opposite.
+template <int W>
+__device__ __forceinline__ void transpose_reduce_level(float (&v)[32], int lane) {
+    const bool upper = (lane & W) != 0;
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+        const float lo = v[i], hi = v[i + W];
+        const float send = upper ? lo : hi;
+        const float keep = upper ? hi : lo;
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, W);
+    }
+}
+
 // Sum over the warp of each of 32 values; lane l returns the sum of v[l] (31 shuffles).
 __device__ __forceinline__ float transpose_reduce32(float (&v)[32], int lane) {
-#pragma unroll
-    for (int w = 16; w >= 1; w >>= 1) {
-        const bool upper = (lane & w) != 0;
-#pragma unroll
-        for (int i = 0; i < w; ++i) {
-            const float send = upper ? v[i] : v[i + w];
-            const float keep = upper ? v[i + w] : v[i];
-            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, w);
-        }
-    }
+    transpose_reduce_level<16>(v, lane);
+    transpose_reduce_level<8>(v, lane);
+    transpose_reduce_level<4>(v, lane);
+    transpose_reduce_level<2>(v, lane);
+    transpose_reduce_level<1>(v, lane);
     return v[0];
 }
 
 // Selective scan backward (reverse-mode of selective_scan_fwd, selective_scan_ref semantics).
 // One warp per block, one thread per (row b, channel c). T is walked backwards in intervals of
-// SCAN_CKPT steps; for each interval the inputs are staged in shared memory, the states are
-// recomputed from the forward checkpoint (the first SCAN_SUB steps once more to reach the
-// second sub-chunk), each sub-chunk's states are kept in shared memory and the adjoint
-// λ = ∂L/∂h runs backwards over them. Writes dx, ddelta (pre-softplus), dz (bf16); adds
-// into dbc_acc ([rows, 32] fp32: dB then dC; one coalesced atomic per warp and step),
-// da_log, dd_skip, ddelta_bias (fp32). dy_extra (may be null) is a gradient on the pre-gate y.
+// SCAN_CKPT steps; for each interval the inputs are staged in shared memory (all loads of a
+// half-interval issued together), the states are recomputed from the forward checkpoint (the
+// first SCAN_SUB steps once more to reach the second sub-chunk), each sub-chunk's states are
+// kept in shared memory and the adjoint λ = ∂L/∂h runs backwards over them. Steps past T are
+// staged as zeros (dt = 0: no-ops). Writes dx, ddelta (pre-softplus), dz (bf16); adds into
+// dbc_acc ([rows, 32] fp32: dB then dC; one coalesced atomic per warp and step), da_log,
+// dd_skip, ddelta_bias (fp32). dy_extra (may be null) is a gradient on the pre-gate y.
 extern "C" __global__ void __launch_bounds__(SCAN_BWD_CH) selective_scan_bwd(
     const bf16* __restrict__ x, int sx, const bf16* __restrict__ delta, int sd, const bf16* __restrict__ z, int sz,
     const bf16* __restrict__ Bm, const bf16* __restrict__ Cm, int sbc, const float* __restrict__ delta_bias,
@@ -297,12 +325,12 @@ extern "C" __global__ void __launch_bounds__(SCAN_BWD_CH) selective_scan_bwd(
     float(*sBC)[2 * SCAN_N] = reinterpret_cast<float(*)[2 * SCAN_N]>(smem + SCAN_SUB * SCAN_N * SCAN_BWD_CH);
     float* base = smem + SCAN_SUB * SCAN_N * SCAN_BWD_CH + SCAN_CKPT * 2 * SCAN_N;
     // Staged per step: x, dt = softplus(delta + bias), ḡ = dout·silu(z) + dy_extra (the
-    // gradient on y) and dz / y = dout·silu'(z).
+    // gradient on y) and dz / y = dout·silu'(z); keep = 0 at a state reset, else 1.
     float(*sX)[SCAN_BWD_CH] = reinterpret_cast<float(*)[SCAN_BWD_CH]>(base);
     float(*sDt)[SCAN_BWD_CH] = reinterpret_cast<float(*)[SCAN_BWD_CH]>(base + 1 * SCAN_CKPT * SCAN_BWD_CH);
     float(*sG)[SCAN_BWD_CH] = reinterpret_cast<float(*)[SCAN_BWD_CH]>(base + 2 * SCAN_CKPT * SCAN_BWD_CH);
     float(*sZ)[SCAN_BWD_CH] = reinterpret_cast<float(*)[SCAN_BWD_CH]>(base + 3 * SCAN_CKPT * SCAN_BWD_CH);
-    int* sReset = reinterpret_cast<int*>(base + 4 * SCAN_CKPT * SCAN_BWD_CH);
+    float* sKeep = base + 4 * SCAN_CKPT * SCAN_BWD_CH;
 
     const int lane = threadIdx.x, b = blockIdx.y;
     const int c = blockIdx.x * SCAN_BWD_CH + lane;
@@ -323,109 +351,119 @@ extern "C" __global__ void __launch_bounds__(SCAN_BWD_CH) selective_scan_bwd(
     for (int j = nck - 1; j >= 0; --j) {
         const int t0 = j * SCAN_CKPT, n = min(SCAN_CKPT, T - t0);
         __syncthreads();
-#pragma unroll 8
-        for (int i = 0; i < n; ++i) {
-            const size_t r = row0 + t0 + i;
-            sX[i][lane] = bf(x[r * sx + cc]);
-            sDt[i][lane] = softplus_f(bf(delta[r * sd + cc]) + bias);
-            const float g = bf(dout[r * sdo + cc]);
-            float gbar = g, dzc = 0.f;
-            if (z != nullptr) {
-                const float zv = bf(z[r * sz + cc]), sg = sigmoid_f(zv);
-                gbar = g * zv * sg;
-                dzc = g * sg * (1.f + zv * (1.f - sg));
+#pragma unroll
+        for (int half = 0; half < SCAN_CKPT / SCAN_STAGE; ++half) {
+            float lx[SCAN_STAGE], ld[SCAN_STAGE], lg[SCAN_STAGE], lz[SCAN_STAGE], le[SCAN_STAGE], lbc[SCAN_STAGE];
+#pragma unroll
+            for (int q = 0; q < SCAN_STAGE; ++q) {
+                const int i = half * SCAN_STAGE + q;
+                const size_t r = row0 + t0 + (i < n ? i : 0);
+                lx[q] = bf(x[r * sx + cc]);
+                ld[q] = bf(delta[r * sd + cc]);
+                lg[q] = bf(dout[r * sdo + cc]);
+                lz[q] = z ? bf(z[r * sz + cc]) : 0.f;
+                le[q] = dy_extra ? bf(dy_extra[r * sde + cc]) : 0.f;
+                lbc[q] = lane < SCAN_N ? bf(Bm[r * sbc + lane]) : bf(Cm[r * sbc + lane - SCAN_N]);
             }
-            if (dy_extra != nullptr) gbar += bf(dy_extra[r * sde + cc]);
-            sG[i][lane] = gbar;
-            sZ[i][lane] = dzc;
-        }
-#pragma unroll 8
-        for (int i = 0; i < n; ++i) {
-            const size_t r = row0 + t0 + i;
-            sBC[i][lane] = lane < SCAN_N ? bf(Bm[r * sbc + lane]) : bf(Cm[r * sbc + lane - SCAN_N]);
-        }
-        for (int i = lane; i < n; i += SCAN_BWD_CH) {
-            const int t = t0 + i;
-            sReset[i] = t == 0 || (seg != nullptr && seg[row0 + t] == t);
+#pragma unroll
+            for (int q = 0; q < SCAN_STAGE; ++q) {
+                const int i = half * SCAN_STAGE + q;
+                const bool ok = i < n;
+                float gbar = lg[q], dzc = 0.f;
+                if (z != nullptr) {
+                    const float sg = sigmoid_f(lz[q]);
+                    gbar = lg[q] * lz[q] * sg;
+                    dzc = lg[q] * sg * (1.f + lz[q] * (1.f - sg));
+                }
+                gbar += le[q];
+                sX[i][lane] = ok ? lx[q] : 0.f;
+                sDt[i][lane] = ok ? softplus_f(ld[q] + bias) : 0.f;
+                sG[i][lane] = ok ? gbar : 0.f;
+                sZ[i][lane] = ok ? dzc : 0.f;
+                sBC[i][lane] = ok ? lbc[q] : 0.f;
+            }
         }
         {
+            const int t = t0 + lane;  // SCAN_CKPT == SCAN_BWD_CH: one flag per lane
+            sKeep[lane] = (lane < n && (t == 0 || (seg != nullptr && seg[row0 + t] == t))) ? 0.f : 1.f;
             const float* src = ckpt + ((size_t)(b * nck + j) * SCAN_N) * D + cc;
 #pragma unroll
             for (int k = 0; k < SCAN_N; ++k) hck[k] = src[(size_t)k * D];
         }
         __syncthreads();
 
-        // Forward step i of the interval on h (states after step i).
-#define SCAN_BWD_STEP(i)                                                                    \
+        // Recomputes the states of steps i0 .. i0 + SCAN_SUB − 1 on h (optionally storing them).
+#define SCAN_BWD_RECOMPUTE(i0, STORE)                                                       \
     {                                                                                       \
-        if (sReset[i]) {                                                                    \
-            _Pragma("unroll") for (int k = 0; k < SCAN_N; ++k) h[k] = 0.f;                  \
+        _Pragma("unroll") for (int q = 0; q < SCAN_SUB; ++q) {                              \
+            const int i = (i0) + q;                                                         \
+            const float keep_ = sKeep[i], dt_ = sDt[i][lane];                               \
+            const float dtl_ = dt_ * LOG2E_F, dtx_ = dt_ * sX[i][lane];                     \
+            _Pragma("unroll") for (int k = 0; k < SCAN_N; ++k) {                            \
+                h[k] = fmaf(ex2(dtl_ * A[k]) * keep_, h[k], __fmul_rn(dtx_, sBC[i][k]));    \
+                if (STORE) sH[q][k][lane] = h[k];                                           \
+            }                                                                               \
         }                                                                                   \
-        const float dt_ = sDt[i][lane];                                                     \
-        const float dtl_ = dt_ * LOG2E_F, dtx_ = dt_ * sX[i][lane];                         \
-        _Pragma("unroll") for (int k = 0; k < SCAN_N; ++k)                                  \
-            h[k] = fmaf(ex2(dtl_ * A[k]), h[k], __fmul_rn(dtx_, sBC[i][k]));                \
     }
 
         const int nsub = (n + SCAN_SUB - 1) / SCAN_SUB;
         if (nsub > 1) {
 #pragma unroll
             for (int k = 0; k < SCAN_N; ++k) h[k] = hck[k];
-            for (int i = 0; i < SCAN_SUB; ++i) SCAN_BWD_STEP(i);
+            SCAN_BWD_RECOMPUTE(0, false);
         }
         for (int s = nsub - 1; s >= 0; --s) {
-            const int i0 = s * SCAN_SUB, i1 = min(i0 + SCAN_SUB, n);
+            const int i0 = s * SCAN_SUB;
             if (s == 0) {
 #pragma unroll
                 for (int k = 0; k < SCAN_N; ++k) h[k] = hck[k];
             }
-            for (int i = i0; i < i1; ++i) {
-                SCAN_BWD_STEP(i);
+            SCAN_BWD_RECOMPUTE(i0, true);
 #pragma unroll
-                for (int k = 0; k < SCAN_N; ++k) sH[i - i0][k][lane] = h[k];
-            }
-            for (int i = i1 - 1; i >= i0; --i) {
-                const int il = i - i0;
-                const float xv = sX[i][lane], dt = sDt[i][lane], gbar = sG[i][lane];
-                const bool reset = sReset[i] != 0;
+            for (int q = SCAN_SUB - 1; q >= 0; --q) {
+                const int i = i0 + q;
+                const float xv = sX[i][lane], dt = sDt[i][lane], gbar = sG[i][lane], keep = sKeep[i];
                 const float dtl = dt * LOG2E_F, dtx = dt * xv;
                 dD = fmaf(gbar, xv, dD);
-                float dxv = gbar * dsk, ddt = 0.f;
+                float dxa[2] = {gbar * dsk, 0.f}, dda[2] = {0.f, 0.f}, ya[2] = {dsk * xv, 0.f};
                 float v[32];
 #pragma unroll
                 for (int k = 0; k < SCAN_N; ++k) {
-                    const float hk = sH[il][k][lane], Bk = sBC[i][k], Ck = sBC[i][SCAN_N + k];
+                    const float hk = sH[q][k][lane], Bk = sBC[i][k], Ck = sBC[i][SCAN_N + k];
+                    ya[k & 1] = fmaf(Ck, hk, ya[k & 1]);
                     v[SCAN_N + k] = gbar * hk;
                     lam[k] = fmaf(gbar, Ck, lam[k]);
                     const float hp = hk - __fmul_rn(dtx, Bk);  // exp(dt·A)·h_{t−1}
-                    dxv = fmaf(lam[k] * dt, Bk, dxv);
-                    ddt = fmaf(lam[k], fmaf(A[k], hp, Bk * xv), ddt);
+                    dxa[k & 1] = fmaf(lam[k] * dt, Bk, dxa[k & 1]);
+                    dda[k & 1] = fmaf(lam[k], fmaf(A[k], hp, Bk * xv), dda[k & 1]);
                     dA[k] = fmaf(lam[k] * dt, hp, dA[k]);
                     v[k] = lam[k] * dtx;
-                    lam[k] = reset ? 0.f : lam[k] * ex2(dtl * A[k]);
+                    lam[k] *= ex2(dtl * A[k]) * keep;
                 }
-                // softplus'(pre) = sigmoid(pre) = 1 − exp(−dt); dt > 20 exactly when pre > 20.
-                const float dpre = dt > SOFTPLUS_THRESHOLD ? ddt : ddt * -expm1f(-dt);
+                const float ddt = dda[0] + dda[1];
+                // dt > 20 exactly when pre > 20 (softplus(20) rounds to 20).
+                const float dpre = ddt * softplus_grad_from_dt(dt);
                 dBias += dpre;
+                const bool ok = i < n;
                 const size_t r = row0 + t0 + i;
-                if (active) {
-                    dx[r * sdx + c] = tobf(dxv);
+                if (active && ok) {
+                    dx[r * sdx + c] = tobf(dxa[0] + dxa[1]);
                     ddelta[r * sdd + c] = tobf(dpre);
-                    if (dz != nullptr) {
-                        float yv = dsk * xv;
+                    if (dz != nullptr) dz[r * sdz + c] = tobf(sZ[i][lane] * (ya[0] + ya[1]));
+                }
+                if (!active) {
 #pragma unroll
-                        for (int k = 0; k < SCAN_N; ++k) yv = fmaf(sBC[i][SCAN_N + k], sH[il][k][lane], yv);
-                        dz[r * sdz + c] = tobf(sZ[i][lane] * yv);
-                    }
-                } else {
-#pragma unroll
-                    for (int q = 0; q < 32; ++q) v[q] = 0.f;
+                    for (int k = 0; k < 32; ++k) v[k] = 0.f;
                 }
                 const float sum = transpose_reduce32(v, lane);
-                atomicAdd(dbc_acc + r * 32 + lane, sum);
+#ifndef SCAN_NO_ATOMICS
+                if (ok) atomicAdd(dbc_acc + r * 32 + lane, sum);
+#else
+                if (ok && sum == 12345.f) dbc_acc[r * 32 + lane] = sum;  // timing experiment only
+#endif
             }
         }
-#undef SCAN_BWD_STEP
+#undef SCAN_BWD_RECOMPUTE
     }
     if (active) {
 #pragma unroll

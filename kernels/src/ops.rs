@@ -780,8 +780,17 @@ impl HybridOps {
             .i32(i32_of("rows", rows)?)
             .i32(i32_of("seq", seq)?)
             .i32(i32_of("d", d)?);
-        self.gpu
-            .launch(self.conv_fwd, self.ew(rows * d), (256, 1, 1), 0, &a)
+        let col_blocks = d.div_ceil(128);
+        let row_blocks = rows
+            .min((self.gpu.sm_count.max(1) as usize * 16).div_ceil(col_blocks))
+            .clamp(1, 65535);
+        self.gpu.launch(
+            self.conv_fwd,
+            (col_blocks as u32, row_blocks as u32, 1),
+            (128, 1, 1),
+            0,
+            &a,
+        )
     }
 
     /// Backward of [`Self::conv1d_silu_fwd`] from `dy` (the SiLU output's gradient): writes

@@ -946,6 +946,11 @@ pub(super) fn bench_scan(env: &mut Env) -> R<Vec<String>> {
         a_log: galp,
         d_skip: gdsp,
     };
+    // The causal conv + SiLU that feeds the scan, same shape (x inside in_proj's output).
+    let convw = env.f32_buf(&vec![0.25; d * 4])?;
+    let convb = env.f32_buf(&zeros_d)?;
+    let convy = env.poisoned(rows * d * 2)?;
+    let (cdw, cdb) = (env.f32_buf(&vec![0.0; d * 4])?, env.f32_buf(&zeros_d)?);
     let hyo = hy(env)?;
     let fwd = || hyo.selective_scan_fwd(&ks, &t, Rows::new(outp, d), None, Some(ckp));
     let bwd = || hyo.selective_scan_bwd(&ks, &t, ckp, Rows::new(doutp, d), None, &g, accp);
@@ -964,6 +969,35 @@ pub(super) fn bench_scan(env: &mut Env) -> R<Vec<String>> {
     };
     let fwd_ms = time(&fwd)?;
     let bwd_ms = time(&bwd)?;
+    let conv_fwd = || {
+        hyo.conv1d_silu_fwd(
+            Rows::new(xzp, 2 * d),
+            convw,
+            convb,
+            None,
+            Rows::new(convy, d),
+            batch,
+            seq,
+            d,
+        )
+    };
+    let conv_bwd = || {
+        hyo.conv1d_silu_bwd(
+            Rows::new(xzp, 2 * d),
+            convw,
+            convb,
+            None,
+            Rows::new(doutp, d),
+            Rows::new(dxzp, 2 * d),
+            cdw,
+            cdb,
+            batch,
+            seq,
+            d,
+        )
+    };
+    let conv_fwd_ms = time(&conv_fwd)?;
+    let conv_bwd_ms = time(&conv_bwd)?;
     let out_all = env.read_bf16(outp, 1 << 20)?;
     let finite = out_all.iter().all(|v| v.is_finite());
 
@@ -998,6 +1032,9 @@ pub(super) fn bench_scan(env: &mut Env) -> R<Vec<String>> {
             bwd_min,
             ckpt_bytes + (rows * 2 * n * 4 * 2) as f64,
         ),
+        // conv fwd reads x, writes y; bwd reads x, dy, writes dx (bf16).
+        line("conv1d+silu fwd", conv_fwd_ms, 2.0 * 2.0 * td, 0.0),
+        line("conv1d+silu bwd", conv_bwd_ms, 3.0 * 2.0 * td, 0.0),
     ])
 }
 
