@@ -94,9 +94,9 @@ pub enum ShardMode {
     Zero3,
 }
 
-/// ZeRO-3 working buffers: the embedding unit stays gathered for a whole micro-step (the
-/// tied head reads it at the end of the forward and the start of the backward); every
-/// other unit takes its turn in one shared slot.
+/// ZeRO-3 working buffers: a tied embedding's unit stays gathered for a whole micro-step (the
+/// head reads it at the end of the forward and the start of the backward); every other unit
+/// takes its turn in one shared slot.
 struct Zero3Slots {
     embed_unit: Option<usize>,
     e_f32: DeviceBuffer,
@@ -462,16 +462,14 @@ impl CudaBackend {
         }
         let hyper = alloc(8 * F32 * plan.optimizer.groups.len().max(1))?;
         let zero3 = if mode == ShardMode::Zero3 {
-            let embed_unit = Some(
-                layout.unit_of_param[plan
-                    .params
-                    .iter()
-                    .position(|p| {
-                    p.name == "transformer.wte.weight"
-                        || p.aliases.iter().any(|a| a == "transformer.wte.weight")
-                })
-                    .ok_or_else(|| err("CUDA backend: no transformer.wte.weight"))?],
-            );
+            // A tied embedding is needed at both ends of the step: give its unit a slot of
+            // its own. An untied one is read only by the embedding forward and written only
+            // by the embedding backward, so it takes its turn in the shared slot.
+            let embed_unit = if tied {
+                Some(layout.unit_of_offset(wte))
+            } else {
+                None
+            };
             let e_len = embed_unit.map_or(64, |u| layout.units[u].len);
             let l_len = layout
                 .units
@@ -1097,9 +1095,6 @@ impl CudaBackend {
         if u_head != u_norm {
             self.grads_begin(u_head)?;
         }
-        if u_embed != u_norm && u_embed != u_head {
-            self.grads_begin(u_embed)?;
-        }
         // head: dW_head += dlogitsᵀ·hf; dhf = dlogits·W_head
         self.mark("gemm head dW")?;
         lt.linear_grad_weight(
@@ -1345,6 +1340,10 @@ impl CudaBackend {
                 true,
             )?;
             self.grads_done(u_layer)?;
+        }
+        if u_embed != u_norm && u_embed != u_head {
+            // untied: only the embedding backward writes this unit's gradient
+            self.grads_begin(u_embed)?;
         }
         self.mark("embedding bwd")?;
         ops.embedding_bwd(self.tokens.ptr, self.dres.ptr, self.g32(self.wte), rows, n)?;
