@@ -6,6 +6,7 @@
 
 #define CONV_K 4
 #define CONV_RUN 64        // rows walked by one warp in the conv backward
+#define CONV_ROWS 8        // rows per thread in the conv forward
 #define SCAN_N 16          // d_state (Mamba-1's N = 16; the wrapper checks it)
 #define SCAN_FWD_CH 64     // channels (threads) per forward block
 #define SCAN_L 8           // forward steps staged per chunk
@@ -65,7 +66,8 @@ __device__ __forceinline__ float conv_pre(const bf16* __restrict__ x, int sx, co
 }
 
 // y[r, c] = bf16(silu(bias[c] + Σ_j w[c, j]·x[r − 3 + j, c])), w: [D, 4] fp32.
-// Grid: (ceil(D / blockDim), row blocks); each block strides over rows.
+// Grid: (ceil(D / blockDim), row-group blocks); a thread computes CONV_ROWS consecutive rows
+// of its channel from CONV_ROWS + 3 loads issued together.
 extern "C" __global__ void conv1d_silu_fwd(const bf16* __restrict__ x, int sx, const float* __restrict__ w,
                                            const float* __restrict__ bias, const int* __restrict__ seg,
                                            bf16* __restrict__ y, int sy, int rows, int T, int D) {
@@ -75,9 +77,27 @@ extern "C" __global__ void conv1d_silu_fwd(const bf16* __restrict__ x, int sx, c
 #pragma unroll
     for (int j = 0; j < CONV_K; ++j) wc[j] = w[c * CONV_K + j];
     const float bc = bias[c];
-    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
-        const float u = conv_pre(x, sx, wc, bc, r, c, conv_first_tap(seg, r, T));
-        y[(size_t)r * sy + c] = tobf(u * sigmoid_f(u));
+    const int groups = (rows + CONV_ROWS - 1) / CONV_ROWS;
+    for (int gi = blockIdx.y; gi < groups; gi += gridDim.y) {
+        const int r0 = gi * CONV_ROWS;
+        float xv[CONV_ROWS + CONV_K - 1];
+#pragma unroll
+        for (int q = 0; q < CONV_ROWS + CONV_K - 1; ++q) {
+            const int r = r0 - (CONV_K - 1) + q;
+            xv[q] = (r >= 0 && r < rows) ? bf(x[(size_t)r * sx + c]) : 0.f;
+        }
+#pragma unroll
+        for (int q = 0; q < CONV_ROWS; ++q) {
+            const int r = r0 + q;
+            if (r < rows) {
+                const int lo = conv_first_tap(seg, r, T);
+                float u = bc;
+#pragma unroll
+                for (int j = 0; j < CONV_K; ++j)
+                    if (j >= lo) u = fmaf(wc[j], xv[q + j], u);
+                y[(size_t)r * sy + c] = tobf(u * sigmoid_f(u));
+            }
+        }
     }
 }
 
@@ -173,6 +193,11 @@ extern "C" __global__ void __launch_bounds__(SCAN_FWD_CH) selective_scan_fwd(
     bf16* __restrict__ out, int so, bf16* __restrict__ y_out, int sy, float* __restrict__ ckpt, int T, int D) {
     __shared__ float sBC[2][SCAN_L][2 * SCAN_N];
     __shared__ float sKeep[2][SCAN_L];  // 0 at a row or document start (state reset), else 1
+    // Per-thread columns: the chunk's raw x, delta, z, then its per-step scalars
+    // dt·log2(e), dt·x, x and the gate silu(z). Loops over steps stay rolled (small code: one
+    // warp per scheduler cannot hide instruction-fetch stalls of a large unrolled body).
+    __shared__ float sRaw[3][SCAN_L][SCAN_FWD_CH];
+    __shared__ float sStep[4][SCAN_L][SCAN_FWD_CH];
     constexpr int BC_PER_THREAD = SCAN_L * 2 * SCAN_N / SCAN_FWD_CH;
     const int tid = threadIdx.x, b = blockIdx.y;
     const int c = blockIdx.x * SCAN_FWD_CH + tid;
@@ -224,6 +249,11 @@ extern "C" __global__ void __launch_bounds__(SCAN_FWD_CH) selective_scan_fwd(
             sBC[buf][e >> 5][e & 31] = pbc[q];                                              \
         }                                                                                   \
         if (tid < SCAN_L) sKeep[buf][tid] = pkeep;                                          \
+        _Pragma("unroll") for (int i = 0; i < SCAN_L; ++i) {                                \
+            sRaw[0][i][tid] = bf(px[i]);                                                    \
+            sRaw[1][i][tid] = bf(pd[i]);                                                    \
+            sRaw[2][i][tid] = bf(pz[i]);                                                    \
+        }                                                                                   \
     }
 
     SCAN_FWD_LOAD(0);
@@ -233,21 +263,20 @@ extern "C" __global__ void __launch_bounds__(SCAN_FWD_CH) selective_scan_fwd(
     for (int ch = 0; ch < nchunks; ++ch) {
         const int buf = ch & 1, t0 = ch * SCAN_L;
         // Steps past T get dt = 0 and x = 0: the state passes through unchanged.
-        float dtl[SCAN_L], dtx[SCAN_L], xs[SCAN_L], gate[SCAN_L];
-#pragma unroll
+#pragma unroll 1
         for (int i = 0; i < SCAN_L; ++i) {
             const bool ok = t0 + i < T;
-            const float xv = ok ? bf(px[i]) : 0.f;
-            const float dt = ok ? softplus_f(bf(pd[i]) + bias) : 0.f;
-            dtl[i] = dt * LOG2E_F;
-            dtx[i] = dt * xv;
-            xs[i] = xv;
+            const float xv = ok ? sRaw[0][i][tid] : 0.f;
+            const float dt = ok ? softplus_f(sRaw[1][i][tid] + bias) : 0.f;
+            sStep[0][i][tid] = dt * LOG2E_F;
+            sStep[1][i][tid] = dt * xv;
+            sStep[2][i][tid] = xv;
             float gv = 1.f;
             if (z != nullptr) {
-                const float zv = bf(pz[i]);
+                const float zv = sRaw[2][i][tid];
                 gv = zv * sigmoid_f(zv);
             }
-            gate[i] = gv;
+            sStep[3][i][tid] = gv;
         }
         const bool more = t0 + SCAN_L < T;
         if (more) SCAN_FWD_LOAD(t0 + SCAN_L);
@@ -256,20 +285,20 @@ extern "C" __global__ void __launch_bounds__(SCAN_FWD_CH) selective_scan_fwd(
 #pragma unroll
             for (int k = 0; k < SCAN_N; ++k) dst[(size_t)k * D] = h[k];
         }
-#pragma unroll
+#pragma unroll 2
         for (int i = 0; i < SCAN_L; ++i) {
-            const float keep = sKeep[buf][i];
+            const float keep = sKeep[buf][i], dtl = sStep[0][i][tid], dtx = sStep[1][i][tid];
             float ya[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int k = 0; k < SCAN_N; ++k) {
-                h[k] = fmaf(ex2(dtl[i] * A[k]) * keep, h[k], __fmul_rn(dtx[i], sBC[buf][i][k]));
+                h[k] = fmaf(ex2(dtl * A[k]) * keep, h[k], __fmul_rn(dtx, sBC[buf][i][k]));
                 ya[k & 3] = fmaf(sBC[buf][i][SCAN_N + k], h[k], ya[k & 3]);
             }
-            const float yv = fmaf(dsk, xs[i], (ya[0] + ya[1]) + (ya[2] + ya[3]));
+            const float yv = fmaf(dsk, sStep[2][i][tid], (ya[0] + ya[1]) + (ya[2] + ya[3]));
             if (active && t0 + i < T) {
                 const size_t r = row0 + t0 + i;
                 if (y_out != nullptr) y_out[r * sy + c] = tobf(yv);
-                out[r * so + c] = tobf(yv * gate[i]);
+                out[r * so + c] = tobf(yv * sStep[3][i][tid]);
             }
         }
         if (more) SCAN_FWD_STORE_BC(buf ^ 1);
@@ -301,6 +330,14 @@ __device__ __forceinline__ float transpose_reduce32(float (&v)[32], int lane) {
     transpose_reduce_level<2>(v, lane);
     transpose_reduce_level<1>(v, lane);
     return v[0];
+}
+
+// One state update h = exp(dt·A)·keep·h + dt·x·B (bc = the step's B then C).
+__device__ __forceinline__ void scan_state_step(float (&h)[SCAN_N], const float (&A)[SCAN_N], float keep, float dt,
+                                                float xv, const float* bc) {
+    const float dtl = dt * LOG2E_F, dtx = dt * xv;
+#pragma unroll
+    for (int k = 0; k < SCAN_N; ++k) h[k] = fmaf(ex2(dtl * A[k]) * keep, h[k], __fmul_rn(dtx, bc[k]));
 }
 
 // Selective scan backward (reverse-mode of selective_scan_fwd, selective_scan_ref semantics).
@@ -351,7 +388,10 @@ extern "C" __global__ void __launch_bounds__(SCAN_BWD_CH) selective_scan_bwd(
     for (int j = nck - 1; j >= 0; --j) {
         const int t0 = j * SCAN_CKPT, n = min(SCAN_CKPT, T - t0);
         __syncthreads();
-#pragma unroll
+        // Raw inputs first (all loads of SCAN_STAGE steps issued together); dy_extra goes to
+        // the state buffer, free until the recompute below.
+        float* sE = &sH[0][0][0];
+#pragma unroll 1
         for (int half = 0; half < SCAN_CKPT / SCAN_STAGE; ++half) {
             float lx[SCAN_STAGE], ld[SCAN_STAGE], lg[SCAN_STAGE], lz[SCAN_STAGE], le[SCAN_STAGE], lbc[SCAN_STAGE];
 #pragma unroll
@@ -368,20 +408,30 @@ extern "C" __global__ void __launch_bounds__(SCAN_BWD_CH) selective_scan_bwd(
 #pragma unroll
             for (int q = 0; q < SCAN_STAGE; ++q) {
                 const int i = half * SCAN_STAGE + q;
-                const bool ok = i < n;
-                float gbar = lg[q], dzc = 0.f;
-                if (z != nullptr) {
-                    const float sg = sigmoid_f(lz[q]);
-                    gbar = lg[q] * lz[q] * sg;
-                    dzc = lg[q] * sg * (1.f + lz[q] * (1.f - sg));
-                }
-                gbar += le[q];
-                sX[i][lane] = ok ? lx[q] : 0.f;
-                sDt[i][lane] = ok ? softplus_f(ld[q] + bias) : 0.f;
-                sG[i][lane] = ok ? gbar : 0.f;
-                sZ[i][lane] = ok ? dzc : 0.f;
-                sBC[i][lane] = ok ? lbc[q] : 0.f;
+                sX[i][lane] = lx[q];
+                sDt[i][lane] = ld[q];
+                sG[i][lane] = lg[q];
+                sZ[i][lane] = lz[q];
+                sE[i * SCAN_BWD_CH + lane] = le[q];
+                sBC[i][lane] = i < n ? lbc[q] : 0.f;
             }
+        }
+        // In place, own column: dt, ḡ, dz / y; zeros past n (those steps become no-ops).
+#pragma unroll 1
+        for (int i = 0; i < SCAN_CKPT; ++i) {
+            const bool ok = i < n;
+            const float g = sG[i][lane], zv = sZ[i][lane];
+            float gbar = g, dzc = 0.f;
+            if (z != nullptr) {
+                const float sg = sigmoid_f(zv);
+                gbar = g * zv * sg;
+                dzc = g * sg * (1.f + zv * (1.f - sg));
+            }
+            gbar += sE[i * SCAN_BWD_CH + lane];
+            sX[i][lane] = ok ? sX[i][lane] : 0.f;
+            sDt[i][lane] = ok ? softplus_f(sDt[i][lane] + bias) : 0.f;
+            sG[i][lane] = ok ? gbar : 0.f;
+            sZ[i][lane] = ok ? dzc : 0.f;
         }
         {
             const int t = t0 + lane;  // SCAN_CKPT == SCAN_BWD_CH: one flag per lane
@@ -392,25 +442,12 @@ extern "C" __global__ void __launch_bounds__(SCAN_BWD_CH) selective_scan_bwd(
         }
         __syncthreads();
 
-        // Recomputes the states of steps i0 .. i0 + SCAN_SUB − 1 on h (optionally storing them).
-#define SCAN_BWD_RECOMPUTE(i0, STORE)                                                       \
-    {                                                                                       \
-        _Pragma("unroll") for (int q = 0; q < SCAN_SUB; ++q) {                              \
-            const int i = (i0) + q;                                                         \
-            const float keep_ = sKeep[i], dt_ = sDt[i][lane];                               \
-            const float dtl_ = dt_ * LOG2E_F, dtx_ = dt_ * sX[i][lane];                     \
-            _Pragma("unroll") for (int k = 0; k < SCAN_N; ++k) {                            \
-                h[k] = fmaf(ex2(dtl_ * A[k]) * keep_, h[k], __fmul_rn(dtx_, sBC[i][k]));    \
-                if (STORE) sH[q][k][lane] = h[k];                                           \
-            }                                                                               \
-        }                                                                                   \
-    }
-
         const int nsub = (n + SCAN_SUB - 1) / SCAN_SUB;
         if (nsub > 1) {
 #pragma unroll
             for (int k = 0; k < SCAN_N; ++k) h[k] = hck[k];
-            SCAN_BWD_RECOMPUTE(0, false);
+#pragma unroll 1
+            for (int i = 0; i < SCAN_SUB; ++i) scan_state_step(h, A, sKeep[i], sDt[i][lane], sX[i][lane], sBC[i]);
         }
         for (int s = nsub - 1; s >= 0; --s) {
             const int i0 = s * SCAN_SUB;
@@ -418,8 +455,14 @@ extern "C" __global__ void __launch_bounds__(SCAN_BWD_CH) selective_scan_bwd(
 #pragma unroll
                 for (int k = 0; k < SCAN_N; ++k) h[k] = hck[k];
             }
-            SCAN_BWD_RECOMPUTE(i0, true);
+#pragma unroll 1
+            for (int q = 0; q < SCAN_SUB; ++q) {
+                const int i = i0 + q;
+                scan_state_step(h, A, sKeep[i], sDt[i][lane], sX[i][lane], sBC[i]);
 #pragma unroll
+                for (int k = 0; k < SCAN_N; ++k) sH[q][k][lane] = h[k];
+            }
+#pragma unroll 1
             for (int q = SCAN_SUB - 1; q >= 0; --q) {
                 const int i = i0 + q;
                 const float xv = sX[i][lane], dt = sDt[i][lane], gbar = sG[i][lane], keep = sKeep[i];
@@ -463,7 +506,6 @@ extern "C" __global__ void __launch_bounds__(SCAN_BWD_CH) selective_scan_bwd(
 #endif
             }
         }
-#undef SCAN_BWD_RECOMPUTE
     }
     if (active) {
 #pragma unroll
