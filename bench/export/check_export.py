@@ -81,15 +81,18 @@ def layer_norm(x, w, b, eps):
 
 
 def rope_tables(seq, hs, base, device):
-    """cos/sin [seq, hs/2]: θ_i = base^(-2i/hs) and t·θ in float32, rounded to bf16."""
+    """cos/sin [seq, hs/2]: θ_i = base^(-2i/hs) and t·θ in float32, rounded to bf16.
+
+    Computed on the CPU (as archscale's tables are), so a GPU's float32 cos cannot move a
+    value across a bf16 rounding boundary; then moved to `device`."""
     half = hs // 2
-    i = torch.arange(half, dtype=torch.float32, device=device)
-    theta = 1.0 / (torch.tensor(base, dtype=torch.float32, device=device) ** (2 * i / hs))
-    t = torch.arange(seq, dtype=torch.float32, device=device)
+    i = torch.arange(half, dtype=torch.float32)
+    theta = 1.0 / (torch.tensor(base, dtype=torch.float32) ** (2 * i / hs))
+    t = torch.arange(seq, dtype=torch.float32)
     angle = t[:, None] * theta[None, :]
     cos = angle.cos().to(torch.bfloat16).to(torch.float64)
     sin = angle.sin().to(torch.bfloat16).to(torch.float64)
-    return cos, sin
+    return cos.to(device), sin.to(device)
 
 
 def rotate(x, cos, sin):
