@@ -223,8 +223,12 @@ pub fn save_sharded(
             sums.insert(file, hex_sha256(&bytes));
         }
     }
-    let json = serde_json::to_vec(&sums).map_err(|e| bad(format!("encoding checksums: {e}")))?;
-    write_synced(&partial.join(checksum_sidecar(shard.rank)), &json)?;
+    // replicas (hybrid shard's other nodes) hold no chunk of their own and write nothing
+    if !mine.is_empty() {
+        let json =
+            serde_json::to_vec(&sums).map_err(|e| bad(format!("encoding checksums: {e}")))?;
+        write_synced(&partial.join(checksum_sidecar(shard.rank)), &json)?;
+    }
     barrier()?;
     let mut out = None;
     if lead {
@@ -240,8 +244,8 @@ pub fn save_sharded(
         state.format = FORMAT_VERSION;
         state.optimizer_step = shard.step;
         state.sha256.clear();
-        let world = m.world;
-        for r in 0..world {
+        let writers: std::collections::BTreeSet<usize> = m.files.iter().map(|f| f.rank).collect();
+        for r in writers {
             let side = partial.join(checksum_sidecar(r));
             let text = fs::read(&side).map_err(io_err(format!("reading {}", side.display())))?;
             let part: BTreeMap<String, String> = serde_json::from_slice(&text)

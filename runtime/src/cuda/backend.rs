@@ -170,6 +170,11 @@ pub struct CudaBackend {
     prof: std::cell::RefCell<Option<Vec<(&'static str, archscale_kernels::gpu::Event)>>>,
     /// Data parallel: gradients are summed over ranks before the norm / optimizer step.
     comm: Option<Rc<NcclComm>>,
+    /// The ranks parameters, gradients and optimizer state are sharded over: `comm`, or
+    /// under hybrid shard the GPUs of this node.
+    shard_comm: Option<Rc<NcclComm>>,
+    /// Hybrid shard: this rank's counterparts on the other nodes (same chunk).
+    replica_comm: Option<NcclComm>,
     /// Gradient reductions run here, overlapped with the rest of the backward pass.
     comm_stream: Option<Arc<CudaStream>>,
     /// Reduce gradients during the next backward (the last micro-step of a step).
@@ -343,22 +348,31 @@ impl CudaBackend {
         let ops = Ops::new(gpu.clone())?;
         let lt = Lt::new(&gpu)?;
         let d = dims.clone();
-        let (world, rank) = comm.as_ref().map_or((1, 0), |c| (c.world, c.rank));
-        let mode = if world == 1 {
+        let global_world = comm.as_ref().map_or(1, |c| c.world);
+        let mode = if global_world == 1 {
             ShardMode::Replicated
         } else {
             match plan.layout.sharding {
                 Sharding::DataParallel => ShardMode::Replicated,
                 Sharding::Zero1 => ShardMode::Zero1,
                 Sharding::Zero3 => ShardMode::Zero3,
-                Sharding::HybridShard if plan.layout.nodes == 1 => ShardMode::Zero3,
-                Sharding::HybridShard => {
-                    return Err(err(
-                        "CUDA backend: hybrid shard across nodes (ZeRO-3 within a node, replicated across nodes) is not built yet; use sharding zero1 or zero3",
-                    ))
-                }
+                Sharding::HybridShard => ShardMode::Zero3,
             }
         };
+        // Hybrid shard (ArchScale's HYBRID_SHARD): ZeRO-3 over the GPUs of a node, each
+        // node a replica; gradients are reduce-scattered in the node, then all-reduced
+        // across nodes chunk by chunk.
+        let (shard_comm, replica_comm) = match &comm {
+            Some(c) if plan.layout.sharding == Sharding::HybridShard && plan.layout.nodes > 1 => {
+                let gpn = plan.layout.gpus_per_node;
+                let (node, local) = (c.rank / gpn, c.rank % gpn);
+                let intra = c.split(node, local, gpn)?;
+                let inter = c.split(local, node, plan.layout.nodes)?;
+                (Some(Rc::new(intra)), Some(inter))
+            }
+            other => (other.clone(), None),
+        };
+        let (world, rank) = shard_comm.as_ref().map_or((1, 0), |c| (c.world, c.rank));
         let shards = if mode == ShardMode::Replicated {
             1
         } else {
@@ -605,6 +619,8 @@ impl CudaBackend {
             norm_out,
             prof: std::cell::RefCell::new(None),
             comm,
+            shard_comm,
+            replica_comm,
             comm_stream,
             sync_grads: true,
             grads_reduced: Cell::new(false),
@@ -668,7 +684,7 @@ impl CudaBackend {
     /// Sums the accumulated gradients over ranks if the backward pass did not already
     /// (ZeRO-1: each rank ends with the sum of its own chunks).
     fn reduce_grads(&mut self) -> Result<()> {
-        let Some(comm) = &self.comm else {
+        let Some(comm) = &self.shard_comm else {
             return Ok(());
         };
         if self.grads_reduced.get() || self.mode == ShardMode::Zero3 {
@@ -758,7 +774,7 @@ impl CudaBackend {
     /// ZeRO-3: gathers unit `u`'s parameters into its slot (fp32, then a bf16 copy) unless
     /// they are there already. Other modes hold every parameter.
     fn gather_unit(&self, u: usize) -> Result<()> {
-        let (Some(_), Some(comm)) = (&self.zero3, &self.comm) else {
+        let (Some(_), Some(comm)) = (&self.zero3, &self.shard_comm) else {
             return Ok(());
         };
         let (f, b, _, cell) = self.slot(u);
@@ -802,6 +818,11 @@ impl CudaBackend {
         let chunk = self.layout.chunk_len(u);
         let base = g + (unit.start * F32) as u64;
         self.gpu.memset_zero(base, unit.len * F32)?;
+        // hybrid shard: every node holds the same sum so far; only node 0 contributes it
+        // to the cross-node all-reduce
+        if self.replica_comm.as_ref().is_some_and(|r| r.rank != 0) {
+            return Ok(());
+        }
         self.gpu.copy_d2d(
             base + (self.layout.rank * chunk * F32) as u64,
             self.grads.ptr + (unit.local_start * F32) as u64,
@@ -815,7 +836,7 @@ impl CudaBackend {
     /// the all-reduce / reduce-scatter of the unit on the communication stream, overlapped
     /// with the backward pass of the units before it.
     fn grads_done(&self, u: usize) -> Result<()> {
-        let Some(comm) = &self.comm else {
+        let Some(comm) = &self.shard_comm else {
             return Ok(());
         };
         let unit = &self.layout.units[u];
@@ -825,9 +846,13 @@ impl CudaBackend {
             let (_, _, g, _) = self.slot(u);
             let base = g + (unit.start * F32) as u64;
             comm.reduce_scatter_sum_f32(base, chunk, self.gpu.raw_stream() as u64)?;
+            let own = base + (self.layout.rank * chunk * F32) as u64;
+            if let Some(replicas) = &self.replica_comm {
+                replicas.all_reduce_sum_f32_on(own, chunk, self.gpu.raw_stream() as u64)?;
+            }
             self.gpu.copy_d2d(
                 self.grads.ptr + (unit.local_start * F32) as u64,
-                base + (self.layout.rank * chunk * F32) as u64,
+                own,
                 chunk * F32,
             )?;
             return Ok(());
@@ -1446,7 +1471,8 @@ impl Backend for CudaBackend {
         }
         let mut v: Vec<f64> = self.gpu.download_vec(self.norm_out.ptr, 1)?;
         if self.mode != ShardMode::Replicated {
-            if let Some(comm) = &self.comm {
+            // over the shard group only: hybrid-shard replicas hold the same chunks
+            if let Some(comm) = &self.shard_comm {
                 comm.all_reduce_host_f64(&mut v)?;
             }
         }
@@ -1518,7 +1544,7 @@ impl Backend for CudaBackend {
                 // every rank updated its chunks: gather them everywhere, refresh the bf16
                 // copy, and clear the other ranks' partial sums left in the gradients
                 let comm = self
-                    .comm
+                    .shard_comm
                     .as_ref()
                     .ok_or_else(|| err("ZeRO-1 without NCCL"))?;
                 self.mark("zero1 all-gather")?;

@@ -148,6 +148,34 @@ impl NcclComm {
         })
     }
 
+    /// The communicator of the ranks that pass the same `color` (every rank must call it,
+    /// collectively), ordered by `key`; `group_size` is how many share this rank's color.
+    pub fn split(&self, color: usize, key: usize, group_size: usize) -> Result<NcclComm> {
+        let mut comm = std::mem::MaybeUninit::uninit();
+        // SAFETY: `self.comm` is valid; `comm` is written by ncclCommSplit on success, read
+        // only then; a null config asks for the parent's configuration.
+        let comm = unsafe {
+            ns::ncclCommSplit(
+                self.comm,
+                color as i32,
+                key as i32,
+                comm.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+            .result()
+            .map_err(|e| nccl("ncclCommSplit", e))?;
+            comm.assume_init()
+        };
+        let scratch = self.gpu.alloc(64 * 8).map_err(|e| msg(format!("{e}")))?;
+        Ok(NcclComm {
+            comm,
+            gpu: self.gpu.clone(),
+            rank: key,
+            world: group_size,
+            scratch,
+        })
+    }
+
     /// In-place fp32 sum over ranks of `count` floats at `ptr`, on `gpu`'s stream.
     pub fn all_reduce_sum_f32(&self, gpu: &Gpu, ptr: u64, count: usize) -> Result<()> {
         // SAFETY: `ptr` is a device allocation of at least `count` f32 on this communicator's

@@ -253,8 +253,14 @@ fn full_tensors(plan: &Plan, salt: u32) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// Every rank of a ZeRO world writes its optimizer shard at once (threads, a real barrier).
-fn save_from_ranks(plan: &Plan, world: usize, run_dir: &std::path::Path) -> std::path::PathBuf {
+/// Every rank of a ZeRO world writes its optimizer shard at once (threads, a real barrier);
+/// state is cut into `shards` chunks (fewer than `world` under hybrid shard: replicas).
+fn save_from_ranks(
+    plan: &Plan,
+    world: usize,
+    shards: usize,
+    run_dir: &std::path::Path,
+) -> std::path::PathBuf {
     use crate::checkpoint::{save_sharded, TrainState};
     use crate::cuda::flat_layout::FlatLayout;
     let params = full_tensors(plan, 1);
@@ -266,14 +272,14 @@ fn save_from_ranks(plan: &Plan, world: usize, run_dir: &std::path::Path) -> std:
             .map(|rank| {
                 let (params, m, v, barrier) = (&params, &m, &v, &barrier);
                 s.spawn(move || {
-                    let layout = FlatLayout::new(plan, world, rank).unwrap();
+                    let layout = FlatLayout::new(plan, shards, rank % shards).unwrap();
                     fn refs(t: &[Vec<f32>]) -> Vec<&[f32]> {
                         t.iter().map(|x| x.as_slice()).collect()
                     }
                     let shard = crate::OptimizerShard {
                         step: 7,
                         rank,
-                        manifest: layout.manifest(plan.layout.sharding, world, "optimizer"),
+                        manifest: layout.manifest(plan.layout.sharding, shards, "optimizer"),
                         exp_avg: layout.local_from_full(&refs(m)).unwrap(),
                         exp_avg_sq: layout.local_from_full(&refs(v)).unwrap(),
                     };
@@ -314,7 +320,7 @@ fn sharded_checkpoint_loads_whole_and_reshards_to_any_world() {
     use crate::cuda::flat_layout::FlatLayout;
     let plan = plan(1, 4, "zero1");
     let dir = tempfile::tempdir().unwrap();
-    let ck_dir = save_from_ranks(&plan, 4, dir.path());
+    let ck_dir = save_from_ranks(&plan, 4, 4, dir.path());
     let names: Vec<String> = std::fs::read_dir(&ck_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -380,7 +386,7 @@ fn sharded_checkpoint_loads_whole_and_reshards_to_any_world() {
 fn a_corrupt_or_missing_optimizer_shard_is_named() {
     let plan = plan(1, 2, "zero3");
     let dir = tempfile::tempdir().unwrap();
-    let ck_dir = save_from_ranks(&plan, 2, dir.path());
+    let ck_dir = save_from_ranks(&plan, 2, 2, dir.path());
     let shard = ck_dir.join("optimizer.exp_avg.shard-00001-of-00002.bin");
     let mut bytes = std::fs::read(&shard).unwrap();
     bytes[5] ^= 0x40;
@@ -399,4 +405,42 @@ fn a_corrupt_or_missing_optimizer_shard_is_named() {
         .unwrap()
         .to_string();
     assert!(err.contains("shard-00001-of-00002.bin"), "{err}");
+}
+
+#[test]
+fn hybrid_shard_replicas_write_nothing_and_the_checkpoint_loads_whole() {
+    let plan = plan(2, 2, "hybrid_shard");
+    let dir = tempfile::tempdir().unwrap();
+    let ck_dir = save_from_ranks(&plan, 4, 2, dir.path());
+    let mut names: Vec<String> = std::fs::read_dir(&ck_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "model.safetensors",
+            "optimizer.exp_avg.manifest.json",
+            "optimizer.exp_avg.shard-00000-of-00002.bin",
+            "optimizer.exp_avg.shard-00001-of-00002.bin",
+            "optimizer.exp_avg_sq.manifest.json",
+            "optimizer.exp_avg_sq.shard-00000-of-00002.bin",
+            "optimizer.exp_avg_sq.shard-00001-of-00002.bin",
+            "state.json"
+        ]
+    );
+    let ck = crate::checkpoint::load(&ck_dir, &plan).unwrap();
+    let m = full_tensors(&plan, 2);
+    for (i, p) in plan.params.iter().enumerate() {
+        let name = format!("{}.exp_avg", p.name);
+        let t = &ck
+            .optimizer
+            .tensors
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1;
+        assert_eq!(t, &m[i], "{}", p.name);
+    }
 }
