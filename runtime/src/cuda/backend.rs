@@ -16,8 +16,9 @@ use crate::optim::adamw::AdamWHyper;
 use crate::{Backend, OptimizerState, Result, RuntimeError};
 use archscale_compiler::plan::Sharding;
 use archscale_compiler::plan::{Mixer, MlpKind, NormKind, OptimizerKind, Plan};
+use archscale_kernels::cublaslt::Gemm;
 use archscale_kernels::cublaslt::{Lt, OutType};
-use archscale_kernels::ops::{AttnLayout, Ops};
+use archscale_kernels::ops::{AttnLayout, HybridOps, Ops, Rows, ScanGrads, ScanShape, ScanTensors};
 use archscale_kernels::{DeviceBuffer, Gpu};
 use cudarc::driver::CudaStream;
 use std::cell::Cell;
@@ -49,6 +50,8 @@ pub struct Dims {
     pub windows: Vec<usize>,
     pub rope: Vec<bool>,
     pub rope_base: f64,
+    pub mixers: Vec<LayerKind>,
+    pub mamba: Option<MambaShape>,
 }
 
 impl Dims {
@@ -64,16 +67,76 @@ impl Dims {
 #[derive(Clone, Copy, Debug)]
 struct LayerParams {
     norm1: usize,
+    /// Attention layers only.
     qkv: usize,
     proj: usize,
     norm2: usize,
     w1: usize,
     w3: usize,
+    mamba: Option<MambaParams>,
+}
+
+/// Offsets of a Mamba-1 mixer's tensors (names as ArchScale's `attn.*`).
+#[derive(Clone, Copy, Debug)]
+struct MambaParams {
+    in_proj: usize,
+    conv_w: usize,
+    conv_b: usize,
+    x_proj: usize,
+    dt_w: usize,
+    dt_b: usize,
+    a_log: usize,
+    d_skip: usize,
+    out_proj: usize,
+}
+
+/// The mixer of one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    Attention,
+    Mamba,
+}
+
+/// Mamba-1 sizes: `d` = d_inner, `r` = dt_rank (stored with row stride `rp`, a multiple of
+/// 8 so every row starts 16-byte aligned), `ns` = d_state.
+#[derive(Clone, Copy, Debug)]
+pub struct MambaShape {
+    pub d: usize,
+    pub r: usize,
+    pub rp: usize,
+    pub ns: usize,
+}
+
+/// A Mamba layer's saved activations: `xz` (in_proj output, x then z), `xc` (conv + SiLU),
+/// `dt`, `bc` (B then C), `delta` (dt_proj output), `gated` (scan output after the z gate)
+/// and the scan's fp32 state checkpoints.
+#[derive(Clone, Copy, Debug)]
+struct MambaSaved {
+    xz: u64,
+    xc: u64,
+    dt: u64,
+    bc: u64,
+    delta: u64,
+    gated: u64,
+    ckpt: u64,
+}
+
+/// Mamba backward scratch (one set, reused by every Mamba layer).
+#[derive(Clone, Copy, Debug)]
+struct MambaScratch {
+    dxz: u64,
+    dxc: u64,
+    ddelta: u64,
+    ddt: u64,
+    dbc: u64,
+    bc_acc: u64,
+    dgated: u64,
 }
 
 /// Per-layer saved activations (device pointers).
 #[derive(Clone, Copy, Debug)]
 struct Saved {
+    mamba: Option<MambaSaved>,
     qkv: u64,
     y: u64,
     lse: u64,
@@ -146,6 +209,11 @@ pub struct CudaBackend {
     // activations
     residual: Vec<DeviceBuffer>, // 2L+1 fp32 [cap, n]; index 0 has eval capacity
     saved: Vec<Saved>,
+    /// Layer whose saved buffers evaluation uses for layer `l` (the first of its kind).
+    eval_saved: Vec<usize>,
+    mamba_scratch: Option<MambaScratch>,
+    /// Mamba / hybrid kernels, loaded only for models that have such layers.
+    hops: Option<HybridOps>,
     _saved_bufs: Vec<DeviceBuffer>,
     rstd_f: DeviceBuffer,
     hf: DeviceBuffer,
@@ -187,6 +255,15 @@ const F32: usize = 4;
 
 /// Checks that `plan` is a model this backend runs, and extracts its dimensions.
 pub fn dims_of(plan: &Plan) -> Result<Dims> {
+    dims_with(
+        plan,
+        std::env::var_os("ARCHSCALE_EXPERIMENTAL_MAMBA").is_some(),
+    )
+}
+
+/// As [`dims_of`]; `allow_mamba` admits Mamba-1 layers, whose CUDA path has an open
+/// gradient discrepancy (see the refusal below).
+pub fn dims_with(plan: &Plan, allow_mamba: bool) -> Result<Dims> {
     let m = &plan.model;
     if m.norm != NormKind::RmsNorm {
         return Err(err(
@@ -217,6 +294,7 @@ pub fn dims_of(plan: &Plan) -> Result<Dims> {
     }
     let mut windows = Vec::new();
     let mut rope = Vec::new();
+    let mut mixers = Vec::new();
     for l in &plan.layers {
         match &l.mixer {
             Mixer::Attention(a) => {
@@ -232,6 +310,24 @@ pub fn dims_of(plan: &Plan) -> Result<Dims> {
                 }
                 windows.push(a.window.unwrap_or(0));
                 rope.push(a.rope);
+                mixers.push(LayerKind::Attention);
+            }
+            Mixer::Mamba(mp) => {
+                if !allow_mamba {
+                    return Err(err(format!(
+                        "CUDA backend: layer {} is Mamba-1, which is experimental on CUDA: its x_proj gradient (the dB/dC rows) differs from the CPU reference by 1e-2 to 4e-1 from run to run (bench/NOTES.md, \"Samba on CUDA\"); train it with --backend cpu, or set ARCHSCALE_EXPERIMENTAL_MAMBA=1 to run it anyway",
+                        l.index
+                    )));
+                }
+                if mp.export_memory {
+                    return Err(err(format!(
+                        "CUDA backend: layer {} exports GMU memory, which is not built yet",
+                        l.index
+                    )));
+                }
+                windows.push(0);
+                rope.push(false);
+                mixers.push(LayerKind::Mamba);
             }
             other => {
                 let kind = match other {
@@ -242,12 +338,39 @@ pub fn dims_of(plan: &Plan) -> Result<Dims> {
                     Mixer::Attention(_) => "attention",
                 };
                 return Err(err(format!(
-                    "CUDA backend: layer {} mixer `{kind}` is not built yet (Transformer++ only)",
+                    "CUDA backend: layer {} mixer `{kind}` is not built yet (attention and Mamba-1 only)",
                     l.index
                 )));
             }
         }
     }
+    let mamba = if mixers.contains(&LayerKind::Mamba) {
+        let md = m
+            .mamba
+            .ok_or_else(|| err("CUDA backend: a Mamba layer but the model has no Mamba sizes"))?;
+        if md.d_state != archscale_kernels::ops::SCAN_D_STATE || md.d_conv != 4 {
+            return Err(err(format!(
+                "CUDA backend: the Mamba kernels take d_state {} and d_conv 4, this model has {} and {}",
+                archscale_kernels::ops::SCAN_D_STATE,
+                md.d_state,
+                md.d_conv
+            )));
+        }
+        if md.d_inner % 8 != 0 || md.dt_rank == 0 {
+            return Err(err(format!(
+                "CUDA backend: Mamba d_inner {} must be a multiple of 8",
+                md.d_inner
+            )));
+        }
+        Some(MambaShape {
+            d: md.d_inner,
+            r: md.dt_rank,
+            rp: md.dt_rank.div_ceil(8) * 8,
+            ns: md.d_state,
+        })
+    } else {
+        None
+    };
     if rope.iter().any(|&r| r) && m.rope_base.is_none() {
         return Err(err(
             "CUDA backend: a layer asks for RoPE but the model has no rope_base",
@@ -280,6 +403,8 @@ pub fn dims_of(plan: &Plan) -> Result<Dims> {
         windows,
         rope,
         rope_base: m.rope_base.unwrap_or(10000.0),
+        mamba,
+        mixers,
     })
 }
 
@@ -293,12 +418,35 @@ pub fn planned_bytes(plan: &Plan) -> Result<usize> {
         .sum();
     let cap = d.batch * d.seq;
     let cap_eval = cap.max(plan.data.val_block_size.saturating_sub(1));
-    let per_layer = cap
-        * (2 * d.n * F32 + d.qkv_width() * BF + d.attn_width() * BF + 2 * d.inner * BF + 2 * F32)
-        + d.batch * d.heads * d.seq * F32;
+    let common = cap * (2 * d.n * F32 + 2 * d.inner * BF + 2 * F32);
+    let attention = cap * (d.qkv_width() * BF + d.attn_width() * BF + d.heads * F32);
+    let mamba = d.mamba.map_or(0, |m| {
+        cap * (5 * m.d + m.rp + 2 * m.ns) * BF
+            + archscale_kernels::ops::ScanShape {
+                batch: d.batch,
+                seq: d.seq,
+                d_inner: m.d,
+            }
+            .ckpt_len()
+                * F32
+    });
+    let layers: usize = d
+        .mixers
+        .iter()
+        .map(|k| {
+            common
+                + match k {
+                    LayerKind::Attention => attention,
+                    LayerKind::Mamba => mamba,
+                }
+        })
+        .sum();
+    let mamba_scratch = d.mamba.map_or(0, |m| {
+        cap * ((4 * m.d + m.rp + 2 * m.ns) * BF + 2 * m.ns * F32)
+    });
     let params = numel * (4 * F32 + BF);
     let acts =
-        per_layer * d.layers + cap_eval * (d.n * F32 + d.padded_vocab * BF + d.n * BF + 3 * F32);
+        layers + mamba_scratch + cap_eval * (d.n * F32 + d.padded_vocab * BF + d.n * BF + 3 * F32);
     let scratch = cap
         * (d.n * BF
             + d.inner * BF
@@ -403,19 +551,54 @@ impl CudaBackend {
             }
         };
         let mut layer_params = Vec::new();
+        let mut known = 0;
         for i in 0..d.layers {
             let pre = format!("transformer.h.{i}");
-            expect_shape(&format!("{pre}.attn.attn.weight"), &[d.qkv_width(), d.n])?;
-            expect_shape(&format!("{pre}.attn.proj.weight"), &[d.n, d.attn_width()])?;
             expect_shape(&format!("{pre}.mlp.w1.weight"), &[2 * d.inner, d.n])?;
             expect_shape(&format!("{pre}.mlp.w3.weight"), &[d.n, d.inner])?;
+            let (qkv, proj, mamba) = match (d.mixers[i], d.mamba) {
+                (LayerKind::Mamba, Some(ms)) => {
+                    let (n, dd, r, ns) = (d.n, ms.d, ms.r, ms.ns);
+                    let a = format!("{pre}.attn");
+                    expect_shape(&format!("{a}.in_proj.weight"), &[2 * dd, n])?;
+                    expect_shape(&format!("{a}.conv1d.weight"), &[dd, 1, 4])?;
+                    expect_shape(&format!("{a}.x_proj.weight"), &[r + 2 * ns, dd])?;
+                    expect_shape(&format!("{a}.dt_proj.weight"), &[dd, r])?;
+                    expect_shape(&format!("{a}.A_log"), &[dd, ns])?;
+                    expect_shape(&format!("{a}.out_proj.weight"), &[n, dd])?;
+                    known += 13;
+                    let mp = MambaParams {
+                        in_proj: find(&format!("{a}.in_proj.weight"))?,
+                        conv_w: find(&format!("{a}.conv1d.weight"))?,
+                        conv_b: find(&format!("{a}.conv1d.bias"))?,
+                        x_proj: find(&format!("{a}.x_proj.weight"))?,
+                        dt_w: find(&format!("{a}.dt_proj.weight"))?,
+                        dt_b: find(&format!("{a}.dt_proj.bias"))?,
+                        a_log: find(&format!("{a}.A_log"))?,
+                        d_skip: find(&format!("{a}.D"))?,
+                        out_proj: find(&format!("{a}.out_proj.weight"))?,
+                    };
+                    (0, 0, Some(mp))
+                }
+                _ => {
+                    expect_shape(&format!("{pre}.attn.attn.weight"), &[d.qkv_width(), d.n])?;
+                    expect_shape(&format!("{pre}.attn.proj.weight"), &[d.n, d.attn_width()])?;
+                    known += 6;
+                    (
+                        find(&format!("{pre}.attn.attn.weight"))?,
+                        find(&format!("{pre}.attn.proj.weight"))?,
+                        None,
+                    )
+                }
+            };
             layer_params.push(LayerParams {
                 norm1: find(&format!("{pre}.norm_1.weight"))?,
-                qkv: find(&format!("{pre}.attn.attn.weight"))?,
-                proj: find(&format!("{pre}.attn.proj.weight"))?,
+                qkv,
+                proj,
                 norm2: find(&format!("{pre}.norm_2.weight"))?,
                 w1: find(&format!("{pre}.mlp.w1.weight"))?,
                 w3: find(&format!("{pre}.mlp.w3.weight"))?,
+                mamba,
             });
         }
         expect_shape("transformer.wte.weight", &[d.padded_vocab, d.n])?;
@@ -424,17 +607,26 @@ impl CudaBackend {
         let ln_f = find("transformer.ln_f.weight")?;
         let head = find("lm_head.weight")?;
         let tied = head == wte;
-        let known = 6 * d.layers + if tied { 2 } else { 3 };
+        known += if tied { 2 } else { 3 };
         if plan.params.len() != known {
             let names: Vec<&str> = plan.params.iter().map(|p| p.name.as_str()).collect();
             return Err(err(format!(
-                "CUDA backend: expected {known} Transformer++ parameters, the plan has {} ({})",
+                "CUDA backend: expected {known} parameters, the plan has {} ({})",
                 plan.params.len(),
                 names.join(", ")
             )));
         }
 
-        let alloc = |bytes: usize| -> Result<DeviceBuffer> { Ok(gpu.alloc(bytes)?) };
+        // ARCHSCALE_POISON=1 fills every new buffer with NaN, so a read of memory nothing
+        // wrote shows up as NaN in the results (diagnostics).
+        let poison = std::env::var_os("ARCHSCALE_POISON").is_some();
+        let alloc = |bytes: usize| -> Result<DeviceBuffer> {
+            let b = gpu.alloc(bytes)?;
+            if poison {
+                gpu.memset_byte(b.ptr, 0xFF, b.bytes)?;
+            }
+            Ok(b)
+        };
         // Under ZeRO-3 a rank keeps only its chunks of params and grads; under ZeRO-1 only
         // its chunks of the optimizer state.
         let local = layout.local_len;
@@ -526,24 +718,68 @@ impl CudaBackend {
         }
         let mut saved = Vec::new();
         let mut saved_bufs = Vec::new();
+        // Evaluation runs every layer in the buffers of the first layer of its kind, which
+        // therefore get the (possibly longer) evaluation capacity.
+        let eval_saved: Vec<usize> = (0..d.layers)
+            .map(|l| (0..=l).find(|&k| d.mixers[k] == d.mixers[l]).unwrap_or(l))
+            .collect();
         for l in 0..d.layers {
-            let cap = if l == 0 { cap_eval } else { cap_train };
-            let rows_max = if l == 0 { cap_eval } else { cap_train };
-            let qkv = alloc(cap * d.qkv_width() * BF)?;
-            let y = alloc(cap * d.attn_width() * BF)?;
-            let lse = alloc(rows_max * d.heads * F32)?;
+            let cap = if eval_saved[l] == l {
+                cap_eval
+            } else {
+                cap_train
+            };
             let gu = alloc(cap * 2 * d.inner * BF)?;
             let rstd1 = alloc(cap * F32)?;
             let rstd2 = alloc(cap * F32)?;
+            let (mut qkv, mut y, mut lse, mut mamba) = (0, 0, 0, None);
+            match (d.mixers[l], d.mamba) {
+                (LayerKind::Mamba, Some(ms)) => {
+                    // state checkpoints are written in training only
+                    let ckpt_len = archscale_kernels::ops::ScanShape {
+                        batch: d.batch,
+                        seq: d.seq,
+                        d_inner: ms.d,
+                    }
+                    .ckpt_len();
+                    let bufs = [
+                        alloc(cap * 2 * ms.d * BF)?,
+                        alloc(cap * ms.d * BF)?,
+                        alloc(cap * ms.rp * BF)?,
+                        alloc(cap * 2 * ms.ns * BF)?,
+                        alloc(cap * ms.d * BF)?,
+                        alloc(cap * ms.d * BF)?,
+                        alloc(ckpt_len * F32)?,
+                    ];
+                    mamba = Some(MambaSaved {
+                        xz: bufs[0].ptr,
+                        xc: bufs[1].ptr,
+                        dt: bufs[2].ptr,
+                        bc: bufs[3].ptr,
+                        delta: bufs[4].ptr,
+                        gated: bufs[5].ptr,
+                        ckpt: bufs[6].ptr,
+                    });
+                    saved_bufs.extend(bufs);
+                }
+                _ => {
+                    let bq = alloc(cap * d.qkv_width() * BF)?;
+                    let by = alloc(cap * d.attn_width() * BF)?;
+                    let bl = alloc(cap * d.heads * F32)?;
+                    (qkv, y, lse) = (bq.ptr, by.ptr, bl.ptr);
+                    saved_bufs.extend([bq, by, bl]);
+                }
+            }
             saved.push(Saved {
-                qkv: qkv.ptr,
-                y: y.ptr,
-                lse: lse.ptr,
+                mamba,
+                qkv,
+                y,
+                lse,
                 gu: gu.ptr,
                 rstd1: rstd1.ptr,
                 rstd2: rstd2.ptr,
             });
-            saved_bufs.extend([qkv, y, lse, gu, rstd1, rstd2]);
+            saved_bufs.extend([gu, rstd1, rstd2]);
         }
         let rstd_f = alloc(cap_eval * F32)?;
         let hf = alloc(cap_eval * d.n * BF)?;
@@ -567,6 +803,32 @@ impl CudaBackend {
         let dq_acc = alloc(cap_train * d.attn_width() * F32)?;
         let delta = alloc(cap_train * d.heads * F32)?;
         let norm_out = alloc(8)?;
+        let (mamba_scratch, hops) = match d.mamba {
+            Some(ms) => {
+                let c = cap_train;
+                let bufs = [
+                    alloc(c * 2 * ms.d * BF)?,
+                    alloc(c * ms.d * BF)?,
+                    alloc(c * ms.d * BF)?,
+                    alloc(c * ms.rp * BF)?,
+                    alloc(c * 2 * ms.ns * BF)?,
+                    alloc(c * 2 * ms.ns * F32)?,
+                    alloc(c * ms.d * BF)?,
+                ];
+                let sc = MambaScratch {
+                    dxz: bufs[0].ptr,
+                    dxc: bufs[1].ptr,
+                    ddelta: bufs[2].ptr,
+                    ddt: bufs[3].ptr,
+                    dbc: bufs[4].ptr,
+                    bc_acc: bufs[5].ptr,
+                    dgated: bufs[6].ptr,
+                };
+                saved_bufs.extend(bufs);
+                (Some(sc), Some(HybridOps::new(gpu.clone())?))
+            }
+            None => (None, None),
+        };
 
         let mut be = CudaBackend {
             gpu,
@@ -598,6 +860,9 @@ impl CudaBackend {
             zero3,
             residual,
             saved,
+            eval_saved,
+            mamba_scratch,
+            hops,
             _saved_bufs: saved_bufs,
             rstd_f,
             hf,
@@ -923,11 +1188,12 @@ impl CudaBackend {
     }
 
     /// Forward over `batch` rows of `seq` tokens already uploaded. `train`: per-layer saves
-    /// (else every layer uses layer 0's buffers). Leaves bf16 logits in `self.logits`.
+    /// (else every layer uses the buffers of the first layer of its kind). Leaves bf16
+    /// logits in `self.logits`.
     fn forward(&self, batch: usize, seq: usize, train: bool) -> Result<()> {
         let d = &self.dims;
         let rows = batch * seq;
-        let (n, hs, qw, aw, inner) = (d.n, d.hs, d.qkv_width(), d.attn_width(), d.inner);
+        let (n, inner) = (d.n, d.inner);
         let ops = &self.ops;
         let gpu = &self.gpu;
         let rs = d.residual_scale;
@@ -943,8 +1209,12 @@ impl CudaBackend {
         )?;
         for l in 0..d.layers {
             let lp = self.layer_params[l];
-            let sv = if train { self.saved[l] } else { self.saved[0] };
-            self.gather_unit(uof(lp.qkv))?;
+            let sv = if train {
+                self.saved[l]
+            } else {
+                self.saved[self.eval_saved[l]]
+            };
+            self.gather_unit(uof(lp.norm1))?;
             let (x_in, x_mid, x_out) = if train {
                 (
                     self.residual[2 * l].ptr,
@@ -970,63 +1240,12 @@ impl CudaBackend {
                 d.eps,
                 1.0,
             )?;
-            self.mark("gemm qkv")?;
-            self.lt.linear(
-                gpu,
-                self.h.ptr,
-                self.pbf(lp.qkv),
-                sv.qkv,
-                0,
-                rows,
-                n,
-                qw,
-                OutType::Bf16,
-                1.0,
-                0.0,
-            )?;
-            self.mark("rope")?;
-            if d.rope[l] {
-                ops.rope_qkv(
-                    sv.qkv,
-                    self.rope_cos.ptr,
-                    self.rope_sin.ptr,
-                    rows,
-                    seq,
-                    d.groups,
-                    d.heads / d.groups,
-                    hs,
-                    1.0,
-                )?;
+            match d.mixers[l] {
+                LayerKind::Attention => {
+                    self.attention_forward(l, &lp, &sv, batch, seq, x_in, x_mid)?
+                }
+                LayerKind::Mamba => self.mamba_forward(&lp, &sv, batch, seq, x_in, x_mid, train)?,
             }
-            let al = AttnLayout::fused_qkv(
-                batch,
-                seq,
-                d.heads,
-                d.groups,
-                hs,
-                d.attn_scale,
-                d.windows[l],
-            );
-            let (ko, vo) = (
-                (al.fused_k_offset() * BF) as u64,
-                (al.fused_v_offset() * BF) as u64,
-            );
-            self.mark("attn fwd")?;
-            ops.flash_fwd(&al, sv.qkv, sv.qkv + ko, sv.qkv + vo, sv.y, sv.lse)?;
-            self.mark("gemm proj")?;
-            self.lt.linear(
-                gpu,
-                sv.y,
-                self.pbf(lp.proj),
-                x_mid,
-                x_in,
-                rows,
-                aw,
-                n,
-                OutType::F32,
-                rs,
-                1.0,
-            )?;
             self.mark("norm fwd")?;
             ops.rmsnorm_fwd(
                 x_mid,
@@ -1107,7 +1326,7 @@ impl CudaBackend {
     fn backward(&self, batch: usize, seq: usize) -> Result<()> {
         let d = &self.dims;
         let rows = batch * seq;
-        let (n, hs, qw, aw, inner) = (d.n, d.hs, d.qkv_width(), d.attn_width(), d.inner);
+        let (n, inner) = (d.n, d.inner);
         let ops = &self.ops;
         let gpu = &self.gpu;
         let lt = &self.lt;
@@ -1170,7 +1389,7 @@ impl CudaBackend {
         }
         for l in (0..d.layers).rev() {
             let lp = self.layer_params[l];
-            let u_layer = uof(lp.qkv);
+            let u_layer = uof(lp.norm1);
             self.gather_unit(u_layer)?;
             self.grads_begin(u_layer)?;
             let sv = self.saved[l];
@@ -1255,101 +1474,10 @@ impl CudaBackend {
                 1.0,
                 true,
             )?;
-            // attention branch: out = rs · y·Woᵀ
-            self.mark("gemm proj dW")?;
-            lt.linear_grad_weight(
-                gpu,
-                self.dres_bf.ptr,
-                sv.y,
-                self.g32(lp.proj),
-                rows,
-                aw,
-                n,
-                rs,
-                1.0,
-            )?;
-            self.mark("gemm proj dx")?;
-            lt.linear_grad_input(
-                gpu,
-                self.dres_bf.ptr,
-                self.pbf(lp.proj),
-                self.dy.ptr,
-                rows,
-                aw,
-                n,
-                OutType::Bf16,
-                rs,
-                0.0,
-            )?;
-            let al = AttnLayout::fused_qkv(
-                batch,
-                seq,
-                d.heads,
-                d.groups,
-                hs,
-                d.attn_scale,
-                d.windows[l],
-            );
-            let (ko, vo) = (
-                (al.fused_k_offset() * BF) as u64,
-                (al.fused_v_offset() * BF) as u64,
-            );
-            self.mark("attn bwd")?;
-            ops.flash_bwd(
-                &al,
-                sv.qkv,
-                sv.qkv + ko,
-                sv.qkv + vo,
-                sv.y,
-                self.dy.ptr,
-                sv.lse,
-                self.dqkv.ptr,
-                self.dqkv.ptr + ko,
-                self.dqkv.ptr + vo,
-                self.dq_acc.ptr,
-                self.delta.ptr,
-            )?;
-            self.mark("rope")?;
-            if d.rope[l] {
-                ops.rope_qkv(
-                    self.dqkv.ptr,
-                    self.rope_cos.ptr,
-                    self.rope_sin.ptr,
-                    rows,
-                    seq,
-                    d.groups,
-                    d.heads / d.groups,
-                    hs,
-                    -1.0,
-                )?;
+            match d.mixers[l] {
+                LayerKind::Attention => self.attention_backward(l, &lp, &sv, batch, seq, x_in)?,
+                LayerKind::Mamba => self.mamba_backward(&lp, &sv, batch, seq, x_in)?,
             }
-            self.mark("norm fwd")?;
-            ops.rmsnorm_fwd(x_in, self.p32(lp.norm1), self.h.ptr, 0, rows, n, d.eps, 1.0)?;
-            self.mark("gemm qkv dW")?;
-            lt.linear_grad_weight(
-                gpu,
-                self.dqkv.ptr,
-                self.h.ptr,
-                self.g32(lp.qkv),
-                rows,
-                n,
-                qw,
-                1.0,
-                1.0,
-            )?;
-            self.mark("gemm qkv dx")?;
-            lt.linear_grad_input(
-                gpu,
-                self.dqkv.ptr,
-                self.pbf(lp.qkv),
-                self.h.ptr,
-                rows,
-                n,
-                qw,
-                OutType::Bf16,
-                1.0,
-                0.0,
-            )?;
             self.mark("norm bwd")?;
             ops.rmsnorm_bwd(
                 x_in,
@@ -1374,6 +1502,612 @@ impl CudaBackend {
         ops.embedding_bwd(self.tokens.ptr, self.dres.ptr, self.g32(self.wte), rows, n)?;
         self.grads_done(u_embed)?;
         self.grads_all_done()?;
+        Ok(())
+    }
+
+    /// Attention mixer of layer `l`: `x_mid = x_in + rs · proj(attn(rope(qkv(h))))`, where
+    /// `self.h` holds `norm_1(x_in)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        l: usize,
+        lp: &LayerParams,
+        sv: &Saved,
+        batch: usize,
+        seq: usize,
+        x_in: u64,
+        x_mid: u64,
+    ) -> Result<()> {
+        let d = &self.dims;
+        let rows = batch * seq;
+        let (n, hs, qw, aw) = (d.n, d.hs, d.qkv_width(), d.attn_width());
+        let ops = &self.ops;
+        let gpu = &self.gpu;
+        let rs = d.residual_scale;
+        self.mark("gemm qkv")?;
+        self.lt.linear(
+            gpu,
+            self.h.ptr,
+            self.pbf(lp.qkv),
+            sv.qkv,
+            0,
+            rows,
+            n,
+            qw,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
+        self.mark("rope")?;
+        if d.rope[l] {
+            ops.rope_qkv(
+                sv.qkv,
+                self.rope_cos.ptr,
+                self.rope_sin.ptr,
+                rows,
+                seq,
+                d.groups,
+                d.heads / d.groups,
+                hs,
+                1.0,
+            )?;
+        }
+        let al = AttnLayout::fused_qkv(
+            batch,
+            seq,
+            d.heads,
+            d.groups,
+            hs,
+            d.attn_scale,
+            d.windows[l],
+        );
+        let (ko, vo) = (
+            (al.fused_k_offset() * BF) as u64,
+            (al.fused_v_offset() * BF) as u64,
+        );
+        self.mark("attn fwd")?;
+        ops.flash_fwd(&al, sv.qkv, sv.qkv + ko, sv.qkv + vo, sv.y, sv.lse)?;
+        self.mark("gemm proj")?;
+        self.lt.linear(
+            gpu,
+            sv.y,
+            self.pbf(lp.proj),
+            x_mid,
+            x_in,
+            rows,
+            aw,
+            n,
+            OutType::F32,
+            rs,
+            1.0,
+        )?;
+        Ok(())
+    }
+
+    /// Backward of the attention mixer from `self.dres_bf` (the residual gradient); leaves
+    /// `d norm_1 output` in `self.h`.
+    fn attention_backward(
+        &self,
+        l: usize,
+        lp: &LayerParams,
+        sv: &Saved,
+        batch: usize,
+        seq: usize,
+        x_in: u64,
+    ) -> Result<()> {
+        let d = &self.dims;
+        let rows = batch * seq;
+        let (n, hs, qw, aw) = (d.n, d.hs, d.qkv_width(), d.attn_width());
+        let ops = &self.ops;
+        let gpu = &self.gpu;
+        let lt = &self.lt;
+        let rs = d.residual_scale;
+        // attention branch: out = rs · y·Woᵀ
+        self.mark("gemm proj dW")?;
+        lt.linear_grad_weight(
+            gpu,
+            self.dres_bf.ptr,
+            sv.y,
+            self.g32(lp.proj),
+            rows,
+            aw,
+            n,
+            rs,
+            1.0,
+        )?;
+        self.mark("gemm proj dx")?;
+        lt.linear_grad_input(
+            gpu,
+            self.dres_bf.ptr,
+            self.pbf(lp.proj),
+            self.dy.ptr,
+            rows,
+            aw,
+            n,
+            OutType::Bf16,
+            rs,
+            0.0,
+        )?;
+        let al = AttnLayout::fused_qkv(
+            batch,
+            seq,
+            d.heads,
+            d.groups,
+            hs,
+            d.attn_scale,
+            d.windows[l],
+        );
+        let (ko, vo) = (
+            (al.fused_k_offset() * BF) as u64,
+            (al.fused_v_offset() * BF) as u64,
+        );
+        self.mark("attn bwd")?;
+        ops.flash_bwd(
+            &al,
+            sv.qkv,
+            sv.qkv + ko,
+            sv.qkv + vo,
+            sv.y,
+            self.dy.ptr,
+            sv.lse,
+            self.dqkv.ptr,
+            self.dqkv.ptr + ko,
+            self.dqkv.ptr + vo,
+            self.dq_acc.ptr,
+            self.delta.ptr,
+        )?;
+        self.mark("rope")?;
+        if d.rope[l] {
+            ops.rope_qkv(
+                self.dqkv.ptr,
+                self.rope_cos.ptr,
+                self.rope_sin.ptr,
+                rows,
+                seq,
+                d.groups,
+                d.heads / d.groups,
+                hs,
+                -1.0,
+            )?;
+        }
+        self.mark("norm fwd")?;
+        ops.rmsnorm_fwd(x_in, self.p32(lp.norm1), self.h.ptr, 0, rows, n, d.eps, 1.0)?;
+        self.mark("gemm qkv dW")?;
+        lt.linear_grad_weight(
+            gpu,
+            self.dqkv.ptr,
+            self.h.ptr,
+            self.g32(lp.qkv),
+            rows,
+            n,
+            qw,
+            1.0,
+            1.0,
+        )?;
+        self.mark("gemm qkv dx")?;
+        lt.linear_grad_input(
+            gpu,
+            self.dqkv.ptr,
+            self.pbf(lp.qkv),
+            self.h.ptr,
+            rows,
+            n,
+            qw,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
+        Ok(())
+    }
+
+    /// `y[rows, out] (ld ldy) = alpha · x[rows, inp] (ld ldx) · w[out, inp]ᵀ + beta · c`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_ld(
+        &self,
+        x: u64,
+        ldx: usize,
+        w: u64,
+        y: u64,
+        ldy: usize,
+        c: u64,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        ty: OutType,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        let g = Gemm {
+            trans_a: true,
+            trans_b: false,
+            m: out,
+            n: rows,
+            k: inp,
+            a: w,
+            lda: inp,
+            b: x,
+            ldb: ldx,
+            c,
+            d: y,
+            ldd: ldy,
+            out: ty,
+            alpha,
+            beta,
+        };
+        Ok(self.lt.gemm(&self.gpu, &g)?)
+    }
+
+    /// `dx[rows, inp] (ld lddx) = alpha · dy[rows, out] (ld lddy) · w[out, inp] + beta · dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn grad_input_ld(
+        &self,
+        dy: u64,
+        lddy: usize,
+        w: u64,
+        dx: u64,
+        lddx: usize,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        let g = Gemm {
+            trans_a: false,
+            trans_b: false,
+            m: inp,
+            n: rows,
+            k: out,
+            a: w,
+            lda: inp,
+            b: dy,
+            ldb: lddy,
+            c: dx,
+            d: dx,
+            ldd: lddx,
+            out: OutType::Bf16,
+            alpha,
+            beta,
+        };
+        Ok(self.lt.gemm(&self.gpu, &g)?)
+    }
+
+    /// `dw[out, inp] (fp32) += dy[rows, out]ᵀ (ld lddy) · x[rows, inp] (ld ldx)`.
+    #[allow(clippy::too_many_arguments)]
+    fn grad_weight_ld(
+        &self,
+        dy: u64,
+        lddy: usize,
+        x: u64,
+        ldx: usize,
+        dw: u64,
+        rows: usize,
+        inp: usize,
+        out: usize,
+    ) -> Result<()> {
+        let g = Gemm {
+            trans_a: false,
+            trans_b: true,
+            m: inp,
+            n: out,
+            k: rows,
+            a: x,
+            lda: ldx,
+            b: dy,
+            ldb: lddy,
+            c: dw,
+            d: dw,
+            ldd: inp,
+            out: OutType::F32,
+            alpha: 1.0,
+            beta: 1.0,
+        };
+        Ok(self.lt.gemm(&self.gpu, &g)?)
+    }
+
+    fn mamba_parts(
+        &self,
+        lp: &LayerParams,
+        sv: &Saved,
+    ) -> Result<(MambaParams, MambaSaved, MambaShape, &HybridOps)> {
+        match (lp.mamba, sv.mamba, self.dims.mamba, &self.hops) {
+            (Some(p), Some(s), Some(m), Some(h)) => Ok((p, s, m, h)),
+            _ => Err(err("CUDA backend: Mamba layer without its buffers")),
+        }
+    }
+
+    /// The scan's inputs for a Mamba layer's saved activations.
+    fn scan_tensors(&self, mp: &MambaParams, ms: &MambaSaved, m: &MambaShape) -> ScanTensors {
+        ScanTensors {
+            x: Rows::new(ms.xc, m.d),
+            delta: Rows::new(ms.delta, m.d),
+            z: Some(Rows::new(ms.xz + (m.d * BF) as u64, 2 * m.d)),
+            b: Rows::new(ms.bc, 2 * m.ns),
+            c: Rows::new(ms.bc + (m.ns * BF) as u64, 2 * m.ns),
+            delta_bias: self.p32(mp.dt_b),
+            a_log: self.p32(mp.a_log),
+            d_skip: self.p32(mp.d_skip),
+            seg: None,
+        }
+    }
+
+    /// Mamba-1 mixer (arch-spec §1): `xz = in_proj(h)`, `xc = silu(conv(x))`,
+    /// `[dt, B, C] = x_proj(xc)`, `delta = dt_proj(dt)`, `y = scan(...) ⊙ silu(z)`,
+    /// `x_mid = x_in + rs · out_proj(y)`; `self.h` holds `norm_1(x_in)`.
+    #[allow(clippy::too_many_arguments)]
+    fn mamba_forward(
+        &self,
+        lp: &LayerParams,
+        sv: &Saved,
+        batch: usize,
+        seq: usize,
+        x_in: u64,
+        x_mid: u64,
+        train: bool,
+    ) -> Result<()> {
+        let (mp, ms, m, hops) = self.mamba_parts(lp, sv)?;
+        let d = &self.dims;
+        let rows = batch * seq;
+        let (n, dd, r, ns) = (d.n, m.d, m.r, m.ns);
+        self.mark("gemm in_proj")?;
+        self.lt.linear(
+            &self.gpu,
+            self.h.ptr,
+            self.pbf(mp.in_proj),
+            ms.xz,
+            0,
+            rows,
+            n,
+            2 * dd,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
+        self.mark("conv")?;
+        hops.conv1d_silu_fwd(
+            Rows::new(ms.xz, 2 * dd),
+            self.p32(mp.conv_w),
+            self.p32(mp.conv_b),
+            None,
+            Rows::new(ms.xc, dd),
+            batch,
+            seq,
+            dd,
+        )?;
+        self.mark("gemm x_proj")?;
+        self.linear_ld(
+            ms.xc,
+            dd,
+            self.pbf(mp.x_proj),
+            ms.dt,
+            m.rp,
+            0,
+            rows,
+            dd,
+            r,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
+        self.lt.linear(
+            &self.gpu,
+            ms.xc,
+            self.pbf(mp.x_proj) + (r * dd * BF) as u64,
+            ms.bc,
+            0,
+            rows,
+            dd,
+            2 * ns,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
+        self.mark("gemm dt_proj")?;
+        self.linear_ld(
+            ms.dt,
+            m.rp,
+            self.pbf(mp.dt_w),
+            ms.delta,
+            dd,
+            0,
+            rows,
+            r,
+            dd,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
+        self.mark("scan fwd")?;
+        let shape = ScanShape {
+            batch,
+            seq,
+            d_inner: dd,
+        };
+        hops.selective_scan_fwd(
+            &shape,
+            &self.scan_tensors(&mp, &ms, &m),
+            Rows::new(ms.gated, dd),
+            None,
+            train.then_some(ms.ckpt),
+        )?;
+        self.mark("gemm out_proj")?;
+        self.lt.linear(
+            &self.gpu,
+            ms.gated,
+            self.pbf(mp.out_proj),
+            x_mid,
+            x_in,
+            rows,
+            dd,
+            n,
+            OutType::F32,
+            d.residual_scale,
+            1.0,
+        )?;
+        Ok(())
+    }
+
+    /// Backward of [`Self::mamba_forward`] from `self.dres_bf`; leaves `d norm_1 output` in
+    /// `self.h`.
+    fn mamba_backward(
+        &self,
+        lp: &LayerParams,
+        sv: &Saved,
+        batch: usize,
+        seq: usize,
+        x_in: u64,
+    ) -> Result<()> {
+        let (mp, ms, m, hops) = self.mamba_parts(lp, sv)?;
+        let sc = self
+            .mamba_scratch
+            .ok_or_else(|| err("CUDA backend: Mamba layer without scratch"))?;
+        let d = &self.dims;
+        let rows = batch * seq;
+        let (n, dd, r, ns) = (d.n, m.d, m.r, m.ns);
+        let (gpu, lt, rs) = (&self.gpu, &self.lt, d.residual_scale);
+        self.mark("gemm out_proj dW")?;
+        lt.linear_grad_weight(
+            gpu,
+            self.dres_bf.ptr,
+            ms.gated,
+            self.g32(mp.out_proj),
+            rows,
+            dd,
+            n,
+            rs,
+            1.0,
+        )?;
+        self.mark("gemm out_proj dx")?;
+        lt.linear_grad_input(
+            gpu,
+            self.dres_bf.ptr,
+            self.pbf(mp.out_proj),
+            sc.dgated,
+            rows,
+            dd,
+            n,
+            OutType::Bf16,
+            rs,
+            0.0,
+        )?;
+        self.mark("scan bwd")?;
+        let shape = ScanShape {
+            batch,
+            seq,
+            d_inner: dd,
+        };
+        let grads = ScanGrads {
+            x: Rows::new(sc.dxc, dd),
+            delta: Rows::new(sc.ddelta, dd),
+            z: Some(Rows::new(sc.dxz + (dd * BF) as u64, 2 * dd)),
+            b: Rows::new(sc.dbc, 2 * ns),
+            c: Rows::new(sc.dbc + (ns * BF) as u64, 2 * ns),
+            delta_bias: self.g32(mp.dt_b),
+            a_log: self.g32(mp.a_log),
+            d_skip: self.g32(mp.d_skip),
+        };
+        hops.selective_scan_bwd(
+            &shape,
+            &self.scan_tensors(&mp, &ms, &m),
+            ms.ckpt,
+            Rows::new(sc.dgated, dd),
+            None,
+            &grads,
+            sc.bc_acc,
+        )?;
+        self.mark("gemm dt_proj dW/dx")?;
+        self.grad_weight_ld(sc.ddelta, dd, ms.dt, m.rp, self.g32(mp.dt_w), rows, r, dd)?;
+        self.grad_input_ld(
+            sc.ddelta,
+            dd,
+            self.pbf(mp.dt_w),
+            sc.ddt,
+            m.rp,
+            rows,
+            r,
+            dd,
+            1.0,
+            0.0,
+        )?;
+        self.mark("gemm x_proj dW/dx")?;
+        self.grad_weight_ld(sc.ddt, m.rp, ms.xc, dd, self.g32(mp.x_proj), rows, dd, r)?;
+        lt.linear_grad_weight(
+            gpu,
+            sc.dbc,
+            ms.xc,
+            self.g32(mp.x_proj) + (r * dd * F32) as u64,
+            rows,
+            dd,
+            2 * ns,
+            1.0,
+            1.0,
+        )?;
+        self.grad_input_ld(
+            sc.ddt,
+            m.rp,
+            self.pbf(mp.x_proj),
+            sc.dxc,
+            dd,
+            rows,
+            dd,
+            r,
+            1.0,
+            1.0,
+        )?;
+        lt.linear_grad_input(
+            gpu,
+            sc.dbc,
+            self.pbf(mp.x_proj) + (r * dd * BF) as u64,
+            sc.dxc,
+            rows,
+            dd,
+            2 * ns,
+            OutType::Bf16,
+            1.0,
+            1.0,
+        )?;
+        self.mark("conv bwd")?;
+        hops.conv1d_silu_bwd(
+            Rows::new(ms.xz, 2 * dd),
+            self.p32(mp.conv_w),
+            self.p32(mp.conv_b),
+            None,
+            Rows::new(sc.dxc, dd),
+            Rows::new(sc.dxz, 2 * dd),
+            self.g32(mp.conv_w),
+            self.g32(mp.conv_b),
+            batch,
+            seq,
+            dd,
+        )?;
+        self.mark("norm fwd")?;
+        self.ops
+            .rmsnorm_fwd(x_in, self.p32(lp.norm1), self.h.ptr, 0, rows, n, d.eps, 1.0)?;
+        self.mark("gemm in_proj dW")?;
+        lt.linear_grad_weight(
+            gpu,
+            sc.dxz,
+            self.h.ptr,
+            self.g32(mp.in_proj),
+            rows,
+            n,
+            2 * dd,
+            1.0,
+            1.0,
+        )?;
+        self.mark("gemm in_proj dx")?;
+        lt.linear_grad_input(
+            gpu,
+            sc.dxz,
+            self.pbf(mp.in_proj),
+            self.h.ptr,
+            rows,
+            n,
+            2 * dd,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
         Ok(())
     }
 
@@ -1777,5 +2511,70 @@ impl Backend for CudaBackend {
         self.step = state.step;
         self.gpu.sync()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan_of(arch: &str) -> Plan {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            r#"arch = "{arch}"
+depth = 4
+parametrization = "sp"
+
+[base]
+depth = 4
+lr = 1e-3
+batch_tokens = 512
+
+[train]
+tokens = 51_200
+seq_len = 256
+micro_batch = 2
+swa_len = 128
+
+[data]
+train = [{{ synthetic = {{ seed = 1, tokens = 100_000 }} }}]
+"#
+        );
+        let exp = archscale_spec::parse_experiment("exp.toml", &text, dir.path(), &[])
+            .unwrap_or_else(|e| panic!("{}", e.render()));
+        archscale_compiler::plan_experiment(&exp)
+            .unwrap_or_else(|e| panic!("{}", e.render()))
+            .swap_remove(0)
+    }
+
+    #[test]
+    fn samba_runs_on_cuda_with_mamba_and_window_attention_layers() {
+        let plan = plan_of("samba");
+        let d = dims_with(&plan, true).unwrap();
+        assert_eq!(
+            d.mixers,
+            [
+                LayerKind::Mamba,
+                LayerKind::Attention,
+                LayerKind::Mamba,
+                LayerKind::Attention
+            ]
+        );
+        let m = d.mamba.unwrap();
+        assert_eq!((m.d, m.ns), (976, 16));
+        assert_eq!(m.rp % 8, 0);
+        assert!(m.rp >= m.r);
+        assert_eq!(d.windows[1], 128);
+        let refused = dims_of(&plan).unwrap_err().to_string();
+        assert!(
+            refused.contains("ARCHSCALE_EXPERIMENTAL_MAMBA"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn sambay_is_refused_naming_what_is_missing() {
+        let e = dims_with(&plan_of("sambay"), true).unwrap_err().to_string();
+        assert!(e.contains("not built yet"), "{e}");
     }
 }

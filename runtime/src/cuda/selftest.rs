@@ -1070,6 +1070,21 @@ pub fn model_parity(plan: &archscale_compiler::Plan, seed: u64) -> crate::Result
             tol: 5e-2,
             seconds: 0.0,
         });
+        // Mamba x_proj stacks three projections (dt, B, C): check each block of rows.
+        if let (true, Some(m)) = (p.name.ends_with("x_proj.weight"), plan.model.mamba) {
+            let cols = m.d_inner;
+            let (r, ns) = (m.dt_rank, m.d_state);
+            for (part, rows) in [("dt", 0..r), ("B", r..r + ns), ("C", r + ns..r + 2 * ns)] {
+                let span = rows.start * cols..rows.end * cols;
+                out.push(Check {
+                    name: format!("grad {} [{part} rows]", p.name),
+                    shape: shape.clone(),
+                    rel_err: rel_err(&a[span.clone()], &b[span]),
+                    tol: 5e-2,
+                    seconds: 0.0,
+                });
+            }
+        }
     }
     out.push(Check {
         name: "all gradients".into(),
