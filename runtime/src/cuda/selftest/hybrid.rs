@@ -188,15 +188,18 @@ pub(super) fn check_conv(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     Ok(())
 }
 
-/// One scan case: (batch, seq, d_inner, varlen, z gate, extra gradient on y).
-type ScanCase = (usize, usize, usize, bool, bool, bool);
+/// One scan case: (batch, seq, d_inner, varlen, z gate, extra gradient on y, mean of the
+/// dt bias: 0 gives dt ≈ 1, −4.6 gives dt ≈ 0.01 as Mamba's init, i.e. long memory).
+type ScanCase = (usize, usize, usize, bool, bool, bool, f64);
 
 pub(super) fn check_scan(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
-    let cases: [ScanCase; 4] = [
-        (1, 40, 8, false, false, false),
-        (2, 100, 70, true, true, true),
-        (1, 257, 33, false, true, false),
-        (2, 96, 130, true, true, true),
+    let cases: [ScanCase; 5] = [
+        (1, 40, 8, false, false, false, 0.0),
+        (2, 100, 70, true, true, true, 0.0),
+        (1, 257, 33, false, true, false, 0.0),
+        (2, 96, 130, true, true, true, 0.0),
+        // Samba d4's shape (31 channel blocks add into dB/dC) at Mamba's initial dt
+        (2, 256, 976, false, true, false, -4.6),
     ];
     for &case in &cases {
         check_scan_case(env, out, case)?;
@@ -205,14 +208,14 @@ pub(super) fn check_scan(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
 }
 
 fn check_scan_case(env: &mut Env, out: &mut Vec<Check>, case: ScanCase) -> R<()> {
-    let (batch, seq, d, varlen, gate, extra) = case;
+    let (batch, seq, d, varlen, gate, extra, dt_bias_mean) = case;
     let n = SCAN_D_STATE;
     let shape = format!(
         "B{batch} T{seq} D{d}{}{}{}",
         if varlen { " varlen" } else { "" },
         if gate { " z" } else { "" },
         if extra { " +dy" } else { "" }
-    );
+    ) + if dt_bias_mean < 0.0 { " small-dt" } else { "" };
     let rows = batch * seq;
     // x_proj output [rows, R + 2N] with an odd dt_rank R: B and C start unaligned.
     let dt_rank = 5;
@@ -221,7 +224,12 @@ fn check_scan_case(env: &mut Env, out: &mut Vec<Check>, case: ScanCase) -> R<()>
     let mut delta = env.randn_bf16(rows * d, 1.0);
     let i3 = 3 % delta.len();
     delta[i3] = 24.0; // softplus(u) = u above 20
-    let delta_bias = f32_exact(env.randn(d, 0.5));
+    let delta_bias = f32_exact(
+        env.randn(d, 0.5)
+            .into_iter()
+            .map(|b| b + dt_bias_mean)
+            .collect(),
+    );
     let a_log = f32_exact(
         (0..d * n)
             .map(|i| (((i % n) + 1) as f64).ln())
