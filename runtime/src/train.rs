@@ -5,8 +5,9 @@
 //! value at its last micro-iteration. A single process runs every rank of the plan's
 //! world in turn, so a CPU run of an 8-GPU plan computes what the 8 GPUs would.
 //! With a [`Collective`] (one process per GPU), this process computes only its own rank's
-//! micro-batches, the backend sums gradients over ranks, and rank 0 alone writes the run
-//! directory (metrics, events, plan.json, checkpoints) and runs validation.
+//! micro-batches and validation batches, the backend reduces gradients over ranks, and
+//! rank 0 alone writes the run directory (metrics, events, plan.json, checkpoints); under
+//! ZeRO every rank writes its own optimizer shard into the checkpoint.
 
 use crate::checkpoint::{self, TrainState};
 use crate::data::{TrainLoader, ValLoader};
