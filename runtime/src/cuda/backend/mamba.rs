@@ -1,0 +1,463 @@
+//! The Mamba-1 mixer of a CUDA backend layer (arch-spec §1): in_proj, causal conv + SiLU,
+//! x_proj, dt_proj, the fused selective scan with the z gate, out_proj; forward and backward
+//! side by side. Kernels: `HybridOps` (kernels/cuda/mamba.cu).
+
+use super::*;
+
+/// Offsets of a Mamba-1 mixer's tensors (names as ArchScale's `attn.*`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct MambaParams {
+    pub(super) in_proj: usize,
+    pub(super) conv_w: usize,
+    pub(super) conv_b: usize,
+    pub(super) x_proj: usize,
+    pub(super) dt_w: usize,
+    pub(super) dt_b: usize,
+    pub(super) a_log: usize,
+    pub(super) d_skip: usize,
+    pub(super) out_proj: usize,
+}
+
+/// A Mamba layer's saved activations: `xz` (in_proj output, x then z), `xc` (conv + SiLU),
+/// `dt`, `bc` (B then C), `delta` (dt_proj output), `gated` (scan output after the z gate)
+/// and the scan's fp32 state checkpoints.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct MambaSaved {
+    pub(super) xz: u64,
+    pub(super) xc: u64,
+    pub(super) dt: u64,
+    pub(super) bc: u64,
+    pub(super) delta: u64,
+    pub(super) gated: u64,
+    pub(super) ckpt: u64,
+}
+
+/// Mamba backward scratch (one set, reused by every Mamba layer).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct MambaScratch {
+    pub(super) dxz: u64,
+    pub(super) dxc: u64,
+    pub(super) ddelta: u64,
+    pub(super) ddt: u64,
+    pub(super) dbc: u64,
+    pub(super) bc_acc: u64,
+    pub(super) dgated: u64,
+}
+
+impl CudaBackend {
+    /// `y[rows, out] (ld ldy) = alpha · x[rows, inp] (ld ldx) · w[out, inp]ᵀ + beta · c`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn linear_ld(
+        &self,
+        x: u64,
+        ldx: usize,
+        w: u64,
+        y: u64,
+        ldy: usize,
+        c: u64,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        ty: OutType,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        let g = Gemm {
+            trans_a: true,
+            trans_b: false,
+            m: out,
+            n: rows,
+            k: inp,
+            a: w,
+            lda: inp,
+            b: x,
+            ldb: ldx,
+            c,
+            d: y,
+            ldd: ldy,
+            out: ty,
+            alpha,
+            beta,
+        };
+        Ok(self.lt.gemm(&self.gpu, &g)?)
+    }
+
+    /// `dx[rows, inp] (ld lddx) = alpha · dy[rows, out] (ld lddy) · w[out, inp] + beta · dx`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn grad_input_ld(
+        &self,
+        dy: u64,
+        lddy: usize,
+        w: u64,
+        dx: u64,
+        lddx: usize,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        let g = Gemm {
+            trans_a: false,
+            trans_b: false,
+            m: inp,
+            n: rows,
+            k: out,
+            a: w,
+            lda: inp,
+            b: dy,
+            ldb: lddy,
+            c: dx,
+            d: dx,
+            ldd: lddx,
+            out: OutType::Bf16,
+            alpha,
+            beta,
+        };
+        Ok(self.lt.gemm(&self.gpu, &g)?)
+    }
+
+    /// `dw[out, inp] (fp32) += dy[rows, out]ᵀ (ld lddy) · x[rows, inp] (ld ldx)`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn grad_weight_ld(
+        &self,
+        dy: u64,
+        lddy: usize,
+        x: u64,
+        ldx: usize,
+        dw: u64,
+        rows: usize,
+        inp: usize,
+        out: usize,
+    ) -> Result<()> {
+        let g = Gemm {
+            trans_a: false,
+            trans_b: true,
+            m: inp,
+            n: out,
+            k: rows,
+            a: x,
+            lda: ldx,
+            b: dy,
+            ldb: lddy,
+            c: dw,
+            d: dw,
+            ldd: inp,
+            out: OutType::F32,
+            alpha: 1.0,
+            beta: 1.0,
+        };
+        Ok(self.lt.gemm(&self.gpu, &g)?)
+    }
+
+    pub(super) fn mamba_parts(
+        &self,
+        lp: &LayerParams,
+        sv: &Saved,
+    ) -> Result<(MambaParams, MambaSaved, MambaShape, &HybridOps)> {
+        match (lp.mamba, sv.mamba, self.dims.mamba, &self.hops) {
+            (Some(p), Some(s), Some(m), Some(h)) => Ok((p, s, m, h)),
+            _ => Err(err("CUDA backend: Mamba layer without its buffers")),
+        }
+    }
+
+    /// The scan's inputs for a Mamba layer's saved activations.
+    pub(super) fn scan_tensors(
+        &self,
+        mp: &MambaParams,
+        ms: &MambaSaved,
+        m: &MambaShape,
+    ) -> ScanTensors {
+        ScanTensors {
+            x: Rows::new(ms.xc, m.d),
+            delta: Rows::new(ms.delta, m.d),
+            z: Some(Rows::new(ms.xz + (m.d * BF) as u64, 2 * m.d)),
+            b: Rows::new(ms.bc, 2 * m.ns),
+            c: Rows::new(ms.bc + (m.ns * BF) as u64, 2 * m.ns),
+            delta_bias: self.p32(mp.dt_b),
+            a_log: self.p32(mp.a_log),
+            d_skip: self.p32(mp.d_skip),
+            seg: None,
+        }
+    }
+
+    /// Mamba-1 mixer (arch-spec §1): `xz = in_proj(h)`, `xc = silu(conv(x))`,
+    /// `[dt, B, C] = x_proj(xc)`, `delta = dt_proj(dt)`, `y = scan(...) ⊙ silu(z)`,
+    /// `x_mid = x_in + rs · out_proj(y)`; `self.h` holds `norm_1(x_in)`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn mamba_forward(
+        &self,
+        lp: &LayerParams,
+        sv: &Saved,
+        batch: usize,
+        seq: usize,
+        x_in: u64,
+        x_mid: u64,
+        train: bool,
+    ) -> Result<()> {
+        let (mp, ms, m, hops) = self.mamba_parts(lp, sv)?;
+        let d = &self.dims;
+        let rows = batch * seq;
+        let (n, dd, r, ns) = (d.n, m.d, m.r, m.ns);
+        self.mark("gemm in_proj")?;
+        self.lt.linear(
+            &self.gpu,
+            self.h.ptr,
+            self.pbf(mp.in_proj),
+            ms.xz,
+            0,
+            rows,
+            n,
+            2 * dd,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
+        self.mark("conv")?;
+        hops.conv1d_silu_fwd(
+            Rows::new(ms.xz, 2 * dd),
+            self.p32(mp.conv_w),
+            self.p32(mp.conv_b),
+            None,
+            Rows::new(ms.xc, dd),
+            batch,
+            seq,
+            dd,
+        )?;
+        self.mark("gemm x_proj")?;
+        self.linear_ld(
+            ms.xc,
+            dd,
+            self.pbf(mp.x_proj),
+            ms.dt,
+            m.rp,
+            0,
+            rows,
+            dd,
+            r,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
+        self.lt.linear(
+            &self.gpu,
+            ms.xc,
+            self.pbf(mp.x_proj) + (r * dd * BF) as u64,
+            ms.bc,
+            0,
+            rows,
+            dd,
+            2 * ns,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
+        self.mark("gemm dt_proj")?;
+        self.linear_ld(
+            ms.dt,
+            m.rp,
+            self.pbf(mp.dt_w),
+            ms.delta,
+            dd,
+            0,
+            rows,
+            r,
+            dd,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
+        self.mark("scan fwd")?;
+        let shape = ScanShape {
+            batch,
+            seq,
+            d_inner: dd,
+        };
+        hops.selective_scan_fwd(
+            &shape,
+            &self.scan_tensors(&mp, &ms, &m),
+            Rows::new(ms.gated, dd),
+            None,
+            train.then_some(ms.ckpt),
+        )?;
+        self.mark("gemm out_proj")?;
+        self.lt.linear(
+            &self.gpu,
+            ms.gated,
+            self.pbf(mp.out_proj),
+            x_mid,
+            x_in,
+            rows,
+            dd,
+            n,
+            OutType::F32,
+            d.residual_scale,
+            1.0,
+        )?;
+        Ok(())
+    }
+
+    /// Backward of [`Self::mamba_forward`] from `self.dres_bf`; leaves `d norm_1 output` in
+    /// `self.h`.
+    pub(super) fn mamba_backward(
+        &self,
+        lp: &LayerParams,
+        sv: &Saved,
+        batch: usize,
+        seq: usize,
+        x_in: u64,
+    ) -> Result<()> {
+        let (mp, ms, m, hops) = self.mamba_parts(lp, sv)?;
+        let sc = self
+            .mamba_scratch
+            .ok_or_else(|| err("CUDA backend: Mamba layer without scratch"))?;
+        let d = &self.dims;
+        let rows = batch * seq;
+        let (n, dd, r, ns) = (d.n, m.d, m.r, m.ns);
+        let (gpu, lt, rs) = (&self.gpu, &self.lt, d.residual_scale);
+        self.mark("gemm out_proj dW")?;
+        lt.linear_grad_weight(
+            gpu,
+            self.dres_bf.ptr,
+            ms.gated,
+            self.g32(mp.out_proj),
+            rows,
+            dd,
+            n,
+            rs,
+            1.0,
+        )?;
+        self.mark("gemm out_proj dx")?;
+        lt.linear_grad_input(
+            gpu,
+            self.dres_bf.ptr,
+            self.pbf(mp.out_proj),
+            sc.dgated,
+            rows,
+            dd,
+            n,
+            OutType::Bf16,
+            rs,
+            0.0,
+        )?;
+        self.mark("scan bwd")?;
+        let shape = ScanShape {
+            batch,
+            seq,
+            d_inner: dd,
+        };
+        let grads = ScanGrads {
+            x: Rows::new(sc.dxc, dd),
+            delta: Rows::new(sc.ddelta, dd),
+            z: Some(Rows::new(sc.dxz + (dd * BF) as u64, 2 * dd)),
+            b: Rows::new(sc.dbc, 2 * ns),
+            c: Rows::new(sc.dbc + (ns * BF) as u64, 2 * ns),
+            delta_bias: self.g32(mp.dt_b),
+            a_log: self.g32(mp.a_log),
+            d_skip: self.g32(mp.d_skip),
+        };
+        hops.selective_scan_bwd(
+            &shape,
+            &self.scan_tensors(&mp, &ms, &m),
+            ms.ckpt,
+            Rows::new(sc.dgated, dd),
+            None,
+            &grads,
+            sc.bc_acc,
+        )?;
+        self.mark("gemm dt_proj dW/dx")?;
+        self.grad_weight_ld(sc.ddelta, dd, ms.dt, m.rp, self.g32(mp.dt_w), rows, r, dd)?;
+        self.grad_input_ld(
+            sc.ddelta,
+            dd,
+            self.pbf(mp.dt_w),
+            sc.ddt,
+            m.rp,
+            rows,
+            r,
+            dd,
+            1.0,
+            0.0,
+        )?;
+        self.mark("gemm x_proj dW/dx")?;
+        self.grad_weight_ld(sc.ddt, m.rp, ms.xc, dd, self.g32(mp.x_proj), rows, dd, r)?;
+        lt.linear_grad_weight(
+            gpu,
+            sc.dbc,
+            ms.xc,
+            self.g32(mp.x_proj) + (r * dd * F32) as u64,
+            rows,
+            dd,
+            2 * ns,
+            1.0,
+            1.0,
+        )?;
+        self.grad_input_ld(
+            sc.ddt,
+            m.rp,
+            self.pbf(mp.x_proj),
+            sc.dxc,
+            dd,
+            rows,
+            dd,
+            r,
+            1.0,
+            1.0,
+        )?;
+        lt.linear_grad_input(
+            gpu,
+            sc.dbc,
+            self.pbf(mp.x_proj) + (r * dd * BF) as u64,
+            sc.dxc,
+            rows,
+            dd,
+            2 * ns,
+            OutType::Bf16,
+            1.0,
+            1.0,
+        )?;
+        self.mark("conv bwd")?;
+        hops.conv1d_silu_bwd(
+            Rows::new(ms.xz, 2 * dd),
+            self.p32(mp.conv_w),
+            self.p32(mp.conv_b),
+            None,
+            Rows::new(sc.dxc, dd),
+            Rows::new(sc.dxz, 2 * dd),
+            self.g32(mp.conv_w),
+            self.g32(mp.conv_b),
+            batch,
+            seq,
+            dd,
+        )?;
+        self.mark("norm fwd")?;
+        self.ops
+            .rmsnorm_fwd(x_in, self.p32(lp.norm1), self.h.ptr, 0, rows, n, d.eps, 1.0)?;
+        self.mark("gemm in_proj dW")?;
+        lt.linear_grad_weight(
+            gpu,
+            sc.dxz,
+            self.h.ptr,
+            self.g32(mp.in_proj),
+            rows,
+            n,
+            2 * dd,
+            1.0,
+            1.0,
+        )?;
+        self.mark("gemm in_proj dx")?;
+        lt.linear_grad_input(
+            gpu,
+            sc.dxz,
+            self.pbf(mp.in_proj),
+            self.h.ptr,
+            rows,
+            n,
+            2 * dd,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
+        Ok(())
+    }
+}
