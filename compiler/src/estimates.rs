@@ -147,6 +147,21 @@ fn optimizer_state_bytes(opt: &OptimizerPlan, params: &[ParamSpec]) -> u64 {
         .sum()
 }
 
+/// Elements of the largest unit a ZeRO-3 rank gathers at once: one block
+/// (`transformer.h.{i}.*`), the embedding, or the head (everything else).
+fn largest_unit(params: &[ParamSpec]) -> u64 {
+    let mut units: std::collections::BTreeMap<String, u64> = Default::default();
+    for p in params {
+        let key = match p.name.strip_prefix("transformer.h.") {
+            Some(rest) => format!("h.{}", rest.split('.').next().unwrap_or("")),
+            None if p.name.starts_with("transformer.wte") => "embedding".into(),
+            None => "head".into(),
+        };
+        *units.entry(key).or_default() += p.numel() as u64;
+    }
+    units.values().copied().max().unwrap_or(0)
+}
+
 /// Per-GPU memory under `sharding`.
 pub fn memory(
     sharding: Sharding,
@@ -170,12 +185,23 @@ pub fn memory(
             div(full.2, gpus_per_node),
         ),
     };
-    let total_bytes = params_bytes + grads_bytes + optimizer_bytes + activation_bytes;
+    let working_bytes = match sharding {
+        Sharding::DataParallel | Sharding::Zero1 => 2 * numel,
+        Sharding::Zero3 | Sharding::HybridShard => {
+            let tied = params
+                .iter()
+                .any(|p| p.aliases.iter().any(|a| a == "transformer.wte.weight"));
+            10 * largest_unit(params) * if tied { 2 } else { 1 }
+        }
+    };
+    let total_bytes =
+        params_bytes + grads_bytes + optimizer_bytes + working_bytes + activation_bytes;
     let gpu_bytes = (gpu_memory_gib.max(0.0) * GIB) as u64;
     MemoryEstimate {
         params_bytes,
         grads_bytes,
         optimizer_bytes,
+        working_bytes,
         activations_bytes: activation_bytes,
         total_bytes,
         gpu_bytes,
@@ -218,5 +244,69 @@ pub fn choose_sharding(
         Sharding::HybridShard
     } else {
         Sharding::Zero3
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::InitRule;
+
+    fn spec(name: &str, shape: &[usize], aliases: &[&str]) -> ParamSpec {
+        ParamSpec {
+            name: name.into(),
+            aliases: aliases.iter().map(|a| a.to_string()).collect(),
+            shape: shape.to_vec(),
+            init: InitRule::Normal { std: 0.02 },
+            group: 0,
+            layer: None,
+        }
+    }
+
+    fn params(tied: bool) -> Vec<ParamSpec> {
+        let mut v = vec![];
+        if !tied {
+            v.push(spec("transformer.wte.weight", &[100, 8], &[]));
+        }
+        for l in 0..2 {
+            v.push(spec(
+                &format!("transformer.h.{l}.attn.attn.weight"),
+                &[24, 8],
+                &[],
+            ));
+            v.push(spec(
+                &format!("transformer.h.{l}.mlp.w1.weight"),
+                &[64, 8],
+                &[],
+            ));
+        }
+        v.push(spec("transformer.ln_f.weight", &[8], &[]));
+        let alias: &[&str] = if tied {
+            &["transformer.wte.weight"]
+        } else {
+            &[]
+        };
+        v.push(spec("lm_head.weight", &[100, 8], alias));
+        v
+    }
+
+    fn working(sharding: Sharding, tied: bool) -> u64 {
+        let opt = OptimizerPlan {
+            groups: vec![],
+            grad_clip: 1.0,
+        };
+        memory(sharding, 4, 4, &params(tied), &opt, 0, 80.0).working_bytes
+    }
+
+    #[test]
+    fn working_copy_is_a_bf16_copy_or_one_gathered_unit() {
+        let numel: u64 = params(false).iter().map(|p| p.numel() as u64).sum();
+        assert_eq!(working(Sharding::DataParallel, false), 2 * numel);
+        assert_eq!(working(Sharding::Zero1, false), 2 * numel);
+        // largest unit: the head (ln_f 8 + lm_head 800) beats the embedding (800) and a
+        // block (704); fp32 + bf16 + fp32 gradient = 10 bytes per element
+        assert_eq!(working(Sharding::Zero3, false), 10 * 808);
+        // a tied embedding keeps its own slot beside the shared one
+        assert_eq!(working(Sharding::HybridShard, true), 2 * 10 * 808);
     }
 }

@@ -390,9 +390,15 @@ pub struct DataPlan {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct MemoryEstimate {
+    /// fp32 master parameters (this rank's share).
     pub params_bytes: u64,
     pub grads_bytes: u64,
     pub optimizer_bytes: u64,
+    /// What a GPU computes with besides its share: the bf16 copy of every parameter, or
+    /// under ZeRO-3 / hybrid shard the buffers of the gathered unit (fp32 and bf16
+    /// parameters and an fp32 gradient of the largest block; twice with a tied embedding).
+    #[serde(default)]
+    pub working_bytes: u64,
     pub activations_bytes: u64,
     pub total_bytes: u64,
     pub gpu_bytes: u64,

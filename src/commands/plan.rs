@@ -417,10 +417,11 @@ fn run_view(p: &Plan) -> RunView {
     );
     let mem = &e.memory;
     let memory = format!(
-        "params {} + grads {} + optimizer {} + activations {} = {}",
+        "params {} + grads {} + optimizer {} + working copy {} + activations {} = {}",
         gib(mem.params_bytes),
         gib(mem.grads_bytes),
         gib(mem.optimizer_bytes),
+        gib(mem.working_bytes),
         gib(mem.activations_bytes),
         gib(mem.total_bytes),
     );

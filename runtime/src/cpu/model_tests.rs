@@ -253,6 +253,7 @@ pub(crate) fn plan(model: ModelConfig, layers: Vec<LayerPlan>) -> Plan {
                 params_bytes: 4 * total,
                 grads_bytes: 4 * total,
                 optimizer_bytes: 8 * total,
+                working_bytes: 0,
                 activations_bytes: 0,
                 total_bytes: 16 * total,
                 gpu_bytes: 0,
