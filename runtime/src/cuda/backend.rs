@@ -12,8 +12,8 @@
 //! `mamba.rs`), the MLP up-projection `gu`. Norm outputs and `silu(g)·u` are recomputed in
 //! the backward pass.
 
-use super::flat_layout::FlatLayout;
 use crate::backend::OptimizerShard;
+use crate::distributed::flat_layout::FlatLayout;
 use crate::distributed::nccl::NcclComm;
 use crate::optim::adamw::AdamWHyper;
 use crate::{Backend, OptimizerState, Result, RuntimeError};

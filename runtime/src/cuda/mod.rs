@@ -5,7 +5,6 @@
 
 pub mod backend;
 pub mod bench;
-pub mod flat_layout;
 pub mod selftest;
 
 pub use archscale_kernels::KernelError;

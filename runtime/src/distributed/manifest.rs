@@ -5,12 +5,20 @@
 //! manifest names the files and, for every tensor, where each of its pieces lives, so a
 //! reader needs neither the plan nor the old world size to rebuild the full tensors.
 
-use super::shard::{ShardLayout, State};
 use crate::{Result, RuntimeError};
 use archscale_compiler::plan::Sharding;
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT: &str = "archscale-sharded-v1";
+
+/// Which state a set of shard files holds.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Params,
+    Grads,
+    Optimizer,
+}
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Manifest {
@@ -67,46 +75,6 @@ pub fn shard_file_name(prefix: &str, shard: usize, count: usize) -> String {
 }
 
 impl Manifest {
-    /// The manifest of `state` laid out by `layout`, files named from `prefix`.
-    pub fn new(layout: &ShardLayout, state: State, prefix: &str) -> Self {
-        let count = layout.shard_count(state);
-        let mut tensors: Vec<TensorEntry> = layout
-            .tensors
-            .iter()
-            .map(|t| TensorEntry {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
-                offset: t.offset,
-                pieces: vec![],
-            })
-            .collect();
-        for shard in 0..count {
-            for p in layout.pieces(layout.chunk(count, shard)) {
-                tensors[p.tensor].pieces.push(PieceEntry {
-                    shard,
-                    range: [p.tensor_range.start, p.tensor_range.end],
-                    shard_offset: p.local_offset,
-                });
-            }
-        }
-        Manifest {
-            format: FORMAT.into(),
-            world: layout.world,
-            gpus_per_node: layout.gpus_per_node,
-            layout: layout.sharding,
-            state,
-            shard_len: layout.padded_total / count,
-            files: (0..count)
-                .map(|shard| ShardFile {
-                    shard,
-                    rank: shard,
-                    file: shard_file_name(prefix, shard, count),
-                })
-                .collect(),
-            tensors,
-        }
-    }
-
     /// Checks the manifest describes every element of every tensor exactly once, inside
     /// its shard, and that `shards` match it.
     pub fn check(&self, shards: &[Vec<f32>]) -> Result<()> {
@@ -191,37 +159,9 @@ impl Manifest {
     }
 }
 
-/// Re-shards a checkpoint state written at `manifest.world` to `new_world` ranks of the same
-/// layout kind with `gpus_per_node` per node (it matters to hybrid shard only): returns the
-/// new manifest (files named from `prefix`) and its shard buffers.
-pub fn reshard(
-    manifest: &Manifest,
-    shards: &[Vec<f32>],
-    new_world: usize,
-    gpus_per_node: usize,
-    prefix: &str,
-) -> Result<(Manifest, Vec<Vec<f32>>)> {
-    let tensors = manifest.gather(shards)?;
-    let layout = ShardLayout::new(
-        tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), 8)),
-        manifest.layout,
-        new_world,
-        gpus_per_node,
-    )?;
-    let full: Vec<f32> = tensors
-        .iter()
-        .flat_map(|t| t.data.iter().copied())
-        .collect();
-    let state = manifest.state;
-    let new_manifest = Manifest::new(&layout, state, prefix);
-    let new_shards = (0..layout.shard_count(state))
-        .map(|shard| layout.scatter(&full, state, shard))
-        .collect::<Result<Vec<_>>>()?;
-    Ok((new_manifest, new_shards))
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::flat_layout::FlatLayout;
     use super::*;
 
     /// Deterministic values with varied bit patterns (negative, tiny, large).
@@ -239,111 +179,91 @@ mod tests {
             .collect()
     }
 
-    fn tensors() -> Vec<(String, Vec<usize>, u64)> {
+    fn tensors() -> Vec<(String, Vec<usize>, usize)> {
         [
-            ("wte", vec![37, 6]),
-            ("h.0.attn.weight", vec![18, 6]),
-            ("h.0.norm", vec![6]),
-            ("lm_head", vec![5, 7]),
+            ("transformer.wte.weight", vec![37, 6]),
+            ("transformer.h.0.attn.attn.weight", vec![18, 6]),
+            ("transformer.h.0.norm_1.weight", vec![6]),
+            ("lm_head.weight", vec![5, 7]),
         ]
         .into_iter()
-        .map(|(n, s)| (n.to_string(), s, 8))
+        .map(|(n, s)| (n.to_string(), s, 0))
         .collect()
     }
 
-    fn sharded(layout: &ShardLayout, state: State, full: &[f32]) -> Vec<Vec<f32>> {
-        (0..layout.shard_count(state))
-            .map(|s| layout.scatter(full, state, s).unwrap())
+    fn full() -> Vec<Vec<f32>> {
+        tensors()
+            .iter()
+            .enumerate()
+            .map(|(i, (_, s, _))| values(s.iter().product(), i as u64 + 7))
             .collect()
     }
 
-    #[test]
-    fn reshard_round_trip_4_1_3_4_is_bit_exact() {
-        for sharding in [Sharding::Zero3, Sharding::Zero1, Sharding::HybridShard] {
-            let layout = ShardLayout::new(tensors(), sharding, 4, 2).unwrap();
-            let numel: usize = layout.tensors.iter().map(|t| t.numel).sum();
-            let full = values(numel, 7);
-            let state = if sharding == Sharding::Zero1 {
-                State::Optimizer
-            } else {
-                State::Params
-            };
-            let m4 = Manifest::new(&layout, state, "step-10/params");
-            let s4 = sharded(&layout, state, &full);
-            // The manifest survives JSON.
-            let m4: Manifest = serde_json::from_str(&serde_json::to_string(&m4).unwrap()).unwrap();
-            let (m1, s1) = reshard(&m4, &s4, 1, 1, "w1").unwrap();
-            assert_eq!(s1.len(), 1);
-            let (m3, s3) = reshard(&m1, &s1, 3, 3, "w3").unwrap();
-            assert_eq!(s3.len(), 3);
-            let (m4b, s4b) = reshard(&m3, &s3, 4, 2, "step-10/params").unwrap();
-            assert_eq!(m4b, m4, "{sharding:?}");
-            let bits = |s: &[Vec<f32>]| s.iter().flatten().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&s4b), bits(&s4), "{sharding:?}");
-            let gathered: Vec<f32> = m3
-                .gather(&s3)
-                .unwrap()
-                .into_iter()
-                .flat_map(|t| t.data)
-                .collect();
-            assert_eq!(
-                gathered.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                full.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-            );
-        }
+    /// Every rank's local buffer of `full` cut into `shards`, and the manifest.
+    fn cut(full: &[Vec<f32>], shards: usize) -> (Manifest, Vec<Vec<f32>>) {
+        let refs: Vec<&[f32]> = full.iter().map(|v| v.as_slice()).collect();
+        let locals = (0..shards)
+            .map(|r| {
+                FlatLayout::from_tensors(tensors(), shards, r)
+                    .unwrap()
+                    .local_from_full(&refs)
+                    .unwrap()
+            })
+            .collect();
+        let m = FlatLayout::from_tensors(tensors(), shards, 0)
+            .unwrap()
+            .manifest(Sharding::Zero3, shards, "optimizer.exp_avg");
+        (m, locals)
+    }
+
+    fn bits(v: &[Vec<f32>]) -> Vec<u32> {
+        v.iter().flatten().map(|x| x.to_bits()).collect()
     }
 
     #[test]
-    fn manifest_names_one_file_per_chunk_and_pieces_across_ranks() {
-        let layout = ShardLayout::new(tensors(), Sharding::HybridShard, 8, 4).unwrap();
-        let m = Manifest::new(&layout, State::Params, "ckpt");
+    fn resharding_4_1_3_4_through_manifests_is_bit_exact() {
+        let original = full();
+        let (m4, s4) = cut(&original, 4);
+        // The manifest survives JSON.
+        let m4: Manifest = serde_json::from_str(&serde_json::to_string(&m4).unwrap()).unwrap();
+        let mut tensors_now: Vec<Vec<f32>> = m4
+            .gather(&s4)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.data)
+            .collect();
+        assert_eq!(bits(&tensors_now), bits(&original));
+        for shards in [1, 3, 4] {
+            let (m, s) = cut(&tensors_now, shards);
+            assert_eq!(m.files.len(), shards);
+            tensors_now = m.gather(&s).unwrap().into_iter().map(|t| t.data).collect();
+            assert_eq!(bits(&tensors_now), bits(&original), "{shards} shards");
+        }
+        let (m4b, s4b) = cut(&tensors_now, 4);
+        assert_eq!(m4b, m4);
+        assert_eq!(bits(&s4b), bits(&s4));
+    }
+
+    #[test]
+    fn manifest_names_one_file_per_rank_and_pieces_in_local_buffers() {
+        let (m, s) = cut(&full(), 4);
         assert_eq!(m.files.len(), 4);
-        assert_eq!(m.files[3].file, "ckpt.shard-00003-of-00004.bin");
-        // Padded to multiples of 8: 224 + 112 + 8 + 40 = 384, chunks of 96; wte (222
-        // values) spans chunks 0, 1 and 2.
-        assert_eq!(m.shard_len, 96);
+        assert_eq!(
+            m.files[3].file,
+            "optimizer.exp_avg.shard-00003-of-00004.bin"
+        );
+        assert!(s.iter().all(|b| b.len() == m.shard_len));
+        // wte (222 values) is its own unit of 256 padded elements: 64 per rank, so its
+        // pieces are 64, 64, 64 and 30 values at the start of each rank's buffer.
         let wte = &m.tensors[0];
-        assert_eq!(wte.pieces.len(), 3);
-        assert_eq!((wte.pieces[1].shard, wte.pieces[1].range), (1, [96, 192]));
-        assert_eq!(
-            (
-                wte.pieces[2].shard,
-                wte.pieces[2].range,
-                wte.pieces[2].shard_offset
-            ),
-            (2, [192, 222], 0)
-        );
-        assert_eq!(
-            (
-                m.tensors[1].pieces[0].shard,
-                m.tensors[1].pieces[0].shard_offset
-            ),
-            (2, 32)
-        );
-    }
-
-    #[test]
-    fn zero1_params_stay_whole_and_optimizer_state_is_cut_per_rank() {
-        let layout = ShardLayout::new(tensors(), Sharding::Zero1, 2, 2).unwrap();
-        let numel: usize = layout.tensors.iter().map(|t| t.numel).sum();
-        let full = values(numel, 3);
-        for (state, files_at_3) in [(State::Params, 1), (State::Optimizer, 3)] {
-            let m = Manifest::new(&layout, state, "s");
-            let s = sharded(&layout, state, &full);
-            let (m3, s3) = reshard(&m, &s, 3, 3, "s").unwrap();
-            assert_eq!(
-                (m3.state, m3.files.len(), s3.len()),
-                (state, files_at_3, files_at_3)
-            );
-        }
+        let lens: Vec<usize> = wte.pieces.iter().map(|p| p.range[1] - p.range[0]).collect();
+        assert_eq!(lens, [64, 64, 64, 30]);
+        assert!(wte.pieces.iter().all(|p| p.shard_offset == 0));
     }
 
     #[test]
     fn check_rejects_wrong_shard_count_and_length() {
-        let layout = ShardLayout::new(tensors(), Sharding::Zero3, 2, 2).unwrap();
-        let numel: usize = layout.tensors.iter().map(|t| t.numel).sum();
-        let m = Manifest::new(&layout, State::Params, "p");
-        let mut s = sharded(&layout, State::Params, &values(numel, 1));
+        let (m, mut s) = cut(&full(), 2);
         assert!(m
             .check(&s[..1])
             .unwrap_err()

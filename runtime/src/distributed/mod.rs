@@ -1,11 +1,12 @@
-//! Groundwork for multi-GPU training: who this process is (rank environment from torchrun
-//! or Slurm), which slice of params/grads/optimizer state each rank owns (`shard`), and the
-//! manifest of a sharded checkpoint with re-sharding to another world size (`manifest`).
-//! Communication: `nccl` (bootstrap and all-reduce for data parallel).
+//! Multi-GPU training: who this process is (rank environment from torchrun or Slurm),
+//! where every parameter lives in the flat buffers and which chunk of each unit a rank owns
+//! under ZeRO (`flat_layout`), the manifest of a sharded checkpoint that any world size can
+//! read (`manifest`), and communication (`nccl`: bootstrap, all-reduce, reduce-scatter,
+//! all-gather, sub-communicators for hybrid shard).
 
+pub mod flat_layout;
 pub mod manifest;
 pub mod nccl;
-pub mod shard;
 
 use crate::{Result, RuntimeError};
 use archscale_compiler::plan::ParallelLayout;

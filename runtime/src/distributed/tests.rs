@@ -1,4 +1,4 @@
-use super::shard::{ShardLayout, State};
+use super::flat_layout::FlatLayout;
 use super::*;
 use archscale_compiler::plan::{Plan, Sharding};
 
@@ -180,25 +180,29 @@ fn per_rank_bytes_agree_with_plan_estimates() {
     for (nodes, gpus) in [(1, 1), (1, 4), (2, 4)] {
         for sharding in ["data_parallel", "zero1", "zero3", "hybrid_shard"] {
             let plan = plan(nodes, gpus, sharding);
-            let layout = ShardLayout::from_plan(&plan).unwrap();
+            let world = plan.layout.world;
+            // the ranks a state is cut over: none, the world, or the GPUs of a node
+            let (params_over, optimizer_over) = match plan.layout.sharding {
+                Sharding::DataParallel => (1, 1),
+                Sharding::Zero1 => (1, world),
+                Sharding::Zero3 => (world, world),
+                Sharding::HybridShard => (gpus, gpus),
+            };
             let mem = &plan.estimates.memory;
-            let tensors = plan.params.len() as u64;
-            for (state, estimate, per_element) in [
-                (State::Params, mem.params_bytes, 4),
-                (State::Grads, mem.grads_bytes, 4),
-                (State::Optimizer, mem.optimizer_bytes, 8),
+            for (over, estimate, per_element) in [
+                (params_over, mem.params_bytes, 4),
+                (params_over, mem.grads_bytes, 4),
+                (optimizer_over, mem.optimizer_bytes, 8),
             ] {
-                let got = layout.max_rank_bytes(state);
-                // Per-tensor padding to a multiple of the world adds at most world-1
-                // elements per tensor, spread over the shards.
-                let slack = per_element * tensors * (plan.layout.world as u64 - 1);
+                let layout = FlatLayout::new(&plan, over, 0).unwrap();
+                let got = (layout.local_len * per_element) as u64;
+                // Alignment: 64 elements per tensor and 64·shards per unit, at most.
+                let slack =
+                    (per_element * 64 * (plan.params.len() + layout.units.len() * over)) as u64;
                 assert!(
                     got >= estimate && got <= estimate + slack,
-                    "{nodes}x{gpus} {sharding} {state:?}: {got} B per rank, plan says {estimate} (slack {slack})"
+                    "{nodes}x{gpus} {sharding}: {got} B per rank, plan says {estimate} (slack {slack})"
                 );
-                if plan.layout.world == 1 {
-                    assert_eq!(got, estimate, "{sharding} {state:?}");
-                }
             }
         }
     }
@@ -262,7 +266,7 @@ fn save_from_ranks(
     run_dir: &std::path::Path,
 ) -> std::path::PathBuf {
     use crate::checkpoint::{save_sharded, TrainState};
-    use crate::cuda::flat_layout::FlatLayout;
+    use crate::distributed::flat_layout::FlatLayout;
     let params = full_tensors(plan, 1);
     let m = full_tensors(plan, 2);
     let v = full_tensors(plan, 3);
@@ -317,7 +321,7 @@ fn save_from_ranks(
 
 #[test]
 fn sharded_checkpoint_loads_whole_and_reshards_to_any_world() {
-    use crate::cuda::flat_layout::FlatLayout;
+    use crate::distributed::flat_layout::FlatLayout;
     let plan = plan(1, 4, "zero1");
     let dir = tempfile::tempdir().unwrap();
     let ck_dir = save_from_ranks(&plan, 4, 4, dir.path());

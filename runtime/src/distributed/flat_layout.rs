@@ -10,8 +10,9 @@
 //! optimizer state, and under ZeRO-3 its parameters and gradients) is the concatenation of
 //! its chunks, unit after unit.
 
-use crate::distributed::manifest::{Manifest, PieceEntry, ShardFile, TensorEntry, FORMAT};
-use crate::distributed::shard::State;
+use super::manifest::{
+    shard_file_name, Manifest, PieceEntry, ShardFile, State, TensorEntry, FORMAT,
+};
 use crate::{Result, RuntimeError};
 use archscale_compiler::plan::{Plan, Sharding};
 use std::ops::Range;
@@ -275,7 +276,7 @@ impl FlatLayout {
                 .map(|shard| ShardFile {
                     shard,
                     rank: shard,
-                    file: crate::distributed::manifest::shard_file_name(prefix, shard, self.shards),
+                    file: shard_file_name(prefix, shard, self.shards),
                 })
                 .collect(),
             tensors,
