@@ -60,6 +60,30 @@ struct Key {
     ldb: usize,
     ldd: usize,
     out: OutType,
+    /// Byte alignment of A, B, C and D when one of them is below 128 (else all 256):
+    /// cuBLASLt assumes 256-byte operands unless told otherwise.
+    align: [u32; 4],
+}
+
+/// Largest power of two (at most 256) dividing `ptr`.
+fn alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        1 << ptr.trailing_zeros().min(8)
+    }
+}
+
+/// The alignments cuBLASLt is told about: operands at 128 bytes or more (every buffer and
+/// weight today) keep cuBLASLt's default assumption, so their algorithm choice is unchanged;
+/// a less aligned operand (a sub-block of a weight) makes all four explicit.
+fn declared_alignment(ptrs: [u64; 4]) -> [u32; 4] {
+    let a = ptrs.map(alignment);
+    if a.iter().all(|&x| x >= 128) {
+        [256; 4]
+    } else {
+        a
+    }
 }
 
 struct Cached {
@@ -170,6 +194,28 @@ impl Lt {
                 ),
             )?;
             let pref = cublas("cublasLtMatmulPreferenceCreate", lt::create_matmul_pref())?;
+            if key.align != [256; 4] {
+                use sys::cublasLtMatmulPreferenceAttributes_t as P;
+                for (attr, value) in [
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                ]
+                .into_iter()
+                .zip(key.align)
+                {
+                    cublas(
+                        "set min alignment",
+                        lt::set_matmul_pref_attribute(
+                            pref,
+                            attr,
+                            &value as *const u32 as *const c_void,
+                            std::mem::size_of::<u32>(),
+                        ),
+                    )?;
+                }
+            }
             let ws: usize = WORKSPACE_BYTES;
             cublas(
                 "set workspace",
@@ -205,6 +251,7 @@ impl Lt {
         if g.m == 0 || g.n == 0 {
             return Ok(());
         }
+        let c_ptr = if g.beta == 0.0 { g.d } else { g.c };
         let key = Key {
             trans_a: g.trans_a,
             trans_b: g.trans_b,
@@ -215,13 +262,13 @@ impl Lt {
             ldb: g.ldb,
             ldd: g.ldd,
             out: g.out,
+            align: declared_alignment([g.a, g.b, c_ptr, g.d]),
         };
         self.prepare(key)?;
         let cache = self.cache.borrow();
         let c = cache
             .get(&key)
             .ok_or_else(|| KernelError::Unsupported("gemm cache miss".into()))?;
-        let c_ptr = if g.beta == 0.0 { g.d } else { g.c };
         unsafe {
             cublas(
                 &format!("cublasLtMatmul({key:?})"),
@@ -370,5 +417,24 @@ impl Drop for Lt {
             }
             let _ = lt::destroy_handle(self.handle);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_under_aligned_operand_changes_what_cublaslt_is_told() {
+        assert_eq!(alignment(0x1000), 256);
+        assert_eq!(alignment(0x1040), 64);
+        assert_eq!(alignment(0x1002), 2);
+        // buffers (256) and weights (128-byte offsets) keep the default assumption
+        assert_eq!(declared_alignment([0x1080, 0x2000, 0, 0x3000]), [256; 4]);
+        // a weight sub-block at a 64-byte offset makes all four explicit
+        assert_eq!(
+            declared_alignment([0x1080, 0x2000, 0x3040, 0x3040]),
+            [128, 256, 64, 64]
+        );
     }
 }
