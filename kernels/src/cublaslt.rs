@@ -310,6 +310,27 @@ impl Lt {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
+        self.linear_ld(gpu, x, inp, w, y, out, c, rows, inp, out, ty, alpha, beta)
+    }
+
+    /// [`Lt::linear`] with row strides: `x` rows `ldx` apart, `y` (and `c`) rows `ldy` apart.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_ld(
+        &self,
+        gpu: &Gpu,
+        x: u64,
+        ldx: usize,
+        w: u64,
+        y: u64,
+        ldy: usize,
+        c: u64,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        ty: OutType,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
         self.gemm(
             gpu,
             &Gemm {
@@ -321,10 +342,10 @@ impl Lt {
                 a: w,
                 lda: inp,
                 b: x,
-                ldb: inp,
+                ldb: ldx,
                 c,
                 d: y,
-                ldd: out,
+                ldd: ldy,
                 out: ty,
                 alpha,
                 beta,
@@ -347,6 +368,26 @@ impl Lt {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
+        self.linear_grad_input_ld(gpu, dy, out, w, dx, inp, rows, inp, out, ty, alpha, beta)
+    }
+
+    /// [`Lt::linear_grad_input`] with row strides `lddy` and `lddx`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_grad_input_ld(
+        &self,
+        gpu: &Gpu,
+        dy: u64,
+        lddy: usize,
+        w: u64,
+        dx: u64,
+        lddx: usize,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        ty: OutType,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
         self.gemm(
             gpu,
             &Gemm {
@@ -358,10 +399,10 @@ impl Lt {
                 a: w,
                 lda: inp,
                 b: dy,
-                ldb: out,
+                ldb: lddy,
                 c: dx,
                 d: dx,
-                ldd: inp,
+                ldd: lddx,
                 out: ty,
                 alpha,
                 beta,
@@ -383,6 +424,25 @@ impl Lt {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
+        self.linear_grad_weight_ld(gpu, dy, out, x, inp, dw, rows, inp, out, alpha, beta)
+    }
+
+    /// [`Lt::linear_grad_weight`] with row strides `lddy` and `ldx` (dw stays dense).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_grad_weight_ld(
+        &self,
+        gpu: &Gpu,
+        dy: u64,
+        lddy: usize,
+        x: u64,
+        ldx: usize,
+        dw: u64,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
         self.gemm(
             gpu,
             &Gemm {
@@ -392,9 +452,9 @@ impl Lt {
                 n: out,
                 k: rows,
                 a: x,
-                lda: inp,
+                lda: ldx,
                 b: dy,
-                ldb: out,
+                ldb: lddy,
                 c: dw,
                 d: dw,
                 ldd: inp,

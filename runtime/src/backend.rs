@@ -63,6 +63,11 @@ pub trait Backend {
         None
     }
 
+    /// Whether `read_params` is a collective every rank must call (ZeRO-3 gathers).
+    fn read_params_is_collective(&self) -> bool {
+        false
+    }
+
     /// Whether `optimizer_shard` returns a shard (then every rank takes part in saving).
     fn optimizer_is_sharded(&self) -> bool {
         false

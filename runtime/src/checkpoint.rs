@@ -77,6 +77,14 @@ pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
+/// Little-endian f32 values of `bytes` (a whole number of them).
+fn f32_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -366,12 +374,7 @@ fn tensor_f32(
             t.dtype()
         )));
     }
-    let data = t
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    Ok((t.shape().to_vec(), data))
+    Ok((t.shape().to_vec(), f32_values(t.data())))
 }
 
 /// Loads and verifies a checkpoint directory against `plan`.
@@ -467,12 +470,7 @@ fn load_sharded_optimizer(dir: &Path, state: &TrainState) -> Result<OptimizerSta
                     bytes.len()
                 )));
             }
-            shards.push(
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect::<Vec<f32>>(),
-            );
+            shards.push(f32_values(&bytes));
         }
         for t in manifest
             .gather(&shards)

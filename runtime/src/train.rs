@@ -345,7 +345,12 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
         if !sharded && !lead {
             return Ok(None);
         }
-        let params = backend.read_params()?;
+        // Only rank 0 writes the parameters; others read them only when that is collective.
+        let params = if lead || backend.read_params_is_collective() {
+            backend.read_params()?
+        } else {
+            Vec::new()
+        };
         let loader_states = loaders
             .iter()
             .map(|l| {

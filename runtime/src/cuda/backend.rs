@@ -19,7 +19,6 @@ use crate::optim::adamw::AdamWHyper;
 use crate::{Backend, OptimizerState, Result, RuntimeError};
 use archscale_compiler::plan::Sharding;
 use archscale_compiler::plan::{Mixer, MlpKind, NormKind, OptimizerKind, Plan};
-use archscale_kernels::cublaslt::Gemm;
 use archscale_kernels::cublaslt::{Lt, OutType};
 use archscale_kernels::ops::{AttnLayout, HybridOps, Ops, Rows, ScanGrads, ScanShape, ScanTensors};
 use archscale_kernels::{DeviceBuffer, Gpu};
@@ -1483,6 +1482,10 @@ impl Backend for CudaBackend {
     fn set_gradient_sync(&mut self, sync: bool) {
         // ARCHSCALE_OVERLAP_REDUCE=0 reduces once before the norm instead (diagnostics).
         self.sync_grads = sync && std::env::var("ARCHSCALE_OVERLAP_REDUCE").as_deref() != Ok("0");
+    }
+
+    fn read_params_is_collective(&self) -> bool {
+        self.zero3.is_some()
     }
 
     fn optimizer_is_sharded(&self) -> bool {

@@ -178,26 +178,13 @@ impl NcclComm {
 
     /// In-place fp32 sum over ranks of `count` floats at `ptr`, on `gpu`'s stream.
     pub fn all_reduce_sum_f32(&self, gpu: &Gpu, ptr: u64, count: usize) -> Result<()> {
-        // SAFETY: `ptr` is a device allocation of at least `count` f32 on this communicator's
-        // device; the call is ordered on the stream after the kernels that wrote it.
-        unsafe {
-            nc::all_reduce(
-                ptr as *const _,
-                ptr as *mut _,
-                count,
-                ns::ncclDataType_t::ncclFloat32,
-                ns::ncclRedOp_t::ncclSum,
-                self.comm,
-                gpu.raw_stream() as _,
-            )
-        }
-        .map(|_| ())
-        .map_err(|e| nccl("ncclAllReduce", e))
+        self.all_reduce_sum_f32_on(ptr, count, gpu.raw_stream() as u64)
     }
 
     /// In-place fp32 sum over ranks of `count` floats at `ptr`, on `stream`.
     pub fn all_reduce_sum_f32_on(&self, ptr: u64, count: usize, stream: u64) -> Result<()> {
-        // SAFETY: as `all_reduce_sum_f32`; the caller orders `stream` after the writers.
+        // SAFETY: `ptr` is a device allocation of at least `count` f32 on this communicator's
+        // device; the caller orders `stream` after the kernels that wrote it.
         unsafe {
             nc::all_reduce(
                 ptr as *const _,

@@ -45,111 +45,6 @@ pub(super) struct MambaScratch {
 }
 
 impl CudaBackend {
-    /// `y[rows, out] (ld ldy) = alpha · x[rows, inp] (ld ldx) · w[out, inp]ᵀ + beta · c`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn linear_ld(
-        &self,
-        x: u64,
-        ldx: usize,
-        w: u64,
-        y: u64,
-        ldy: usize,
-        c: u64,
-        rows: usize,
-        inp: usize,
-        out: usize,
-        ty: OutType,
-        alpha: f32,
-        beta: f32,
-    ) -> Result<()> {
-        let g = Gemm {
-            trans_a: true,
-            trans_b: false,
-            m: out,
-            n: rows,
-            k: inp,
-            a: w,
-            lda: inp,
-            b: x,
-            ldb: ldx,
-            c,
-            d: y,
-            ldd: ldy,
-            out: ty,
-            alpha,
-            beta,
-        };
-        Ok(self.lt.gemm(&self.gpu, &g)?)
-    }
-
-    /// `dx[rows, inp] (ld lddx) = alpha · dy[rows, out] (ld lddy) · w[out, inp] + beta · dx`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn grad_input_ld(
-        &self,
-        dy: u64,
-        lddy: usize,
-        w: u64,
-        dx: u64,
-        lddx: usize,
-        rows: usize,
-        inp: usize,
-        out: usize,
-        alpha: f32,
-        beta: f32,
-    ) -> Result<()> {
-        let g = Gemm {
-            trans_a: false,
-            trans_b: false,
-            m: inp,
-            n: rows,
-            k: out,
-            a: w,
-            lda: inp,
-            b: dy,
-            ldb: lddy,
-            c: dx,
-            d: dx,
-            ldd: lddx,
-            out: OutType::Bf16,
-            alpha,
-            beta,
-        };
-        Ok(self.lt.gemm(&self.gpu, &g)?)
-    }
-
-    /// `dw[out, inp] (fp32) += dy[rows, out]ᵀ (ld lddy) · x[rows, inp] (ld ldx)`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn grad_weight_ld(
-        &self,
-        dy: u64,
-        lddy: usize,
-        x: u64,
-        ldx: usize,
-        dw: u64,
-        rows: usize,
-        inp: usize,
-        out: usize,
-    ) -> Result<()> {
-        let g = Gemm {
-            trans_a: false,
-            trans_b: true,
-            m: inp,
-            n: out,
-            k: rows,
-            a: x,
-            lda: ldx,
-            b: dy,
-            ldb: lddy,
-            c: dw,
-            d: dw,
-            ldd: inp,
-            out: OutType::F32,
-            alpha: 1.0,
-            beta: 1.0,
-        };
-        Ok(self.lt.gemm(&self.gpu, &g)?)
-    }
-
     pub(super) fn mamba_parts(
         &self,
         lp: &LayerParams,
@@ -225,7 +120,8 @@ impl CudaBackend {
             dd,
         )?;
         self.mark("gemm x_proj")?;
-        self.linear_ld(
+        self.lt.linear_ld(
+            &self.gpu,
             ms.xc,
             dd,
             self.pbf(mp.x_proj),
@@ -253,7 +149,8 @@ impl CudaBackend {
             0.0,
         )?;
         self.mark("gemm dt_proj")?;
-        self.linear_ld(
+        self.lt.linear_ld(
+            &self.gpu,
             ms.dt,
             m.rp,
             self.pbf(mp.dt_w),
@@ -366,8 +263,21 @@ impl CudaBackend {
             sc.bc_acc,
         )?;
         self.mark("gemm dt_proj dW/dx")?;
-        self.grad_weight_ld(sc.ddelta, dd, ms.dt, m.rp, self.g32(mp.dt_w), rows, r, dd)?;
-        self.grad_input_ld(
+        lt.linear_grad_weight_ld(
+            gpu,
+            sc.ddelta,
+            dd,
+            ms.dt,
+            m.rp,
+            self.g32(mp.dt_w),
+            rows,
+            r,
+            dd,
+            1.0,
+            1.0,
+        )?;
+        lt.linear_grad_input_ld(
+            gpu,
             sc.ddelta,
             dd,
             self.pbf(mp.dt_w),
@@ -376,11 +286,24 @@ impl CudaBackend {
             rows,
             r,
             dd,
+            OutType::Bf16,
             1.0,
             0.0,
         )?;
         self.mark("gemm x_proj dW/dx")?;
-        self.grad_weight_ld(sc.ddt, m.rp, ms.xc, dd, self.g32(mp.x_proj), rows, dd, r)?;
+        lt.linear_grad_weight_ld(
+            gpu,
+            sc.ddt,
+            m.rp,
+            ms.xc,
+            dd,
+            self.g32(mp.x_proj),
+            rows,
+            dd,
+            r,
+            1.0,
+            1.0,
+        )?;
         lt.linear_grad_weight(
             gpu,
             sc.dbc,
@@ -392,7 +315,8 @@ impl CudaBackend {
             1.0,
             1.0,
         )?;
-        self.grad_input_ld(
+        lt.linear_grad_input_ld(
+            gpu,
             sc.ddt,
             m.rp,
             self.pbf(mp.x_proj),
@@ -401,6 +325,7 @@ impl CudaBackend {
             rows,
             dd,
             r,
+            OutType::Bf16,
             1.0,
             1.0,
         )?;
