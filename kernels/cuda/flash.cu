@@ -5,7 +5,8 @@
 // Layout: token rows of batch b are rows b*T .. b*T+T-1. Query head h belongs to group
 // g = h / qpg; its vector at row r is q[r*q_rs + g*q_gs + (h%qpg)*D]. Key/value of group g:
 // k[r*kv_rs + g*kv_gs], v[r*kv_rs + g*kv_gs]. Output o[r*o_rs + h*D]. lse[(b*H + h)*T + t]
-// (natural log). Query t sees keys j with j <= t and (window == 0 or j > t - window).
+// (natural log). Query t sees keys j with j <= t and (window == 0 or j > t - window) and, in
+// varlen mode (seg non-null), j >= seg[b*T + t], the start of t's document within its row.
 
 #define BR 64
 #define BC 64
@@ -58,15 +59,19 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long long rs, 
     }
 }
 
-__device__ __forceinline__ bool visible(int i, int j, int T, int window) {
-    return j <= i && i < T && (window == 0 || j > i - window);
+// First key row `row` (< T) may see; nondecreasing in row.
+__device__ __forceinline__ int key_lo(const int* seg_row, int row, int window) {
+    int lo = seg_row ? seg_row[row] : 0;
+    if (window > 0) lo = max(lo, row - window + 1);
+    return lo;
 }
 
 template <int D>
 __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                           const bf16* __restrict__ v, bf16* __restrict__ o,
-                                          float* __restrict__ lse, int T, int H, int qpg, int q_rs, int q_gs,
-                                          int kv_rs, int kv_gs, int o_rs, float scale_log2, int window) {
+                                          float* __restrict__ lse, const int* __restrict__ seg, int T, int H, int qpg,
+                                          int q_rs, int q_gs, int kv_rs, int kv_gs, int o_rs, float scale_log2,
+                                          int window) {
     constexpr int LD = D + 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
@@ -82,9 +87,11 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
     const bf16* kh = k + (long long)b * T * kv_rs + g * kv_gs;
     const bf16* vh = v + (long long)b * T * kv_rs + g * kv_gs;
 
-    const int k_lo = window > 0 ? max(0, q0 - window + 1) : 0;
-    const int kb_lo = k_lo / BC;
-    const int kb_hi = (min(T, q0 + BR) + BC - 1) / BC;
+    const int* segb = seg ? seg + (long long)b * T : nullptr;
+    const int q_last = min(T, q0 + BR) - 1;
+    const int lo_last = key_lo(segb, q_last, window);  // the tile's largest first key
+    const int kb_lo = key_lo(segb, q0, window) / BC;
+    const int kb_hi = q_last / BC + 1;
 
     load_tile<BR, D>(Qs, qh, q_rs, q0, T);
     cp_async_commit();
@@ -104,6 +111,7 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
     for (int i = 0; i < D / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
     float mrow[2] = {-INF_F, -INF_F}, lrow[2] = {0.f, 0.f};
     const int row_a = q0 + warp * 16 + (lane >> 2);
+    const int lo_row[2] = {row_a < T ? key_lo(segb, row_a, window) : 0, row_a + 8 < T ? key_lo(segb, row_a + 8, window) : 0};
 
     for (int kb = kb_lo; kb < kb_hi; kb++) {
         const int stage = (kb - kb_lo) & 1;
@@ -134,7 +142,7 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
         }
         float mx[2] = {-INF_F, -INF_F};
         // Blocks wholly inside the mask for every row of the tile skip the per-element test.
-        const bool full = kb * BC + BC - 1 <= q0 && kb * BC + BC <= T && (window == 0 || kb * BC > q0 + BR - 1 - window);
+        const bool full = kb * BC + BC - 1 <= q0 && kb * BC + BC <= T && kb * BC >= lo_last;
         if (full) {
 #pragma unroll
             for (int nt = 0; nt < BC / 8; nt++) {
@@ -151,7 +159,8 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
                 for (int e = 0; e < 4; e++) {
                     const int i = row_a + (e >> 1) * 8;
                     const int j = kb * BC + nt * 8 + (lane & 3) * 2 + (e & 1);
-                    s[nt][e] = (visible(i, j, T, window) && j < T) ? s[nt][e] * scale_log2 : -INF_F;
+                    const bool ok = i < T && j <= i && j >= lo_row[e >> 1] && j < T;
+                    s[nt][e] = ok ? s[nt][e] * scale_log2 : -INF_F;
                     mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
                 }
             }
@@ -220,13 +229,13 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS) flash_fwd_d128(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int T, int H, int qpg,
+extern "C" __global__ void __launch_bounds__(NTHREADS) flash_fwd_d128(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* seg, int T, int H, int qpg,
                                               int q_rs, int q_gs, int kv_rs, int kv_gs, int o_rs, float scale_log2, int window) {
-    flash_fwd<128>(q, k, v, o, lse, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale_log2, window);
+    flash_fwd<128>(q, k, v, o, lse, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale_log2, window);
 }
-extern "C" __global__ void __launch_bounds__(NTHREADS) flash_fwd_d64(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int T, int H, int qpg,
+extern "C" __global__ void __launch_bounds__(NTHREADS) flash_fwd_d64(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* seg, int T, int H, int qpg,
                                              int q_rs, int q_gs, int kv_rs, int kv_gs, int o_rs, float scale_log2, int window) {
-    flash_fwd<64>(q, k, v, o, lse, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale_log2, window);
+    flash_fwd<64>(q, k, v, o, lse, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale_log2, window);
 }
 
 // delta[(b*H + h)*T + t] = sum_d dO * O (one warp per (row, head)).
@@ -276,7 +285,8 @@ template <int D>
 __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                           const bf16* __restrict__ dout, const float* __restrict__ lse,
                                           const float* __restrict__ delta, float* __restrict__ dq_acc,
-                                          bf16* __restrict__ dk, bf16* __restrict__ dv, int T, int H, int qpg, int q_rs,
+                                          bf16* __restrict__ dk, bf16* __restrict__ dv, const int* __restrict__ seg,
+                                          int T, int H, int qpg, int q_rs,
                                           int q_gs, int kv_rs, int kv_gs, int o_rs, float scale, float scale_log2,
                                           int window) {
     constexpr int LD = D + 8;
@@ -289,6 +299,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     bf16* dSs = dOs2 + 2 * BR * LD;  // [BBC][LDS]
     float* lse2 = reinterpret_cast<float*>(dSs + BBC * LDS);  // 2 stages
     float* del2 = lse2 + 2 * BR;                               // 2 stages
+    int* lo2 = reinterpret_cast<int*>(del2 + 2 * BR);          // 2 stages: first visible key per query
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int kb = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
@@ -307,7 +318,18 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         dv_acc[i][0] = dv_acc[i][1] = dv_acc[i][2] = dv_acc[i][3] = 0.f;
     }
     const int qb_lo = k0 / BR;
-    const int q_hi = window > 0 ? min(T, k0 + BBC - 1 + window) : T;
+    const int* segb = seg ? seg + (long long)b * T : nullptr;
+    int q_hi = window > 0 ? min(T, k0 + BBC - 1 + window) : T;
+    if (segb) {
+        // Queries past the first whose document starts after this block's last key see none of it.
+        const int k_last = k0 + BBC - 1;
+        int lo = min(k_last + 1, q_hi), hi = q_hi;
+        while (lo < hi) {
+            const int mid = (lo + hi) >> 1;
+            if (segb[mid] > k_last) hi = mid; else lo = mid + 1;
+        }
+        q_hi = lo;
+    }
     const int qb_hi = (q_hi + BR - 1) / BR;
     const int key_a = k0 + warp * 16 + (lane >> 2);  // this thread's keys: key_a, key_a + 8
 
@@ -327,6 +349,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
             const bool ok = q0 + i < T;
             lse2[st * BR + i] = ok ? lse_h[q0 + i] * 1.44269504088896340736f : INF_F;
             del2[st * BR + i] = ok ? del_h[q0 + i] : 0.f;
+            lo2[st * BR + i] = ok ? key_lo(segb, q0 + i, window) : T;
         }
     };
     if (items > 0) issue(0, 0);
@@ -346,6 +369,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         const bf16* dOs = dOs2 + st * BR * LD;
         const float* lse_s = lse2 + st * BR;
         const float* del_s = del2 + st * BR;
+        const int* lo_s = lo2 + st * BR;
         {
             // S^T = K_w Q^T (16 keys x BR queries)
             float st[BR / 8][4];
@@ -365,7 +389,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
             }
             // P^T (rows past T have lse = +inf, so they give 0 without a test)
             const int kw = k0 + warp * 16;
-            const bool full = kw + 15 <= q0 && kw + 15 < T && (window == 0 || kw > q0 + BR - 1 - window);
+            const bool full = kw + 15 <= q0 && kw + 15 < T && kw >= lo_s[min(BR - 1, T - 1 - q0)];
             if (full) {
 #pragma unroll
                 for (int nt = 0; nt < BR / 8; nt++) {
@@ -382,7 +406,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                     for (int e = 0; e < 4; e++) {
                         const int key = key_a + (e >> 1) * 8;
                         const int ql = nt * 8 + (lane & 3) * 2 + (e & 1);
-                        const bool ok = visible(q0 + ql, key, T, window) && key < T;
+                        const bool ok = key < T && key <= q0 + ql && key >= lo_s[ql];
                         st[nt][e] = ok ? exp2f(st[nt][e] * scale_log2 - lse_s[ql]) : 0.f;
                     }
                 }
@@ -509,14 +533,14 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 }
 
 extern "C" __global__ void __launch_bounds__(BNT) flash_bwd_d128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                                              const float* delta, float* dq_acc, bf16* dk, bf16* dv, int T, int H, int qpg,
+                                              const float* delta, float* dq_acc, bf16* dk, bf16* dv, const int* seg, int T, int H, int qpg,
                                               int q_rs, int q_gs, int kv_rs, int kv_gs, int o_rs, float scale, float scale_log2,
                                               int window) {
-    flash_bwd<128>(q, k, v, dout, lse, delta, dq_acc, dk, dv, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale, scale_log2, window);
+    flash_bwd<128>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale, scale_log2, window);
 }
 extern "C" __global__ void __launch_bounds__(BNT) flash_bwd_d64(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                                             const float* delta, float* dq_acc, bf16* dk, bf16* dv, int T, int H, int qpg,
+                                             const float* delta, float* dq_acc, bf16* dk, bf16* dv, const int* seg, int T, int H, int qpg,
                                              int q_rs, int q_gs, int kv_rs, int kv_gs, int o_rs, float scale, float scale_log2,
                                              int window) {
-    flash_bwd<64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale, scale_log2, window);
+    flash_bwd<64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale, scale_log2, window);
 }

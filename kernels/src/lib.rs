@@ -19,6 +19,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("elementwise", include_str!("../cuda/elementwise.cu")),
     ("loss_optim", include_str!("../cuda/loss_optim.cu")),
     ("flash", include_str!("../cuda/flash.cu")),
+    ("flash_sm90", include_str!("../cuda/flash_sm90.cu")),
     ("mamba", include_str!("../cuda/mamba.cu")),
     ("hybrid", include_str!("../cuda/hybrid.cu")),
 ];

@@ -9,6 +9,33 @@ const FLASH_BR: usize = 64;
 const FLASH_BC: usize = 64;
 /// Keys per backward CTA (8 warps of 16 keys).
 const FLASH_BWD_BC: usize = 128;
+/// Query rows per CTA and keys per tile of the sm_90a forward (flash_sm90.cu).
+const FLASH9_BR: usize = 128;
+const FLASH9_BC: usize = 128;
+
+/// Which flash attention kernels `Ops` launches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashVariant {
+    /// mma.sync kernels (flash.cu), any sm_80+ device.
+    Sm80,
+    /// wgmma kernels (flash_sm90.cu), Hopper only; the backward is still flash.cu's.
+    Sm90,
+}
+
+impl FlashVariant {
+    pub fn name(self) -> &'static str {
+        match self {
+            FlashVariant::Sm80 => "sm80",
+            FlashVariant::Sm90 => "sm90",
+        }
+    }
+}
+
+/// The Hopper-only flash kernels.
+struct FlashSm90 {
+    fwd_64: Kernel,
+    fwd_128: Kernel,
+}
 
 /// Every kernel, loaded once per device.
 pub struct Ops {
@@ -32,6 +59,9 @@ pub struct Ops {
     flash_bwd_128: Kernel,
     flash_delta: Kernel,
     flash_dq: Kernel,
+    flash_sm90: Option<FlashSm90>,
+    /// The variant `flash_fwd`/`flash_bwd` launch (0 = sm80, 1 = sm90).
+    flash_variant: std::sync::atomic::AtomicU8,
 }
 
 /// Where attention reads Q, K, V and writes O (element strides, bf16 buffers).
@@ -52,6 +82,10 @@ pub struct AttnLayout {
     pub scale: f32,
     /// Sliding window W (query t sees keys t-W+1..t); 0 = full causal.
     pub window: usize,
+    /// Varlen (document masking): device pointer to i32 `[batch·seq]`, where `seg[b·T + t]`
+    /// is the position in the row at which token t's document starts; query t then sees only
+    /// keys j ≥ seg[b·T + t]. 0 = no document masking.
+    pub seg: u64,
 }
 
 impl AttnLayout {
@@ -80,7 +114,12 @@ impl AttnLayout {
             o_row_stride: heads * head_dim,
             scale,
             window,
+            seg: 0,
         }
+    }
+    /// The same layout with document masking from `seg` (see [`AttnLayout::seg`]).
+    pub fn with_seg(self, seg: u64) -> AttnLayout {
+        AttnLayout { seg, ..self }
     }
     /// Element offsets of the first K and V vectors from the start of the fused buffer.
     pub fn fused_k_offset(&self) -> usize {
@@ -142,8 +181,35 @@ impl Ops {
             flash_bwd_128: load("flash", "flash_bwd_d128")?,
             flash_delta: load("flash", "flash_bwd_delta")?,
             flash_dq: load("flash", "flash_bwd_dq")?,
+            flash_sm90: if gpu.cc.0 == 9 {
+                Some(FlashSm90 {
+                    fwd_64: load("flash_sm90", "flash_fwd_sm90_d64")?,
+                    fwd_128: load("flash_sm90", "flash_fwd_sm90_d128")?,
+                })
+            } else {
+                None
+            },
+            flash_variant: 0.into(),
             gpu,
         };
+        if let Some(k9) = &ops.flash_sm90 {
+            for (k, d) in [(k9.fwd_64, 64), (k9.fwd_128, 128)] {
+                ops.gpu.set_max_dynamic_smem(k, Self::flash9_fwd_smem(d))?;
+            }
+        }
+        // ARCHSCALE_FLASH=sm80 keeps the mma.sync kernels on Hopper (for comparison).
+        let want = match std::env::var("ARCHSCALE_FLASH").ok().as_deref() {
+            None | Some("") | Some("auto") | Some("sm90") => FlashVariant::Sm90,
+            Some("sm80") => FlashVariant::Sm80,
+            Some(other) => {
+                return Err(KernelError::Unsupported(format!(
+                    "ARCHSCALE_FLASH={other}: expected sm80, sm90 or auto"
+                )))
+            }
+        };
+        if ops.flash_variants().contains(&want) {
+            ops.set_flash_variant(want)?;
+        }
         for (k, d) in [(ops.flash_fwd_64, 64), (ops.flash_fwd_128, 128)] {
             ops.gpu.set_max_dynamic_smem(k, Self::flash_fwd_smem(d))?;
         }
@@ -159,7 +225,48 @@ impl Ops {
     fn flash_bwd_smem(d: usize) -> usize {
         (2 * FLASH_BWD_BC + 4 * FLASH_BR) * (d + 8) * 2
             + FLASH_BWD_BC * (FLASH_BR + 8) * 2
-            + 4 * FLASH_BR * 4
+            + 6 * FLASH_BR * 4
+    }
+    /// Q tile, two stages of K and V (swizzled, unpadded), and 1 KiB to align the base.
+    fn flash9_fwd_smem(d: usize) -> usize {
+        (FLASH9_BR + 4 * FLASH9_BC) * d * 2 + 1024
+    }
+
+    /// The flash variants this device can run (`Sm80` always; `Sm90` on Hopper).
+    pub fn flash_variants(&self) -> Vec<FlashVariant> {
+        let mut v = vec![FlashVariant::Sm80];
+        if self.flash_sm90.is_some() {
+            v.push(FlashVariant::Sm90);
+        }
+        v
+    }
+
+    /// The variant `flash_fwd`/`flash_bwd` launch now.
+    pub fn flash_variant(&self) -> FlashVariant {
+        match self
+            .flash_variant
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            1 => FlashVariant::Sm90,
+            _ => FlashVariant::Sm80,
+        }
+    }
+
+    /// Chooses the flash kernels (the self-test checks every variant this way).
+    pub fn set_flash_variant(&self, v: FlashVariant) -> Result<()> {
+        if !self.flash_variants().contains(&v) {
+            return Err(KernelError::Unsupported(format!(
+                "flash variant {} needs a Hopper (sm_90) device",
+                v.name()
+            )));
+        }
+        let code = match v {
+            FlashVariant::Sm80 => 0,
+            FlashVariant::Sm90 => 1,
+        };
+        self.flash_variant
+            .store(code, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// `out[t] = wte[idx[t]]` (fp32 rows of width n).
@@ -426,10 +533,16 @@ impl Ops {
         o: u64,
         lse: u64,
     ) -> Result<()> {
-        let kernel = match l.head_dim {
-            64 => self.flash_fwd_64,
-            128 => self.flash_fwd_128,
-            d => {
+        let sm90 = match (&self.flash_sm90, self.flash_variant()) {
+            (Some(k9), FlashVariant::Sm90) => Some(k9),
+            _ => None,
+        };
+        let kernel = match (l.head_dim, sm90) {
+            (64, None) => self.flash_fwd_64,
+            (128, None) => self.flash_fwd_128,
+            (64, Some(k9)) => k9.fwd_64,
+            (128, Some(k9)) => k9.fwd_128,
+            (d, _) => {
                 return Err(KernelError::Unsupported(format!(
                     "flash attention supports head_dim 64 and 128, not {d}"
                 )))
@@ -442,6 +555,7 @@ impl Ops {
             .ptr(v)
             .ptr(o)
             .ptr(lse)
+            .ptr(l.seg)
             .i32(i32_of("seq", l.seq)?)
             .i32(i32_of("heads", l.heads)?)
             .i32(i32_of("qpg", l.qpg)?)
@@ -452,18 +566,17 @@ impl Ops {
             .i32(i32_of("o_row_stride", l.o_row_stride)?)
             .f32(l.scale * std::f32::consts::LOG2_E)
             .i32(i32_of("window", l.window)?);
+        let (rows_per_cta, threads, smem) = match sm90 {
+            Some(_) => (FLASH9_BR, 256, Self::flash9_fwd_smem(l.head_dim)),
+            None => (FLASH_BR, 128, Self::flash_fwd_smem(l.head_dim)),
+        };
         let grid = (
-            l.seq.div_ceil(FLASH_BR) as u32,
+            l.seq.div_ceil(rows_per_cta) as u32,
             l.heads as u32,
             l.batch as u32,
         );
-        self.gpu.launch(
-            kernel,
-            grid,
-            (128, 1, 1),
-            Self::flash_fwd_smem(l.head_dim) as u32,
-            &a,
-        )
+        self.gpu
+            .launch(kernel, grid, (threads, 1, 1), smem as u32, &a)
     }
 
     /// Flash attention backward. `dq_acc` is fp32 scratch of `batch·seq·heads·head_dim`;
@@ -526,6 +639,7 @@ impl Ops {
             .ptr(dq_acc)
             .ptr(dk)
             .ptr(dv)
+            .ptr(l.seg)
             .i32(i32_of("seq", l.seq)?)
             .i32(i32_of("heads", l.heads)?)
             .i32(i32_of("qpg", l.qpg)?)
@@ -627,6 +741,7 @@ pub const HYBRID_KERNELS: &[(&str, &str)] = &[
     ("hybrid", "bias_add_bf16"),
     ("hybrid", "bias_add_f32"),
     ("hybrid", "bias_grad"),
+    ("hybrid", "copy_heads"),
 ];
 
 /// A device tensor of rows: base pointer and row stride in elements.
@@ -717,6 +832,7 @@ pub struct HybridOps {
     bias_add_bf16: Kernel,
     bias_add_f32: Kernel,
     bias_grad: Kernel,
+    copy_heads: Kernel,
 }
 
 impl HybridOps {
@@ -744,6 +860,7 @@ impl HybridOps {
             bias_add_bf16: load("hybrid", "bias_add_bf16")?,
             bias_add_f32: load("hybrid", "bias_add_f32")?,
             bias_grad: load("hybrid", "bias_grad")?,
+            copy_heads: load("hybrid", "copy_heads")?,
             gpu,
         };
         ops.gpu.set_max_dynamic_smem(ops.scan_bwd, SCAN_BWD_SMEM)?;
@@ -1254,5 +1371,41 @@ impl HybridOps {
             1,
         );
         self.gpu.launch(self.bias_grad, grid, (256, 1, 1), 0, &a)
+    }
+
+    /// Copies (or, `accumulate`, adds) `width`-element head vectors between layouts: for
+    /// every row r and head h, `dst[r·dst.stride + dst_off[h] + e] (+)= src[r·src.stride +
+    /// src_off[h] + e]`. `src_off` and `dst_off` are device i32 tables of `heads` element
+    /// offsets. One launch must not write an element twice.
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_heads(
+        &self,
+        src: Rows,
+        src_off: u64,
+        dst: Rows,
+        dst_off: u64,
+        rows: usize,
+        heads: usize,
+        width: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let a = Args::new()
+            .ptr(src.ptr)
+            .i32(i32_of("src stride", src.stride)?)
+            .ptr(src_off)
+            .ptr(dst.ptr)
+            .i32(i32_of("dst stride", dst.stride)?)
+            .ptr(dst_off)
+            .i32(i32_of("rows", rows)?)
+            .i32(i32_of("heads", heads)?)
+            .i32(i32_of("width", width)?)
+            .i32(accumulate as i32);
+        self.gpu.launch(
+            self.copy_heads,
+            self.ew(rows * heads * width),
+            (256, 1, 1),
+            0,
+            &a,
+        )
     }
 }

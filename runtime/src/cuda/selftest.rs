@@ -865,26 +865,74 @@ fn check_norm_cast(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     Ok(())
 }
 
+/// Every flash variant the device runs (mma.sync everywhere, wgmma on Hopper), each on the
+/// same cases with fresh inputs; the default variant is restored afterwards.
 fn check_flash(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
-    // (batch, seq, heads, groups, head_dim, window)
-    let cases: [(usize, usize, usize, usize, usize, usize); 5] = [
-        (2, 200, 4, 2, 64, 0),
-        (1, 256, 8, 2, 128, 64),
-        (1, 129, 2, 1, 128, 0),
-        (1, 1024, 4, 4, 128, 0),
-        (2, 77, 6, 3, 64, 16),
+    let default = env.ops.flash_variant();
+    let mut result = Ok(());
+    for variant in env.ops.flash_variants() {
+        env.ops.set_flash_variant(variant)?;
+        result = check_flash_variant(env, out, variant.name());
+        if result.is_err() {
+            break;
+        }
+    }
+    env.ops.set_flash_variant(default)?;
+    result
+}
+
+/// Document starts for varlen cases: each row split at random points (mean document length
+/// `mean`), so `seg[b·T + t]` is the start of t's document within row b.
+fn random_segments(rng: &mut ChaCha8Rng, batch: usize, seq: usize, mean: usize) -> Vec<u32> {
+    let mut seg = vec![0u32; batch * seq];
+    for b in 0..batch {
+        let mut start = 0;
+        for t in 0..seq {
+            if t > 0 && rng.gen_range(0..mean) == 0 {
+                start = t;
+            }
+            seg[b * seq + t] = start as u32;
+        }
+    }
+    seg
+}
+
+fn check_flash_variant(env: &mut Env, out: &mut Vec<Check>, variant: &str) -> R<()> {
+    // (batch, seq, heads, groups, head_dim, window, mean document length; 0 = no varlen)
+    let cases: [(usize, usize, usize, usize, usize, usize, usize); 9] = [
+        (2, 200, 4, 2, 64, 0, 0),
+        (1, 256, 8, 2, 128, 64, 0),
+        (1, 129, 2, 1, 128, 0, 0),
+        (1, 1024, 4, 4, 128, 0, 0),
+        (2, 77, 6, 3, 64, 16, 0),
+        (2, 300, 4, 2, 128, 0, 60),
+        (1, 333, 4, 1, 64, 48, 40),
+        (2, 1000, 2, 1, 128, 0, 300),
+        (1, 520, 2, 2, 64, 0, 7),
     ];
-    for &(batch, seq, heads, groups, hs, window) in &cases {
+    for &(batch, seq, heads, groups, hs, window, doc) in &cases {
         let shape = format!(
-            "B{batch} T{seq} H{heads} G{groups} hs{hs}{}",
+            "B{batch} T{seq} H{heads} G{groups} hs{hs}{}{} [{variant}]",
             if window > 0 {
                 format!(" W{window}")
+            } else {
+                String::new()
+            },
+            if doc > 0 {
+                format!(" varlen~{doc}")
             } else {
                 String::new()
             }
         );
         let scale = 1.0 / (hs as f64).sqrt();
-        let l = AttnLayout::fused_qkv(batch, seq, heads, groups, hs, scale as f32, window);
+        let seg = (doc > 0).then(|| random_segments(&mut env.rng, batch, seq, doc));
+        let segp = match &seg {
+            Some(sg) => env.i32_buf(sg)?,
+            None => 0,
+        };
+        let l = AttnLayout::fused_qkv(batch, seq, heads, groups, hs, scale as f32, window)
+            .with_seg(segp);
+        let seg_row = |b: usize| seg.as_deref().map(|sg| &sg[b * seq..(b + 1) * seq]);
         let rows = batch * seq;
         let width = l.q_row_stride;
         let qkv = env.randn_bf16(rows * width, 1.0);
@@ -916,7 +964,7 @@ fn check_flash(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
                 let v = gather(b, g * (qpg + 2) + qpg + 1, &qkv);
                 let mut o = vec![0.0; seq * hs];
                 let mut probs = vec![0.0; seq * seq];
-                ops::attention::attention_forward(&mut o, &mut probs, &q, &k, &v, &s1, None);
+                ops::attention::attention_forward(&mut o, &mut probs, &q, &k, &v, &s1, seg_row(b));
                 for t in 0..seq {
                     o_ref[((b * seq + t) * heads + h) * hs..][..hs]
                         .copy_from_slice(&o[t * hs..(t + 1) * hs]);
@@ -966,7 +1014,7 @@ fn check_flash(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
                         &k,
                         &v,
                         &s1,
-                        None,
+                        seg_row(b),
                     );
                     for t in 0..seq {
                         dqkv_ref[slot(b * seq + t, g * (qpg + 2) + j)..][..hs]

@@ -1,0 +1,319 @@
+// Flash attention forward for Hopper (sm_90a): warpgroup MMA (wgmma) with both operands of
+// S = Q K^T in shared memory and P (registers) x V (shared memory) for O. Same function and
+// layouts as flash.cu's flash_fwd_d64/_d128 (causal, sliding window, GQA strides, lse in
+// natural log), plus varlen: seg[b*T + t] (or null) is where t's document starts, and query
+// t sees key j iff max(seg[t], t - window + 1) <= j <= t.
+//
+// CTA: 2 warpgroups x 64 query rows = 128 rows; keys in tiles of 128, K and V double-buffered
+// by cp.async. Tiles live in shared memory as [D/64][rows][64] bf16 with the 128-byte swizzle
+// (16-byte chunk c of row r stored at chunk c ^ (r & 7)), which is both the K-major layout
+// wgmma reads for Q and K and the MN-major layout it reads for V (transposed B).
+// Built only for sm_90a: elsewhere the kernels trap (Ops never launches them there).
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define F9_ENABLED 1
+#endif
+
+#define F9_BR 128
+#define F9_BC 128
+#define F9_THREADS 256
+
+__device__ __forceinline__ u32 f9_smem(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// wgmma shared-memory matrix descriptor, 128-byte swizzle.
+__device__ __forceinline__ u64 f9_desc(u32 addr, u32 lbo, u32 sbo) {
+    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)((lbo & 0x3FFFF) >> 4) << 16) | ((u64)((sbo & 0x3FFFF) >> 4) << 32) |
+           (1ull << 62);
+}
+
+__device__ __forceinline__ void f9_cp16(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void f9_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void f9_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+// cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
+__device__ __forceinline__ void f9_proxy_fence() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// Keeps the compiler from moving reads or writes of accumulator registers across the
+// asynchronous wgmma window.
+template <int N>
+__device__ __forceinline__ void wg_fence_regs(float* r) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+__device__ __forceinline__ u32 f9_pack(float lo, float hi) {
+    bf162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&v);
+}
+
+// Copies ROWS token rows (D bf16 each) from row0 into the swizzled tile at byte address s
+// (zero rows at or past T).
+template <int ROWS, int D>
+__device__ __forceinline__ void f9_load_tile(u32 s, const bf16* g, long long rs, int row0, int T) {
+    constexpr int CPR = D / 8;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < ROWS * CPR; i += F9_THREADS) {
+        const int r = i / CPR, c = i % CPR;
+        const bool valid = row0 + r < T;
+        const bf16* src = valid ? g + (long long)(row0 + r) * rs + c * 8 : g;
+        const u32 dst = s + (c >> 3) * (ROWS * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+        f9_cp16(dst, src, valid);
+    }
+}
+
+// First key row `row` may see (row < T).
+__device__ __forceinline__ int f9_key_lo(const int* seg, int row, int window) {
+    int lo = seg ? seg[row] : 0;
+    if (window > 0) lo = max(lo, row - window + 1);
+    return lo;
+}
+
+// wgmma m64nNk16, bf16 in, f32 accumulators (one asm operand per accumulator register).
+// ss: A and B from shared memory (descriptors); rs: A from registers, B from shared memory,
+// t1 = B transposed (MN-major).
+__device__ __forceinline__ void wg_ss_n64(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(scale_d)
+        : "memory");
+}
+
+__device__ __forceinline__ void wg_ss_n128(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(scale_d)
+        : "memory");
+}
+
+__device__ __forceinline__ void wg_rs_n64_t0(float* d, const u32* a, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d)
+        : "memory");
+}
+
+__device__ __forceinline__ void wg_rs_n64_t1(float* d, const u32* a, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d)
+        : "memory");
+}
+
+__device__ __forceinline__ void wg_rs_n128_t0(float* d, const u32* a, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d)
+        : "memory");
+}
+
+__device__ __forceinline__ void wg_rs_n128_t1(float* d, const u32* a, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d)
+        : "memory");
+}
+
+
+template <int D>
+__device__ __forceinline__ void f9_wg_pv(float* acc, const u32* p, u64 dv) {
+    if constexpr (D == 128) {
+        wg_rs_n128_t1(acc, p, dv, 1);
+    } else {
+        wg_rs_n64_t1(acc, p, dv, 1);
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                               const bf16* __restrict__ v, bf16* __restrict__ o,
+                                               float* __restrict__ lse, const int* __restrict__ seg, int T, int H,
+                                               int qpg, int q_rs, int q_gs, int kv_rs, int kv_gs, int o_rs,
+                                               float scale_log2, int window) {
+#ifdef F9_ENABLED
+    constexpr u32 TILE_Q = F9_BR * D * 2;  // bytes
+    constexpr u32 TILE_K = F9_BC * D * 2;
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const u32 base = (f9_smem(smem_raw) + 1023u) & ~1023u;
+    const u32 Qs = base, Ks = base + TILE_Q, Vs = Ks + 2 * TILE_K;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2, wl = warp & 3;
+    const int qb = gridDim.x - 1 - blockIdx.x;  // heaviest (latest) query blocks first
+    const int q0 = qb * F9_BR;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int g = h / qpg;
+    const bf16* qh = q + (long long)b * T * q_rs + g * q_gs + (h % qpg) * D;
+    const bf16* kh = k + (long long)b * T * kv_rs + g * kv_gs;
+    const bf16* vh = v + (long long)b * T * kv_rs + g * kv_gs;
+    const int* segb = seg ? seg + (long long)b * T : nullptr;
+
+    const int q_last = min(q0 + F9_BR, T) - 1;
+    const int lo_first = f9_key_lo(segb, q0, window);     // key_lo is nondecreasing in the row
+    const int lo_last = f9_key_lo(segb, q_last, window);
+    const int kb_lo = lo_first / F9_BC;
+    const int kb_hi = q_last / F9_BC + 1;
+
+    // This thread's two query rows and their first visible keys.
+    const int row_a = q0 + wg * 64 + wl * 16 + (lane >> 2);
+    const int row_b = row_a + 8;
+    const int lo_row[2] = {row_a < T ? f9_key_lo(segb, row_a, window) : 0,
+                           row_b < T ? f9_key_lo(segb, row_b, window) : 0};
+
+    f9_load_tile<F9_BR, D>(Qs, qh, q_rs, q0, T);
+    f9_commit();
+    f9_load_tile<F9_BC, D>(Ks, kh, kv_rs, kb_lo * F9_BC, T);
+    f9_load_tile<F9_BC, D>(Vs, vh, kv_rs, kb_lo * F9_BC, T);
+    f9_commit();
+
+    float s[F9_BC / 2];
+    float acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < F9_BC / 2; i++) s[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) acc[i] = 0.f;
+    float mrow[2] = {-INF_F, -INF_F}, lrow[2] = {0.f, 0.f};
+
+    for (int kb = kb_lo; kb < kb_hi; kb++) {
+        const int stage = (kb - kb_lo) & 1;
+        if (kb + 1 < kb_hi) {
+            f9_load_tile<F9_BC, D>(Ks + (stage ^ 1) * TILE_K, kh, kv_rs, (kb + 1) * F9_BC, T);
+            f9_load_tile<F9_BC, D>(Vs + (stage ^ 1) * TILE_K, vh, kv_rs, (kb + 1) * F9_BC, T);
+            f9_commit();
+            f9_wait<1>();
+        } else {
+            f9_wait<0>();
+        }
+        f9_proxy_fence();
+        __syncthreads();
+        const u32 Kt = Ks + stage * TILE_K, Vt = Vs + stage * TILE_K;
+
+        // S = Q K^T (64 rows of this warpgroup x 128 keys)
+        wg_fence_regs<F9_BC / 2>(s);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const u32 qa = Qs + (kk >> 2) * (F9_BR * 128) + wg * (64 * 128) + (kk & 3) * 32;
+            const u32 ka = Kt + (kk >> 2) * (F9_BC * 128) + (kk & 3) * 32;
+            wg_ss_n128(s, f9_desc(qa, 16, 1024), f9_desc(ka, 16, 1024), kk > 0 ? 1 : 0);
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs<F9_BC / 2>(s);
+
+        const int j0 = kb * F9_BC;
+        float mx[2] = {-INF_F, -INF_F};
+        // Tiles wholly visible to every row of the CTA skip the per-element test.
+        const bool full = j0 + F9_BC - 1 <= q0 && j0 + F9_BC <= T && j0 >= lo_last;
+        if (full) {
+#pragma unroll
+            for (int i = 0; i < F9_BC / 2; i++) {
+                s[i] *= scale_log2;
+                mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < F9_BC / 2; i++) {
+                const int r = (i >> 1) & 1;
+                const int row = r ? row_b : row_a;
+                const int j = j0 + (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+                const bool ok = row < T && j <= row && j >= lo_row[r] && j < T;
+                s[i] = ok ? s[i] * scale_log2 : -INF_F;
+                mx[r] = fmaxf(mx[r], s[i]);
+            }
+        }
+        float alpha[2], mu[2], rsum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float mnew = fmaxf(mrow[r], mx[r]);
+            mu[r] = mnew == -INF_F ? 0.f : mnew;
+            alpha[r] = exp2f(mrow[r] - mu[r]);
+            mrow[r] = mnew;
+        }
+#pragma unroll
+        for (int i = 0; i < F9_BC / 2; i++) {
+            s[i] = exp2f(s[i] - mu[(i >> 1) & 1]);
+            rsum[(i >> 1) & 1] += s[i];
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) lrow[r] = lrow[r] * alpha[r] + rsum[r];
+#pragma unroll
+        for (int i = 0; i < D / 2; i++) acc[i] *= alpha[(i >> 1) & 1];
+
+        // P as the A operand: the accumulator layout of two adjacent n8 blocks is the
+        // m64k16 A-fragment layout.
+        u32 p[F9_BC / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < F9_BC / 16; kk++) {
+            p[kk][0] = f9_pack(s[8 * kk + 0], s[8 * kk + 1]);
+            p[kk][1] = f9_pack(s[8 * kk + 2], s[8 * kk + 3]);
+            p[kk][2] = f9_pack(s[8 * kk + 4], s[8 * kk + 5]);
+            p[kk][3] = f9_pack(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+        // O += P V (V read MN-major: transposed B)
+        wg_fence_regs<D / 2>(acc);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < F9_BC / 16; kk++) {
+            f9_wg_pv<D>(acc, p[kk], f9_desc(Vt + kk * (16 * 128), F9_BC * 128, 1024));
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs<D / 2>(acc);
+#pragma unroll
+        for (int kk = 0; kk < F9_BC / 16; kk++)
+            asm volatile("" : "+r"(p[kk][0]), "+r"(p[kk][1]), "+r"(p[kk][2]), "+r"(p[kk][3])::"memory");
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int i = r ? row_b : row_a;
+        if (i >= T) continue;
+        const float inv = lrow[r] > 0.f ? 1.f / lrow[r] : 0.f;
+        bf16* orow = o + ((long long)b * T + i) * o_rs + h * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            *reinterpret_cast<u32*>(orow + dt * 8 + (lane & 3) * 2) =
+                f9_pack(acc[dt * 4 + 2 * r] * inv, acc[dt * 4 + 2 * r + 1] * inv);
+        }
+        if ((lane & 3) == 0) lse[((long long)b * H + h) * T + i] = (mrow[r] + log2f(lrow[r])) * 0.69314718055994530942f;
+    }
+#else
+    asm volatile("trap;");
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(F9_THREADS, 1)
+    flash_fwd_sm90_d128(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* seg, int T, int H,
+                        int qpg, int q_rs, int q_gs, int kv_rs, int kv_gs, int o_rs, float scale_log2, int window) {
+    flash_fwd_sm90<128>(q, k, v, o, lse, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale_log2, window);
+}
+extern "C" __global__ void __launch_bounds__(F9_THREADS, 1)
+    flash_fwd_sm90_d64(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* seg, int T, int H,
+                       int qpg, int q_rs, int q_gs, int kv_rs, int kv_gs, int o_rs, float scale_log2, int window) {
+    flash_fwd_sm90<64>(q, k, v, o, lse, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale_log2, window);
+}
