@@ -76,8 +76,8 @@ __device__ __forceinline__ int f9_key_lo(const int* seg, int row, int window) {
 
 // wgmma m64nNk16, bf16 in, f32 accumulators (one asm operand per accumulator register).
 // ss: A and B from shared memory (descriptors); rs: A from registers, B from shared memory,
-// t1 = B transposed (MN-major).
-__device__ __forceinline__ void wg_ss_n64(float* d, u64 da, u64 db, int scale_d) {
+// tXY: X = A transposed (M-major), Y = B transposed (N-major).
+__device__ __forceinline__ void wg_ss_n64_t00(float* d, u64 da, u64 db, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
@@ -86,7 +86,7 @@ __device__ __forceinline__ void wg_ss_n64(float* d, u64 da, u64 db, int scale_d)
         : "memory");
 }
 
-__device__ __forceinline__ void wg_ss_n128(float* d, u64 da, u64 db, int scale_d) {
+__device__ __forceinline__ void wg_ss_n128_t00(float* d, u64 da, u64 db, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
@@ -95,12 +95,12 @@ __device__ __forceinline__ void wg_ss_n128(float* d, u64 da, u64 db, int scale_d
         : "memory");
 }
 
-__device__ __forceinline__ void wg_rs_n64_t0(float* d, const u32* a, u64 db, int scale_d) {
+__device__ __forceinline__ void wg_ss_n64_t11(float* d, u64 da, u64 db, int scale_d) {
     asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 1, 1;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d)
+        : "l"(da), "l"(db), "r"(scale_d)
         : "memory");
 }
 
@@ -109,15 +109,6 @@ __device__ __forceinline__ void wg_rs_n64_t1(float* d, const u32* a, u64 db, int
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d)
-        : "memory");
-}
-
-__device__ __forceinline__ void wg_rs_n128_t0(float* d, const u32* a, u64 db, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d)
         : "memory");
 }
@@ -211,7 +202,7 @@ __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const
         for (int kk = 0; kk < D / 16; kk++) {
             const u32 qa = Qs + (kk >> 2) * (F9_BR * 128) + wg * (64 * 128) + (kk & 3) * 32;
             const u32 ka = Kt + (kk >> 2) * (F9_BC * 128) + (kk & 3) * 32;
-            wg_ss_n128(s, f9_desc(qa, 16, 1024), f9_desc(ka, 16, 1024), kk > 0 ? 1 : 0);
+            wg_ss_n128_t00(s, f9_desc(qa, 16, 1024), f9_desc(ka, 16, 1024), kk > 0 ? 1 : 0);
         }
         wg_commit();
         wg_wait<0>();
@@ -316,4 +307,249 @@ extern "C" __global__ void __launch_bounds__(F9_THREADS, 1)
     flash_fwd_sm90_d64(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* seg, int T, int H,
                        int qpg, int q_rs, int q_gs, int kv_rs, int kv_gs, int o_rs, float scale_log2, int window) {
     flash_fwd_sm90<64>(q, k, v, o, lse, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale_log2, window);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward (FA2 structure on wgmma): one CTA per (128-key block, kv group, batch); warpgroup w
+// owns keys 64w..64w+63 of the block, dK and dV accumulate in its registers over the group's
+// query heads and the 64-query blocks that see the block. Per 64-query block:
+//   S^T = K Q^T and dP^T = V dO^T (both operands from shared memory),
+//   P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta),
+//   dV += P^T dO and dK += dS^T Q (A from registers, B = dO / Q read N-major),
+//   dQ += dS K (A = dS^T from shared memory read M-major, B = K read N-major): d128 splits the
+//   128 columns over the two warpgroups, d64 the 128 keys (two partial sums); fp32 atomics
+//   into dq_acc [rows, H, D] (zeroed before).
+#define F9B_BC 128
+#define F9B_BR 64
+
+__device__ __forceinline__ void f9_red2(float* p, float a, float b) {
+    atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+}
+__device__ __forceinline__ void f9_st_shared(u32 addr, u32 v) {
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+
+template <int D>
+__device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                               const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                               const float* __restrict__ lse, const float* __restrict__ delta,
+                                               float* __restrict__ dq_acc, bf16* __restrict__ dk, bf16* __restrict__ dv,
+                                               const int* __restrict__ seg, int T, int H, int qpg, int q_rs, int q_gs,
+                                               int kv_rs, int kv_gs, int o_rs, float scale, float scale_log2,
+                                               int window) {
+#ifdef F9_ENABLED
+    constexpr u32 TILE_KV = F9B_BC * D * 2;        // K or V: [D/64][128 keys][64]
+    constexpr u32 TILE_Q = F9B_BR * D * 2;         // Q or dO: [D/64][64 queries][64]
+    constexpr u32 TILE_DS = F9B_BC * F9B_BR * 2;   // dS^T: [128 keys][64 queries]
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const u32 raw = f9_smem(smem_raw);
+    const u32 base = (raw + 1023u) & ~1023u;
+    const u32 Ks = base, Vs = Ks + TILE_KV, Qs2 = Vs + TILE_KV, dOs2 = Qs2 + 2 * TILE_Q, dSs = dOs2 + 2 * TILE_Q;
+    float* lse2 = reinterpret_cast<float*>(smem_raw + (dSs + TILE_DS - raw));  // 2 stages each
+    float* del2 = lse2 + 2 * F9B_BR;
+    int* lo2 = reinterpret_cast<int*>(del2 + 2 * F9B_BR);
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2, wl = warp & 3;
+    const int kb = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+    const int k0 = kb * F9B_BC;
+    const bf16* kg = k + (long long)b * T * kv_rs + g * kv_gs;
+    const bf16* vg = v + (long long)b * T * kv_rs + g * kv_gs;
+    const int* segb = seg ? seg + (long long)b * T : nullptr;
+
+    f9_load_tile<F9B_BC, D>(Ks, kg, kv_rs, k0, T);
+    f9_load_tile<F9B_BC, D>(Vs, vg, kv_rs, k0, T);
+    f9_commit();
+
+    float dk_acc[D / 2], dv_acc[D / 2], s[32], dp[32], dq[32];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) dk_acc[i] = dv_acc[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; i++) s[i] = dp[i] = dq[i] = 0.f;
+
+    const int qb_lo = k0 / F9B_BR;
+    int q_hi = window > 0 ? min(T, k0 + F9B_BC - 1 + window) : T;
+    if (segb) {
+        // Queries past the first whose document starts after this block's last key see none of it.
+        const int k_last = k0 + F9B_BC - 1;
+        int lo = min(k_last + 1, q_hi), hi = q_hi;
+        while (lo < hi) {
+            const int mid = (lo + hi) >> 1;
+            if (segb[mid] > k_last) hi = mid; else lo = mid + 1;
+        }
+        q_hi = lo;
+    }
+    const int nqb = max((q_hi + F9B_BR - 1) / F9B_BR - qb_lo, 0);
+    const int items = qpg * nqb;
+    const int kw = k0 + wg * 64 + wl * 16;  // this warp's 16 keys
+    const int key_a = kw + (lane >> 2);     // this thread's keys: key_a, key_a + 8
+
+    auto issue = [&](int item, int st) {
+        const int j = item / nqb, q0 = (qb_lo + item % nqb) * F9B_BR;
+        const int h = g * qpg + j;
+        f9_load_tile<F9B_BR, D>(Qs2 + st * TILE_Q, q + (long long)b * T * q_rs + g * q_gs + j * D, q_rs, q0, T);
+        f9_load_tile<F9B_BR, D>(dOs2 + st * TILE_Q, dout + (long long)b * T * o_rs + h * D, o_rs, q0, T);
+        f9_commit();
+        const float* lse_h = lse + ((long long)b * H + h) * T;
+        const float* del_h = delta + ((long long)b * H + h) * T;
+        for (int i = threadIdx.x; i < F9B_BR; i += F9_THREADS) {
+            const bool ok = q0 + i < T;
+            lse2[st * F9B_BR + i] = ok ? lse_h[q0 + i] * 1.44269504088896340736f : INF_F;
+            del2[st * F9B_BR + i] = ok ? del_h[q0 + i] : 0.f;
+            lo2[st * F9B_BR + i] = ok ? f9_key_lo(segb, q0 + i, window) : T;
+        }
+    };
+    if (items > 0) issue(0, 0);
+    for (int item = 0; item < items; item++) {
+        const int st = item & 1;
+        if (item + 1 < items) {
+            issue(item + 1, st ^ 1);
+            f9_wait<1>();
+        } else {
+            f9_wait<0>();
+        }
+        f9_proxy_fence();
+        __syncthreads();
+        const int j = item / nqb, q0 = (qb_lo + item % nqb) * F9B_BR;
+        const int h = g * qpg + j;
+        const u32 Qt = Qs2 + st * TILE_Q, dOt = dOs2 + st * TILE_Q;
+        const float* lse_s = lse2 + st * F9B_BR;
+        const float* del_s = del2 + st * F9B_BR;
+        const int* lo_s = lo2 + st * F9B_BR;
+
+        // S^T = K Q^T, dP^T = V dO^T (64 keys of this warpgroup x 64 queries)
+        wg_fence_regs<32>(s);
+        wg_fence_regs<32>(dp);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const u32 ka = Ks + (kk >> 2) * (F9B_BC * 128) + wg * (64 * 128) + (kk & 3) * 32;
+            const u32 qa = Qt + (kk >> 2) * (F9B_BR * 128) + (kk & 3) * 32;
+            wg_ss_n64_t00(s, f9_desc(ka, 16, 1024), f9_desc(qa, 16, 1024), kk > 0 ? 1 : 0);
+        }
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const u32 va = Vs + (kk >> 2) * (F9B_BC * 128) + wg * (64 * 128) + (kk & 3) * 32;
+            const u32 oa = dOt + (kk >> 2) * (F9B_BR * 128) + (kk & 3) * 32;
+            wg_ss_n64_t00(dp, f9_desc(va, 16, 1024), f9_desc(oa, 16, 1024), kk > 0 ? 1 : 0);
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs<32>(s);
+        wg_fence_regs<32>(dp);
+
+        // P^T and dS^T (rows past T have lse = +inf, so they give 0 without a test)
+        const bool full = kw + 15 <= q0 && kw + 15 < T && kw >= lo_s[min(F9B_BR - 1, T - 1 - q0)];
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            const int ql = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+            const int key = key_a + ((i >> 1) & 1) * 8;
+            const bool ok = full || (key < T && key <= q0 + ql && key >= lo_s[ql]);
+            const float pv = ok ? exp2f(s[i] * scale_log2 - lse_s[ql]) : 0.f;
+            s[i] = pv;
+            dp[i] = pv * (dp[i] - del_s[ql]);
+        }
+        u32 pf[4][4], dsf[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                pf[kk][e] = f9_pack(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
+                dsf[kk][e] = f9_pack(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1]);
+            }
+        }
+        // dS^T to shared memory (swizzled [128 keys][64 queries]) for dQ
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int kl = wg * 64 + wl * 16 + (lane >> 2) + (e & 1) * 8;
+                const int nt = 2 * kk + (e >> 1);
+                f9_st_shared(dSs + kl * 128 + ((nt ^ (kl & 7)) << 4) + (lane & 3) * 4, dsf[kk][e]);
+            }
+        }
+        // dV += P^T dO, dK += dS^T Q
+        wg_fence_regs<D / 2>(dv_acc);
+        wg_fence_regs<D / 2>(dk_acc);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+            f9_wg_pv<D>(dv_acc, pf[kk], f9_desc(dOt + kk * (16 * 128), F9B_BR * 128, 1024));
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+            f9_wg_pv<D>(dk_acc, dsf[kk], f9_desc(Qt + kk * (16 * 128), F9B_BR * 128, 1024));
+        wg_commit();
+        f9_proxy_fence();
+        __syncthreads();
+
+        // dQ = dS K for the 64 queries
+        wg_fence_regs<32>(dq);
+        wg_fence();
+        if constexpr (D == 128) {
+#pragma unroll
+            for (int kk = 0; kk < F9B_BC / 16; kk++) {
+                wg_ss_n64_t11(dq, f9_desc(dSs + kk * (16 * 128), TILE_DS, 1024),
+                              f9_desc(Ks + wg * (F9B_BC * 128) + kk * (16 * 128), F9B_BC * 128, 1024), kk > 0 ? 1 : 0);
+            }
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                const u32 off = wg * (64 * 128) + kk * (16 * 128);
+                wg_ss_n64_t11(dq, f9_desc(dSs + off, TILE_DS, 1024), f9_desc(Ks + off, F9B_BC * 128, 1024),
+                              kk > 0 ? 1 : 0);
+            }
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs<32>(dq);
+        wg_fence_regs<D / 2>(dv_acc);
+        wg_fence_regs<D / 2>(dk_acc);
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+            asm volatile("" : "+r"(pf[kk][0]), "+r"(pf[kk][1]), "+r"(pf[kk][2]), "+r"(pf[kk][3]),
+                         "+r"(dsf[kk][0]), "+r"(dsf[kk][1]), "+r"(dsf[kk][2]), "+r"(dsf[kk][3])::"memory");
+
+        float* dqh = dq_acc + (long long)b * T * H * D + (long long)h * D + (D == 128 ? wg * 64 : 0) + (lane & 3) * 2;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int qrow = q0 + wl * 16 + (lane >> 2) + r * 8;
+            if (qrow >= T) continue;
+            float* p = dqh + (long long)qrow * H * D;
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) f9_red2(p + nt * 8, dq[nt * 4 + 2 * r], dq[nt * 4 + 2 * r + 1]);
+        }
+        __syncthreads();
+    }
+    // write dK (scaled) and dV for this thread's two keys
+    bf16* dkg = dk + (long long)b * T * kv_rs + g * kv_gs;
+    bf16* dvg = dv + (long long)b * T * kv_rs + g * kv_gs;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int key = key_a + r * 8;
+        if (key >= T) continue;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            const int col = dt * 8 + (lane & 3) * 2;
+            *reinterpret_cast<u32*>(dkg + (long long)key * kv_rs + col) =
+                f9_pack(dk_acc[dt * 4 + 2 * r] * scale, dk_acc[dt * 4 + 2 * r + 1] * scale);
+            *reinterpret_cast<u32*>(dvg + (long long)key * kv_rs + col) = f9_pack(dv_acc[dt * 4 + 2 * r], dv_acc[dt * 4 + 2 * r + 1]);
+        }
+    }
+#else
+    asm volatile("trap;");
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(F9_THREADS, 1)
+    flash_bwd_sm90_d128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
+                        float* dq_acc, bf16* dk, bf16* dv, const int* seg, int T, int H, int qpg, int q_rs, int q_gs,
+                        int kv_rs, int kv_gs, int o_rs, float scale, float scale_log2, int window) {
+    flash_bwd_sm90<128>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale,
+                        scale_log2, window);
+}
+extern "C" __global__ void __launch_bounds__(F9_THREADS, 1)
+    flash_bwd_sm90_d64(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
+                       float* dq_acc, bf16* dk, bf16* dv, const int* seg, int T, int H, int qpg, int q_rs, int q_gs,
+                       int kv_rs, int kv_gs, int o_rs, float scale, float scale_log2, int window) {
+    flash_bwd_sm90<64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale,
+                       scale_log2, window);
 }

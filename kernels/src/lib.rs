@@ -84,6 +84,15 @@ mod tests {
         ] {
             assert!(flash.contains(k), "{k}");
         }
+        let flash9 = module_source("flash_sm90").unwrap_or_default();
+        for k in [
+            "flash_fwd_sm90_d64",
+            "flash_fwd_sm90_d128",
+            "flash_bwd_sm90_d64",
+            "flash_bwd_sm90_d128",
+        ] {
+            assert!(flash9.contains(k), "{k}");
+        }
         let mamba = module_source("mamba").unwrap_or_default();
         for k in ops::HYBRID_KERNELS {
             let src = module_source(k.0).unwrap_or_default();

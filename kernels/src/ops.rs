@@ -18,7 +18,7 @@ const FLASH9_BC: usize = 128;
 pub enum FlashVariant {
     /// mma.sync kernels (flash.cu), any sm_80+ device.
     Sm80,
-    /// wgmma kernels (flash_sm90.cu), Hopper only; the backward is still flash.cu's.
+    /// wgmma kernels (flash_sm90.cu), Hopper only.
     Sm90,
 }
 
@@ -35,6 +35,8 @@ impl FlashVariant {
 struct FlashSm90 {
     fwd_64: Kernel,
     fwd_128: Kernel,
+    bwd_64: Kernel,
+    bwd_128: Kernel,
 }
 
 /// Every kernel, loaded once per device.
@@ -185,6 +187,8 @@ impl Ops {
                 Some(FlashSm90 {
                     fwd_64: load("flash_sm90", "flash_fwd_sm90_d64")?,
                     fwd_128: load("flash_sm90", "flash_fwd_sm90_d128")?,
+                    bwd_64: load("flash_sm90", "flash_bwd_sm90_d64")?,
+                    bwd_128: load("flash_sm90", "flash_bwd_sm90_d128")?,
                 })
             } else {
                 None
@@ -195,6 +199,9 @@ impl Ops {
         if let Some(k9) = &ops.flash_sm90 {
             for (k, d) in [(k9.fwd_64, 64), (k9.fwd_128, 128)] {
                 ops.gpu.set_max_dynamic_smem(k, Self::flash9_fwd_smem(d))?;
+            }
+            for (k, d) in [(k9.bwd_64, 64), (k9.bwd_128, 128)] {
+                ops.gpu.set_max_dynamic_smem(k, Self::flash9_bwd_smem(d))?;
             }
         }
         // ARCHSCALE_FLASH=sm80 keeps the mma.sync kernels on Hopper (for comparison).
@@ -230,6 +237,14 @@ impl Ops {
     /// Q tile, two stages of K and V (swizzled, unpadded), and 1 KiB to align the base.
     fn flash9_fwd_smem(d: usize) -> usize {
         (FLASH9_BR + 4 * FLASH9_BC) * d * 2 + 1024
+    }
+    /// K, V (128 keys), two stages of Q and dO (64 queries), dS^T, per-query statistics, and
+    /// 1 KiB to align the base.
+    fn flash9_bwd_smem(d: usize) -> usize {
+        (2 * FLASH_BWD_BC + 4 * FLASH_BR) * d * 2
+            + FLASH_BWD_BC * FLASH_BR * 2
+            + 6 * FLASH_BR * 4
+            + 1024
     }
 
     /// The flash variants this device can run (`Sm80` always; `Sm90` on Hopper).
@@ -598,10 +613,16 @@ impl Ops {
         dq_acc: u64,
         delta: u64,
     ) -> Result<()> {
-        let kernel = match l.head_dim {
-            64 => self.flash_bwd_64,
-            128 => self.flash_bwd_128,
-            d => {
+        let sm90 = match (&self.flash_sm90, self.flash_variant()) {
+            (Some(k9), FlashVariant::Sm90) => Some(k9),
+            _ => None,
+        };
+        let kernel = match (l.head_dim, sm90) {
+            (64, None) => self.flash_bwd_64,
+            (128, None) => self.flash_bwd_128,
+            (64, Some(k9)) => k9.bwd_64,
+            (128, Some(k9)) => k9.bwd_128,
+            (d, _) => {
                 return Err(KernelError::Unsupported(format!(
                     "flash attention supports head_dim 64 and 128, not {d}"
                 )))
@@ -656,13 +677,12 @@ impl Ops {
             l.groups() as u32,
             l.batch as u32,
         );
-        self.gpu.launch(
-            kernel,
-            grid,
-            (256, 1, 1),
-            Self::flash_bwd_smem(d) as u32,
-            &a,
-        )?;
+        let smem = match sm90 {
+            Some(_) => Self::flash9_bwd_smem(d),
+            None => Self::flash_bwd_smem(d),
+        };
+        self.gpu
+            .launch(kernel, grid, (256, 1, 1), smem as u32, &a)?;
         let a = Args::new()
             .ptr(dq_acc)
             .ptr(dq)
