@@ -288,3 +288,23 @@ extern "C" __global__ void __launch_bounds__(256) bias_grad(const bf16* __restri
         atomicAdd(dbias + c, scale * t);
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Head gather / scatter (differential attention's pair layouts): for every row r and head h,
+// dst[r*dst_rs + dst_off[h] + e] = (accumulate ? dst[..] : 0) + src[r*src_rs + src_off[h] + e]
+// for e < width (bf16, the sum in fp32). One launch must not write an element twice.
+extern "C" __global__ void copy_heads(const bf16* __restrict__ src, int src_rs, const int* __restrict__ src_off,
+                                      bf16* __restrict__ dst, int dst_rs, const int* __restrict__ dst_off, int rows,
+                                      int heads, int width, int accumulate) {
+    const long long n = (long long)rows * heads * width;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long rh = i / width;
+        const int e = (int)(i - rh * width);
+        const long long r = rh / heads;
+        const int h = (int)(rh - r * heads);
+        const float v = bf(src[r * src_rs + src_off[h] + e]);
+        bf16* d = dst + r * dst_rs + dst_off[h] + e;
+        *d = tobf(accumulate ? bf(*d) + v : v);
+    }
+}

@@ -28,9 +28,13 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 mod attention;
+mod diff_attention;
+mod gmu;
 mod mamba;
 mod sharding;
 
+use diff_attention::{DiffParams, DiffSaved, DiffScratch};
+use gmu::GmuParams;
 use mamba::{MambaParams, MambaSaved, MambaScratch};
 use sharding::Zero3Slots;
 
@@ -60,7 +64,17 @@ pub struct Dims {
     pub rope: Vec<bool>,
     pub rope_base: f64,
     pub mixers: Vec<LayerKind>,
+    /// Per layer: YOCO and GMU wiring, differential attention.
+    pub info: Vec<LayerInfo>,
     pub mamba: Option<MambaShape>,
+    /// LayerNorm (weight and bias) instead of RMSNorm.
+    pub layer_norm: bool,
+    /// Biases on the MLP and GMU linears.
+    pub bias: bool,
+    /// Bias on the QKV (or Q-only) projection.
+    pub attn_bias: bool,
+    /// Bias on the attention output projection.
+    pub attn_out_bias: bool,
 }
 
 impl Dims {
@@ -70,19 +84,90 @@ impl Dims {
     fn attn_width(&self) -> usize {
         self.heads * self.hs
     }
+    /// Width of layer `l`'s QKV projection output (Q only for cross-attention).
+    fn proj_in_width(&self, l: usize) -> usize {
+        if self.info[l].kv_from.is_some() {
+            self.attn_width()
+        } else {
+            self.qkv_width()
+        }
+    }
+    fn any_diff(&self) -> bool {
+        self.info.iter().any(|i| i.lambda_init.is_some())
+    }
+    fn any_cross(&self) -> bool {
+        self.info.iter().any(|i| i.kv_from.is_some())
+    }
+    /// Widest exported GMU memory (0 when no layer exports one).
+    fn max_memory(&self) -> usize {
+        self.info
+            .iter()
+            .filter_map(|i| i.memory.map(|m| m.1))
+            .max()
+            .unwrap_or(0)
+    }
+    /// Needs the hybrid kernels (Mamba, LayerNorm, GMU, differential attention, biases).
+    fn needs_hybrid(&self) -> bool {
+        self.mamba.is_some()
+            || self.layer_norm
+            || self.bias
+            || self.attn_bias
+            || self.attn_out_bias
+            || self.mixers.contains(&LayerKind::Gmu)
+            || self.any_diff()
+    }
+}
+
+/// Where a layer's exported GMU memory lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemorySource {
+    /// Mamba scan output before the z gate, `[rows, d_inner]`.
+    Mamba,
+    /// Attention output before `proj`, `[rows, H·hs]`.
+    Attention,
+    /// The MLP up-half `u` of `w1`'s output, `[rows, I]` (row stride 2I).
+    Mlp,
+}
+
+/// Per-layer wiring beyond the mixer kind.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerInfo {
+    /// Cross-attention: the layer whose K/V this layer reads.
+    pub kv_from: Option<usize>,
+    /// Later cross-attention layers read this layer's K/V.
+    pub exports_kv: bool,
+    /// Differential attention's λ_init.
+    pub lambda_init: Option<f64>,
+    /// The GMU memory this layer exports, and its width.
+    pub memory: Option<(MemorySource, usize)>,
+    /// GMU layers: the layer whose memory they read.
+    pub memory_from: Option<usize>,
 }
 
 /// Offsets (in elements of the flat parameter buffer) of one block's tensors.
 #[derive(Clone, Copy, Debug)]
 struct LayerParams {
-    norm1: usize,
-    /// Attention layers only.
+    norm1: Norm,
+    /// Attention layers only (Q-only for cross-attention).
     qkv: usize,
+    qkv_b: Option<usize>,
     proj: usize,
-    norm2: usize,
+    proj_b: Option<usize>,
+    norm2: Norm,
     w1: usize,
+    w1_b: Option<usize>,
     w3: usize,
+    w3_b: Option<usize>,
     mamba: Option<MambaParams>,
+    gmu: Option<GmuParams>,
+    diff: Option<DiffParams>,
+}
+
+/// A norm's weight and (LayerNorm) bias offsets.
+#[derive(Clone, Copy, Debug)]
+struct Norm {
+    w: usize,
+    b: Option<usize>,
 }
 
 /// The mixer of one layer.
@@ -90,6 +175,7 @@ struct LayerParams {
 pub enum LayerKind {
     Attention,
     Mamba,
+    Gmu,
 }
 
 /// Mamba-1 sizes: `d` = d_inner, `r` = dt_rank (stored with row stride `rp`, a multiple of
@@ -102,16 +188,25 @@ pub struct MambaShape {
     pub ns: usize,
 }
 
-/// Per-layer saved activations (device pointers).
+/// Per-layer saved activations (device pointers; 0 where a layer has none).
 #[derive(Clone, Copy, Debug)]
 struct Saved {
     mamba: Option<MambaSaved>,
+    /// Attention: QKV (or Q) projection output; GMU: `in_proj` output.
     qkv: u64,
     y: u64,
     lse: u64,
     gu: u64,
     rstd1: u64,
     rstd2: u64,
+    /// LayerNorm means.
+    mean1: u64,
+    mean2: u64,
+    /// Mamba memory exporters: the pre-gate scan output.
+    mem_y: u64,
+    /// Memory exporters: fp32 gradient of the memory, summed over the GMU layers.
+    dmem: u64,
+    diff: Option<DiffSaved>,
 }
 
 /// How parameters, gradients and optimizer state are spread over the ranks.
@@ -126,6 +221,24 @@ pub enum ShardMode {
     Zero3,
 }
 
+/// Scratch of the cross-layer gradients (YOCO K/V, GMU memory).
+#[derive(Clone, Copy, Debug, Default)]
+struct CrossScratch {
+    /// fp32 `[rows, qkv_width]`: the K/V gradient of the exporting layer, summed over the
+    /// cross-attention layers reading it.
+    kv_acc: u64,
+    /// fp32 `[rows, qkv_width]`: one cross layer's dK/dV before it is added.
+    kv_tmp: u64,
+    /// bf16 `[rows, H·hs]`: a cross layer's dQ.
+    dq: u64,
+    /// bf16 `[rows, max memory width]`: a memory gradient rounded for the GEMMs / scan.
+    dmem_bf: u64,
+    /// GMU: gate output (bf16 `[eval rows, d_mem]`), its gradient and the `in_proj`
+    /// output's gradient (bf16 `[rows, d_mem]`).
+    gmu_h: u64,
+    gmu_dh: u64,
+    gmu_dg: u64,
+}
 pub struct CudaBackend {
     gpu: Arc<Gpu>,
     ops: Ops,
@@ -140,7 +253,7 @@ pub struct CudaBackend {
     numel: usize,
     layer_params: Vec<LayerParams>,
     wte: usize,
-    ln_f: usize,
+    ln_f: Norm,
     head: usize,
     step: u64,
     /// Token capacity of the per-layer buffers (rows·seq) and of layer 0 / logits.
@@ -165,10 +278,13 @@ pub struct CudaBackend {
     /// Layer whose saved buffers evaluation uses for layer `l` (the first of its kind).
     eval_saved: Vec<usize>,
     mamba_scratch: Option<MambaScratch>,
+    cross: CrossScratch,
+    diff: Option<DiffScratch>,
     /// Mamba / hybrid kernels, loaded only for models that have such layers.
     hops: Option<HybridOps>,
     _saved_bufs: Vec<DeviceBuffer>,
     rstd_f: DeviceBuffer,
+    mean_f: DeviceBuffer,
     hf: DeviceBuffer,
     logits: DeviceBuffer,
     losses: DeviceBuffer,
@@ -218,16 +334,8 @@ pub fn dims_of(plan: &Plan) -> Result<Dims> {
 /// gradient discrepancy (see the refusal below).
 pub fn dims_with(plan: &Plan, allow_mamba: bool) -> Result<Dims> {
     let m = &plan.model;
-    if m.norm != NormKind::RmsNorm {
-        return Err(err(
-            "CUDA backend: only RMSNorm models are supported (LayerNorm is not built yet)",
-        ));
-    }
     if m.mlp != MlpKind::Swiglu {
         return Err(err("CUDA backend: only SwiGLU MLPs are supported"));
-    }
-    if m.bias || m.attn_bias || m.attn_out_bias {
-        return Err(err("CUDA backend: linear biases are not supported yet"));
     }
     if m.varlen {
         return Err(err(
@@ -245,25 +353,54 @@ pub fn dims_with(plan: &Plan, allow_mamba: bool) -> Result<Dims> {
             m.head_size
         )));
     }
-    let mut windows = Vec::new();
-    let mut rope = Vec::new();
-    let mut mixers = Vec::new();
+    let layer_norm = m.norm == NormKind::LayerNorm;
+    if layer_norm && m.n_embd > 6144 {
+        return Err(err(format!(
+            "CUDA backend: the LayerNorm backward kernel takes widths up to 6144, not {}",
+            m.n_embd
+        )));
+    }
+    let (mut windows, mut rope, mut mixers, mut info) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for l in &plan.layers {
-        match &l.mixer {
+        let mut li = LayerInfo {
+            kv_from: None,
+            exports_kv: false,
+            lambda_init: None,
+            memory: None,
+            memory_from: None,
+        };
+        let (kind, window, r) = match &l.mixer {
             Mixer::Attention(a) => {
-                if a.kv_from.is_some()
-                    || a.differential.is_some()
-                    || a.exports_memory
-                    || l.mlp_exports_memory
-                {
+                li.kv_from = a.kv_from;
+                li.exports_kv = a.exports_kv;
+                li.lambda_init = a.differential.map(|d| d.lambda_init);
+                if a.exports_memory {
+                    li.memory = Some((MemorySource::Attention, m.n_head * m.head_size));
+                }
+                if let Some(src) = a.kv_from {
+                    let ok = src < l.index
+                        && matches!(&plan.layers[src].mixer, Mixer::Attention(p) if p.exports_kv && p.kv_from.is_none());
+                    if !ok {
+                        return Err(err(format!(
+                            "CUDA backend: layer {} reads K/V from layer {src}, which is not an earlier attention layer exporting its K/V",
+                            l.index
+                        )));
+                    }
+                    if a.rope {
+                        return Err(err(format!(
+                            "CUDA backend: layer {} is cross-attention with RoPE, which is not built (YOCO families are NoPE)",
+                            l.index
+                        )));
+                    }
+                }
+                if a.differential.is_some() && (m.n_head % 2 != 0 || m.n_query_groups % 2 != 0) {
                     return Err(err(format!(
-                        "CUDA backend: layer {} uses cross-attention, differential attention or GMU memory, which are not built yet",
-                        l.index
+                        "CUDA backend: layer {}: differential attention needs even heads and KV groups, got {} and {}",
+                        l.index, m.n_head, m.n_query_groups
                     )));
                 }
-                windows.push(a.window.unwrap_or(0));
-                rope.push(a.rope);
-                mixers.push(LayerKind::Attention);
+                (LayerKind::Attention, a.window.unwrap_or(0), a.rope)
             }
             Mixer::Mamba(mp) => {
                 if !allow_mamba {
@@ -273,29 +410,57 @@ pub fn dims_with(plan: &Plan, allow_mamba: bool) -> Result<Dims> {
                     )));
                 }
                 if mp.export_memory {
+                    let d_inner = m.mamba.map_or(0, |md| md.d_inner);
+                    li.memory = Some((MemorySource::Mamba, d_inner));
+                }
+                (LayerKind::Mamba, 0, false)
+            }
+            Mixer::Gmu(g) => {
+                if g.gated_norm {
                     return Err(err(format!(
-                        "CUDA backend: layer {} exports GMU memory, which is not built yet",
+                        "CUDA backend: layer {}: the gated-RMSNorm GMU (Mamba-2 / Gated DeltaNet memory) is plan-only",
                         l.index
                     )));
                 }
-                windows.push(0);
-                rope.push(false);
-                mixers.push(LayerKind::Mamba);
+                let src = g.memory_from;
+                let exported = if src < info.len() {
+                    let si: &LayerInfo = &info[src];
+                    si.memory
+                } else {
+                    None
+                };
+                match exported {
+                    Some((_, w)) if w == g.d_mem => {}
+                    _ => {
+                        return Err(err(format!(
+                            "CUDA backend: layer {} reads GMU memory of width {} from layer {src}, which is not an earlier layer exporting memory of that width",
+                            l.index, g.d_mem
+                        )))
+                    }
+                }
+                li.memory_from = Some(src);
+                (LayerKind::Gmu, 0, false)
             }
             other => {
                 let kind = match other {
-                    Mixer::Mamba(_) => "mamba",
                     Mixer::Mamba2 { .. } => "mamba2",
                     Mixer::GatedDeltaNet { .. } => "gated_deltanet",
-                    Mixer::Gmu(_) => "gmu",
-                    Mixer::Attention(_) => "attention",
+                    _ => "unknown",
                 };
                 return Err(err(format!(
-                    "CUDA backend: layer {} mixer `{kind}` is not built yet (attention and Mamba-1 only)",
+                    "CUDA backend: layer {} mixer `{kind}` is plan-only (attention, Mamba-1 and GMU run)",
                     l.index
                 )));
             }
+        };
+        if l.mlp_exports_memory {
+            // the MLP's export wins: it is computed later in the block (as the CPU model)
+            li.memory = Some((MemorySource::Mlp, m.intermediate_size));
         }
+        windows.push(window);
+        rope.push(r);
+        mixers.push(kind);
+        info.push(li);
     }
     let mamba = if mixers.contains(&LayerKind::Mamba) {
         let md = m
@@ -358,6 +523,11 @@ pub fn dims_with(plan: &Plan, allow_mamba: bool) -> Result<Dims> {
         rope_base: m.rope_base.unwrap_or(10000.0),
         mamba,
         mixers,
+        info,
+        layer_norm,
+        bias: m.bias,
+        attn_bias: m.attn_bias,
+        attn_out_bias: m.attn_out_bias,
     })
 }
 
@@ -372,7 +542,6 @@ pub fn planned_bytes(plan: &Plan) -> Result<usize> {
     let cap = d.batch * d.seq;
     let cap_eval = cap.max(plan.data.val_block_size.saturating_sub(1));
     let common = cap * (2 * d.n * F32 + 2 * d.inner * BF + 2 * F32);
-    let attention = cap * (d.qkv_width() * BF + d.attn_width() * BF + d.heads * F32);
     let mamba = d.mamba.map_or(0, |m| {
         cap * (5 * m.d + m.rp + 2 * m.ns) * BF
             + archscale_kernels::ops::ScanShape {
@@ -383,23 +552,55 @@ pub fn planned_bytes(plan: &Plan) -> Result<usize> {
             .ckpt_len()
                 * F32
     });
-    let layers: usize = d
-        .mixers
-        .iter()
-        .map(|k| {
-            common
-                + match k {
-                    LayerKind::Attention => attention,
-                    LayerKind::Mamba => mamba,
-                }
+    let ln = if d.layer_norm { 2 * cap * F32 } else { 0 };
+    let layers: usize = (0..d.layers)
+        .map(|l| {
+            let info = d.info[l];
+            let mixer = match d.mixers[l] {
+                LayerKind::Attention => match info.lambda_init {
+                    // Q (or QKV), y, 2H-head output and lse, subln rstd
+                    Some(_) => {
+                        cap * (d.proj_in_width(l) * BF
+                            + 3 * d.attn_width() * BF
+                            + 2 * d.heads * F32
+                            + d.heads / 2 * F32)
+                    }
+                    None => cap * (d.proj_in_width(l) * BF + d.attn_width() * BF + d.heads * F32),
+                },
+                LayerKind::Mamba => mamba,
+                LayerKind::Gmu => cap * d.max_memory() * BF,
+            };
+            let memory = info.memory.map_or(0, |(src, w)| {
+                cap * w * F32
+                    + if src == MemorySource::Mamba {
+                        cap * w * BF
+                    } else {
+                        0
+                    }
+            });
+            common + ln + mixer + memory
         })
         .sum();
     let mamba_scratch = d.mamba.map_or(0, |m| {
         cap * ((4 * m.d + m.rp + 2 * m.ns) * BF + 2 * m.ns * F32)
     });
+    let cross_scratch = if d.any_cross() {
+        cap * (2 * d.qkv_width() * F32 + d.attn_width() * BF)
+    } else {
+        0
+    } + cap_eval * 4 * d.max_memory() * BF;
+    let diff_scratch = if d.any_diff() {
+        let (aw, kv) = (d.attn_width(), 2 * d.groups * d.hs);
+        cap_eval * (4 * aw + 2 * kv) * BF + cap * ((8 * aw + 2 * kv) * BF + 2 * aw * F32)
+    } else {
+        0
+    };
     let params = numel * (4 * F32 + BF);
-    let acts =
-        layers + mamba_scratch + cap_eval * (d.n * F32 + d.padded_vocab * BF + d.n * BF + 3 * F32);
+    let acts = layers
+        + mamba_scratch
+        + cross_scratch
+        + diff_scratch
+        + cap_eval * (d.n * F32 + d.padded_vocab * BF + d.n * BF + 3 * F32);
     let scratch = cap
         * (d.n * BF
             + d.inner * BF
@@ -482,90 +683,117 @@ impl CudaBackend {
         let layout = FlatLayout::new(plan, shards, if shards == 1 { 0 } else { rank })?;
         let offsets = layout.offsets.clone();
         let numel = layout.numel;
-        let find = |name: &str| -> Result<usize> {
-            plan.params
-                .iter()
-                .position(|p| p.name == name || p.aliases.iter().any(|a| a == name))
-                .map(|i| offsets[i])
-                .ok_or_else(|| err(format!("CUDA backend: plan has no parameter `{name}`")))
-        };
-        let expect_shape = |name: &str, shape: &[usize]| -> Result<()> {
-            let p = plan
+        // Every tensor the layers use is looked up here; the plan must hold no other.
+        let used = std::cell::RefCell::new(std::collections::BTreeSet::new());
+        let take = |name: &str, shape: &[usize]| -> Result<usize> {
+            let i = plan
                 .params
                 .iter()
-                .find(|p| p.name == name || p.aliases.iter().any(|a| a == name));
-            match p {
-                Some(p) if p.shape == shape => Ok(()),
-                Some(p) => Err(err(format!(
+                .position(|p| p.name == name || p.aliases.iter().any(|a| a == name))
+                .ok_or_else(|| err(format!("CUDA backend: plan has no parameter `{name}`")))?;
+            if plan.params[i].shape != shape {
+                return Err(err(format!(
                     "CUDA backend: `{name}` has shape {:?}, expected {shape:?}",
-                    p.shape
-                ))),
-                None => Err(err(format!("CUDA backend: plan has no parameter `{name}`"))),
+                    plan.params[i].shape
+                )));
+            }
+            used.borrow_mut().insert(i);
+            Ok(offsets[i])
+        };
+        let take_if = |on: bool, name: &str, shape: &[usize]| -> Result<Option<usize>> {
+            if on {
+                take(name, shape).map(Some)
+            } else {
+                Ok(None)
             }
         };
+        let norm = |pre: &str| -> Result<Norm> {
+            Ok(Norm {
+                w: take(&format!("{pre}.weight"), &[d.n])?,
+                b: take_if(d.layer_norm, &format!("{pre}.bias"), &[d.n])?,
+            })
+        };
         let mut layer_params = Vec::new();
-        let mut known = 0;
         for i in 0..d.layers {
             let pre = format!("transformer.h.{i}");
-            expect_shape(&format!("{pre}.mlp.w1.weight"), &[2 * d.inner, d.n])?;
-            expect_shape(&format!("{pre}.mlp.w3.weight"), &[d.n, d.inner])?;
-            let (qkv, proj, mamba) = match (d.mixers[i], d.mamba) {
+            let a = format!("{pre}.attn");
+            let (n, hs) = (d.n, d.hs);
+            let mut lp = LayerParams {
+                norm1: norm(&format!("{pre}.norm_1"))?,
+                qkv: 0,
+                qkv_b: None,
+                proj: 0,
+                proj_b: None,
+                norm2: norm(&format!("{pre}.norm_2"))?,
+                w1: take(&format!("{pre}.mlp.w1.weight"), &[2 * d.inner, n])?,
+                w1_b: take_if(d.bias, &format!("{pre}.mlp.w1.bias"), &[2 * d.inner])?,
+                w3: take(&format!("{pre}.mlp.w3.weight"), &[n, d.inner])?,
+                w3_b: take_if(d.bias, &format!("{pre}.mlp.w3.bias"), &[n])?,
+                mamba: None,
+                gmu: None,
+                diff: None,
+            };
+            match (d.mixers[i], d.mamba) {
                 (LayerKind::Mamba, Some(ms)) => {
-                    let (n, dd, r, ns) = (d.n, ms.d, ms.r, ms.ns);
-                    let a = format!("{pre}.attn");
-                    expect_shape(&format!("{a}.in_proj.weight"), &[2 * dd, n])?;
-                    expect_shape(&format!("{a}.conv1d.weight"), &[dd, 1, 4])?;
-                    expect_shape(&format!("{a}.x_proj.weight"), &[r + 2 * ns, dd])?;
-                    expect_shape(&format!("{a}.dt_proj.weight"), &[dd, r])?;
-                    expect_shape(&format!("{a}.A_log"), &[dd, ns])?;
-                    expect_shape(&format!("{a}.out_proj.weight"), &[n, dd])?;
-                    known += 13;
-                    let mp = MambaParams {
-                        in_proj: find(&format!("{a}.in_proj.weight"))?,
-                        conv_w: find(&format!("{a}.conv1d.weight"))?,
-                        conv_b: find(&format!("{a}.conv1d.bias"))?,
-                        x_proj: find(&format!("{a}.x_proj.weight"))?,
-                        dt_w: find(&format!("{a}.dt_proj.weight"))?,
-                        dt_b: find(&format!("{a}.dt_proj.bias"))?,
-                        a_log: find(&format!("{a}.A_log"))?,
-                        d_skip: find(&format!("{a}.D"))?,
-                        out_proj: find(&format!("{a}.out_proj.weight"))?,
-                    };
-                    (0, 0, Some(mp))
+                    let (dd, r, ns) = (ms.d, ms.r, ms.ns);
+                    lp.mamba = Some(MambaParams {
+                        in_proj: take(&format!("{a}.in_proj.weight"), &[2 * dd, n])?,
+                        conv_w: take(&format!("{a}.conv1d.weight"), &[dd, 1, 4])?,
+                        conv_b: take(&format!("{a}.conv1d.bias"), &[dd])?,
+                        x_proj: take(&format!("{a}.x_proj.weight"), &[r + 2 * ns, dd])?,
+                        dt_w: take(&format!("{a}.dt_proj.weight"), &[dd, r])?,
+                        dt_b: take(&format!("{a}.dt_proj.bias"), &[dd])?,
+                        a_log: take(&format!("{a}.A_log"), &[dd, ns])?,
+                        d_skip: take(&format!("{a}.D"), &[dd])?,
+                        out_proj: take(&format!("{a}.out_proj.weight"), &[n, dd])?,
+                    });
+                }
+                (LayerKind::Gmu, _) => {
+                    let src = d.info[i].memory_from.unwrap_or(0);
+                    let dm = d.info[src].memory.map_or(0, |m| m.1);
+                    let g = format!("{a}.gmu");
+                    lp.gmu = Some(GmuParams {
+                        in_proj: take(&format!("{g}.in_proj.weight"), &[dm, n])?,
+                        in_b: take_if(d.bias, &format!("{g}.in_proj.bias"), &[dm])?,
+                        out_proj: take(&format!("{g}.out_proj.weight"), &[n, dm])?,
+                        out_b: take_if(d.bias, &format!("{g}.out_proj.bias"), &[n])?,
+                    });
                 }
                 _ => {
-                    expect_shape(&format!("{pre}.attn.attn.weight"), &[d.qkv_width(), d.n])?;
-                    expect_shape(&format!("{pre}.attn.proj.weight"), &[d.n, d.attn_width()])?;
-                    known += 6;
-                    (
-                        find(&format!("{pre}.attn.attn.weight"))?,
-                        find(&format!("{pre}.attn.proj.weight"))?,
-                        None,
-                    )
+                    let qw = d.proj_in_width(i);
+                    lp.qkv = take(&format!("{a}.attn.weight"), &[qw, n])?;
+                    lp.qkv_b = take_if(d.attn_bias, &format!("{a}.attn.bias"), &[qw])?;
+                    lp.proj = take(&format!("{a}.proj.weight"), &[n, d.attn_width()])?;
+                    lp.proj_b = take_if(d.attn_out_bias, &format!("{a}.proj.bias"), &[n])?;
+                    if let Some(lambda_init) = d.info[i].lambda_init {
+                        lp.diff = Some(DiffParams {
+                            q1: take(&format!("{a}.da.lambda_q1"), &[hs])?,
+                            k1: take(&format!("{a}.da.lambda_k1"), &[hs])?,
+                            q2: take(&format!("{a}.da.lambda_q2"), &[hs])?,
+                            k2: take(&format!("{a}.da.lambda_k2"), &[hs])?,
+                            subln: take(&format!("{a}.da.subln.weight"), &[2 * hs])?,
+                            lambda_init,
+                        });
+                    }
                 }
-            };
-            layer_params.push(LayerParams {
-                norm1: find(&format!("{pre}.norm_1.weight"))?,
-                qkv,
-                proj,
-                norm2: find(&format!("{pre}.norm_2.weight"))?,
-                w1: find(&format!("{pre}.mlp.w1.weight"))?,
-                w3: find(&format!("{pre}.mlp.w3.weight"))?,
-                mamba,
-            });
+            }
+            layer_params.push(lp);
         }
-        expect_shape("transformer.wte.weight", &[d.padded_vocab, d.n])?;
-        expect_shape("lm_head.weight", &[d.padded_vocab, d.n])?;
-        let wte = find("transformer.wte.weight")?;
-        let ln_f = find("transformer.ln_f.weight")?;
-        let head = find("lm_head.weight")?;
+        let wte = take("transformer.wte.weight", &[d.padded_vocab, d.n])?;
+        let ln_f = norm("transformer.ln_f")?;
+        let head = take("lm_head.weight", &[d.padded_vocab, d.n])?;
         let tied = head == wte;
-        known += if tied { 2 } else { 3 };
+        let known = used.borrow().len();
         if plan.params.len() != known {
-            let names: Vec<&str> = plan.params.iter().map(|p| p.name.as_str()).collect();
+            let names: Vec<&str> = plan
+                .params
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !used.borrow().contains(i))
+                .map(|(_, p)| p.name.as_str())
+                .collect();
             return Err(err(format!(
-                "CUDA backend: expected {known} parameters, the plan has {} ({})",
-                plan.params.len(),
+                "CUDA backend: the plan has parameters this model does not use: {}",
                 names.join(", ")
             )));
         }
@@ -671,21 +899,56 @@ impl CudaBackend {
         }
         let mut saved = Vec::new();
         let mut saved_bufs = Vec::new();
-        // Evaluation runs every layer in the buffers of the first layer of its kind, which
-        // therefore get the (possibly longer) evaluation capacity.
+        // Evaluation runs every layer in the buffers of the first layer of its class (same
+        // mixer and buffer shapes), which therefore get the (possibly longer) evaluation
+        // capacity. Layers whose activations later layers read (K/V, GMU memory) keep
+        // their own.
+        let class = |l: usize| {
+            let i = &d.info[l];
+            let own = i.exports_kv || i.memory.is_some();
+            (
+                d.mixers[l],
+                i.kv_from.is_some(),
+                i.lambda_init.is_some(),
+                i.memory_from.map(|s| d.info[s].memory.map_or(0, |m| m.1)),
+                own.then_some(l),
+            )
+        };
         let eval_saved: Vec<usize> = (0..d.layers)
-            .map(|l| (0..=l).find(|&k| d.mixers[k] == d.mixers[l]).unwrap_or(l))
+            .map(|l| (0..=l).find(|&k| class(k) == class(l)).unwrap_or(l))
             .collect();
+        let ln = d.layer_norm;
         for l in 0..d.layers {
             let cap = if eval_saved[l] == l {
                 cap_eval
             } else {
                 cap_train
             };
-            let gu = alloc(cap * 2 * d.inner * BF)?;
-            let rstd1 = alloc(cap * F32)?;
-            let rstd2 = alloc(cap * F32)?;
-            let (mut qkv, mut y, mut lse, mut mamba) = (0, 0, 0, None);
+            let info = d.info[l];
+            let mut bufs = Vec::new();
+            let mut buf = |bytes: usize| -> Result<u64> {
+                let b = alloc(bytes.max(64))?;
+                let p = b.ptr;
+                bufs.push(b);
+                Ok(p)
+            };
+            let mut sv = Saved {
+                mamba: None,
+                qkv: 0,
+                y: 0,
+                lse: 0,
+                gu: buf(cap * 2 * d.inner * BF)?,
+                rstd1: buf(cap * F32)?,
+                rstd2: buf(cap * F32)?,
+                mean1: if ln { buf(cap * F32)? } else { 0 },
+                mean2: if ln { buf(cap * F32)? } else { 0 },
+                mem_y: 0,
+                dmem: match info.memory {
+                    Some((_, w)) => buf(cap_train * w * F32)?,
+                    None => 0,
+                },
+                diff: None,
+            };
             match (d.mixers[l], d.mamba) {
                 (LayerKind::Mamba, Some(ms)) => {
                     // state checkpoints are written in training only
@@ -695,46 +958,46 @@ impl CudaBackend {
                         d_inner: ms.d,
                     }
                     .ckpt_len();
-                    let bufs = [
-                        alloc(cap * 2 * ms.d * BF)?,
-                        alloc(cap * ms.d * BF)?,
-                        alloc(cap * ms.rp * BF)?,
-                        alloc(cap * 2 * ms.ns * BF)?,
-                        alloc(cap * ms.d * BF)?,
-                        alloc(cap * ms.d * BF)?,
-                        alloc(ckpt_len * F32)?,
-                    ];
-                    mamba = Some(MambaSaved {
-                        xz: bufs[0].ptr,
-                        xc: bufs[1].ptr,
-                        dt: bufs[2].ptr,
-                        bc: bufs[3].ptr,
-                        delta: bufs[4].ptr,
-                        gated: bufs[5].ptr,
-                        ckpt: bufs[6].ptr,
+                    sv.mamba = Some(MambaSaved {
+                        xz: buf(cap * 2 * ms.d * BF)?,
+                        xc: buf(cap * ms.d * BF)?,
+                        dt: buf(cap * ms.rp * BF)?,
+                        bc: buf(cap * 2 * ms.ns * BF)?,
+                        delta: buf(cap * ms.d * BF)?,
+                        gated: buf(cap * ms.d * BF)?,
+                        ckpt: buf(ckpt_len * F32)?,
                     });
-                    saved_bufs.extend(bufs);
+                    if matches!(info.memory, Some((MemorySource::Mamba, _))) {
+                        sv.mem_y = buf(cap * ms.d * BF)?;
+                    }
+                }
+                (LayerKind::Gmu, _) => {
+                    let dm = info
+                        .memory_from
+                        .and_then(|s| d.info[s].memory)
+                        .map_or(0, |m| m.1);
+                    sv.qkv = buf(cap * dm * BF)?;
                 }
                 _ => {
-                    let bq = alloc(cap * d.qkv_width() * BF)?;
-                    let by = alloc(cap * d.attn_width() * BF)?;
-                    let bl = alloc(cap * d.heads * F32)?;
-                    (qkv, y, lse) = (bq.ptr, by.ptr, bl.ptr);
-                    saved_bufs.extend([bq, by, bl]);
+                    // differential attention runs 2H flash heads (see diff_attention.rs)
+                    let fh = if info.lambda_init.is_some() { 2 } else { 1 } * d.heads;
+                    sv.qkv = buf(cap * d.proj_in_width(l) * BF)?;
+                    sv.y = buf(cap * d.attn_width() * BF)?;
+                    sv.lse = buf(cap * fh * F32)?;
+                    if info.lambda_init.is_some() {
+                        sv.diff = Some(DiffSaved {
+                            ob: buf(cap * fh * d.hs * BF)?,
+                            rstd: buf(cap * d.heads / 2 * F32)?,
+                            lam: buf(4 * F32)?,
+                        });
+                    }
                 }
             }
-            saved.push(Saved {
-                mamba,
-                qkv,
-                y,
-                lse,
-                gu: gu.ptr,
-                rstd1: rstd1.ptr,
-                rstd2: rstd2.ptr,
-            });
-            saved_bufs.extend([gu, rstd1, rstd2]);
+            saved.push(sv);
+            saved_bufs.extend(bufs);
         }
         let rstd_f = alloc(cap_eval * F32)?;
+        let mean_f = alloc(if ln { cap_eval * F32 } else { 64 })?;
         let hf = alloc(cap_eval * d.n * BF)?;
         let logits = alloc(cap_eval * d.padded_vocab * BF)?;
         let losses = alloc(cap_eval * F32)?;
@@ -756,7 +1019,7 @@ impl CudaBackend {
         let dq_acc = alloc(cap_train * d.attn_width() * F32)?;
         let delta = alloc(cap_train * d.heads * F32)?;
         let norm_out = alloc(8)?;
-        let (mamba_scratch, hops) = match d.mamba {
+        let mamba_scratch = match d.mamba {
             Some(ms) => {
                 let c = cap_train;
                 let bufs = [
@@ -778,9 +1041,47 @@ impl CudaBackend {
                     dgated: bufs[6].ptr,
                 };
                 saved_bufs.extend(bufs);
-                (Some(sc), Some(HybridOps::new(gpu.clone())?))
+                Some(sc)
             }
-            None => (None, None),
+            None => None,
+        };
+        let hops = if d.needs_hybrid() {
+            Some(HybridOps::new(gpu.clone())?)
+        } else {
+            None
+        };
+        let mut cross = CrossScratch::default();
+        {
+            let mut buf = |bytes: usize| -> Result<u64> {
+                let b = alloc(bytes.max(64))?;
+                let p = b.ptr;
+                saved_bufs.push(b);
+                Ok(p)
+            };
+            if d.any_cross() {
+                cross.kv_acc = buf(cap_train * d.qkv_width() * F32)?;
+                cross.kv_tmp = buf(cap_train * d.qkv_width() * F32)?;
+                cross.dq = buf(cap_train * d.attn_width() * BF)?;
+            }
+            let mem = d.max_memory();
+            if mem > 0 {
+                cross.dmem_bf = buf(cap_train * mem * BF)?;
+                cross.gmu_h = buf(cap_eval * mem * BF)?;
+                cross.gmu_dh = buf(cap_train * mem * BF)?;
+                cross.gmu_dg = buf(cap_train * mem * BF)?;
+            }
+        }
+        let diff = if d.any_diff() {
+            Some(DiffScratch::new(
+                &d,
+                cap_train,
+                cap_eval,
+                &alloc,
+                &gpu,
+                &mut saved_bufs,
+            )?)
+        } else {
+            None
         };
 
         let mut be = CudaBackend {
@@ -815,9 +1116,12 @@ impl CudaBackend {
             saved,
             eval_saved,
             mamba_scratch,
+            cross,
+            diff,
             hops,
             _saved_bufs: saved_bufs,
             rstd_f,
+            mean_f,
             hf,
             logits,
             losses,
@@ -974,8 +1278,118 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The hybrid kernels (loaded for models with Mamba, LayerNorm, GMU, DA or biases).
+    fn hops(&self) -> Result<&HybridOps> {
+        self.hops
+            .as_ref()
+            .ok_or_else(|| err("CUDA backend: hybrid kernels not loaded"))
+    }
+
+    /// Layer `l`'s saved buffers in training, or the ones evaluation runs it in.
+    fn saved_of(&self, l: usize, train: bool) -> Saved {
+        if train {
+            self.saved[l]
+        } else {
+            self.saved[self.eval_saved[l]]
+        }
+    }
+
+    /// Normalises fp32 rows `x` into bf16 `out` (RMSNorm, or LayerNorm with its bias),
+    /// saving `mean` / `rstd` where non-zero.
+    fn norm_fwd(
+        &self,
+        x: u64,
+        nm: Norm,
+        out: u64,
+        mean: u64,
+        rstd: u64,
+        rows: usize,
+    ) -> Result<()> {
+        let d = &self.dims;
+        match nm.b {
+            None => {
+                Ok(self
+                    .ops
+                    .rmsnorm_fwd(x, self.p32(nm.w), out, rstd, rows, d.n, d.eps, 1.0)?)
+            }
+            Some(b) => Ok(self.hops()?.layernorm_fwd(
+                x,
+                self.p32(nm.w),
+                self.p32(b),
+                out,
+                mean,
+                rstd,
+                rows,
+                d.n,
+                d.eps,
+            )?),
+        }
+    }
+
+    /// Norm backward from bf16 `dy` into `self.dres` (added when `accumulate`) and
+    /// `self.dres_bf`; `scale` multiplies an RMSNorm's output (the final norm's logit scale).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_bwd(
+        &self,
+        x: u64,
+        nm: Norm,
+        mean: u64,
+        rstd: u64,
+        dy: u64,
+        rows: usize,
+        scale: f32,
+        accumulate: bool,
+    ) -> Result<()> {
+        let n = self.dims.n;
+        match nm.b {
+            None => Ok(self.ops.rmsnorm_bwd(
+                x,
+                self.p32(nm.w),
+                rstd,
+                dy,
+                self.dres.ptr,
+                self.dres_bf.ptr,
+                self.g32(nm.w),
+                rows,
+                n,
+                scale,
+                accumulate,
+            )?),
+            Some(b) => Ok(self.hops()?.layernorm_bwd(
+                x,
+                self.p32(nm.w),
+                mean,
+                rstd,
+                dy,
+                self.dres.ptr,
+                self.dres_bf.ptr,
+                self.g32(nm.w),
+                self.g32(b),
+                rows,
+                n,
+                accumulate,
+            )?),
+        }
+    }
+
+    /// The GMU memory exported by layer `src` (bf16 rows).
+    fn memory_rows(&self, src: usize, train: bool) -> Result<(Rows, usize)> {
+        let d = &self.dims;
+        let sv = self.saved_of(src, train);
+        match d.info[src].memory {
+            Some((MemorySource::Mamba, w)) => Ok((Rows::new(sv.mem_y, w), w)),
+            Some((MemorySource::Attention, w)) => Ok((Rows::new(sv.y, w), w)),
+            Some((MemorySource::Mlp, w)) => {
+                Ok((Rows::new(sv.gu + (d.inner * BF) as u64, 2 * d.inner), w))
+            }
+            None => Err(err(format!(
+                "CUDA backend: layer {src} exports no GMU memory"
+            ))),
+        }
+    }
+
     /// Forward over `batch` rows of `seq` tokens already uploaded. `train`: per-layer saves
-    /// (else every layer uses the buffers of the first layer of its kind). Leaves bf16
+    /// (else every layer uses the buffers of the first layer of its class). Leaves bf16
     /// logits in `self.logits`.
     fn forward(&self, batch: usize, seq: usize, train: bool) -> Result<()> {
         let d = &self.dims;
@@ -996,12 +1410,8 @@ impl CudaBackend {
         )?;
         for l in 0..d.layers {
             let lp = self.layer_params[l];
-            let sv = if train {
-                self.saved[l]
-            } else {
-                self.saved[self.eval_saved[l]]
-            };
-            self.gather_unit(uof(lp.norm1))?;
+            let sv = self.saved_of(l, train);
+            self.gather_unit(uof(lp.norm1.w))?;
             let (x_in, x_mid, x_out) = if train {
                 (
                     self.residual[2 * l].ptr,
@@ -1017,33 +1427,18 @@ impl CudaBackend {
                 )
             };
             self.mark("norm fwd")?;
-            ops.rmsnorm_fwd(
-                x_in,
-                self.p32(lp.norm1),
-                self.h.ptr,
-                sv.rstd1,
-                rows,
-                n,
-                d.eps,
-                1.0,
-            )?;
+            self.norm_fwd(x_in, lp.norm1, self.h.ptr, sv.mean1, sv.rstd1, rows)?;
             match d.mixers[l] {
                 LayerKind::Attention => {
-                    self.attention_forward(l, &lp, &sv, batch, seq, x_in, x_mid)?
+                    self.attention_forward(l, &lp, &sv, batch, seq, x_in, x_mid, train)?
                 }
-                LayerKind::Mamba => self.mamba_forward(&lp, &sv, batch, seq, x_in, x_mid, train)?,
+                LayerKind::Mamba => {
+                    self.mamba_forward(l, &lp, &sv, batch, seq, x_in, x_mid, train)?
+                }
+                LayerKind::Gmu => self.gmu_forward(l, &lp, &sv, batch, seq, x_in, x_mid, train)?,
             }
             self.mark("norm fwd")?;
-            ops.rmsnorm_fwd(
-                x_mid,
-                self.p32(lp.norm2),
-                self.h.ptr,
-                sv.rstd2,
-                rows,
-                n,
-                d.eps,
-                1.0,
-            )?;
+            self.norm_fwd(x_mid, lp.norm2, self.h.ptr, sv.mean2, sv.rstd2, rows)?;
             self.mark("gemm w1")?;
             self.lt.linear(
                 gpu,
@@ -1058,6 +1453,14 @@ impl CudaBackend {
                 1.0,
                 0.0,
             )?;
+            if let Some(b) = lp.w1_b {
+                self.hops()?.bias_add_bf16(
+                    Rows::new(sv.gu, 2 * inner),
+                    self.p32(b),
+                    rows,
+                    2 * inner,
+                )?;
+            }
             self.mark("swiglu")?;
             ops.swiglu_fwd(sv.gu, self.a.ptr, rows, inner)?;
             self.mark("gemm w3")?;
@@ -1074,25 +1477,45 @@ impl CudaBackend {
                 rs,
                 1.0,
             )?;
+            if let Some(b) = lp.w3_b {
+                self.hops()?.bias_add_f32(x_out, self.p32(b), rs, rows, n)?;
+            }
         }
         let x_final = if train {
             self.residual[2 * d.layers].ptr
         } else {
             self.residual[0].ptr
         };
-        self.gather_unit(uof(self.ln_f))?;
+        self.gather_unit(uof(self.ln_f.w))?;
         self.gather_unit(uof(self.head))?;
         self.mark("norm fwd")?;
-        ops.rmsnorm_fwd(
-            x_final,
-            self.p32(self.ln_f),
-            self.hf.ptr,
-            self.rstd_f.ptr,
-            rows,
-            n,
-            d.eps,
-            d.logit_scale,
-        )?;
+        // RMSNorm folds the logit scale into its output; LayerNorm's goes into the head GEMM.
+        let head_alpha = match self.ln_f.b {
+            None => {
+                ops.rmsnorm_fwd(
+                    x_final,
+                    self.p32(self.ln_f.w),
+                    self.hf.ptr,
+                    self.rstd_f.ptr,
+                    rows,
+                    n,
+                    d.eps,
+                    d.logit_scale,
+                )?;
+                1.0
+            }
+            Some(_) => {
+                self.norm_fwd(
+                    x_final,
+                    self.ln_f,
+                    self.hf.ptr,
+                    self.mean_f.ptr,
+                    self.rstd_f.ptr,
+                    rows,
+                )?;
+                d.logit_scale
+            }
+        };
         self.mark("gemm head")?;
         self.lt.linear(
             gpu,
@@ -1104,7 +1527,7 @@ impl CudaBackend {
             n,
             d.padded_vocab,
             OutType::Bf16,
-            1.0,
+            head_alpha,
             0.0,
         )?;
         Ok(())
@@ -1119,13 +1542,17 @@ impl CudaBackend {
         let lt = &self.lt;
         let rs = d.residual_scale;
         let uof = |off: usize| self.layout.unit_of_offset(off);
-        let (u_norm, u_head, u_embed) = (uof(self.ln_f), uof(self.head), uof(self.wte));
+        let (u_norm, u_head, u_embed) = (uof(self.ln_f.w), uof(self.head), uof(self.wte));
         self.gather_unit(u_norm)?;
         self.gather_unit(u_head)?;
         self.grads_begin(u_norm)?;
         if u_head != u_norm {
             self.grads_begin(u_head)?;
         }
+        let (head_alpha, norm_scale) = match self.ln_f.b {
+            None => (1.0, d.logit_scale),
+            Some(_) => (d.logit_scale, 1.0),
+        };
         // head: dW_head += dlogitsᵀ·hf; dhf = dlogits·W_head
         self.mark("gemm head dW")?;
         lt.linear_grad_weight(
@@ -1136,7 +1563,7 @@ impl CudaBackend {
             rows,
             n,
             d.padded_vocab,
-            1.0,
+            head_alpha,
             1.0,
         )?;
         self.mark("gemm head dx")?;
@@ -1149,21 +1576,18 @@ impl CudaBackend {
             n,
             d.padded_vocab,
             OutType::Bf16,
-            1.0,
+            head_alpha,
             0.0,
         )?;
         self.mark("norm bwd")?;
-        ops.rmsnorm_bwd(
+        self.norm_bwd(
             self.residual[2 * d.layers].ptr,
-            self.p32(self.ln_f),
+            self.ln_f,
+            self.mean_f.ptr,
             self.rstd_f.ptr,
             self.h.ptr,
-            self.dres.ptr,
-            self.dres_bf.ptr,
-            self.g32(self.ln_f),
             rows,
-            n,
-            d.logit_scale,
+            norm_scale,
             false,
         )?;
         // The embedding's unit (with a tied head, also the head's) completes only after
@@ -1174,9 +1598,19 @@ impl CudaBackend {
         if u_head != u_norm && u_head != u_embed {
             self.grads_done(u_head)?;
         }
+        // Cross-layer gradients (GMU memory, YOCO K/V) are summed into these before their
+        // producer's backward runs.
+        for l in 0..d.layers {
+            if let Some((_, w)) = d.info[l].memory {
+                gpu.memset_zero(self.saved[l].dmem, rows * w * F32)?;
+            }
+        }
+        if d.any_cross() {
+            gpu.memset_zero(self.cross.kv_acc, rows * d.qkv_width() * F32)?;
+        }
         for l in (0..d.layers).rev() {
             let lp = self.layer_params[l];
-            let u_layer = uof(lp.norm1);
+            let u_layer = uof(lp.norm1.w);
             self.gather_unit(u_layer)?;
             self.grads_begin(u_layer)?;
             let sv = self.saved[l];
@@ -1196,6 +1630,10 @@ impl CudaBackend {
                 rs,
                 1.0,
             )?;
+            if let Some(b) = lp.w3_b {
+                self.hops()?
+                    .bias_grad(Rows::new(self.dres_bf.ptr, n), self.g32(b), rs, rows, n)?;
+            }
             self.mark("gemm w3 dx")?;
             lt.linear_grad_input(
                 gpu,
@@ -1211,17 +1649,28 @@ impl CudaBackend {
             )?;
             self.mark("swiglu bwd")?;
             ops.swiglu_bwd(sv.gu, self.a.ptr, rows, inner)?;
+            // gmu_mlp: the memory u (w1's up half) also gets the GMU layers' gradient
+            let mlp_mem = matches!(d.info[l].memory, Some((MemorySource::Mlp, _)));
+            let dmem = self.cross.dmem_bf;
+            if mlp_mem {
+                ops.cast_f32_bf16(sv.dmem, dmem, rows * inner)?;
+            }
+            if let Some(b) = lp.w1_b {
+                let hops = self.hops()?;
+                hops.bias_grad(
+                    Rows::new(sv.gu, 2 * inner),
+                    self.g32(b),
+                    1.0,
+                    rows,
+                    2 * inner,
+                )?;
+                if mlp_mem {
+                    let up = self.g32(b) + (inner * F32) as u64;
+                    hops.bias_grad(Rows::new(dmem, inner), up, 1.0, rows, inner)?;
+                }
+            }
             self.mark("norm fwd")?;
-            ops.rmsnorm_fwd(
-                x_mid,
-                self.p32(lp.norm2),
-                self.h.ptr,
-                0,
-                rows,
-                n,
-                d.eps,
-                1.0,
-            )?;
+            self.norm_fwd(x_mid, lp.norm2, self.h.ptr, 0, 0, rows)?;
             self.mark("gemm w1 dW")?;
             lt.linear_grad_weight(
                 gpu,
@@ -1234,6 +1683,19 @@ impl CudaBackend {
                 1.0,
                 1.0,
             )?;
+            if mlp_mem {
+                lt.linear_grad_weight(
+                    gpu,
+                    dmem,
+                    self.h.ptr,
+                    self.g32(lp.w1) + (inner * n * F32) as u64,
+                    rows,
+                    n,
+                    inner,
+                    1.0,
+                    1.0,
+                )?;
+            }
             self.mark("gemm w1 dx")?;
             lt.linear_grad_input(
                 gpu,
@@ -1247,37 +1709,32 @@ impl CudaBackend {
                 1.0,
                 0.0,
             )?;
+            if mlp_mem {
+                lt.linear_grad_input(
+                    gpu,
+                    dmem,
+                    self.pbf(lp.w1) + (inner * n * BF) as u64,
+                    self.h.ptr,
+                    rows,
+                    n,
+                    inner,
+                    OutType::Bf16,
+                    1.0,
+                    1.0,
+                )?;
+            }
             self.mark("norm bwd")?;
-            ops.rmsnorm_bwd(
-                x_mid,
-                self.p32(lp.norm2),
-                sv.rstd2,
-                self.h.ptr,
-                self.dres.ptr,
-                self.dres_bf.ptr,
-                self.g32(lp.norm2),
-                rows,
-                n,
-                1.0,
-                true,
+            self.norm_bwd(
+                x_mid, lp.norm2, sv.mean2, sv.rstd2, self.h.ptr, rows, 1.0, true,
             )?;
             match d.mixers[l] {
                 LayerKind::Attention => self.attention_backward(l, &lp, &sv, batch, seq, x_in)?,
-                LayerKind::Mamba => self.mamba_backward(&lp, &sv, batch, seq, x_in)?,
+                LayerKind::Mamba => self.mamba_backward(l, &lp, &sv, batch, seq, x_in)?,
+                LayerKind::Gmu => self.gmu_backward(l, &lp, &sv, batch, seq, x_in)?,
             }
             self.mark("norm bwd")?;
-            ops.rmsnorm_bwd(
-                x_in,
-                self.p32(lp.norm1),
-                sv.rstd1,
-                self.h.ptr,
-                self.dres.ptr,
-                self.dres_bf.ptr,
-                self.g32(lp.norm1),
-                rows,
-                n,
-                1.0,
-                true,
+            self.norm_bwd(
+                x_in, lp.norm1, sv.mean1, sv.rstd1, self.h.ptr, rows, 1.0, true,
             )?;
             self.grads_done(u_layer)?;
         }
@@ -1704,14 +2161,18 @@ mod tests {
     use super::*;
 
     fn plan_of(arch: &str) -> Plan {
+        plan_at(arch, 4)
+    }
+
+    fn plan_at(arch: &str, depth: usize) -> Plan {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
             r#"arch = "{arch}"
-depth = 4
+depth = {depth}
 parametrization = "sp"
 
 [base]
-depth = 4
+depth = {depth}
 lr = 1e-3
 batch_tokens = 512
 
@@ -1758,8 +2219,34 @@ train = [{{ synthetic = {{ seed = 1, tokens = 100_000 }} }}]
     }
 
     #[test]
-    fn sambay_is_refused_naming_what_is_missing() {
-        let e = dims_with(&plan_of("sambay"), true).unwrap_err().to_string();
-        assert!(e.contains("not built yet"), "{e}");
+    fn every_yoco_family_is_wired_with_its_memory_and_kv_producers() {
+        let d = dims_with(&plan_at("sambay", 8), true).unwrap();
+        use LayerKind::*;
+        assert_eq!(
+            d.mixers,
+            [Mamba, Attention, Mamba, Attention, Mamba, Attention, Gmu, Attention]
+        );
+        assert_eq!(d.info[4].memory.map(|m| m.0), Some(MemorySource::Mamba));
+        assert!(d.info[5].exports_kv);
+        assert_eq!(d.info[6].memory_from, Some(4));
+        assert_eq!(d.info[7].kv_from, Some(5));
+        assert_eq!(d.proj_in_width(7), d.attn_width());
+        let da = dims_with(&plan_at("sambayda", 8), true).unwrap();
+        assert!(da.info[1].lambda_init.is_some() && da.info[7].lambda_init.is_some());
+        assert!(da.info[0].lambda_init.is_none());
+        let yoco = dims_with(&plan_at("sambayoco", 8), true).unwrap();
+        assert!(!yoco.mixers.contains(&Gmu));
+    }
+
+    #[test]
+    fn plan_only_mixers_and_varlen_are_refused_by_name() {
+        let e = dims_with(&plan_at("sambay2", 16), true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mamba2") && e.contains("plan-only"), "{e}");
+        let mut p = plan_at("sambay", 8);
+        p.model.varlen = true;
+        let e = dims_with(&p, true).unwrap_err().to_string();
+        assert!(e.contains("varlen"), "{e}");
     }
 }

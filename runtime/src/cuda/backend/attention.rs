@@ -1,9 +1,40 @@
-//! The attention mixer of a CUDA backend layer: fused QKV projection, RoPE, flash attention
-//! (causal or sliding window, GQA) and the output projection, forward and backward.
+//! The attention mixer of a CUDA backend layer: fused QKV projection (+ bias), RoPE, flash
+//! attention (causal or sliding window, GQA) and the output projection (+ bias), forward and
+//! backward. YOCO cross-attention layers project Q only and attend to the K/V of the layer
+//! that exports them; their dK/dV are summed into that layer's gradient (`kv_acc`) before
+//! its own backward runs. Differential attention is in `diff_attention.rs`.
 
 use super::*;
 
 impl CudaBackend {
+    /// Flash layout of layer `l`: its fused QKV buffer, or (cross-attention) its Q-only
+    /// buffer against the exporting layer's fused buffer.
+    pub(super) fn attn_layout(&self, l: usize, batch: usize, seq: usize) -> AttnLayout {
+        let d = &self.dims;
+        let mut al = AttnLayout::fused_qkv(
+            batch,
+            seq,
+            d.heads,
+            d.groups,
+            d.hs,
+            d.attn_scale,
+            d.windows[l],
+        );
+        if d.info[l].kv_from.is_some() {
+            al.q_row_stride = d.attn_width();
+            al.q_group_stride = al.qpg * d.hs;
+        }
+        al
+    }
+
+    /// The fused QKV buffer layer `l` reads K and V from (its own, or the exporter's).
+    pub(super) fn kv_base(&self, l: usize, sv: &Saved, train: bool) -> u64 {
+        match self.dims.info[l].kv_from {
+            Some(src) => self.saved_of(src, train).qkv,
+            None => sv.qkv,
+        }
+    }
+
     /// Attention mixer of layer `l`: `x_mid = x_in + rs · proj(attn(rope(qkv(h))))`, where
     /// `self.h` holds `norm_1(x_in)`.
     #[allow(clippy::too_many_arguments)]
@@ -16,10 +47,12 @@ impl CudaBackend {
         seq: usize,
         x_in: u64,
         x_mid: u64,
+        train: bool,
     ) -> Result<()> {
         let d = &self.dims;
         let rows = batch * seq;
-        let (n, hs, qw, aw) = (d.n, d.hs, d.qkv_width(), d.attn_width());
+        let (n, hs, aw) = (d.n, d.hs, d.attn_width());
+        let qw = d.proj_in_width(l);
         let ops = &self.ops;
         let gpu = &self.gpu;
         let rs = d.residual_scale;
@@ -37,8 +70,13 @@ impl CudaBackend {
             1.0,
             0.0,
         )?;
+        if let Some(b) = lp.qkv_b {
+            self.hops()?
+                .bias_add_bf16(Rows::new(sv.qkv, qw), self.p32(b), rows, qw)?;
+        }
         self.mark("rope")?;
         if d.rope[l] {
+            // self-attention only: cross-attention with RoPE is refused in dims_with
             ops.rope_qkv(
                 sv.qkv,
                 self.rope_cos.ptr,
@@ -51,21 +89,18 @@ impl CudaBackend {
                 1.0,
             )?;
         }
-        let al = AttnLayout::fused_qkv(
-            batch,
-            seq,
-            d.heads,
-            d.groups,
-            hs,
-            d.attn_scale,
-            d.windows[l],
-        );
-        let (ko, vo) = (
-            (al.fused_k_offset() * BF) as u64,
-            (al.fused_v_offset() * BF) as u64,
-        );
-        self.mark("attn fwd")?;
-        ops.flash_fwd(&al, sv.qkv, sv.qkv + ko, sv.qkv + vo, sv.y, sv.lse)?;
+        let kv = self.kv_base(l, sv, train);
+        if lp.diff.is_some() {
+            self.diff_forward(l, lp, sv, batch, seq, kv)?;
+        } else {
+            let al = self.attn_layout(l, batch, seq);
+            let (ko, vo) = (
+                (al.fused_k_offset() * BF) as u64,
+                (al.fused_v_offset() * BF) as u64,
+            );
+            self.mark("attn fwd")?;
+            ops.flash_fwd(&al, sv.qkv, kv + ko, kv + vo, sv.y, sv.lse)?;
+        }
         self.mark("gemm proj")?;
         self.lt.linear(
             gpu,
@@ -80,6 +115,9 @@ impl CudaBackend {
             rs,
             1.0,
         )?;
+        if let Some(b) = lp.proj_b {
+            self.hops()?.bias_add_f32(x_mid, self.p32(b), rs, rows, n)?;
+        }
         Ok(())
     }
 
@@ -95,13 +133,16 @@ impl CudaBackend {
         x_in: u64,
     ) -> Result<()> {
         let d = &self.dims;
+        let info = d.info[l];
         let rows = batch * seq;
-        let (n, hs, qw, aw) = (d.n, d.hs, d.qkv_width(), d.attn_width());
+        let (n, hs, aw, fused) = (d.n, d.hs, d.attn_width(), d.qkv_width());
+        let qw = d.proj_in_width(l);
+        let cross = info.kv_from.is_some();
         let ops = &self.ops;
         let gpu = &self.gpu;
         let lt = &self.lt;
         let rs = d.residual_scale;
-        // attention branch: out = rs · y·Woᵀ
+        // attention branch: out = rs · (y·Woᵀ + b)
         self.mark("gemm proj dW")?;
         lt.linear_grad_weight(
             gpu,
@@ -114,6 +155,15 @@ impl CudaBackend {
             rs,
             1.0,
         )?;
+        if let Some(b) = lp.proj_b {
+            self.hops()?
+                .bias_grad(Rows::new(self.dres_bf.ptr, n), self.g32(b), rs, rows, n)?;
+        }
+        // gmu_attn: y is also the GMU memory; its gradient joins the projection's
+        let memory = matches!(info.memory, Some((MemorySource::Attention, _)));
+        if memory {
+            ops.cast_f32_bf16(sv.dmem, self.dy.ptr, rows * aw)?;
+        }
         self.mark("gemm proj dx")?;
         lt.linear_grad_input(
             gpu,
@@ -125,36 +175,59 @@ impl CudaBackend {
             n,
             OutType::Bf16,
             rs,
-            0.0,
+            if memory { 1.0 } else { 0.0 },
         )?;
-        let al = AttnLayout::fused_qkv(
-            batch,
-            seq,
-            d.heads,
-            d.groups,
-            hs,
-            d.attn_scale,
-            d.windows[l],
-        );
-        let (ko, vo) = (
-            (al.fused_k_offset() * BF) as u64,
-            (al.fused_v_offset() * BF) as u64,
-        );
-        self.mark("attn bwd")?;
-        ops.flash_bwd(
-            &al,
-            sv.qkv,
-            sv.qkv + ko,
-            sv.qkv + vo,
-            sv.y,
-            self.dy.ptr,
-            sv.lse,
-            self.dqkv.ptr,
-            self.dqkv.ptr + ko,
-            self.dqkv.ptr + vo,
-            self.dq_acc.ptr,
-            self.delta.ptr,
-        )?;
+        let kv = self.kv_base(l, sv, true);
+        // gradient of this layer's projection output: fused dQKV, or a cross layer's dQ
+        // (its dK/dV land in `self.dqkv`, in the exporter's fused layout)
+        let dsrc = if cross { self.cross.dq } else { self.dqkv.ptr };
+        if cross {
+            gpu.memset_zero(self.dqkv.ptr, rows * fused * BF)?;
+        }
+        if lp.diff.is_some() {
+            self.diff_backward(l, lp, sv, batch, seq, kv, dsrc)?;
+        } else {
+            let al = self.attn_layout(l, batch, seq);
+            let (ko, vo) = (
+                (al.fused_k_offset() * BF) as u64,
+                (al.fused_v_offset() * BF) as u64,
+            );
+            self.mark("attn bwd")?;
+            ops.flash_bwd(
+                &al,
+                sv.qkv,
+                kv + ko,
+                kv + vo,
+                sv.y,
+                self.dy.ptr,
+                sv.lse,
+                dsrc,
+                self.dqkv.ptr + ko,
+                self.dqkv.ptr + vo,
+                self.dq_acc.ptr,
+                self.delta.ptr,
+            )?;
+        }
+        if cross {
+            // dK/dV to the exporter: kv_acc += dqkv (its Q slots are zero)
+            self.mark("yoco kv grad")?;
+            ops.cast_bf16_f32(self.dqkv.ptr, self.cross.kv_tmp, rows * fused)?;
+            self.hops()?.bias_add_f32(
+                self.cross.kv_acc,
+                self.cross.kv_tmp,
+                1.0,
+                1,
+                rows * fused,
+            )?;
+        } else if info.exports_kv && d.any_cross() {
+            // the cross-attention layers' dK/dV join this layer's own
+            self.hops()?.bias_add_bf16(
+                Rows::new(self.dqkv.ptr, rows * fused),
+                self.cross.kv_acc,
+                1,
+                rows * fused,
+            )?;
+        }
         self.mark("rope")?;
         if d.rope[l] {
             ops.rope_qkv(
@@ -169,12 +242,16 @@ impl CudaBackend {
                 -1.0,
             )?;
         }
+        if let Some(b) = lp.qkv_b {
+            self.hops()?
+                .bias_grad(Rows::new(dsrc, qw), self.g32(b), 1.0, rows, qw)?;
+        }
         self.mark("norm fwd")?;
-        ops.rmsnorm_fwd(x_in, self.p32(lp.norm1), self.h.ptr, 0, rows, n, d.eps, 1.0)?;
+        self.norm_fwd(x_in, lp.norm1, self.h.ptr, 0, 0, rows)?;
         self.mark("gemm qkv dW")?;
         lt.linear_grad_weight(
             gpu,
-            self.dqkv.ptr,
+            dsrc,
             self.h.ptr,
             self.g32(lp.qkv),
             rows,
@@ -186,7 +263,7 @@ impl CudaBackend {
         self.mark("gemm qkv dx")?;
         lt.linear_grad_input(
             gpu,
-            self.dqkv.ptr,
+            dsrc,
             self.pbf(lp.qkv),
             self.h.ptr,
             rows,

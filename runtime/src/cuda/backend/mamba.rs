@@ -82,6 +82,7 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn mamba_forward(
         &self,
+        l: usize,
         lp: &LayerParams,
         sv: &Saved,
         batch: usize,
@@ -174,7 +175,9 @@ impl CudaBackend {
             &shape,
             &self.scan_tensors(&mp, &ms, &m),
             Rows::new(ms.gated, dd),
-            None,
+            // a memory exporter also keeps the pre-gate y for the GMU layers
+            matches!(d.info[l].memory, Some((MemorySource::Mamba, _)))
+                .then(|| Rows::new(sv.mem_y, dd)),
             train.then_some(ms.ckpt),
         )?;
         self.mark("gemm out_proj")?;
@@ -198,6 +201,7 @@ impl CudaBackend {
     /// `self.h`.
     pub(super) fn mamba_backward(
         &self,
+        l: usize,
         lp: &LayerParams,
         sv: &Saved,
         batch: usize,
@@ -253,12 +257,20 @@ impl CudaBackend {
             a_log: self.g32(mp.a_log),
             d_skip: self.g32(mp.d_skip),
         };
+        // a memory exporter's y also gets the GMU layers' gradient
+        let dy_extra = if matches!(d.info[l].memory, Some((MemorySource::Mamba, _))) {
+            self.ops
+                .cast_f32_bf16(sv.dmem, self.cross.dmem_bf, rows * dd)?;
+            Some(Rows::new(self.cross.dmem_bf, dd))
+        } else {
+            None
+        };
         hops.selective_scan_bwd(
             &shape,
             &self.scan_tensors(&mp, &ms, &m),
             ms.ckpt,
             Rows::new(sc.dgated, dd),
-            None,
+            dy_extra,
             &grads,
             sc.bc_acc,
         )?;
@@ -356,8 +368,7 @@ impl CudaBackend {
             dd,
         )?;
         self.mark("norm fwd")?;
-        self.ops
-            .rmsnorm_fwd(x_in, self.p32(lp.norm1), self.h.ptr, 0, rows, n, d.eps, 1.0)?;
+        self.norm_fwd(x_in, lp.norm1, self.h.ptr, 0, 0, rows)?;
         self.mark("gemm in_proj dW")?;
         lt.linear_grad_weight(
             gpu,
