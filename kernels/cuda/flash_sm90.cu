@@ -426,6 +426,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
             const u32 qa = Qt + (kk >> 2) * (F9B_BR * 128) + (kk & 3) * 32;
             wg_ss_n64_t00(s, f9_desc(ka, 16, 1024), f9_desc(qa, 16, 1024), kk > 0 ? 1 : 0);
         }
+        wg_commit();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
             const u32 va = Vs + (kk >> 2) * (F9B_BC * 128) + wg * (64 * 128) + (kk & 3) * 32;
@@ -433,20 +434,25 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
             wg_ss_n64_t00(dp, f9_desc(va, 16, 1024), f9_desc(oa, 16, 1024), kk > 0 ? 1 : 0);
         }
         wg_commit();
-        wg_wait<0>();
+        wg_wait<1>();  // S^T is done; dP^T may still run while P^T is computed
         wg_fence_regs<32>(s);
-        wg_fence_regs<32>(dp);
 
-        // P^T and dS^T (rows past T have lse = +inf, so they give 0 without a test)
+        // P^T (rows past T have lse = +inf, so they give 0 without a test)
         const bool full = kw + 15 <= q0 && kw + 15 < T && kw >= lo_s[min(F9B_BR - 1, T - 1 - q0)];
 #pragma unroll
         for (int i = 0; i < 32; i++) {
             const int ql = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
             const int key = key_a + ((i >> 1) & 1) * 8;
             const bool ok = full || (key < T && key <= q0 + ql && key >= lo_s[ql]);
-            const float pv = ok ? exp2f(s[i] * scale_log2 - lse_s[ql]) : 0.f;
-            s[i] = pv;
-            dp[i] = pv * (dp[i] - del_s[ql]);
+            s[i] = ok ? exp2f(s[i] * scale_log2 - lse_s[ql]) : 0.f;
+        }
+        wg_wait<0>();
+        wg_fence_regs<32>(dp);
+        // dS^T = P^T (dP^T - delta)
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            const int ql = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+            dp[i] = s[i] * (dp[i] - del_s[ql]);
         }
         u32 pf[4][4], dsf[4][4];
 #pragma unroll
@@ -514,8 +520,12 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
             const int qrow = q0 + wl * 16 + (lane >> 2) + r * 8;
             if (qrow >= T) continue;
             float* p = dqh + (long long)qrow * H * D;
+#ifndef F9_NO_DQ_ATOMICS  // timing experiments only (ARCHSCALE_KERNEL_DEFINES): dQ left unwritten
 #pragma unroll
             for (int nt = 0; nt < 8; nt++) f9_red2(p + nt * 8, dq[nt * 4 + 2 * r], dq[nt * 4 + 2 * r + 1]);
+#else
+            if (dq[0] == 1.2345f) p[0] = 0.f;
+#endif
         }
         __syncthreads();
     }
