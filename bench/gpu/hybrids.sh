@@ -28,7 +28,13 @@ for m in $MODELS; do
   # the largest gradient errors
   grep -E "^grad " $OUT/parity-$m.txt | sort -g -k4 -r | head -3 | awk '{print "   ", $2, $4}'
 done
-for m in $MODELS; do
+for m in ${VARLEN:-sambay phi4}; do
+  # document masking (EOS-separated documents; arch-spec §4.3) in attention, conv and scan
+  timeout 200 $B selftest --only none --model bench/${m}_parity.toml --set train.varlen=true --set train.micro_batch=1 --seed $SEED > $OUT/parity-$m-varlen.txt 2>&1
+  echo "== $m varlen parity rc=$?: $(grep -E "^model loss" $OUT/parity-$m-varlen.txt | awk '{print "loss", $(NF-2)}') $(grep -E "^all gradients" $OUT/parity-$m-varlen.txt | awk '{print "grads", $(NF-2)}') $(tail -1 $OUT/parity-$m-varlen.txt)"
+  grep -E "FAIL|ERROR" $OUT/parity-$m-varlen.txt | head -5
+done
+for m in ${RUNS:-$MODELS}; do
   timeout 120 $B run bench/${m}_parity.toml --backend cuda --max-steps 30 --set train.log_interval=5 \
     --set train.out_dir=$OUT/run-$m > $OUT/run-$m.txt 2>&1; echo "run $m rc=$?: $(grep -o "step *[0-9]*  loss [0-9.]*" $OUT/run-$m.txt | tr '\n' ' ')"
   grep -iE "error|panic" $OUT/run-$m.txt | head -3
@@ -39,3 +45,10 @@ for a in ${REAL:-sambay sambayda sambayoco}; do
   echo "run $a d8 rc=$?: $(grep -o "step *[0-9]*  loss [0-9.]*" $OUT/run-$a-d8.txt | tr '\n' ' ')"
   grep -iE "error|panic" $OUT/run-$a-d8.txt | head -3
 done
+if [ "${BENCH:-0}" = 1 ]; then
+  # throughput at ctx 4096 (micro 4), beside Samba d8 (same recipe as bench/gpu/samba.sh)
+  for a in samba sambay sambayda; do
+    timeout 200 $B bench bench/samba_ctx4096.toml --set arch=$a --micro 4 --steps 6 --warmup 2 > $OUT/bench-$a.txt 2>&1
+    echo "bench $a d8 rc=$?"; grep -v "^bench " $OUT/bench-$a.txt | tail -3
+  done
+fi

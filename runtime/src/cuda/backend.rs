@@ -75,6 +75,10 @@ pub struct Dims {
     pub attn_bias: bool,
     /// Bias on the attention output projection.
     pub attn_out_bias: bool,
+    /// Document masking from `eos` (arch-spec §4.3): attention, conv and scan never look
+    /// before the document's start.
+    pub varlen: bool,
+    pub eos: u32,
 }
 
 impl Dims {
@@ -290,6 +294,8 @@ pub struct CudaBackend {
     losses: DeviceBuffer,
     tokens: DeviceBuffer,
     targets: DeviceBuffer,
+    /// Varlen: i32 document start of every input token within its row.
+    seg: DeviceBuffer,
     rope_cos: DeviceBuffer,
     rope_sin: DeviceBuffer,
     rope_len: usize,
@@ -336,11 +342,6 @@ pub fn dims_with(plan: &Plan, allow_mamba: bool) -> Result<Dims> {
     let m = &plan.model;
     if m.mlp != MlpKind::Swiglu {
         return Err(err("CUDA backend: only SwiGLU MLPs are supported"));
-    }
-    if m.varlen {
-        return Err(err(
-            "CUDA backend: varlen (document-masked) attention is not built yet",
-        ));
     }
     if m.n_head % m.n_query_groups != 0 {
         return Err(err(
@@ -528,6 +529,8 @@ pub fn dims_with(plan: &Plan, allow_mamba: bool) -> Result<Dims> {
         bias: m.bias,
         attn_bias: m.attn_bias,
         attn_out_bias: m.attn_out_bias,
+        varlen: m.varlen,
+        eos: m.eos_token_id,
     })
 }
 
@@ -1003,6 +1006,7 @@ impl CudaBackend {
         let losses = alloc(cap_eval * F32)?;
         let tokens = alloc(cap_eval * 4)?;
         let targets = alloc(cap_eval * 4)?;
+        let seg = alloc(if d.varlen { cap_eval * 4 } else { 64 })?;
         let rope_len = d.seq.max(val_len);
         let (c, s) = rope_tables(rope_len, d.hs, d.rope_base);
         let rope_cos = alloc(c.len() * BF)?;
@@ -1127,6 +1131,7 @@ impl CudaBackend {
             losses,
             tokens,
             targets,
+            seg,
             rope_cos,
             rope_sin,
             rope_len,
@@ -1272,6 +1277,13 @@ impl CudaBackend {
             tgt.extend(row[1..].iter().map(|&t| t as i32));
         }
         self.gpu.upload(self.tokens.ptr, &inp)?;
+        if self.dims.varlen {
+            let toks: Vec<u32> = inp.iter().map(|&t| t as u32).collect();
+            let mut starts = vec![0u32; toks.len()];
+            crate::cpu::ops::mask::segment_starts(&toks, seq, self.dims.eos, &mut starts);
+            let starts: Vec<i32> = starts.iter().map(|&s| s as i32).collect();
+            self.gpu.upload(self.seg.ptr, &starts)?;
+        }
         if with_targets {
             self.gpu.upload(self.targets.ptr, &tgt)?;
         }
@@ -1283,6 +1295,11 @@ impl CudaBackend {
         self.hops
             .as_ref()
             .ok_or_else(|| err("CUDA backend: hybrid kernels not loaded"))
+    }
+
+    /// Varlen: the device document starts of the uploaded rows.
+    fn seg(&self) -> Option<u64> {
+        self.dims.varlen.then_some(self.seg.ptr)
     }
 
     /// Layer `l`'s saved buffers in training, or the ones evaluation runs it in.
@@ -2239,14 +2256,13 @@ train = [{{ synthetic = {{ seed = 1, tokens = 100_000 }} }}]
     }
 
     #[test]
-    fn plan_only_mixers_and_varlen_are_refused_by_name() {
+    fn plan_only_mixers_are_refused_by_name() {
         let e = dims_with(&plan_at("sambay2", 16), true)
             .unwrap_err()
             .to_string();
         assert!(e.contains("mamba2") && e.contains("plan-only"), "{e}");
         let mut p = plan_at("sambay", 8);
         p.model.varlen = true;
-        let e = dims_with(&p, true).unwrap_err().to_string();
-        assert!(e.contains("varlen"), "{e}");
+        assert!(dims_with(&p, true).unwrap().varlen);
     }
 }

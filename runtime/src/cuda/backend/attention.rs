@@ -24,7 +24,7 @@ impl CudaBackend {
             al.q_row_stride = d.attn_width();
             al.q_group_stride = al.qpg * d.hs;
         }
-        al
+        al.with_seg(self.seg().unwrap_or(0))
     }
 
     /// The fused QKV buffer layer `l` reads K and V from (its own, or the exporter's).

@@ -185,7 +185,7 @@ impl CudaBackend {
             o_row_stride: 2 * h * hs,
             scale: d.attn_scale,
             window: d.windows[l],
-            seg: 0,
+            seg: self.seg().unwrap_or(0),
         }
     }
 

@@ -72,7 +72,7 @@ impl CudaBackend {
             delta_bias: self.p32(mp.dt_b),
             a_log: self.p32(mp.a_log),
             d_skip: self.p32(mp.d_skip),
-            seg: None,
+            seg: self.seg(),
         }
     }
 
@@ -114,7 +114,7 @@ impl CudaBackend {
             Rows::new(ms.xz, 2 * dd),
             self.p32(mp.conv_w),
             self.p32(mp.conv_b),
-            None,
+            self.seg(),
             Rows::new(ms.xc, dd),
             batch,
             seq,
@@ -358,7 +358,7 @@ impl CudaBackend {
             Rows::new(ms.xz, 2 * dd),
             self.p32(mp.conv_w),
             self.p32(mp.conv_b),
-            None,
+            self.seg(),
             Rows::new(sc.dxc, dd),
             Rows::new(sc.dxz, 2 * dd),
             self.g32(mp.conv_w),
