@@ -10,7 +10,7 @@
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export ARCHSCALE_KERNEL_CACHE=$PWD/gpu-carry-hyb/kcache ARCHSCALE_EXPERIMENTAL_MAMBA=1
+export ARCHSCALE_KERNEL_CACHE=$PWD/gpu-carry-hyb/kcache
 B=${B:-gpu-carry-hyb/archscale}
 MODELS=${MODELS:-"sambay sambayoco sambaymlp sambayattn lnbias sambayda phi4"}
 SEED=${SEED:-1}

@@ -5,7 +5,7 @@
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export ARCHSCALE_KERNEL_CACHE=$PWD/gpu-carry/kcache ARCHSCALE_EXPERIMENTAL_MAMBA=1
+export ARCHSCALE_KERNEL_CACHE=$PWD/gpu-carry/kcache
 B=gpu-carry/archscale
 timeout 200 $B selftest --only mamba --model bench/samba_parity.toml > $OUT/parity-samba.txt 2>&1; echo "samba parity rc=$?"
 grep -i "model\|fail\|error" $OUT/parity-samba.txt | tail -12

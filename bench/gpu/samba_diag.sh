@@ -2,7 +2,7 @@
 # Samba CUDA-vs-CPU gradient diagnostics (one GPU): model parity at several shapes, with
 # ARCHSCALE_POISON=1 (every new device buffer NaN-filled) so reads of unwritten memory show.
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export ARCHSCALE_KERNEL_CACHE=$PWD/gpu-carry/kcache ARCHSCALE_EXPERIMENTAL_MAMBA=1
+export ARCHSCALE_KERNEL_CACHE=$PWD/gpu-carry/kcache
 B=gpu-carry/archscale
 for poison in "" 1; do
 for cfg in "--set train.seq_len=32 --set train.swa_len=16 --set train.micro_batch=1" "--set train.micro_batch=2"; do

@@ -6,6 +6,26 @@ use std::fmt::Debug;
 use std::iter::Sum;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
 
+/// How the CPU model stores the activations a CUDA run keeps in bf16: `Exact` (the
+/// reference) or `Bf16` (rounded where the GPU rounds them, so a GPU-vs-CPU comparison of an
+/// ill-conditioned gradient compares like with like; see `CpuModel::with_storage`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Storage {
+    #[default]
+    Exact,
+    Bf16,
+}
+
+impl Storage {
+    /// Rounds `xs` as this storage keeps them.
+    pub fn store<T: Real>(self, xs: &mut [T]) {
+        if self == Storage::Bf16 {
+            xs.par_iter_mut()
+                .for_each(|x| *x = T::from_f32(half::bf16::from_f64(x.to_f64()).to_f32()));
+        }
+    }
+}
+
 /// A real scalar: `f32` or `f64`.
 pub trait Real:
     Copy

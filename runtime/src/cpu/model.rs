@@ -10,7 +10,7 @@
 //! Activations live in a workspace allocated once per (batch, sequence, training) shape and
 //! reused across steps.
 
-use super::float::Real;
+use super::float::{Real, Storage};
 use super::ops::attention::{
     attention_backward, attention_forward, heads_to_tokens, merge_qkv, split_qkv, tokens_to_heads,
     AttnShape,
@@ -145,6 +145,7 @@ pub struct CpuModel<T: Real = f32> {
     head: usize,
     ln_f: Norm,
     workspaces: Mutex<Vec<Workspace<T>>>,
+    storage: Storage,
 }
 
 struct Lookup<'a> {
@@ -205,6 +206,16 @@ impl<T: Real> CpuModel<T> {
     /// `plan.params` with the right shape. Mixers the CPU backend does not run are errors.
     pub fn new(plan: &Plan) -> Result<Self> {
         Self::from_parts(&plan.model, &plan.layers, &plan.params, plan.training.seed)
+    }
+
+    /// The same model storing the tensors the GPU keeps in bf16 at the points where a
+    /// gradient is ill-conditioned at init: the Mamba scan's inputs (in_proj, conv, x_proj and
+    /// dt_proj outputs), its upstream gradient and its dB, dC, dΔ; differential attention's
+    /// O1, O2 and upstream gradient. Only the CUDA self-test uses `Storage::Bf16`, as its
+    /// reference for such gradients.
+    pub fn with_storage(mut self, storage: Storage) -> Self {
+        self.storage = storage;
+        self
     }
 
     /// As [`CpuModel::new`] from the pieces of a plan.
@@ -418,6 +429,7 @@ impl<T: Real> CpuModel<T> {
             head,
             ln_f,
             workspaces: Mutex::new(Vec::new()),
+            storage: Storage::Exact,
         })
     }
 
@@ -716,6 +728,7 @@ impl<T: Real> CpuModel<T> {
                             d.lambda_init,
                             &sh,
                             seg,
+                            self.storage,
                         );
                         heads_to_tokens(&mut a.y, &a.o, s.batch, s.seq, h / 2, 2 * hs);
                     }
@@ -731,6 +744,8 @@ impl<T: Real> CpuModel<T> {
                 let w_in = &params[mb.in_proj];
                 linear_forward(&mut m.x, u, &w_in[..d * n], None, rows, n, d);
                 linear_forward(&mut m.z, u, &w_in[d * n..], None, rows, n, d);
+                self.storage.store(&mut m.x);
+                self.storage.store(&mut m.z);
                 causal_conv1d_forward(
                     &mut m.xc_pre,
                     &m.x,
@@ -742,6 +757,7 @@ impl<T: Real> CpuModel<T> {
                     seg,
                 );
                 silu_forward(&mut m.xc, &m.xc_pre);
+                self.storage.store(&mut m.xc);
                 let w_x = &params[mb.x_proj];
                 linear_forward(&mut m.dtr, &m.xc, &w_x[..r * d], None, rows, d, r);
                 linear_forward(
@@ -754,7 +770,11 @@ impl<T: Real> CpuModel<T> {
                     ns,
                 );
                 linear_forward(&mut m.cm, &m.xc, &w_x[(r + ns) * d..], None, rows, d, ns);
+                self.storage.store(&mut m.dtr);
                 linear_forward(&mut m.delta, &m.dtr, &params[mb.dt_w], None, rows, r, d);
+                for t in [&mut m.bm, &mut m.cm, &mut m.delta] {
+                    self.storage.store(t);
+                }
                 let inp = ScanInputs {
                     x: &m.xc,
                     delta: &m.delta,
@@ -1012,6 +1032,7 @@ impl<T: Real> CpuModel<T> {
                     match at.diff {
                         Some(dp) => {
                             tokens_to_heads(&mut dyh, &dy, s.batch, s.seq, h / 2, 2 * hs);
+                            self.storage.store(&mut dyh);
                             let lambdas = Lambdas {
                                 q1: &params[dp.q1],
                                 k1: &params[dp.k1],
@@ -1107,6 +1128,7 @@ impl<T: Real> CpuModel<T> {
                     d,
                     n,
                 );
+                self.storage.store(&mut dgated);
                 let mut dy = sc.take("mamba.dy", rows * d);
                 if mb.export_memory && mixer_memory_grad {
                     dy.copy_from_slice(&cur.dmem);
@@ -1142,6 +1164,9 @@ impl<T: Real> CpuModel<T> {
                         d_skip: g_d,
                     };
                     selective_scan_backward(sg, &dy, &inp, &self.scan_shape(s));
+                }
+                for t in [&mut dbm, &mut dcm, &mut ddelta] {
+                    self.storage.store(t);
                 }
                 sc.give("mamba.dy", dy);
                 let mut ddtr = sc.take("mamba.ddtr", rows * r);

@@ -1,6 +1,7 @@
 //! Whole-model tests: f64 finite-difference checks of tiny Transformer++ and hybrid
 //! stacks, causality of prefix evaluation, thread-count independence, and errors.
 
+use super::float::Storage;
 use super::gradcheck::{randn, rng, TestRng};
 use super::model::CpuModel;
 use archscale_compiler::params::build_params;
@@ -910,4 +911,48 @@ fn parallel_gemm_split_is_thread_count_independent() {
     let (l3, g3) = run(3);
     assert_eq!(l1.to_bits(), l3.to_bits());
     assert!(g1 == g3, "gradients depend on the thread count");
+}
+
+#[test]
+fn bf16_storage_rounds_the_gpu_stored_activations_and_nothing_more() {
+    // SambaY-DA: Mamba scan inputs and DA's O1/O2 are rounded; the loss moves by bf16
+    // rounding (≈ 1e-3 relative), not by more, and an exact model is unchanged.
+    let p = plan(
+        model_config(
+            Tiny {
+                rope: false,
+                parametrization: Parametrization::Sp,
+                ..Tiny::default()
+            },
+            8,
+            true,
+        ),
+        sambay_layers(true, "mamba"),
+    );
+    let exact = CpuModel::<f32>::new(&p).unwrap();
+    let bf16 = CpuModel::<f32>::new(&p)
+        .unwrap()
+        .with_storage(Storage::Bf16);
+    let mut rng = rng(5);
+    let params = exact.init_params();
+    let rows = random_rows(&mut rng, 2, p.model.block_size, false);
+    let l_exact = exact.loss(&params, &rows, 2, 0.0).unwrap();
+    let l_again = CpuModel::<f32>::new(&p)
+        .unwrap()
+        .with_storage(Storage::Exact)
+        .loss(&params, &rows, 2, 0.0)
+        .unwrap();
+    let l_bf16 = bf16.loss(&params, &rows, 2, 0.0).unwrap();
+    assert_eq!(l_exact, l_again);
+    let rel = ((l_bf16 - l_exact) / l_exact).abs();
+    assert!(
+        rel > 0.0 && rel < 1e-2,
+        "bf16 storage moved the loss by {rel:e}"
+    );
+    let mut v = vec![1.0f32 + 1e-5, -3.14159, 0.0];
+    Storage::Bf16.store(&mut v);
+    assert_eq!(v, [1.0, -3.140625, 0.0]);
+    let mut w = vec![1.0f32 + 1e-5];
+    Storage::Exact.store(&mut w);
+    assert_eq!(w, [1.0 + 1e-5]);
 }

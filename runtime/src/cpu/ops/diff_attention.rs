@@ -16,7 +16,7 @@ use super::attention::{
     masked_softmax_rows, query_blocks, softmax_backward_rows, AttnShape, QUERY_BLOCK,
 };
 use super::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
-use crate::cpu::float::{gemm, Layout, Real};
+use crate::cpu::float::{gemm, Layout, Real, Storage};
 use rayon::prelude::*;
 
 /// RMSNorm epsilon of the per-pair `subln`.
@@ -72,6 +72,7 @@ pub fn diff_attention_forward<T: Real>(
     lambda_init: f64,
     s: &AttnShape,
     seg_start: Option<&[u32]>,
+    storage: Storage,
 ) {
     let (tl, hs, qpk) = check(s, q, k, v);
     let (lambda, _, _) = lambda_full(lambdas, lambda_init);
@@ -130,6 +131,9 @@ pub fn diff_attention_forward<T: Real>(
                     }
                 }
             }
+            // O1 and O2 are the flash outputs: bf16 on the GPU.
+            storage.store(dc);
+            storage.store(o2c);
             for (d, &o) in dc.iter_mut().zip(o2c.iter()) {
                 *d -= lambda * o;
             }
@@ -299,7 +303,19 @@ mod tests {
             diff: &mut diff,
             rstd: &mut rstd,
         };
-        diff_attention_forward(&mut out, saved, &p[0], &p[1], &p[2], &l, &p[7], li, s, seg);
+        diff_attention_forward(
+            &mut out,
+            saved,
+            &p[0],
+            &p[1],
+            &p[2],
+            &l,
+            &p[7],
+            li,
+            s,
+            seg,
+            Storage::Exact,
+        );
         (out, vec![probs, o2, diff, rstd])
     }
 

@@ -76,7 +76,7 @@ impl CudaBackend {
         }
         self.mark("rope")?;
         if d.rope[l] {
-            // self-attention only: cross-attention with RoPE is refused in dims_with
+            // self-attention only: cross-attention with RoPE is refused in dims_of
             ops.rope_qkv(
                 sv.qkv,
                 self.rope_cos.ptr,
