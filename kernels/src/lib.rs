@@ -6,6 +6,7 @@
 pub mod cublaslt;
 pub mod error;
 pub mod gpu;
+pub mod muon;
 pub mod nvrtc;
 pub mod ops;
 
@@ -22,6 +23,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("flash_sm90", include_str!("../cuda/flash_sm90.cu")),
     ("mamba", include_str!("../cuda/mamba.cu")),
     ("hybrid", include_str!("../cuda/hybrid.cu")),
+    ("muon", include_str!("../cuda/muon.cu")),
 ];
 
 /// Full source of module `name` (common header prepended), as NVRTC compiles it.

@@ -1,0 +1,74 @@
+// Muon (arch-spec §6.3) around the Newton–Schulz GEMMs that cuBLASLt runs (see muon.rs).
+//
+// A [rows, cols] fp32 matrix is worked on as a bf16 copy X with row stride cols_p and
+// rows_p rows (both padded to multiples of 8 with zeros, so every GEMM has 16-byte aligned
+// leading dimensions; zero rows and columns stay zero through the iteration).
+
+// out[0] += sum of squares over the block (fp64 atomics, as sum_squares in loss_optim.cu).
+__device__ __forceinline__ void add_block_sum_f64(double acc, double* __restrict__ out) {
+    __shared__ double part[32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) part[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+        double t = (lane < (int)(blockDim.x >> 5)) ? part[lane] : 0.0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+        if (lane == 0) atomicAdd(out, t);
+    }
+}
+
+// m <- beta·m + (1-beta)·g·grad_mult;  x <- bf16((1-beta)·g·grad_mult + beta·m) (padded);
+// sumsq[0] += Σ x² over the bf16 values (sumsq zeroed by the caller).
+extern "C" __global__ void muon_momentum(const float* __restrict__ g, float* __restrict__ m,
+                                         bf16* __restrict__ x, int rows, int cols, int rows_p,
+                                         int cols_p, float beta, float grad_mult,
+                                         double* __restrict__ sumsq) {
+    const long long n = (long long)rows_p * cols_p;
+    const float one_minus = 1.f - beta;
+    double acc = 0.0;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int r = (int)(i / cols_p), c = (int)(i % cols_p);
+        float v = 0.f;
+        if (r < rows && c < cols) {
+            const long long k = (long long)r * cols + c;
+            const float gr = g[k] * grad_mult;
+            const float mk = beta * m[k] + one_minus * gr;
+            m[k] = mk;
+            v = one_minus * gr + beta * mk;
+        }
+        const bf16 b = tobf(v);
+        x[i] = b;
+        const float q = bf(b);
+        acc += (double)(q * q);
+    }
+    add_block_sum_f64(acc, sumsq);
+}
+
+// x <- bf16(x / (‖x‖ + 1e-7)) with ‖x‖ = sqrt(sumsq[0]) rounded to fp32 (as the CPU does).
+extern "C" __global__ void muon_normalize(bf16* __restrict__ x, long long n,
+                                          const double* __restrict__ sumsq) {
+    const float denom = (float)sqrt(sumsq[0]) + 1e-7f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        x[i] = tobf(bf(x[i]) / denom);
+}
+
+// p <- p·decay − scale·o  (o: the padded bf16 Newton–Schulz output); g <- 0; p_bf <- bf16(p)
+// when given.
+extern "C" __global__ void muon_update(float* __restrict__ p, float* __restrict__ g,
+                                       bf16* __restrict__ p_bf, const bf16* __restrict__ o,
+                                       int rows, int cols, int cols_p, float decay, float scale) {
+    const long long n = (long long)rows * cols;
+    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n;
+         k += (long long)gridDim.x * blockDim.x) {
+        const int r = (int)(k / cols), c = (int)(k % cols);
+        const float pk = p[k] * decay - scale * bf(o[(long long)r * cols_p + c]);
+        p[k] = pk;
+        g[k] = 0.f;
+        if (p_bf != nullptr) p_bf[k] = tobf(pk);
+    }
+}
