@@ -31,11 +31,13 @@ mod attention;
 mod diff_attention;
 mod gmu;
 mod mamba;
+mod muon;
 mod sharding;
 
 use diff_attention::{DiffParams, DiffSaved, DiffScratch};
 use gmu::GmuParams;
 use mamba::{MambaParams, MambaSaved, MambaScratch};
+use muon::MuonState;
 use sharding::Zero3Slots;
 
 fn err(msg: impl Into<String>) -> RuntimeError {
@@ -275,6 +277,8 @@ pub struct CudaBackend {
     /// Per unit: (first AdamW work item, count) in the chunk tables.
     unit_chunks: Vec<(usize, usize)>,
     hyper: DeviceBuffer,
+    /// Muon groups' matrices, kernels and scratch (None without Muon groups).
+    muon: Option<MuonState>,
     zero3: Option<Zero3Slots>,
     // activations
     residual: Vec<DeviceBuffer>, // 2L+1 fp32 [cap, n]; index 0 has eval capacity
@@ -481,9 +485,9 @@ pub fn dims_of(plan: &Plan) -> Result<Dims> {
         ));
     }
     for g in &plan.optimizer.groups {
-        if g.optimizer != OptimizerKind::AdamW {
+        if !matches!(g.optimizer, OptimizerKind::AdamW | OptimizerKind::Muon) {
             return Err(err(format!(
-                "CUDA backend: optimizer {:?} (group `{}`) is not built yet; AdamW only",
+                "CUDA backend: optimizer {:?} (group `{}`) is not built yet; AdamW and Muon only",
                 g.optimizer, g.name
             )));
         }
@@ -599,7 +603,7 @@ pub fn planned_bytes(plan: &Plan) -> Result<usize> {
             + d.attn_width() * F32)
         + cap_eval * d.n * BF
         + d.batch * d.heads * d.seq * F32;
-    Ok(params + acts + scratch + (64 << 20))
+    Ok(params + acts + scratch + muon::planned_scratch_bytes(plan) + (64 << 20))
 }
 
 /// bf16 RoPE tables (computed in f32, rounded to bf16 as ArchScale) as raw bf16 bits.
@@ -813,13 +817,19 @@ impl CudaBackend {
         gpu.memset_zero(exp_avg.ptr, exp_avg.bytes)?;
         gpu.memset_zero(exp_avg_sq.ptr, exp_avg_sq.bytes)?;
 
-        // AdamW work items, unit by unit, offsets relative to the rank's chunk of the unit
+        // AdamW work items, unit by unit, offsets relative to the rank's chunk of the unit;
+        // Muon matrices are stepped apart (muon.rs)
         let (mut offs, mut lens, mut grps) =
             (Vec::<i64>::new(), Vec::<i32>::new(), Vec::<i32>::new());
         let mut unit_chunks = Vec::with_capacity(layout.units.len());
+        let groups = &plan.optimizer.groups;
         for u in 0..layout.units.len() {
             let first = offs.len();
-            for c in layout.opt_chunks(u) {
+            for c in layout
+                .opt_chunks(u)
+                .into_iter()
+                .filter(|c| groups[c.group].optimizer == OptimizerKind::AdamW)
+            {
                 offs.push(c.offset as i64);
                 lens.push(c.len as i32);
                 grps.push(c.group as i32);
@@ -836,6 +846,7 @@ impl CudaBackend {
             gpu.upload(chunk_group.ptr, &grps)?;
         }
         let hyper = alloc(8 * F32 * plan.optimizer.groups.len().max(1))?;
+        let muon = MuonState::new(plan, &gpu, &offsets, mode)?;
         let zero3 = if mode == ShardMode::Zero3 {
             // A tied embedding is needed at both ends of the step: give its unit a slot of
             // its own. An untied one is read only by the embedding forward and written only
@@ -1100,6 +1111,7 @@ impl CudaBackend {
             chunk_group,
             unit_chunks,
             hyper,
+            muon,
             zero3,
             residual,
             saved,
@@ -1209,7 +1221,8 @@ impl CudaBackend {
             + self.params_bf.bytes
             + self.grads.bytes
             + self.exp_avg.bytes
-            + self.exp_avg_sq.bytes;
+            + self.exp_avg_sq.bytes
+            + self.muon.as_ref().map_or(0, MuonState::bytes);
         if let Some(z) = &self.zero3 {
             b += z.e_f32.bytes + z.e_bf.bytes + z.e_grad.bytes;
             b += z.l_f32.bytes + z.l_bf.bytes + z.l_grad.bytes;
@@ -1912,6 +1925,7 @@ impl Backend for CudaBackend {
                 grad_mult as f32,
             )?;
         }
+        self.muon_step(group_lrs, grad_mult)?;
         match self.mode {
             ShardMode::Replicated => {}
             ShardMode::Zero1 => {
@@ -2110,6 +2124,14 @@ impl Backend for CudaBackend {
         let mut tensors = Vec::new();
         for (i, p) in self.plan.params.iter().enumerate() {
             let off = (self.offsets[i] * F32) as u64;
+            if muon::is_muon(&self.plan, i) {
+                // Muon keeps one moment, named as the CPU backend names it
+                tensors.push((
+                    format!("{}.momentum_buffer", p.name),
+                    self.gpu.download_vec(self.exp_avg.ptr + off, p.numel())?,
+                ));
+                continue;
+            }
             tensors.push((
                 format!("{}.exp_avg", p.name),
                 self.gpu.download_vec(self.exp_avg.ptr + off, p.numel())?,
@@ -2127,14 +2149,33 @@ impl Backend for CudaBackend {
     }
 
     /// Takes the full state (as read back from any world size) and keeps this rank's part.
+    /// A Muon matrix's `momentum_buffer` goes where AdamW keeps `exp_avg`; its `exp_avg_sq`
+    /// slot gets zeros.
     fn write_optimizer_state(&mut self, state: &OptimizerState) -> Result<()> {
+        let unused: Vec<Vec<f32>> = (0..self.plan.params.len())
+            .map(|i| {
+                let n = if muon::is_muon(&self.plan, i) {
+                    self.plan.params[i].numel()
+                } else {
+                    0
+                };
+                vec![0.0; n]
+            })
+            .collect();
         for (suffix, base) in [
             ("exp_avg", self.exp_avg.ptr),
             ("exp_avg_sq", self.exp_avg_sq.ptr),
         ] {
             let mut full: Vec<&[f32]> = Vec::with_capacity(self.plan.params.len());
-            for p in &self.plan.params {
-                let name = format!("{}.{suffix}", p.name);
+            for (i, p) in self.plan.params.iter().enumerate() {
+                let name = match (muon::is_muon(&self.plan, i), suffix) {
+                    (false, _) => format!("{}.{suffix}", p.name),
+                    (true, "exp_avg") => format!("{}.momentum_buffer", p.name),
+                    (true, _) => {
+                        full.push(&unused[i]);
+                        continue;
+                    }
+                };
                 let t = state
                     .tensors
                     .iter()
