@@ -15,6 +15,7 @@ use rand_distr::{Distribution, StandardNormal};
 use std::sync::Arc;
 
 mod hybrid;
+mod muon;
 
 /// One line of the report.
 #[derive(Clone, Debug)]
@@ -251,7 +252,7 @@ pub fn run_with(seed: Option<u64>, opts: &Options) -> Report {
     };
 
     type CheckFn = fn(&mut Env, &mut Vec<Check>) -> R<()>;
-    let suites: [(&str, CheckFn); 15] = [
+    let suites: [(&str, CheckFn); 16] = [
         ("gemm", check_gemm),
         ("embedding", check_embedding),
         ("rmsnorm", check_rmsnorm),
@@ -267,6 +268,7 @@ pub fn run_with(seed: Option<u64>, opts: &Options) -> Report {
         ("gmu", hybrid::check_gmu),
         ("diff_attention", hybrid::check_diff_attention),
         ("bias", hybrid::check_bias),
+        ("muon", muon::muon_checks),
     ];
     for (name, f) in suites {
         if opts.only.as_deref().is_some_and(|o| !name.contains(o)) {
