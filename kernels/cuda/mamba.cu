@@ -528,3 +528,367 @@ extern "C" __global__ void scan_bc_grad_out(const float* __restrict__ acc, bf16*
         else dC[r * s + kk - SCAN_N] = tobf(v);
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Split-state selective scan: the 16 states of a channel are spread over SCAN_SPLIT = 4
+// adjacent lanes (4 states each), so a (row, channel) pair gets 4 threads instead of 1 and
+// the GPU gets 4× the warps to hide the per-step latency (the one-thread-per-channel kernels
+// above give one warp per scheduler at SambaY shapes). The per-(t, c) scalars (softplus,
+// gate) are computed once by a staging mapping (lane = channel, coalesced) into shared memory;
+// y, dx and dΔ partial sums meet by two xor shuffles. Same semantics, checkpoints and
+// argument lists as selective_scan_fwd / selective_scan_bwd.
+#define SCAN_SPLIT 4                              // lanes per channel
+#define SCAN_KP (SCAN_N / SCAN_SPLIT)             // states per lane (4: one float4)
+#define SCAN_SPLIT_CH 32                          // channels per block
+#define SCAN_SPLIT_THREADS (SCAN_SPLIT_CH * SCAN_SPLIT)
+#define SCAN_SPLIT_WARPS (SCAN_SPLIT_THREADS / 32)
+#define SCAN_SPLIT_L 16                           // forward steps per chunk (divides SCAN_CKPT)
+
+// One state update of a lane's 4 states (B4: the lane's 4 entries of B).
+__device__ __forceinline__ void scan_state_step4(float (&h)[SCAN_KP], const float (&A)[SCAN_KP], float keep,
+                                                 float dt, float xv, const float4 B4) {
+    const float dtl = dt * LOG2E_F, dtx = dt * xv;
+    h[0] = fmaf(ex2(dtl * A[0]) * keep, h[0], __fmul_rn(dtx, B4.x));
+    h[1] = fmaf(ex2(dtl * A[1]) * keep, h[1], __fmul_rn(dtx, B4.y));
+    h[2] = fmaf(ex2(dtl * A[2]) * keep, h[2], __fmul_rn(dtx, B4.z));
+    h[3] = fmaf(ex2(dtl * A[3]) * keep, h[3], __fmul_rn(dtx, B4.w));
+}
+
+__device__ __forceinline__ float sum_over_split(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    v += __shfl_xor_sync(0xffffffffu, v, 2);
+    return v;
+}
+
+// Transpose-reduction level over S values: lanes with bit M set keep the upper half (H values)
+// and send the lower half to lane ^ M, which does the opposite.
+template <int H, int M, int S>
+__device__ __forceinline__ void transpose_reduce_lv(float (&v)[S], int lane) {
+    const bool upper = (lane & M) != 0;
+#pragma unroll
+    for (int i = 0; i < H; ++i) {
+        const float lo = v[i], hi = v[i + H];
+        const float send = upper ? lo : hi;
+        const float keep = upper ? hi : lo;
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, M);
+    }
+}
+
+// Forward. Block: SCAN_SPLIT_CH channels × SCAN_SPLIT lanes; grid (ceil(D / 32), B). T is
+// walked in chunks of SCAN_SPLIT_L steps: staging (registers prefetched during the previous
+// chunk → per-step scalars in shared memory), recurrence (y of each step into shared memory),
+// then a coalesced write of the chunk's outputs. Double-buffered; two barriers per chunk.
+extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS) selective_scan_fwd_split(
+    const bf16* __restrict__ x, int sx, const bf16* __restrict__ delta, int sd, const bf16* __restrict__ z, int sz,
+    const bf16* __restrict__ Bm, const bf16* __restrict__ Cm, int sbc, const float* __restrict__ delta_bias,
+    const float* __restrict__ a_log, const float* __restrict__ d_skip, const int* __restrict__ seg,
+    bf16* __restrict__ out, int so, bf16* __restrict__ y_out, int sy, float* __restrict__ ckpt, int T, int D) {
+    __shared__ __align__(16) float sBC[2][SCAN_SPLIT_L][2 * SCAN_N];
+    __shared__ float sKeep[2][SCAN_SPLIT_L];  // 0 at a row or document start (state reset), else 1
+    // Per step and channel: dt·log2(e), dt·x, x, gate silu(z) (1 without z).
+    __shared__ float sStep[2][4][SCAN_SPLIT_L][SCAN_SPLIT_CH];
+    __shared__ float sY[2][SCAN_SPLIT_L][SCAN_SPLIT_CH];
+    constexpr int PER = SCAN_SPLIT_L * SCAN_SPLIT_CH / SCAN_SPLIT_THREADS;  // staged steps per thread
+    constexpr int STEP_STRIDE = SCAN_SPLIT_THREADS / SCAN_SPLIT_CH;         // 4
+    const int tid = threadIdx.x, b = blockIdx.y, c0 = blockIdx.x * SCAN_SPLIT_CH;
+    const size_t row0 = (size_t)b * T;
+    const int nck = (T + SCAN_CKPT - 1) / SCAN_CKPT;
+    // Staging role: channel column lc, steps ls + STEP_STRIDE·q (B/C: column lc of 32).
+    const int lc = tid & 31, ls = tid >> 5;
+    const int cl = c0 + lc;
+    const bool lactive = cl < D;
+    const int ccl = lactive ? cl : D - 1;
+    const float lbias = delta_bias[ccl];
+    // Recurrence role: channel ch, states SCAN_KP·sub .. SCAN_KP·sub + 3.
+    const int ch = tid / SCAN_SPLIT, sub = tid % SCAN_SPLIT;
+    const int c = c0 + ch;
+    const bool active = c < D;
+    const int cc = active ? c : D - 1;
+    float A[SCAN_KP], h[SCAN_KP];
+#pragma unroll
+    for (int j = 0; j < SCAN_KP; ++j) {
+        A[j] = -expf(a_log[cc * SCAN_N + sub * SCAN_KP + j]);
+        h[j] = 0.f;
+    }
+    const float dsk = d_skip[cc];
+    const bf16 zero = tobf(0.f);
+
+    bf16 px[PER], pd[PER], pz[PER];
+    float pbc[PER];
+    float pkeep = 1.f;
+#define SCAN_SPLIT_LOAD(t1)                                                                 \
+    {                                                                                       \
+        _Pragma("unroll") for (int q = 0; q < PER; ++q) {                                   \
+            const int tt = (t1) + ls + STEP_STRIDE * q;                                     \
+            const size_t r = row0 + min(tt, T - 1);                                         \
+            px[q] = x[r * sx + ccl];                                                        \
+            pd[q] = delta[r * sd + ccl];                                                    \
+            pz[q] = z ? z[r * sz + ccl] : zero;                                             \
+            pbc[q] = tt < T ? (lc < SCAN_N ? bf(Bm[r * sbc + lc]) : bf(Cm[r * sbc + lc - SCAN_N])) : 0.f; \
+        }                                                                                   \
+        if (tid < SCAN_SPLIT_L) {                                                           \
+            const int t = (t1) + tid;                                                       \
+            pkeep = (t < T && (t == 0 || (seg != nullptr && seg[row0 + t] == t))) ? 0.f : 1.f; \
+        }                                                                                   \
+    }
+
+    SCAN_SPLIT_LOAD(0);
+    const int nchunks = (T + SCAN_SPLIT_L - 1) / SCAN_SPLIT_L;
+    for (int chn = 0; chn < nchunks; ++chn) {
+        const int buf = chn & 1, t0 = chn * SCAN_SPLIT_L;
+        // Stage: steps past T get dt = 0 and x = 0 (the state passes through unchanged).
+#pragma unroll
+        for (int q = 0; q < PER; ++q) {
+            const int i = ls + STEP_STRIDE * q;
+            const bool ok = t0 + i < T;
+            const float xv = ok ? bf(px[q]) : 0.f;
+            const float dt = ok ? softplus_f(bf(pd[q]) + lbias) : 0.f;
+            sStep[buf][0][i][lc] = dt * LOG2E_F;
+            sStep[buf][1][i][lc] = dt * xv;
+            sStep[buf][2][i][lc] = xv;
+            float gv = 1.f;
+            if (z != nullptr) {
+                const float zv = bf(pz[q]);
+                gv = zv * sigmoid_f(zv);
+            }
+            sStep[buf][3][i][lc] = gv;
+            sBC[buf][i][lc] = pbc[q];
+        }
+        if (tid < SCAN_SPLIT_L) sKeep[buf][tid] = pkeep;
+        __syncthreads();
+        if (t0 + SCAN_SPLIT_L < T) SCAN_SPLIT_LOAD(t0 + SCAN_SPLIT_L);
+        if (ckpt != nullptr && active && t0 % SCAN_CKPT == 0) {
+            float* dst = ckpt + ((size_t)(b * nck + t0 / SCAN_CKPT) * SCAN_N + sub * SCAN_KP) * D + c;
+#pragma unroll
+            for (int j = 0; j < SCAN_KP; ++j) dst[(size_t)j * D] = h[j];
+        }
+#pragma unroll 4
+        for (int i = 0; i < SCAN_SPLIT_L; ++i) {
+            const float keep = sKeep[buf][i], dtl = sStep[buf][0][i][ch], dtx = sStep[buf][1][i][ch];
+            const float4 B4 = *reinterpret_cast<const float4*>(&sBC[buf][i][sub * SCAN_KP]);
+            const float4 C4 = *reinterpret_cast<const float4*>(&sBC[buf][i][SCAN_N + sub * SCAN_KP]);
+            h[0] = fmaf(ex2(dtl * A[0]) * keep, h[0], __fmul_rn(dtx, B4.x));
+            h[1] = fmaf(ex2(dtl * A[1]) * keep, h[1], __fmul_rn(dtx, B4.y));
+            h[2] = fmaf(ex2(dtl * A[2]) * keep, h[2], __fmul_rn(dtx, B4.z));
+            h[3] = fmaf(ex2(dtl * A[3]) * keep, h[3], __fmul_rn(dtx, B4.w));
+            const float ya = sum_over_split(fmaf(C4.x, h[0], C4.y * h[1]) + fmaf(C4.z, h[2], C4.w * h[3]));
+            if (sub == 0) sY[buf][i][ch] = fmaf(dsk, sStep[buf][2][i][ch], ya);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int q = 0; q < PER; ++q) {
+            const int i = ls + STEP_STRIDE * q;
+            if (lactive && t0 + i < T) {
+                const size_t r = row0 + t0 + i;
+                const float yv = sY[buf][i][lc];
+                if (y_out != nullptr) y_out[r * sy + cl] = tobf(yv);
+                out[r * so + cl] = tobf(yv * sStep[buf][3][i][lc]);
+            }
+        }
+    }
+#undef SCAN_SPLIT_LOAD
+}
+
+// Backward. Block: SCAN_SPLIT_CH channels × SCAN_SPLIT lanes (4 warps); grid (ceil(D / 32), B);
+// dynamic shared memory as the carve-up below (ops.rs SCAN_SPLIT_BWD_SMEM). Per interval of
+// SCAN_CKPT steps (walked backwards): stage the inputs (lane = channel), recompute the states
+// from the checkpoint (sub-chunks of SCAN_SUB steps kept in shared memory), run λ backwards;
+// the step's dx, dΔ, dz go to shared memory in place of its inputs and the dB/dC partial sums
+// of each warp to sRed; both are written out (one atomic per block, step and column of dB/dC)
+// after the interval.
+extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS) selective_scan_bwd_split(
+    const bf16* __restrict__ x, int sx, const bf16* __restrict__ delta, int sd, const bf16* __restrict__ z, int sz,
+    const bf16* __restrict__ Bm, const bf16* __restrict__ Cm, int sbc, const float* __restrict__ delta_bias,
+    const float* __restrict__ a_log, const float* __restrict__ d_skip, const int* __restrict__ seg,
+    const float* __restrict__ ckpt, const bf16* __restrict__ dout, int sdo, const bf16* __restrict__ dy_extra,
+    int sde, bf16* __restrict__ dx, int sdx, bf16* __restrict__ ddelta, int sdd, bf16* __restrict__ dz, int sdz,
+    float* __restrict__ dbc_acc, float* __restrict__ da_log, float* __restrict__ dd_skip,
+    float* __restrict__ ddelta_bias, int T, int D) {
+    extern __shared__ __align__(16) float smem[];
+    float* sH = smem;  // [SCAN_SUB][SCAN_SPLIT_CH · SCAN_N], a lane's 4 states contiguous
+    float(*sBC)[2 * SCAN_N] = reinterpret_cast<float(*)[2 * SCAN_N]>(smem + SCAN_SUB * SCAN_SPLIT_CH * SCAN_N);
+    float* base = smem + SCAN_SUB * SCAN_SPLIT_CH * SCAN_N + SCAN_CKPT * 2 * SCAN_N;
+    // Staged per step: x, dt, ḡ (gradient on y), dz / y; overwritten by dx, dΔ, dz.
+    float(*sX)[SCAN_SPLIT_CH] = reinterpret_cast<float(*)[SCAN_SPLIT_CH]>(base);
+    float(*sDt)[SCAN_SPLIT_CH] = reinterpret_cast<float(*)[SCAN_SPLIT_CH]>(base + 1 * SCAN_CKPT * SCAN_SPLIT_CH);
+    float(*sG)[SCAN_SPLIT_CH] = reinterpret_cast<float(*)[SCAN_SPLIT_CH]>(base + 2 * SCAN_CKPT * SCAN_SPLIT_CH);
+    float(*sZ)[SCAN_SPLIT_CH] = reinterpret_cast<float(*)[SCAN_SPLIT_CH]>(base + 3 * SCAN_CKPT * SCAN_SPLIT_CH);
+    float(*sRed)[SCAN_CKPT][2 * SCAN_N] =
+        reinterpret_cast<float(*)[SCAN_CKPT][2 * SCAN_N]>(base + 4 * SCAN_CKPT * SCAN_SPLIT_CH);
+    float* sKeep = base + 4 * SCAN_CKPT * SCAN_SPLIT_CH + SCAN_SPLIT_WARPS * SCAN_CKPT * 2 * SCAN_N;
+    constexpr int PER = SCAN_CKPT * SCAN_SPLIT_CH / SCAN_SPLIT_THREADS;  // 8 staged steps per thread
+    constexpr int STEP_STRIDE = SCAN_SPLIT_THREADS / SCAN_SPLIT_CH;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, b = blockIdx.y;
+    const int c0 = blockIdx.x * SCAN_SPLIT_CH;
+    const size_t row0 = (size_t)b * T;
+    const int nck = (T + SCAN_CKPT - 1) / SCAN_CKPT;
+    const int lc = tid & 31, ls = tid >> 5;
+    const int cl = c0 + lc;
+    const bool lactive = cl < D;
+    const int ccl = lactive ? cl : D - 1;
+    const float lbias = delta_bias[ccl];
+    const int ch = tid / SCAN_SPLIT, sub = tid % SCAN_SPLIT;
+    const int c = c0 + ch;
+    const bool active = c < D;
+    const int cc = active ? c : D - 1;
+    // Column of dB/dC this lane holds after the transpose-reduction of its 8 values
+    // (v[0..3]: B of states 4·sub.., v[4..7]: C of the same states).
+    const int ridx = (lane >> 2) & 7, rsub = lane & 3;
+    const int rcol = ridx < 4 ? rsub * SCAN_KP + ridx : SCAN_N + rsub * SCAN_KP + (ridx - 4);
+    float A[SCAN_KP], h[SCAN_KP], hck[SCAN_KP], lam[SCAN_KP], dA[SCAN_KP];
+#pragma unroll
+    for (int j = 0; j < SCAN_KP; ++j) {
+        A[j] = -expf(a_log[cc * SCAN_N + sub * SCAN_KP + j]);
+        lam[j] = 0.f;
+        dA[j] = 0.f;
+    }
+    const float dsk = d_skip[cc];
+    float dD = 0.f, dBias = 0.f;
+
+    for (int jc = nck - 1; jc >= 0; --jc) {
+        const int t0 = jc * SCAN_CKPT, n = min(SCAN_CKPT, T - t0);
+        __syncthreads();
+        {
+            float lx[PER], ld[PER], lg[PER], lz[PER], le[PER], lbc[PER];
+#pragma unroll
+            for (int q = 0; q < PER; ++q) {
+                const int i = ls + STEP_STRIDE * q;
+                const size_t r = row0 + t0 + (i < n ? i : 0);
+                lx[q] = bf(x[r * sx + ccl]);
+                ld[q] = bf(delta[r * sd + ccl]);
+                lg[q] = bf(dout[r * sdo + ccl]);
+                lz[q] = z ? bf(z[r * sz + ccl]) : 0.f;
+                le[q] = dy_extra ? bf(dy_extra[r * sde + ccl]) : 0.f;
+                lbc[q] = lc < SCAN_N ? bf(Bm[r * sbc + lc]) : bf(Cm[r * sbc + lc - SCAN_N]);
+            }
+#pragma unroll
+            for (int q = 0; q < PER; ++q) {
+                const int i = ls + STEP_STRIDE * q;
+                const bool ok = i < n;
+                const float g = lg[q], zv = lz[q];
+                float gbar = g, dzc = 0.f;
+                if (z != nullptr) {
+                    const float sg = sigmoid_f(zv);
+                    gbar = g * zv * sg;
+                    dzc = g * sg * (1.f + zv * (1.f - sg));
+                }
+                gbar += le[q];
+                sX[i][lc] = ok ? lx[q] : 0.f;
+                sDt[i][lc] = ok ? softplus_f(ld[q] + lbias) : 0.f;
+                sG[i][lc] = ok ? gbar : 0.f;
+                sZ[i][lc] = ok ? dzc : 0.f;
+                sBC[i][lc] = ok ? lbc[q] : 0.f;
+            }
+        }
+        if (tid < SCAN_CKPT) {
+            const int t = t0 + tid;
+            sKeep[tid] = (tid < n && (t == 0 || (seg != nullptr && seg[row0 + t] == t))) ? 0.f : 1.f;
+        }
+        {
+            const float* src = ckpt + ((size_t)(b * nck + jc) * SCAN_N + sub * SCAN_KP) * D + cc;
+#pragma unroll
+            for (int j = 0; j < SCAN_KP; ++j) hck[j] = src[(size_t)j * D];
+        }
+        __syncthreads();
+
+        const int nsub = (n + SCAN_SUB - 1) / SCAN_SUB;
+        if (nsub > 1) {
+#pragma unroll
+            for (int j = 0; j < SCAN_KP; ++j) h[j] = hck[j];
+#pragma unroll 1
+            for (int i = 0; i < SCAN_SUB; ++i)
+                scan_state_step4(h, A, sKeep[i], sDt[i][ch], sX[i][ch],
+                                 *reinterpret_cast<const float4*>(&sBC[i][sub * SCAN_KP]));
+        }
+        for (int s = nsub - 1; s >= 0; --s) {
+            const int i0 = s * SCAN_SUB;
+            if (s == 0) {
+#pragma unroll
+                for (int j = 0; j < SCAN_KP; ++j) h[j] = hck[j];
+            }
+#pragma unroll 2
+            for (int q = 0; q < SCAN_SUB; ++q) {
+                const int i = i0 + q;
+                scan_state_step4(h, A, sKeep[i], sDt[i][ch], sX[i][ch],
+                                 *reinterpret_cast<const float4*>(&sBC[i][sub * SCAN_KP]));
+                *reinterpret_cast<float4*>(&sH[(q * SCAN_SPLIT_CH + ch) * SCAN_N + sub * SCAN_KP]) =
+                    make_float4(h[0], h[1], h[2], h[3]);
+            }
+#pragma unroll 1
+            for (int q = SCAN_SUB - 1; q >= 0; --q) {
+                const int i = i0 + q;
+                const float xv = sX[i][ch], dt = sDt[i][ch], gbar = sG[i][ch], keep = sKeep[i];
+                const float dtl = dt * LOG2E_F, dtx = dt * xv;
+                const float4 h4 = *reinterpret_cast<const float4*>(&sH[(q * SCAN_SPLIT_CH + ch) * SCAN_N + sub * SCAN_KP]);
+                const float4 B4 = *reinterpret_cast<const float4*>(&sBC[i][sub * SCAN_KP]);
+                const float4 C4 = *reinterpret_cast<const float4*>(&sBC[i][SCAN_N + sub * SCAN_KP]);
+                const float hv[SCAN_KP] = {h4.x, h4.y, h4.z, h4.w};
+                const float Bv[SCAN_KP] = {B4.x, B4.y, B4.z, B4.w};
+                const float Cv[SCAN_KP] = {C4.x, C4.y, C4.z, C4.w};
+                if (sub == 0) dD = fmaf(gbar, xv, dD);
+                float dxa = sub == 0 ? gbar * dsk : 0.f, dda = 0.f, ya = sub == 0 ? dsk * xv : 0.f;
+                float v[2 * SCAN_KP];
+#pragma unroll
+                for (int j = 0; j < SCAN_KP; ++j) {
+                    const float hk = hv[j], Bk = Bv[j], Ck = Cv[j];
+                    ya = fmaf(Ck, hk, ya);
+                    v[SCAN_KP + j] = gbar * hk;
+                    lam[j] = fmaf(gbar, Ck, lam[j]);
+                    const float hp = hk - __fmul_rn(dtx, Bk);  // exp(dt·A)·h_{t−1}
+                    dxa = fmaf(lam[j] * dt, Bk, dxa);
+                    dda = fmaf(lam[j], fmaf(A[j], hp, Bk * xv), dda);
+                    dA[j] = fmaf(lam[j] * dt, hp, dA[j]);
+                    v[j] = lam[j] * dtx;
+                    lam[j] *= ex2(dtl * A[j]) * keep;
+                }
+                ya = sum_over_split(ya);
+                dxa = sum_over_split(dxa);
+                const float ddt = sum_over_split(dda);
+                // dt > 20 exactly when pre > 20 (softplus(20) rounds to 20).
+                const float dpre = ddt * softplus_grad_from_dt(dt);
+                if (sub == 0) dBias += dpre;
+                if (!active) {
+#pragma unroll
+                    for (int k = 0; k < 2 * SCAN_KP; ++k) v[k] = 0.f;
+                }
+                // Sum over the warp's 8 channels: lane ends with column rcol.
+                transpose_reduce_lv<4, 16>(v, lane);
+                transpose_reduce_lv<2, 8>(v, lane);
+                transpose_reduce_lv<1, 4>(v, lane);
+                sRed[warp][i][rcol] = v[0];
+                __syncwarp();
+                if (sub == 0) {
+                    sX[i][ch] = dxa;
+                    sDt[i][ch] = dpre;
+                    sZ[i][ch] = sZ[i][ch] * ya;
+                }
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int q = 0; q < PER; ++q) {
+            const int i = ls + STEP_STRIDE * q;
+            if (i < n) {
+                const size_t r = row0 + t0 + i;
+                if (lactive) {
+                    dx[r * sdx + cl] = tobf(sX[i][lc]);
+                    ddelta[r * sdd + cl] = tobf(sDt[i][lc]);
+                    if (dz != nullptr) dz[r * sdz + cl] = tobf(sZ[i][lc]);
+                }
+                float sum = 0.f;
+#pragma unroll
+                for (int w = 0; w < SCAN_SPLIT_WARPS; ++w) sum += sRed[w][i][lc];
+                atomicAdd(dbc_acc + r * 2 * SCAN_N + lc, sum);
+            }
+        }
+    }
+    if (active) {
+#pragma unroll
+        for (int j = 0; j < SCAN_KP; ++j) atomicAdd(da_log + c * SCAN_N + sub * SCAN_KP + j, dA[j] * A[j]);
+        if (sub == 0) {
+            atomicAdd(dd_skip + c, dD);
+            atomicAdd(ddelta_bias + c, dBias);
+        }
+    }
+}

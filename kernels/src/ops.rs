@@ -738,6 +738,16 @@ const SCAN_BWD_SMEM: usize = (SCAN_SUB * SCAN_D_STATE * SCAN_BWD_CH
     + 4 * SCAN_CKPT * SCAN_BWD_CH
     + SCAN_CKPT)
     * 4;
+/// Channels per block of the split-state scan kernels (4 lanes per channel: 128 threads).
+const SCAN_SPLIT_CH: usize = 32;
+const SCAN_SPLIT_THREADS: usize = 128;
+/// Dynamic shared memory of `selective_scan_bwd_split` (must match mamba.cu's carve-up).
+const SCAN_SPLIT_BWD_SMEM: usize = (SCAN_SUB * SCAN_SPLIT_CH * SCAN_D_STATE
+    + SCAN_CKPT * 2 * SCAN_D_STATE
+    + 4 * SCAN_CKPT * SCAN_SPLIT_CH
+    + (SCAN_SPLIT_THREADS / 32) * SCAN_CKPT * 2 * SCAN_D_STATE
+    + SCAN_CKPT)
+    * 4;
 const CONV_RUN: usize = 64;
 const BIAS_RUN: usize = 128;
 /// Widest differential-attention pair vector (2·head_size) diff_combine handles.
@@ -750,6 +760,8 @@ pub const HYBRID_KERNELS: &[(&str, &str)] = &[
     ("mamba", "selective_scan_fwd"),
     ("mamba", "selective_scan_bwd"),
     ("mamba", "scan_bc_grad_out"),
+    ("mamba", "selective_scan_fwd_split"),
+    ("mamba", "selective_scan_bwd_split"),
     ("hybrid", "layernorm_fwd"),
     ("hybrid", "layernorm_bwd"),
     ("hybrid", "gmu_fwd"),
@@ -834,12 +846,37 @@ pub struct ScanGrads {
     pub d_skip: u64,
 }
 
+/// Which selective-scan kernels run: `Split` (4 lanes per channel, the default) or `Legacy`
+/// (one thread per channel); `ARCHSCALE_SCAN_KERNEL=legacy` picks the latter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanKernel {
+    Split,
+    Legacy,
+}
+
+impl ScanKernel {
+    /// The kernel set named by `ARCHSCALE_SCAN_KERNEL` (`split` when unset).
+    pub fn from_env() -> Result<ScanKernel> {
+        match std::env::var("ARCHSCALE_SCAN_KERNEL").ok().as_deref() {
+            None | Some("") | Some("split") => Ok(ScanKernel::Split),
+            Some("legacy") => Ok(ScanKernel::Legacy),
+            Some(other) => Err(KernelError::Unsupported(format!(
+                "ARCHSCALE_SCAN_KERNEL={other}: expected split or legacy"
+            ))),
+        }
+    }
+}
+
 pub struct HybridOps {
     pub gpu: Arc<Gpu>,
+    /// Scan kernels used by [`HybridOps::selective_scan_fwd`] / `_bwd`.
+    pub scan_kernel: ScanKernel,
     conv_fwd: Kernel,
     conv_bwd: Kernel,
     scan_fwd: Kernel,
     scan_bwd: Kernel,
+    scan_fwd_split: Kernel,
+    scan_bwd_split: Kernel,
     scan_bc_out: Kernel,
     layernorm_fwd: Kernel,
     layernorm_bwd: Kernel,
@@ -868,6 +905,9 @@ impl HybridOps {
             conv_bwd: load("mamba", "conv1d_silu_bwd")?,
             scan_fwd: load("mamba", "selective_scan_fwd")?,
             scan_bwd: load("mamba", "selective_scan_bwd")?,
+            scan_fwd_split: load("mamba", "selective_scan_fwd_split")?,
+            scan_bwd_split: load("mamba", "selective_scan_bwd_split")?,
+            scan_kernel: ScanKernel::from_env()?,
             scan_bc_out: load("mamba", "scan_bc_grad_out")?,
             layernorm_fwd: load("hybrid", "layernorm_fwd")?,
             layernorm_bwd: load("hybrid", "layernorm_bwd")?,
@@ -884,6 +924,8 @@ impl HybridOps {
             gpu,
         };
         ops.gpu.set_max_dynamic_smem(ops.scan_bwd, SCAN_BWD_SMEM)?;
+        ops.gpu
+            .set_max_dynamic_smem(ops.scan_bwd_split, SCAN_SPLIT_BWD_SMEM)?;
         Ok(ops)
     }
 
@@ -1008,6 +1050,19 @@ impl HybridOps {
         y_out: Option<Rows>,
         ckpt: Option<u64>,
     ) -> Result<()> {
+        self.selective_scan_fwd_using(self.scan_kernel, s, t, out, y_out, ckpt)
+    }
+
+    /// [`Self::selective_scan_fwd`] with the kernel set chosen by the caller.
+    pub fn selective_scan_fwd_using(
+        &self,
+        kernel: ScanKernel,
+        s: &ScanShape,
+        t: &ScanTensors,
+        out: Rows,
+        y_out: Option<Rows>,
+        ckpt: Option<u64>,
+    ) -> Result<()> {
         let (yp, sy) = opt_rows(y_out);
         let a = self
             .scan_args(s, t)?
@@ -1018,9 +1073,23 @@ impl HybridOps {
             .ptr(ckpt.unwrap_or(0))
             .i32(i32_of("seq", s.seq)?)
             .i32(i32_of("d_inner", s.d_inner)?);
-        let grid = (s.d_inner.div_ceil(SCAN_FWD_CH) as u32, s.batch as u32, 1);
-        self.gpu
-            .launch(self.scan_fwd, grid, (SCAN_FWD_CH as u32, 1, 1), 0, &a)
+        match kernel {
+            ScanKernel::Split => {
+                let grid = (s.d_inner.div_ceil(SCAN_SPLIT_CH) as u32, s.batch as u32, 1);
+                self.gpu.launch(
+                    self.scan_fwd_split,
+                    grid,
+                    (SCAN_SPLIT_THREADS as u32, 1, 1),
+                    0,
+                    &a,
+                )
+            }
+            ScanKernel::Legacy => {
+                let grid = (s.d_inner.div_ceil(SCAN_FWD_CH) as u32, s.batch as u32, 1);
+                self.gpu
+                    .launch(self.scan_fwd, grid, (SCAN_FWD_CH as u32, 1, 1), 0, &a)
+            }
+        }
     }
 
     /// Selective scan backward from `dout` (the gated output's gradient) and optionally
@@ -1030,6 +1099,22 @@ impl HybridOps {
     #[allow(clippy::too_many_arguments)]
     pub fn selective_scan_bwd(
         &self,
+        s: &ScanShape,
+        t: &ScanTensors,
+        ckpt: u64,
+        dout: Rows,
+        dy_extra: Option<Rows>,
+        g: &ScanGrads,
+        bc_acc: u64,
+    ) -> Result<()> {
+        self.selective_scan_bwd_using(self.scan_kernel, s, t, ckpt, dout, dy_extra, g, bc_acc)
+    }
+
+    /// [`Self::selective_scan_bwd`] with the kernel set chosen by the caller.
+    #[allow(clippy::too_many_arguments)]
+    pub fn selective_scan_bwd_using(
+        &self,
+        kernel: ScanKernel,
         s: &ScanShape,
         t: &ScanTensors,
         ckpt: u64,
@@ -1070,14 +1155,28 @@ impl HybridOps {
             .ptr(g.delta_bias)
             .i32(i32_of("seq", s.seq)?)
             .i32(i32_of("d_inner", s.d_inner)?);
-        let grid = (s.d_inner.div_ceil(SCAN_BWD_CH) as u32, s.batch as u32, 1);
-        self.gpu.launch(
-            self.scan_bwd,
-            grid,
-            (SCAN_BWD_CH as u32, 1, 1),
-            SCAN_BWD_SMEM as u32,
-            &a,
-        )?;
+        match kernel {
+            ScanKernel::Split => {
+                let grid = (s.d_inner.div_ceil(SCAN_SPLIT_CH) as u32, s.batch as u32, 1);
+                self.gpu.launch(
+                    self.scan_bwd_split,
+                    grid,
+                    (SCAN_SPLIT_THREADS as u32, 1, 1),
+                    SCAN_SPLIT_BWD_SMEM as u32,
+                    &a,
+                )?;
+            }
+            ScanKernel::Legacy => {
+                let grid = (s.d_inner.div_ceil(SCAN_BWD_CH) as u32, s.batch as u32, 1);
+                self.gpu.launch(
+                    self.scan_bwd,
+                    grid,
+                    (SCAN_BWD_CH as u32, 1, 1),
+                    SCAN_BWD_SMEM as u32,
+                    &a,
+                )?;
+            }
+        }
         let rows = s.rows();
         let a = Args::new()
             .ptr(bc_acc)

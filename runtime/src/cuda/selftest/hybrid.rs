@@ -11,7 +11,7 @@ use crate::cpu::ops::diff_attention::{lambda_full, Lambdas};
 use crate::cpu::ops::selective_scan::{self as scan, ScanInputs};
 use archscale_kernels::cublaslt::OutType;
 use archscale_kernels::ops::{
-    HybridOps, Rows, ScanGrads, ScanShape, ScanTensors, SCAN_CKPT, SCAN_D_STATE,
+    HybridOps, Rows, ScanGrads, ScanKernel, ScanShape, ScanTensors, SCAN_CKPT, SCAN_D_STATE,
 };
 use archscale_kernels::KernelError;
 use half::bf16;
@@ -193,25 +193,39 @@ pub(super) fn check_conv(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
 type ScanCase = (usize, usize, usize, bool, bool, bool, f64);
 
 pub(super) fn check_scan(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
-    let cases: [ScanCase; 5] = [
+    let cases: [ScanCase; 7] = [
         (1, 40, 8, false, false, false, 0.0),
+        // one channel (31 idle of a split block), T below one forward chunk
+        (3, 23, 1, true, true, true, 0.0),
+        (1, 161, 37, true, false, true, -4.6),
         (2, 100, 70, true, true, true, 0.0),
         (1, 257, 33, false, true, false, 0.0),
         (2, 96, 130, true, true, true, 0.0),
         // Samba d4's shape (31 channel blocks add into dB/dC) at Mamba's initial dt
         (2, 256, 976, false, true, false, -4.6),
     ];
-    for &case in &cases {
-        check_scan_case(env, out, case)?;
+    for kernel in [ScanKernel::Split, ScanKernel::Legacy] {
+        for &case in &cases {
+            check_scan_case(env, out, kernel, case)?;
+        }
     }
     Ok(())
 }
 
-fn check_scan_case(env: &mut Env, out: &mut Vec<Check>, case: ScanCase) -> R<()> {
+fn check_scan_case(
+    env: &mut Env,
+    out: &mut Vec<Check>,
+    kernel: ScanKernel,
+    case: ScanCase,
+) -> R<()> {
     let (batch, seq, d, varlen, gate, extra, dt_bias_mean) = case;
     let n = SCAN_D_STATE;
     let shape = format!(
-        "B{batch} T{seq} D{d}{}{}{}",
+        "{} B{batch} T{seq} D{d}{}{}{}",
+        match kernel {
+            ScanKernel::Split => "split",
+            ScanKernel::Legacy => "legacy",
+        },
         if varlen { " varlen" } else { "" },
         if gate { " z" } else { "" },
         if extra { " +dy" } else { "" }
@@ -309,7 +323,8 @@ fn check_scan_case(env: &mut Env, out: &mut Vec<Check>, case: ScanCase) -> R<()>
     let outp = env.poisoned(rows * d * 2)?;
     let yp = env.poisoned(rows * d * 2)?;
     let ckp = env.poisoned(ks.ckpt_len() * 4)?;
-    hy(env)?.selective_scan_fwd(
+    hy(env)?.selective_scan_fwd_using(
+        kernel,
         &ks,
         &t,
         Rows::new(outp, d),
@@ -403,7 +418,16 @@ fn check_scan_case(env: &mut Env, out: &mut Vec<Check>, case: ScanCase) -> R<()>
         a_log: galp,
         d_skip: gdsp,
     };
-    hy(env)?.selective_scan_bwd(&ks, &t, ckp, Rows::new(doutp, d), extrap, &g, accp)?;
+    hy(env)?.selective_scan_bwd_using(
+        kernel,
+        &ks,
+        &t,
+        ckp,
+        Rows::new(doutp, d),
+        extrap,
+        &g,
+        accp,
+    )?;
     let dxz = env.read_bf16(dxzp, rows * 2 * d)?;
     let cols = |v: &[f64], w: usize, c0: usize, width: usize| -> Vec<f64> {
         (0..rows)
@@ -960,8 +984,12 @@ pub(super) fn bench_scan(env: &mut Env) -> R<Vec<String>> {
     let convy = env.poisoned(rows * d * 2)?;
     let (cdw, cdb) = (env.f32_buf(&vec![0.0; d * 4])?, env.f32_buf(&zeros_d)?);
     let hyo = hy(env)?;
-    let fwd = || hyo.selective_scan_fwd(&ks, &t, Rows::new(outp, d), None, Some(ckp));
-    let bwd = || hyo.selective_scan_bwd(&ks, &t, ckp, Rows::new(doutp, d), None, &g, accp);
+    let fwd_of = |k: ScanKernel| {
+        move || hyo.selective_scan_fwd_using(k, &ks, &t, Rows::new(outp, d), None, Some(ckp))
+    };
+    let bwd_of = |k: ScanKernel| {
+        move || hyo.selective_scan_bwd_using(k, &ks, &t, ckp, Rows::new(doutp, d), None, &g, accp)
+    };
     let time = |f: &dyn Fn() -> R<()>| -> R<f64> {
         for _ in 0..2 {
             f()?;
@@ -975,8 +1003,10 @@ pub(super) fn bench_scan(env: &mut Env) -> R<Vec<String>> {
         let stop = env.gpu.event()?;
         Ok(stop_ms(&start, &stop)? / iters as f64)
     };
-    let fwd_ms = time(&fwd)?;
-    let bwd_ms = time(&bwd)?;
+    let legacy_fwd_ms = time(&fwd_of(ScanKernel::Legacy))?;
+    let legacy_bwd_ms = time(&bwd_of(ScanKernel::Legacy))?;
+    let fwd_ms = time(&fwd_of(ScanKernel::Split))?;
+    let bwd_ms = time(&bwd_of(ScanKernel::Split))?;
     let conv_fwd = || {
         hyo.conv1d_silu_fwd(
             Rows::new(xzp, 2 * d),
@@ -1033,10 +1063,17 @@ pub(super) fn bench_scan(env: &mut Env) -> R<Vec<String>> {
             "scan bench: B{batch} T{seq} d_inner {d} N {n} ({rows} tokens), z gate, \
              checkpoints every {SCAN_CKPT} steps; output finite: {finite}"
         ),
-        line("scan fwd", fwd_ms, fwd_min, ckpt_bytes),
+        line("scan fwd (split)", fwd_ms, fwd_min, ckpt_bytes),
         line(
-            "scan bwd",
+            "scan bwd (split)",
             bwd_ms,
+            bwd_min,
+            ckpt_bytes + (rows * 2 * n * 4 * 2) as f64,
+        ),
+        line("scan fwd (legacy)", legacy_fwd_ms, fwd_min, ckpt_bytes),
+        line(
+            "scan bwd (legacy)",
+            legacy_bwd_ms,
             bwd_min,
             ckpt_bytes + (rows * 2 * n * 4 * 2) as f64,
         ),
