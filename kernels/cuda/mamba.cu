@@ -690,13 +690,16 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS) selective_scan_
 }
 
 // Backward. Block: SCAN_SPLIT_CH channels × SCAN_SPLIT lanes (4 warps); grid (ceil(D / 32), B);
-// dynamic shared memory as the carve-up below (ops.rs SCAN_SPLIT_BWD_SMEM). Per interval of
-// SCAN_CKPT steps (walked backwards): stage the inputs (lane = channel), recompute the states
-// from the checkpoint (sub-chunks of SCAN_SUB steps kept in shared memory), run λ backwards;
-// the step's dx, dΔ, dz go to shared memory in place of its inputs and the dB/dC partial sums
-// of each warp to sRed; both are written out (one atomic per block, step and column of dB/dC)
-// after the interval.
-extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS) selective_scan_bwd_split(
+// dynamic shared memory as the carve-up below (ops.rs SCAN_SPLIT_BWD_SMEM; 48 KB and at most
+// 128 registers, so 4 blocks fit an SM and a SambaY-d16 layer runs in one wave). Per interval
+// of SCAN_CKPT steps (walked backwards): stage the inputs (lane = channel), recompute the
+// states from the checkpoint (sub-chunks of SCAN_SUB steps kept in shared memory), run λ
+// backwards. A step's dx, dΔ and y go to shared memory in place of its inputs and are written
+// out after the interval (dz from y, dout and z reloaded); each warp's dB/dC partial sums of a
+// step go to its own, already consumed, slots of that step's states in sH, and are summed over
+// the warps and added to dbc_acc (one global atomic per block, step and column) after each
+// sub-chunk.
+extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_scan_bwd_split(
     const bf16* __restrict__ x, int sx, const bf16* __restrict__ delta, int sd, const bf16* __restrict__ z, int sz,
     const bf16* __restrict__ Bm, const bf16* __restrict__ Cm, int sbc, const float* __restrict__ delta_bias,
     const float* __restrict__ a_log, const float* __restrict__ d_skip, const int* __restrict__ seg,
@@ -708,15 +711,13 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS) selective_scan_
     float* sH = smem;  // [SCAN_SUB][SCAN_SPLIT_CH · SCAN_N], a lane's 4 states contiguous
     float(*sBC)[2 * SCAN_N] = reinterpret_cast<float(*)[2 * SCAN_N]>(smem + SCAN_SUB * SCAN_SPLIT_CH * SCAN_N);
     float* base = smem + SCAN_SUB * SCAN_SPLIT_CH * SCAN_N + SCAN_CKPT * 2 * SCAN_N;
-    // Staged per step: x, dt, ḡ (gradient on y), dz / y; overwritten by dx, dΔ, dz.
+    // Staged per step: x, dt, ḡ (gradient on y); overwritten by dx, dΔ, y.
     float(*sX)[SCAN_SPLIT_CH] = reinterpret_cast<float(*)[SCAN_SPLIT_CH]>(base);
     float(*sDt)[SCAN_SPLIT_CH] = reinterpret_cast<float(*)[SCAN_SPLIT_CH]>(base + 1 * SCAN_CKPT * SCAN_SPLIT_CH);
     float(*sG)[SCAN_SPLIT_CH] = reinterpret_cast<float(*)[SCAN_SPLIT_CH]>(base + 2 * SCAN_CKPT * SCAN_SPLIT_CH);
-    float(*sZ)[SCAN_SPLIT_CH] = reinterpret_cast<float(*)[SCAN_SPLIT_CH]>(base + 3 * SCAN_CKPT * SCAN_SPLIT_CH);
-    float(*sRed)[SCAN_CKPT][2 * SCAN_N] =
-        reinterpret_cast<float(*)[SCAN_CKPT][2 * SCAN_N]>(base + 4 * SCAN_CKPT * SCAN_SPLIT_CH);
-    float* sKeep = base + 4 * SCAN_CKPT * SCAN_SPLIT_CH + SCAN_SPLIT_WARPS * SCAN_CKPT * 2 * SCAN_N;
+    float* sKeep = base + 3 * SCAN_CKPT * SCAN_SPLIT_CH;
     constexpr int PER = SCAN_CKPT * SCAN_SPLIT_CH / SCAN_SPLIT_THREADS;  // 8 staged steps per thread
+    constexpr int HALF = PER / 2;                                         // loads issued together
     constexpr int STEP_STRIDE = SCAN_SPLIT_THREADS / SCAN_SPLIT_CH;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, b = blockIdx.y;
@@ -749,11 +750,12 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS) selective_scan_
     for (int jc = nck - 1; jc >= 0; --jc) {
         const int t0 = jc * SCAN_CKPT, n = min(SCAN_CKPT, T - t0);
         __syncthreads();
-        {
-            float lx[PER], ld[PER], lg[PER], lz[PER], le[PER], lbc[PER];
+#pragma unroll 1
+        for (int hf = 0; hf < 2; ++hf) {
+            float lx[HALF], ld[HALF], lg[HALF], lz[HALF], le[HALF], lbc[HALF];
 #pragma unroll
-            for (int q = 0; q < PER; ++q) {
-                const int i = ls + STEP_STRIDE * q;
+            for (int q = 0; q < HALF; ++q) {
+                const int i = ls + STEP_STRIDE * (q + hf * HALF);
                 const size_t r = row0 + t0 + (i < n ? i : 0);
                 lx[q] = bf(x[r * sx + ccl]);
                 ld[q] = bf(delta[r * sd + ccl]);
@@ -763,21 +765,16 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS) selective_scan_
                 lbc[q] = lc < SCAN_N ? bf(Bm[r * sbc + lc]) : bf(Cm[r * sbc + lc - SCAN_N]);
             }
 #pragma unroll
-            for (int q = 0; q < PER; ++q) {
-                const int i = ls + STEP_STRIDE * q;
+            for (int q = 0; q < HALF; ++q) {
+                const int i = ls + STEP_STRIDE * (q + hf * HALF);
                 const bool ok = i < n;
                 const float g = lg[q], zv = lz[q];
-                float gbar = g, dzc = 0.f;
-                if (z != nullptr) {
-                    const float sg = sigmoid_f(zv);
-                    gbar = g * zv * sg;
-                    dzc = g * sg * (1.f + zv * (1.f - sg));
-                }
+                float gbar = g;
+                if (z != nullptr) gbar = g * zv * sigmoid_f(zv);
                 gbar += le[q];
                 sX[i][lc] = ok ? lx[q] : 0.f;
                 sDt[i][lc] = ok ? softplus_f(ld[q] + lbias) : 0.f;
                 sG[i][lc] = ok ? gbar : 0.f;
-                sZ[i][lc] = ok ? dzc : 0.f;
                 sBC[i][lc] = ok ? lbc[q] : 0.f;
             }
         }
@@ -856,16 +853,28 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS) selective_scan_
                 transpose_reduce_lv<4, 16>(v, lane);
                 transpose_reduce_lv<2, 8>(v, lane);
                 transpose_reduce_lv<1, 4>(v, lane);
-                sRed[warp][i][rcol] = v[0];
-                __syncwarp();
+                __syncwarp();  // the warp's reads of sH[q] are done
+                sH[q * SCAN_SPLIT_CH * SCAN_N + warp * 32 * SCAN_KP + rcol] = v[0];
                 if (sub == 0) {
                     sX[i][ch] = dxa;
                     sDt[i][ch] = dpre;
-                    sZ[i][ch] = sZ[i][ch] * ya;
+                    sG[i][ch] = ya;
                 }
             }
+            __syncthreads();
+            // dB/dC of the sub-chunk: sum the warps' partials, one atomic per step and column.
+#pragma unroll
+            for (int e = tid; e < SCAN_SUB * 2 * SCAN_N; e += SCAN_SPLIT_THREADS) {
+                const int q = e >> 5, col = e & 31, i = i0 + q;
+                if (i < n) {
+                    float sum = 0.f;
+#pragma unroll
+                    for (int w = 0; w < SCAN_SPLIT_WARPS; ++w) sum += sH[q * SCAN_SPLIT_CH * SCAN_N + w * 32 * SCAN_KP + col];
+                    atomicAdd(dbc_acc + (row0 + t0 + i) * 2 * SCAN_N + col, sum);
+                }
+            }
+            __syncthreads();  // before the next sub-chunk's states overwrite sH
         }
-        __syncthreads();
 #pragma unroll
         for (int q = 0; q < PER; ++q) {
             const int i = ls + STEP_STRIDE * q;
@@ -874,12 +883,13 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS) selective_scan_
                 if (lactive) {
                     dx[r * sdx + cl] = tobf(sX[i][lc]);
                     ddelta[r * sdd + cl] = tobf(sDt[i][lc]);
-                    if (dz != nullptr) dz[r * sdz + cl] = tobf(sZ[i][lc]);
+                    if (dz != nullptr && z != nullptr) {
+                        // dz = dout·silu'(z)·y
+                        const float g = bf(dout[r * sdo + cl]), zv = bf(z[r * sz + cl]);
+                        const float sg = sigmoid_f(zv);
+                        dz[r * sdz + cl] = tobf(g * sg * (1.f + zv * (1.f - sg)) * sG[i][lc]);
+                    }
                 }
-                float sum = 0.f;
-#pragma unroll
-                for (int w = 0; w < SCAN_SPLIT_WARPS; ++w) sum += sRed[w][i][lc];
-                atomicAdd(dbc_acc + r * 2 * SCAN_N + lc, sum);
             }
         }
     }

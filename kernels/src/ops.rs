@@ -744,8 +744,7 @@ const SCAN_SPLIT_THREADS: usize = 128;
 /// Dynamic shared memory of `selective_scan_bwd_split` (must match mamba.cu's carve-up).
 const SCAN_SPLIT_BWD_SMEM: usize = (SCAN_SUB * SCAN_SPLIT_CH * SCAN_D_STATE
     + SCAN_CKPT * 2 * SCAN_D_STATE
-    + 4 * SCAN_CKPT * SCAN_SPLIT_CH
-    + (SCAN_SPLIT_THREADS / 32) * SCAN_CKPT * 2 * SCAN_D_STATE
+    + 3 * SCAN_CKPT * SCAN_SPLIT_CH
     + SCAN_CKPT)
     * 4;
 const CONV_RUN: usize = 64;
