@@ -4,18 +4,24 @@
 # 30 steps on --backend cpu and --backend cuda from the same init: per-step loss diff;
 # (3) Transformer++ d8 at ctx 4096, step time with Muon vs AdamW (per-op profile).
 # Usage (repo root, after `strip -o gpu-carry-muon/archscale target/release/archscale`):
-#   bash bench/gpu/muon.sh            (SKIP_BENCH=1 leaves out part 3)
+#   bash bench/gpu/muon.sh    (SKIP_SELFTEST=1 / SKIP_BENCH=1 leave out parts 1 / 3)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export ARCHSCALE_KERNEL_CACHE=${ARCHSCALE_KERNEL_CACHE:-$PWD/gpu-carry-muon/kcache}
 B=${B:-gpu-carry-muon/archscale}
 
-timeout 120 $B selftest --only muon --seed 11 > $OUT/selftest-muon.txt 2>&1
-echo "selftest muon rc=$?"; grep -iE "muon|error|passed|failed" $OUT/selftest-muon.txt | tail -40
+if [ -z "${SKIP_SELFTEST:-}" ]; then
+  timeout 120 $B selftest --only muon --seed 11 > $OUT/selftest-muon.txt 2>&1
+  echo "selftest muon rc=$?"; grep -iE "muon|error|passed|failed" $OUT/selftest-muon.txt | tail -40
+fi
+
+# tiny-transformer with head size 64 (the CUDA flash kernels take 64 and 128)
+sed -e 's/^heads = 4/heads = 2/' -e 's/^kv_groups = 2/kv_groups = 1/' -e 's/^head_dim = 32/head_dim = 64/' \
+  -e 's/^name = .*/name = "tiny-transformer-hs64"/' experiments/archs/tiny-transformer.toml > $OUT/tiny-hs64.toml
 
 cat > $OUT/muon_e2e.toml <<TOML
-arch = "tiny-transformer"
+arch = "$OUT/tiny-hs64.toml"
 depth = 4
 parametrization = "mup++"
 
