@@ -26,7 +26,7 @@ for m in $MODELS; do
   echo "== $m parity rc=$?: $(grep -E "^model loss" $OUT/parity-$m.txt | awk '{print "loss", $(NF-2)}') $(grep -E "^all gradients" $OUT/parity-$m.txt | awk '{print "grads", $(NF-2)}') $(tail -1 $OUT/parity-$m.txt)"
   grep -E "FAIL|ERROR" $OUT/parity-$m.txt | head -8
   # the largest gradient errors
-  grep -E "^grad " $OUT/parity-$m.txt | sort -g -k4 -r | head -3 | awk '{print "   ", $2, $4}'
+  grep -E "^grad " $OUT/parity-$m.txt | awk '{print "   ", $2, $(NF-2)}' | sort -g -k2 -r | head -3
 done
 for m in ${VARLEN:-sambay phi4}; do
   # document masking (EOS-separated documents; arch-spec §4.3) in attention, conv and scan
