@@ -210,8 +210,8 @@ impl<T: Real> CpuModel<T> {
 
     /// The same model storing the tensors the GPU keeps in bf16 at the points where a
     /// gradient is ill-conditioned at init: the Mamba scan's inputs (in_proj, conv, x_proj and
-    /// dt_proj outputs), its upstream gradient and its dB, dC, dΔ; differential attention's
-    /// O1, O2 and upstream gradient. Only the CUDA self-test uses `Storage::Bf16`, as its
+    /// dt_proj outputs), its upstream gradient and its dB, dC, dΔ; attention's Q, K, V;
+    /// differential attention's O1, O2 and upstream gradient. Only the CUDA self-test uses `Storage::Bf16`, as its
     /// reference for such gradients.
     pub fn with_storage(mut self, storage: Storage) -> Self {
         self.storage = storage;
@@ -695,6 +695,12 @@ impl<T: Real> CpuModel<T> {
                     if at.kv_from.is_none() {
                         rope_forward(&mut a.k, table, s.seq, hs);
                     }
+                }
+                // The flash kernels read bf16 Q, K, V.
+                self.storage.store(&mut a.q);
+                if at.kv_from.is_none() {
+                    self.storage.store(&mut a.k);
+                    self.storage.store(&mut a.v);
                 }
                 let (k, v) = match at.kv_from {
                     None => (&a.k, &a.v),
