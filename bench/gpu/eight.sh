@@ -7,7 +7,7 @@
 # recipe: experiments/sambay_flops_scaling.toml at d8 exactly as a user launches it
 #         (`archscale run --gpus 8`), 200 steps of 2,097,152 tokens on the built-in synthetic
 #         corpus (the machine has no network), checkpoint at step 100, then resumed to 200.
-#         Needs SambaY (GMU, YOCO cross-attention) on the CUDA backend, not built yet.
+#         SambaY (GMU, YOCO cross-attention) runs on the CUDA backend since 2026-11-28.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}

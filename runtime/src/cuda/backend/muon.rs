@@ -79,7 +79,7 @@ impl MuonState {
             return Err(err(
                 "CUDA backend: Muon under ZeRO-1 / ZeRO-3 / hybrid shard is not built yet \
                  (its momentum would be sharded but Newton–Schulz needs whole matrices); \
-                 use data-parallel sharding or AdamW",
+                 run it data parallel (`--set cluster.sharding=data_parallel`) or with AdamW",
             ));
         }
         let shapes: Vec<(usize, usize)> = params.iter().map(|p| (p.rows, p.cols)).collect();
