@@ -1,4 +1,4 @@
-//! The Gated Memory Unit mixer (arch-spec §1.9): `out_proj(m ⊙ silu(in_proj(h)))`, where
+//! The Gated Memory Unit mixer (arch-spec §1.10): `out_proj(m ⊙ silu(in_proj(h)))`, where
 //! `m` is the memory exported by an earlier layer (Mamba's pre-gate scan output, an
 //! attention output before `proj`, or an MLP's up half). The memory's gradient is summed
 //! (fp32) into the producer's `dmem`, which its own backward consumes.
