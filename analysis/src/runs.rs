@@ -361,7 +361,7 @@ mod tests {
     #[test]
     fn significant_digit_formatting() {
         assert_eq!(fmt_sig(0.000123456, 3), "1.23e-4");
-        assert_eq!(fmt_sig(3.14159, 3), "3.14");
+        assert_eq!(fmt_sig(4.56789, 3), "4.57");
         assert_eq!(fmt_sig(2.5e17, 3), "2.50e17");
         assert_eq!(fmt_sig(123.4, 3), "123");
         assert_eq!(fmt_lr(4e-4), "4e-4");
