@@ -1090,10 +1090,9 @@ pub fn model_parity(plan: &archscale_compiler::Plan, seed: u64) -> crate::Result
         .map(|_| rng.gen_range(0..plan.model.vocab_size as u32))
         .collect();
     let smoothing = plan.training.label_smoothing;
-    // The reference multiplies by the same bf16 weights the GPU does and stores the
-    // activations of ill-conditioned gradients (Mamba scan inputs, DA's O1/O2) in bf16 as
-    // the GPU does; the all-fp32 model measures how much each tensor moves under that
-    // rounding alone.
+    // The reference multiplies by the same bf16 weights the GPU does and stores in bf16 what
+    // the GPU stores in bf16 where gradients are ill-conditioned (`CpuModel::with_storage`);
+    // the all-fp32 model measures how much each tensor moves under that rounding alone.
     let operands = gemm_operands_as_bf16(plan, &init);
     let rounded = crate::cpu::model::CpuModel::<f32>::new(plan)?
         .with_storage(crate::cpu::float::Storage::Bf16);
