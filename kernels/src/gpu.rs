@@ -234,6 +234,14 @@ impl Gpu {
         }
     }
 
+    /// Kernel `name` of the built-in module `module` (kernels/cuda/<module>.cu), compiled or
+    /// loaded from the cache on first use.
+    pub fn module_kernel(&self, module: &str, name: &'static str) -> Result<Kernel> {
+        let src = crate::module_source(module)
+            .ok_or_else(|| KernelError::Unsupported(format!("unknown module {module}")))?;
+        self.kernel(module, &src, name)
+    }
+
     /// Loads (compiling if needed) module `module` from `source` and returns its kernel `name`.
     pub fn kernel(&self, module: &str, source: &str, name: &'static str) -> Result<Kernel> {
         let mut modules = self

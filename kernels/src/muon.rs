@@ -98,12 +98,10 @@ pub struct MuonOps {
 
 impl MuonOps {
     pub fn new(gpu: Arc<Gpu>) -> Result<MuonOps> {
-        let src = crate::module_source("muon")
-            .ok_or_else(|| KernelError::Unsupported("unknown module muon".into()))?;
         Ok(MuonOps {
-            momentum: gpu.kernel("muon", &src, "muon_momentum")?,
-            normalize: gpu.kernel("muon", &src, "muon_normalize")?,
-            update: gpu.kernel("muon", &src, "muon_update")?,
+            momentum: gpu.module_kernel("muon", "muon_momentum")?,
+            normalize: gpu.module_kernel("muon", "muon_normalize")?,
+            update: gpu.module_kernel("muon", "muon_update")?,
             gpu,
         })
     }

@@ -158,11 +158,7 @@ fn i32_of(name: &str, v: usize) -> Result<i32> {
 impl Ops {
     /// Compiles (or loads from the cache) and loads every kernel.
     pub fn new(gpu: Arc<Gpu>) -> Result<Ops> {
-        let load = |module: &str, name: &'static str| -> Result<Kernel> {
-            let src = crate::module_source(module)
-                .ok_or_else(|| KernelError::Unsupported(format!("unknown module {module}")))?;
-            gpu.kernel(module, &src, name)
-        };
+        let load = |module: &str, name: &'static str| gpu.module_kernel(module, name);
         let ops = Ops {
             embedding_fwd: load("elementwise", "embedding_fwd")?,
             embedding_bwd: load("elementwise", "embedding_bwd")?,
@@ -894,11 +890,7 @@ pub struct HybridOps {
 impl HybridOps {
     /// Compiles (or loads from the cache) and loads the mamba and hybrid modules.
     pub fn new(gpu: Arc<Gpu>) -> Result<HybridOps> {
-        let load = |module: &str, name: &'static str| -> Result<Kernel> {
-            let src = crate::module_source(module)
-                .ok_or_else(|| KernelError::Unsupported(format!("unknown module {module}")))?;
-            gpu.kernel(module, &src, name)
-        };
+        let load = |module: &str, name: &'static str| gpu.module_kernel(module, name);
         let ops = HybridOps {
             conv_fwd: load("mamba", "conv1d_silu_fwd")?,
             conv_bwd: load("mamba", "conv1d_silu_bwd")?,
