@@ -25,6 +25,26 @@ pub fn ensure_driver() -> Result<()> {
     Ok(())
 }
 
+/// Number of CUDA devices this process sees (after `CUDA_VISIBLE_DEVICES`).
+pub fn device_count() -> Result<usize> {
+    ensure_driver()?;
+    Ok(driver("cuDeviceGetCount", cu::device::get_count())? as usize)
+}
+
+/// The device a local rank trains on: device `local_rank`, or the only device when the
+/// launcher gave each process one GPU (Slurm's per-task `CUDA_VISIBLE_DEVICES`).
+pub fn device_for_local_rank(local_rank: usize, visible: usize) -> Result<usize> {
+    match visible {
+        0 => Err(KernelError::NoDevice("no CUDA device is visible".into())),
+        1 => Ok(0),
+        n if local_rank < n => Ok(local_rank),
+        n => Err(KernelError::NoDevice(format!(
+            "local rank {local_rank} needs device {local_rank}, but only {n} are visible \
+             (CUDA_VISIBLE_DEVICES); give each local rank its own GPU or one visible GPU per process"
+        ))),
+    }
+}
+
 /// A device allocation, freed on drop.
 pub struct DeviceBuffer {
     pub ptr: u64,
@@ -395,5 +415,22 @@ impl Args {
     pub fn f32(mut self, v: f32) -> Args {
         self.slots.push(v.to_bits() as u64);
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::device_for_local_rank;
+
+    #[test]
+    fn local_ranks_map_to_their_device_or_to_the_only_visible_one() {
+        assert_eq!(device_for_local_rank(3, 8).unwrap(), 3);
+        assert_eq!(device_for_local_rank(5, 1).unwrap(), 0);
+        let e = device_for_local_rank(4, 2).unwrap_err().to_string();
+        assert!(
+            e.contains("local rank 4") && e.contains("2 are visible"),
+            "{e}"
+        );
+        assert!(device_for_local_rank(0, 0).is_err());
     }
 }

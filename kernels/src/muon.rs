@@ -92,6 +92,8 @@ pub struct MuonStep {
 pub struct MuonOps {
     gpu: Arc<Gpu>,
     momentum: Kernel,
+    momentum_part: Kernel,
+    pack: Kernel,
     normalize: Kernel,
     update: Kernel,
 }
@@ -100,6 +102,8 @@ impl MuonOps {
     pub fn new(gpu: Arc<Gpu>) -> Result<MuonOps> {
         Ok(MuonOps {
             momentum: gpu.module_kernel("muon", "muon_momentum")?,
+            momentum_part: gpu.module_kernel("muon", "muon_momentum_part")?,
+            pack: gpu.module_kernel("muon", "muon_pack")?,
             normalize: gpu.module_kernel("muon", "muon_normalize")?,
             update: gpu.module_kernel("muon", "muon_update")?,
             gpu,
@@ -158,17 +162,56 @@ impl MuonOps {
             0,
             &a,
         )?;
+        self.normalize(s, rp * cp)
+    }
+
+    /// Divides the `n`-element working copy by its Frobenius norm (from `sumsq`).
+    fn normalize(&self, s: &MuonScratch, n: usize) -> Result<()> {
+        let a = Args::new().ptr(s.x[0].ptr).i64(n as i64).ptr(s.sumsq.ptr);
+        self.gpu
+            .launch(self.normalize, self.grid(n), (THREADS as u32, 1, 1), 0, &a)
+    }
+
+    /// Sharded Muon, first phase: updates the momentum of this rank's `n` elements of a
+    /// matrix (`g`, `m` point at the first of them) and writes their fp32 Nesterov mix to
+    /// `mix` (may equal `g`), for the ranks to all-gather.
+    pub fn momentum_part(&self, g: u64, m: u64, mix: u64, n: usize, st: &MuonStep) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
         let a = Args::new()
-            .ptr(s.x[0].ptr)
-            .i64((rp * cp) as i64)
-            .ptr(s.sumsq.ptr);
+            .ptr(g)
+            .ptr(m)
+            .ptr(mix)
+            .i64(n as i64)
+            .f32(st.beta as f32)
+            .f32(st.grad_mult as f32);
         self.gpu.launch(
-            self.normalize,
-            self.grid(rp * cp),
+            self.momentum_part,
+            self.grid(n),
             (THREADS as u32, 1, 1),
             0,
             &a,
         )
+    }
+
+    /// Sharded Muon, second phase: the gathered fp32 mix of the whole `[rows, cols]` matrix
+    /// into the normalised bf16 working copy (what [`Self::momentum_and_normalize`] leaves).
+    pub fn pack_and_normalize(&self, s: &MuonScratch, mix: u64, st: &MuonStep) -> Result<()> {
+        self.check_fits(s, st.rows, st.cols)?;
+        let (rp, cp) = (pad8(st.rows), pad8(st.cols));
+        self.gpu.memset_zero(s.sumsq.ptr, 8)?;
+        let a = Args::new()
+            .ptr(mix)
+            .ptr(s.x[0].ptr)
+            .i32(i32_of("rows", st.rows)?)
+            .i32(i32_of("cols", st.cols)?)
+            .i32(i32_of("rows", rp)?)
+            .i32(i32_of("cols", cp)?)
+            .ptr(s.sumsq.ptr);
+        self.gpu
+            .launch(self.pack, self.grid(rp * cp), (THREADS as u32, 1, 1), 0, &a)?;
+        self.normalize(s, rp * cp)
     }
 
     /// Runs the Newton–Schulz iterations on the normalised matrix in the scratch; returns
@@ -295,6 +338,33 @@ impl MuonOps {
     /// `p ← p·(1 − lr·wd) − lr·0.4·√max(rows, cols)·o`, zeroes `g`, refreshes `p_bf` when
     /// non-zero. `o` is a padded Newton–Schulz output.
     pub fn apply(&self, p: u64, g: u64, p_bf: u64, o: u64, st: &MuonStep) -> Result<()> {
+        self.apply_part(p, g, p_bf, o, 0, st.rows * st.cols, st)
+    }
+
+    /// [`Self::apply`] on the matrix's elements `k0 .. k0 + n` only (row-major), with `p`, `g`
+    /// and `p_bf` pointing at element `k0`: a rank's part under ZeRO.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_part(
+        &self,
+        p: u64,
+        g: u64,
+        p_bf: u64,
+        o: u64,
+        k0: usize,
+        n: usize,
+        st: &MuonStep,
+    ) -> Result<()> {
+        if k0 + n > st.rows * st.cols {
+            return Err(KernelError::Unsupported(format!(
+                "Muon: elements {k0}..{} of a {}x{} matrix",
+                k0 + n,
+                st.rows,
+                st.cols
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
         let decay = (1.0 - st.lr * st.weight_decay) as f32;
         let scale = (st.lr * UPDATE_SCALE * (st.rows.max(st.cols) as f64).sqrt()) as f32;
         let a = Args::new()
@@ -302,12 +372,12 @@ impl MuonOps {
             .ptr(g)
             .ptr(p_bf)
             .ptr(o)
-            .i32(i32_of("rows", st.rows)?)
+            .i64(k0 as i64)
+            .i64(n as i64)
             .i32(i32_of("cols", st.cols)?)
             .i32(i32_of("cols", pad8(st.cols))?)
             .f32(decay)
             .f32(scale);
-        let n = st.rows * st.cols;
         self.gpu
             .launch(self.update, self.grid(n), (THREADS as u32, 1, 1), 0, &a)
     }
@@ -347,7 +417,13 @@ mod tests {
     #[test]
     fn the_muon_module_has_its_kernels() {
         let src = crate::module_source("muon").unwrap_or_default();
-        for k in ["muon_momentum", "muon_normalize", "muon_update"] {
+        for k in [
+            "muon_momentum",
+            "muon_momentum_part",
+            "muon_pack",
+            "muon_normalize",
+            "muon_update",
+        ] {
             assert!(src.contains(&format!(" {k}(")), "{k}");
         }
     }

@@ -14,6 +14,7 @@
 
 use crate::distributed::manifest::{shard_file_name, Manifest};
 use crate::{OptimizerShard, OptimizerState, Result, RuntimeError};
+use archscale_compiler::plan::OptimizerKind;
 use archscale_compiler::Plan;
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
@@ -421,7 +422,7 @@ pub fn load(dir: &Path, plan: &Plan) -> Result<Checkpoint> {
         params.push(data);
     }
     if dir.join(manifest_file(MOMENTS[0])).is_file() {
-        let optimizer = load_sharded_optimizer(dir, &state)?;
+        let optimizer = load_sharded_optimizer(dir, &state, plan)?;
         return Ok(Checkpoint {
             dir: dir.to_path_buf(),
             state,
@@ -452,8 +453,17 @@ pub fn load(dir: &Path, plan: &Plan) -> Result<Checkpoint> {
     })
 }
 
-/// The full optimizer state of a sharded checkpoint, rebuilt from every rank's files.
-fn load_sharded_optimizer(dir: &Path, state: &TrainState) -> Result<OptimizerState> {
+/// The full optimizer state of a sharded checkpoint, rebuilt from every rank's files. A
+/// Muon matrix's momentum is sharded in the `exp_avg` files; it comes back named
+/// `<name>.momentum_buffer`, as a one-GPU or CPU checkpoint names it, and its unused
+/// `exp_avg_sq` slot is dropped.
+fn load_sharded_optimizer(dir: &Path, state: &TrainState, plan: &Plan) -> Result<OptimizerState> {
+    let muon: std::collections::BTreeSet<&str> = plan
+        .params
+        .iter()
+        .filter(|p| plan.optimizer.groups[p.group].optimizer == OptimizerKind::Muon)
+        .map(|p| p.name.as_str())
+        .collect();
     let mut tensors = Vec::new();
     for moment in MOMENTS {
         let path = dir.join(manifest_file(moment));
@@ -476,7 +486,11 @@ fn load_sharded_optimizer(dir: &Path, state: &TrainState) -> Result<OptimizerSta
             .gather(&shards)
             .map_err(|e| bad(format!("{}: {e}", path.display())))?
         {
-            tensors.push((format!("{}.{moment}", t.name), t.data));
+            if !muon.contains(t.name.as_str()) {
+                tensors.push((format!("{}.{moment}", t.name), t.data));
+            } else if moment == "exp_avg" {
+                tensors.push((format!("{}.momentum_buffer", t.name), t.data));
+            }
         }
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));

@@ -144,8 +144,11 @@ fn data_parallel_backend(
     let device = match gpu {
         Some(g) => g.clone(),
         None => {
-            let g = archscale_kernels::Gpu::new(env.local_rank)
-                .map_err(|e| miette!("CUDA backend: {e}"))?;
+            let cuda = |e: archscale_kernels::KernelError| miette!("CUDA backend: {e}");
+            let visible = archscale_kernels::gpu::device_count().map_err(cuda)?;
+            let ordinal = archscale_kernels::gpu::device_for_local_rank(env.local_rank, visible)
+                .map_err(cuda)?;
+            let g = archscale_kernels::Gpu::new(ordinal).map_err(cuda)?;
             *gpu = Some(g.clone());
             g
         }

@@ -846,7 +846,7 @@ impl CudaBackend {
             gpu.upload(chunk_group.ptr, &grps)?;
         }
         let hyper = alloc(8 * F32 * plan.optimizer.groups.len().max(1))?;
-        let muon = MuonState::new(plan, &gpu, &offsets, mode)?;
+        let muon = MuonState::new(plan, &gpu, &layout)?;
         let zero3 = if mode == ShardMode::Zero3 {
             // A tied embedding is needed at both ends of the step: give its unit a slot of
             // its own. An untied one is read only by the embedding forward and written only

@@ -140,6 +140,10 @@ fn inconsistent_values_name_the_variables() {
 
 /// Compiled plans of a small transformer on `nodes x gpus` under each sharding.
 fn plan(nodes: usize, gpus: usize, sharding: &str) -> Plan {
+    plan_with_optimizer(nodes, gpus, sharding, "adamw")
+}
+
+fn plan_with_optimizer(nodes: usize, gpus: usize, sharding: &str, optimizer: &str) -> Plan {
     let dir = tempfile::tempdir().unwrap();
     let experiment = format!(
         r#"arch = "transformer"
@@ -156,6 +160,7 @@ warmup_tokens = 4096
 tokens = 40960
 seq_len = 64
 micro_batch = 1
+optimizer = "{optimizer}"
 
 [data]
 train = [{{ synthetic = {{ seed = 1, tokens = 10_000 }} }}]
@@ -447,4 +452,37 @@ fn hybrid_shard_replicas_write_nothing_and_the_checkpoint_loads_whole() {
             .1;
         assert_eq!(t, &m[i], "{}", p.name);
     }
+}
+
+#[test]
+fn a_sharded_muon_momentum_loads_under_the_name_one_gpu_and_the_cpu_use() {
+    use archscale_compiler::plan::OptimizerKind;
+    let plan = plan_with_optimizer(1, 4, "zero1", "muon");
+    let dir = tempfile::tempdir().unwrap();
+    let ck_dir = save_from_ranks(&plan, 4, 4, dir.path());
+    let ck = crate::checkpoint::load(&ck_dir, &plan).unwrap();
+    let (m, v) = (full_tensors(&plan, 2), full_tensors(&plan, 3));
+    let get = |name: String| {
+        ck.optimizer
+            .tensors
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|t| t.1.clone())
+    };
+    let mut muon = 0;
+    for (i, p) in plan.params.iter().enumerate() {
+        if plan.optimizer.groups[p.group].optimizer == OptimizerKind::Muon {
+            muon += 1;
+            assert_eq!(
+                get(format!("{}.momentum_buffer", p.name)),
+                Some(m[i].clone())
+            );
+            assert_eq!(get(format!("{}.exp_avg", p.name)), None, "{}", p.name);
+            assert_eq!(get(format!("{}.exp_avg_sq", p.name)), None, "{}", p.name);
+        } else {
+            assert_eq!(get(format!("{}.exp_avg", p.name)), Some(m[i].clone()));
+            assert_eq!(get(format!("{}.exp_avg_sq", p.name)), Some(v[i].clone()));
+        }
+    }
+    assert_eq!(muon, 4 * plan.model.n_layer);
 }

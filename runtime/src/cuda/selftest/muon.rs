@@ -75,7 +75,7 @@ pub(super) fn muon_checks(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     ];
     let muon = MuonOps::new(env.gpu.clone())?;
     let scratch = MuonScratch::new(&env.gpu, &shapes)?;
-    for &(rows, cols) in &shapes {
+    for (case, &(rows, cols)) in shapes.iter().enumerate() {
         let n = rows * cols;
         let shape = format!("{rows}x{cols}");
         let st = MuonStep {
@@ -163,6 +163,52 @@ pub(super) fn muon_checks(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
             "muon zeroes grads",
             shape.clone(),
             env.read_f32(gp, n)?.iter().map(|x| x.abs()).sum::<f64>(),
+            0.0,
+        );
+        // The ZeRO form (backend/muon.rs) from the same inputs: three ranks' parts, cut at odd
+        // places; momentum and mix per part, mix gathered (here: one buffer), Newton–Schulz
+        // on the whole, update per part. Even cases write the mix over the gradient (ZeRO-1),
+        // odd ones into a separate buffer (ZeRO-3's gradient slot). Must equal the step above.
+        let (pz, gz, mz) = (env.f32_buf(&p0)?, env.f32_buf(&g0)?, env.f32_buf(&m0)?);
+        let mix = if case % 2 == 0 {
+            gz
+        } else {
+            env.poisoned(n * 4)?
+        };
+        let cuts = [0, n / 3 + 1, (2 * n) / 3 - 5, n];
+        let at = |base: u64, k: usize| base + (k * 4) as u64;
+        for w in cuts.windows(2) {
+            muon.momentum_part(at(gz, w[0]), at(mz, w[0]), at(mix, w[0]), w[1] - w[0], &st)?;
+        }
+        muon.pack_and_normalize(&scratch, mix, &st)?;
+        let oz = muon.newton_schulz(&env.lt, &scratch, rows, cols)?;
+        for w in cuts.windows(2) {
+            muon.apply_part(at(pz, w[0]), at(gz, w[0]), 0, oz, w[0], w[1] - w[0], &st)?;
+        }
+        let form = if case % 2 == 0 {
+            "mix over grads"
+        } else {
+            "mix apart"
+        };
+        push(
+            out,
+            "muon ZeRO parts vs whole: momentum",
+            format!("{shape} {form}"),
+            rel_err(&env.read_f32(mz, n)?, &env.read_f32(mp, n)?),
+            0.0,
+        );
+        push(
+            out,
+            "muon ZeRO parts vs whole: params",
+            format!("{shape} {form}"),
+            rel_err(&env.read_f32(pz, n)?, &p_gpu),
+            1e-6,
+        );
+        push(
+            out,
+            "muon ZeRO parts zero grads",
+            format!("{shape} {form}"),
+            env.read_f32(gz, n)?.iter().map(|x| x.abs()).sum::<f64>(),
             0.0,
         );
         // Orthogonality where the reference is well conditioned (aspect ratio ≥ 2.5, so

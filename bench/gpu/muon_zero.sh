@@ -1,0 +1,94 @@
+#!/bin/bash
+# Muon under ZeRO-1 / ZeRO-3 / hybrid shard, on ONE GPU: every rank is its own process on
+# device 0 and claims its own host to NCCL (NCCL_HOSTID), so NCCL accepts several ranks on one
+# GPU and links them by its socket transport over loopback. Slow, but the same collectives
+# and the same sharded code paths as on a multi-GPU machine.
+# From the repository root on the GPU machine with gpu-carry/ carried (stripped release
+# binary, kcache/, parity/shakespeare data, and cpu-ck/: a CPU Muon checkpoint, see below).
+#   bash bench/gpu/muon_zero.sh
+# Runs (Shakespeare parity model, 4096 tokens per step, micro 1, Muon, 30 steps, checkpoint
+# at 15):
+#   ref   world-4 plan in one process (every rank computed in turn): replicated Muon
+#   dp    4 ranks, data parallel         z1  4 ranks (4 "nodes" x 1), ZeRO-1
+#   z3    4 ranks, ZeRO-3                hs  4 ranks (2 "nodes" x 2), hybrid shard
+#   z3r2  z1's step-15 checkpoint resumed under ZeRO-3 on 2 ranks (re-sharded), to step 30
+#   r1    z1's step-15 checkpoint resumed in one process (sharded momentum -> momentum_buffer)
+#   cpu   a CPU-written step-2 Muon checkpoint (gpu-carry/cpu-ck) resumed under ZeRO-1
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export ARCHSCALE_KERNEL_CACHE=$PWD/gpu-carry/kcache NCCL_NVLS_ENABLE=0
+if ! ldconfig -p 2>/dev/null | grep -q libnccl.so; then
+  NL=$(python3 -c 'import nvidia.nccl as n, os; print(os.path.join(list(n.__path__)[0], "lib"))' 2>/dev/null)
+  [ -n "$NL" ] && export LD_LIBRARY_PATH=$NL:$LD_LIBRARY_PATH
+fi
+B=${BIN:-gpu-carry/archscale}
+P=bench/parity/shakespeare.toml
+PS=(--set base.batch_tokens=4096 --set train.micro_batch=1 --set train.log_interval=1
+    --set train.eval_interval=15 --set train.save_interval=15 --set train.optimizer=muon
+    --set parametrization=mup++)
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1 | tee "$OUT/smi.txt"
+date -u +%Y-%m-%dT%H:%MZ | tee -a "$OUT/smi.txt"
+port=29611
+# ranks name nodes gpus_per_node sharding extra...: one process per rank, all on GPU 0
+ranks() {
+  local name=$1 nodes=$2 gpn=$3 sh=$4; shift 4
+  local world=$((nodes * gpn)) pids=() r
+  port=$((port + 1))
+  for ((r = 0; r < world; r++)); do
+    RANK=$r WORLD_SIZE=$world LOCAL_RANK=$((r % gpn)) LOCAL_WORLD_SIZE=$gpn \
+    MASTER_ADDR=127.0.0.1 MASTER_PORT=$port NCCL_HOSTID=simhost-$name-$r \
+    NCCL_SOCKET_IFNAME=lo NCCL_IB_DISABLE=1 \
+      timeout 400 $B run $P --backend cuda "${PS[@]}" --set cluster.nodes=$nodes \
+      --set cluster.gpus_per_node=$gpn --set cluster.sharding=$sh \
+      --set train.out_dir=$OUT/$name "$@" > "$OUT/$name.rank$r.log" 2>&1 &
+    pids+=($!)
+  done
+  local rc=0
+  for p in "${pids[@]}"; do wait $p || rc=$?; done
+  echo "$name rc=$rc"
+}
+one() { # name extra...: one process, the world-4 plan
+  local name=$1; shift
+  timeout 300 $B run $P --backend cuda "${PS[@]}" --set cluster.gpus_per_node=4 \
+    --set cluster.sharding=data_parallel --set train.out_dir=$OUT/$name "$@" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$?"
+}
+one ref --max-steps 30
+ranks dp 4 1 data_parallel --max-steps 30
+ranks z1 4 1 zero1 --max-steps 30
+ranks z3 4 1 zero3 --max-steps 30
+ranks hs 2 2 hybrid_shard --max-steps 30
+ck=$(ls -d $OUT/z1/*/checkpoints/step-00000015 2>/dev/null | head -1)
+ls "$ck" > "$OUT/ck-files.txt" 2>&1
+ranks z3r2 2 1 zero3 --resume "$ck" --max-steps 15
+one r1 --resume "$ck" --max-steps 15
+cck=$(ls -d gpu-carry/cpu-ck/*/checkpoints/step-* 2>/dev/null | tail -1)
+[ -n "$cck" ] && ranks cpu 4 1 zero1 --resume "$cck" --max-steps 3
+for f in $OUT/*.log; do
+  if grep -qi "error\|panick" "$f"; then echo "== $f"; grep -i "error\|panick" "$f" | head -5; fi
+done
+python3 - "$OUT" <<'PY'
+import json, sys, glob
+out = sys.argv[1]
+def rows(d):
+    f = sorted(glob.glob(f"{out}/{d}/*/metrics.jsonl"))
+    return [json.loads(l) for l in open(f[0])] if f else []
+def losses(d):
+    return {r["step"]: r["loss"] for r in rows(d) if "loss" in r}
+def cmp(a, b):
+    A, B = losses(a), losses(b)
+    common = sorted(set(A) & set(B))
+    if not common: return f"{a:>5} vs {b:<5} no common steps"
+    d = [abs(A[s] - B[s]) for s in common]
+    return (f"{a:>5} vs {b:<5} steps {common[0]}..{common[-1]} ({len(common)})  "
+            f"max|dloss| {max(d):.2e}  loss@{common[-1]} {A[common[-1]]:.4f}/{B[common[-1]]:.4f}")
+print("== Muon: loss agreement (same global batch, 4096 tokens/step)")
+for a, b in [("ref","dp"),("ref","z1"),("ref","z3"),("ref","hs"),("z1","z3r2"),("z1","r1")]:
+    print(cmp(a, b))
+c = losses("cpu")
+if c: print(f"  cpu checkpoint resumed under ZeRO-1: steps {min(c)}..{max(c)}, loss {c[min(c)]:.4f} -> {c[max(c)]:.4f}")
+r = losses("ref")
+if r: print(f"  ref loss step 1 {r[min(r)]:.4f} -> step {max(r)} {r[max(r)]:.4f}")
+PY
