@@ -1,8 +1,12 @@
 #!/bin/bash
 # Runs on the GPU machine (device tool) from the repository root with gpu-carry-flash/
 # carried: archscale (stripped release build), kcache/, and torch_ref.py for `torch`.
-#   bash bench/gpu/flash_sm90.sh [selftest] [bench] [nodq] [torch]    (default: selftest bench)
-# nodq: the sm90 step again with the backward's dQ atomics compiled out (wrong dQ, timing only).
+#   bash bench/gpu/flash_sm90.sh [selftest] [bench] [bench90] [nodq] [ncu] [torch]
+#   (default: selftest bench)
+# bench: the d16 step with sm90 and sm80; bench90: sm90 only.
+# nodq: the sm90 step again with the backward's dQ reduction compiled out (wrong dQ, timing only).
+# ncu: Nsight Compute (clocks left alone) on one d128 forward and one backward launch of the
+#   d16 step: speed of light, warp stall reasons, pipes.
 # Flash attention on sm_90: selftest of both variants (sm90 = wgmma, sm80 = mma.sync), then
 # the d16 ctx-4096 step profiled with each (ARCHSCALE_FLASH), then optionally PyTorch.
 set -u
@@ -24,6 +28,16 @@ for w in $what; do
                --micro 4 --steps ${STEPS:-6} --warmup 2 --profile > "$OUT/bench_$v.txt" 2>&1
              echo "bench rc=$?" >> "$OUT/bench_$v.txt"
            done ;;
+    bench90) ARCHSCALE_FLASH=sm90 timeout 200 $BIN bench bench/transformer_ctx4096.toml --set 'depth=[16]' \
+               --micro 4 --steps ${STEPS:-6} --warmup 2 --profile > "$OUT/bench_sm90.txt" 2>&1
+             echo "bench rc=$?" >> "$OUT/bench_sm90.txt" ;;
+    ncu) ARCHSCALE_FLASH=sm90 timeout 200 ncu --clock-control none -k regex:'flash_(fwd|bwd)_sm90_d128' -s 15 -c 2 \
+           --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
+           --section MemoryWorkloadAnalysis --section SchedulerStats --print-details all \
+           --metrics regex:'smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+           $BIN bench bench/transformer_ctx4096.toml --set 'depth=[16]' --micro 4 --steps 1 --warmup 1 \
+           > "$OUT/ncu.txt" 2>&1
+         echo "ncu rc=$?" >> "$OUT/ncu.txt" ;;
     nodq) ARCHSCALE_KERNEL_DEFINES=F9_NO_DQ_ATOMICS ARCHSCALE_FLASH=sm90 timeout 200 $BIN bench bench/transformer_ctx4096.toml \
             --set 'depth=[16]' --micro 4 --steps ${STEPS:-6} --warmup 2 --profile > "$OUT/bench_nodq.txt" 2>&1 ;;
     torch) PYTHONUNBUFFERED=1 timeout ${TORCH_T:-300} python3 $C/torch_ref.py --micro 4 --depths 16 --steps 10 > "$OUT/torch.txt" 2>&1
@@ -35,5 +49,6 @@ cat "$OUT/smi.txt"
 for v in sm90 sm80 nodq; do
   [ -f "$OUT/bench_$v.txt" ] && { echo "=== bench $v"; grep -v "^{" "$OUT/bench_$v.txt" | head -45; }
 done
+[ -f "$OUT/ncu.txt" ] && { echo "=== ncu"; grep -E "flash_|Duration|Throughput|stalled_(barrier|long_scoreboard|short_scoreboard|wait|math|mio|lg_thr|membar|dispatch|no_inst|sleep|branch|not_sel|selected|misc|drain|imc|tex)[a-z_]*_per|Issue Slots Busy|Executed Ipc A|Warp Cycles Per Issued|ncu rc|==ERR|==WARN" "$OUT/ncu.txt" | head -90; }
 [ -f "$OUT/torch.txt" ] && { echo "=== torch"; tail -n 8 "$OUT/torch.txt"; }
 true

@@ -132,6 +132,18 @@ __device__ __forceinline__ void f9_wg_pv(float* acc, const u32* p, u64 dv) {
     }
 }
 
+// 2^x on the MUFU unit (flush-to-zero; no range fix-up branch; -inf gives 0).
+__device__ __forceinline__ float f9_ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Forward. Per key tile n the warpgroup issues S_n = Q K_n^T and O += P_{n-1} V_{n-1}
+// together, waits for S_n only, runs the softmax of tile n while P_{n-1} V_{n-1} is still on
+// the tensor cores, then waits for it and rescales O. K loads one tile ahead of S, V one tile
+// ahead of P V: cp.async group n+1 = {V_n, K_{n+1}} is issued at the start of tile n into the
+// buffers tile n-1 used. CTAs run heaviest (latest query block) first over the whole grid.
 template <int D>
 __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                const bf16* __restrict__ v, bf16* __restrict__ o,
@@ -146,9 +158,11 @@ __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const
     const u32 Qs = base, Ks = base + TILE_Q, Vs = Ks + 2 * TILE_K;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2, wl = warp & 3;
-    const int qb = gridDim.x - 1 - blockIdx.x;  // heaviest (latest) query blocks first
+    const int nhb = gridDim.y * gridDim.z;
+    const int lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const int qb = gridDim.x - 1 - lin / nhb;  // heaviest (latest) query blocks first
+    const int h = (lin % nhb) % gridDim.y, b = (lin % nhb) / gridDim.y;
     const int q0 = qb * F9_BR;
-    const int h = blockIdx.y, b = blockIdx.z;
     const int g = h / qpg;
     const bf16* qh = q + (long long)b * T * q_rs + g * q_gs + (h % qpg) * D;
     const bf16* kh = k + (long long)b * T * kv_rs + g * kv_gs;
@@ -160,6 +174,7 @@ __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const
     const int lo_last = f9_key_lo(segb, q_last, window);
     const int kb_lo = lo_first / F9_BC;
     const int kb_hi = q_last / F9_BC + 1;
+    const int ntiles = kb_hi - kb_lo;
 
     // This thread's two query rows and their first visible keys.
     const int row_a = q0 + wg * 64 + wl * 16 + (lane >> 2);
@@ -168,35 +183,45 @@ __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const
                            row_b < T ? f9_key_lo(segb, row_b, window) : 0};
 
     f9_load_tile<F9_BR, D>(Qs, qh, q_rs, q0, T);
-    f9_commit();
     f9_load_tile<F9_BC, D>(Ks, kh, kv_rs, kb_lo * F9_BC, T);
-    f9_load_tile<F9_BC, D>(Vs, vh, kv_rs, kb_lo * F9_BC, T);
     f9_commit();
 
-    float s[F9_BC / 2];
     float acc[D / 2];
-#pragma unroll
-    for (int i = 0; i < F9_BC / 2; i++) s[i] = 0.f;
 #pragma unroll
     for (int i = 0; i < D / 2; i++) acc[i] = 0.f;
     float mrow[2] = {-INF_F, -INF_F}, lrow[2] = {0.f, 0.f};
+    u32 p[F9_BC / 16][4];  // P of the previous tile (A operand of O += P V)
+#pragma unroll
+    for (int kk = 0; kk < F9_BC / 16; kk++) p[kk][0] = p[kk][1] = p[kk][2] = p[kk][3] = 0u;
 
-    for (int kb = kb_lo; kb < kb_hi; kb++) {
-        const int stage = (kb - kb_lo) & 1;
-        if (kb + 1 < kb_hi) {
-            f9_load_tile<F9_BC, D>(Ks + (stage ^ 1) * TILE_K, kh, kv_rs, (kb + 1) * F9_BC, T);
-            f9_load_tile<F9_BC, D>(Vs + (stage ^ 1) * TILE_K, vh, kv_rs, (kb + 1) * F9_BC, T);
-            f9_commit();
-            f9_wait<1>();
-        } else {
-            f9_wait<0>();
-        }
+    for (int n = 0; n <= ntiles; n++) {
+        const int kb = kb_lo + n;
+        f9_wait<0>();
         f9_proxy_fence();
-        __syncthreads();
-        const u32 Kt = Ks + stage * TILE_K, Vt = Vs + stage * TILE_K;
+        __syncthreads();  // group n landed (K_n, V_{n-1}); every thread is done with tile n-1
+        if (n < ntiles) {
+            f9_load_tile<F9_BC, D>(Vs + (n & 1) * TILE_K, vh, kv_rs, kb * F9_BC, T);
+            if (n + 1 < ntiles) f9_load_tile<F9_BC, D>(Ks + ((n + 1) & 1) * TILE_K, kh, kv_rs, (kb + 1) * F9_BC, T);
+            f9_commit();
+        }
+        const u32 Kt = Ks + (n & 1) * TILE_K, Vp = Vs + ((n + 1) & 1) * TILE_K;
 
-        // S = Q K^T (64 rows of this warpgroup x 128 keys)
+        if (n == ntiles) {  // last P V
+            wg_fence_regs<D / 2>(acc);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < F9_BC / 16; kk++)
+                f9_wg_pv<D>(acc, p[kk], f9_desc(Vp + kk * (16 * 128), F9_BC * 128, 1024));
+            wg_commit();
+            wg_wait<0>();
+            wg_fence_regs<D / 2>(acc);
+            break;
+        }
+
+        // S = Q K_n^T (64 rows of this warpgroup x 128 keys), then O += P_{n-1} V_{n-1}
+        float s[F9_BC / 2];
         wg_fence_regs<F9_BC / 2>(s);
+        wg_fence_regs<D / 2>(acc);
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
@@ -205,12 +230,43 @@ __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const
             wg_ss_n128_t00(s, f9_desc(qa, 16, 1024), f9_desc(ka, 16, 1024), kk > 0 ? 1 : 0);
         }
         wg_commit();
-        wg_wait<0>();
+        if (n > 0) {
+#pragma unroll
+            for (int kk = 0; kk < F9_BC / 16; kk++)
+                f9_wg_pv<D>(acc, p[kk], f9_desc(Vp + kk * (16 * 128), F9_BC * 128, 1024));
+            wg_commit();
+            wg_wait<1>();
+        } else {
+            wg_wait<0>();
+        }
         wg_fence_regs<F9_BC / 2>(s);
 
         const int j0 = kb * F9_BC;
-        float mx[2] = {-INF_F, -INF_F};
-        // Tiles wholly visible to every row of the CTA skip the per-element test.
+        float mx[2] = {-INF_F, -INF_F}, alpha[2];
+        // Row max over the warp's quad, rescale factor, P = 2^(S - max), row sums.
+        auto finish = [&]() {
+            float mu[2], rsum[2] = {0.f, 0.f};
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                const float mnew = fmaxf(mrow[r], mx[r]);
+                mu[r] = mnew == -INF_F ? 0.f : mnew;
+                alpha[r] = f9_ex2(mrow[r] - mu[r]);
+                mrow[r] = mnew;
+            }
+#pragma unroll
+            for (int i = 0; i < F9_BC / 2; i++) {
+                s[i] = f9_ex2(s[i] - mu[(i >> 1) & 1]);
+                rsum[(i >> 1) & 1] += s[i];
+            }
+#pragma unroll
+            for (int r = 0; r < 2; r++) lrow[r] = lrow[r] * alpha[r] + rsum[r];
+            wg_fence_regs<F9_BC / 2>(s);
+        };
+        // Tiles wholly visible to every row of the CTA skip the per-element test. The whole
+        // softmax sits inside each branch: ptxas hoists the wait below to the top of its basic
+        // block, and the block must start after the softmax for it to overlap P V.
         const bool full = j0 + F9_BC - 1 <= q0 && j0 + F9_BC <= T && j0 >= lo_last;
         if (full) {
 #pragma unroll
@@ -218,6 +274,7 @@ __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const
                 s[i] *= scale_log2;
                 mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
             }
+            finish();
         } else {
 #pragma unroll
             for (int i = 0; i < F9_BC / 2; i++) {
@@ -228,30 +285,17 @@ __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const
                 s[i] = ok ? s[i] * scale_log2 : -INF_F;
                 mx[r] = fmaxf(mx[r], s[i]);
             }
+            finish();
         }
-        float alpha[2], mu[2], rsum[2] = {0.f, 0.f};
+        wg_wait<0>();  // O += P_{n-1} V_{n-1} done: O and P are free
+        wg_fence_regs<D / 2>(acc);
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            const float mnew = fmaxf(mrow[r], mx[r]);
-            mu[r] = mnew == -INF_F ? 0.f : mnew;
-            alpha[r] = exp2f(mrow[r] - mu[r]);
-            mrow[r] = mnew;
-        }
-#pragma unroll
-        for (int i = 0; i < F9_BC / 2; i++) {
-            s[i] = exp2f(s[i] - mu[(i >> 1) & 1]);
-            rsum[(i >> 1) & 1] += s[i];
-        }
-#pragma unroll
-        for (int r = 0; r < 2; r++) lrow[r] = lrow[r] * alpha[r] + rsum[r];
+        for (int kk = 0; kk < F9_BC / 16; kk++)
+            asm volatile("" : "+r"(p[kk][0]), "+r"(p[kk][1]), "+r"(p[kk][2]), "+r"(p[kk][3])::"memory");
 #pragma unroll
         for (int i = 0; i < D / 2; i++) acc[i] *= alpha[(i >> 1) & 1];
-
         // P as the A operand: the accumulator layout of two adjacent n8 blocks is the
         // m64k16 A-fragment layout.
-        u32 p[F9_BC / 16][4];
 #pragma unroll
         for (int kk = 0; kk < F9_BC / 16; kk++) {
             p[kk][0] = f9_pack(s[8 * kk + 0], s[8 * kk + 1]);
@@ -259,20 +303,6 @@ __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const
             p[kk][2] = f9_pack(s[8 * kk + 4], s[8 * kk + 5]);
             p[kk][3] = f9_pack(s[8 * kk + 6], s[8 * kk + 7]);
         }
-        // O += P V (V read MN-major: transposed B)
-        wg_fence_regs<D / 2>(acc);
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < F9_BC / 16; kk++) {
-            f9_wg_pv<D>(acc, p[kk], f9_desc(Vt + kk * (16 * 128), F9_BC * 128, 1024));
-        }
-        wg_commit();
-        wg_wait<0>();
-        wg_fence_regs<D / 2>(acc);
-#pragma unroll
-        for (int kk = 0; kk < F9_BC / 16; kk++)
-            asm volatile("" : "+r"(p[kk][0]), "+r"(p[kk][1]), "+r"(p[kk][2]), "+r"(p[kk][3])::"memory");
-        __syncthreads();
     }
 
 #pragma unroll
@@ -312,22 +342,50 @@ extern "C" __global__ void __launch_bounds__(F9_THREADS, 1)
 // ---------------------------------------------------------------------------------------------
 // Backward (FA2 structure on wgmma): one CTA per (128-key block, kv group, batch); warpgroup w
 // owns keys 64w..64w+63 of the block, dK and dV accumulate in its registers over the group's
-// query heads and the 64-query blocks that see the block. Per 64-query block:
+// query heads and the 64-query blocks that see the block. Per 64-query block (work item):
 //   S^T = K Q^T and dP^T = V dO^T (both operands from shared memory),
 //   P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta),
 //   dV += P^T dO and dK += dS^T Q (A from registers, B = dO / Q read N-major),
 //   dQ += dS K (A = dS^T from shared memory read M-major, B = K read N-major): d128 splits the
-//   128 columns over the two warpgroups, d64 the 128 keys (two partial sums); fp32 atomics
-//   into dq_acc [rows, H, D] (zeroed before).
+//   128 columns over the two warpgroups, d64 the 128 keys (two partial sums). Each warpgroup
+//   parks its 64 x 64 fp32 part in shared memory and adds it to its block of dq_acc (zeroed
+//   before; layout at flash_bwd_dq_sm90) with one 16 KiB asynchronous bulk reduce
+//   (cp.reduce.async.bulk), which no thread waits for until the buffer comes round again.
+// Q, dO, lse, delta (and seg) of the next item load by cp.async while the current computes;
+// two CTA barriers per item (data landed / dS^T written).
+// CTAs run heaviest first over the whole grid: the block index is linearised with the key
+// block slowest, so every (group, batch)'s first key blocks (most queries under the causal
+// mask) start in the first wave.
 #define F9B_BC 128
 #define F9B_BR 64
 
-__device__ __forceinline__ void f9_red2(float* p, float a, float b) {
-    atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
-}
 __device__ __forceinline__ void f9_st_shared(u32 addr, u32 v) {
     asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
+__device__ __forceinline__ void f9_st_shared2(u32 addr, float a, float b) {
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a), "f"(b) : "memory");
+}
+__device__ __forceinline__ void f9_st_shared4(u32 addr, float a, float b, float c, float d) {
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
+__device__ __forceinline__ void f9_cp4(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0) : "memory");
+}
+// Named barrier over `count` threads (id 0 is __syncthreads').
+__device__ __forceinline__ void f9_bar(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void f9_bulk_red_add(float* g, u32 s, u32 bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(g), "r"(s),
+                 "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void f9_bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void f9_bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void f9_bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
 template <int D>
 __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const bf16* __restrict__ k,
@@ -341,16 +399,23 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
     constexpr u32 TILE_KV = F9B_BC * D * 2;        // K or V: [D/64][128 keys][64]
     constexpr u32 TILE_Q = F9B_BR * D * 2;         // Q or dO: [D/64][64 queries][64]
     constexpr u32 TILE_DS = F9B_BC * F9B_BR * 2;   // dS^T: [128 keys][64 queries]
+    constexpr u32 TILE_DQ = F9B_BR * 64 * 4;       // one warpgroup's fp32 dQ part (64 x 64)
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = f9_smem(smem_raw);
     const u32 base = (raw + 1023u) & ~1023u;
     const u32 Ks = base, Vs = Ks + TILE_KV, Qs2 = Vs + TILE_KV, dOs2 = Qs2 + 2 * TILE_Q, dSs = dOs2 + 2 * TILE_Q;
-    float* lse2 = reinterpret_cast<float*>(smem_raw + (dSs + TILE_DS - raw));  // 2 stages each
-    float* del2 = lse2 + 2 * F9B_BR;
-    int* lo2 = reinterpret_cast<int*>(del2 + 2 * F9B_BR);
+    const u32 dQs = dSs + TILE_DS;                 // [2 buffers][2 warpgroups] TILE_DQ
+    const u32 Ls = dQs + 4 * TILE_DQ;              // lse, delta, seg: [2 stages][64] each
+    const u32 Ds = Ls + 2 * F9B_BR * 4, Gs = Ds + 2 * F9B_BR * 4;
+    const float* lse2 = reinterpret_cast<const float*>(smem_raw + (Ls - raw));
+    const float* del2 = reinterpret_cast<const float*>(smem_raw + (Ds - raw));
+    const int* seg2 = reinterpret_cast<const int*>(smem_raw + (Gs - raw));
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2, wl = warp & 3;
-    const int kb = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+    const int tw = threadIdx.x & 127;  // thread within the warpgroup
+    const int ngb = gridDim.y * gridDim.z;
+    const int lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const int kb = lin / ngb, g = (lin % ngb) % gridDim.y, b = (lin % ngb) / gridDim.y;
     const int k0 = kb * F9B_BC;
     const bf16* kg = k + (long long)b * T * kv_rs + g * kv_gs;
     const bf16* vg = v + (long long)b * T * kv_rs + g * kv_gs;
@@ -360,11 +425,9 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
     f9_load_tile<F9B_BC, D>(Vs, vg, kv_rs, k0, T);
     f9_commit();
 
-    float dk_acc[D / 2], dv_acc[D / 2], s[32], dp[32], dq[32];
+    float dk_acc[D / 2], dv_acc[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; i++) dk_acc[i] = dv_acc[i] = 0.f;
-#pragma unroll
-    for (int i = 0; i < 32; i++) s[i] = dp[i] = dq[i] = 0.f;
 
     const int qb_lo = k0 / F9B_BR;
     int q_hi = window > 0 ? min(T, k0 + F9B_BC - 1 + window) : T;
@@ -388,35 +451,34 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
         const int h = g * qpg + j;
         f9_load_tile<F9B_BR, D>(Qs2 + st * TILE_Q, q + (long long)b * T * q_rs + g * q_gs + j * D, q_rs, q0, T);
         f9_load_tile<F9B_BR, D>(dOs2 + st * TILE_Q, dout + (long long)b * T * o_rs + h * D, o_rs, q0, T);
+        const int t = threadIdx.x, i = t & 63, row = q0 + i;
+        const bool ok = row < T;
+        const long long bh = ((long long)b * H + h) * T;
+        const u32 off = (st * F9B_BR + i) * 4;
+        if (t < 64) f9_cp4(Ls + off, ok ? lse + bh + row : lse, ok);
+        else if (t < 128) f9_cp4(Ds + off, ok ? delta + bh + row : delta, ok);
+        else if (t < 192) f9_cp4(Gs + off, ok && segb ? (const void*)(segb + row) : (const void*)lse, ok && segb);  // zeros without varlen
         f9_commit();
-        const float* lse_h = lse + ((long long)b * H + h) * T;
-        const float* del_h = delta + ((long long)b * H + h) * T;
-        for (int i = threadIdx.x; i < F9B_BR; i += F9_THREADS) {
-            const bool ok = q0 + i < T;
-            lse2[st * F9B_BR + i] = ok ? lse_h[q0 + i] * 1.44269504088896340736f : INF_F;
-            del2[st * F9B_BR + i] = ok ? del_h[q0 + i] : 0.f;
-            lo2[st * F9B_BR + i] = ok ? f9_key_lo(segb, q0 + i, window) : T;
-        }
     };
     if (items > 0) issue(0, 0);
     for (int item = 0; item < items; item++) {
         const int st = item & 1;
-        if (item + 1 < items) {
-            issue(item + 1, st ^ 1);
-            f9_wait<1>();
-        } else {
-            f9_wait<0>();
-        }
+        f9_wait<0>();
         f9_proxy_fence();
-        __syncthreads();
+        // The dQ buffer this item writes was last read by the bulk reduce of item - 2.
+        if (tw == 0) f9_bulk_wait_read<1>();
+        __syncthreads();  // item's data landed; every thread is done with item - 1
+        if (item + 1 < items) issue(item + 1, st ^ 1);
         const int j = item / nqb, q0 = (qb_lo + item % nqb) * F9B_BR;
         const int h = g * qpg + j;
         const u32 Qt = Qs2 + st * TILE_Q, dOt = dOs2 + st * TILE_Q;
         const float* lse_s = lse2 + st * F9B_BR;
         const float* del_s = del2 + st * F9B_BR;
-        const int* lo_s = lo2 + st * F9B_BR;
+        const int* seg_s = seg2 + st * F9B_BR;  // zeros without varlen
 
-        // S^T = K Q^T, dP^T = V dO^T (64 keys of this warpgroup x 64 queries)
+        // S^T = K Q^T, dP^T = V dO^T (64 keys of this warpgroup x 64 queries). The first k-step
+        // overwrites (scale_d = 0), so these start undefined.
+        float s[32], dp[32], dq[32];
         wg_fence_regs<32>(s);
         wg_fence_regs<32>(dp);
         wg_fence();
@@ -437,14 +499,29 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
         wg_wait<1>();  // S^T is done; dP^T may still run while P^T is computed
         wg_fence_regs<32>(s);
 
-        // P^T (rows past T have lse = +inf, so they give 0 without a test)
-        const bool full = kw + 15 <= q0 && kw + 15 < T && kw >= lo_s[min(F9B_BR - 1, T - 1 - q0)];
+        // P^T. Tiles where every (key, query) pair is visible skip the test: the last query's
+        // first visible key is the largest (seg and the window start are nondecreasing).
+        // seg_s is zero without varlen; key >= qrow - wmax is the window.
+        const int wmax = window > 0 ? window - 1 : T;
+        const int ql_last = min(F9B_BR - 1, T - 1 - q0);
+        const int lo_last = max(seg_s[ql_last], q0 + ql_last - wmax);
+        const bool full = kw + 15 <= q0 && q0 + F9B_BR <= T && kw >= lo_last;
+        if (full) {
 #pragma unroll
-        for (int i = 0; i < 32; i++) {
-            const int ql = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-            const int key = key_a + ((i >> 1) & 1) * 8;
-            const bool ok = full || (key < T && key <= q0 + ql && key >= lo_s[ql]);
-            s[i] = ok ? exp2f(s[i] * scale_log2 - lse_s[ql]) : 0.f;
+            for (int i = 0; i < 32; i++) {
+                const int ql = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+                s[i] = f9_ex2(fmaf(s[i], scale_log2, -lse_s[ql] * 1.44269504088896340736f));
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 32; i++) {
+                const int ql = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+                const int key = key_a + ((i >> 1) & 1) * 8;
+                const int qrow = q0 + ql;
+                const bool ok = qrow < T && key < T && key <= qrow && key >= seg_s[ql] && key >= qrow - wmax;
+                const float e = f9_ex2(fmaf(s[i], scale_log2, -lse_s[ql] * 1.44269504088896340736f));
+                s[i] = ok ? e : 0.f;
+            }
         }
         wg_wait<0>();
         wg_fence_regs<32>(dp);
@@ -485,7 +562,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
             f9_wg_pv<D>(dk_acc, dsf[kk], f9_desc(Qt + kk * (16 * 128), F9B_BR * 128, 1024));
         wg_commit();
         f9_proxy_fence();
-        __syncthreads();
+        __syncthreads();  // dS^T of both warpgroups written
 
         // dQ = dS K for the 64 queries
         wg_fence_regs<32>(dq);
@@ -514,21 +591,35 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
             asm volatile("" : "+r"(pf[kk][0]), "+r"(pf[kk][1]), "+r"(pf[kk][2]), "+r"(pf[kk][3]),
                          "+r"(dsf[kk][0]), "+r"(dsf[kk][1]), "+r"(dsf[kk][2]), "+r"(dsf[kk][3])::"memory");
 
-        float* dqh = dq_acc + (long long)b * T * H * D + (long long)h * D + (D == 128 ? wg * 64 : 0) + (lane & 3) * 2;
+        // This warpgroup's 64 x 64 dQ part: for a whole query block, to shared memory in
+        // fragment order and one 16 KiB bulk reduce into its block of dq_acc; for the last,
+        // partial block, vector atomics into row-major rows (layout at flash_bwd_dq_sm90).
+        float* dqb = dq_acc + (((long long)b * H + h) * T + q0) * D;
+        if (q0 + F9B_BR <= T) {
+            const u32 dqt = dQs + ((item & 1) * 2 + wg) * TILE_DQ;
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            const int qrow = q0 + wl * 16 + (lane >> 2) + r * 8;
-            if (qrow >= T) continue;
-            float* p = dqh + (long long)qrow * H * D;
+            for (int nt = 0; nt < 8; nt++)
+                f9_st_shared4(dqt + (nt * 128 + tw) * 16, dq[4 * nt], dq[4 * nt + 1], dq[4 * nt + 2], dq[4 * nt + 3]);
+            f9_proxy_fence();
+            f9_bar(1 + wg, 128);
 #ifndef F9_NO_DQ_ATOMICS  // timing experiments only (ARCHSCALE_KERNEL_DEFINES): dQ left unwritten
-#pragma unroll
-            for (int nt = 0; nt < 8; nt++) f9_red2(p + nt * 8, dq[nt * 4 + 2 * r], dq[nt * 4 + 2 * r + 1]);
-#else
-            if (dq[0] == 1.2345f) p[0] = 0.f;
+            if (tw == 0) f9_bulk_red_add(dqb + (D == 128 ? wg * 4096 : 0), dqt, TILE_DQ);
 #endif
+        } else {
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int ql = wl * 16 + (lane >> 2) + r * 8;
+                if (q0 + ql >= T) continue;
+                float* p = dqb + ql * D + (D == 128 ? wg * 64 : 0) + (lane & 3) * 2;
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++)
+                    atomicAdd(reinterpret_cast<float2*>(p + nt * 8), make_float2(dq[nt * 4 + 2 * r], dq[nt * 4 + 2 * r + 1]));
+            }
         }
-        __syncthreads();
+        f9_bulk_commit();
     }
+    f9_wait<0>();  // K and V when there was no item
+    if (tw == 0) f9_bulk_wait_all();
     // write dK (scaled) and dV for this thread's two keys
     bf16* dkg = dk + (long long)b * T * kv_rs + g * kv_gs;
     bf16* dvg = dv + (long long)b * T * kv_rs + g * kv_gs;
@@ -562,4 +653,36 @@ extern "C" __global__ void __launch_bounds__(F9_THREADS, 1)
                        int kv_rs, int kv_gs, int o_rs, float scale, float scale_log2, int window) {
     flash_bwd_sm90<64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale,
                        scale_log2, window);
+}
+
+// dQ = scale * dq_acc in q's layout. dq_acc holds, per (batch, head), T x D floats: each whole
+// 64-query block q0 .. q0+63 is D/64 parts of 64 x 64 (part c = columns 64c .. 64c+63) in the
+// backward's fragment order: float4 i = nt * 128 + t holds, for t = 32 w + l, rows
+// 16 w + (l >> 2) (.x, .y) and that + 8 (.z, .w), columns 8 nt + 2 (l & 3) + {0, 1}. The last,
+// partial block is row-major [rows][D]. Grid (blocks x D/64, H, B); 256 threads.
+extern "C" __global__ void flash_bwd_dq_sm90(const float* __restrict__ dq_acc, bf16* __restrict__ dq, int T, int H, int D,
+                                             int qpg, int q_rs, int q_gs, float scale) {
+    const int parts = D / 64;
+    const int qb = blockIdx.x / parts, c = blockIdx.x % parts, h = blockIdx.y, b = blockIdx.z;
+    const int q0 = qb * 64;
+    const float* src = dq_acc + (((long long)b * H + h) * T + q0) * D;
+    bf16* dst = dq + ((long long)b * T + q0) * q_rs + (h / qpg) * q_gs + (h % qpg) * D + c * 64;
+    if (q0 + 64 <= T) {
+        const float4* s4 = reinterpret_cast<const float4*>(src + c * 4096);
+        for (int i = threadIdx.x; i < 1024; i += blockDim.x) {
+            const int nt = i >> 7, t = i & 127, w = t >> 5, l = t & 31;
+            const int row = 16 * w + (l >> 2), col = 8 * nt + 2 * (l & 3);
+            const float4 v = s4[i];
+            *reinterpret_cast<bf162*>(dst + (long long)row * q_rs + col) = __floats2bfloat162_rn(v.x * scale, v.y * scale);
+            *reinterpret_cast<bf162*>(dst + (long long)(row + 8) * q_rs + col) =
+                __floats2bfloat162_rn(v.z * scale, v.w * scale);
+        }
+    } else {
+        const int rows = T - q0;
+        for (int i = threadIdx.x; i < rows * 32; i += blockDim.x) {
+            const int row = i >> 5, col = (i & 31) * 2;
+            const float2 v = *reinterpret_cast<const float2*>(src + (long long)row * D + c * 64 + col);
+            *reinterpret_cast<bf162*>(dst + (long long)row * q_rs + col) = __floats2bfloat162_rn(v.x * scale, v.y * scale);
+        }
+    }
 }

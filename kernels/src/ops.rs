@@ -37,6 +37,8 @@ struct FlashSm90 {
     fwd_128: Kernel,
     bwd_64: Kernel,
     bwd_128: Kernel,
+    /// dQ from the backward's blocked fp32 accumulator.
+    dq: Kernel,
 }
 
 /// Every kernel, loaded once per device.
@@ -185,6 +187,7 @@ impl Ops {
                     fwd_128: load("flash_sm90", "flash_fwd_sm90_d128")?,
                     bwd_64: load("flash_sm90", "flash_bwd_sm90_d64")?,
                     bwd_128: load("flash_sm90", "flash_bwd_sm90_d128")?,
+                    dq: load("flash_sm90", "flash_bwd_dq_sm90")?,
                 })
             } else {
                 None
@@ -234,11 +237,13 @@ impl Ops {
     fn flash9_fwd_smem(d: usize) -> usize {
         (FLASH9_BR + 4 * FLASH9_BC) * d * 2 + 1024
     }
-    /// K, V (128 keys), two stages of Q and dO (64 queries), dS^T, per-query statistics, and
-    /// 1 KiB to align the base.
+    /// K, V (128 keys), two stages of Q and dO (64 queries), dS^T, two buffers of both
+    /// warpgroups' fp32 64 x 64 dQ parts, two stages of lse, delta and seg, and 1 KiB to
+    /// align the base.
     fn flash9_bwd_smem(d: usize) -> usize {
         (2 * FLASH_BWD_BC + 4 * FLASH_BR) * d * 2
             + FLASH_BWD_BC * FLASH_BR * 2
+            + 4 * FLASH_BR * 64 * 4
             + 6 * FLASH_BR * 4
             + 1024
     }
@@ -679,6 +684,25 @@ impl Ops {
         };
         self.gpu
             .launch(kernel, grid, (256, 1, 1), smem as u32, &a)?;
+        if let Some(k9) = sm90 {
+            // dq_acc in the sm_90a backward's blocked layout (flash_sm90.cu, flash_bwd_dq_sm90).
+            let a = Args::new()
+                .ptr(dq_acc)
+                .ptr(dq)
+                .i32(i32_of("seq", l.seq)?)
+                .i32(i32_of("heads", l.heads)?)
+                .i32(d as i32)
+                .i32(i32_of("qpg", l.qpg)?)
+                .i32(i32_of("q_row_stride", l.q_row_stride)?)
+                .i32(i32_of("q_group_stride", l.q_group_stride)?)
+                .f32(l.scale);
+            let grid = (
+                (l.seq.div_ceil(64) * (d / 64)) as u32,
+                l.heads as u32,
+                l.batch as u32,
+            );
+            return self.gpu.launch(k9.dq, grid, (256, 1, 1), 0, &a);
+        }
         let a = Args::new()
             .ptr(dq_acc)
             .ptr(dq)
