@@ -761,11 +761,17 @@ const SCAN_BWD_SMEM: usize = (SCAN_SUB * SCAN_D_STATE * SCAN_BWD_CH
 /// Channels per block of the split-state scan kernels (4 lanes per channel: 128 threads).
 const SCAN_SPLIT_CH: usize = 32;
 const SCAN_SPLIT_THREADS: usize = 128;
-/// Dynamic shared memory of `selective_scan_bwd_split` (must match mamba.cu's carve-up).
-const SCAN_SPLIT_BWD_SMEM: usize = (SCAN_SUB * SCAN_SPLIT_CH * SCAN_D_STATE
+/// Dynamic shared memory of `selective_scan_bwd_split_v2` (must match mamba.cu's carve-up).
+const SCAN_SPLIT2_BWD_SMEM: usize = (SCAN_SUB * SCAN_SPLIT_CH * SCAN_D_STATE
     + SCAN_CKPT * 2 * SCAN_D_STATE
     + 3 * SCAN_CKPT * SCAN_SPLIT_CH
     + SCAN_CKPT)
+    * 4;
+/// Dynamic shared memory of `selective_scan_bwd_split` (must match mamba.cu's carve-up:
+/// states of a sub-chunk, B/C of an interval, one float4 per step and channel).
+const SCAN_SPLIT_BWD_SMEM: usize = (SCAN_SUB * SCAN_SPLIT_CH * SCAN_D_STATE
+    + SCAN_CKPT * 2 * SCAN_D_STATE
+    + 4 * SCAN_CKPT * SCAN_SPLIT_CH)
     * 4;
 const CONV_RUN: usize = 64;
 const BIAS_RUN: usize = 128;
@@ -781,6 +787,8 @@ pub const HYBRID_KERNELS: &[(&str, &str)] = &[
     ("mamba", "scan_bc_grad_out"),
     ("mamba", "selective_scan_fwd_split"),
     ("mamba", "selective_scan_bwd_split"),
+    ("mamba", "selective_scan_fwd_split_v2"),
+    ("mamba", "selective_scan_bwd_split_v2"),
     ("hybrid", "layernorm_fwd"),
     ("hybrid", "layernorm_bwd"),
     ("hybrid", "gmu_fwd"),
@@ -865,11 +873,13 @@ pub struct ScanGrads {
     pub d_skip: u64,
 }
 
-/// Which selective-scan kernels run: `Split` (4 lanes per channel, the default) or `Legacy`
-/// (one thread per channel); `ARCHSCALE_SCAN_KERNEL=legacy` picks the latter.
+/// Which selective-scan kernels run: `Split` (4 lanes per channel, the default), `SplitV2`
+/// (its previous version) or `Legacy` (one thread per channel); `ARCHSCALE_SCAN_KERNEL=split2`
+/// or `legacy` picks the latter two. All share one checkpoint format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScanKernel {
     Split,
+    SplitV2,
     Legacy,
 }
 
@@ -878,10 +888,20 @@ impl ScanKernel {
     pub fn from_env() -> Result<ScanKernel> {
         match std::env::var("ARCHSCALE_SCAN_KERNEL").ok().as_deref() {
             None | Some("") | Some("split") => Ok(ScanKernel::Split),
+            Some("split2") => Ok(ScanKernel::SplitV2),
             Some("legacy") => Ok(ScanKernel::Legacy),
             Some(other) => Err(KernelError::Unsupported(format!(
-                "ARCHSCALE_SCAN_KERNEL={other}: expected split or legacy"
+                "ARCHSCALE_SCAN_KERNEL={other}: expected split, split2 or legacy"
             ))),
+        }
+    }
+
+    /// Short name (`split`, `split2`, `legacy`), as `ARCHSCALE_SCAN_KERNEL` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ScanKernel::Split => "split",
+            ScanKernel::SplitV2 => "split2",
+            ScanKernel::Legacy => "legacy",
         }
     }
 }
@@ -896,6 +916,8 @@ pub struct HybridOps {
     scan_bwd: Kernel,
     scan_fwd_split: Kernel,
     scan_bwd_split: Kernel,
+    scan_fwd_split2: Kernel,
+    scan_bwd_split2: Kernel,
     scan_bc_out: Kernel,
     layernorm_fwd: Kernel,
     layernorm_bwd: Kernel,
@@ -922,6 +944,8 @@ impl HybridOps {
             scan_bwd: load("mamba", "selective_scan_bwd")?,
             scan_fwd_split: load("mamba", "selective_scan_fwd_split")?,
             scan_bwd_split: load("mamba", "selective_scan_bwd_split")?,
+            scan_fwd_split2: load("mamba", "selective_scan_fwd_split_v2")?,
+            scan_bwd_split2: load("mamba", "selective_scan_bwd_split_v2")?,
             scan_kernel: ScanKernel::from_env()?,
             scan_bc_out: load("mamba", "scan_bc_grad_out")?,
             layernorm_fwd: load("hybrid", "layernorm_fwd")?,
@@ -941,6 +965,8 @@ impl HybridOps {
         ops.gpu.set_max_dynamic_smem(ops.scan_bwd, SCAN_BWD_SMEM)?;
         ops.gpu
             .set_max_dynamic_smem(ops.scan_bwd_split, SCAN_SPLIT_BWD_SMEM)?;
+        ops.gpu
+            .set_max_dynamic_smem(ops.scan_bwd_split2, SCAN_SPLIT2_BWD_SMEM)?;
         Ok(ops)
     }
 
@@ -1089,15 +1115,15 @@ impl HybridOps {
             .i32(i32_of("seq", s.seq)?)
             .i32(i32_of("d_inner", s.d_inner)?);
         match kernel {
-            ScanKernel::Split => {
+            ScanKernel::Split | ScanKernel::SplitV2 => {
                 let grid = (s.d_inner.div_ceil(SCAN_SPLIT_CH) as u32, s.batch as u32, 1);
-                self.gpu.launch(
-                    self.scan_fwd_split,
-                    grid,
-                    (SCAN_SPLIT_THREADS as u32, 1, 1),
-                    0,
-                    &a,
-                )
+                let f = if kernel == ScanKernel::Split {
+                    self.scan_fwd_split
+                } else {
+                    self.scan_fwd_split2
+                };
+                self.gpu
+                    .launch(f, grid, (SCAN_SPLIT_THREADS as u32, 1, 1), 0, &a)
             }
             ScanKernel::Legacy => {
                 let grid = (s.d_inner.div_ceil(SCAN_FWD_CH) as u32, s.batch as u32, 1);
@@ -1171,15 +1197,15 @@ impl HybridOps {
             .i32(i32_of("seq", s.seq)?)
             .i32(i32_of("d_inner", s.d_inner)?);
         match kernel {
-            ScanKernel::Split => {
+            ScanKernel::Split | ScanKernel::SplitV2 => {
                 let grid = (s.d_inner.div_ceil(SCAN_SPLIT_CH) as u32, s.batch as u32, 1);
-                self.gpu.launch(
-                    self.scan_bwd_split,
-                    grid,
-                    (SCAN_SPLIT_THREADS as u32, 1, 1),
-                    SCAN_SPLIT_BWD_SMEM as u32,
-                    &a,
-                )?;
+                let (f, smem) = if kernel == ScanKernel::Split {
+                    (self.scan_bwd_split, SCAN_SPLIT_BWD_SMEM)
+                } else {
+                    (self.scan_bwd_split2, SCAN_SPLIT2_BWD_SMEM)
+                };
+                self.gpu
+                    .launch(f, grid, (SCAN_SPLIT_THREADS as u32, 1, 1), smem as u32, &a)?;
             }
             ScanKernel::Legacy => {
                 let grid = (s.d_inner.div_ceil(SCAN_BWD_CH) as u32, s.batch as u32, 1);

@@ -204,7 +204,7 @@ pub(super) fn check_scan(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
         // Samba d4's shape (31 channel blocks add into dB/dC) at Mamba's initial dt
         (2, 256, 976, false, true, false, -4.6),
     ];
-    for kernel in [ScanKernel::Split, ScanKernel::Legacy] {
+    for kernel in [ScanKernel::Split, ScanKernel::SplitV2, ScanKernel::Legacy] {
         for &case in &cases {
             check_scan_case(env, out, kernel, case)?;
         }
@@ -222,10 +222,7 @@ fn check_scan_case(
     let n = SCAN_D_STATE;
     let shape = format!(
         "{} B{batch} T{seq} D{d}{}{}{}",
-        match kernel {
-            ScanKernel::Split => "split",
-            ScanKernel::Legacy => "legacy",
-        },
+        kernel.name(),
         if varlen { " varlen" } else { "" },
         if gate { " z" } else { "" },
         if extra { " +dy" } else { "" }
@@ -1005,8 +1002,13 @@ pub(super) fn bench_scan(env: &mut Env) -> R<Vec<String>> {
     };
     let legacy_fwd_ms = time(&fwd_of(ScanKernel::Legacy))?;
     let legacy_bwd_ms = time(&bwd_of(ScanKernel::Legacy))?;
+    let v2_fwd_ms = time(&fwd_of(ScanKernel::SplitV2))?;
+    let v2_bwd_ms = time(&bwd_of(ScanKernel::SplitV2))?;
     let fwd_ms = time(&fwd_of(ScanKernel::Split))?;
     let bwd_ms = time(&bwd_of(ScanKernel::Split))?;
+    // Twice, to show the run-to-run spread.
+    let fwd_ms2 = time(&fwd_of(ScanKernel::Split))?;
+    let bwd_ms2 = time(&bwd_of(ScanKernel::Split))?;
     let conv_fwd = || {
         hyo.conv1d_silu_fwd(
             Rows::new(xzp, 2 * d),
@@ -1067,6 +1069,20 @@ pub(super) fn bench_scan(env: &mut Env) -> R<Vec<String>> {
         line(
             "scan bwd (split)",
             bwd_ms,
+            bwd_min,
+            ckpt_bytes + (rows * 2 * n * 4 * 2) as f64,
+        ),
+        line("scan fwd (split, again)", fwd_ms2, fwd_min, ckpt_bytes),
+        line(
+            "scan bwd (split, again)",
+            bwd_ms2,
+            bwd_min,
+            ckpt_bytes + (rows * 2 * n * 4 * 2) as f64,
+        ),
+        line("scan fwd (split2)", v2_fwd_ms, fwd_min, ckpt_bytes),
+        line(
+            "scan bwd (split2)",
+            v2_bwd_ms,
             bwd_min,
             ckpt_bytes + (rows * 2 * n * 4 * 2) as f64,
         ),
