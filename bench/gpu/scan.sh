@@ -2,7 +2,8 @@
 # Mamba selective scan on one GPU, one call: the mamba selftest (conv + scan, every kernel set:
 # split, split2, legacy), the isolated scan benchmark at the SambaY-d16 shape, and SambaY d8 and
 # d16 steps with the scan kernel sets in $KERNELS (default "split split2"), profiled; NCU=1 adds
-# Nsight Compute (clocks left alone) on one launch each of the default forward and backward.
+# Nsight Compute (clocks left alone) on one bench-shape launch each of the default forward and
+# backward (-s 7 skips the 7 selftest-case launches that come first).
 # Usage (repo root, after `strip -o $C/archscale target/release/archscale`):
 #   C=gpu-carry-scan bash bench/gpu/scan.sh
 set -u
@@ -24,7 +25,7 @@ for d in $DEPTHS; do
 done
 if [ -n "${NCU:-}" ]; then
   for k in fwd bwd; do
-    timeout 150 ncu --clock-control none -k regex:"^selective_scan_${k}_split\$" -c 1 \
+    timeout 150 ncu --clock-control none -k regex:"^selective_scan_${k}_split\$" -s 7 -c 1 \
       --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
       --section SchedulerStats --section Occupancy --print-details all \
       --metrics regex:'smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
