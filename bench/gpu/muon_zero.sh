@@ -1,8 +1,6 @@
 #!/bin/bash
-# Muon under ZeRO-1 / ZeRO-3 / hybrid shard, on ONE GPU: every rank is its own process on
-# device 0 and claims its own host to NCCL (NCCL_HOSTID), so NCCL accepts several ranks on one
-# GPU and links them by its socket transport over loopback. Slow, but the same collectives
-# and the same sharded code paths as on a multi-GPU machine.
+# Muon under ZeRO-1 / ZeRO-3 / hybrid shard, on ONE GPU (ranks as simulated hosts, see
+# bench/gpu/sim_ranks.sh).
 # From the repository root on the GPU machine with gpu-carry/ carried (stripped release
 # binary, kcache/, parity/shakespeare data).
 #   bash bench/gpu/muon_zero.sh
@@ -18,12 +16,6 @@
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export ARCHSCALE_KERNEL_CACHE=$PWD/gpu-carry/kcache NCCL_NVLS_ENABLE=0
-if ! ldconfig -p 2>/dev/null | grep -q libnccl.so; then
-  NL=$(python3 -c 'import nvidia.nccl as n, os; print(os.path.join(list(n.__path__)[0], "lib"))' 2>/dev/null)
-  [ -n "$NL" ] && export LD_LIBRARY_PATH=$NL:$LD_LIBRARY_PATH
-fi
 B=${BIN:-gpu-carry/archscale}
 P=bench/parity/shakespeare.toml
 PS=(--set base.batch_tokens=4096 --set train.micro_batch=1 --set train.log_interval=1
@@ -31,31 +23,7 @@ PS=(--set base.batch_tokens=4096 --set train.micro_batch=1 --set train.log_inter
     --set parametrization=mup++)
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1 | tee "$OUT/smi.txt"
 date -u +%Y-%m-%dT%H:%MZ | tee -a "$OUT/smi.txt"
-port=29611
-# ranks name nodes gpus_per_node sharding extra...: one process per rank, all on GPU 0
-ranks() {
-  local name=$1 nodes=$2 gpn=$3 sh=$4; shift 4
-  local world=$((nodes * gpn)) pids=() r
-  port=$((port + 1))
-  for ((r = 0; r < world; r++)); do
-    RANK=$r WORLD_SIZE=$world LOCAL_RANK=$((r % gpn)) LOCAL_WORLD_SIZE=$gpn \
-    MASTER_ADDR=127.0.0.1 MASTER_PORT=$port NCCL_HOSTID=simhost-$name-$r \
-    NCCL_SOCKET_IFNAME=lo NCCL_IB_DISABLE=1 \
-      timeout 400 $B run $P --backend cuda "${PS[@]}" --set cluster.nodes=$nodes \
-      --set cluster.gpus_per_node=$gpn --set cluster.sharding=$sh \
-      --set train.out_dir=$OUT/$name "$@" > "$OUT/$name.rank$r.log" 2>&1 &
-    pids+=($!)
-  done
-  local rc=0
-  for p in "${pids[@]}"; do wait $p || rc=$?; done
-  echo "$name rc=$rc"
-}
-one() { # name extra...: one process, the world-4 plan
-  local name=$1; shift
-  timeout 300 $B run $P --backend cuda "${PS[@]}" --set cluster.gpus_per_node=4 \
-    --set cluster.sharding=data_parallel --set train.out_dir=$OUT/$name "$@" > "$OUT/$name.log" 2>&1
-  echo "$name rc=$?"
-}
+source bench/gpu/sim_ranks.sh
 one ref --max-steps 30
 ranks dp 4 1 data_parallel --max-steps 30
 ranks z1 4 1 zero1 --max-steps 30
