@@ -1,9 +1,10 @@
 #!/bin/bash
 # Runs on the GPU machine (device tool) from the repository root with gpu-carry-flash/
 # carried: archscale (stripped release build), kcache/, and torch_ref.py for `torch`.
-#   bash bench/gpu/flash_sm90.sh [selftest] [bench] [bench90] [nodq] [ncu] [torch]
+#   bash bench/gpu/flash_sm90.sh [selftest] [selftestp] [bench] [bench90] [bench80] [benchp] [nodq] [ncu] [torch]
 #   (default: selftest bench)
-# bench: the d16 step with sm90 and sm80; bench90: sm90 only.
+# selftestp / benchp: with ARCHSCALE_FLASH_FWD=overlap (forward whose softmax overlaps P V).
+# bench: the d16 step with sm90 and sm80; bench90 / bench80: one of them.
 # nodq: the sm90 step again with the backward's dQ reduction compiled out (wrong dQ, timing only).
 # ncu: Nsight Compute (clocks left alone) on one d128 forward and one backward launch of the
 #   d16 step: speed of light, warp stall reasons, pipes.
@@ -23,11 +24,19 @@ for w in $what; do
   case $w in
     selftest) ARCHSCALE_NVRTC_LOG=1 timeout 240 $BIN selftest --only flash > "$OUT/selftest.txt" 2>&1
               echo "selftest rc=$?" >> "$OUT/selftest.txt" ;;
+    selftestp) ARCHSCALE_FLASH_FWD=overlap timeout 240 $BIN selftest --only flash > "$OUT/selftest_overlap.txt" 2>&1
+              echo "selftest rc=$?" >> "$OUT/selftest_overlap.txt" ;;
+    benchp) ARCHSCALE_FLASH_FWD=overlap ARCHSCALE_FLASH=sm90 timeout 200 $BIN bench bench/transformer_ctx4096.toml \
+              --set 'depth=[16]' --micro 4 --steps ${STEPS:-6} --warmup 2 --profile > "$OUT/bench_overlap.txt" 2>&1
+            echo "bench rc=$?" >> "$OUT/bench_overlap.txt" ;;
     bench) for v in sm90 sm80; do
              ARCHSCALE_FLASH=$v timeout 200 $BIN bench bench/transformer_ctx4096.toml --set 'depth=[16]' \
                --micro 4 --steps ${STEPS:-6} --warmup 2 --profile > "$OUT/bench_$v.txt" 2>&1
              echo "bench rc=$?" >> "$OUT/bench_$v.txt"
            done ;;
+    bench80) ARCHSCALE_FLASH=sm80 timeout 200 $BIN bench bench/transformer_ctx4096.toml --set 'depth=[16]' \
+               --micro 4 --steps ${STEPS:-6} --warmup 2 --profile > "$OUT/bench_sm80.txt" 2>&1
+             echo "bench rc=$?" >> "$OUT/bench_sm80.txt" ;;
     bench90) ARCHSCALE_FLASH=sm90 timeout 200 $BIN bench bench/transformer_ctx4096.toml --set 'depth=[16]' \
                --micro 4 --steps ${STEPS:-6} --warmup 2 --profile > "$OUT/bench_sm90.txt" 2>&1
              echo "bench rc=$?" >> "$OUT/bench_sm90.txt" ;;
@@ -45,8 +54,12 @@ for w in $what; do
   esac
 done
 cat "$OUT/smi.txt"
-[ -f "$OUT/selftest.txt" ] && { echo "=== selftest"; grep -v "^ptxas\|Compile time\|^\[nvrtc\|^$" "$OUT/selftest.txt" | tail -n 50; grep -A3 "flash_fwd_sm90\|flash_bwd_d" "$OUT/selftest.txt" | grep "registers\|spill" | head -8; }
-for v in sm90 sm80 nodq; do
+for f in selftest selftest_overlap; do
+  [ -f "$OUT/$f.txt" ] && { echo "=== $f (largest relative error per output and variant)"
+    grep "^flash" "$OUT/$f.txt" | awk '{k=$3" "$NF; v=$(NF-2)+0; for(i=1;i<=NF;i++) if($i ~ /^\[sm/) var=$i; key=$3" "var; if(v>m[key]) m[key]=v; n[key]++; if($NF!="ok") bad[key]++} END {for(k in m) printf "  %-16s n=%d max=%.3e bad=%d\n", k, n[k], m[k], bad[k]}' | sort
+    grep "passed\|rc=" "$OUT/$f.txt"; }
+done
+for v in sm90 overlap sm80 nodq; do
   [ -f "$OUT/bench_$v.txt" ] && { echo "=== bench $v"; grep -v "^{" "$OUT/bench_$v.txt" | head -45; }
 done
 [ -f "$OUT/ncu.txt" ] && { echo "=== ncu"; grep -E "flash_|Duration|Throughput|stalled_(barrier|long_scoreboard|short_scoreboard|wait|math|mio|lg_thr|membar|dispatch|no_inst|sleep|branch|not_sel|selected|misc|drain|imc|tex)[a-z_]*_per|Issue Slots Busy|Executed Ipc A|Warp Cycles Per Issued|ncu rc|==ERR|==WARN" "$OUT/ncu.txt" | head -90; }

@@ -26,6 +26,14 @@ __device__ __forceinline__ u64 f9_desc(u32 addr, u32 lbo, u32 sbo) {
            (1ull << 62);
 }
 
+// The descriptor of addr + off from addr's: the address field is addr >> 4 in bits 0..13 and
+// shared addresses stay below 2^18, so adding off >> 4 never carries out of it. (Building every
+// descriptor from scratch costs about a dozen instructions per wgmma.)
+__device__ __forceinline__ u64 f9_dadd(u64 desc, u32 off) {
+    const u32 lo = (u32)desc + (off >> 4), hi = (u32)(desc >> 32);
+    return ((u64)hi << 32) | lo;
+}
+
 __device__ __forceinline__ void f9_cp16(u32 dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
 }
@@ -53,17 +61,18 @@ __device__ __forceinline__ u32 f9_pack(float lo, float hi) {
 }
 
 // Copies ROWS token rows (D bf16 each) from row0 into the swizzled tile at byte address s
-// (zero rows at or past T).
+// (zero rows at or past T). Thread t copies 16-byte chunk t % (D/8) of rows t / (D/8) + k *
+// (256 / (D/8)); that step is a multiple of 8 rows, so the swizzle term is the same for all.
 template <int ROWS, int D>
 __device__ __forceinline__ void f9_load_tile(u32 s, const bf16* g, long long rs, int row0, int T) {
-    constexpr int CPR = D / 8;
-#pragma unroll 4
-    for (int i = threadIdx.x; i < ROWS * CPR; i += F9_THREADS) {
-        const int r = i / CPR, c = i % CPR;
-        const bool valid = row0 + r < T;
-        const bf16* src = valid ? g + (long long)(row0 + r) * rs + c * 8 : g;
-        const u32 dst = s + (c >> 3) * (ROWS * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4);
-        f9_cp16(dst, src, valid);
+    constexpr int CPR = D / 8, STEP = F9_THREADS / CPR;
+    const int c = threadIdx.x % CPR, r0 = threadIdx.x / CPR;
+    const bf16* src = g + (long long)(row0 + r0) * rs + c * 8;
+    const u32 dst = s + (c >> 3) * (ROWS * 128) + r0 * 128 + (((c & 7) ^ (r0 & 7)) << 4);
+#pragma unroll
+    for (int k = 0; k < ROWS / STEP; k++) {
+        const bool valid = row0 + r0 + k * STEP < T;
+        f9_cp16(dst + k * STEP * 128, valid ? src + k * STEP * rs : g, valid);
     }
 }
 
@@ -139,12 +148,13 @@ __device__ __forceinline__ float f9_ex2(float x) {
     return y;
 }
 
-// Forward. Per key tile n the warpgroup issues S_n = Q K_n^T and O += P_{n-1} V_{n-1}
-// together, waits for S_n only, runs the softmax of tile n while P_{n-1} V_{n-1} is still on
-// the tensor cores, then waits for it and rescales O. K loads one tile ahead of S, V one tile
-// ahead of P V: cp.async group n+1 = {V_n, K_{n+1}} is issued at the start of tile n into the
+// Forward. Per key tile n the warpgroup issues S_n = Q K_n^T and O += P_{n-1} V_{n-1};
+// OVERLAP: together, waiting for S_n only, so the softmax of tile n runs while P_{n-1} V_{n-1}
+// is still on the tensor cores; else P V is issued after the softmax (no overlap). Then it
+// waits and rescales O. K loads one tile ahead of S, V one tile ahead of P V: cp.async group
+// n+1 = {V_n, K_{n+1}} is issued at the start of tile n, right after the wgmma, into the
 // buffers tile n-1 used. CTAs run heaviest (latest query block) first over the whole grid.
-template <int D>
+template <int D, bool OVERLAP>
 __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                const bf16* __restrict__ v, bf16* __restrict__ o,
                                                float* __restrict__ lse, const int* __restrict__ seg, int T, int H,
@@ -186,6 +196,7 @@ __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const
     f9_load_tile<F9_BC, D>(Ks, kh, kv_rs, kb_lo * F9_BC, T);
     f9_commit();
 
+    const u64 dQw = f9_desc(Qs + wg * (64 * 128), 16, 1024);  // this warpgroup's 64 query rows
     float acc[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; i++) acc[i] = 0.f;
@@ -199,19 +210,21 @@ __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const
         f9_wait<0>();
         f9_proxy_fence();
         __syncthreads();  // group n landed (K_n, V_{n-1}); every thread is done with tile n-1
-        if (n < ntiles) {
+        // Group n+1 (issued once this tile's wgmma are on their way; other buffers).
+        auto load_next = [&]() {
             f9_load_tile<F9_BC, D>(Vs + (n & 1) * TILE_K, vh, kv_rs, kb * F9_BC, T);
             if (n + 1 < ntiles) f9_load_tile<F9_BC, D>(Ks + ((n + 1) & 1) * TILE_K, kh, kv_rs, (kb + 1) * F9_BC, T);
             f9_commit();
-        }
+        };
         const u32 Kt = Ks + (n & 1) * TILE_K, Vp = Vs + ((n + 1) & 1) * TILE_K;
+        const u64 dVp = f9_desc(Vp, F9_BC * 128, 1024), dKt = f9_desc(Kt, 16, 1024);
 
         if (n == ntiles) {  // last P V
             wg_fence_regs<D / 2>(acc);
             wg_fence();
 #pragma unroll
             for (int kk = 0; kk < F9_BC / 16; kk++)
-                f9_wg_pv<D>(acc, p[kk], f9_desc(Vp + kk * (16 * 128), F9_BC * 128, 1024));
+                f9_wg_pv<D>(acc, p[kk], f9_dadd(dVp, kk * (16 * 128)));
             wg_commit();
             wg_wait<0>();
             wg_fence_regs<D / 2>(acc);
@@ -225,39 +238,41 @@ __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
-            const u32 qa = Qs + (kk >> 2) * (F9_BR * 128) + wg * (64 * 128) + (kk & 3) * 32;
-            const u32 ka = Kt + (kk >> 2) * (F9_BC * 128) + (kk & 3) * 32;
-            wg_ss_n128_t00(s, f9_desc(qa, 16, 1024), f9_desc(ka, 16, 1024), kk > 0 ? 1 : 0);
+            wg_ss_n128_t00(s, f9_dadd(dQw, (kk >> 2) * (F9_BR * 128) + (kk & 3) * 32),
+                           f9_dadd(dKt, (kk >> 2) * (F9_BC * 128) + (kk & 3) * 32), kk > 0 ? 1 : 0);
         }
         wg_commit();
-        if (n > 0) {
+        if (OVERLAP && n > 0) {
 #pragma unroll
             for (int kk = 0; kk < F9_BC / 16; kk++)
-                f9_wg_pv<D>(acc, p[kk], f9_desc(Vp + kk * (16 * 128), F9_BC * 128, 1024));
+                f9_wg_pv<D>(acc, p[kk], f9_dadd(dVp, kk * (16 * 128)));
             wg_commit();
+            load_next();
             wg_wait<1>();
         } else {
+            load_next();
             wg_wait<0>();
         }
         wg_fence_regs<F9_BC / 2>(s);
 
         const int j0 = kb * F9_BC;
         float mx[2] = {-INF_F, -INF_F}, alpha[2];
-        // Row max over the warp's quad, rescale factor, P = 2^(S - max), row sums.
+        // Row max over the warp's quad, rescale factor, P = 2^(S scale - max), row sums. S is
+        // unscaled until here (scale > 0, so the max commutes with it); mrow is scaled.
         auto finish = [&]() {
             float mu[2], rsum[2] = {0.f, 0.f};
 #pragma unroll
             for (int r = 0; r < 2; r++) {
                 mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
                 mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-                const float mnew = fmaxf(mrow[r], mx[r]);
+                const float mnew = fmaxf(mrow[r], mx[r] * scale_log2);
                 mu[r] = mnew == -INF_F ? 0.f : mnew;
                 alpha[r] = f9_ex2(mrow[r] - mu[r]);
                 mrow[r] = mnew;
             }
 #pragma unroll
             for (int i = 0; i < F9_BC / 2; i++) {
-                s[i] = f9_ex2(s[i] - mu[(i >> 1) & 1]);
+                s[i] = f9_ex2(fmaf(s[i], scale_log2, -mu[(i >> 1) & 1]));
                 rsum[(i >> 1) & 1] += s[i];
             }
 #pragma unroll
@@ -270,10 +285,7 @@ __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const
         const bool full = j0 + F9_BC - 1 <= q0 && j0 + F9_BC <= T && j0 >= lo_last;
         if (full) {
 #pragma unroll
-            for (int i = 0; i < F9_BC / 2; i++) {
-                s[i] *= scale_log2;
-                mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
-            }
+            for (int i = 0; i < F9_BC / 2; i++) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
             finish();
         } else {
 #pragma unroll
@@ -282,10 +294,17 @@ __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const
                 const int row = r ? row_b : row_a;
                 const int j = j0 + (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
                 const bool ok = row < T && j <= row && j >= lo_row[r] && j < T;
-                s[i] = ok ? s[i] * scale_log2 : -INF_F;
+                s[i] = ok ? s[i] : -INF_F;
                 mx[r] = fmaxf(mx[r], s[i]);
             }
             finish();
+        }
+        if (!OVERLAP && n > 0) {
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < F9_BC / 16; kk++)
+                f9_wg_pv<D>(acc, p[kk], f9_dadd(dVp, kk * (16 * 128)));
+            wg_commit();
         }
         wg_wait<0>();  // O += P_{n-1} V_{n-1} done: O and P are free
         wg_fence_regs<D / 2>(acc);
@@ -328,16 +347,19 @@ __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(F9_THREADS, 1)
-    flash_fwd_sm90_d128(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* seg, int T, int H,
-                        int qpg, int q_rs, int q_gs, int kv_rs, int kv_gs, int o_rs, float scale_log2, int window) {
-    flash_fwd_sm90<128>(q, k, v, o, lse, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale_log2, window);
-}
-extern "C" __global__ void __launch_bounds__(F9_THREADS, 1)
-    flash_fwd_sm90_d64(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* seg, int T, int H,
-                       int qpg, int q_rs, int q_gs, int kv_rs, int kv_gs, int o_rs, float scale_log2, int window) {
-    flash_fwd_sm90<64>(q, k, v, o, lse, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale_log2, window);
-}
+#define F9_FWD_KERNEL(NAME, D, OVERLAP)                                                                          \
+    extern "C" __global__ void __launch_bounds__(F9_THREADS, 1)                                                  \
+        NAME(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* seg, int T, int H, int qpg, \
+             int q_rs, int q_gs, int kv_rs, int kv_gs, int o_rs, float scale_log2, int window) {                  \
+        flash_fwd_sm90<D, OVERLAP>(q, k, v, o, lse, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale_log2,  \
+                                   window);                                                                      \
+    }
+// The overlapped forward measured 3.8 % slower at d16 (13.75 vs 13.24 ms, same call), so the
+// plain one is the default (Ops; ARCHSCALE_FLASH_FWD=overlap picks the other).
+F9_FWD_KERNEL(flash_fwd_sm90_d128, 128, false)
+F9_FWD_KERNEL(flash_fwd_sm90_d64, 64, false)
+F9_FWD_KERNEL(flash_fwd_sm90_overlap_d128, 128, true)
+F9_FWD_KERNEL(flash_fwd_sm90_overlap_d64, 64, true)
 
 // ---------------------------------------------------------------------------------------------
 // Backward (FA2 structure on wgmma): one CTA per (128-key block, kv group, batch); warpgroup w
@@ -351,8 +373,10 @@ extern "C" __global__ void __launch_bounds__(F9_THREADS, 1)
 //   parks its 64 x 64 fp32 part in shared memory and adds it to its block of dq_acc (zeroed
 //   before; layout at flash_bwd_dq_sm90) with one 16 KiB asynchronous bulk reduce
 //   (cp.reduce.async.bulk), which no thread waits for until the buffer comes round again.
-// Q, dO, lse, delta (and seg) of the next item load by cp.async while the current computes;
-// two CTA barriers per item (data landed / dS^T written).
+// Q, dO, lse, delta (and seg) of the next item load by cp.async (issued right after this
+// item's first wgmma) while the current computes; two CTA barriers per item (dS^T written /
+// next item landed). dS^T and the dQ staging are double-buffered, so dQ's wgmma of an item
+// keeps running across the second barrier; its result is stored at the top of the next item.
 // CTAs run heaviest first over the whole grid: the block index is linearised with the key
 // block slowest, so every (group, batch)'s first key blocks (most queries under the causal
 // mask) start in the first wave.
@@ -404,7 +428,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
     const u32 raw = f9_smem(smem_raw);
     const u32 base = (raw + 1023u) & ~1023u;
     const u32 Ks = base, Vs = Ks + TILE_KV, Qs2 = Vs + TILE_KV, dOs2 = Qs2 + 2 * TILE_Q, dSs = dOs2 + 2 * TILE_Q;
-    const u32 dQs = dSs + TILE_DS;                 // [2 buffers][2 warpgroups] TILE_DQ
+    const u32 dQs = dSs + 2 * TILE_DS;             // [2 buffers][2 warpgroups] TILE_DQ
     const u32 Ls = dQs + 4 * TILE_DQ;              // lse, delta, seg: [2 stages][64] each
     const u32 Ds = Ls + 2 * F9B_BR * 4, Gs = Ds + 2 * F9B_BR * 4;
     const float* lse2 = reinterpret_cast<const float*>(smem_raw + (Ls - raw));
@@ -443,6 +467,10 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
     }
     const int nqb = max((q_hi + F9B_BR - 1) / F9B_BR - qb_lo, 0);
     const int items = qpg * nqb;
+    // K and V descriptors: this warpgroup's 64 rows (K-major, for S^T and dP^T); all of K read
+    // N-major for dQ (d128: this warpgroup's 64 columns).
+    const u64 dKw = f9_desc(Ks + wg * (64 * 128), 16, 1024), dVw = f9_desc(Vs + wg * (64 * 128), 16, 1024);
+    const u64 dKn = f9_desc(Ks + (D == 128 ? wg * (F9B_BC * 128) : 0), F9B_BC * 128, 1024);
     const int kw = k0 + wg * 64 + wl * 16;  // this warp's 16 keys
     const int key_a = kw + (lane >> 2);     // this thread's keys: key_a, key_a + 8
 
@@ -460,42 +488,77 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
         else if (t < 192) f9_cp4(Gs + off, ok && segb ? (const void*)(segb + row) : (const void*)lse, ok && segb);  // zeros without varlen
         f9_commit();
     };
+    // dQ of item `it` (its wgmma complete): for a whole query block, to shared memory in
+    // fragment order and one 16 KiB bulk reduce into its block of dq_acc; for the last,
+    // partial block, vector atomics into row-major rows (layout at flash_bwd_dq_sm90).
+    float dq[32];  // dQ of an item, still on the tensor cores across the loop's back edge
+    auto store_dq = [&](int it) {
+        const int jj = it / nqb, qq0 = (qb_lo + it % nqb) * F9B_BR, hh = g * qpg + jj;
+        float* dqb = dq_acc + (((long long)b * H + hh) * T + qq0) * D;
+        if (qq0 + F9B_BR <= T) {
+            const u32 dqt = dQs + ((it & 1) * 2 + wg) * TILE_DQ;
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+                f9_st_shared4(dqt + (nt * 128 + tw) * 16, dq[4 * nt], dq[4 * nt + 1], dq[4 * nt + 2], dq[4 * nt + 3]);
+            f9_proxy_fence();
+            f9_bar(1 + wg, 128);
+#ifndef F9_NO_DQ_ATOMICS  // timing experiments only (ARCHSCALE_KERNEL_DEFINES): dQ left unwritten
+            if (tw == 0) f9_bulk_red_add(dqb + (D == 128 ? wg * 4096 : 0), dqt, TILE_DQ);
+#endif
+        } else {
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int ql = wl * 16 + (lane >> 2) + r * 8;
+                if (qq0 + ql >= T) continue;
+                float* p = dqb + ql * D + (D == 128 ? wg * 64 : 0) + (lane & 3) * 2;
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++)
+                    atomicAdd(reinterpret_cast<float2*>(p + nt * 8), make_float2(dq[nt * 4 + 2 * r], dq[nt * 4 + 2 * r + 1]));
+            }
+        }
+        f9_bulk_commit();
+    };
+
     if (items > 0) issue(0, 0);
+    f9_wait<0>();
+    f9_proxy_fence();
+    __syncthreads();  // K, V and item 0 landed
     for (int item = 0; item < items; item++) {
         const int st = item & 1;
-        f9_wait<0>();
-        f9_proxy_fence();
-        // The dQ buffer this item writes was last read by the bulk reduce of item - 2.
-        if (tw == 0) f9_bulk_wait_read<1>();
-        __syncthreads();  // item's data landed; every thread is done with item - 1
-        if (item + 1 < items) issue(item + 1, st ^ 1);
-        const int j = item / nqb, q0 = (qb_lo + item % nqb) * F9B_BR;
-        const int h = g * qpg + j;
-        const u32 Qt = Qs2 + st * TILE_Q, dOt = dOs2 + st * TILE_Q;
+        const int q0 = (qb_lo + item % nqb) * F9B_BR;
+        const u32 Qt = Qs2 + st * TILE_Q, dOt = dOs2 + st * TILE_Q, dSt = dSs + st * TILE_DS;
         const float* lse_s = lse2 + st * F9B_BR;
         const float* del_s = del2 + st * F9B_BR;
         const int* seg_s = seg2 + st * F9B_BR;  // zeros without varlen
 
+        // dQ of item - 1 ran on while the last barrier was crossed. (Reading it after issuing
+        // this item's wgmma, with a wait<2>, makes ptxas serialise every wgmma: C7514.)
+        wg_wait<0>();
+        wg_fence_regs<32>(dq);
+        if (item > 0) store_dq(item - 1);
         // S^T = K Q^T, dP^T = V dO^T (64 keys of this warpgroup x 64 queries). The first k-step
         // overwrites (scale_d = 0), so these start undefined.
-        float s[32], dp[32], dq[32];
+        float s[32], dp[32];
         wg_fence_regs<32>(s);
         wg_fence_regs<32>(dp);
         wg_fence();
+        const u64 dQt = f9_desc(Qt, 16, 1024), ddOt = f9_desc(dOt, 16, 1024);
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
-            const u32 ka = Ks + (kk >> 2) * (F9B_BC * 128) + wg * (64 * 128) + (kk & 3) * 32;
-            const u32 qa = Qt + (kk >> 2) * (F9B_BR * 128) + (kk & 3) * 32;
-            wg_ss_n64_t00(s, f9_desc(ka, 16, 1024), f9_desc(qa, 16, 1024), kk > 0 ? 1 : 0);
+            wg_ss_n64_t00(s, f9_dadd(dKw, (kk >> 2) * (F9B_BC * 128) + (kk & 3) * 32),
+                          f9_dadd(dQt, (kk >> 2) * (F9B_BR * 128) + (kk & 3) * 32), kk > 0 ? 1 : 0);
         }
         wg_commit();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
-            const u32 va = Vs + (kk >> 2) * (F9B_BC * 128) + wg * (64 * 128) + (kk & 3) * 32;
-            const u32 oa = dOt + (kk >> 2) * (F9B_BR * 128) + (kk & 3) * 32;
-            wg_ss_n64_t00(dp, f9_desc(va, 16, 1024), f9_desc(oa, 16, 1024), kk > 0 ? 1 : 0);
+            wg_ss_n64_t00(dp, f9_dadd(dVw, (kk >> 2) * (F9B_BC * 128) + (kk & 3) * 32),
+                          f9_dadd(ddOt, (kk >> 2) * (F9B_BR * 128) + (kk & 3) * 32), kk > 0 ? 1 : 0);
         }
         wg_commit();
+        // Stage st ^ 1 was last read by item - 1, which every thread finished before the
+        // barrier that ended it.
+        if (item + 1 < items) issue(item + 1, st ^ 1);
+
         wg_wait<1>();  // S^T is done; dP^T may still run while P^T is computed
         wg_fence_regs<32>(s);
 
@@ -547,77 +610,57 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
             for (int e = 0; e < 4; e++) {
                 const int kl = wg * 64 + wl * 16 + (lane >> 2) + (e & 1) * 8;
                 const int nt = 2 * kk + (e >> 1);
-                f9_st_shared(dSs + kl * 128 + ((nt ^ (kl & 7)) << 4) + (lane & 3) * 4, dsf[kk][e]);
+                f9_st_shared(dSt + kl * 128 + ((nt ^ (kl & 7)) << 4) + (lane & 3) * 4, dsf[kk][e]);
             }
         }
         // dV += P^T dO, dK += dS^T Q
+        const u64 ddOtN = f9_desc(dOt, F9B_BR * 128, 1024), dQtN = f9_desc(Qt, F9B_BR * 128, 1024);
         wg_fence_regs<D / 2>(dv_acc);
         wg_fence_regs<D / 2>(dk_acc);
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; kk++)
-            f9_wg_pv<D>(dv_acc, pf[kk], f9_desc(dOt + kk * (16 * 128), F9B_BR * 128, 1024));
+            f9_wg_pv<D>(dv_acc, pf[kk], f9_dadd(ddOtN, kk * (16 * 128)));
 #pragma unroll
         for (int kk = 0; kk < 4; kk++)
-            f9_wg_pv<D>(dk_acc, dsf[kk], f9_desc(Qt + kk * (16 * 128), F9B_BR * 128, 1024));
+            f9_wg_pv<D>(dk_acc, dsf[kk], f9_dadd(dQtN, kk * (16 * 128)));
         wg_commit();
         f9_proxy_fence();
-        __syncthreads();  // dS^T of both warpgroups written
+        __syncthreads();  // dS^T of both warpgroups written (dQ of item - 1 may still read the other buffer)
 
         // dQ = dS K for the 64 queries
+        const u64 dSd = f9_desc(dSt, TILE_DS, 1024);
         wg_fence_regs<32>(dq);
         wg_fence();
         if constexpr (D == 128) {
 #pragma unroll
-            for (int kk = 0; kk < F9B_BC / 16; kk++) {
-                wg_ss_n64_t11(dq, f9_desc(dSs + kk * (16 * 128), TILE_DS, 1024),
-                              f9_desc(Ks + wg * (F9B_BC * 128) + kk * (16 * 128), F9B_BC * 128, 1024), kk > 0 ? 1 : 0);
-            }
+            for (int kk = 0; kk < F9B_BC / 16; kk++)
+                wg_ss_n64_t11(dq, f9_dadd(dSd, kk * (16 * 128)), f9_dadd(dKn, kk * (16 * 128)), kk > 0 ? 1 : 0);
         } else {
 #pragma unroll
             for (int kk = 0; kk < 4; kk++) {
                 const u32 off = wg * (64 * 128) + kk * (16 * 128);
-                wg_ss_n64_t11(dq, f9_desc(dSs + off, TILE_DS, 1024), f9_desc(Ks + off, F9B_BC * 128, 1024),
-                              kk > 0 ? 1 : 0);
+                wg_ss_n64_t11(dq, f9_dadd(dSd, off), f9_dadd(dKn, off), kk > 0 ? 1 : 0);
             }
         }
         wg_commit();
-        wg_wait<0>();
-        wg_fence_regs<32>(dq);
+        wg_wait<1>();  // dV, dK done (their registers and stage st are free); dQ runs on
         wg_fence_regs<D / 2>(dv_acc);
         wg_fence_regs<D / 2>(dk_acc);
 #pragma unroll
         for (int kk = 0; kk < 4; kk++)
             asm volatile("" : "+r"(pf[kk][0]), "+r"(pf[kk][1]), "+r"(pf[kk][2]), "+r"(pf[kk][3]),
                          "+r"(dsf[kk][0]), "+r"(dsf[kk][1]), "+r"(dsf[kk][2]), "+r"(dsf[kk][3])::"memory");
-
-        // This warpgroup's 64 x 64 dQ part: for a whole query block, to shared memory in
-        // fragment order and one 16 KiB bulk reduce into its block of dq_acc; for the last,
-        // partial block, vector atomics into row-major rows (layout at flash_bwd_dq_sm90).
-        float* dqb = dq_acc + (((long long)b * H + h) * T + q0) * D;
-        if (q0 + F9B_BR <= T) {
-            const u32 dqt = dQs + ((item & 1) * 2 + wg) * TILE_DQ;
-#pragma unroll
-            for (int nt = 0; nt < 8; nt++)
-                f9_st_shared4(dqt + (nt * 128 + tw) * 16, dq[4 * nt], dq[4 * nt + 1], dq[4 * nt + 2], dq[4 * nt + 3]);
-            f9_proxy_fence();
-            f9_bar(1 + wg, 128);
-#ifndef F9_NO_DQ_ATOMICS  // timing experiments only (ARCHSCALE_KERNEL_DEFINES): dQ left unwritten
-            if (tw == 0) f9_bulk_red_add(dqb + (D == 128 ? wg * 4096 : 0), dqt, TILE_DQ);
-#endif
-        } else {
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                const int ql = wl * 16 + (lane >> 2) + r * 8;
-                if (q0 + ql >= T) continue;
-                float* p = dqb + ql * D + (D == 128 ? wg * 64 : 0) + (lane & 3) * 2;
-#pragma unroll
-                for (int nt = 0; nt < 8; nt++)
-                    atomicAdd(reinterpret_cast<float2*>(p + nt * 8), make_float2(dq[nt * 4 + 2 * r], dq[nt * 4 + 2 * r + 1]));
-            }
-        }
-        f9_bulk_commit();
+        f9_wait<0>();
+        f9_proxy_fence();
+        // The dQ buffer that item + 1 fills (item - 1's) was last read by the bulk reduce of
+        // item - 3; its issuer waits for that before the barrier.
+        if (tw == 0) f9_bulk_wait_read<1>();
+        __syncthreads();  // item + 1 landed; both warpgroups are done with stage st
     }
+    wg_wait<0>();  // on every path: ptxas serialises all wgmma if one path may skip it
+    wg_fence_regs<32>(dq);
+    if (items > 0) store_dq(items - 1);
     f9_wait<0>();  // K and V when there was no item
     if (tw == 0) f9_bulk_wait_all();
     // write dK (scaled) and dV for this thread's two keys

@@ -182,9 +182,25 @@ impl Ops {
             flash_delta: load("flash", "flash_bwd_delta")?,
             flash_dq: load("flash", "flash_bwd_dq")?,
             flash_sm90: if gpu.cc.0 == 9 {
+                // ARCHSCALE_FLASH_FWD=overlap: the forward whose softmax overlaps the previous
+                // tile's P V (measured slower at d16; kept for comparison).
+                let overlap = match std::env::var("ARCHSCALE_FLASH_FWD").ok().as_deref() {
+                    None | Some("") | Some("plain") => false,
+                    Some("overlap") => true,
+                    Some(other) => {
+                        return Err(KernelError::Unsupported(format!(
+                            "ARCHSCALE_FLASH_FWD={other}: expected plain or overlap"
+                        )))
+                    }
+                };
+                let (fwd_64, fwd_128) = if overlap {
+                    ("flash_fwd_sm90_overlap_d64", "flash_fwd_sm90_overlap_d128")
+                } else {
+                    ("flash_fwd_sm90_d64", "flash_fwd_sm90_d128")
+                };
                 Some(FlashSm90 {
-                    fwd_64: load("flash_sm90", "flash_fwd_sm90_d64")?,
-                    fwd_128: load("flash_sm90", "flash_fwd_sm90_d128")?,
+                    fwd_64: load("flash_sm90", fwd_64)?,
+                    fwd_128: load("flash_sm90", fwd_128)?,
                     bwd_64: load("flash_sm90", "flash_bwd_sm90_d64")?,
                     bwd_128: load("flash_sm90", "flash_bwd_sm90_d128")?,
                     dq: load("flash_sm90", "flash_bwd_dq_sm90")?,
@@ -237,12 +253,12 @@ impl Ops {
     fn flash9_fwd_smem(d: usize) -> usize {
         (FLASH9_BR + 4 * FLASH9_BC) * d * 2 + 1024
     }
-    /// K, V (128 keys), two stages of Q and dO (64 queries), dS^T, two buffers of both
-    /// warpgroups' fp32 64 x 64 dQ parts, two stages of lse, delta and seg, and 1 KiB to
-    /// align the base.
+    /// K, V (128 keys), two stages of Q and dO (64 queries), two of dS^T, two buffers of
+    /// both warpgroups' fp32 64 x 64 dQ parts, two stages of lse, delta and seg, and 1 KiB
+    /// to align the base (d128: 231,936 of the 232,448 bytes a CTA may have).
     fn flash9_bwd_smem(d: usize) -> usize {
         (2 * FLASH_BWD_BC + 4 * FLASH_BR) * d * 2
-            + FLASH_BWD_BC * FLASH_BR * 2
+            + 2 * FLASH_BWD_BC * FLASH_BR * 2
             + 4 * FLASH_BR * 64 * 4
             + 6 * FLASH_BR * 4
             + 1024
