@@ -92,6 +92,9 @@ mod tests {
             "flash_fwd_sm90_d128",
             "flash_bwd_sm90_d64",
             "flash_bwd_sm90_d128",
+            "flash_bwd_dq_sm90",
+            "flash_fwd_sm90_overlap_d64",
+            "flash_fwd_sm90_overlap_d128",
         ] {
             assert!(flash9.contains(k), "{k}");
         }
