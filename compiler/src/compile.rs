@@ -662,8 +662,13 @@ pub fn compile(inputs: &RunInputs) -> Result<Plan, CompileError> {
     };
 
     let params_total = params::count_total(&params);
-    let activation_bytes = (estimates::activation_bytes_per_token(&model, &arch.layers)
-        * (sv.micro_batch * sv.seq_len) as f64) as u64;
+    let activation_bytes = estimates::activation_bytes(
+        &model,
+        &arch.layers,
+        sv.micro_batch,
+        sv.seq_len,
+        sv.num_extrapol * sv.seq_len,
+    );
     let cl = &inputs.cluster;
     let sharding = inputs.sharding.unwrap_or_else(|| {
         estimates::choose_sharding(

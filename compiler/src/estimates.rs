@@ -12,12 +12,15 @@
 //!   Varlen document masking is unknown at plan time, so varlen runs count full causal
 //!   pairs (an upper bound).
 //!
-//! Memory per GPU: fp32 master params (4 B), fp32 grads (4 B), optimizer state (AdamW and
-//! NAdam 8 B, Muon momentum 4 B per element), each divided by the shard count of the
-//! layout, plus activations saved for backward at `micro x T` tokens (`activation_bytes_per_token`).
+//! Memory per GPU: what the CUDA runtime allocates (`CudaBackend::with_comm`, every buffer
+//! is allocated once, so its peak is their sum): fp32 params and grads (4 + 4 B), AdamW's
+//! two moments (8 B, also for Muon matrices), a bf16 working copy (2 B) per element of the
+//! 64-aligned flat layout, sharded as the layout says ([`memory`]); plus the saved
+//! activations, scratch and head buffers at `micro·T` training and `num_extrapol·T`
+//! evaluation tokens and the 64 MiB cuBLASLt workspace ([`activation_bytes`]).
 
 use crate::plan::{
-    LayerPlan, MemoryEstimate, Mixer, ModelConfig, OptimizerKind, OptimizerPlan, ParamSpec,
+    LayerPlan, MemoryEstimate, Mixer, ModelConfig, OptimizerKind, OptimizerPlan, ParamSpec, Plan,
     Sharding,
 };
 
@@ -70,99 +73,300 @@ pub fn flops_exact(cfg: &ModelConfig, layers: &[LayerPlan], params: &[ParamSpec]
     3.0 * (linear + mixers)
 }
 
-/// Activation bytes saved for backward per token, bf16 activations and an fp32 residual
-/// stream, flash attention (no T x T scores), nothing recomputed:
-/// - per block: both norm inputs (fp32, 4n each) and outputs (bf16, 2n each);
-///   MLP `w1` output (2·2I) and SwiGLU output (2I), bf16;
-/// - attention: Q, K, V (or Q alone for cross-attention) and the output before `proj`,
-///   plus the softmax statistics (fp32 per head); differential attention adds the two
-///   `2hs`-wide branch outputs before `subln`;
-/// - Mamba: `in_proj` output (2·d_in), conv output, x_proj output, Δ, scan output y and
-///   the gated product (d_in each), all bf16;
-/// - GMU: `in_proj` output and the gated product (d_mem each);
-/// - Mamba-2 / GDN: every projection output and the pre-norm output, bf16;
-/// - head: final norm (4n + 2n), bf16 logits (2V) and their fp32 copy (4V).
-pub fn activation_bytes_per_token(cfg: &ModelConfig, layers: &[LayerPlan]) -> f64 {
-    let n = cfg.n_embd as f64;
-    let inter = cfg.intermediate_size as f64;
-    let (h, g, hs) = (
-        cfg.n_head as f64,
-        cfg.n_query_groups as f64,
-        cfg.head_size as f64,
-    );
-    let mut total = 0.0;
-    for layer in layers {
-        total += 2.0 * (4.0 * n + 2.0 * n) + 2.0 * (2.0 * inter) + 2.0 * inter;
-        total += match &layer.mixer {
+/// Bytes the CUDA runtime's `Gpu::alloc` takes for a request: at least 1, rounded up to 256.
+fn alloc_size(bytes: usize) -> u64 {
+    (bytes.max(1).div_ceil(256) * 256) as u64
+}
+
+/// cuBLASLt workspace (kernels/src/cublaslt.rs `WORKSPACE_BYTES`), one per backend.
+pub const CUBLASLT_WORKSPACE: usize = 64 << 20;
+/// Selective-scan state checkpoint interval (kernels/src/ops.rs `SCAN_CKPT`).
+pub const SCAN_CKPT: usize = 32;
+/// Elements every tensor of the runtime's flat buffers is aligned to (distributed/flat_layout.rs).
+const FLAT_ALIGN: usize = 64;
+/// Largest AdamW work item (flat_layout.rs `opt_chunks`).
+const ADAMW_ITEM: usize = 1 << 16;
+
+/// Width of the GMU memory layer `layer` exports (the MLP's export wins, as in the runtime).
+fn exported_memory(cfg: &ModelConfig, layer: &LayerPlan) -> Option<usize> {
+    if layer.mlp_exports_memory {
+        return Some(cfg.intermediate_size);
+    }
+    match &layer.mixer {
+        Mixer::Attention(a) if a.exports_memory => Some(cfg.n_head * cfg.head_size),
+        Mixer::Mamba(m) if m.export_memory => cfg.mamba.map(|d| d.d_inner),
+        _ => None,
+    }
+}
+
+/// Device bytes the CUDA runtime allocates for activations and scratch
+/// (`CudaBackend::with_comm` in runtime/src/cuda/backend.rs, buffer by buffer), training
+/// `micro` rows of `seq` tokens and evaluating `val_len`-token rows: everything except the
+/// parameters, gradients, optimizer state and their working copies ([`memory`]).
+///
+/// Training buffers hold `micro·seq` tokens; the evaluation ones hold
+/// `max(micro·seq, val_len)`: residual 0, the head's buffers, and the saved buffers of the
+/// first layer of each buffer class (evaluation reuses them for every layer of that class).
+/// Mamba-2 and Gated DeltaNet layers are plan-only (the runtime refuses them); they count
+/// their projection outputs as saved activations.
+pub fn activation_bytes(
+    cfg: &ModelConfig,
+    layers: &[LayerPlan],
+    micro: usize,
+    seq: usize,
+    val_len: usize,
+) -> u64 {
+    let ct = micro * seq;
+    let ce = ct.max(val_len);
+    let (n, inter, vocab) = (cfg.n_embd, cfg.intermediate_size, cfg.padded_vocab_size);
+    let (h, g, hs) = (cfg.n_head, cfg.n_query_groups, cfg.head_size);
+    let (aw, qkvw) = (h * hs, (h + 2 * g) * hs);
+    let ln = cfg.norm == crate::plan::NormKind::LayerNorm;
+    let mamba = cfg
+        .mamba
+        .filter(|_| layers.iter().any(|l| matches!(l.mixer, Mixer::Mamba(_))));
+    let (bf, f32) = (2, 4);
+    let mut total = 0u64;
+    let mut add = |bytes: usize| total += alloc_size(bytes);
+
+    // cuBLASLt workspace
+    add(CUBLASLT_WORKSPACE);
+    // residual stream: 2L+1 fp32 buffers, the first at evaluation capacity
+    add(ce * n * f32);
+    for _ in 0..2 * layers.len() {
+        add(ct * n * f32);
+    }
+    // per-layer saved activations (`Saved`); evaluation reuses the first layer of each
+    // class, which therefore gets the evaluation capacity; layers that export K/V or memory
+    // keep their own
+    type Class = (u8, bool, bool, Option<usize>, Option<usize>);
+    let mut seen: Vec<Class> = Vec::new();
+    for (l, layer) in layers.iter().enumerate() {
+        let memory = exported_memory(cfg, layer);
+        let (kind, cross, diff, reads, exports_kv) = match &layer.mixer {
+            Mixer::Attention(a) => (
+                0,
+                a.kv_from.is_some(),
+                a.differential.is_some(),
+                None,
+                a.exports_kv,
+            ),
+            Mixer::Mamba(_) => (1, false, false, None, false),
+            Mixer::Gmu(gm) => (2, false, false, Some(gm.d_mem), false),
+            Mixer::Mamba2 { .. } => (3, false, false, None, false),
+            Mixer::GatedDeltaNet { .. } => (4, false, false, None, false),
+        };
+        let own = (exports_kv || memory.is_some()).then_some(l);
+        let class: Class = (kind, cross, diff, reads, own);
+        let cap = if seen.contains(&class) {
+            ct
+        } else {
+            seen.push(class);
+            ce
+        };
+        // MLP w1 output (gate and up), both norms' rstd (and LayerNorm means)
+        add(cap * 2 * inter * bf);
+        add(cap * f32);
+        add(cap * f32);
+        if ln {
+            add(cap * f32);
+            add(cap * f32);
+        }
+        // fp32 gradient of the exported memory, summed over its readers
+        if let Some(w) = memory {
+            add(ct * w * f32);
+        }
+        match &layer.mixer {
             Mixer::Attention(a) => {
-                let qkv = if a.kv_from.is_some() {
-                    h * hs
-                } else {
-                    (h + 2.0 * g) * hs
-                };
-                let da = if a.differential.is_some() {
-                    2.0 * 2.0 * (2.0 * hs) * (h / 2.0)
-                } else {
-                    0.0
-                };
-                2.0 * qkv + 2.0 * h * hs + 4.0 * h + da
-            }
-            Mixer::Mamba(_) => match cfg.mamba {
-                Some(m) => {
-                    let d = m.d_inner as f64;
-                    2.0 * (2.0 * d + d + (m.dt_rank + 2 * m.d_state) as f64 + d + d + d)
+                let fh = if a.differential.is_some() { 2 * h } else { h };
+                let proj_in = if a.kv_from.is_some() { aw } else { qkvw };
+                // QKV (Q) projection output, attention output, flash log-sum-exp
+                add(cap * proj_in * bf);
+                add(cap * aw * bf);
+                add(cap * fh * f32);
+                if a.differential.is_some() {
+                    // 2H-head flash output, subln rstd, the four λ
+                    add(cap * fh * hs * bf);
+                    add(cap * (h / 2) * f32);
+                    add(4 * f32);
                 }
-                None => 0.0,
-            },
+            }
+            Mixer::Mamba(mp) => {
+                if let Some(m) = mamba {
+                    let (d, rp, ns) = (m.d_inner, m.dt_rank.div_ceil(8) * 8, m.d_state);
+                    // in_proj output (x, z), conv output, dt (row stride rp), B and C,
+                    // Δ, gated output, scan state checkpoints (training rows only)
+                    add(cap * 2 * d * bf);
+                    add(cap * d * bf);
+                    add(cap * rp * bf);
+                    add(cap * 2 * ns * bf);
+                    add(cap * d * bf);
+                    add(cap * d * bf);
+                    add(micro * seq.div_ceil(SCAN_CKPT) * ns * d * f32);
+                    // a Mamba memory exporter keeps its pre-gate scan output
+                    if mp.export_memory && !layer.mlp_exports_memory {
+                        add(cap * d * bf);
+                    }
+                }
+            }
+            // in_proj output
+            Mixer::Gmu(gm) => add(cap * gm.d_mem * bf),
             Mixer::Mamba2 { .. } => {
                 let m = crate::params::mamba2_dims(cfg.n_embd);
-                let d = m.d_inner as f64;
-                2.0 * ((2.0 * d + 2.0 * m.d_state as f64 + m.nheads as f64)
-                    + m.conv_dim as f64
-                    + d
-                    + d)
+                let d = m.d_inner;
+                add(cap * (2 * d + 2 * m.d_state + m.nheads + m.conv_dim + 2 * d) * bf);
             }
             Mixer::GatedDeltaNet { .. } => {
                 let gd = crate::params::gdn_dims(cfg.n_embd);
-                let (k, v) = (gd.key_dim as f64, gd.value_dim as f64);
-                2.0 * (2.0 * (2.0 * k + v) + 2.0 * v + 2.0 * v)
+                let (k, v) = (gd.key_dim, gd.value_dim);
+                add(cap * (2 * (2 * k + v) + 4 * v) * bf);
             }
-            Mixer::Gmu(gm) => 2.0 * 2.0 * gm.d_mem as f64,
-        };
+        }
     }
-    total + 6.0 * n + 6.0 * cfg.padded_vocab_size as f64
-}
-
-/// Bytes of optimizer state per element for each group's optimizer.
-fn optimizer_state_bytes(opt: &OptimizerPlan, params: &[ParamSpec]) -> u64 {
-    params
+    // head: final-norm rstd and mean, normed hidden, bf16 logits, losses, token ids,
+    // targets, varlen document starts
+    add(ce * f32);
+    add(if ln { ce * f32 } else { 64 });
+    add(ce * n * bf);
+    add(ce * vocab * bf);
+    add(ce * f32);
+    add(ce * 4);
+    add(ce * 4);
+    add(if cfg.varlen { ce * 4 } else { 64 });
+    // bf16 RoPE cos and sin tables, `[max(seq, val_len), hs/2]`
+    let rope_len = seq.max(val_len);
+    add(rope_len * (hs / 2) * bf);
+    add(rope_len * (hs / 2) * bf);
+    // scratch: normed input, SwiGLU output (evaluation rows); residual gradient (fp32 and
+    // bf16), attention output gradient, QKV gradient, flash dQ accumulator and Δ, norm out
+    add(ce * n * bf);
+    add(ce * inter * bf);
+    add(ct * n * f32);
+    add(ct * n * bf);
+    add(ct * aw * bf);
+    add(ct * qkvw * bf);
+    add(ct * aw * f32);
+    add(ct * h * f32);
+    add(8);
+    // Mamba backward scratch (`MambaScratch`)
+    if let Some(m) = mamba {
+        let (d, rp, ns) = (m.d_inner, m.dt_rank.div_ceil(8) * 8, m.d_state);
+        add(ct * 2 * d * bf);
+        add(ct * d * bf);
+        add(ct * d * bf);
+        add(ct * rp * bf);
+        add(ct * 2 * ns * bf);
+        add(ct * 2 * ns * f32);
+        add(ct * d * bf);
+    }
+    // cross-layer gradients (`CrossScratch`): YOCO K/V, GMU memory
+    let cross = layers
         .iter()
-        .map(|p| {
-            let per = match opt.groups.get(p.group).map(|g| g.optimizer) {
-                Some(OptimizerKind::Muon) => 4,
-                _ => 8,
-            };
-            per * p.numel() as u64
-        })
-        .sum()
-}
-
-/// Elements of the largest unit a ZeRO-3 rank gathers at once: one block
-/// (`transformer.h.{i}.*`), the embedding, or the head (everything else).
-fn largest_unit(params: &[ParamSpec]) -> u64 {
-    let mut units: std::collections::BTreeMap<String, u64> = Default::default();
-    for p in params {
-        let key = match p.name.strip_prefix("transformer.h.") {
-            Some(rest) => format!("h.{}", rest.split('.').next().unwrap_or("")),
-            None if p.name.starts_with("transformer.wte") => "embedding".into(),
-            None => "head".into(),
-        };
-        *units.entry(key).or_default() += p.numel() as u64;
+        .any(|l| matches!(&l.mixer, Mixer::Attention(a) if a.kv_from.is_some()));
+    if cross {
+        add(ct * qkvw * f32);
+        add(ct * qkvw * f32);
+        add(ct * aw * bf);
     }
-    units.values().copied().max().unwrap_or(0)
+    let mem = layers
+        .iter()
+        .filter_map(|l| exported_memory(cfg, l))
+        .max()
+        .unwrap_or(0);
+    if mem > 0 {
+        add(ct * mem * bf);
+        add(ce * mem * bf);
+        add(ct * mem * bf);
+        add(ct * mem * bf);
+    }
+    // differential attention (`DiffScratch`): index tables, 2H-head Q/K/V and branch
+    // outputs (evaluation rows), their gradients and the 2H-head flash scratch
+    let diff = layers
+        .iter()
+        .any(|l| matches!(&l.mixer, Mixer::Attention(a) if a.differential.is_some()));
+    if diff {
+        let kv = 2 * g * hs;
+        add((7 * h + 4 * g) * 4);
+        for bytes in [2 * aw * bf, kv * bf, kv * bf, aw * bf, aw * bf] {
+            add(ce * bytes);
+        }
+        for bytes in [
+            aw * bf,
+            aw * bf,
+            2 * aw * bf,
+            2 * aw * bf,
+            kv * bf,
+            kv * bf,
+            2 * aw * f32,
+            2 * h * f32,
+        ] {
+            add(ct * bytes);
+        }
+    }
+    total
 }
 
-/// Per-GPU memory under `sharding`.
+/// The runtime's flat layout (distributed/flat_layout.rs) of `params` cut into `shards`:
+/// units (embedding, each block, head) of 64-aligned tensors, each unit padded to a
+/// multiple of `64·shards`. Returns each unit's padded length and its tensors' (offset in
+/// the unit, numel, param index).
+type FlatUnit = (usize, Vec<(usize, usize, usize)>);
+fn flat_units(params: &[ParamSpec], shards: usize) -> Vec<FlatUnit> {
+    let key = |name: &str| match name.strip_prefix("transformer.h.") {
+        Some(rest) => format!("h.{}", rest.split('.').next().unwrap_or("")),
+        None if name.starts_with("transformer.wte") => "embedding".into(),
+        None => "head".into(),
+    };
+    let mut order: Vec<String> = Vec::new();
+    if params.iter().any(|p| key(&p.name) == "embedding") {
+        order.push("embedding".into());
+    }
+    for p in params {
+        let k = key(&p.name);
+        if k != "embedding" && k != "head" && !order.contains(&k) {
+            order.push(k);
+        }
+    }
+    if params.iter().any(|p| key(&p.name) == "head") {
+        order.push("head".into());
+    }
+    order
+        .iter()
+        .map(|k| {
+            let mut pos = 0;
+            let mut tensors = Vec::new();
+            for (i, p) in params.iter().enumerate() {
+                if &key(&p.name) == k {
+                    tensors.push((pos, p.numel(), i));
+                    pos += p.numel().div_ceil(FLAT_ALIGN) * FLAT_ALIGN;
+                }
+            }
+            let step = FLAT_ALIGN * shards.max(1);
+            (pos.div_ceil(step) * step, tensors)
+        })
+        .collect()
+}
+
+fn is_muon(opt: &OptimizerPlan, p: &ParamSpec) -> bool {
+    opt.groups.get(p.group).map(|g| g.optimizer) == Some(OptimizerKind::Muon)
+}
+
+/// Per-GPU device memory of the CUDA runtime under `sharding` (`CudaBackend::with_comm`):
+/// the model state computed here plus `activation_bytes` ([`activation_bytes`]).
+///
+/// - params: fp32 master copy, the whole flat buffer, or under ZeRO-3 this rank's chunks;
+/// - grads: fp32, sized as params;
+/// - optimizer: `exp_avg` and `exp_avg_sq` (fp32, this rank's chunks; Muon matrices keep
+///   their momentum in `exp_avg` and leave `exp_avg_sq` unused), the AdamW work-item
+///   tables, the group hyperparameters, and Muon's Newton–Schulz scratch (sized for the
+///   largest matrix, never sharded);
+/// - working copy: the bf16 copy of every parameter, or under ZeRO-3 / hybrid shard the
+///   gather slots (fp32 and bf16 parameters and fp32 gradient of the largest unit, plus a
+///   slot of its own for a tied embedding's unit);
+/// - NCCL's 512-byte scratch per communicator when `world > 1` (in activations).
+///
+/// ZeRO-1 / ZeRO-3 shard over `world` ranks, hybrid shard over the GPUs of a node; one GPU
+/// replicates whatever the layout says, as the runtime does.
 pub fn memory(
     sharding: Sharding,
     world: usize,
@@ -172,41 +376,127 @@ pub fn memory(
     activation_bytes: u64,
     gpu_memory_gib: f64,
 ) -> MemoryEstimate {
-    let numel: u64 = params.iter().map(|p| p.numel() as u64).sum();
-    let full = (4 * numel, 4 * numel, optimizer_state_bytes(opt, params));
-    let div = |bytes: u64, k: usize| bytes.div_ceil(k.max(1) as u64);
-    let (params_bytes, grads_bytes, optimizer_bytes) = match sharding {
-        Sharding::DataParallel => full,
-        Sharding::Zero1 => (full.0, full.1, div(full.2, world)),
-        Sharding::Zero3 => (div(full.0, world), div(full.1, world), div(full.2, world)),
-        Sharding::HybridShard => (
-            div(full.0, gpus_per_node),
-            div(full.1, gpus_per_node),
-            div(full.2, gpus_per_node),
-        ),
+    let nodes = world.div_ceil(gpus_per_node.max(1));
+    let (shards, zero3) = match sharding {
+        _ if world <= 1 => (1, false),
+        Sharding::DataParallel => (1, false),
+        Sharding::Zero1 => (world, false),
+        Sharding::Zero3 => (world, true),
+        Sharding::HybridShard if nodes > 1 => (gpus_per_node.max(1), true),
+        Sharding::HybridShard => (world, true),
     };
-    let working_bytes = match sharding {
-        Sharding::DataParallel | Sharding::Zero1 => 2 * numel,
-        Sharding::Zero3 | Sharding::HybridShard => {
-            let tied = params
-                .iter()
-                .any(|p| p.aliases.iter().any(|a| a == "transformer.wte.weight"));
-            10 * largest_unit(params) * if tied { 2 } else { 1 }
+    let units = flat_units(params, shards);
+    let numel: usize = units.iter().map(|u| u.0).sum();
+    let local = numel / shards;
+    let (f32, bf) = (4, 2);
+
+    let params_bytes = alloc_size(if zero3 { local } else { numel } * f32);
+    let grads_bytes = params_bytes;
+
+    // AdamW work items of rank 0's chunk of each unit (at most 2^16 elements each)
+    let mut items = 0;
+    for (len, tensors) in &units {
+        let chunk = len / shards;
+        for &(off, numel, i) in tensors {
+            if !is_muon(opt, &params[i]) {
+                let own = (off + numel).min(chunk).saturating_sub(off);
+                items += own.div_ceil(ADAMW_ITEM);
+            }
         }
+    }
+    let items = items.max(1);
+    let muon_shapes: Vec<(usize, usize)> = params
+        .iter()
+        .filter(|p| is_muon(opt, p))
+        .map(|p| {
+            let rows = p.shape.first().copied().unwrap_or(1).max(1);
+            (rows, p.numel() / rows)
+        })
+        .collect();
+    // kernels/src/muon.rs `MuonScratch`: two working copies of the largest (8-padded)
+    // matrix, its Gram matrix and polynomial, a norm accumulator
+    let muon = if muon_shapes.is_empty() {
+        0
+    } else {
+        let pad8 = |x: usize| x.div_ceil(8) * 8;
+        let x = muon_shapes.iter().map(|&(r, c)| pad8(r) * pad8(c)).max();
+        let gram = muon_shapes
+            .iter()
+            .map(|&(r, c)| pad8(r.min(c)).pow(2))
+            .max();
+        let (x, gram) = (x.unwrap_or(0).max(64), gram.unwrap_or(0).max(64));
+        2 * alloc_size(x * bf) + 2 * alloc_size(gram * bf) + alloc_size(8)
     };
+    let optimizer_bytes = 2 * alloc_size(local * f32)
+        + alloc_size(items * 8)
+        + 2 * alloc_size(items * 4)
+        + alloc_size(8 * f32 * opt.groups.len().max(1))
+        + muon;
+
+    let working_bytes = if zero3 {
+        // a tied embedding is `lm_head.weight` under an alias, in the head unit
+        let tied = params
+            .iter()
+            .position(|p| p.aliases.iter().any(|a| a == "transformer.wte.weight"));
+        let embed_unit = tied.and_then(|i| units.iter().position(|u| u.1.iter().any(|t| t.2 == i)));
+        let e_len = embed_unit.map_or(64, |u| units[u].0);
+        let l_len = units
+            .iter()
+            .enumerate()
+            .filter(|(u, _)| Some(*u) != embed_unit)
+            .map(|(_, u)| u.0)
+            .max()
+            .unwrap_or(64);
+        // `params_bf` shrinks to a 64-element stub; each slot is fp32 + bf16 + fp32 grad
+        alloc_size(64 * bf)
+            + [e_len, l_len]
+                .iter()
+                .map(|&len| 2 * alloc_size(len * f32) + alloc_size(len * bf))
+                .sum::<u64>()
+    } else {
+        alloc_size(numel * bf)
+    };
+    let nccl = match (world > 1, sharding == Sharding::HybridShard && nodes > 1) {
+        (false, _) => 0,
+        (true, false) => 512,
+        (true, true) => 3 * 512,
+    };
+    let activations_bytes = activation_bytes + nccl;
     let total_bytes =
-        params_bytes + grads_bytes + optimizer_bytes + working_bytes + activation_bytes;
+        params_bytes + grads_bytes + optimizer_bytes + working_bytes + activations_bytes;
     let gpu_bytes = (gpu_memory_gib.max(0.0) * GIB) as u64;
     MemoryEstimate {
         params_bytes,
         grads_bytes,
         optimizer_bytes,
         working_bytes,
-        activations_bytes: activation_bytes,
+        activations_bytes,
         total_bytes,
         gpu_bytes,
         fits: total_bytes <= gpu_bytes,
     }
+}
+
+/// [`memory`] of `plan` as it stands (for a plan whose micro-batch or layout was changed
+/// after compiling, as `archscale bench --micro` does).
+pub fn plan_memory(plan: &Plan) -> MemoryEstimate {
+    let l = &plan.layout;
+    let activations = activation_bytes(
+        &plan.model,
+        &plan.layers,
+        l.micro_batch,
+        l.seq_len,
+        plan.data.val_block_size.saturating_sub(1),
+    );
+    memory(
+        l.sharding,
+        l.world,
+        l.gpus_per_node,
+        &plan.params,
+        &plan.optimizer,
+        activations,
+        plan.estimates.memory.gpu_bytes as f64 / GIB,
+    )
 }
 
 /// The default layout when the spec names none: the least communication that fits.
@@ -299,14 +589,107 @@ mod tests {
     }
 
     #[test]
-    fn working_copy_is_a_bf16_copy_or_one_gathered_unit() {
-        let numel: u64 = params(false).iter().map(|p| p.numel() as u64).sum();
-        assert_eq!(working(Sharding::DataParallel, false), 2 * numel);
-        assert_eq!(working(Sharding::Zero1, false), 2 * numel);
-        // largest unit: the head (ln_f 8 + lm_head 800) beats the embedding (800) and a
-        // block (704); fp32 + bf16 + fp32 gradient = 10 bytes per element
-        assert_eq!(working(Sharding::Zero3, false), 10 * 808);
-        // a tied embedding keeps its own slot beside the shared one
-        assert_eq!(working(Sharding::HybridShard, true), 2 * 10 * 808);
+    fn working_copy_is_a_bf16_copy_or_the_zero3_gather_slots() {
+        // Flat layout, one shard: every tensor 64-aligned, every unit a multiple of 64:
+        // embedding 800 -> 832; each block 192 + 512 = 704; head ln_f 8 -> 64 plus
+        // lm_head 800 -> 832 = 896. 3136 elements, bf16 6272 B, allocated in 256 B: 6400.
+        assert_eq!(working(Sharding::DataParallel, false), 6400);
+        // ZeRO-1 over 4: units padded to 256: 1024 + 768 + 768 + 1024 = 3584, bf16 7168 B
+        assert_eq!(working(Sharding::Zero1, false), 7168);
+        // ZeRO-3, untied: params_bf shrinks to 64 elements (256 B); the embedding slot is a
+        // 64-element stub (3 x 256 B); the shared slot holds the largest unit (1024):
+        // fp32 4096 + bf16 2048 + fp32 grad 4096
+        assert_eq!(working(Sharding::Zero3, false), 256 + 768 + 10240);
+        // tied: no embedding unit; the head unit (1024) gets its own slot, the shared one
+        // the largest block (768: 3072 + 1536 + 3072)
+        assert_eq!(working(Sharding::HybridShard, true), 256 + 10240 + 7680);
+    }
+
+    #[test]
+    fn one_gpu_replicates_whatever_the_layout_says() {
+        let opt = OptimizerPlan {
+            groups: vec![],
+            grad_clip: 1.0,
+        };
+        let p = params(true);
+        let dp = memory(Sharding::DataParallel, 1, 1, &p, &opt, 0, 80.0);
+        for s in [Sharding::Zero1, Sharding::Zero3, Sharding::HybridShard] {
+            assert_eq!(memory(s, 1, 1, &p, &opt, 0, 80.0), dp);
+        }
+        // tied, one shard: blocks 704 + 704, head 64 + 832 = 896: 2304 elements
+        assert_eq!(dp.working_bytes, 2 * 2304);
+        assert_eq!(dp.params_bytes, 4 * 2304);
+        assert_eq!(dp.grads_bytes, 4 * 2304);
+        // two fp32 moments, six AdamW work items (one per tensor: 48 B of offsets and two
+        // 24 B tables, 256 B each), the hyperparameter block (32 B -> 256)
+        assert_eq!(dp.optimizer_bytes, 2 * 4 * 2304 + 3 * 256 + 256);
+        assert_eq!(dp.activations_bytes, 0);
+    }
+
+    fn tiny_transformer(layers: usize) -> (ModelConfig, Vec<LayerPlan>) {
+        let cfg = ModelConfig {
+            name: "tiny".into(),
+            family: "transformer".into(),
+            n_layer: layers,
+            n_embd: 64,
+            n_head: 2,
+            n_query_groups: 1,
+            head_size: 64,
+            intermediate_size: 128,
+            vocab_size: 256,
+            padded_vocab_size: 256,
+            norm: crate::plan::NormKind::RmsNorm,
+            norm_eps: 1e-5,
+            mlp: crate::plan::MlpKind::Swiglu,
+            tied_embeddings: false,
+            bias: false,
+            attn_bias: false,
+            attn_out_bias: false,
+            rope_base: Some(10000.0),
+            block_size: 256,
+            parametrization: crate::plan::Parametrization::Sp,
+            logit_scale: 1.0,
+            residual_scale: 1.0,
+            attn_scale: 0.125,
+            varlen: false,
+            eos_token_id: 0,
+            mamba: None,
+        };
+        let attn = crate::plan::AttentionPlan {
+            window: None,
+            rope: true,
+            kv_from: None,
+            exports_kv: false,
+            exports_memory: false,
+            differential: None,
+        };
+        let layers = (0..layers)
+            .map(|index| LayerPlan {
+                index,
+                mixer: Mixer::Attention(attn.clone()),
+                mlp_exports_memory: false,
+            })
+            .collect();
+        (cfg, layers)
+    }
+
+    #[test]
+    fn longer_evaluation_rows_grow_the_head_and_the_first_layer_of_a_class_only() {
+        // n 64, 2 heads x 64 (QKV width 256, attention 128), MLP 128, vocab 256; every
+        // buffer below is a multiple of 256 B at 256 and 1024 tokens, so no rounding
+        let (cfg, layers) = tiny_transformer(2);
+        let short = activation_bytes(&cfg, &layers, 1, 256, 256);
+        let long = activation_bytes(&cfg, &layers, 1, 256, 1024);
+        // per evaluation token: residual 0 (fp32 n = 256 B); layer 0's w1 output (2I bf16
+        // 512), two rstd (8), QKV (512), attention output (256), log-sum-exp (2 heads, 8);
+        // head rstd, hidden, logits, loss, token, target (4 + 128 + 512 + 12); RoPE cos and
+        // sin (2 x 32 bf16 = 128); scratch h and a (128 + 256). Layer 1 reuses layer 0's.
+        let per_token = 256 + (512 + 8 + 512 + 256 + 8) + (4 + 128 + 512 + 12) + 128 + 384;
+        assert_eq!(long - short, (1024 - 256) * per_token);
+        // and a third layer of the same class costs only training rows
+        let (cfg3, layers3) = tiny_transformer(3);
+        let third = activation_bytes(&cfg3, &layers3, 1, 256, 1024) - long;
+        // two fp32 residuals (2 x 256 B) + w1 output, rstd, QKV, output, lse (1296 B)
+        assert_eq!(third, 256 * (2 * 256 + 1296));
     }
 }
