@@ -77,8 +77,22 @@ extern "C" __global__ void cross_entropy(bf16* __restrict__ logits, const int* _
 
 // Per-group hyperparameters, 8 floats each:
 // [lr, beta1, beta2, eps, decay = 1 - lr*wd, step_size = lr/(1-beta1^t), bias2_sqrt, unused]
-// One block per chunk (offset, len, group) of the flat parameter buffer.
-// Gradients are scaled by grad_mult, then zeroed. p_bf (optional) receives bf16(p).
+struct AdamWHyper {
+    float b1, b2, eps, decay, step_size, bias2_sqrt;
+};
+
+// One element: moments from the (clip-scaled) gradient, then the decoupled-decay update.
+__device__ __forceinline__ float adamw_one(const AdamWHyper& h, float gr, float& m, float& v, float p) {
+    m = h.b1 * m + (1.f - h.b1) * gr;
+    v = h.b2 * v + (1.f - h.b2) * gr * gr;
+    const float denom = sqrtf(v) / h.bias2_sqrt + h.eps;
+    return p * h.decay - h.step_size * m / denom;
+}
+
+// One block per chunk (offset, len, group) of the flat parameter buffer; chunks are at most
+// 8192 elements, so a unit's launch fills the GPU. Gradients are scaled by grad_mult, then
+// zeroed. p_bf (optional) receives bf16(p). A chunk whose start is 16-byte aligned in every
+// buffer (all of them: tensors start 64-element aligned) goes by float4.
 extern "C" __global__ void adamw_step(float* __restrict__ p, float* __restrict__ g, float* __restrict__ m,
                                       float* __restrict__ v, bf16* __restrict__ p_bf,
                                       const long long* __restrict__ chunk_off, const int* __restrict__ chunk_len,
@@ -87,19 +101,43 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, float* __restrict__
     const long long off = chunk_off[blockIdx.x];
     const int len = chunk_len[blockIdx.x];
     const float* hp = hyper + 8 * chunk_group[blockIdx.x];
-    const float b1 = hp[1], b2 = hp[2], eps = hp[3], decay = hp[4], step_size = hp[5], bias2_sqrt = hp[6];
-    for (int i = threadIdx.x; i < len; i += blockDim.x) {
-        const long long k = off + i;
-        const float gr = g[k] * grad_mult;
-        const float mk = b1 * m[k] + (1.f - b1) * gr;
-        const float vk = b2 * v[k] + (1.f - b2) * gr * gr;
-        m[k] = mk;
-        v[k] = vk;
-        g[k] = 0.f;
-        const float denom = sqrtf(vk) / bias2_sqrt + eps;
-        const float pk = p[k] * decay - step_size * mk / denom;
-        p[k] = pk;
-        if (p_bf != nullptr) p_bf[k] = tobf(pk);
+    const AdamWHyper h = {hp[1], hp[2], hp[3], hp[4], hp[5], hp[6]};
+    float *pc = p + off, *gc = g + off, *mc = m + off, *vc = v + off;
+    bf16* bc = p_bf != nullptr ? p_bf + off : nullptr;
+    const bool vec = ((reinterpret_cast<unsigned long long>(pc) | reinterpret_cast<unsigned long long>(gc) |
+                       reinterpret_cast<unsigned long long>(mc) | reinterpret_cast<unsigned long long>(vc)) &
+                      15) == 0 &&
+                     (reinterpret_cast<unsigned long long>(bc) & 7) == 0;
+    const int nvec = vec ? len >> 2 : 0;
+    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+        const float4 g4 = reinterpret_cast<const float4*>(gc)[i];
+        float4 m4 = reinterpret_cast<const float4*>(mc)[i];
+        float4 v4 = reinterpret_cast<const float4*>(vc)[i];
+        float4 p4 = reinterpret_cast<const float4*>(pc)[i];
+        p4.x = adamw_one(h, g4.x * grad_mult, m4.x, v4.x, p4.x);
+        p4.y = adamw_one(h, g4.y * grad_mult, m4.y, v4.y, p4.y);
+        p4.z = adamw_one(h, g4.z * grad_mult, m4.z, v4.z, p4.z);
+        p4.w = adamw_one(h, g4.w * grad_mult, m4.w, v4.w, p4.w);
+        reinterpret_cast<float4*>(mc)[i] = m4;
+        reinterpret_cast<float4*>(vc)[i] = v4;
+        reinterpret_cast<float4*>(pc)[i] = p4;
+        reinterpret_cast<float4*>(gc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (bc != nullptr) {
+            bf162 lo = __floats2bfloat162_rn(p4.x, p4.y), hi = __floats2bfloat162_rn(p4.z, p4.w);
+            uint2 raw;
+            raw.x = *reinterpret_cast<unsigned int*>(&lo);
+            raw.y = *reinterpret_cast<unsigned int*>(&hi);
+            reinterpret_cast<uint2*>(bc)[i] = raw;
+        }
+    }
+    for (int i = 4 * nvec + threadIdx.x; i < len; i += blockDim.x) {
+        float mk = mc[i], vk = vc[i];
+        const float pk = adamw_one(h, gc[i] * grad_mult, mk, vk, pc[i]);
+        mc[i] = mk;
+        vc[i] = vk;
+        gc[i] = 0.f;
+        pc[i] = pk;
+        if (bc != nullptr) bc[i] = tobf(pk);
     }
 }
 

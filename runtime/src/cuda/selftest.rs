@@ -705,9 +705,10 @@ fn check_cross_entropy(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
 }
 
 fn check_adamw(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
-    // two tensors in two groups, three steps, clip multiplier 0.7
-    let sizes = [70_000usize, 1234];
-    let groups = [(3e-3f64, 0.1f64), (1e-3, 0.0)];
+    // three tensors in three groups, three steps, clip multiplier 0.7; the third starts at an
+    // element offset that is not a multiple of 4 (the kernel's scalar path)
+    let sizes = [70_000usize, 1234, 999];
+    let groups = [(3e-3f64, 0.1f64), (1e-3, 0.0), (2e-3, 0.05)];
     let n: usize = sizes.iter().sum();
     let p0 = env.randn(n, 1.0);
     let mut p_ref = p0.iter().map(|&v| v as f32).collect::<Vec<f32>>();
@@ -723,7 +724,7 @@ fn check_adamw(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     for (t, &s) in sizes.iter().enumerate() {
         let mut o = 0;
         while o < s {
-            let len = (s - o).min(16384);
+            let len = (s - o).min(crate::distributed::flat_layout::OPT_CHUNK);
             offs.push((start + o) as i64);
             lens.push(len as i32);
             grps.push(t as i32);
@@ -770,7 +771,7 @@ fn check_adamw(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
             .adamw(pp, gp, mp, vp, pb, op, lp, grp, offs.len(), hp, 0.7)?;
     }
     let want: Vec<f64> = p_ref.iter().map(|&x| x as f64).collect();
-    let shape = format!("{n} params, 2 groups, 3 steps");
+    let shape = format!("{n} params, 3 groups, 3 steps");
     push(
         out,
         "adamw params",

@@ -19,6 +19,10 @@ use std::ops::Range;
 
 const ALIGN: usize = 64;
 
+/// Largest AdamW work item: one CUDA block each, so a unit's launch has enough blocks to fill
+/// the GPU even at small widths.
+pub const OPT_CHUNK: usize = 1 << 13;
+
 /// One unit: a contiguous range of the flat buffer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Unit {
@@ -181,7 +185,7 @@ impl FlatLayout {
     }
 
     /// AdamW work items of this rank's chunk of unit `u` (padding excluded), each at most
-    /// 65536 elements and of one optimizer group.
+    /// [`OPT_CHUNK`] elements and of one optimizer group.
     pub fn opt_chunks(&self, u: usize) -> Vec<OptChunk> {
         let own = self.chunk(u, self.rank);
         let mut out = Vec::new();
@@ -190,7 +194,7 @@ impl FlatLayout {
             let (s, e) = (t.start.max(own.start), t.end.min(own.end));
             let mut o = s;
             while o < e {
-                let len = (e - o).min(1 << 16);
+                let len = (e - o).min(OPT_CHUNK);
                 out.push(OptChunk {
                     offset: o - own.start,
                     len,
@@ -363,7 +367,7 @@ mod tests {
                 for u in 0..l.units.len() {
                     for c in l.opt_chunks(u) {
                         assert!(c.offset + c.len <= l.chunk_len(u));
-                        assert!(c.len <= 1 << 16);
+                        assert!(c.len <= OPT_CHUNK);
                     }
                 }
             }
