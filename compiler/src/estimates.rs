@@ -84,8 +84,8 @@ pub const CUBLASLT_WORKSPACE: usize = 64 << 20;
 pub const SCAN_CKPT: usize = 32;
 /// Elements every tensor of the runtime's flat buffers is aligned to (distributed/flat_layout.rs).
 const FLAT_ALIGN: usize = 64;
-/// Largest AdamW work item (flat_layout.rs `opt_chunks`).
-const ADAMW_ITEM: usize = 1 << 16;
+/// Largest AdamW work item (distributed/flat_layout.rs `OPT_CHUNK`).
+pub const ADAMW_ITEM: usize = 1 << 13;
 
 /// Width of the GMU memory layer `layer` exports (the MLP's export wins, as in the runtime).
 fn exported_memory(cfg: &ModelConfig, layer: &LayerPlan) -> Option<usize> {
@@ -393,7 +393,7 @@ pub fn memory(
     let params_bytes = alloc_size(if zero3 { local } else { numel } * f32);
     let grads_bytes = params_bytes;
 
-    // AdamW work items of rank 0's chunk of each unit (at most 2^16 elements each)
+    // AdamW work items of rank 0's chunk of each unit (at most `ADAMW_ITEM` elements each)
     let mut items = 0;
     for (len, tensors) in &units {
         let chunk = len / shards;

@@ -523,87 +523,233 @@ pub fn dims_of(plan: &Plan) -> Result<Dims> {
     })
 }
 
-/// Device bytes the backend will allocate for `plan` (for fitting a micro-batch).
+/// Device bytes [`CudaBackend::with_comm`] allocates through `Gpu::alloc` for `plan` on rank
+/// 0 of its layout (`plan.layout.world` ranks, `plan.layout.sharding`; one rank replicates),
+/// NCCL's scratch included. Every buffer is allocated once, so this is the backend's peak
+/// (`peak_bytes`). It mirrors `with_comm` buffer by buffer and must change with it;
+/// `archscale_compiler::estimates::plan_memory` computes the same from the Plan alone
+/// (runtime/tests/planned_memory.rs holds the two together).
 pub fn planned_bytes(plan: &Plan) -> Result<usize> {
     let d = dims_of(plan)?;
-    let numel: usize = plan
-        .params
-        .iter()
-        .map(|p| p.numel().div_ceil(64) * 64)
-        .sum();
-    let cap = d.batch * d.seq;
-    let cap_eval = cap.max(plan.data.val_block_size.saturating_sub(1));
-    let common = cap * (2 * d.n * F32 + 2 * d.inner * BF + 2 * F32);
-    let mamba = d.mamba.map_or(0, |m| {
-        cap * (5 * m.d + m.rp + 2 * m.ns) * BF
-            + archscale_kernels::ops::ScanShape {
-                batch: d.batch,
-                seq: d.seq,
-                d_inner: m.d,
-            }
-            .ckpt_len()
-                * F32
-    });
-    let ln = if d.layer_norm { 2 * cap * F32 } else { 0 };
-    let layers: usize = (0..d.layers)
-        .map(|l| {
-            let info = d.info[l];
-            let mixer = match d.mixers[l] {
-                LayerKind::Attention => match info.lambda_init {
-                    // Q (or QKV), y, 2H-head output and lse, subln rstd
-                    Some(_) => {
-                        cap * (d.proj_in_width(l) * BF
-                            + 3 * d.attn_width() * BF
-                            + 2 * d.heads * F32
-                            + d.heads / 2 * F32)
-                    }
-                    None => cap * (d.proj_in_width(l) * BF + d.attn_width() * BF + d.heads * F32),
-                },
-                LayerKind::Mamba => mamba,
-                LayerKind::Gmu => cap * d.max_memory() * BF,
-            };
-            let memory = info.memory.map_or(0, |(src, w)| {
-                cap * w * F32
-                    + if src == MemorySource::Mamba {
-                        cap * w * BF
-                    } else {
-                        0
-                    }
-            });
-            common + ln + mixer + memory
-        })
-        .sum();
-    let mamba_scratch = d.mamba.map_or(0, |m| {
-        cap * ((4 * m.d + m.rp + 2 * m.ns) * BF + 2 * m.ns * F32)
-    });
-    let cross_scratch = if d.any_cross() {
-        cap * (2 * d.qkv_width() * F32 + d.attn_width() * BF)
-    } else {
-        0
-    } + cap_eval * 4 * d.max_memory() * BF;
-    let diff_scratch = if d.any_diff() {
-        let (aw, kv) = (d.attn_width(), 2 * d.groups * d.hs);
-        cap_eval * (4 * aw + 2 * kv) * BF + cap * ((8 * aw + 2 * kv) * BF + 2 * aw * F32)
-    } else {
-        0
+    let l = &plan.layout;
+    let hybrid_nodes = l.sharding == Sharding::HybridShard && l.nodes > 1;
+    let (shards, zero3) = match l.sharding {
+        _ if l.world <= 1 => (1, false),
+        Sharding::DataParallel => (1, false),
+        Sharding::Zero1 => (l.world, false),
+        Sharding::Zero3 => (l.world, true),
+        Sharding::HybridShard if hybrid_nodes => (l.gpus_per_node, true),
+        Sharding::HybridShard => (l.world, true),
     };
-    let params = numel * (4 * F32 + BF);
-    let acts = layers
-        + mamba_scratch
-        + cross_scratch
-        + diff_scratch
-        + cap_eval * (d.n * F32 + d.padded_vocab * BF + d.n * BF + 3 * F32);
-    let scratch = cap
-        * (d.n * BF
-            + d.inner * BF
-            + d.n * F32
-            + d.n * BF
-            + d.attn_width() * BF
-            + d.qkv_width() * BF
-            + d.attn_width() * F32)
-        + cap_eval * d.n * BF
-        + d.batch * d.heads * d.seq * F32;
-    Ok(params + acts + scratch + muon::planned_scratch_bytes(plan) + (64 << 20))
+    let layout = FlatLayout::new(plan, shards, 0)?;
+    let mut total = 0usize;
+    let mut add = |bytes: usize| total += bytes.max(1).div_ceil(256) * 256;
+
+    // cuBLASLt workspace; NCCL's scratch per communicator
+    // (kernels/src/cublaslt.rs `WORKSPACE_BYTES`, private there)
+    const CUBLASLT_WORKSPACE: usize = 64 << 20;
+    add(CUBLASLT_WORKSPACE);
+    if l.world > 1 {
+        for _ in 0..if hybrid_nodes { 3 } else { 1 } {
+            add(64 * 8);
+        }
+    }
+    // flat parameter state
+    let (numel, local) = (layout.numel, layout.local_len);
+    let owned = if zero3 { local } else { numel };
+    add(owned * F32);
+    add(if zero3 { 64 } else { numel } * BF);
+    add(owned * F32);
+    add(local * F32);
+    add(local * F32);
+    let adamw = |g: usize| plan.optimizer.groups[g].optimizer == OptimizerKind::AdamW;
+    let items = (0..layout.units.len())
+        .map(|u| {
+            layout
+                .opt_chunks(u)
+                .iter()
+                .filter(|c| adamw(c.group))
+                .count()
+        })
+        .sum::<usize>()
+        .max(1);
+    add(items * 8);
+    add(items * 4);
+    add(items * 4);
+    add(8 * F32 * plan.optimizer.groups.len().max(1));
+    let muon = muon::planned_scratch_bytes(plan);
+    if muon > 0 {
+        add(muon);
+    }
+    if zero3 {
+        let head = layout.unit_of_param[plan
+            .params
+            .iter()
+            .position(|p| p.name == "lm_head.weight")
+            .unwrap_or(0)];
+        let tied = plan
+            .params
+            .iter()
+            .any(|p| p.aliases.iter().any(|a| a == "transformer.wte.weight"));
+        let embed_unit = tied.then_some(head);
+        let e_len = embed_unit.map_or(64, |u| layout.units[u].len);
+        let l_len = (0..layout.units.len())
+            .filter(|&u| Some(u) != embed_unit)
+            .map(|u| layout.units[u].len)
+            .max()
+            .unwrap_or(64);
+        for len in [e_len, l_len] {
+            add(len * F32);
+            add(len * BF);
+            add(len * F32);
+        }
+    }
+
+    // activations: training capacity, and evaluation capacity for residual 0, the head and
+    // the first layer of each buffer class
+    let ct = d.batch * d.seq;
+    let val_len = plan.data.val_block_size.saturating_sub(1);
+    let ce = ct.max(val_len);
+    for i in 0..2 * d.layers + 1 {
+        add(if i == 0 { ce } else { ct } * d.n * F32);
+    }
+    let class = |l: usize| {
+        let i = &d.info[l];
+        let own = i.exports_kv || i.memory.is_some();
+        (
+            d.mixers[l],
+            i.kv_from.is_some(),
+            i.lambda_init.is_some(),
+            i.memory_from.map(|s| d.info[s].memory.map_or(0, |m| m.1)),
+            own.then_some(l),
+        )
+    };
+    let ln = d.layer_norm;
+    for l in 0..d.layers {
+        let first = (0..=l).find(|&k| class(k) == class(l)) == Some(l);
+        let cap = if first { ce } else { ct };
+        let info = d.info[l];
+        let buf = |bytes: usize| bytes.max(64);
+        add(buf(cap * 2 * d.inner * BF));
+        add(buf(cap * F32));
+        add(buf(cap * F32));
+        if ln {
+            add(buf(cap * F32));
+            add(buf(cap * F32));
+        }
+        if let Some((_, w)) = info.memory {
+            add(buf(ct * w * F32));
+        }
+        match (d.mixers[l], d.mamba) {
+            (LayerKind::Mamba, Some(ms)) => {
+                let ckpt = archscale_kernels::ops::ScanShape {
+                    batch: d.batch,
+                    seq: d.seq,
+                    d_inner: ms.d,
+                }
+                .ckpt_len();
+                for bytes in [
+                    cap * 2 * ms.d * BF,
+                    cap * ms.d * BF,
+                    cap * ms.rp * BF,
+                    cap * 2 * ms.ns * BF,
+                    cap * ms.d * BF,
+                    cap * ms.d * BF,
+                    ckpt * F32,
+                ] {
+                    add(buf(bytes));
+                }
+                if matches!(info.memory, Some((MemorySource::Mamba, _))) {
+                    add(buf(cap * ms.d * BF));
+                }
+            }
+            (LayerKind::Gmu, _) => {
+                let dm = info
+                    .memory_from
+                    .and_then(|s| d.info[s].memory)
+                    .map_or(0, |m| m.1);
+                add(buf(cap * dm * BF));
+            }
+            _ => {
+                let fh = if info.lambda_init.is_some() { 2 } else { 1 } * d.heads;
+                add(buf(cap * d.proj_in_width(l) * BF));
+                add(buf(cap * d.attn_width() * BF));
+                add(buf(cap * fh * F32));
+                if info.lambda_init.is_some() {
+                    add(buf(cap * fh * d.hs * BF));
+                    add(buf(cap * d.heads / 2 * F32));
+                    add(buf(4 * F32));
+                }
+            }
+        }
+    }
+    // head
+    add(ce * F32);
+    add(if ln { ce * F32 } else { 64 });
+    add(ce * d.n * BF);
+    add(ce * d.padded_vocab * BF);
+    add(ce * F32);
+    add(ce * 4);
+    add(ce * 4);
+    add(if d.varlen { ce * 4 } else { 64 });
+    let rope_len = d.seq.max(val_len);
+    add(rope_len * (d.hs / 2) * BF);
+    add(rope_len * (d.hs / 2) * BF);
+    // scratch
+    add(ce * d.n * BF);
+    add(ce * d.inner * BF);
+    add(ct * d.n * F32);
+    add(ct * d.n * BF);
+    add(ct * d.attn_width() * BF);
+    add(ct * d.qkv_width() * BF);
+    add(ct * d.attn_width() * F32);
+    add(ct * d.heads * F32);
+    add(8);
+    if let Some(ms) = d.mamba {
+        for bytes in [
+            ct * 2 * ms.d * BF,
+            ct * ms.d * BF,
+            ct * ms.d * BF,
+            ct * ms.rp * BF,
+            ct * 2 * ms.ns * BF,
+            ct * 2 * ms.ns * F32,
+            ct * ms.d * BF,
+        ] {
+            add(bytes);
+        }
+    }
+    if d.any_cross() {
+        add(ct * d.qkv_width() * F32);
+        add(ct * d.qkv_width() * F32);
+        add(ct * d.attn_width() * BF);
+    }
+    let mem = d.max_memory();
+    if mem > 0 {
+        add(ct * mem * BF);
+        add(ce * mem * BF);
+        add(ct * mem * BF);
+        add(ct * mem * BF);
+    }
+    if d.any_diff() {
+        let (aw, kv) = (d.attn_width(), 2 * d.groups * d.hs);
+        add((7 * d.heads + 4 * d.groups) * 4);
+        for bytes in [2 * aw * BF, kv * BF, kv * BF, aw * BF, aw * BF] {
+            add(ce * bytes);
+        }
+        for bytes in [
+            aw * BF,
+            aw * BF,
+            2 * aw * BF,
+            2 * aw * BF,
+            kv * BF,
+            kv * BF,
+            2 * aw * F32,
+            2 * d.heads * F32,
+        ] {
+            add(ct * bytes);
+        }
+    }
+    Ok(total)
 }
 
 /// bf16 RoPE tables (computed in f32, rounded to bf16 as ArchScale) as raw bf16 bits.
