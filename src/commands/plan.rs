@@ -417,10 +417,15 @@ fn run_view(p: &Plan) -> RunView {
     );
     let mem = &e.memory;
     let memory = format!(
-        "params {} + grads {} + optimizer {} + working copy {} + activations {} = {}",
+        "params {} + grads {} + optimizer {} + {} {} + activations and scratch {} = {}",
         gib(mem.params_bytes),
         gib(mem.grads_bytes),
         gib(mem.optimizer_bytes),
+        // ZeRO-3 and hybrid shard gather each unit into slots instead of a bf16 copy
+        match p.layout.sharding {
+            Sharding::Zero3 | Sharding::HybridShard if p.layout.world > 1 => "gather slots",
+            _ => "bf16 copy",
+        },
         gib(mem.working_bytes),
         gib(mem.activations_bytes),
         gib(mem.total_bytes),
