@@ -141,7 +141,7 @@ extern "C" __global__ void rmsnorm_bwd(const float* __restrict__ x, const float*
 // NeoX rotate-half RoPE in place on the fused grouped QKV buffer
 // [rows, G, (qpg + 2), hs]: rotates the qpg query slots and the key slot of every group.
 // Position of row r is r % T. cos/sin: bf16 [T, hs/2]. sign = +1 forward, -1 backward.
-// One block per row.
+// One block per row; 8 pairs per thread by 16-byte loads when hs/2 is a multiple of 8.
 extern "C" __global__ void rope_qkv(bf16* __restrict__ qkv, const bf16* __restrict__ cos_t,
                                     const bf16* __restrict__ sin_t, int rows, int T, int groups,
                                     int qpg, int hs, float sign) {
@@ -153,6 +153,32 @@ extern "C" __global__ void rope_qkv(bf16* __restrict__ qkv, const bf16* __restri
     bf16* row = qkv + (size_t)r * groups * (qpg + 2) * hs;
     const bf16* ct = cos_t + (size_t)t * half;
     const bf16* st = sin_t + (size_t)t * half;
+    if ((half & 7) == 0) {
+        const int vecs = half / 8;
+        for (int i = threadIdx.x; i < heads * vecs; i += blockDim.x) {
+            const int slot = i / vecs, p = (i - slot * vecs) * 8;
+            const int g = slot / (qpg + 1), j = slot - g * (qpg + 1);
+            bf16* base = row + (g * (qpg + 2) + j) * hs;
+            uint4 c8 = *reinterpret_cast<const uint4*>(ct + p), s8 = *reinterpret_cast<const uint4*>(st + p);
+            uint4 a8 = *reinterpret_cast<const uint4*>(base + p);
+            uint4 b8 = *reinterpret_cast<const uint4*>(base + p + half);
+            const bf162* c2 = reinterpret_cast<const bf162*>(&c8);
+            const bf162* s2 = reinterpret_cast<const bf162*>(&s8);
+            bf162* a2 = reinterpret_cast<bf162*>(&a8);
+            bf162* b2 = reinterpret_cast<bf162*>(&b8);
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float2 c = __bfloat1622float2(c2[k]), sn = __bfloat1622float2(s2[k]);
+                const float2 x1 = __bfloat1622float2(a2[k]), x2 = __bfloat1622float2(b2[k]);
+                const float sx = sn.x * sign, sy = sn.y * sign;
+                a2[k] = __floats2bfloat162_rn(x1.x * c.x - x2.x * sx, x1.y * c.y - x2.y * sy);
+                b2[k] = __floats2bfloat162_rn(x2.x * c.x + x1.x * sx, x2.y * c.y + x1.y * sy);
+            }
+            *reinterpret_cast<uint4*>(base + p) = a8;
+            *reinterpret_cast<uint4*>(base + p + half) = b8;
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
         const int slot = i / half, p = i - slot * half;
         const int g = slot / (qpg + 1), j = slot - g * (qpg + 1);

@@ -564,6 +564,8 @@ fn check_rope(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     for &(batch, seq, heads, groups, hs) in &[
         (2usize, 100usize, 4usize, 2usize, 128usize),
         (1, 37, 6, 3, 64),
+        // hs/2 not a multiple of 8: the kernel's scalar path
+        (1, 19, 2, 1, 40),
     ] {
         let shape = format!("B{batch} T{seq} H{heads} G{groups} hs{hs}");
         let qpg = heads / groups;
