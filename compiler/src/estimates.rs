@@ -116,21 +116,29 @@ pub fn activation_bytes(
     seq: usize,
     val_len: usize,
 ) -> u64 {
-    let ct = micro * seq;
-    let ce = ct.max(val_len);
-    let (n, inter, vocab) = (cfg.n_embd, cfg.intermediate_size, cfg.padded_vocab_size);
-    let (h, g, hs) = (cfg.n_head, cfg.n_query_groups, cfg.head_size);
+    // u128, token counts capped at 2^64: no product can overflow (widths are at most 2^24,
+    // compile.rs `MAX_DIM`), and the total saturates at u64::MAX
+    let u = |x: usize| x as u128;
+    let cap64 = |x: u128| x.min(1 << 64);
+    let ct = cap64(u(micro) * u(seq));
+    let ce = ct.max(cap64(u(val_len)));
+    let (n, inter, vocab) = (
+        u(cfg.n_embd),
+        u(cfg.intermediate_size),
+        u(cfg.padded_vocab_size),
+    );
+    let (h, g, hs) = (u(cfg.n_head), u(cfg.n_query_groups), u(cfg.head_size));
     let (aw, qkvw) = (h * hs, (h + 2 * g) * hs);
     let ln = cfg.norm == crate::plan::NormKind::LayerNorm;
     let mamba = cfg
         .mamba
         .filter(|_| layers.iter().any(|l| matches!(l.mixer, Mixer::Mamba(_))));
     let (bf, f32) = (2, 4);
-    let mut total = 0u64;
-    let mut add = |bytes: usize| total += alloc_size(bytes);
+    let mut total = 0u128;
+    let mut add = |bytes: u128| total = total.saturating_add(bytes.max(1).div_ceil(256) * 256);
 
     // cuBLASLt workspace
-    add(CUBLASLT_WORKSPACE);
+    add(u(CUBLASLT_WORKSPACE));
     // residual stream: 2L+1 fp32 buffers, the first at evaluation capacity
     add(ce * n * f32);
     for _ in 0..2 * layers.len() {
@@ -142,7 +150,7 @@ pub fn activation_bytes(
     type Class = (u8, bool, bool, Option<usize>, Option<usize>);
     let mut seen: Vec<Class> = Vec::new();
     for (l, layer) in layers.iter().enumerate() {
-        let memory = exported_memory(cfg, layer);
+        let memory = exported_memory(cfg, layer).map(u);
         let (kind, cross, diff, reads, exports_kv) = match &layer.mixer {
             Mixer::Attention(a) => (
                 0,
@@ -193,7 +201,7 @@ pub fn activation_bytes(
             }
             Mixer::Mamba(mp) => {
                 if let Some(m) = mamba {
-                    let (d, rp, ns) = (m.d_inner, m.dt_rank.div_ceil(8) * 8, m.d_state);
+                    let (d, rp, ns) = (u(m.d_inner), u(m.dt_rank.div_ceil(8) * 8), u(m.d_state));
                     // in_proj output (x, z), conv output, dt (row stride rp), B and C,
                     // Δ, gated output, scan state checkpoints (training rows only)
                     add(cap * 2 * d * bf);
@@ -202,7 +210,7 @@ pub fn activation_bytes(
                     add(cap * 2 * ns * bf);
                     add(cap * d * bf);
                     add(cap * d * bf);
-                    add(micro * seq.div_ceil(SCAN_CKPT) * ns * d * f32);
+                    add(cap64(u(micro) * u(seq.div_ceil(SCAN_CKPT))) * ns * d * f32);
                     // a Mamba memory exporter keeps its pre-gate scan output
                     if mp.export_memory && !layer.mlp_exports_memory {
                         add(cap * d * bf);
@@ -210,16 +218,16 @@ pub fn activation_bytes(
                 }
             }
             // in_proj output
-            Mixer::Gmu(gm) => add(cap * gm.d_mem * bf),
+            Mixer::Gmu(gm) => add(cap * u(gm.d_mem) * bf),
             Mixer::Mamba2 { .. } => {
                 let m = crate::params::mamba2_dims(cfg.n_embd);
                 let d = m.d_inner;
-                add(cap * (2 * d + 2 * m.d_state + m.nheads + m.conv_dim + 2 * d) * bf);
+                add(cap * u(2 * d + 2 * m.d_state + m.nheads + m.conv_dim + 2 * d) * bf);
             }
             Mixer::GatedDeltaNet { .. } => {
                 let gd = crate::params::gdn_dims(cfg.n_embd);
                 let (k, v) = (gd.key_dim, gd.value_dim);
-                add(cap * (2 * (2 * k + v) + 4 * v) * bf);
+                add(cap * u(2 * (2 * k + v) + 4 * v) * bf);
             }
         }
     }
@@ -234,7 +242,7 @@ pub fn activation_bytes(
     add(ce * 4);
     add(if cfg.varlen { ce * 4 } else { 64 });
     // bf16 RoPE cos and sin tables, `[max(seq, val_len), hs/2]`
-    let rope_len = seq.max(val_len);
+    let rope_len = cap64(u(seq.max(val_len)));
     add(rope_len * (hs / 2) * bf);
     add(rope_len * (hs / 2) * bf);
     // scratch: normed input, SwiGLU output (evaluation rows); residual gradient (fp32 and
@@ -250,7 +258,7 @@ pub fn activation_bytes(
     add(8);
     // Mamba backward scratch (`MambaScratch`)
     if let Some(m) = mamba {
-        let (d, rp, ns) = (m.d_inner, m.dt_rank.div_ceil(8) * 8, m.d_state);
+        let (d, rp, ns) = (u(m.d_inner), u(m.dt_rank.div_ceil(8) * 8), u(m.d_state));
         add(ct * 2 * d * bf);
         add(ct * d * bf);
         add(ct * d * bf);
@@ -272,7 +280,7 @@ pub fn activation_bytes(
         .iter()
         .filter_map(|l| exported_memory(cfg, l))
         .max()
-        .unwrap_or(0);
+        .map_or(0, u);
     if mem > 0 {
         add(ct * mem * bf);
         add(ce * mem * bf);
@@ -303,7 +311,7 @@ pub fn activation_bytes(
             add(ct * bytes);
         }
     }
-    total
+    u64::try_from(total).unwrap_or(u64::MAX)
 }
 
 /// The runtime's flat layout (distributed/flat_layout.rs) of `params` cut into `shards`:
@@ -461,9 +469,15 @@ pub fn memory(
         (true, false) => 512,
         (true, true) => 3 * 512,
     };
-    let activations_bytes = activation_bytes + nccl;
-    let total_bytes =
-        params_bytes + grads_bytes + optimizer_bytes + working_bytes + activations_bytes;
+    let activations_bytes = activation_bytes.saturating_add(nccl);
+    let total_bytes = [
+        grads_bytes,
+        optimizer_bytes,
+        working_bytes,
+        activations_bytes,
+    ]
+    .iter()
+    .fold(params_bytes, |t, &b| t.saturating_add(b));
     let gpu_bytes = (gpu_memory_gib.max(0.0) * GIB) as u64;
     MemoryEstimate {
         params_bytes,
