@@ -395,8 +395,8 @@ pub struct MemoryEstimate {
     pub grads_bytes: u64,
     pub optimizer_bytes: u64,
     /// What a GPU computes with besides its share: the bf16 copy of every parameter, or
-    /// under ZeRO-3 / hybrid shard the buffers of the gathered unit (fp32 and bf16
-    /// parameters and an fp32 gradient of the largest block; twice with a tied embedding).
+    /// under ZeRO-3 / hybrid shard the gather slots (fp32 and bf16 parameters and an fp32
+    /// gradient of the largest unit, plus a slot of its own for a tied embedding's unit).
     #[serde(default)]
     pub working_bytes: u64,
     pub activations_bytes: u64,

@@ -10,7 +10,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 
-const WORKSPACE_BYTES: usize = 64 << 20;
+/// cuBLASLt workspace, allocated once per backend (memory planning counts it).
+pub const WORKSPACE_BYTES: usize = 64 << 20;
 
 /// Element types of the output (C and D) of a product; A and B are always bf16.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]

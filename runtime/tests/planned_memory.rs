@@ -61,6 +61,10 @@ fn compiler_constants_are_the_runtimes() {
     use archscale_runtime::distributed::flat_layout::OPT_CHUNK;
     assert_eq!(archscale_compiler::estimates::ADAMW_ITEM, OPT_CHUNK);
     assert_eq!(
+        archscale_compiler::estimates::CUBLASLT_WORKSPACE,
+        archscale_kernels::cublaslt::WORKSPACE_BYTES
+    );
+    assert_eq!(
         archscale_compiler::estimates::SCAN_CKPT,
         archscale_kernels::ops::SCAN_CKPT
     );

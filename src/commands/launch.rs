@@ -169,7 +169,7 @@ fn memory_line(p: &Plan) -> String {
     let m = &p.estimates.memory;
     let gib = |b: u64| b as f64 / (1024.0 * 1024.0 * 1024.0);
     format!(
-        "{:.2} GiB ({}: params {:.2}, grads {:.2}, optimizer {:.2}, working copy {:.2}, activations {:.2}) of {:.0} GiB{}",
+        "{:.2} GiB ({}: params {:.2}, grads {:.2}, optimizer {:.2}, bf16 copy or gather slots {:.2}, activations and scratch {:.2}) of {:.0} GiB{}",
         gib(m.total_bytes),
         p.run_name,
         gib(m.params_bytes),

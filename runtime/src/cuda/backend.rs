@@ -546,9 +546,7 @@ pub fn planned_bytes(plan: &Plan) -> Result<usize> {
     let mut add = |bytes: usize| total += bytes.max(1).div_ceil(256) * 256;
 
     // cuBLASLt workspace; NCCL's scratch per communicator
-    // (kernels/src/cublaslt.rs `WORKSPACE_BYTES`, private there)
-    const CUBLASLT_WORKSPACE: usize = 64 << 20;
-    add(CUBLASLT_WORKSPACE);
+    add(archscale_kernels::cublaslt::WORKSPACE_BYTES);
     if l.world > 1 {
         for _ in 0..if hybrid_nodes { 3 } else { 1 } {
             add(64 * 8);
