@@ -96,12 +96,21 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
     }
     if !results.is_empty() {
         println!(
-            "{:<40} {:>5} {:>5} {:>6} {:>9} {:>11} {:>7} {:>11} {:>9}",
-            "run", "depth", "micro", "T", "step s", "tokens/s", "MFU", "MFU(torch)", "peak GiB"
+            "{:<40} {:>5} {:>5} {:>6} {:>9} {:>11} {:>7} {:>11} {:>9} {:>9}",
+            "run",
+            "depth",
+            "micro",
+            "T",
+            "step s",
+            "tokens/s",
+            "MFU",
+            "MFU(torch)",
+            "peak GiB",
+            "plan GiB"
         );
         for r in &results {
             println!(
-                "{:<40} {:>5} {:>5} {:>6} {:>9.4} {:>11.0} {:>6.1}% {:>10.1}% {:>9.1}",
+                "{:<40} {:>5} {:>5} {:>6} {:>9.4} {:>11.0} {:>6.1}% {:>10.1}% {:>9.2} {:>9.2}",
                 r.run_name,
                 r.depth,
                 r.micro,
@@ -110,7 +119,8 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
                 r.tokens_per_s,
                 100.0 * r.mfu,
                 100.0 * r.mfu_torch_basis,
-                r.peak_gib
+                r.peak_gib,
+                r.planned_gib
             );
         }
         if let Some(dev) = results.first().map(|r| r.device.clone()) {

@@ -27,6 +27,9 @@ pub struct BenchResult {
     /// MFU on torch_ref.py's basis: 6(N − embedding) + 12·L·n·T.
     pub mfu_torch_basis: f64,
     pub peak_gib: f64,
+    /// The plan's per-GPU memory estimate at this micro-batch (`archscale plan`), to set
+    /// beside the measured peak.
+    pub planned_gib: f64,
     pub loss: f64,
     /// Milliseconds per op kind in one profiled step (events between ops), if asked for.
     pub profile: Vec<(String, f64)>,
@@ -128,6 +131,8 @@ pub fn bench_plan(plan: &Plan, steps: usize, warmup: usize, profile: bool) -> Re
         mfu: tokens_per_s * est.flops_per_token_archscale / PEAK_FLOPS,
         mfu_torch_basis: tokens_per_s * torch_fpt / PEAK_FLOPS,
         peak_gib: be.peak_bytes() as f64 / (1u64 << 30) as f64,
+        planned_gib: archscale_compiler::estimates::plan_memory(plan).total_bytes as f64
+            / (1u64 << 30) as f64,
         loss,
         profile,
     })
