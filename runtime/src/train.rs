@@ -227,6 +227,11 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
     let rank = collective.map_or(0, |c| c.rank());
     let lead = rank == 0;
     let computes = |r: usize| collective.is_none() || r == rank;
+    // checked before anything is written; the watchdog starts with the loop
+    let watchdog_limit = match collective {
+        Some(_) => crate::distributed::watchdog::timeout_from_env().map_err(msg)?,
+        None => None,
+    };
 
     let resume_from = match &opts.resume {
         Resume::No => {
@@ -397,6 +402,23 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
         tokens_per_s: 0.0,
         interrupted: false,
     };
+    // One process per rank: a peer that dies leaves this one in a collective forever.
+    // Started here, after resuming (a loader replay can take long without a beat).
+    let watchdog = watchdog_limit.map(|limit| {
+        crate::distributed::watchdog::ProgressWatchdog::start(limit, move |idle| {
+            eprintln!(
+                "rank {rank}: no training progress for {} s; a peer rank has probably failed \
+                 or hangs in a collective. Exiting (ARCHSCALE_COLLECTIVE_TIMEOUT sets the limit, 0 turns it off)",
+                idle.as_secs()
+            );
+            std::process::exit(1);
+        })
+    });
+    let beat = || {
+        if let Some(w) = &watchdog {
+            w.beat();
+        }
+    };
     let eval_due =
         |s: u64| s == 0 || s % plan.training.eval_interval.max(1) == 0 || s + 1 == max_steps;
     let (mut window_tokens, mut window_start) = (0u64, Instant::now());
@@ -410,6 +432,7 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
                 pb.suspend(|| eprintln!("step {step:>6}  val_loss {:.4}", losses[0]));
             }
             summary.last_val_loss = losses.first().copied();
+            beat();
         }
 
         // One optimizer step: gas micro-iterations on every rank.
@@ -421,6 +444,7 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
                 let rows = loader.next_batch(micro)?;
                 if computes(r) {
                     loss_sum += backend.forward_backward(&rows, micro, grad_scale)?;
+                    beat();
                 }
             }
         }
@@ -455,6 +479,7 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
             )));
         }
         backend.optimizer_step(&lrs, clip_coefficient(grad_norm, plan.optimizer.grad_clip))?;
+        beat();
         step += 1;
         let step_tokens = plan.layout.batch_tokens;
         tokens += step_tokens;
@@ -490,6 +515,7 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
             if let Some(path) = save(step, tokens, backend, &loaders)? {
                 log.event(&format!("checkpoint {}", path.display()))?;
             }
+            beat();
         }
         if stopping {
             log.event(&format!("interrupted at step {step}"))?;

@@ -7,6 +7,7 @@
 pub mod flat_layout;
 pub mod manifest;
 pub mod nccl;
+pub mod watchdog;
 
 use crate::{Result, RuntimeError};
 use archscale_compiler::plan::ParallelLayout;
