@@ -291,9 +291,7 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
             // resume, each rank replays its loader past the micro-batches already consumed.
             let skip = ck.state.step * gas;
             for loader in loaders.iter_mut() {
-                for _ in 0..skip {
-                    loader.next_batch(micro)?;
-                }
+                loader.skip_rows(skip * micro as u64)?;
             }
             resharded_from = Some(old_world);
         }

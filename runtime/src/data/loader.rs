@@ -266,6 +266,16 @@ impl SourceIter {
         Ok(true)
     }
 
+    /// Moves past the next block without reading it (what [`Self::next_block`] would
+    /// consume); false when exhausted.
+    fn skip_block(&mut self) -> Result<bool> {
+        if self.cursor >= self.order.len() && !self.load_group()? {
+            return Ok(false);
+        }
+        self.cursor += 1;
+        Ok(true)
+    }
+
     fn state(&self) -> SourceState {
         SourceState {
             label: self.label.clone(),
@@ -363,6 +373,12 @@ impl Mixture {
     fn next_block(&mut self, out: &mut Vec<u32>) -> Result<bool> {
         let pick = self.rng.choice_weighted(&self.cum_weights);
         self.sources[pick].next_block(out)
+    }
+
+    /// As [`Self::next_block`], without reading the block: the same draws, no data.
+    fn skip_block(&mut self) -> Result<bool> {
+        let pick = self.rng.choice_weighted(&self.cum_weights);
+        self.sources[pick].skip_block()
     }
 }
 
@@ -466,6 +482,21 @@ impl TrainLoader {
             self.rows_served += 1;
         }
         Ok(out)
+    }
+
+    /// Moves past the next `rows` rows without reading their tokens: where `rows` calls of
+    /// `next_batch(1)` would leave the loader (a resume on another world size replays the
+    /// consumed micro-batches this way).
+    pub fn skip_rows(&mut self, rows: u64) -> Result<()> {
+        for _ in 0..rows {
+            if !self.mixture.skip_block()? {
+                return Err(RuntimeError::Message(
+                    "training data ended; the training loader wraps".into(),
+                ));
+            }
+            self.rows_served += 1;
+        }
+        Ok(())
     }
 
     pub fn state(&self) -> LoaderState {

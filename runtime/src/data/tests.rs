@@ -443,6 +443,30 @@ fn resume_reproduces_the_uninterrupted_sequence() {
 }
 
 #[test]
+fn skipping_rows_lands_where_reading_them_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_numbered(dir.path(), "a", 5, 40, 3);
+    write_numbered(dir.path(), "b", 3, 40, 1000);
+    let plan = data_plan(vec![packed(".", "a", 1.0), packed(".", "b", 2.0)], 6, 2);
+    // across group boundaries and past the wrap of both sources
+    for rows in [0u64, 1, 7, 40, 333] {
+        let mut read = TrainLoader::from_data_plan(&plan, None, 0, 1, dir.path()).expect("loader");
+        let mut skipped =
+            TrainLoader::from_data_plan(&plan, None, 0, 1, dir.path()).expect("loader");
+        for _ in 0..rows {
+            read.next_batch(1).expect("batch");
+        }
+        skipped.skip_rows(rows).expect("skip");
+        assert_eq!(skipped.state(), read.state(), "after {rows} rows");
+        assert_eq!(
+            skipped.next_batch(3).expect("batch"),
+            read.next_batch(3).expect("batch"),
+            "after {rows} rows"
+        );
+    }
+}
+
+#[test]
 fn mixture_follows_the_weights() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_numbered(dir.path(), "a", 2, 400, 3);
