@@ -3,8 +3,9 @@
 # bench/gpu/sim_ranks.sh): GMU memory export, YOCO shared KV, differential attention and
 # LayerNorm/biases cross unit boundaries in the backward pass, where gradients are reduced
 # unit by unit while the backward goes on. Each family's tiny parity model (synthetic data of
-# 400k tokens, 7 shards, so each of 4 ranks gets one; 2,048 tokens per step = 4 ranks x micro 2 x 256) trains 20 steps as the world-4 plan in one
-# process (ref) and on 4 ranks under ZeRO-1 and ZeRO-3; SambaY also with Muon under ZeRO-3.
+# 400k tokens, 7 shards, so each of 4 ranks gets one; 2,048 tokens per step = 4 ranks x
+# micro 2 x 256) trains 20 steps as the world-4 plan in one process (ref) and on 4 ranks
+# under ZeRO-1 and ZeRO-3; SambaY also with Muon under ZeRO-3.
 # From the repository root with gpu-carry/ carried:  bash bench/gpu/hybrid_zero.sh [family...]
 set -u
 OUT=${OUT:-/tmp/out}
@@ -29,8 +30,6 @@ for f in $fams; do
     pairs+=("$f-muon-ref:$f-muon-z3")
   fi
 done
-for f in $OUT/*.log; do
-  if grep -qi "error\|panick" "$f"; then echo "== $f"; grep -i "error\|panick" "$f" | head -5; fi
-done
+sim_errors
 echo "== hybrid families: loss agreement with the one-process world-4 reference"
 sim_compare "${pairs[@]}"

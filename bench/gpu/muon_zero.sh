@@ -38,34 +38,20 @@ timeout 120 $B run $P --backend cpu "${PS[@]}" --set cluster.gpus_per_node=4 \
 echo "cpu-ck rc=$?"
 cck=$(ls -d $OUT/cpu-ck/*/checkpoints/step-* 2>/dev/null | tail -1)
 [ -n "$cck" ] && ranks cpu 4 1 zero1 --resume "$cck" --max-steps 3
-for f in $OUT/*.log; do
-  if grep -qi "error\|panick" "$f"; then echo "== $f"; grep -i "error\|panick" "$f" | head -5; fi
-done
+sim_errors
+echo "== Muon: loss agreement (same global batch, 4096 tokens/step)"
+sim_compare ref:dp ref:z1 ref:z3 ref:hs z1:z3r2 z1:r1
 python3 - "$OUT" <<'PY'
 import json, sys, glob
 out = sys.argv[1]
-def rows(d):
-    f = sorted(glob.glob(f"{out}/{d}/*/metrics.jsonl"))
-    return [json.loads(l) for l in open(f[0])] if f else []
 def losses(d):
-    return {r["step"]: r["loss"] for r in rows(d) if "loss" in r}
-def cmp(a, b):
-    A, B = losses(a), losses(b)
-    common = sorted(set(A) & set(B))
-    if not common: return f"{a:>5} vs {b:<5} no common steps"
-    d = [abs(A[s] - B[s]) for s in common]
-    return (f"{a:>5} vs {b:<5} steps {common[0]}..{common[-1]} ({len(common)})  "
-            f"max|dloss| first 3 {max(d[:3]):.2e}, all {max(d):.2e}  "
-            f"loss@{common[-1]} {A[common[-1]]:.4f}/{B[common[-1]]:.4f}")
-print("== Muon: loss agreement (same global batch, 4096 tokens/step)")
-for a, b in [("ref","dp"),("ref","z1"),("ref","z3"),("ref","hs"),("z1","z3r2"),("z1","r1")]:
-    print(cmp(a, b))
-c, c0 = losses("cpu"), losses("cpu-ck")
-if c: print(f"  cpu (steps 1-2 {[round(c0[s], 4) for s in sorted(c0)]}) resumed under ZeRO-1 on 4 ranks: "
-            f"steps {min(c)}..{max(c)}, loss {[round(c[s], 4) for s in sorted(c)]}; ref at those steps "
-            f"{[round(losses('ref').get(s, float('nan')), 4) for s in sorted(c)]}")
-r = losses("ref")
-if r: print(f"  ref loss step 1 {r[min(r)]:.4f} -> step {max(r)} {r[max(r)]:.4f}")
+    f = sorted(glob.glob(f"{out}/{d}/*/metrics.jsonl"))
+    return {r["step"]: r["loss"] for r in map(json.loads, open(f[0])) if "loss" in r} if f else {}
+c, c0, ref = losses("cpu"), losses("cpu-ck"), losses("ref")
+if c:
+    print(f"  cpu (steps 1-2 {[round(c0[s], 4) for s in sorted(c0)]}) resumed under ZeRO-1 on 4 ranks: "
+          f"steps {min(c)}..{max(c)}, loss {[round(c[s], 4) for s in sorted(c)]}; ref at those steps "
+          f"{[round(ref.get(s, float('nan')), 4) for s in sorted(c)]}")
 PY
 # checkpoints stay on the machine (they are large); metrics and logs come back
 rm -rf "$OUT"/*/*/checkpoints

@@ -35,7 +35,13 @@ one() {
     --set cluster.sharding=data_parallel --set train.out_dir=$OUT/$name "$@" > "$OUT/$name.log" 2>&1
   echo "$name rc=$?"
 }
-# compare.py-style loss table: sim_compare "ref:z1" "ref:z3" ...
+# the error lines of every log under $OUT
+sim_errors() {
+  for f in $OUT/*.log; do
+    if grep -qi "error\|panick" "$f"; then echo "== $f"; grep -i "error\|panick" "$f" | head -5; fi
+  done
+}
+# per-step loss agreement of run pairs: sim_compare "ref:z1" "ref:z3" ...
 sim_compare() {
   python3 - "$OUT" "$@" <<'PY'
 import json, sys, glob

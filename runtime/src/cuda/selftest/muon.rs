@@ -170,11 +170,8 @@ pub(super) fn muon_checks(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
         // on the whole, update per part. Even cases write the mix over the gradient (ZeRO-1),
         // odd ones into a separate buffer (ZeRO-3's gradient slot). Must equal the step above.
         let (pz, gz, mz) = (env.f32_buf(&p0)?, env.f32_buf(&g0)?, env.f32_buf(&m0)?);
-        let mix = if case % 2 == 0 {
-            gz
-        } else {
-            env.poisoned(n * 4)?
-        };
+        let over_grads = case % 2 == 0;
+        let mix = if over_grads { gz } else { env.poisoned(n * 4)? };
         let cuts = [0, n / 3 + 1, (2 * n) / 3 - 5, n];
         let at = |base: u64, k: usize| base + (k * 4) as u64;
         for w in cuts.windows(2) {
