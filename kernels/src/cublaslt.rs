@@ -1,5 +1,7 @@
 //! cuBLASLt bf16 matrix products with fp32 accumulation. Descriptors and the heuristic's
-//! algorithm are cached per shape; outputs are bf16 or fp32 (`D = alpha·op(A)·op(B) + beta·C`).
+//! algorithms are cached per shape; outputs are bf16 or fp32 (`D = alpha·op(A)·op(B) + beta·C`).
+//! A shape runs the heuristic's first algorithm unless [`Lt::tune`] timed its candidates and
+//! chose another (the heuristic ranks by a model of the GPU, not by measurement).
 //!
 //! Row-major helpers follow PyTorch's `Linear`: weights are `[out, in]`, `y = x·Wᵀ`.
 
@@ -87,18 +89,54 @@ fn declared_alignment(ptrs: [u64; 4]) -> [u32; 4] {
     }
 }
 
+/// How many of the heuristic's algorithms a shape keeps as candidates for [`Lt::tune`].
+pub const CANDIDATES: usize = 8;
+
 struct Cached {
     desc: sys::cublasLtMatmulDesc_t,
     a: sys::cublasLtMatrixLayout_t,
     b: sys::cublasLtMatrixLayout_t,
     d: sys::cublasLtMatrixLayout_t,
-    algo: sys::cublasLtMatmulAlgo_t,
+    /// The heuristic's algorithms, best first by its own estimate.
+    candidates: Vec<sys::cublasLtMatmulAlgo_t>,
+    /// Index into `candidates` that [`Lt::gemm`] runs.
+    chosen: usize,
+    /// Whether [`Lt::tune`] has timed this shape.
+    tuned: bool,
+}
+
+/// How much faster (by median) another candidate must be before [`Lt::tune`] leaves the
+/// heuristic's first choice: smaller differences did not survive into the training step
+/// (2026-11-29: d16 lost 0.7 % with a 1 % margin and back-to-back timing).
+pub const TUNE_MARGIN: f32 = 0.05;
+
+/// The candidate to run, given median times sorted fastest first: the fastest if it beats
+/// the heuristic's first choice (rank 0) by [`TUNE_MARGIN`] or rank 0 was not usable.
+fn pick(sorted: &[Timing]) -> usize {
+    let first = sorted.iter().find(|t| t.rank == 0).map(|t| t.ms);
+    match (sorted.first(), first) {
+        (Some(best), Some(ms0)) if best.ms < (1.0 - TUNE_MARGIN) * ms0 => best.rank,
+        (Some(best), None) => best.rank,
+        _ => 0,
+    }
+}
+
+/// One timed candidate of [`Lt::tune`].
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Rank in the heuristic's list (0 = what runs untuned).
+    pub rank: usize,
+    pub ms: f32,
 }
 
 pub struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: DeviceBuffer,
     cache: RefCell<HashMap<Key, Cached>>,
+    /// When set (repetitions per candidate), the first product of each shape times its
+    /// candidates first ([`Lt::tune`]); the bool also lets products that accumulate into
+    /// their own input be tuned.
+    autotune: std::cell::Cell<Option<(usize, bool)>>,
 }
 
 fn cublas<T>(call: &str, r: std::result::Result<T, lt::CublasError>) -> Result<T> {
@@ -130,6 +168,7 @@ impl Lt {
             handle,
             workspace,
             cache: RefCell::new(HashMap::new()),
+            autotune: std::cell::Cell::new(None),
         })
     }
 
@@ -227,12 +266,39 @@ impl Lt {
                     std::mem::size_of::<usize>(),
                 ),
             )?;
-            let heur = lt::get_matmul_algo_heuristic(self.handle, desc, a, b, d, d, pref);
+            let mut results =
+                [std::mem::zeroed::<sys::cublasLtMatmulHeuristicResult_t>(); CANDIDATES];
+            let mut found = 0i32;
+            let status = sys::cublasLtMatmulAlgoGetHeuristic(
+                self.handle,
+                desc,
+                a,
+                b,
+                d,
+                d,
+                pref,
+                CANDIDATES as i32,
+                results.as_mut_ptr(),
+                &mut found,
+            );
             let _ = lt::destroy_matmul_pref(pref);
-            let heur = heur.map_err(|e| KernelError::Cublas {
-                call: format!("cublasLtMatmulAlgoGetHeuristic({key:?})"),
-                message: format!("{e:?}: no algorithm for this shape"),
-            })?;
+            if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || found <= 0 {
+                return Err(KernelError::Cublas {
+                    call: format!("cublasLtMatmulAlgoGetHeuristic({key:?})"),
+                    message: format!("{status:?}: no algorithm for this shape"),
+                });
+            }
+            let candidates = results[..found as usize]
+                .iter()
+                .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+                .map(|r| r.algo)
+                .collect::<Vec<_>>();
+            if candidates.is_empty() {
+                return Err(KernelError::Cublas {
+                    call: format!("cublasLtMatmulAlgoGetHeuristic({key:?})"),
+                    message: "every algorithm it returned failed its check".into(),
+                });
+            }
             self.cache.borrow_mut().insert(
                 key,
                 Cached {
@@ -240,20 +306,18 @@ impl Lt {
                     a,
                     b,
                     d,
-                    algo: heur.algo,
+                    candidates,
+                    chosen: 0,
+                    tuned: false,
                 },
             );
         }
         Ok(())
     }
 
-    /// Runs one product on `gpu`'s stream.
-    pub fn gemm(&self, gpu: &Gpu, g: &Gemm) -> Result<()> {
-        if g.m == 0 || g.n == 0 {
-            return Ok(());
-        }
+    fn key(g: &Gemm) -> Key {
         let c_ptr = if g.beta == 0.0 { g.d } else { g.c };
-        let key = Key {
+        Key {
             trans_a: g.trans_a,
             trans_b: g.trans_b,
             m: g.m,
@@ -264,12 +328,55 @@ impl Lt {
             ldd: g.ldd,
             out: g.out,
             align: declared_alignment([g.a, g.b, c_ptr, g.d]),
-        };
+        }
+    }
+
+    /// Runs one product on `gpu`'s stream.
+    pub fn gemm(&self, gpu: &Gpu, g: &Gemm) -> Result<()> {
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        let key = Self::key(g);
         self.prepare(key)?;
+        if let Some((reps, accumulating)) = self.autotune.get() {
+            let tuned = self.cache.borrow().get(&key).map(|c| c.tuned);
+            // tuning runs the product many times: harmless unless it adds into its input
+            let repeatable = g.beta == 0.0 || g.c != g.d;
+            if tuned == Some(false) && (repeatable || accumulating) {
+                let times = self.tune(gpu, g, reps)?;
+                if std::env::var_os("ARCHSCALE_GEMM_TUNE_LOG").is_some() {
+                    let list: Vec<String> = times
+                        .iter()
+                        .map(|t| format!("#{} {:.4}", t.rank, t.ms))
+                        .collect();
+                    eprintln!(
+                        "gemm tune m {} n {} k {} trans {}{} {:?}: ms by heuristic rank {}",
+                        g.m,
+                        g.n,
+                        g.k,
+                        if g.trans_a { 'T' } else { 'N' },
+                        if g.trans_b { 'T' } else { 'N' },
+                        g.out,
+                        list.join(", ")
+                    );
+                }
+            }
+        }
+        let chosen = self.cache.borrow().get(&key).map(|c| c.chosen);
+        let chosen = chosen.ok_or_else(|| KernelError::Unsupported("gemm cache miss".into()))?;
+        self.run(gpu, g, key, chosen)
+    }
+
+    fn run(&self, gpu: &Gpu, g: &Gemm, key: Key, candidate: usize) -> Result<()> {
+        let c_ptr = if g.beta == 0.0 { g.d } else { g.c };
         let cache = self.cache.borrow();
         let c = cache
             .get(&key)
             .ok_or_else(|| KernelError::Unsupported("gemm cache miss".into()))?;
+        let algo = c
+            .candidates
+            .get(candidate)
+            .ok_or_else(|| KernelError::Unsupported("gemm candidate out of range".into()))?;
         unsafe {
             cublas(
                 &format!("cublasLtMatmul({key:?})"),
@@ -286,13 +393,74 @@ impl Lt {
                     c.d,
                     g.d as *mut c_void,
                     c.d,
-                    &c.algo,
+                    algo,
                     self.workspace.ptr as *mut c_void,
                     self.workspace.bytes,
                     gpu.raw_stream() as sys::cudaStream_t,
                 ),
             )
         }
+    }
+
+    /// Times each of the shape's candidate algorithms on `g`'s own buffers and makes the
+    /// fastest the one [`Lt::gemm`] runs, if it beats the heuristic's first choice by
+    /// [`TUNE_MARGIN`]. The candidates take turns, `rounds` rounds after one warm-up round,
+    /// and each is judged by its median: the clock of a busy H200 sags under its power
+    /// limit within a second, so timing one candidate after the other would favour the
+    /// first ones. A product that accumulates into its input (`c == d`, `beta != 0`) is
+    /// run many times here, so `d` holds garbage afterwards: tune such shapes only in a
+    /// pass whose results are discarded. Returns the median times, fastest first.
+    pub fn tune(&self, gpu: &Gpu, g: &Gemm, rounds: usize) -> Result<Vec<Timing>> {
+        let key = Self::key(g);
+        self.prepare(key)?;
+        let n = self
+            .cache
+            .borrow()
+            .get(&key)
+            .map_or(0, |c| c.candidates.len());
+        // an algorithm the heuristic listed can still refuse these pointers: drop it
+        let usable: Vec<usize> = (0..n)
+            .filter(|&rank| self.run(gpu, g, key, rank).is_ok())
+            .collect();
+        let mut samples = vec![Vec::with_capacity(rounds); usable.len()];
+        for _ in 0..rounds.max(1) {
+            let mut marks = Vec::with_capacity(usable.len());
+            for &rank in &usable {
+                let start = gpu.event()?;
+                self.run(gpu, g, key, rank)?;
+                marks.push((start, gpu.event()?));
+            }
+            for (i, (start, end)) in marks.iter().enumerate() {
+                samples[i].push(start.elapsed_ms(end)?);
+            }
+        }
+        let mut times: Vec<Timing> = usable
+            .iter()
+            .zip(samples.iter_mut())
+            .map(|(&rank, s)| {
+                s.sort_by(f32::total_cmp);
+                Timing {
+                    rank,
+                    ms: s[s.len() / 2],
+                }
+            })
+            .collect();
+        times.sort_by(|x, y| x.ms.total_cmp(&y.ms));
+        let chosen = pick(&times);
+        if let Some(c) = self.cache.borrow_mut().get_mut(&key) {
+            c.chosen = chosen;
+            c.tuned = true;
+        }
+        Ok(times)
+    }
+
+    /// With `Some(reps)`, the first product of every shape not yet tuned is tuned first
+    /// ([`Lt::tune`], `reps` rounds). Products that accumulate into their own
+    /// input (`c == d`, `beta != 0`: weight gradients) are tuned only with `accumulating`,
+    /// which leaves garbage in their outputs: set it only for a pass whose results are
+    /// discarded. `None` stops tuning; choices made so far stay.
+    pub fn set_autotune(&self, reps: Option<usize>, accumulating: bool) {
+        self.autotune.set(reps.map(|r| (r, accumulating)));
     }
 
     /// `y[rows, out] = alpha · x[rows, in] · w[out, in]ᵀ + beta · c` (c has y's shape and type).
@@ -484,6 +652,19 @@ impl Drop for Lt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tuning_leaves_the_heuristic_choice_unless_another_is_clearly_faster() {
+        let t = |rank, ms| Timing { rank, ms };
+        // 3 % faster: within the margin, rank 0 stays
+        assert_eq!(pick(&[t(4, 0.97), t(0, 1.0), t(2, 1.1)]), 0);
+        // 20 % faster: taken
+        assert_eq!(pick(&[t(5, 0.8), t(0, 1.0)]), 5);
+        // rank 0 refused the pointers: the fastest usable one
+        assert_eq!(pick(&[t(3, 1.2), t(1, 1.3)]), 3);
+        // nothing usable: rank 0 (the product then fails with cuBLASLt's own error)
+        assert_eq!(pick(&[]), 0);
+    }
 
     #[test]
     fn only_an_under_aligned_operand_changes_what_cublaslt_is_told() {

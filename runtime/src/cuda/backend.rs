@@ -327,6 +327,21 @@ pub struct CudaBackend {
     /// Reduce gradients during the next backward (the last micro-step of a step).
     sync_grads: bool,
     grads_reduced: Cell<bool>,
+    /// cuBLASLt candidates timed per product shape (`ARCHSCALE_GEMM_TUNE`, default 10 runs
+    /// each; `off` keeps the heuristic's first choice).
+    gemm_tune: Option<usize>,
+    /// Whether the discarded pass that also tunes the weight-gradient products has run.
+    gemm_tuned_all: bool,
+}
+
+/// Runs per candidate algorithm when tuning cuBLASLt (`ARCHSCALE_GEMM_TUNE`): a number,
+/// or `off`/`0` for the heuristic's first choice (bitwise repeatable algorithm choice).
+fn gemm_tune_reps() -> Option<usize> {
+    match std::env::var("ARCHSCALE_GEMM_TUNE").as_deref() {
+        Ok("off") | Ok("0") => None,
+        Ok(v) => v.parse().ok().or(Some(10)),
+        Err(_) => Some(10),
+    }
 }
 
 const BF: usize = 2;
@@ -1292,7 +1307,10 @@ impl CudaBackend {
             comm_stream,
             sync_grads: true,
             grads_reduced: Cell::new(false),
+            gemm_tune: gemm_tune_reps(),
+            gemm_tuned_all: false,
         };
+        be.lt.set_autotune(be.gemm_tune, false);
         be.write_params(init)?;
         Ok(be)
     }
@@ -1957,9 +1975,35 @@ impl Backend for CudaBackend {
             )));
         }
         self.upload_tokens(rows, micro, seq + 1, true)?;
-        self.forward(micro, seq, true)?;
         let n = micro * seq;
         let scale = grad_scale / n as f32;
+        let alone = self.comm.is_none() && self.shard_comm.is_none() && self.replica_comm.is_none();
+        if !self.gemm_tuned_all && self.gemm_tune.is_some() && alone {
+            // One discarded pass on this batch times the candidates of every product,
+            // the weight-gradient products too: tuning runs those many times over the
+            // gradients, which start at zero here and are zeroed again after it. (With
+            // other ranks the collectives inside the backward rule this out; there only
+            // products that do not add into their input are tuned, at first use.)
+            self.lt.set_autotune(self.gemm_tune, true);
+            let tuning = self.forward(micro, seq, true).and_then(|_| {
+                self.ops.cross_entropy(
+                    self.logits.ptr,
+                    self.targets.ptr,
+                    self.losses.ptr,
+                    n,
+                    self.dims.padded_vocab,
+                    self.dims.smoothing,
+                    scale,
+                    true,
+                )?;
+                self.backward(micro, seq)
+            });
+            self.lt.set_autotune(self.gemm_tune, false);
+            tuning?;
+            self.gpu.memset_zero(self.grads.ptr, self.grads.bytes)?;
+            self.gemm_tuned_all = true;
+        }
+        self.forward(micro, seq, true)?;
         self.mark("cross-entropy")?;
         self.ops.cross_entropy(
             self.logits.ptr,
