@@ -195,13 +195,42 @@ __device__ __forceinline__ float silu_f(float g) { return g / (1.f + __expf(-g))
 
 // a = silu(g) * u with gu = [rows, 2I] (g first half, u second half), fp32 math, bf16 out.
 // One block per row.
+// 8 bf16 <-> 8 floats, for 16-byte loads and stores.
+__device__ __forceinline__ void unpack8(uint4 v, float* f) {
+    const bf162* p = reinterpret_cast<const bf162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; i++) { const float2 t = __bfloat1622float2(p[i]); f[2 * i] = t.x; f[2 * i + 1] = t.y; }
+}
+__device__ __forceinline__ uint4 pack8(const float* f) {
+    uint4 v;
+    bf162* p = reinterpret_cast<bf162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; i++) p[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    return v;
+}
+// Whether rows of width I (and 2I) at these bases can go by 16-byte accesses.
+__device__ __forceinline__ bool by16(const void* x, const void* y, int I) {
+    return (I & 7) == 0 && ((reinterpret_cast<size_t>(x) | reinterpret_cast<size_t>(y)) & 15) == 0;
+}
+
+// a = silu(g) * u on rows [g ‖ u] of width 2I. One block per row; 16-byte accesses when
+// they fit (the kernel is bandwidth-bound: 6 bytes per output element).
 extern "C" __global__ void swiglu_fwd(const bf16* __restrict__ gu, bf16* __restrict__ a, int rows, int I) {
     const int r = blockIdx.x;
     if (r >= rows) return;
     const bf16* gr = gu + (size_t)r * 2 * I;
     const bf16* ur = gr + I;
     bf16* ar = a + (size_t)r * I;
-    if ((I & 1) == 0) {
+    if (by16(gu, a, I)) {
+        for (int c = threadIdx.x * 8; c < I; c += blockDim.x * 8) {
+            float g[8], u[8], o[8];
+            unpack8(*reinterpret_cast<const uint4*>(gr + c), g);
+            unpack8(*reinterpret_cast<const uint4*>(ur + c), u);
+#pragma unroll
+            for (int i = 0; i < 8; i++) o[i] = silu_f(g[i]) * u[i];
+            *reinterpret_cast<uint4*>(ar + c) = pack8(o);
+        }
+    } else if ((I & 1) == 0) {
         for (int c = threadIdx.x * 2; c < I; c += blockDim.x * 2) {
             const float2 g = __bfloat1622float2(*reinterpret_cast<const bf162*>(gr + c));
             const float2 u = __bfloat1622float2(*reinterpret_cast<const bf162*>(ur + c));
@@ -212,28 +241,42 @@ extern "C" __global__ void swiglu_fwd(const bf16* __restrict__ gu, bf16* __restr
     }
 }
 
-// In place: gu <- d(gu) given da. dg = da*u*sig*(1+g*(1-sig)), du = da*silu(g). One block per row.
-extern "C" __global__ void swiglu_bwd(bf16* __restrict__ gu, const bf16* __restrict__ da, int rows, int I) {
+// In place on both buffers: gu <- d(gu) given da, and da <- a = silu(g)*u, the forward
+// output that W3's weight gradient needs (recomputed here rather than in a pass of its
+// own, which would read g and u again). dg = da*u*sig*(1+g*(1-sig)), du = da*silu(g).
+// One block per row.
+__device__ __forceinline__ void swiglu_bwd1(float g, float u, float d, float& dg, float& du, float& a) {
+    const float sig = 1.f / (1.f + __expf(-g));
+    const float silu = g * sig;
+    dg = d * u * sig * (1.f + g * (1.f - sig));
+    du = d * silu;
+    a = silu * u;
+}
+extern "C" __global__ void swiglu_bwd(bf16* __restrict__ gu, bf16* __restrict__ da_a, int rows, int I) {
     const int r = blockIdx.x;
     if (r >= rows) return;
     bf16* gr = gu + (size_t)r * 2 * I;
     bf16* ur = gr + I;
-    const bf16* dr = da + (size_t)r * I;
-    if ((I & 1) == 0) {
-        for (int c = threadIdx.x * 2; c < I; c += blockDim.x * 2) {
-            const float2 g = __bfloat1622float2(*reinterpret_cast<const bf162*>(gr + c));
-            const float2 u = __bfloat1622float2(*reinterpret_cast<const bf162*>(ur + c));
-            const float2 d = __bfloat1622float2(*reinterpret_cast<const bf162*>(dr + c));
-            const float s0 = 1.f / (1.f + __expf(-g.x)), s1 = 1.f / (1.f + __expf(-g.y));
-            *reinterpret_cast<bf162*>(gr + c) = __floats2bfloat162_rn(d.x * u.x * s0 * (1.f + g.x * (1.f - s0)), d.y * u.y * s1 * (1.f + g.y * (1.f - s1)));
-            *reinterpret_cast<bf162*>(ur + c) = __floats2bfloat162_rn(d.x * g.x * s0, d.y * g.y * s1);
+    bf16* dr = da_a + (size_t)r * I;
+    if (by16(gu, da_a, I)) {
+        for (int c = threadIdx.x * 8; c < I; c += blockDim.x * 8) {
+            float g[8], u[8], d[8], dg[8], du[8], a[8];
+            unpack8(*reinterpret_cast<const uint4*>(gr + c), g);
+            unpack8(*reinterpret_cast<const uint4*>(ur + c), u);
+            unpack8(*reinterpret_cast<const uint4*>(dr + c), d);
+#pragma unroll
+            for (int i = 0; i < 8; i++) swiglu_bwd1(g[i], u[i], d[i], dg[i], du[i], a[i]);
+            *reinterpret_cast<uint4*>(gr + c) = pack8(dg);
+            *reinterpret_cast<uint4*>(ur + c) = pack8(du);
+            *reinterpret_cast<uint4*>(dr + c) = pack8(a);
         }
     } else {
         for (int c = threadIdx.x; c < I; c += blockDim.x) {
-            const float g = bf(gr[c]), u = bf(ur[c]), d = bf(dr[c]);
-            const float sig = 1.f / (1.f + __expf(-g));
-            gr[c] = tobf(d * u * sig * (1.f + g * (1.f - sig)));
-            ur[c] = tobf(d * g * sig);
+            float dg, du, a;
+            swiglu_bwd1(bf(gr[c]), bf(ur[c]), bf(dr[c]), dg, du, a);
+            gr[c] = tobf(dg);
+            ur[c] = tobf(du);
+            dr[c] = tobf(a);
         }
     }
 }

@@ -440,7 +440,8 @@ impl Ops {
             .launch(self.swiglu_fwd, grid1(rows), (256, 1, 1), 0, &a)
     }
 
-    /// In place: `gu <- d(gu)` from `da`.
+    /// In place on both: `gu <- d(gu)` from `da`, and `da <- silu(g)·u` (the forward output,
+    /// for W3's weight gradient).
     pub fn swiglu_bwd(&self, gu: u64, da: u64, rows: usize, inner: usize) -> Result<()> {
         let a = Args::new()
             .ptr(gu)

@@ -1792,9 +1792,23 @@ impl CudaBackend {
             self.grads_begin(u_layer)?;
             let sv = self.saved[l];
             let (x_in, x_mid) = (self.residual[2 * l].ptr, self.residual[2 * l + 1].ptr);
-            // MLP branch: out = rs · a·W3ᵀ
-            self.mark("swiglu")?;
-            ops.swiglu_fwd(sv.gu, self.a.ptr, rows, inner)?;
+            // MLP branch: out = rs · a·W3ᵀ. da first; the SwiGLU backward then leaves a
+            // (recomputed from g and u) where da was, for W3's weight gradient.
+            self.mark("gemm w3 dx")?;
+            lt.linear_grad_input(
+                gpu,
+                self.dres_bf.ptr,
+                self.pbf(lp.w3),
+                self.a.ptr,
+                rows,
+                inner,
+                n,
+                OutType::Bf16,
+                rs,
+                0.0,
+            )?;
+            self.mark("swiglu bwd")?;
+            ops.swiglu_bwd(sv.gu, self.a.ptr, rows, inner)?;
             self.mark("gemm w3 dW")?;
             lt.linear_grad_weight(
                 gpu,
@@ -1811,21 +1825,6 @@ impl CudaBackend {
                 self.hops()?
                     .bias_grad(Rows::new(self.dres_bf.ptr, n), self.g32(b), rs, rows, n)?;
             }
-            self.mark("gemm w3 dx")?;
-            lt.linear_grad_input(
-                gpu,
-                self.dres_bf.ptr,
-                self.pbf(lp.w3),
-                self.a.ptr,
-                rows,
-                inner,
-                n,
-                OutType::Bf16,
-                rs,
-                0.0,
-            )?;
-            self.mark("swiglu bwd")?;
-            ops.swiglu_bwd(sv.gu, self.a.ptr, rows, inner)?;
             // gmu_mlp: the memory u (w1's up half) also gets the GMU layers' gradient
             let mlp_mem = matches!(d.info[l].memory, Some((MemorySource::Mlp, _)));
             let dmem = self.cross.dmem_bf;

@@ -636,7 +636,7 @@ fn check_rope(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
 }
 
 fn check_swiglu(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
-    for &(rows, inner) in &[(256usize, 1024usize), (13, 301)] {
+    for &(rows, inner) in &[(256usize, 1024usize), (13, 301), (7, 50)] {
         let shape = format!("{rows}x{inner}");
         let h = env.randn_bf16(rows * 2 * inner, 2.0);
         let mut a_ref = vec![0.0; rows * inner];
@@ -659,8 +659,16 @@ fn check_swiglu(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
         push(
             out,
             "swiglu bwd (in place)",
-            shape,
+            shape.clone(),
             rel_err(&env.read_bf16(hp, rows * 2 * inner)?, &dh_ref),
+            TOL_BF16,
+        );
+        // the backward also leaves the forward output where da was
+        push(
+            out,
+            "swiglu bwd: a over da",
+            shape,
+            rel_err(&env.read_bf16(dap, rows * inner)?, &a_ref),
             TOL_BF16,
         );
     }
