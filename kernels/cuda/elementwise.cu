@@ -64,12 +64,16 @@ extern "C" __global__ void rmsnorm_fwd(const float* __restrict__ x, const float*
 //   dxhat = dy * gamma * scale;  dx = rstd * (dxhat - xhat * mean(dxhat * xhat))
 //   dres = (accumulate ? dres : 0) + dx   (fp32), dres_bf = bf16(dres)
 //   dgamma[c] += sum_rows dy * xhat * scale   (block partials in shared memory, then atomics)
+//   h_out (optional, may be dy itself) = bf16(x * rstd * gamma), the forward output again,
+//   for the weight gradient of the product that consumed it (saves a recompute pass).
 // Grid-stride over rows; dynamic shared memory holds n floats of dgamma partials.
+// dy and h_out may alias: each element of dy is read (twice) by one thread before that
+// thread overwrites it, so neither pointer is __restrict__.
 extern "C" __global__ void rmsnorm_bwd(const float* __restrict__ x, const float* __restrict__ gamma,
-                                       const float* __restrict__ rstd_in, const bf16* __restrict__ dy,
+                                       const float* __restrict__ rstd_in, const bf16* dy,
                                        float* __restrict__ dres, bf16* __restrict__ dres_bf,
                                        float* __restrict__ dgamma, int rows, int n, float scale,
-                                       int accumulate) {
+                                       int accumulate, bf16* h_out) {
     extern __shared__ float dg[];
     __shared__ float scratch[32];
     for (int c = threadIdx.x; c < n; c += blockDim.x) dg[c] = 0.f;
@@ -122,6 +126,11 @@ extern "C" __global__ void rmsnorm_bwd(const float* __restrict__ x, const float*
                 *reinterpret_cast<float4*>(dr + c) = o;
                 *reinterpret_cast<bf162*>(drb + c) = __floats2bfloat162_rn(o.x, o.y);
                 *reinterpret_cast<bf162*>(drb + c + 2) = __floats2bfloat162_rn(o.z, o.w);
+                if (h_out != nullptr) {  // the same expression as rmsnorm_fwd's output
+                    bf16* hr = h_out + (size_t)r * n;
+                    *reinterpret_cast<bf162*>(hr + c) = __floats2bfloat162_rn(xv.x * rstd * gv.x, xv.y * rstd * gv.y);
+                    *reinterpret_cast<bf162*>(hr + c + 2) = __floats2bfloat162_rn(xv.z * rstd * gv.z, xv.w * rstd * gv.w);
+                }
             }
         } else {
             for (int c = threadIdx.x; c < n; c += blockDim.x) {
@@ -131,6 +140,7 @@ extern "C" __global__ void rmsnorm_bwd(const float* __restrict__ x, const float*
                 if (accumulate) v += dr[c];
                 dr[c] = v;
                 drb[c] = tobf(v);
+                if (h_out != nullptr) h_out[(size_t)r * n + c] = tobf(xr[c] * rstd * gamma[c]);
             }
         }
     }

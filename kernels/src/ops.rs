@@ -360,6 +360,8 @@ impl Ops {
 
     /// RMSNorm backward: `dres (+)= dx`, `dres_bf = bf16(dres)`, `dgamma += ...`.
     #[allow(clippy::too_many_arguments)]
+    /// RMSNorm backward (see elementwise.cu). `h_out` (0: none; may equal `dy`) receives
+    /// the forward output `x·rstd·gamma` again.
     pub fn rmsnorm_bwd(
         &self,
         x: u64,
@@ -373,6 +375,7 @@ impl Ops {
         n: usize,
         scale: f32,
         accumulate: bool,
+        h_out: u64,
     ) -> Result<()> {
         let a = Args::new()
             .ptr(x)
@@ -385,7 +388,8 @@ impl Ops {
             .i32(i32_of("rows", rows)?)
             .i32(i32_of("n", n)?)
             .f32(scale)
-            .i32(accumulate as i32);
+            .i32(accumulate as i32)
+            .ptr(h_out);
         let smem = n * 4;
         if smem > 48 * 1024 {
             return Err(KernelError::Unsupported(format!(

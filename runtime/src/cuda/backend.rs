@@ -1517,7 +1517,30 @@ impl CudaBackend {
         scale: f32,
         accumulate: bool,
     ) -> Result<()> {
+        self.norm_bwd_into(x, nm, mean, rstd, dy, rows, scale, accumulate, 0)
+    }
+
+    /// [`Self::norm_bwd`] that also writes the norm's forward output (scale 1) to `h_out`
+    /// (may be `dy`). RMSNorm only: LayerNorm callers recompute it with `norm_fwd`.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_bwd_into(
+        &self,
+        x: u64,
+        nm: Norm,
+        mean: u64,
+        rstd: u64,
+        dy: u64,
+        rows: usize,
+        scale: f32,
+        accumulate: bool,
+        h_out: u64,
+    ) -> Result<()> {
         let n = self.dims.n;
+        if h_out != 0 && nm.b.is_some() {
+            return Err(err(
+                "norm backward with the forward output again: RMSNorm only",
+            ));
+        }
         match nm.b {
             None => Ok(self.ops.rmsnorm_bwd(
                 x,
@@ -1531,6 +1554,7 @@ impl CudaBackend {
                 n,
                 scale,
                 accumulate,
+                h_out,
             )?),
             Some(b) => Ok(self.hops()?.layernorm_bwd(
                 x,
@@ -1845,32 +1869,41 @@ impl CudaBackend {
                     hops.bias_grad(Rows::new(dmem, inner), up, 1.0, rows, inner)?;
                 }
             }
-            self.mark("norm fwd")?;
-            self.norm_fwd(x_mid, lp.norm2, self.h.ptr, 0, 0, rows)?;
-            self.mark("gemm w1 dW")?;
-            lt.linear_grad_weight(
-                gpu,
-                sv.gu,
-                self.h.ptr,
-                self.g32(lp.w1),
-                rows,
-                n,
-                2 * inner,
-                1.0,
-                1.0,
-            )?;
-            if mlp_mem {
+            // h = norm2(x_mid) for W1's weight gradient: an RMSNorm backward writes it over
+            // its own input dh (so dh comes first); a LayerNorm's is recomputed up front.
+            let rms = lp.norm2.b.is_none();
+            let w1_grad_weight = || -> Result<()> {
+                self.mark("gemm w1 dW")?;
                 lt.linear_grad_weight(
                     gpu,
-                    dmem,
+                    sv.gu,
                     self.h.ptr,
-                    self.g32(lp.w1) + (inner * n * F32) as u64,
+                    self.g32(lp.w1),
                     rows,
                     n,
-                    inner,
+                    2 * inner,
                     1.0,
                     1.0,
                 )?;
+                if mlp_mem {
+                    lt.linear_grad_weight(
+                        gpu,
+                        dmem,
+                        self.h.ptr,
+                        self.g32(lp.w1) + (inner * n * F32) as u64,
+                        rows,
+                        n,
+                        inner,
+                        1.0,
+                        1.0,
+                    )?;
+                }
+                Ok(())
+            };
+            if !rms {
+                self.mark("norm fwd")?;
+                self.norm_fwd(x_mid, lp.norm2, self.h.ptr, 0, 0, rows)?;
+                w1_grad_weight()?;
             }
             self.mark("gemm w1 dx")?;
             lt.linear_grad_input(
@@ -1900,9 +1933,20 @@ impl CudaBackend {
                 )?;
             }
             self.mark("norm bwd")?;
-            self.norm_bwd(
-                x_mid, lp.norm2, sv.mean2, sv.rstd2, self.h.ptr, rows, 1.0, true,
+            self.norm_bwd_into(
+                x_mid,
+                lp.norm2,
+                sv.mean2,
+                sv.rstd2,
+                self.h.ptr,
+                rows,
+                1.0,
+                true,
+                if rms { self.h.ptr } else { 0 },
             )?;
+            if rms {
+                w1_grad_weight()?;
+            }
             match d.mixers[l] {
                 LayerKind::Attention => self.attention_backward(l, &lp, &sv, batch, seq, x_in)?,
                 LayerKind::Mamba => self.mamba_backward(l, &lp, &sv, batch, seq, x_in)?,

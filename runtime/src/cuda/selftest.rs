@@ -533,7 +533,18 @@ fn check_rmsnorm(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
             dim,
             scale as f32,
             true,
+            dyp, // the forward output again, over dy (as the MLP backward asks for it)
         )?;
+        let h_ref: Vec<f64> = (0..rows * dim)
+            .map(|i| x[i] * rstd_ref[i / dim] * gamma[i % dim])
+            .collect();
+        push(
+            out,
+            "rmsnorm bwd: x·rstd·gamma over dy",
+            shape.clone(),
+            rel_err(&env.read_bf16(dyp, rows * dim)?, &h_ref),
+            TOL_BF16,
+        );
         push(
             out,
             "rmsnorm bwd dx (fp32, +=)",
