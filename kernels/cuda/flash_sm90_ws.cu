@@ -1,0 +1,311 @@
+// Flash attention forward for Hopper (sm_90a), FlashAttention-3 design: warp specialisation.
+// Same function, inputs and outputs as flash_sm90.cu's forward (causal, sliding window, GQA,
+// varlen via seg, O in bf16 and lse in natural log for the backward).
+//
+// CTA = 3 warpgroups (384 threads), 128 query rows, keys in tiles of 128:
+// - warpgroup 0, the producer, gives its registers back (setmaxnreg.dec); one thread loads Q
+//   once and K_n, V_n into a STAGES-deep ring with TMA (cp.async.bulk.tensor through tensor
+//   maps with the 128-byte swizzle: the [D/64][128][64] layout the wgmma descriptors read),
+//   each stage guarded by a full mbarrier (TMA transaction bytes) and an empty one (one arrive
+//   per consumer warp). Rows at or past T arrive as zeros (TMA out-of-bounds fill).
+// - warpgroups 1 and 2, the consumers (setmaxnreg.inc), own 64 query rows each. Per tile n a
+//   consumer issues S_n = Q K_n^T and O += P_{n-1} V_{n-1} together, waits for S_n only, does
+//   the softmax of tile n while P V runs, then waits and rescales O (intra-warpgroup overlap).
+//   No CTA-wide barrier after the setup. PINGPONG: two named barriers pass the right to issue
+//   wgmma back and forth, so one consumer's softmax runs while the other's GEMMs do.
+// CTAs run heaviest (latest query block) first over the whole grid.
+
+#define F9W_THREADS 384
+
+// A CUtensorMap (128 bytes, 64-byte aligned), passed by value as a __grid_constant__ parameter.
+struct __align__(64) F9TensorMap {
+    u64 opaque[16];
+};
+
+__device__ __forceinline__ void mb_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mb_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ bool mb_try_wait(u32 bar, u32 parity) {
+    u32 ok;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(ok)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    return ok != 0;
+}
+// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mb_wait(u32 bar, u32 parity) {
+    while (!mb_try_wait(bar, parity)) {
+    }
+}
+// One arrive per warp (from lane 0), without a branch around it.
+__device__ __forceinline__ void mb_arrive_warp(u32 bar, int lane) {
+    asm volatile("{\n.reg .pred p;\nsetp.eq.u32 p, %1, 0;\n@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(bar),
+                 "r"(lane)
+                 : "memory");
+}
+__device__ __forceinline__ void tma_load_4d(u32 dst, const F9TensorMap* map, u32 bar, int c0, int c1, int c2, int c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+        "[%6];\n" ::"r"(dst),
+        "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ void tma_load_5d(u32 dst, const F9TensorMap* map, u32 bar, int c0, int c1, int c2, int c3,
+                                            int c4) {
+    asm volatile(
+        "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, "
+        "%6}], [%7];\n" ::"r"(dst),
+        "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+
+// Tensor maps (host side, ops.rs): Q over (D, T, qpg, G, B), K and V over (D, T, G, B), bf16,
+// box 64 columns x 128 rows, 128-byte swizzle; a D = 128 tile is two boxes (columns 0, 64).
+template <int D, int STAGES, bool PINGPONG>
+__device__ __forceinline__ void flash_fwd_ws(const F9TensorMap* tm_q, const F9TensorMap* tm_k,
+                                             const F9TensorMap* tm_v, bf16* __restrict__ o, float* __restrict__ lse,
+                                             const int* __restrict__ seg, int T, int H, int qpg, int o_rs,
+                                             float scale_log2, int window) {
+#ifdef F9_ENABLED
+    constexpr u32 TILE = F9_BC * D * 2;  // bytes of a 128-row tile (Q, K or V)
+    constexpr u32 BOX = F9_BC * 64 * 2;  // one TMA box
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const u32 base = (f9_smem(smem_raw) + 1023u) & ~1023u;
+    const u32 Qs = base, Ks = base + TILE, Vs = Ks + STAGES * TILE;
+    const u32 bars = Vs + STAGES * TILE;  // q_full, k_full[S], k_empty[S], v_full[S], v_empty[S]
+    const u32 q_full = bars;
+#define F9W_KFULL(s) (bars + 8u * (1 + (s)))
+#define F9W_KEMPTY(s) (bars + 8u * (1 + STAGES + (s)))
+#define F9W_VFULL(s) (bars + 8u * (1 + 2 * STAGES + (s)))
+#define F9W_VEMPTY(s) (bars + 8u * (1 + 3 * STAGES + (s)))
+
+    const int nhb = gridDim.y * gridDim.z;
+    const int lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const int qb = gridDim.x - 1 - lin / nhb;  // heaviest (latest) query blocks first
+    const int h = (lin % nhb) % gridDim.y, b = (lin % nhb) / gridDim.y;
+    const int q0 = qb * F9_BR;
+    const int* segb = seg ? seg + (long long)b * T : nullptr;
+    const int q_last = min(q0 + F9_BR, T) - 1;
+    const int lo_last = f9_key_lo(segb, q_last, window);  // key_lo is nondecreasing in the row
+    const int kb_lo = f9_key_lo(segb, q0, window) / F9_BC;
+    const int ntiles = q_last / F9_BC + 1 - kb_lo;
+
+    if (threadIdx.x == 0) {
+        mb_init(q_full, 1);
+#pragma unroll
+        for (int s = 0; s < STAGES; s++) {
+            mb_init(F9W_KFULL(s), 1);
+            mb_init(F9W_KEMPTY(s), 8);
+            mb_init(F9W_VFULL(s), 1);
+            mb_init(F9W_VEMPTY(s), 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    const int wg = threadIdx.x >> 7;
+    if (wg == 0) {
+        // Producer.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (threadIdx.x == 0) {
+            const int g = h / qpg;
+            mb_expect_tx(q_full, TILE);
+#pragma unroll
+            for (int c = 0; c < D / 64; c++) tma_load_5d(Qs + c * BOX, tm_q, q_full, c * 64, q0, h % qpg, g, b);
+            for (int n = 0; n < ntiles; n++) {
+                const int s = n % STAGES;
+                const u32 ph = (n / STAGES) & 1;
+                const int j0 = (kb_lo + n) * F9_BC;
+                mb_wait(F9W_KEMPTY(s), ph ^ 1);  // a fresh barrier passes parity 1 at once
+                mb_expect_tx(F9W_KFULL(s), TILE);
+#pragma unroll
+                for (int c = 0; c < D / 64; c++)
+                    tma_load_4d(Ks + s * TILE + c * BOX, tm_k, F9W_KFULL(s), c * 64, j0, g, b);
+                mb_wait(F9W_VEMPTY(s), ph ^ 1);
+                mb_expect_tx(F9W_VFULL(s), TILE);
+#pragma unroll
+                for (int c = 0; c < D / 64; c++)
+                    tma_load_4d(Vs + s * TILE + c * BOX, tm_v, F9W_VFULL(s), c * 64, j0, g, b);
+            }
+        }
+        return;
+    }
+
+    // Consumers.
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    const int cw = wg - 1;  // this consumer's 64 rows: q0 + 64 cw ...
+    const int lane = threadIdx.x & 31, wl = (threadIdx.x >> 5) & 3;
+    const int row_a = q0 + cw * 64 + wl * 16 + (lane >> 2);
+    const int row_b = row_a + 8;
+    const int lo_row[2] = {row_a < T ? f9_key_lo(segb, row_a, window) : 0,
+                           row_b < T ? f9_key_lo(segb, row_b, window) : 0};
+    if (PINGPONG && cw == 0) named_arrive(1);  // consumer 0 issues first
+
+    const u64 dQw = f9_desc(Qs + cw * (64 * 128), 16, 1024);  // this consumer's 64 query rows
+    float acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) acc[i] = 0.f;
+    float mrow[2] = {-INF_F, -INF_F}, lrow[2] = {0.f, 0.f};
+    u32 p[F9_BC / 16][4];  // P of the previous tile (A operand of O += P V)
+#pragma unroll
+    for (int kk = 0; kk < F9_BC / 16; kk++) p[kk][0] = p[kk][1] = p[kk][2] = p[kk][3] = 0u;
+    mb_wait(q_full, 0);
+
+    for (int n = 0; n <= ntiles; n++) {
+        const int kb = kb_lo + n;
+        const int s = n % STAGES, sp = (n + STAGES - 1) % STAGES;
+        const u32 ph = (n / STAGES) & 1, php = ((n + STAGES - 1) / STAGES + 1) & 1;  // parity of tile n-1
+        const u32 Kt = Ks + s * TILE, Vp = Vs + sp * TILE;
+        const u64 dVp = f9_desc(Vp, F9_BC * 128, 1024), dKt = f9_desc(Kt, 16, 1024);
+
+        if (n == ntiles) {  // last P V
+            mb_wait(F9W_VFULL(sp), php);
+            if (PINGPONG) named_sync(1 + cw);
+            wg_fence_regs<D / 2>(acc);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < F9_BC / 16; kk++) f9_wg_pv<D>(acc, p[kk], f9_dadd(dVp, kk * (16 * 128)));
+            wg_commit();
+            if (PINGPONG && cw == 0) named_arrive(2);  // consumer 1's last turn needs no handover
+            wg_wait<0>();
+            wg_fence_regs<D / 2>(acc);
+            mb_arrive_warp(F9W_VEMPTY(sp), lane);
+            break;
+        }
+
+        if (n > 0) mb_wait(F9W_VFULL(sp), php);
+        mb_wait(F9W_KFULL(s), ph);
+        if (PINGPONG) named_sync(1 + cw);
+        // S = Q K_n^T (64 rows x 128 keys), then O += P_{n-1} V_{n-1}
+        float sc[F9_BC / 2];
+        wg_fence_regs<F9_BC / 2>(sc);
+        wg_fence_regs<D / 2>(acc);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            wg_ss_n128_t00(sc, f9_dadd(dQw, (kk >> 2) * (F9_BR * 128) + (kk & 3) * 32),
+                           f9_dadd(dKt, (kk >> 2) * (F9_BC * 128) + (kk & 3) * 32), kk > 0 ? 1 : 0);
+        }
+        wg_commit();
+        if (n > 0) {
+#pragma unroll
+            for (int kk = 0; kk < F9_BC / 16; kk++) f9_wg_pv<D>(acc, p[kk], f9_dadd(dVp, kk * (16 * 128)));
+            wg_commit();
+            if (PINGPONG) named_arrive(2 - cw);
+            wg_wait<1>();
+        } else {
+            if (PINGPONG) named_arrive(2 - cw);
+            wg_wait<0>();
+        }
+        wg_fence_regs<F9_BC / 2>(sc);
+        mb_arrive_warp(F9W_KEMPTY(s), lane);  // K_n read
+
+        const int j0 = kb * F9_BC;
+        float mx[2] = {-INF_F, -INF_F}, alpha[2];
+        // Row max over the warp's quad, rescale factor, P = 2^(S scale - max), row sums. S is
+        // unscaled until here (scale > 0, so the max commutes with it); mrow is scaled.
+        auto finish = [&]() {
+            float mu[2], rsum[2] = {0.f, 0.f};
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                const float mnew = fmaxf(mrow[r], mx[r] * scale_log2);
+                mu[r] = mnew == -INF_F ? 0.f : mnew;
+                alpha[r] = f9_ex2(mrow[r] - mu[r]);
+                mrow[r] = mnew;
+            }
+#pragma unroll
+            for (int i = 0; i < F9_BC / 2; i++) {
+                sc[i] = f9_ex2(fmaf(sc[i], scale_log2, -mu[(i >> 1) & 1]));
+                rsum[(i >> 1) & 1] += sc[i];
+            }
+#pragma unroll
+            for (int r = 0; r < 2; r++) lrow[r] = lrow[r] * alpha[r] + rsum[r];
+            wg_fence_regs<F9_BC / 2>(sc);
+        };
+        // Tiles wholly visible to every row of the CTA skip the per-element test; the softmax
+        // sits inside each branch so that the wait below starts a basic block after it
+        // (ptxas hoists a wgmma wait to the top of its block).
+        const bool full = j0 + F9_BC - 1 <= q0 && j0 + F9_BC <= T && j0 >= lo_last;
+        if (full) {
+#pragma unroll
+            for (int i = 0; i < F9_BC / 2; i++) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], sc[i]);
+            finish();
+        } else {
+#pragma unroll
+            for (int i = 0; i < F9_BC / 2; i++) {
+                const int r = (i >> 1) & 1;
+                const int row = r ? row_b : row_a;
+                const int j = j0 + (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+                const bool ok = row < T && j <= row && j >= lo_row[r] && j < T;
+                sc[i] = ok ? sc[i] : -INF_F;
+                mx[r] = fmaxf(mx[r], sc[i]);
+            }
+            finish();
+        }
+        wg_wait<0>();  // O += P_{n-1} V_{n-1} done: O and P are free, V_{n-1} read
+        wg_fence_regs<D / 2>(acc);
+#pragma unroll
+        for (int kk = 0; kk < F9_BC / 16; kk++)
+            asm volatile("" : "+r"(p[kk][0]), "+r"(p[kk][1]), "+r"(p[kk][2]), "+r"(p[kk][3])::"memory");
+        if (n > 0) mb_arrive_warp(F9W_VEMPTY(sp), lane);
+#pragma unroll
+        for (int i = 0; i < D / 2; i++) acc[i] *= alpha[(i >> 1) & 1];
+        // P as the A operand: the accumulator layout of two adjacent n8 blocks is the
+        // m64k16 A-fragment layout.
+#pragma unroll
+        for (int kk = 0; kk < F9_BC / 16; kk++) {
+            p[kk][0] = f9_pack(sc[8 * kk + 0], sc[8 * kk + 1]);
+            p[kk][1] = f9_pack(sc[8 * kk + 2], sc[8 * kk + 3]);
+            p[kk][2] = f9_pack(sc[8 * kk + 4], sc[8 * kk + 5]);
+            p[kk][3] = f9_pack(sc[8 * kk + 6], sc[8 * kk + 7]);
+        }
+    }
+#undef F9W_KFULL
+#undef F9W_KEMPTY
+#undef F9W_VFULL
+#undef F9W_VEMPTY
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int i = r ? row_b : row_a;
+        if (i >= T) continue;
+        const float inv = lrow[r] > 0.f ? 1.f / lrow[r] : 0.f;
+        bf16* orow = o + ((long long)b * T + i) * o_rs + h * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            *reinterpret_cast<u32*>(orow + dt * 8 + (lane & 3) * 2) =
+                f9_pack(acc[dt * 4 + 2 * r] * inv, acc[dt * 4 + 2 * r + 1] * inv);
+        }
+        if ((lane & 3) == 0) lse[((long long)b * H + h) * T + i] = (mrow[r] + log2f(lrow[r])) * 0.69314718055994530942f;
+    }
+#else
+    asm volatile("trap;");
+#endif
+}
+
+#define F9W_FWD_KERNEL(NAME, D, STAGES, PINGPONG)                                                                     \
+    extern "C" __global__ void __launch_bounds__(F9W_THREADS, 1)                                                      \
+        NAME(const __grid_constant__ F9TensorMap tm_q, const __grid_constant__ F9TensorMap tm_k,                     \
+             const __grid_constant__ F9TensorMap tm_v, bf16* o, float* lse, const int* seg, int T, int H, int qpg,   \
+             int o_rs, float scale_log2, int window) {                                                                \
+        flash_fwd_ws<D, STAGES, PINGPONG>(&tm_q, &tm_k, &tm_v, o, lse, seg, T, H, qpg, o_rs, scale_log2, window);    \
+    }
+// Stages: d128 2 (Q + 2 x (K + V) = 160 KiB), d64 3 (112 KiB).
+F9W_FWD_KERNEL(flash_fwd_ws_d128, 128, 2, true)
+F9W_FWD_KERNEL(flash_fwd_ws_d64, 64, 3, true)
+F9W_FWD_KERNEL(flash_fwd_ws_nopp_d128, 128, 2, false)
+F9W_FWD_KERNEL(flash_fwd_ws_nopp_d64, 64, 3, false)
