@@ -217,7 +217,8 @@ __device__ __forceinline__ void flash_fwd_sm90(const bf16* __restrict__ q, const
                                    window);                                                                      \
     }
 // The overlapped forward measured 3.8 % slower at d16 (13.75 vs 13.24 ms, same call), so the
-// plain one is the default (Ops; ARCHSCALE_FLASH_FWD=overlap picks the other).
+// plain one is what variant sm90 runs (ARCHSCALE_FLASH_FWD=overlap picks the other). The
+// default forward on Hopper is flash_sm90_ws.cu's (variant sm90ws).
 F9_FWD_KERNEL(flash_fwd_sm90_d128, 128, false)
 F9_FWD_KERNEL(flash_fwd_sm90_d64, 64, false)
 F9_FWD_KERNEL(flash_fwd_sm90_overlap_d128, 128, true)
