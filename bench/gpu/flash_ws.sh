@@ -3,11 +3,12 @@
 # Runs on the GPU machine from the repository root with the carry dir (default
 # gpu-carry-fa3/: stripped release `archscale`, kcache/ compiled off the GPU) carried:
 #   bash gpu-carry-fa3/flash_ws.sh [selftest] [selftestnopp] [bench] [benchnopp] [ncu]  (default: selftest bench)
-# selftest: `archscale selftest --only flash` (variants sm80, sm90, sm90ws);
+# selftest: `archscale selftest --only flash` (variants sm80, sm90, sm90ws, sm90ws-bwd);
 #   selftestnopp: the same with ARCHSCALE_FLASH_WS=nopp (sm90ws without ping-pong).
-# bench: the d16 ctx-4096 step, --profile, with ARCHSCALE_FLASH=sm90 then sm90ws (skipped if
-#   the sm90ws selftest did not pass); benchnopp: sm90ws with ARCHSCALE_FLASH_WS=nopp.
-# ncu: one d128 launch of each forward (clocks left alone).
+# bench: the d16 ctx-4096 step, --profile, with ARCHSCALE_FLASH=each of $VARIANTS (default
+#   sm90 sm90ws sm90ws-bwd; a variant whose selftest in this call did not pass is skipped);
+#   benchnopp: sm90ws with ARCHSCALE_FLASH_WS=nopp.
+# ncu: one d128 launch of the forward and backward kernels of sm90 and sm90ws-bwd.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -18,7 +19,10 @@ BIN=$C/archscale
 what=${*:-selftest bench}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv > "$OUT/smi.txt" 2>&1
 date -u +%Y-%m-%dT%H:%MZ >> "$OUT/smi.txt"
-ws_ok=1
+passed() {  # variant: its selftest lines exist and all end in ok (true when no selftest ran)
+  [ -f "$OUT/selftest.txt" ] || return 0
+  grep -qF "[$1]" "$OUT/selftest.txt" && ! grep -F "[$1]" "$OUT/selftest.txt" | grep -qv " ok$"
+}
 step() {  # name, env..., then the bench
   local name=$1; shift
   env "$@" timeout ${BENCH_T:-150} $BIN bench bench/transformer_ctx4096.toml --set 'depth=[16]' \
@@ -28,19 +32,20 @@ step() {  # name, env..., then the bench
 for w in $what; do
   case $w in
     selftest) SECONDS=0; ARCHSCALE_NVRTC_LOG=1 timeout ${SELFTEST_T:-180} $BIN selftest --only flash > "$OUT/selftest.txt" 2>&1
-              echo "selftest rc=$? (${SECONDS}s)" >> "$OUT/selftest.txt"
-              grep -q "sm90ws" "$OUT/selftest.txt" && ! grep "sm90ws" "$OUT/selftest.txt" | grep -qv " ok$" || ws_ok=0 ;;
-    selftestnopp) [ $ws_ok = 1 ] || continue
+              echo "selftest rc=$? (${SECONDS}s)" >> "$OUT/selftest.txt" ;;
+    selftestnopp) passed sm90ws || continue
               ARCHSCALE_FLASH_WS=nopp timeout ${SELFTEST_T:-180} $BIN selftest --only flash > "$OUT/selftest_nopp.txt" 2>&1
               echo "selftest rc=$?" >> "$OUT/selftest_nopp.txt" ;;
-    bench) step sm90 ARCHSCALE_FLASH=sm90
-           [ $ws_ok = 1 ] && step sm90ws ARCHSCALE_FLASH=sm90ws ;;
-    benchws) [ $ws_ok = 1 ] && step sm90ws ARCHSCALE_FLASH=sm90ws ;;
-    benchnopp) [ $ws_ok = 1 ] && step nopp ARCHSCALE_FLASH=sm90ws ARCHSCALE_FLASH_WS=nopp ;;
+    bench) for v in ${VARIANTS:-sm90 sm90ws sm90ws-bwd}; do
+             passed $v && step $v ARCHSCALE_FLASH=$v
+           done ;;
+    benchws) passed sm90ws && step sm90ws ARCHSCALE_FLASH=sm90ws ;;
+    benchnopp) passed sm90ws && step nopp ARCHSCALE_FLASH=sm90ws ARCHSCALE_FLASH_WS=nopp ;;
     bench90) step sm90 ARCHSCALE_FLASH=sm90 ;;
-    ncu) [ $ws_ok = 1 ] || continue
-         for v in sm90 sm90ws; do
-           ARCHSCALE_FLASH=$v timeout 150 ncu --clock-control none -k regex:'flash_fwd_(sm90|ws)_d128' -s 15 -c 1 \
+    ncu)
+         for v in ${NCU_VARIANTS:-sm90ws-bwd}; do
+           passed $v || continue
+           ARCHSCALE_FLASH=$v timeout ${NCU_T:-120} ncu --clock-control none -k regex:'flash_(fwd|bwd)_(sm90|ws)_d128' -s 15 -c 2 \
              --section SpeedOfLight --section WarpStateStats --section SchedulerStats --print-details all \
              $BIN bench bench/transformer_ctx4096.toml --set 'depth=[16]' --micro 4 --steps 1 --warmup 1 \
              > "$OUT/ncu_$v.txt" 2>&1
@@ -54,10 +59,10 @@ for f in selftest selftest_nopp; do
     grep "^flash" "$OUT/$f.txt" | awk '{v=$(NF-2)+0; for(i=1;i<=NF;i++) if($i ~ /^\[sm/) var=$i; key=$3" "var; if(v>m[key]) m[key]=v; n[key]++; if($NF!="ok") bad[key]++} END {for(k in m) printf "  %-20s n=%d max=%.3e bad=%d\n", k, n[k], m[k], bad[k]}' | sort
     grep -v "^flash" "$OUT/$f.txt" | grep -i "passed\|rc=\|error\|panic\|fail" | head -8; }
 done
-for v in sm90 sm90ws nopp; do
+for v in sm90 sm90ws sm90ws-bwd nopp; do
   [ -f "$OUT/bench_$v.txt" ] && { echo "=== bench $v"; grep -E "attn|step|tokens|transformer|error|rc=" "$OUT/bench_$v.txt" | grep -v "^{" | head -12; }
 done
-for v in sm90 sm90ws; do
+for v in sm90 sm90ws sm90ws-bwd; do
   [ -f "$OUT/ncu_$v.txt" ] && { echo "=== ncu $v"; grep -E "flash_|Duration|Throughput|Issue Slots Busy|Warp Cycles Per Issued|rc=|==ERR" "$OUT/ncu_$v.txt" | head -16; }
 done
 true

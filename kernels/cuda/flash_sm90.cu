@@ -243,36 +243,6 @@ F9_FWD_KERNEL(flash_fwd_sm90_overlap_d64, 64, true)
 // CTAs run heaviest first over the whole grid: the block index is linearised with the key
 // block slowest, so every (group, batch)'s first key blocks (most queries under the causal
 // mask) start in the first wave.
-#define F9B_BC 128
-#define F9B_BR 64
-
-__device__ __forceinline__ void f9_st_shared(u32 addr, u32 v) {
-    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
-}
-__device__ __forceinline__ void f9_st_shared2(u32 addr, float a, float b) {
-    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a), "f"(b) : "memory");
-}
-__device__ __forceinline__ void f9_st_shared4(u32 addr, float a, float b, float c, float d) {
-    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
-}
-__device__ __forceinline__ void f9_cp4(u32 dst, const void* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0) : "memory");
-}
-// Named barrier over `count` threads (id 0 is __syncthreads').
-__device__ __forceinline__ void f9_bar(int id, int count) {
-    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-__device__ __forceinline__ void f9_bulk_red_add(float* g, u32 s, u32 bytes) {
-    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(g), "r"(s),
-                 "r"(bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void f9_bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void f9_bulk_wait_read() {
-    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void f9_bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
 template <int D>
 __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const bf16* __restrict__ k,

@@ -309,3 +309,324 @@ F9W_FWD_KERNEL(flash_fwd_ws_d128, 128, 2, true)
 F9W_FWD_KERNEL(flash_fwd_ws_d64, 64, 3, true)
 F9W_FWD_KERNEL(flash_fwd_ws_nopp_d128, 128, 2, false)
 F9W_FWD_KERNEL(flash_fwd_ws_nopp_d64, 64, 3, false)
+
+// ---------------------------------------------------------------------------------------------
+// Backward, warp-specialised: the math and work split of flash_sm90.cu's backward (CTA = 128
+// keys of one kv group and batch, consumer warpgroup c owns keys 64c..64c+63, work items of
+// 64 queries over the group's heads; S^T, dP^T, P^T, dS^T, dV, dK, dQ by bulk reduce into the
+// same blocked dq_acc), with the loads moved to a producer warpgroup:
+// - thread 0 loads K and V once and per item Q and dO (TMA; Q over (D, T, qpg, G, B), dO over
+//   (D, T, H, B), boxes of 64 rows) into a 2-stage ring; warp 1 loads the item's lse, delta and
+//   seg (plain loads, zeros past T and without varlen) into the same stage. full[st] completes
+//   on TMA bytes plus 33 arrivals (thread 0 and warp 1's lanes); empty[st] on one arrival per
+//   consumer warp once dV += P^T dO and dK += dS^T Q (the last readers of Q, dO) are done.
+// - per item the consumers meet at one named barrier (256 threads: dS^T of both written, so
+//   dQ = dS K can read all 128 keys); no CTA-wide barrier in the loop.
+template <int D>
+__device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9TensorMap* tm_k,
+                                             const F9TensorMap* tm_v, const F9TensorMap* tm_do,
+                                             const float* __restrict__ lse, const float* __restrict__ delta,
+                                             float* __restrict__ dq_acc, bf16* __restrict__ dk, bf16* __restrict__ dv,
+                                             const int* __restrict__ seg, int T, int H, int qpg, int kv_rs, int kv_gs,
+                                             float scale, float scale_log2, int window) {
+#ifdef F9_ENABLED
+    constexpr u32 TILE_KV = F9B_BC * D * 2;       // K or V: [D/64][128 keys][64]
+    constexpr u32 TILE_Q = F9B_BR * D * 2;        // Q or dO: [D/64][64 queries][64]
+    constexpr u32 TILE_DS = F9B_BC * F9B_BR * 2;  // dS^T: [128 keys][64 queries]
+    constexpr u32 TILE_DQ = F9B_BR * 64 * 4;      // one warpgroup's fp32 dQ part (64 x 64)
+    constexpr u32 BOX_KV = F9B_BC * 64 * 2, BOX_Q = F9B_BR * 64 * 2;
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const u32 raw = f9_smem(smem_raw);
+    const u32 base = (raw + 1023u) & ~1023u;
+    const u32 Ks = base, Vs = Ks + TILE_KV, Qs2 = Vs + TILE_KV, dOs2 = Qs2 + 2 * TILE_Q, dSs = dOs2 + 2 * TILE_Q;
+    const u32 dQs = dSs + 2 * TILE_DS;  // [2 buffers][2 warpgroups] TILE_DQ
+    const u32 Ls = dQs + 4 * TILE_DQ;   // lse, delta, seg: [2 stages][64] each
+    const u32 Ds = Ls + 2 * F9B_BR * 4, Gs = Ds + 2 * F9B_BR * 4;
+    const u32 bars = Gs + 2 * F9B_BR * 4;  // kv_full, full[2], empty[2]
+    const u32 kv_full = bars;
+#define F9WB_FULL(s) (bars + 8u * (1 + (s)))
+#define F9WB_EMPTY(s) (bars + 8u * (3 + (s)))
+    float* lse2 = reinterpret_cast<float*>(smem_raw + (Ls - raw));
+    float* del2 = reinterpret_cast<float*>(smem_raw + (Ds - raw));
+    int* seg2 = reinterpret_cast<int*>(smem_raw + (Gs - raw));
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2;
+    const int ngb = gridDim.y * gridDim.z;
+    const int lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const int kb = lin / ngb, g = (lin % ngb) % gridDim.y, b = (lin % ngb) / gridDim.y;
+    const int k0 = kb * F9B_BC;
+    const int* segb = seg ? seg + (long long)b * T : nullptr;
+
+    const int qb_lo = k0 / F9B_BR;
+    int q_hi = window > 0 ? min(T, k0 + F9B_BC - 1 + window) : T;
+    if (segb) {
+        // Queries past the first whose document starts after this block's last key see none of it.
+        const int k_last = k0 + F9B_BC - 1;
+        int lo = min(k_last + 1, q_hi), hi = q_hi;
+        while (lo < hi) {
+            const int mid = (lo + hi) >> 1;
+            if (segb[mid] > k_last) hi = mid; else lo = mid + 1;
+        }
+        q_hi = lo;
+    }
+    const int nqb = max((q_hi + F9B_BR - 1) / F9B_BR - qb_lo, 0);
+    const int items = qpg * nqb;
+
+    if (threadIdx.x == 0) {
+        mb_init(kv_full, 1);
+#pragma unroll
+        for (int s = 0; s < 2; s++) {
+            mb_init(F9WB_FULL(s), 33);
+            mb_init(F9WB_EMPTY(s), 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // Producer.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if (warp == 0 && items > 0) {
+            if (lane == 0) {
+                mb_expect_tx(kv_full, 2 * TILE_KV);
+#pragma unroll
+                for (int c = 0; c < D / 64; c++) {
+                    tma_load_4d(Ks + c * BOX_KV, tm_k, kv_full, c * 64, k0, g, b);
+                    tma_load_4d(Vs + c * BOX_KV, tm_v, kv_full, c * 64, k0, g, b);
+                }
+                for (int it = 0; it < items; it++) {
+                    const int st = it & 1;
+                    const u32 ph = (it >> 1) & 1;
+                    const int j = it / nqb, q0 = (qb_lo + it % nqb) * F9B_BR;
+                    mb_wait(F9WB_EMPTY(st), ph ^ 1);
+                    mb_expect_tx(F9WB_FULL(st), 2 * TILE_Q);
+#pragma unroll
+                    for (int c = 0; c < D / 64; c++) {
+                        tma_load_5d(Qs2 + st * TILE_Q + c * BOX_Q, tm_q, F9WB_FULL(st), c * 64, q0, j, g, b);
+                        tma_load_4d(dOs2 + st * TILE_Q + c * BOX_Q, tm_do, F9WB_FULL(st), c * 64, q0, g * qpg + j, b);
+                    }
+                }
+            }
+        } else if (warp == 1 && items > 0) {
+            for (int it = 0; it < items; it++) {
+                const int st = it & 1;
+                const u32 ph = (it >> 1) & 1;
+                const int j = it / nqb, q0 = (qb_lo + it % nqb) * F9B_BR;
+                const long long bh = ((long long)b * H + g * qpg + j) * T;
+                float l[2], d[2];
+                int sg[2];
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    const int row = q0 + lane + 32 * r;
+                    const bool ok = row < T;
+                    l[r] = ok ? lse[bh + row] : 0.f;
+                    d[r] = ok ? delta[bh + row] : 0.f;
+                    sg[r] = ok && segb ? segb[row] : 0;
+                }
+                mb_wait(F9WB_EMPTY(st), ph ^ 1);
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    lse2[st * F9B_BR + lane + 32 * r] = l[r];
+                    del2[st * F9B_BR + lane + 32 * r] = d[r];
+                    seg2[st * F9B_BR + lane + 32 * r] = sg[r];
+                }
+                asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(F9WB_FULL(st)) : "memory");
+            }
+        }
+        return;
+    }
+
+    // Consumers.
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    const int cw = wg - 1;                         // keys 64 cw .. 64 cw + 63 of the block
+    const int wl = warp & 3, tw = threadIdx.x & 127;  // warp, thread within the warpgroup
+    float dk_acc[D / 2], dv_acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) dk_acc[i] = dv_acc[i] = 0.f;
+    const u64 dKw = f9_desc(Ks + cw * (64 * 128), 16, 1024), dVw = f9_desc(Vs + cw * (64 * 128), 16, 1024);
+    const u64 dKn = f9_desc(Ks + (D == 128 ? cw * (F9B_BC * 128) : 0), F9B_BC * 128, 1024);
+    const int kw = k0 + cw * 64 + wl * 16;  // this warp's 16 keys
+    const int key_a = kw + (lane >> 2);     // this thread's keys: key_a, key_a + 8
+
+    float dq[32];  // dQ of an item, still on the tensor cores across the loop's back edge
+    auto store_dq = [&](int it) {
+        const int jj = it / nqb, qq0 = (qb_lo + it % nqb) * F9B_BR, hh = g * qpg + jj;
+        float* dqb = dq_acc + (((long long)b * H + hh) * T + qq0) * D;
+        if (qq0 + F9B_BR <= T) {
+            const u32 dqt = dQs + ((it & 1) * 2 + cw) * TILE_DQ;
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+                f9_st_shared4(dqt + (nt * 128 + tw) * 16, dq[4 * nt], dq[4 * nt + 1], dq[4 * nt + 2], dq[4 * nt + 3]);
+            f9_proxy_fence();
+            f9_bar(2 + cw, 128);
+            if (tw == 0) f9_bulk_red_add(dqb + (D == 128 ? cw * 4096 : 0), dqt, TILE_DQ);
+        } else {
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int ql = wl * 16 + (lane >> 2) + r * 8;
+                if (qq0 + ql >= T) continue;
+                float* p = dqb + ql * D + (D == 128 ? cw * 64 : 0) + (lane & 3) * 2;
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++)
+                    atomicAdd(reinterpret_cast<float2*>(p + nt * 8), make_float2(dq[nt * 4 + 2 * r], dq[nt * 4 + 2 * r + 1]));
+            }
+        }
+        f9_bulk_commit();
+    };
+
+    if (items > 0) mb_wait(kv_full, 0);
+    for (int item = 0; item < items; item++) {
+        const int st = item & 1;
+        const u32 ph = (item >> 1) & 1;
+        const int q0 = (qb_lo + item % nqb) * F9B_BR;
+        const u32 Qt = Qs2 + st * TILE_Q, dOt = dOs2 + st * TILE_Q, dSt = dSs + st * TILE_DS;
+        const float* lse_s = lse2 + st * F9B_BR;
+        const float* del_s = del2 + st * F9B_BR;
+        const int* seg_s = seg2 + st * F9B_BR;  // zeros without varlen
+
+        wg_wait<0>();  // dQ of item - 1
+        wg_fence_regs<32>(dq);
+        if (item > 0) store_dq(item - 1);
+        mb_wait(F9WB_FULL(st), ph);
+        float s[32], dp[32];
+        wg_fence_regs<32>(s);
+        wg_fence_regs<32>(dp);
+        wg_fence();
+        const u64 dQt = f9_desc(Qt, 16, 1024), ddOt = f9_desc(dOt, 16, 1024);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            wg_ss_n64_t00(s, f9_dadd(dKw, (kk >> 2) * (F9B_BC * 128) + (kk & 3) * 32),
+                          f9_dadd(dQt, (kk >> 2) * (F9B_BR * 128) + (kk & 3) * 32), kk > 0 ? 1 : 0);
+        }
+        wg_commit();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            wg_ss_n64_t00(dp, f9_dadd(dVw, (kk >> 2) * (F9B_BC * 128) + (kk & 3) * 32),
+                          f9_dadd(ddOt, (kk >> 2) * (F9B_BR * 128) + (kk & 3) * 32), kk > 0 ? 1 : 0);
+        }
+        wg_commit();
+        wg_wait<1>();  // S^T is done; dP^T may still run while P^T is computed
+        wg_fence_regs<32>(s);
+
+        const int wmax = window > 0 ? window - 1 : T;
+        const int ql_last = min(F9B_BR - 1, T - 1 - q0);
+        const int lo_last = max(seg_s[ql_last], q0 + ql_last - wmax);
+        const bool full = kw + 15 <= q0 && q0 + F9B_BR <= T && kw >= lo_last;
+        if (full) {
+#pragma unroll
+            for (int i = 0; i < 32; i++) {
+                const int ql = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+                s[i] = f9_ex2(fmaf(s[i], scale_log2, -lse_s[ql] * 1.44269504088896340736f));
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 32; i++) {
+                const int ql = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+                const int key = key_a + ((i >> 1) & 1) * 8;
+                const int qrow = q0 + ql;
+                const bool ok = qrow < T && key < T && key <= qrow && key >= seg_s[ql] && key >= qrow - wmax;
+                const float e = f9_ex2(fmaf(s[i], scale_log2, -lse_s[ql] * 1.44269504088896340736f));
+                s[i] = ok ? e : 0.f;
+            }
+        }
+        wg_wait<0>();
+        wg_fence_regs<32>(dp);
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            const int ql = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+            dp[i] = s[i] * (dp[i] - del_s[ql]);
+        }
+        u32 pf[4][4], dsf[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                pf[kk][e] = f9_pack(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
+                dsf[kk][e] = f9_pack(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1]);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int kl = cw * 64 + wl * 16 + (lane >> 2) + (e & 1) * 8;
+                const int nt = 2 * kk + (e >> 1);
+                f9_st_shared(dSt + kl * 128 + ((nt ^ (kl & 7)) << 4) + (lane & 3) * 4, dsf[kk][e]);
+            }
+        }
+        const u64 ddOtN = f9_desc(dOt, F9B_BR * 128, 1024), dQtN = f9_desc(Qt, F9B_BR * 128, 1024);
+        wg_fence_regs<D / 2>(dv_acc);
+        wg_fence_regs<D / 2>(dk_acc);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) f9_wg_pv<D>(dv_acc, pf[kk], f9_dadd(ddOtN, kk * (16 * 128)));
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) f9_wg_pv<D>(dk_acc, dsf[kk], f9_dadd(dQtN, kk * (16 * 128)));
+        wg_commit();
+        f9_proxy_fence();
+        // The dQ buffer item + 1 fills (item - 1's) was last read by the bulk reduce of item - 3:
+        // its issuer waits for that before the barrier that the other threads cross after it.
+        if (tw == 0) f9_bulk_wait_read<1>();
+        f9_bar(1, 256);  // dS^T of both consumers written (dQ of item - 1 may still read the other buffer)
+
+        const u64 dSd = f9_desc(dSt, TILE_DS, 1024);
+        wg_fence_regs<32>(dq);
+        wg_fence();
+        if constexpr (D == 128) {
+#pragma unroll
+            for (int kk = 0; kk < F9B_BC / 16; kk++)
+                wg_ss_n64_t11(dq, f9_dadd(dSd, kk * (16 * 128)), f9_dadd(dKn, kk * (16 * 128)), kk > 0 ? 1 : 0);
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                const u32 off = cw * (64 * 128) + kk * (16 * 128);
+                wg_ss_n64_t11(dq, f9_dadd(dSd, off), f9_dadd(dKn, off), kk > 0 ? 1 : 0);
+            }
+        }
+        wg_commit();
+        wg_wait<1>();  // dV, dK done: their registers and stage st are free; dQ runs on
+        wg_fence_regs<D / 2>(dv_acc);
+        wg_fence_regs<D / 2>(dk_acc);
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+            asm volatile("" : "+r"(pf[kk][0]), "+r"(pf[kk][1]), "+r"(pf[kk][2]), "+r"(pf[kk][3]),
+                         "+r"(dsf[kk][0]), "+r"(dsf[kk][1]), "+r"(dsf[kk][2]), "+r"(dsf[kk][3])::"memory");
+        mb_arrive_warp(F9WB_EMPTY(st), lane);
+    }
+#undef F9WB_FULL
+#undef F9WB_EMPTY
+    wg_wait<0>();  // on every path: ptxas serialises all wgmma if one path may skip it
+    wg_fence_regs<32>(dq);
+    if (items > 0) store_dq(items - 1);
+    if (tw == 0) f9_bulk_wait_all();
+    bf16* dkg = dk + (long long)b * T * kv_rs + g * kv_gs;
+    bf16* dvg = dv + (long long)b * T * kv_rs + g * kv_gs;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int key = key_a + r * 8;
+        if (key >= T) continue;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            const int col = dt * 8 + (lane & 3) * 2;
+            *reinterpret_cast<u32*>(dkg + (long long)key * kv_rs + col) =
+                f9_pack(dk_acc[dt * 4 + 2 * r] * scale, dk_acc[dt * 4 + 2 * r + 1] * scale);
+            *reinterpret_cast<u32*>(dvg + (long long)key * kv_rs + col) =
+                f9_pack(dv_acc[dt * 4 + 2 * r], dv_acc[dt * 4 + 2 * r + 1]);
+        }
+    }
+#else
+    asm volatile("trap;");
+#endif
+}
+
+#define F9W_BWD_KERNEL(NAME, D)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(F9W_THREADS, 1)                                                      \
+        NAME(const __grid_constant__ F9TensorMap tm_q, const __grid_constant__ F9TensorMap tm_k,                     \
+             const __grid_constant__ F9TensorMap tm_v, const __grid_constant__ F9TensorMap tm_do, const float* lse,  \
+             const float* delta, float* dq_acc, bf16* dk, bf16* dv, const int* seg, int T, int H, int qpg, int kv_rs, \
+             int kv_gs, float scale, float scale_log2, int window) {                                                  \
+        flash_bwd_ws<D>(&tm_q, &tm_k, &tm_v, &tm_do, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, kv_rs, kv_gs, scale, \
+                        scale_log2, window);                                                                          \
+    }
+F9W_BWD_KERNEL(flash_bwd_ws_d128, 128)
+F9W_BWD_KERNEL(flash_bwd_ws_d64, 64)
