@@ -63,6 +63,8 @@ __device__ __forceinline__ void tma_load_5d(u32 dst, const F9TensorMap* map, u32
         "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar)
         : "memory");
 }
+__device__ __forceinline__ void named_sync_n(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void named_arrive_n(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
 __device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
 
@@ -322,7 +324,14 @@ F9W_FWD_KERNEL(flash_fwd_ws_nopp_d64, 64, 3, false)
 //   consumer warp once dV += P^T dO and dK += dS^T Q (the last readers of Q, dO) are done.
 // - per item the consumers meet at one named barrier (256 threads: dS^T of both written, so
 //   dQ = dS K can read all 128 keys); no CTA-wide barrier in the loop.
-template <int D>
+// - DQW (FA3's dQ writer): producer warp 2 issues the dQ bulk reduces. Consumers park their dQ
+//   part, fence, and only arrive on dq_full[buf] (named barrier, 256 + 32 threads); the writer
+//   syncs there, reduces both parts, waits until the bulk copy has read the buffer and arrives
+//   on dq_empty[buf], which consumers sync on before they fill that buffer again (two full
+//   blocks later). Else each consumer syncs its own warpgroup and one thread issues its reduce.
+//   Buffers go by the count of whole 64-query blocks (the last, partial block of a head goes
+//   by vector atomics from the consumers), the same sequence on both sides.
+template <int D, bool DQW>
 __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9TensorMap* tm_k,
                                              const F9TensorMap* tm_v, const F9TensorMap* tm_do,
                                              const float* __restrict__ lse, const float* __restrict__ delta,
@@ -371,6 +380,10 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
     }
     const int nqb = max((q_hi + F9B_BR - 1) / F9B_BR - qb_lo, 0);
     const int items = qpg * nqb;
+    // Whole 64-query blocks (dQ by bulk reduce); only a head's last block can be partial.
+    const bool last_partial = nqb > 0 && (qb_lo + nqb) * F9B_BR > T;
+    const int nfull = qpg * (nqb - (last_partial ? 1 : 0));
+    constexpr int DQ_FULL = 4, DQ_EMPTY = 6, DQ_N = 256 + 32;  // named barriers [2 buffers]
 
     if (threadIdx.x == 0) {
         mb_init(kv_full, 1);
@@ -432,6 +445,25 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
                 }
                 asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(F9WB_FULL(st)) : "memory");
             }
+        } else if (DQW && warp == 2) {
+            int f = 0;  // whole blocks so far
+            for (int it = 0; it < items; it++) {
+                const int jj = it / nqb, qq0 = (qb_lo + it % nqb) * F9B_BR;
+                if (qq0 + F9B_BR > T) continue;  // partial block: atomics by the consumers
+                const int buf = f & 1;
+                float* dqb = dq_acc + (((long long)b * H + g * qpg + jj) * T + qq0) * D;
+                named_sync_n(DQ_FULL + buf, DQ_N);
+                if (lane == 0) {
+#pragma unroll
+                    for (int c = 0; c < 2; c++) f9_bulk_red_add(dqb + (D == 128 ? c * 4096 : 0), dQs + (buf * 2 + c) * TILE_DQ, TILE_DQ);
+                    f9_bulk_commit();
+                    f9_bulk_wait_read<0>();
+                }
+                __syncwarp();
+                if (f + 2 < nfull) named_arrive_n(DQ_EMPTY + buf, DQ_N);  // a later block fills it
+                f++;
+            }
+            if (lane == 0) f9_bulk_wait_all();
         }
         return;
     }
@@ -449,17 +481,25 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
     const int key_a = kw + (lane >> 2);     // this thread's keys: key_a, key_a + 8
 
     float dq[32];  // dQ of an item, still on the tensor cores across the loop's back edge
+    int nf = 0;    // whole blocks stored so far (DQW: picks the buffer)
     auto store_dq = [&](int it) {
         const int jj = it / nqb, qq0 = (qb_lo + it % nqb) * F9B_BR, hh = g * qpg + jj;
         float* dqb = dq_acc + (((long long)b * H + hh) * T + qq0) * D;
         if (qq0 + F9B_BR <= T) {
-            const u32 dqt = dQs + ((it & 1) * 2 + cw) * TILE_DQ;
+            const int buf = DQW ? (nf & 1) : (it & 1);
+            const u32 dqt = dQs + (buf * 2 + cw) * TILE_DQ;
+            if (DQW && nf >= 2) named_sync_n(DQ_EMPTY + buf, DQ_N);  // the writer is done with it
 #pragma unroll
             for (int nt = 0; nt < 8; nt++)
                 f9_st_shared4(dqt + (nt * 128 + tw) * 16, dq[4 * nt], dq[4 * nt + 1], dq[4 * nt + 2], dq[4 * nt + 3]);
             f9_proxy_fence();
-            f9_bar(2 + cw, 128);
-            if (tw == 0) f9_bulk_red_add(dqb + (D == 128 ? cw * 4096 : 0), dqt, TILE_DQ);
+            if (DQW) {
+                named_arrive_n(DQ_FULL + buf, DQ_N);
+                nf++;
+            } else {
+                f9_bar(2 + cw, 128);
+                if (tw == 0) f9_bulk_red_add(dqb + (D == 128 ? cw * 4096 : 0), dqt, TILE_DQ);
+            }
         } else {
 #pragma unroll
             for (int r = 0; r < 2; r++) {
@@ -471,7 +511,7 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
                     atomicAdd(reinterpret_cast<float2*>(p + nt * 8), make_float2(dq[nt * 4 + 2 * r], dq[nt * 4 + 2 * r + 1]));
             }
         }
-        f9_bulk_commit();
+        if (!DQW) f9_bulk_commit();
     };
 
     if (items > 0) mb_wait(kv_full, 0);
@@ -566,7 +606,7 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
         f9_proxy_fence();
         // The dQ buffer item + 1 fills (item - 1's) was last read by the bulk reduce of item - 3:
         // its issuer waits for that before the barrier that the other threads cross after it.
-        if (tw == 0) f9_bulk_wait_read<1>();
+        if (!DQW && tw == 0) f9_bulk_wait_read<1>();
         f9_bar(1, 256);  // dS^T of both consumers written (dQ of item - 1 may still read the other buffer)
 
         const u64 dSd = f9_desc(dSt, TILE_DS, 1024);
@@ -598,7 +638,7 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
     wg_wait<0>();  // on every path: ptxas serialises all wgmma if one path may skip it
     wg_fence_regs<32>(dq);
     if (items > 0) store_dq(items - 1);
-    if (tw == 0) f9_bulk_wait_all();
+    if (!DQW && tw == 0) f9_bulk_wait_all();
     bf16* dkg = dk + (long long)b * T * kv_rs + g * kv_gs;
     bf16* dvg = dv + (long long)b * T * kv_rs + g * kv_gs;
 #pragma unroll
@@ -619,14 +659,16 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
 #endif
 }
 
-#define F9W_BWD_KERNEL(NAME, D)                                                                                       \
+#define F9W_BWD_KERNEL(NAME, D, DQW)                                                                                       \
     extern "C" __global__ void __launch_bounds__(F9W_THREADS, 1)                                                      \
         NAME(const __grid_constant__ F9TensorMap tm_q, const __grid_constant__ F9TensorMap tm_k,                     \
              const __grid_constant__ F9TensorMap tm_v, const __grid_constant__ F9TensorMap tm_do, const float* lse,  \
              const float* delta, float* dq_acc, bf16* dk, bf16* dv, const int* seg, int T, int H, int qpg, int kv_rs, \
              int kv_gs, float scale, float scale_log2, int window) {                                                  \
-        flash_bwd_ws<D>(&tm_q, &tm_k, &tm_v, &tm_do, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, kv_rs, kv_gs, scale, \
+        flash_bwd_ws<D, DQW>(&tm_q, &tm_k, &tm_v, &tm_do, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, kv_rs, kv_gs, scale, \
                         scale_log2, window);                                                                          \
     }
-F9W_BWD_KERNEL(flash_bwd_ws_d128, 128)
-F9W_BWD_KERNEL(flash_bwd_ws_d64, 64)
+F9W_BWD_KERNEL(flash_bwd_ws_d128, 128, false)
+F9W_BWD_KERNEL(flash_bwd_ws_d64, 64, false)
+F9W_BWD_KERNEL(flash_bwd_ws_dqw_d128, 128, true)
+F9W_BWD_KERNEL(flash_bwd_ws_dqw_d64, 64, true)

@@ -120,6 +120,8 @@ mod tests {
             "flash_fwd_ws_nopp_d128",
             "flash_bwd_ws_d64",
             "flash_bwd_ws_d128",
+            "flash_bwd_ws_dqw_d64",
+            "flash_bwd_ws_dqw_d128",
             "wg_ss_n128_t00",
         ] {
             assert!(ws.contains(k), "{k}");

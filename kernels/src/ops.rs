@@ -223,11 +223,25 @@ impl Ops {
                         )))
                     }
                 };
+                // ARCHSCALE_FLASH_WS_BWD=dqw: the warp-specialised backward whose dQ bulk
+                // reduces are issued by a producer warp (FA3's dQ writer).
+                let (ws_bwd_64, ws_bwd_128) = match std::env::var("ARCHSCALE_FLASH_WS_BWD")
+                    .ok()
+                    .as_deref()
+                {
+                    None | Some("") | Some("inline") => ("flash_bwd_ws_d64", "flash_bwd_ws_d128"),
+                    Some("dqw") => ("flash_bwd_ws_dqw_d64", "flash_bwd_ws_dqw_d128"),
+                    Some(other) => {
+                        return Err(KernelError::Unsupported(format!(
+                            "ARCHSCALE_FLASH_WS_BWD={other}: expected inline or dqw"
+                        )))
+                    }
+                };
                 Some(FlashSm90 {
                     ws_64: load("flash_sm90_ws", ws_64)?,
                     ws_128: load("flash_sm90_ws", ws_128)?,
-                    ws_bwd_64: load("flash_sm90_ws", "flash_bwd_ws_d64")?,
-                    ws_bwd_128: load("flash_sm90_ws", "flash_bwd_ws_d128")?,
+                    ws_bwd_64: load("flash_sm90_ws", ws_bwd_64)?,
+                    ws_bwd_128: load("flash_sm90_ws", ws_bwd_128)?,
                     fwd_64: load("flash_sm90", fwd_64)?,
                     fwd_128: load("flash_sm90", fwd_128)?,
                     bwd_64: load("flash_sm90", "flash_bwd_sm90_d64")?,
