@@ -71,7 +71,7 @@ fn check_bf16_swizzle128(ptr: u64, dims: &[u64], strides: &[u64], box_dims: &[u3
             box_dims.len()
         ));
     }
-    if ptr % 16 != 0 {
+    if !ptr.is_multiple_of(16) {
         return bad(format!(
             "global address {ptr:#x} is not a multiple of 16 bytes"
         ));
