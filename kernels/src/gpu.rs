@@ -333,7 +333,10 @@ impl Gpu {
         let mut params: Vec<*mut c_void> = args
             .slots
             .iter()
-            .map(|s| s as *const u64 as *mut c_void)
+            .map(|s| match s {
+                Slot::Word(w) => w as *const u64 as *mut c_void,
+                Slot::TensorMap(m) => &**m as *const sys::CUtensorMap as *mut c_void,
+            })
             .collect();
         unsafe { cu::launch_kernel(k.func, grid, block, smem, self.raw_stream(), &mut params) }
             .map_err(|e| KernelError::Driver {
@@ -384,10 +387,19 @@ pub fn arch_for(cc: (i32, i32)) -> String {
     }
 }
 
-/// Kernel arguments, each stored in an 8-byte slot (pointers, `int`, `float`).
+/// One kernel argument: an 8-byte word (pointer, `int`, `float`) or a tensor map.
+enum Slot {
+    Word(u64),
+    /// A `CUtensorMap` (128 bytes; the kernel takes it as a `const __grid_constant__`
+    /// 64-byte-aligned struct). Boxed so its address stays put until the launch.
+    TensorMap(Box<sys::CUtensorMap>),
+}
+
+/// Kernel arguments in parameter order: 8-byte slots (pointers, `int`, `float`) and tensor
+/// maps passed by value.
 #[derive(Default)]
 pub struct Args {
-    slots: Vec<u64>,
+    slots: Vec<Slot>,
 }
 
 impl Args {
@@ -396,24 +408,30 @@ impl Args {
             slots: Vec::with_capacity(24),
         }
     }
-    /// A device pointer (`T*` in the kernel).
-    pub fn ptr(mut self, p: u64) -> Args {
-        self.slots.push(p);
+    fn word(mut self, w: u64) -> Args {
+        self.slots.push(Slot::Word(w));
         self
     }
-    pub fn i32(mut self, v: i32) -> Args {
-        self.slots.push(v as u32 as u64);
-        self
+    /// A device pointer (`T*` in the kernel).
+    pub fn ptr(self, p: u64) -> Args {
+        self.word(p)
+    }
+    pub fn i32(self, v: i32) -> Args {
+        self.word(v as u32 as u64)
     }
     pub fn usize_as_i32(self, v: usize) -> Args {
         self.i32(v as i32)
     }
-    pub fn i64(mut self, v: i64) -> Args {
-        self.slots.push(v as u64);
-        self
+    pub fn i64(self, v: i64) -> Args {
+        self.word(v as u64)
     }
-    pub fn f32(mut self, v: f32) -> Args {
-        self.slots.push(v.to_bits() as u64);
+    pub fn f32(self, v: f32) -> Args {
+        self.word(v.to_bits() as u64)
+    }
+    /// A tensor map by value (`const __grid_constant__ CUtensorMap` or a 128-byte struct
+    /// aligned to 64 in the kernel).
+    pub fn tensor_map(mut self, m: crate::tensor_map::TensorMap) -> Args {
+        self.slots.push(Slot::TensorMap(m.into_raw()));
         self
     }
 }

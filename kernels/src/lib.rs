@@ -9,6 +9,7 @@ pub mod gpu;
 pub mod muon;
 pub mod nvrtc;
 pub mod ops;
+pub mod tensor_map;
 
 pub use error::{KernelError, Result};
 pub use gpu::{Args, DeviceBuffer, Gpu};
@@ -20,7 +21,20 @@ pub const MODULES: &[(&str, &str)] = &[
     ("elementwise", include_str!("../cuda/elementwise.cu")),
     ("loss_optim", include_str!("../cuda/loss_optim.cu")),
     ("flash", include_str!("../cuda/flash.cu")),
-    ("flash_sm90", include_str!("../cuda/flash_sm90.cu")),
+    (
+        "flash_sm90",
+        concat!(
+            include_str!("../cuda/flash_sm90_wgmma.cuh"),
+            include_str!("../cuda/flash_sm90.cu")
+        ),
+    ),
+    (
+        "flash_sm90_ws",
+        concat!(
+            include_str!("../cuda/flash_sm90_wgmma.cuh"),
+            include_str!("../cuda/flash_sm90_ws.cu")
+        ),
+    ),
     ("mamba", include_str!("../cuda/mamba.cu")),
     ("hybrid", include_str!("../cuda/hybrid.cu")),
     ("muon", include_str!("../cuda/muon.cu")),
@@ -97,6 +111,20 @@ mod tests {
             "flash_fwd_sm90_overlap_d128",
         ] {
             assert!(flash9.contains(k), "{k}");
+        }
+        let ws = module_source("flash_sm90_ws").unwrap_or_default();
+        for k in [
+            "flash_fwd_ws_d64",
+            "flash_fwd_ws_d128",
+            "flash_fwd_ws_nopp_d64",
+            "flash_fwd_ws_nopp_d128",
+            "flash_bwd_ws_d64",
+            "flash_bwd_ws_d128",
+            "flash_bwd_ws_dqw_d64",
+            "flash_bwd_ws_dqw_d128",
+            "wg_ss_n128_t00",
+        ] {
+            assert!(ws.contains(k), "{k}");
         }
         let mamba = module_source("mamba").unwrap_or_default();
         for k in ops::HYBRID_KERNELS {
