@@ -327,20 +327,21 @@ pub struct CudaBackend {
     /// Reduce gradients during the next backward (the last micro-step of a step).
     sync_grads: bool,
     grads_reduced: Cell<bool>,
-    /// cuBLASLt candidates timed per product shape (`ARCHSCALE_GEMM_TUNE`, default 10 runs
-    /// each; `off` keeps the heuristic's first choice).
+    /// cuBLASLt candidates timed per product shape (`ARCHSCALE_GEMM_TUNE=N`, N rounds);
+    /// off by default: the heuristic's first choice.
     gemm_tune: Option<usize>,
     /// Whether the discarded pass that also tunes the weight-gradient products has run.
     gemm_tuned_all: bool,
 }
 
-/// Runs per candidate algorithm when tuning cuBLASLt (`ARCHSCALE_GEMM_TUNE`): a number,
-/// or `off`/`0` for the heuristic's first choice (bitwise repeatable algorithm choice).
+/// Rounds per candidate algorithm when tuning cuBLASLt (`ARCHSCALE_GEMM_TUNE=N`); unset,
+/// `off` or `0` keeps the heuristic's first choice. Off by default: on an H200 at its power
+/// cap the tuned Transformer++ d8/d16 steps were no faster (bench/NOTES.md, 2026-11-29),
+/// and the heuristic's choice is the same on every run.
 fn gemm_tune_reps() -> Option<usize> {
     match std::env::var("ARCHSCALE_GEMM_TUNE").as_deref() {
-        Ok("off") | Ok("0") => None,
+        Ok("off") | Ok("0") | Err(_) => None,
         Ok(v) => v.parse().ok().or(Some(10)),
-        Err(_) => Some(10),
     }
 }
 
