@@ -1,0 +1,38 @@
+#!/bin/bash
+# One call for a session's closing figures (gpu-carry/ carried: archscale, kcache/,
+# torch_ref.py, parity/ data):
+#   1. archscale selftest (every kernel and family vs the CPU reference);
+#   2. Transformer++ d8/d12/d16 at ctx 4096 (micro 8,4,4), cuBLASLt tuning on (default) and,
+#      at d8 and d16, off (ARCHSCALE_GEMM_TUNE=off);
+#   3. SambaY d8/d16 beside Transformer++ d8/d16 at micro 4 (issue 6 ratio);
+#   4. the CUDA side of the 300-step Shakespeare parity run (PARITY=toml; its CPU side runs
+#      elsewhere: the CPU reference is the same binary's CPU backend);
+#   5. PyTorch + torch.compile, torch_ref.py at the same depths and micro-batches.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export ARCHSCALE_KERNEL_CACHE=$PWD/gpu-carry/kcache
+B=gpu-carry/archscale
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader > "$OUT/card.txt"
+date -u +%Y-%m-%dT%H:%MZ >> "$OUT/card.txt"
+timeout 300 $B selftest > "$OUT/selftest.txt" 2>&1; echo "selftest rc=$?" >> "$OUT/selftest.txt"
+timeout 300 $B bench bench/transformer_ctx4096.toml --micro 8,4,4 --steps 10 --warmup 3 > "$OUT/tf.txt" 2>&1
+ARCHSCALE_GEMM_TUNE=off timeout 200 $B bench bench/transformer_ctx4096.toml --set 'depth=[8,16]' --micro 8,4 \
+  --steps 10 --warmup 3 > "$OUT/tf_notune.txt" 2>&1
+for d in 8 16; do
+  timeout 200 $B bench bench/samba_ctx4096.toml --set arch=sambay --set "depth=[$d]" --micro 4 --steps 6 --warmup 2 \
+    > "$OUT/sambay_d$d.txt" 2>&1
+  timeout 200 $B bench bench/transformer_ctx4096.toml --set "depth=[$d]" --micro 4 --steps 6 --warmup 2 \
+    > "$OUT/tf4_d$d.txt" 2>&1
+done
+if [ -n "${PARITY:-}" ]; then
+  timeout 200 $B run "$PARITY" --backend cuda --set train.out_dir=$OUT/parity > "$OUT/parity_cuda.log" 2>&1
+  cp $OUT/parity/*/metrics.jsonl "$OUT/parity_cuda_metrics.jsonl" 2>/dev/null
+  rm -rf $OUT/parity
+fi
+PYTHONUNBUFFERED=1 timeout 400 python3 gpu-carry/torch_ref.py --micro 8,4,4 --depths 8,12,16 --steps 20 > "$OUT/torch.txt" 2>&1
+cat "$OUT/card.txt"
+grep -E 'passed|FAIL' "$OUT/selftest.txt" | tail -5; tail -1 "$OUT/selftest.txt"
+for f in tf tf_notune sambay_d8 tf4_d8 sambay_d16 tf4_d16; do echo "== $f"; grep -E '^scaling|error' "$OUT/$f.txt"; done
+[ -f "$OUT/parity_cuda.log" ] && { echo "== parity cuda"; grep -E 'step +300|error' "$OUT/parity_cuda.log" | tail -3; }
+echo "== torch"; grep -E '^\{|error|Error' "$OUT/torch.txt" | tail -4
