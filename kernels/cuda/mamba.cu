@@ -77,16 +77,21 @@ extern "C" __global__ void conv1d_silu_fwd(const bf16* __restrict__ x, int sx, c
     for (int gi = blockIdx.y; gi < groups; gi += gridDim.y) {
         const int r0 = gi * CONV_ROWS;
         float xv[CONV_ROWS + CONV_K - 1];
+        const bf16* xp = x + (ptrdiff_t)(r0 - (CONV_K - 1)) * sx + c;
 #pragma unroll
         for (int q = 0; q < CONV_ROWS + CONV_K - 1; ++q) {
             const int r = r0 - (CONV_K - 1) + q;
-            xv[q] = (r >= 0 && r < rows) ? bf(x[(size_t)r * sx + c]) : 0.f;
+            xv[q] = (r >= 0 && r < rows) ? bf(*xp) : 0.f;
+            xp += sx;
         }
+        int t = r0 % T;  // position of row r0 + q in its sequence, stepped
 #pragma unroll
         for (int q = 0; q < CONV_ROWS; ++q) {
             const int r = r0 + q;
+            const int tq = t;
+            t = t + 1 == T ? 0 : t + 1;
             if (r < rows) {
-                const int lo = conv_first_tap(seg, r, T);
+                const int lo = max((seg ? seg[r] : 0) + CONV_K - 1 - tq, 0);
                 float u = bc;
 #pragma unroll
                 for (int j = 0; j < CONV_K; ++j)
@@ -97,10 +102,7 @@ extern "C" __global__ void conv1d_silu_fwd(const bf16* __restrict__ x, int sx, c
     }
 }
 
-// du[r] = dy[r]·silu'(u[r]) (u recomputed); dx[s] = Σ_j w[j]·du[s + 3 − j] over outputs whose
-// tap j reads s (written, bf16); dw[c, j] += Σ_r du[r]·x[r − 3 + j]; dbias[c] += Σ_r du[r].
-// Block: 32 channels (lanes) × 8 warps, each warp walks CONV_RUN rows backwards keeping the
-// three later du values in registers. Grid: (ceil(D/32), ceil(rows / (8·CONV_RUN))).
+// du of row r (0 past `rows`) and its first tap (CONV_K past `rows`).
 __device__ __forceinline__ float conv_du(const bf16* __restrict__ x, int sx, const float (&w)[CONV_K], float bias,
                                          const int* __restrict__ seg, const bf16* __restrict__ dy, int sdy,
                                          int r, int c, int rows, int T, int* lo_out) {
@@ -115,10 +117,17 @@ __device__ __forceinline__ float conv_du(const bf16* __restrict__ x, int sx, con
     return bf(dy[(size_t)r * sdy + c]) * s * (1.f + u * (1.f - s));
 }
 
-extern "C" __global__ void __launch_bounds__(256) conv1d_silu_bwd(
+// du[r] = dy[r]·silu'(u[r]) (u recomputed); dx[s] = Σ_j w[j]·du[s + 3 − j] over outputs whose
+// tap j reads s (written, bf16); dw[c, j] += Σ_r du[r]·x[r − 3 + j]; dbias[c] += Σ_r du[r].
+// Block: 32 channels (lanes) × 8 warps; each warp owns CONV_RUN rows and walks them backwards
+// in batches of CONV_ROWS, all loads of a batch (x rows r − 3 .. r + 7, dy, seg) issued
+// together, the three later rows' du carried in registers. Grid: (ceil(D/32),
+// ceil(rows / (8·CONV_RUN))).
+extern "C" __global__ void __launch_bounds__(256, 3) conv1d_silu_bwd(
     const bf16* __restrict__ x, int sx, const float* __restrict__ w, const float* __restrict__ bias,
     const int* __restrict__ seg, const bf16* __restrict__ dy, int sdy, bf16* __restrict__ dx, int sdx,
     float* __restrict__ dw, float* __restrict__ dbias, int rows, int T, int D) {
+    constexpr int NB = CONV_ROWS, NX = CONV_ROWS + CONV_K - 1;
     __shared__ float red[8][CONV_K + 1][33];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int c = blockIdx.x * 32 + lane;
@@ -130,30 +139,72 @@ extern "C" __global__ void __launch_bounds__(256) conv1d_silu_bwd(
 #pragma unroll
         for (int j = 0; j < CONV_K; ++j) wc[j] = w[c * CONV_K + j];
         const float bc = bias[c];
-        // du and first tap of rows r+1, r+2, r+3 relative to the current row r.
-        int lo1, lo2, lo3;
-        float du1 = conv_du(x, sx, wc, bc, seg, dy, sdy, r1, c, rows, T, &lo1);
-        float du2 = conv_du(x, sx, wc, bc, seg, dy, sdy, r1 + 1, c, rows, T, &lo2);
-        float du3 = conv_du(x, sx, wc, bc, seg, dy, sdy, r1 + 2, c, rows, T, &lo3);
-        for (int r = r1 - 1; r >= r0; --r) {
-            int lo0;
-            const float du0 = conv_du(x, sx, wc, bc, seg, dy, sdy, r, c, rows, T, &lo0);
-            acc[CONV_K] += du0;
+        // du and first tap of the three rows after the batch (rows past `rows`: 0 and no tap).
+        float dn[CONV_K - 1];
+        int ln[CONV_K - 1];
+        const int rlast = r0 + (r1 - 1 - r0) / NB * NB;  // first row of the last batch
 #pragma unroll
-            for (int j = 0; j < CONV_K; ++j)
-                if (j >= lo0) acc[j] = fmaf(du0, bf(x[(size_t)(r - CONV_K + 1 + j) * sx + c]), acc[j]);
-            // Output r + 3 − j reads source r through tap j when its first tap is <= j.
-            float g = wc[3] * du0;
-            if (lo1 <= 2) g = fmaf(wc[2], du1, g);
-            if (lo2 <= 1) g = fmaf(wc[1], du2, g);
-            if (lo3 <= 0) g = fmaf(wc[0], du3, g);
-            dx[(size_t)r * sdx + c] = tobf(g);
-            du3 = du2;
-            lo3 = lo2;
-            du2 = du1;
-            lo2 = lo1;
-            du1 = du0;
-            lo1 = lo0;
+        for (int q = 0; q < CONV_K - 1; ++q) dn[q] = conv_du(x, sx, wc, bc, seg, dy, sdy, rlast + NB + q, c, rows, T, &ln[q]);
+        for (int rb = rlast; rb >= r0; rb -= NB) {
+            float xv[NX], gv[NB];
+            int lo[NB];
+            const bf16* xp = x + (ptrdiff_t)(rb - (CONV_K - 1)) * sx + c;
+#pragma unroll
+            for (int q = 0; q < NX; ++q) {
+                const int r = rb - (CONV_K - 1) + q;
+                xv[q] = (r >= 0 && r < rows) ? bf(*xp) : 0.f;
+                xp += sx;
+            }
+            const bf16* gp = dy + (size_t)rb * sdy + c;
+            int t = rb % T;  // position of row rb + q in its sequence, stepped
+#pragma unroll
+            for (int q = 0; q < NB; ++q) {
+                const int r = rb + q;
+                gv[q] = r < rows ? bf(*gp) : 0.f;
+                const int start = seg != nullptr && r < rows ? seg[r] : 0;
+                lo[q] = r < rows ? max(start + CONV_K - 1 - t, 0) : CONV_K;
+                gp += sdy;
+                t = t + 1 == T ? 0 : t + 1;
+            }
+            // du of the batch (rows past `rows` give 0: their dy is 0).
+            float du[NB + CONV_K - 1];
+#pragma unroll
+            for (int q = 0; q < NB; ++q) {
+                float u = bc;
+#pragma unroll
+                for (int j = 0; j < CONV_K; ++j)
+                    if (j >= lo[q]) u = fmaf(wc[j], xv[q + j], u);
+                const float sg = sigmoid_f(u);
+                du[q] = gv[q] * sg * (1.f + u * (1.f - sg));
+            }
+#pragma unroll
+            for (int q = 0; q < CONV_K - 1; ++q) du[NB + q] = dn[q];
+            int lt[NB + CONV_K - 1];
+#pragma unroll
+            for (int q = 0; q < NB; ++q) lt[q] = lo[q];
+#pragma unroll
+            for (int q = 0; q < CONV_K - 1; ++q) lt[NB + q] = ln[q];
+#pragma unroll
+            for (int q = 0; q < NB; ++q) {
+                const int r = rb + q;
+                if (r < r1) {  // rows of this warp's run only
+                    acc[CONV_K] += du[q];
+#pragma unroll
+                    for (int j = 0; j < CONV_K; ++j)
+                        if (j >= lo[q]) acc[j] = fmaf(du[q], xv[q + j], acc[j]);
+                    // Output r + 3 − j reads source r through tap j when its first tap is <= j.
+                    float g = wc[3] * du[q];
+                    if (lt[q + 1] <= 2) g = fmaf(wc[2], du[q + 1], g);
+                    if (lt[q + 2] <= 1) g = fmaf(wc[1], du[q + 2], g);
+                    if (lt[q + 3] <= 0) g = fmaf(wc[0], du[q + 3], g);
+                    dx[(size_t)r * sdx + c] = tobf(g);
+                }
+            }
+#pragma unroll
+            for (int q = 0; q < CONV_K - 1; ++q) {
+                dn[q] = du[q];
+                ln[q] = lo[q];
+            }
         }
     }
 #pragma unroll
