@@ -930,12 +930,12 @@ pub(super) fn check_bias(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
 /// N 16, 4 × 4096 = 16384 tokens) and the SambaY-d8 one (d_inner 1984, where the default
 /// backward splits T) with CUDA events, and states the bytes each must move.
 pub(super) fn bench_scan(env: &mut Env) -> R<Vec<String>> {
-    let mut lines = bench_scan_shape(env, 1984, true)?;
-    lines.extend(bench_scan_shape(env, 992, false)?);
+    let mut lines = bench_scan_shape(env, 1984)?;
+    lines.extend(bench_scan_shape(env, 992)?);
     Ok(lines)
 }
 
-fn bench_scan_shape(env: &mut Env, n_embd: usize, with_conv: bool) -> R<Vec<String>> {
+fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
     let (batch, seq) = (4usize, 4096usize);
     let d = 2 * n_embd;
     let n = SCAN_D_STATE;
@@ -1097,11 +1097,7 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize, with_conv: bool) -> R<Vec<Stri
             d,
         )
     };
-    let conv_ms = if with_conv {
-        Some((time(&conv_fwd)?, time(&conv_bwd)?))
-    } else {
-        None
-    };
+    let (conv_fwd_ms, conv_bwd_ms) = (time(&conv_fwd)?, time(&conv_bwd)?);
     let out_all = env.read_bf16(outp, 1 << 20)?;
     let dx_all = env.read_bf16(dxzp, 1 << 20)?;
     let finite = out_all.iter().chain(dx_all.iter()).all(|v| v.is_finite());
@@ -1148,21 +1144,19 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize, with_conv: bool) -> R<Vec<Stri
             ckpt_bytes + acc_bytes,
         ));
     }
-    if let Some((cf, cb)) = conv_ms {
-        // conv fwd reads x, writes y; bwd reads x, dy, writes dx (bf16).
-        lines.push(line(
-            &format!("conv1d+silu fwd ({tag})"),
-            cf,
-            2.0 * 2.0 * td,
-            0.0,
-        ));
-        lines.push(line(
-            &format!("conv1d+silu bwd ({tag})"),
-            cb,
-            3.0 * 2.0 * td,
-            0.0,
-        ));
-    }
+    // conv fwd reads x, writes y; bwd reads x, dy, writes dx (bf16).
+    lines.push(line(
+        &format!("conv1d+silu fwd ({tag})"),
+        conv_fwd_ms,
+        2.0 * 2.0 * td,
+        0.0,
+    ));
+    lines.push(line(
+        &format!("conv1d+silu bwd ({tag})"),
+        conv_bwd_ms,
+        3.0 * 2.0 * td,
+        0.0,
+    ));
     Ok(lines)
 }
 
