@@ -301,16 +301,15 @@ __device__ __forceinline__ float scan_decay_rate(float a_log_v) {
     return fminf(-expf(a_log_v) * LOG2E_F, -1e-30f);
 }
 
-// Forward. Block: 32 channels × 4 lanes; grid (ceil(D / 32), B, T segments). Per chunk of
-// SCAN_CKPT steps: stage (lane = channel: softplus, gate, reset; registers prefetched during
-// the previous chunk) → barrier → prefetch the next chunk, checkpoint, recurrence → barrier →
-// coalesced write of the chunk's outputs.
+// Forward. Block: 32 channels × 4 lanes; grid (ceil(D / 32), B). Per chunk of SCAN_CKPT steps:
+// stage (lane = channel: softplus, gate, reset; registers prefetched during the previous
+// chunk) → barrier → prefetch the next chunk, checkpoint, recurrence → barrier → coalesced
+// write of the chunk's outputs.
 extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_scan_fwd_split(
     const bf16* __restrict__ x, int sx, const bf16* __restrict__ delta, int sd, const bf16* __restrict__ z, int sz,
     const bf16* __restrict__ Bm, const bf16* __restrict__ Cm, int sbc, const float* __restrict__ delta_bias,
     const float* __restrict__ a_log, const float* __restrict__ d_skip, const int* __restrict__ seg,
-    bf16* __restrict__ out, int so, bf16* __restrict__ y_out, int sy, float* __restrict__ ckpt, int T, int D,
-    int ck_split) {
+    bf16* __restrict__ out, int so, bf16* __restrict__ y_out, int sy, float* __restrict__ ckpt, int T, int D) {
     __shared__ __align__(16) float2 sStep[SCAN_CKPT][SCAN_SPLIT_CH];  // (dt or +inf at a reset, dt·x)
     __shared__ __align__(16) float sBC[SCAN_CKPT][2 * SCAN_N];
     __shared__ float sY[SCAN_CKPT][SCAN3_Y_STRIDE];                   // C·h summed over the 4 lanes
@@ -379,36 +378,8 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
         }                                                                                   \
     }
 
-    // T split (blockIdx.z, ck_split > 0): segment 0 walks intervals [0, ck_split), segment 1
-    // first runs the state alone over them (no outputs), then walks [ck_split, nck).
-    const bool split = ck_split > 0 && ck_split < nck;
-    const int t_lo = split && blockIdx.z == 1 ? ck_split * SCAN_CKPT : 0;
-    const int t_hi = split && blockIdx.z == 0 ? ck_split * SCAN_CKPT : T;
     SCAN3_LOAD(0);
-    for (int t0 = 0; t0 < t_lo; t0 += SCAN_CKPT) {  // every step of these intervals is < T
-#pragma unroll
-        for (int q = 0; q < PER; ++q) {
-            const int i = ls + STEP_STRIDE * q, t = t0 + i;
-            const float xv = bf(px[q]);
-            const float dt = softplus_f(bf(pd[q]) + lbias);
-            const bool reset = t == 0 || (seg != nullptr && pseg[q] == t);
-            sStep[i][lc] = make_float2(reset ? __int_as_float(0x7f800000) : dt, dt * xv);
-            sBC[i][lc] = pbc[q];
-        }
-        __syncthreads();
-        SCAN3_LOAD(t0 + SCAN_CKPT);
-#pragma unroll 8
-        for (int i = 0; i < SCAN_CKPT; ++i) {
-            const float2 st = sStep[i][ch];
-            const float4 B4 = *reinterpret_cast<const float4*>(&sBC[i][sub * SCAN_KP]);
-            h[0] = fmaf(ex2(st.x * A2[0]), h[0], __fmul_rn(st.y, B4.x));
-            h[1] = fmaf(ex2(st.x * A2[1]), h[1], __fmul_rn(st.y, B4.y));
-            h[2] = fmaf(ex2(st.x * A2[2]), h[2], __fmul_rn(st.y, B4.z));
-            h[3] = fmaf(ex2(st.x * A2[3]), h[3], __fmul_rn(st.y, B4.w));
-        }
-        __syncthreads();
-    }
-    for (int t0 = t_lo; t0 < t_hi; t0 += SCAN_CKPT) {
+    for (int t0 = 0; t0 < T; t0 += SCAN_CKPT) {
         // Stage: steps past T get dt = 0, x = 0, B = C = 0 (the state passes through).
 #pragma unroll
         for (int q = 0; q < PER; ++q) {
@@ -427,7 +398,7 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
             sXG[i][lc] = make_float2(ldsk * xv, gv);
         }
         __syncthreads();
-        if (t0 + SCAN_CKPT < t_hi) SCAN3_LOAD(t0 + SCAN_CKPT);
+        if (t0 + SCAN_CKPT < T) SCAN3_LOAD(t0 + SCAN_CKPT);
         if (ckpt != nullptr && active) {
             float* dst = ckpt + ((size_t)(b * nck + t0 / SCAN_CKPT) * SCAN_N + sub * SCAN_KP) * D + c;
 #pragma unroll
@@ -709,11 +680,11 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
 
 // ------------------------------------------------------------------------------------------
 // Backward v4 (default): v3's layout and staging, with
-// - fewer instructions per reverse step: per state hp = h − dt·x·B as one FFMA, λ·hp shared by
-//   dA and dΔ, Σλ·B shared by dx and dΔ (dx = dt·Σλ·B + ḡ·D, dΔ = Σ A·λ·hp + x·Σλ·B); the
-//   three per-step sums over a channel's 4 lanes (y, Σλ·B, Σ A·λ·hp) are reduced transposed over
-//   a group of 4 steps (9 shuffles per 4 steps instead of 24), so lane `sub` finishes step `sub`
-//   of the group alone (softplus', dx, dΔ, y and its store: once per step, not 4 times);
+// - fewer instructions per reverse step: λ·hp shared by dA and dΔ, Σλ·B shared by dx and dΔ
+//   (dx = dt·Σλ·B + ḡ·D, dΔ = Σ A·λ·hp + x·Σλ·B); the three per-step sums over a channel's
+//   4 lanes (y, Σλ·B, Σ A·λ·hp) are reduced transposed over a group of 4 steps (9 shuffles per
+//   4 steps instead of 24), so lane `sub` finishes step `sub` of the group alone (softplus',
+//   dx, dΔ, y and its store: once per step, not 4 times);
 // - a T split when the grid leaves SMs idle (blockIdx.z: 0 walks intervals [0, ck_split),
 //   1 walks [ck_split, nck); ck_split = 0: one segment). Segment 0 first runs λ alone backwards
 //   over [ck_split, nck) (λ_{t−1} = exp(Δ_t·A)·(λ_t + ḡ_t·C_t): one state update per step, no
@@ -888,7 +859,10 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
                         ya = fmaf(Ck, hk, ya);
                         v[SCAN_KP + j] = gbar * hk;
                         lam[j] = fmaf(gbar, Ck, lam[j]);
-                        const float p = lam[j] * fmaf(-dtx, Bk, hk);  // λ·exp(dt·A)·h_{t−1}
+                        // λ·exp(dt·A)·h_{t−1}; h − dt·x·B with the recompute's own rounded
+                        // product, so it cancels exactly at a reset or a full decay (an FFMA left
+                        // the product's rounding error there: dA off by up to 8e-5 at dt = 24).
+                        const float p = lam[j] * (hk - __fmul_rn(dtx, Bk));
                         dA[j] = fmaf(p, dt, dA[j]);
                         pa = fmaf(A[j], p, pa);
                         lb = fmaf(lam[j], Bk, lb);

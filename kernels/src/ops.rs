@@ -769,13 +769,11 @@ const SCAN_SUB: usize = 16;
 /// Channels per block of the split-state scan kernels (4 lanes per channel: 128 threads).
 const SCAN_SPLIT_CH: usize = 32;
 const SCAN_SPLIT_THREADS: usize = 128;
-/// Resident blocks per SM of the scan kernels (<= 128 registers; backward 52 KB shared memory).
-const SCAN_BLOCKS_PER_SM: usize = 4;
+/// Resident blocks per SM of the scan backward (52 KB shared memory, <= 128 registers).
+const SCAN_BWD_BLOCKS_PER_SM: usize = 4;
 /// Default share (percent of the checkpoint intervals) of the first T segment when the scan
 /// backward splits T; that segment also walks λ alone over the second one.
 const SCAN_TSPLIT_PCT: u32 = 45;
-/// The same for the forward, whose second segment first runs the state over the first one.
-const SCAN_FWD_TSPLIT_PCT: u32 = 65;
 /// Dynamic shared memory of `selective_scan_bwd_split` and `_v3` (must match mamba.cu's
 /// carve-up: states of a sub-chunk, B/C of an interval, one float4 per step and channel).
 const SCAN_SPLIT_BWD_SMEM: usize = (SCAN_SUB * SCAN_SPLIT_CH * SCAN_D_STATE
@@ -909,16 +907,15 @@ impl ScanKernel {
     }
 }
 
-/// The first T segment's share (percent of the checkpoint intervals) when a scan kernel may
-/// split T: `var` (`ARCHSCALE_SCAN_TSPLIT` for the backward, `ARCHSCALE_SCAN_FWD_TSPLIT` for
-/// the forward; 0 = never split, 1..=99), else `default`.
-fn scan_tsplit_from_env(var: &str, default: u32) -> Result<u32> {
-    match std::env::var(var).ok().as_deref() {
-        None | Some("") => Ok(default),
+/// The first T segment's share (percent of the checkpoint intervals) when the scan backward
+/// may split T: `ARCHSCALE_SCAN_TSPLIT` (0 = never split, 1..=99), else the default.
+fn scan_tsplit_from_env() -> Result<u32> {
+    match std::env::var("ARCHSCALE_SCAN_TSPLIT").ok().as_deref() {
+        None | Some("") => Ok(SCAN_TSPLIT_PCT),
         Some(v) => match v.parse::<u32>() {
             Ok(p) if p < 100 => Ok(p),
             _ => Err(KernelError::Unsupported(format!(
-                "{var}={v}: expected a percent 0..=99 (0: no T split)"
+                "ARCHSCALE_SCAN_TSPLIT={v}: expected a percent 0..=99 (0: no T split)"
             ))),
         },
     }
@@ -929,10 +926,8 @@ pub struct HybridOps {
     /// Scan kernels used by [`HybridOps::selective_scan_fwd`] / `_bwd`.
     pub scan_kernel: ScanKernel,
     /// First T segment's share (percent of checkpoint intervals) when the default scan
-    /// backward splits T; 0 never splits ([`HybridOps::scan_segments`]).
+    /// backward splits T; 0 never splits ([`HybridOps::scan_bwd_segments`]).
     pub scan_tsplit_pct: u32,
-    /// The same for the forward.
-    pub scan_fwd_tsplit_pct: u32,
     conv_fwd: Kernel,
     conv_bwd: Kernel,
     scan_fwd_split: Kernel,
@@ -964,11 +959,7 @@ impl HybridOps {
             scan_bwd_split: load("mamba", "selective_scan_bwd_split")?,
             scan_bwd_split3: load("mamba", "selective_scan_bwd_split_v3")?,
             scan_kernel: ScanKernel::from_env()?,
-            scan_tsplit_pct: scan_tsplit_from_env("ARCHSCALE_SCAN_TSPLIT", SCAN_TSPLIT_PCT)?,
-            scan_fwd_tsplit_pct: scan_tsplit_from_env(
-                "ARCHSCALE_SCAN_FWD_TSPLIT",
-                SCAN_FWD_TSPLIT_PCT,
-            )?,
+            scan_tsplit_pct: scan_tsplit_from_env()?,
             scan_bc_out: load("mamba", "scan_bc_grad_out")?,
             layernorm_fwd: load("hybrid", "layernorm_fwd")?,
             layernorm_bwd: load("hybrid", "layernorm_bwd")?,
@@ -1112,20 +1103,6 @@ impl HybridOps {
         y_out: Option<Rows>,
         ckpt: Option<u64>,
     ) -> Result<()> {
-        self.selective_scan_fwd_with(self.scan_fwd_tsplit_pct, s, t, out, y_out, ckpt)
-    }
-
-    /// [`Self::selective_scan_fwd`] with the T split share `pct` chosen by the caller (see
-    /// [`Self::scan_segments`]).
-    pub fn selective_scan_fwd_with(
-        &self,
-        pct: u32,
-        s: &ScanShape,
-        t: &ScanTensors,
-        out: Rows,
-        y_out: Option<Rows>,
-        ckpt: Option<u64>,
-    ) -> Result<()> {
         let (yp, sy) = opt_rows(y_out);
         let a = self
             .scan_args(s, t)?
@@ -1137,13 +1114,7 @@ impl HybridOps {
             .i32(i32_of("seq", s.seq)?)
             .i32(i32_of("d_inner", s.d_inner)?);
         // Both kernel sets share the v3 forward.
-        let (segments, ck_split) = self.scan_segments(s, pct);
-        let a = a.i32(ck_split);
-        let grid = (
-            s.d_inner.div_ceil(SCAN_SPLIT_CH) as u32,
-            s.batch as u32,
-            segments,
-        );
+        let grid = (s.d_inner.div_ceil(SCAN_SPLIT_CH) as u32, s.batch as u32, 1);
         self.gpu.launch(
             self.scan_fwd_split,
             grid,
@@ -1197,15 +1168,14 @@ impl HybridOps {
         )
     }
 
-    /// T segments of a scan kernel and the first checkpoint interval of the second (0: one
-    /// segment). Splits in two when the unsplit grid fills at most half the resident block
-    /// slots (SambaY d8: 248 blocks for 528 on an H200), so the idle slots run the second
-    /// part of T; `pct` is the first segment's share of the intervals, 0 never splits. One
-    /// segment first runs the recurrence alone over the other's steps (the backward's first
-    /// walks λ over the second; the forward's second walks the state over the first).
-    pub fn scan_segments(&self, s: &ScanShape, pct: u32) -> (u32, i32) {
+    /// T segments of the default scan backward and the first checkpoint interval of the
+    /// second (0: one segment). Splits in two when the unsplit grid fills at most half the
+    /// resident block slots (SambaY d8: 248 blocks for 528 on an H200), so the idle slots
+    /// run the second half of T; `pct` is the first segment's share of the intervals (it
+    /// also walks λ over the second one), 0 never splits.
+    pub fn scan_bwd_segments(&self, s: &ScanShape, pct: u32) -> (u32, i32) {
         let blocks = s.d_inner.div_ceil(SCAN_SPLIT_CH) * s.batch;
-        let slots = self.gpu.sm_count.max(1) as usize * SCAN_BLOCKS_PER_SM;
+        let slots = self.gpu.sm_count.max(1) as usize * SCAN_BWD_BLOCKS_PER_SM;
         let nck = s.seq.div_ceil(SCAN_CKPT);
         if pct == 0 || nck < 2 || 2 * blocks > slots {
             return (1, 0);
@@ -1215,7 +1185,7 @@ impl HybridOps {
     }
 
     /// [`Self::selective_scan_bwd_using`] with the T split share `pct` chosen by the caller
-    /// (see [`Self::scan_segments`]; `SplitV3` never splits).
+    /// (see [`Self::scan_bwd_segments`]; `SplitV3` never splits).
     #[allow(clippy::too_many_arguments)]
     pub fn selective_scan_bwd_with(
         &self,
@@ -1266,7 +1236,7 @@ impl HybridOps {
         let smem = SCAN_SPLIT_BWD_SMEM as u32;
         match kernel {
             ScanKernel::Split => {
-                let (segments, ck_split) = self.scan_segments(s, pct);
+                let (segments, ck_split) = self.scan_bwd_segments(s, pct);
                 let a = a.i32(ck_split);
                 let grid = (blocks_x, s.batch as u32, segments);
                 self.gpu

@@ -204,17 +204,17 @@ pub(super) fn check_scan(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
         // Samba d4's shape (31 channel blocks add into dB/dC) at Mamba's initial dt
         (2, 256, 976, false, true, false, -4.6),
     ];
-    // The default kernels with their own T split rule (on an H200 every case with T > 32
+    // The default backward with its own T split rule (on an H200 every case with T > 32
     // splits: the grids are small), the same without a T split, and the v3 backward.
-    let (bwd_pct, fwd_pct) = (hy(env)?.scan_tsplit_pct, hy(env)?.scan_fwd_tsplit_pct);
+    let default_pct = hy(env)?.scan_tsplit_pct;
     let configs = [
-        ("split", ScanKernel::Split, [fwd_pct, bwd_pct]),
-        ("split-1seg", ScanKernel::Split, [0, 0]),
-        ("split3", ScanKernel::SplitV3, [0, 0]),
+        ("split", ScanKernel::Split, default_pct),
+        ("split-1seg", ScanKernel::Split, 0),
+        ("split3", ScanKernel::SplitV3, 0),
     ];
-    for (name, kernel, pcts) in configs {
+    for (name, kernel, pct) in configs {
         for &case in &cases {
-            check_scan_case(env, out, name, kernel, pcts, case)?;
+            check_scan_case(env, out, name, kernel, pct, case)?;
         }
     }
     Ok(())
@@ -225,7 +225,7 @@ fn check_scan_case(
     out: &mut Vec<Check>,
     name: &str,
     kernel: ScanKernel,
-    tsplit_pct: [u32; 2],
+    tsplit_pct: u32,
     case: ScanCase,
 ) -> R<()> {
     let (batch, seq, d, varlen, gate, extra, dt_bias_mean) = case;
@@ -235,26 +235,17 @@ fn check_scan_case(
         seq,
         d_inner: d,
     };
-    // T segments of the forward and the backward.
-    let segments = [
-        hy(env)?.scan_segments(&ks, tsplit_pct[0]).0,
-        match kernel {
-            ScanKernel::Split => hy(env)?.scan_segments(&ks, tsplit_pct[1]).0,
-            ScanKernel::SplitV3 => 1,
-        },
-    ];
+    let segments = match kernel {
+        ScanKernel::Split => hy(env)?.scan_bwd_segments(&ks, tsplit_pct).0,
+        ScanKernel::SplitV3 => 1,
+    };
     let shape = format!(
         "{name} B{batch} T{seq} D{d}{}{}{}",
         if varlen { " varlen" } else { "" },
         if gate { " z" } else { "" },
         if extra { " +dy" } else { "" }
     ) + if dt_bias_mean < 0.0 { " small-dt" } else { "" }
-        + match segments {
-            [1, 1] => "",
-            [_, 1] => " fwd-2seg",
-            [1, _] => " bwd-2seg",
-            _ => " 2seg",
-        };
+        + if segments > 1 { " 2seg" } else { "" };
     let rows = batch * seq;
     // x_proj output [rows, R + 2N] with an odd dt_rank R: B and C start unaligned.
     let dt_rank = 5;
@@ -343,8 +334,7 @@ fn check_scan_case(
     let outp = env.poisoned(rows * d * 2)?;
     let yp = env.poisoned(rows * d * 2)?;
     let ckp = env.poisoned(ks.ckpt_len() * 4)?;
-    hy(env)?.selective_scan_fwd_with(
-        tsplit_pct[0],
+    hy(env)?.selective_scan_fwd(
         &ks,
         &t,
         Rows::new(outp, d),
@@ -440,7 +430,7 @@ fn check_scan_case(
     };
     hy(env)?.selective_scan_bwd_with(
         kernel,
-        tsplit_pct[1],
+        tsplit_pct,
         &ks,
         &t,
         ckp,
@@ -1012,9 +1002,7 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
     let convy = env.poisoned(rows * d * 2)?;
     let (cdw, cdb) = (env.f32_buf(&vec![0.0; d * 4])?, env.f32_buf(&zeros_d)?);
     let hyo = hy(env)?;
-    let fwd_of = |pct: u32| {
-        move || hyo.selective_scan_fwd_with(pct, &ks, &t, Rows::new(outp, d), None, Some(ckp))
-    };
+    let fwd = || hyo.selective_scan_fwd(&ks, &t, Rows::new(outp, d), None, Some(ckp));
     let bwd_of = |k: ScanKernel, pct: u32| {
         move || {
             hyo.selective_scan_bwd_with(k, pct, &ks, &t, ckp, Rows::new(doutp, d), None, &g, accp)
@@ -1033,23 +1021,13 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
         let stop = env.gpu.event()?;
         Ok(stop_ms(&start, &stop)? / iters as f64)
     };
-    let (pct, fwd_pct) = (hyo.scan_tsplit_pct, hyo.scan_fwd_tsplit_pct);
-    let mut fwd = vec![("split".to_string(), time(&fwd_of(fwd_pct))?)];
-    let segments = hyo.scan_segments(&ks, pct).0;
-    if segments > 1 {
-        fwd.push(("one T segment".to_string(), time(&fwd_of(0))?));
-        for other in [55u32, 60, 70, 75] {
-            if other != fwd_pct {
-                fwd.push((format!("T split {other}%"), time(&fwd_of(other))?));
-            }
-        }
-    }
-    // The backward reads the default forward's checkpoints.
-    time(&fwd_of(fwd_pct))?;
+    let pct = hyo.scan_tsplit_pct;
+    let fwd_ms = time(&fwd)?;
     let mut bwd = vec![
         ("split".to_string(), time(&bwd_of(ScanKernel::Split, pct))?),
         ("split3".to_string(), time(&bwd_of(ScanKernel::SplitV3, 0))?),
     ];
+    let segments = hyo.scan_bwd_segments(&ks, pct).0;
     if segments > 1 {
         bwd.push((
             "split, one T segment".to_string(),
@@ -1065,7 +1043,7 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
         }
     }
     // Twice, to show the run-to-run spread.
-    fwd.push(("split, again".to_string(), time(&fwd_of(fwd_pct))?));
+    let fwd_ms2 = time(&fwd)?;
     bwd.push((
         "split, again".to_string(),
         time(&bwd_of(ScanKernel::Split, pct))?,
@@ -1125,17 +1103,21 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
     let tag = format!("d_inner {d}");
     let mut lines = vec![format!(
         "scan bench: B{batch} T{seq} d_inner {d} N {n} ({rows} tokens), z gate, \
-         checkpoints every {SCAN_CKPT} steps, default T segments {segments} \
-         (T split fwd {fwd_pct}%, bwd {pct}%); outputs finite: {finite}"
+         checkpoints every {SCAN_CKPT} steps, default bwd T segments {segments} \
+         (T split {pct}%); outputs finite: {finite}"
     )];
-    for (name, ms) in &fwd {
-        lines.push(line(
-            &format!("scan fwd ({tag}, {name})"),
-            *ms,
-            fwd_min,
-            ckpt_bytes,
-        ));
-    }
+    lines.push(line(
+        &format!("scan fwd ({tag})"),
+        fwd_ms,
+        fwd_min,
+        ckpt_bytes,
+    ));
+    lines.push(line(
+        &format!("scan fwd ({tag}, again)"),
+        fwd_ms2,
+        fwd_min,
+        ckpt_bytes,
+    ));
     for (name, ms) in &bwd {
         lines.push(line(
             &format!("scan bwd ({tag}, {name})"),
