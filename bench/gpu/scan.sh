@@ -1,14 +1,16 @@
 #!/bin/bash
 # Mamba selective scan on one GPU, one call: the mamba selftest (conv + scan, every kernel
-# configuration: split (v4 bwd, both T split rules), split-1seg (no T split), split3 (v3 bwd)),
-# the isolated scan and conv benchmark at the SambaY-d16 and d8 shapes, SambaY steps at $DEPTHS
-# with the scan kernel sets in $KERNELS_<depth> or $KERNELS (profiled; a "-nosplit" suffix turns both T splits off,
-# e.g. split3-nosplit runs the scan kernels of the session start), and Transformer++ at $TF_DEPTHS for
-# the ratio. NCU=1 adds Nsight Compute (clocks left alone) on one bench-shape launch each
-# of the forward and the default backward (-s skips the selftest-case launches that come first).
+# configuration: split (v4 bwd, with its T split rule), split-1seg (v4 bwd, one T segment),
+# split3 (v3 bwd)), the isolated scan and conv benchmark at the SambaY-d16 and d8 shapes,
+# SambaY steps at $DEPTHS with the scan kernel sets in $KERNELS_<depth> or $KERNELS (profiled;
+# a "-nosplit" suffix turns the backward's T split off), and Transformer++ at $TF_DEPTHS for
+# the ratio. NCU=1 adds Nsight Compute (clocks left alone) on one launch each of the forward
+# and the default backward at the d16 shape (-s skips the selftest-case launches that come
+# first: 21 forward, 14 of the default backward).
 # Usage (repo root, after `strip -o $C/archscale target/release/archscale` and the kernel cache
 # compiled into $C/kcache):
-#   C=gpu-carry-scan2 bash $C/scan.sh
+#   C=gpu-carry-scan2 bash $C/scan.sh    (2026-11-29 call 2: DEPTHS="8 16"
+#   KERNELS_8="split split3 split3-nosplit" KERNELS_16="split split3-nosplit" NCU=1 NCU_KERNELS=bwd)
 set -u
 C=${C:-gpu-carry-scan2}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -27,7 +29,7 @@ for d in $DEPTHS; do
   kv=KERNELS_$d; for k in ${!kv:-$KERNELS}; do
     echo -n "sambay d$d $k: "
     case $k in *-nosplit) sp=0;; *) sp=;; esac
-    ARCHSCALE_SCAN_KERNEL=${k%-nosplit} ARCHSCALE_SCAN_TSPLIT=$sp ARCHSCALE_SCAN_FWD_TSPLIT=$sp t timeout 60 $B bench bench/samba_ctx4096.toml --set arch=sambay --set "depth=[$d]" \
+    ARCHSCALE_SCAN_KERNEL=${k%-nosplit} ARCHSCALE_SCAN_TSPLIT=$sp t timeout 60 $B bench bench/samba_ctx4096.toml --set arch=sambay --set "depth=[$d]" \
       --micro 4 --steps $STEPS --warmup 2 --profile > $OUT/sambay-d$d-$k.txt 2>&1
   done
 done
