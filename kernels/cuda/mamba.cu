@@ -8,12 +8,8 @@
 #define CONV_RUN 64        // rows walked by one warp in the conv backward
 #define CONV_ROWS 8        // rows per thread in the conv forward
 #define SCAN_N 16          // d_state (Mamba-1's N = 16; the wrapper checks it)
-#define SCAN_FWD_CH 64     // channels (threads) per forward block
-#define SCAN_L 8           // forward steps staged per chunk
 #define SCAN_CKPT 32       // state checkpoint interval (forward writes, backward reads)
 #define SCAN_SUB 16        // backward sub-chunk whose states sit in shared memory
-#define SCAN_STAGE 8       // backward steps whose loads are issued together
-#define SCAN_BWD_CH 32     // channels (threads) per backward block (== SCAN_CKPT)
 #define SOFTPLUS_THRESHOLD 20.f
 #define LOG2E_F 1.4426950408889634f
 
@@ -81,16 +77,21 @@ extern "C" __global__ void conv1d_silu_fwd(const bf16* __restrict__ x, int sx, c
     for (int gi = blockIdx.y; gi < groups; gi += gridDim.y) {
         const int r0 = gi * CONV_ROWS;
         float xv[CONV_ROWS + CONV_K - 1];
+        const bf16* xp = x + (ptrdiff_t)(r0 - (CONV_K - 1)) * sx + c;
 #pragma unroll
         for (int q = 0; q < CONV_ROWS + CONV_K - 1; ++q) {
             const int r = r0 - (CONV_K - 1) + q;
-            xv[q] = (r >= 0 && r < rows) ? bf(x[(size_t)r * sx + c]) : 0.f;
+            xv[q] = (r >= 0 && r < rows) ? bf(*xp) : 0.f;
+            xp += sx;
         }
+        int t = r0 % T;  // position of row r0 + q in its sequence, stepped
 #pragma unroll
         for (int q = 0; q < CONV_ROWS; ++q) {
             const int r = r0 + q;
+            const int tq = t;
+            t = t + 1 == T ? 0 : t + 1;
             if (r < rows) {
-                const int lo = conv_first_tap(seg, r, T);
+                const int lo = max((seg ? seg[r] : 0) + CONV_K - 1 - tq, 0);
                 float u = bc;
 #pragma unroll
                 for (int j = 0; j < CONV_K; ++j)
@@ -101,10 +102,7 @@ extern "C" __global__ void conv1d_silu_fwd(const bf16* __restrict__ x, int sx, c
     }
 }
 
-// du[r] = dy[r]·silu'(u[r]) (u recomputed); dx[s] = Σ_j w[j]·du[s + 3 − j] over outputs whose
-// tap j reads s (written, bf16); dw[c, j] += Σ_r du[r]·x[r − 3 + j]; dbias[c] += Σ_r du[r].
-// Block: 32 channels (lanes) × 8 warps, each warp walks CONV_RUN rows backwards keeping the
-// three later du values in registers. Grid: (ceil(D/32), ceil(rows / (8·CONV_RUN))).
+// du of row r (0 past `rows`) and its first tap (CONV_K past `rows`).
 __device__ __forceinline__ float conv_du(const bf16* __restrict__ x, int sx, const float (&w)[CONV_K], float bias,
                                          const int* __restrict__ seg, const bf16* __restrict__ dy, int sdy,
                                          int r, int c, int rows, int T, int* lo_out) {
@@ -119,10 +117,17 @@ __device__ __forceinline__ float conv_du(const bf16* __restrict__ x, int sx, con
     return bf(dy[(size_t)r * sdy + c]) * s * (1.f + u * (1.f - s));
 }
 
-extern "C" __global__ void __launch_bounds__(256) conv1d_silu_bwd(
+// du[r] = dy[r]·silu'(u[r]) (u recomputed); dx[s] = Σ_j w[j]·du[s + 3 − j] over outputs whose
+// tap j reads s (written, bf16); dw[c, j] += Σ_r du[r]·x[r − 3 + j]; dbias[c] += Σ_r du[r].
+// Block: 32 channels (lanes) × 8 warps; each warp owns CONV_RUN rows and walks them backwards
+// in batches of CONV_ROWS, all loads of a batch (x rows r − 3 .. r + 7, dy, seg) issued
+// together, the three later rows' du carried in registers. Grid: (ceil(D/32),
+// ceil(rows / (8·CONV_RUN))).
+extern "C" __global__ void __launch_bounds__(256, 3) conv1d_silu_bwd(
     const bf16* __restrict__ x, int sx, const float* __restrict__ w, const float* __restrict__ bias,
     const int* __restrict__ seg, const bf16* __restrict__ dy, int sdy, bf16* __restrict__ dx, int sdx,
     float* __restrict__ dw, float* __restrict__ dbias, int rows, int T, int D) {
+    constexpr int NB = CONV_ROWS, NX = CONV_ROWS + CONV_K - 1;
     __shared__ float red[8][CONV_K + 1][33];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int c = blockIdx.x * 32 + lane;
@@ -134,30 +139,72 @@ extern "C" __global__ void __launch_bounds__(256) conv1d_silu_bwd(
 #pragma unroll
         for (int j = 0; j < CONV_K; ++j) wc[j] = w[c * CONV_K + j];
         const float bc = bias[c];
-        // du and first tap of rows r+1, r+2, r+3 relative to the current row r.
-        int lo1, lo2, lo3;
-        float du1 = conv_du(x, sx, wc, bc, seg, dy, sdy, r1, c, rows, T, &lo1);
-        float du2 = conv_du(x, sx, wc, bc, seg, dy, sdy, r1 + 1, c, rows, T, &lo2);
-        float du3 = conv_du(x, sx, wc, bc, seg, dy, sdy, r1 + 2, c, rows, T, &lo3);
-        for (int r = r1 - 1; r >= r0; --r) {
-            int lo0;
-            const float du0 = conv_du(x, sx, wc, bc, seg, dy, sdy, r, c, rows, T, &lo0);
-            acc[CONV_K] += du0;
+        // du and first tap of the three rows after the batch (rows past `rows`: 0 and no tap).
+        float dn[CONV_K - 1];
+        int ln[CONV_K - 1];
+        const int rlast = r0 + (r1 - 1 - r0) / NB * NB;  // first row of the last batch
 #pragma unroll
-            for (int j = 0; j < CONV_K; ++j)
-                if (j >= lo0) acc[j] = fmaf(du0, bf(x[(size_t)(r - CONV_K + 1 + j) * sx + c]), acc[j]);
-            // Output r + 3 − j reads source r through tap j when its first tap is <= j.
-            float g = wc[3] * du0;
-            if (lo1 <= 2) g = fmaf(wc[2], du1, g);
-            if (lo2 <= 1) g = fmaf(wc[1], du2, g);
-            if (lo3 <= 0) g = fmaf(wc[0], du3, g);
-            dx[(size_t)r * sdx + c] = tobf(g);
-            du3 = du2;
-            lo3 = lo2;
-            du2 = du1;
-            lo2 = lo1;
-            du1 = du0;
-            lo1 = lo0;
+        for (int q = 0; q < CONV_K - 1; ++q) dn[q] = conv_du(x, sx, wc, bc, seg, dy, sdy, rlast + NB + q, c, rows, T, &ln[q]);
+        for (int rb = rlast; rb >= r0; rb -= NB) {
+            float xv[NX], gv[NB];
+            int lo[NB];
+            const bf16* xp = x + (ptrdiff_t)(rb - (CONV_K - 1)) * sx + c;
+#pragma unroll
+            for (int q = 0; q < NX; ++q) {
+                const int r = rb - (CONV_K - 1) + q;
+                xv[q] = (r >= 0 && r < rows) ? bf(*xp) : 0.f;
+                xp += sx;
+            }
+            const bf16* gp = dy + (size_t)rb * sdy + c;
+            int t = rb % T;  // position of row rb + q in its sequence, stepped
+#pragma unroll
+            for (int q = 0; q < NB; ++q) {
+                const int r = rb + q;
+                gv[q] = r < rows ? bf(*gp) : 0.f;
+                const int start = seg != nullptr && r < rows ? seg[r] : 0;
+                lo[q] = r < rows ? max(start + CONV_K - 1 - t, 0) : CONV_K;
+                gp += sdy;
+                t = t + 1 == T ? 0 : t + 1;
+            }
+            // du of the batch (rows past `rows` give 0: their dy is 0).
+            float du[NB + CONV_K - 1];
+#pragma unroll
+            for (int q = 0; q < NB; ++q) {
+                float u = bc;
+#pragma unroll
+                for (int j = 0; j < CONV_K; ++j)
+                    if (j >= lo[q]) u = fmaf(wc[j], xv[q + j], u);
+                const float sg = sigmoid_f(u);
+                du[q] = gv[q] * sg * (1.f + u * (1.f - sg));
+            }
+#pragma unroll
+            for (int q = 0; q < CONV_K - 1; ++q) du[NB + q] = dn[q];
+            int lt[NB + CONV_K - 1];
+#pragma unroll
+            for (int q = 0; q < NB; ++q) lt[q] = lo[q];
+#pragma unroll
+            for (int q = 0; q < CONV_K - 1; ++q) lt[NB + q] = ln[q];
+#pragma unroll
+            for (int q = 0; q < NB; ++q) {
+                const int r = rb + q;
+                if (r < r1) {  // rows of this warp's run only
+                    acc[CONV_K] += du[q];
+#pragma unroll
+                    for (int j = 0; j < CONV_K; ++j)
+                        if (j >= lo[q]) acc[j] = fmaf(du[q], xv[q + j], acc[j]);
+                    // Output r + 3 − j reads source r through tap j when its first tap is <= j.
+                    float g = wc[3] * du[q];
+                    if (lt[q + 1] <= 2) g = fmaf(wc[2], du[q + 1], g);
+                    if (lt[q + 2] <= 1) g = fmaf(wc[1], du[q + 2], g);
+                    if (lt[q + 3] <= 0) g = fmaf(wc[0], du[q + 3], g);
+                    dx[(size_t)r * sdx + c] = tobf(g);
+                }
+            }
+#pragma unroll
+            for (int q = 0; q < CONV_K - 1; ++q) {
+                dn[q] = du[q];
+                ln[q] = lo[q];
+            }
         }
     }
 #pragma unroll
@@ -176,344 +223,14 @@ extern "C" __global__ void __launch_bounds__(256) conv1d_silu_bwd(
 }
 
 // ------------------------------------------------------------------------------------------
-// Selective scan forward. One thread per (row b, channel c) holding the 16 fp32 states; the
-// block walks T in chunks of SCAN_L steps: the next chunk's x / delta / z are prefetched into
-// registers and its B / C / reset flags into the other half of a double-buffered shared array
-// while the current chunk computes. The per-step scalars (softplus, gate) of a chunk are
-// computed together before the recurrence, and the recurrence has no branches, so the 16
-// state chains and the steps overlap. Per step:
+// Selective scan (selective_scan_ref semantics). Per step:
 //   dt = softplus(delta + delta_bias); h = exp(dt·A)·h + dt·B·x; y = C·h + D·x;
 //   out = y·silu(z) (z may be null: out = y).
-// Optional outputs: y_out (pre-gate y, the GMU memory) and ckpt ([B][nck][N][D] fp32, the
-// state before steps 0, SCAN_CKPT, 2·SCAN_CKPT, ...; the backward pass needs it).
-extern "C" __global__ void __launch_bounds__(SCAN_FWD_CH) selective_scan_fwd(
-    const bf16* __restrict__ x, int sx, const bf16* __restrict__ delta, int sd, const bf16* __restrict__ z, int sz,
-    const bf16* __restrict__ Bm, const bf16* __restrict__ Cm, int sbc, const float* __restrict__ delta_bias,
-    const float* __restrict__ a_log, const float* __restrict__ d_skip, const int* __restrict__ seg,
-    bf16* __restrict__ out, int so, bf16* __restrict__ y_out, int sy, float* __restrict__ ckpt, int T, int D) {
-    __shared__ float sBC[2][SCAN_L][2 * SCAN_N];
-    __shared__ float sKeep[2][SCAN_L];  // 0 at a row or document start (state reset), else 1
-    // Per-thread columns: the chunk's raw x, delta, z, then its per-step scalars
-    // dt·log2(e), dt·x, x and the gate silu(z). Loops over steps stay rolled (small code: one
-    // warp per scheduler cannot hide instruction-fetch stalls of a large unrolled body).
-    __shared__ float sRaw[3][SCAN_L][SCAN_FWD_CH];
-    __shared__ float sStep[4][SCAN_L][SCAN_FWD_CH];
-    constexpr int BC_PER_THREAD = SCAN_L * 2 * SCAN_N / SCAN_FWD_CH;
-    const int tid = threadIdx.x, b = blockIdx.y;
-    const int c = blockIdx.x * SCAN_FWD_CH + tid;
-    const bool active = c < D;
-    const int cc = active ? c : D - 1;
-    const size_t row0 = (size_t)b * T;
-    const int nck = (T + SCAN_CKPT - 1) / SCAN_CKPT;
-    float A[SCAN_N], h[SCAN_N];
-#pragma unroll
-    for (int k = 0; k < SCAN_N; ++k) {
-        A[k] = -expf(a_log[cc * SCAN_N + k]);
-        h[k] = 0.f;
-    }
-    const float bias = delta_bias[cc], dsk = d_skip[cc];
-    const bf16 zero = tobf(0.f);
-
-    bf16 px[SCAN_L], pd[SCAN_L], pz[SCAN_L];
-    float pbc[BC_PER_THREAD];
-    float pkeep = 1.f;
-    // Loads the chunk starting at t1 into the prefetch registers.
-#define SCAN_FWD_LOAD(t1)                                                                   \
-    {                                                                                       \
-        _Pragma("unroll") for (int i = 0; i < SCAN_L; ++i) {                                \
-            const int t = min((t1) + i, T - 1);                                             \
-            const size_t r = row0 + t;                                                      \
-            px[i] = x[r * sx + cc];                                                         \
-            pd[i] = delta[r * sd + cc];                                                     \
-            pz[i] = z ? z[r * sz + cc] : zero;                                              \
-        }                                                                                   \
-        _Pragma("unroll") for (int q = 0; q < BC_PER_THREAD; ++q) {                         \
-            const int e = tid + q * SCAN_FWD_CH, i = e >> 5, kk = e & 31;                   \
-            const int t = (t1) + i;                                                         \
-            float v = 0.f;                                                                  \
-            if (t < T) {                                                                    \
-                const size_t r = row0 + t;                                                  \
-                v = kk < SCAN_N ? bf(Bm[r * sbc + kk]) : bf(Cm[r * sbc + kk - SCAN_N]);     \
-            }                                                                               \
-            pbc[q] = v;                                                                     \
-        }                                                                                   \
-        if (tid < SCAN_L) {                                                                 \
-            const int t = (t1) + tid;                                                       \
-            pkeep = (t < T && (t == 0 || (seg != nullptr && seg[row0 + t] == t))) ? 0.f : 1.f; \
-        }                                                                                   \
-    }
-#define SCAN_FWD_STORE_BC(buf)                                                              \
-    {                                                                                       \
-        _Pragma("unroll") for (int q = 0; q < BC_PER_THREAD; ++q) {                         \
-            const int e = tid + q * SCAN_FWD_CH;                                            \
-            sBC[buf][e >> 5][e & 31] = pbc[q];                                              \
-        }                                                                                   \
-        if (tid < SCAN_L) sKeep[buf][tid] = pkeep;                                          \
-        _Pragma("unroll") for (int i = 0; i < SCAN_L; ++i) {                                \
-            sRaw[0][i][tid] = bf(px[i]);                                                    \
-            sRaw[1][i][tid] = bf(pd[i]);                                                    \
-            sRaw[2][i][tid] = bf(pz[i]);                                                    \
-        }                                                                                   \
-    }
-
-    SCAN_FWD_LOAD(0);
-    SCAN_FWD_STORE_BC(0);
-    __syncthreads();
-    const int nchunks = (T + SCAN_L - 1) / SCAN_L;
-    for (int ch = 0; ch < nchunks; ++ch) {
-        const int buf = ch & 1, t0 = ch * SCAN_L;
-        // Steps past T get dt = 0 and x = 0: the state passes through unchanged.
-#pragma unroll 1
-        for (int i = 0; i < SCAN_L; ++i) {
-            const bool ok = t0 + i < T;
-            const float xv = ok ? sRaw[0][i][tid] : 0.f;
-            const float dt = ok ? softplus_f(sRaw[1][i][tid] + bias) : 0.f;
-            sStep[0][i][tid] = dt * LOG2E_F;
-            sStep[1][i][tid] = dt * xv;
-            sStep[2][i][tid] = xv;
-            float gv = 1.f;
-            if (z != nullptr) {
-                const float zv = sRaw[2][i][tid];
-                gv = zv * sigmoid_f(zv);
-            }
-            sStep[3][i][tid] = gv;
-        }
-        const bool more = t0 + SCAN_L < T;
-        if (more) SCAN_FWD_LOAD(t0 + SCAN_L);
-        if (ckpt != nullptr && active && t0 % SCAN_CKPT == 0) {
-            float* dst = ckpt + ((size_t)(b * nck + t0 / SCAN_CKPT) * SCAN_N) * D + c;
-#pragma unroll
-            for (int k = 0; k < SCAN_N; ++k) dst[(size_t)k * D] = h[k];
-        }
-#pragma unroll 2
-        for (int i = 0; i < SCAN_L; ++i) {
-            const float keep = sKeep[buf][i], dtl = sStep[0][i][tid], dtx = sStep[1][i][tid];
-            float ya[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-            for (int k = 0; k < SCAN_N; ++k) {
-                h[k] = fmaf(ex2(dtl * A[k]) * keep, h[k], __fmul_rn(dtx, sBC[buf][i][k]));
-                ya[k & 3] = fmaf(sBC[buf][i][SCAN_N + k], h[k], ya[k & 3]);
-            }
-            const float yv = fmaf(dsk, sStep[2][i][tid], (ya[0] + ya[1]) + (ya[2] + ya[3]));
-            if (active && t0 + i < T) {
-                const size_t r = row0 + t0 + i;
-                if (y_out != nullptr) y_out[r * sy + c] = tobf(yv);
-                out[r * so + c] = tobf(yv * sStep[3][i][tid]);
-            }
-        }
-        if (more) SCAN_FWD_STORE_BC(buf ^ 1);
-        __syncthreads();
-    }
-#undef SCAN_FWD_LOAD
-#undef SCAN_FWD_STORE_BC
-}
-
-// One level of the warp transpose-reduction: lanes with bit W set keep the upper half of
-// their W·2 values and send the lower half to lane ^ W, which does the opposite.
-template <int W>
-__device__ __forceinline__ void transpose_reduce_level(float (&v)[32], int lane) {
-    const bool upper = (lane & W) != 0;
-#pragma unroll
-    for (int i = 0; i < W; ++i) {
-        const float lo = v[i], hi = v[i + W];
-        const float send = upper ? lo : hi;
-        const float keep = upper ? hi : lo;
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, W);
-    }
-}
-
-// Sum over the warp of each of 32 values; lane l returns the sum of v[l] (31 shuffles).
-__device__ __forceinline__ float transpose_reduce32(float (&v)[32], int lane) {
-    transpose_reduce_level<16>(v, lane);
-    transpose_reduce_level<8>(v, lane);
-    transpose_reduce_level<4>(v, lane);
-    transpose_reduce_level<2>(v, lane);
-    transpose_reduce_level<1>(v, lane);
-    return v[0];
-}
-
-// One state update h = exp(dt·A)·keep·h + dt·x·B (bc = the step's B then C).
-__device__ __forceinline__ void scan_state_step(float (&h)[SCAN_N], const float (&A)[SCAN_N], float keep, float dt,
-                                                float xv, const float* bc) {
-    const float dtl = dt * LOG2E_F, dtx = dt * xv;
-#pragma unroll
-    for (int k = 0; k < SCAN_N; ++k) h[k] = fmaf(ex2(dtl * A[k]) * keep, h[k], __fmul_rn(dtx, bc[k]));
-}
-
-// Selective scan backward (reverse-mode of selective_scan_fwd, selective_scan_ref semantics).
-// One warp per block, one thread per (row b, channel c). T is walked backwards in intervals of
-// SCAN_CKPT steps; for each interval the inputs are staged in shared memory (all loads of a
-// half-interval issued together), the states are recomputed from the forward checkpoint (the
-// first SCAN_SUB steps once more to reach the second sub-chunk), each sub-chunk's states are
-// kept in shared memory and the adjoint λ = ∂L/∂h runs backwards over them. Steps past T are
-// staged as zeros (dt = 0: no-ops). Writes dx, ddelta (pre-softplus), dz (bf16); adds into
-// dbc_acc ([rows, 32] fp32: dB then dC; one coalesced atomic per warp and step), da_log,
-// dd_skip, ddelta_bias (fp32). dy_extra (may be null) is a gradient on the pre-gate y.
-extern "C" __global__ void __launch_bounds__(SCAN_BWD_CH) selective_scan_bwd(
-    const bf16* __restrict__ x, int sx, const bf16* __restrict__ delta, int sd, const bf16* __restrict__ z, int sz,
-    const bf16* __restrict__ Bm, const bf16* __restrict__ Cm, int sbc, const float* __restrict__ delta_bias,
-    const float* __restrict__ a_log, const float* __restrict__ d_skip, const int* __restrict__ seg,
-    const float* __restrict__ ckpt, const bf16* __restrict__ dout, int sdo, const bf16* __restrict__ dy_extra,
-    int sde, bf16* __restrict__ dx, int sdx, bf16* __restrict__ ddelta, int sdd, bf16* __restrict__ dz, int sdz,
-    float* __restrict__ dbc_acc, float* __restrict__ da_log, float* __restrict__ dd_skip,
-    float* __restrict__ ddelta_bias, int T, int D) {
-    extern __shared__ float smem[];
-    float(*sH)[SCAN_N][SCAN_BWD_CH] = reinterpret_cast<float(*)[SCAN_N][SCAN_BWD_CH]>(smem);
-    float(*sBC)[2 * SCAN_N] = reinterpret_cast<float(*)[2 * SCAN_N]>(smem + SCAN_SUB * SCAN_N * SCAN_BWD_CH);
-    float* base = smem + SCAN_SUB * SCAN_N * SCAN_BWD_CH + SCAN_CKPT * 2 * SCAN_N;
-    // Staged per step: x, dt = softplus(delta + bias), ḡ = dout·silu(z) + dy_extra (the
-    // gradient on y) and dz / y = dout·silu'(z); keep = 0 at a state reset, else 1.
-    float(*sX)[SCAN_BWD_CH] = reinterpret_cast<float(*)[SCAN_BWD_CH]>(base);
-    float(*sDt)[SCAN_BWD_CH] = reinterpret_cast<float(*)[SCAN_BWD_CH]>(base + 1 * SCAN_CKPT * SCAN_BWD_CH);
-    float(*sG)[SCAN_BWD_CH] = reinterpret_cast<float(*)[SCAN_BWD_CH]>(base + 2 * SCAN_CKPT * SCAN_BWD_CH);
-    float(*sZ)[SCAN_BWD_CH] = reinterpret_cast<float(*)[SCAN_BWD_CH]>(base + 3 * SCAN_CKPT * SCAN_BWD_CH);
-    float* sKeep = base + 4 * SCAN_CKPT * SCAN_BWD_CH;
-
-    const int lane = threadIdx.x, b = blockIdx.y;
-    const int c = blockIdx.x * SCAN_BWD_CH + lane;
-    const bool active = c < D;
-    const int cc = active ? c : D - 1;
-    const size_t row0 = (size_t)b * T;
-    const int nck = (T + SCAN_CKPT - 1) / SCAN_CKPT;
-    float A[SCAN_N], h[SCAN_N], hck[SCAN_N], lam[SCAN_N], dA[SCAN_N];
-#pragma unroll
-    for (int k = 0; k < SCAN_N; ++k) {
-        A[k] = -expf(a_log[cc * SCAN_N + k]);
-        lam[k] = 0.f;
-        dA[k] = 0.f;
-    }
-    const float bias = delta_bias[cc], dsk = d_skip[cc];
-    float dD = 0.f, dBias = 0.f;
-
-    for (int j = nck - 1; j >= 0; --j) {
-        const int t0 = j * SCAN_CKPT, n = min(SCAN_CKPT, T - t0);
-        __syncthreads();
-        // Raw inputs first (all loads of SCAN_STAGE steps issued together); dy_extra goes to
-        // the state buffer, free until the recompute below.
-        float* sE = &sH[0][0][0];
-#pragma unroll 1
-        for (int half = 0; half < SCAN_CKPT / SCAN_STAGE; ++half) {
-            float lx[SCAN_STAGE], ld[SCAN_STAGE], lg[SCAN_STAGE], lz[SCAN_STAGE], le[SCAN_STAGE], lbc[SCAN_STAGE];
-#pragma unroll
-            for (int q = 0; q < SCAN_STAGE; ++q) {
-                const int i = half * SCAN_STAGE + q;
-                const size_t r = row0 + t0 + (i < n ? i : 0);
-                lx[q] = bf(x[r * sx + cc]);
-                ld[q] = bf(delta[r * sd + cc]);
-                lg[q] = bf(dout[r * sdo + cc]);
-                lz[q] = z ? bf(z[r * sz + cc]) : 0.f;
-                le[q] = dy_extra ? bf(dy_extra[r * sde + cc]) : 0.f;
-                lbc[q] = lane < SCAN_N ? bf(Bm[r * sbc + lane]) : bf(Cm[r * sbc + lane - SCAN_N]);
-            }
-#pragma unroll
-            for (int q = 0; q < SCAN_STAGE; ++q) {
-                const int i = half * SCAN_STAGE + q;
-                sX[i][lane] = lx[q];
-                sDt[i][lane] = ld[q];
-                sG[i][lane] = lg[q];
-                sZ[i][lane] = lz[q];
-                sE[i * SCAN_BWD_CH + lane] = le[q];
-                sBC[i][lane] = i < n ? lbc[q] : 0.f;
-            }
-        }
-        // In place, own column: dt, ḡ, dz / y; zeros past n (those steps become no-ops).
-#pragma unroll 1
-        for (int i = 0; i < SCAN_CKPT; ++i) {
-            const bool ok = i < n;
-            const float g = sG[i][lane], zv = sZ[i][lane];
-            float gbar = g, dzc = 0.f;
-            if (z != nullptr) {
-                const float sg = sigmoid_f(zv);
-                gbar = g * zv * sg;
-                dzc = g * sg * (1.f + zv * (1.f - sg));
-            }
-            gbar += sE[i * SCAN_BWD_CH + lane];
-            sX[i][lane] = ok ? sX[i][lane] : 0.f;
-            sDt[i][lane] = ok ? softplus_f(sDt[i][lane] + bias) : 0.f;
-            sG[i][lane] = ok ? gbar : 0.f;
-            sZ[i][lane] = ok ? dzc : 0.f;
-        }
-        {
-            const int t = t0 + lane;  // SCAN_CKPT == SCAN_BWD_CH: one flag per lane
-            sKeep[lane] = (lane < n && (t == 0 || (seg != nullptr && seg[row0 + t] == t))) ? 0.f : 1.f;
-            const float* src = ckpt + ((size_t)(b * nck + j) * SCAN_N) * D + cc;
-#pragma unroll
-            for (int k = 0; k < SCAN_N; ++k) hck[k] = src[(size_t)k * D];
-        }
-        __syncthreads();
-
-        const int nsub = (n + SCAN_SUB - 1) / SCAN_SUB;
-        if (nsub > 1) {
-#pragma unroll
-            for (int k = 0; k < SCAN_N; ++k) h[k] = hck[k];
-#pragma unroll 1
-            for (int i = 0; i < SCAN_SUB; ++i) scan_state_step(h, A, sKeep[i], sDt[i][lane], sX[i][lane], sBC[i]);
-        }
-        for (int s = nsub - 1; s >= 0; --s) {
-            const int i0 = s * SCAN_SUB;
-            if (s == 0) {
-#pragma unroll
-                for (int k = 0; k < SCAN_N; ++k) h[k] = hck[k];
-            }
-#pragma unroll 1
-            for (int q = 0; q < SCAN_SUB; ++q) {
-                const int i = i0 + q;
-                scan_state_step(h, A, sKeep[i], sDt[i][lane], sX[i][lane], sBC[i]);
-#pragma unroll
-                for (int k = 0; k < SCAN_N; ++k) sH[q][k][lane] = h[k];
-            }
-#pragma unroll 1
-            for (int q = SCAN_SUB - 1; q >= 0; --q) {
-                const int i = i0 + q;
-                const float xv = sX[i][lane], dt = sDt[i][lane], gbar = sG[i][lane], keep = sKeep[i];
-                const float dtl = dt * LOG2E_F, dtx = dt * xv;
-                dD = fmaf(gbar, xv, dD);
-                float dxa[2] = {gbar * dsk, 0.f}, dda[2] = {0.f, 0.f}, ya[2] = {dsk * xv, 0.f};
-                float v[32];
-#pragma unroll
-                for (int k = 0; k < SCAN_N; ++k) {
-                    const float hk = sH[q][k][lane], Bk = sBC[i][k], Ck = sBC[i][SCAN_N + k];
-                    ya[k & 1] = fmaf(Ck, hk, ya[k & 1]);
-                    v[SCAN_N + k] = gbar * hk;
-                    lam[k] = fmaf(gbar, Ck, lam[k]);
-                    const float hp = hk - __fmul_rn(dtx, Bk);  // exp(dt·A)·h_{t−1}
-                    dxa[k & 1] = fmaf(lam[k] * dt, Bk, dxa[k & 1]);
-                    dda[k & 1] = fmaf(lam[k], fmaf(A[k], hp, Bk * xv), dda[k & 1]);
-                    dA[k] = fmaf(lam[k] * dt, hp, dA[k]);
-                    v[k] = lam[k] * dtx;
-                    lam[k] *= ex2(dtl * A[k]) * keep;
-                }
-                const float ddt = dda[0] + dda[1];
-                // dt > 20 exactly when pre > 20 (softplus(20) rounds to 20).
-                const float dpre = ddt * softplus_grad_from_dt(dt);
-                dBias += dpre;
-                const bool ok = i < n;
-                const size_t r = row0 + t0 + i;
-                if (active && ok) {
-                    dx[r * sdx + c] = tobf(dxa[0] + dxa[1]);
-                    ddelta[r * sdd + c] = tobf(dpre);
-                    if (dz != nullptr) dz[r * sdz + c] = tobf(sZ[i][lane] * (ya[0] + ya[1]));
-                }
-                if (!active) {
-#pragma unroll
-                    for (int k = 0; k < 32; ++k) v[k] = 0.f;
-                }
-                const float sum = transpose_reduce32(v, lane);
-#ifndef SCAN_NO_ATOMICS
-                if (ok) atomicAdd(dbc_acc + r * 32 + lane, sum);
-#else
-                if (ok && sum == 12345.f) dbc_acc[r * 32 + lane] = sum;  // timing experiment only
-#endif
-            }
-        }
-    }
-    if (active) {
-#pragma unroll
-        for (int k = 0; k < SCAN_N; ++k) atomicAdd(da_log + c * SCAN_N + k, dA[k] * A[k]);
-        atomicAdd(dd_skip + c, dD);
-        atomicAdd(ddelta_bias + c, dBias);
-    }
-}
+// The forward writes optional y_out (pre-gate y, the GMU memory) and ckpt ([B][nck][N][D]
+// fp32, the state before steps 0, SCAN_CKPT, 2·SCAN_CKPT, ...), which the backward reads.
+// The backward writes dx, ddelta (pre-softplus), dz (bf16) and adds into dbc_acc ([rows, 32]
+// fp32: dB then dC), da_log, dd_skip, ddelta_bias (fp32); dy_extra (may be null) is a
+// gradient on the pre-gate y.
 
 // dB[r, k] = bf16(acc[r, k]), dC[r, k] = bf16(acc[r, 16 + k]) (rows of stride s).
 extern "C" __global__ void scan_bc_grad_out(const float* __restrict__ acc, bf16* __restrict__ dB,
@@ -532,27 +249,15 @@ extern "C" __global__ void scan_bc_grad_out(const float* __restrict__ acc, bf16*
 // ------------------------------------------------------------------------------------------
 // Split-state selective scan: the 16 states of a channel are spread over SCAN_SPLIT = 4
 // adjacent lanes (4 states each), so a (row, channel) pair gets 4 threads instead of 1 and
-// the GPU gets 4× the warps to hide the per-step latency (the one-thread-per-channel kernels
-// above give one warp per scheduler at SambaY shapes). The per-(t, c) scalars (softplus,
-// gate) are computed once by a staging mapping (lane = channel, coalesced) into shared memory;
-// y, dx and dΔ partial sums meet by two xor shuffles. Same semantics, checkpoints and
-// argument lists as selective_scan_fwd / selective_scan_bwd.
+// the GPU gets 4× the warps to hide the per-step latency (one thread per channel, the first
+// kernels, gave one warp per scheduler at SambaY shapes; retired 2026-11-29 with the v2 split
+// kernels, see bench/NOTES.md). The per-(t, c) scalars (softplus, gate) are computed once by a
+// staging mapping (lane = channel, coalesced) into shared memory.
 #define SCAN_SPLIT 4                              // lanes per channel
 #define SCAN_KP (SCAN_N / SCAN_SPLIT)             // states per lane (4: one float4)
 #define SCAN_SPLIT_CH 32                          // channels per block
 #define SCAN_SPLIT_THREADS (SCAN_SPLIT_CH * SCAN_SPLIT)
 #define SCAN_SPLIT_WARPS (SCAN_SPLIT_THREADS / 32)
-#define SCAN_SPLIT_L 16                           // forward steps per chunk (divides SCAN_CKPT)
-
-// One state update of a lane's 4 states (B4: the lane's 4 entries of B).
-__device__ __forceinline__ void scan_state_step4(float (&h)[SCAN_KP], const float (&A)[SCAN_KP], float keep,
-                                                 float dt, float xv, const float4 B4) {
-    const float dtl = dt * LOG2E_F, dtx = dt * xv;
-    h[0] = fmaf(ex2(dtl * A[0]) * keep, h[0], __fmul_rn(dtx, B4.x));
-    h[1] = fmaf(ex2(dtl * A[1]) * keep, h[1], __fmul_rn(dtx, B4.y));
-    h[2] = fmaf(ex2(dtl * A[2]) * keep, h[2], __fmul_rn(dtx, B4.z));
-    h[3] = fmaf(ex2(dtl * A[3]) * keep, h[3], __fmul_rn(dtx, B4.w));
-}
 
 __device__ __forceinline__ float sum_over_split(float v) {
     v += __shfl_xor_sync(0xffffffffu, v, 1);
@@ -574,342 +279,11 @@ __device__ __forceinline__ void transpose_reduce_lv(float (&v)[S], int lane) {
     }
 }
 
-// Forward (v2, `ARCHSCALE_SCAN_KERNEL=split2`). Block: SCAN_SPLIT_CH channels × SCAN_SPLIT
-// lanes; grid (ceil(D / 32), B). T is
-// walked in chunks of SCAN_SPLIT_L steps: staging (registers prefetched during the previous
-// chunk → per-step scalars in shared memory), recurrence (y of each step into shared memory),
-// then a coalesced write of the chunk's outputs. Double-buffered; two barriers per chunk.
-extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS) selective_scan_fwd_split_v2(
-    const bf16* __restrict__ x, int sx, const bf16* __restrict__ delta, int sd, const bf16* __restrict__ z, int sz,
-    const bf16* __restrict__ Bm, const bf16* __restrict__ Cm, int sbc, const float* __restrict__ delta_bias,
-    const float* __restrict__ a_log, const float* __restrict__ d_skip, const int* __restrict__ seg,
-    bf16* __restrict__ out, int so, bf16* __restrict__ y_out, int sy, float* __restrict__ ckpt, int T, int D) {
-    __shared__ __align__(16) float sBC[2][SCAN_SPLIT_L][2 * SCAN_N];
-    __shared__ float sKeep[2][SCAN_SPLIT_L];  // 0 at a row or document start (state reset), else 1
-    // Per step and channel: dt·log2(e), dt·x, x, gate silu(z) (1 without z).
-    __shared__ float sStep[2][4][SCAN_SPLIT_L][SCAN_SPLIT_CH];
-    __shared__ float sY[2][SCAN_SPLIT_L][SCAN_SPLIT_CH];
-    constexpr int PER = SCAN_SPLIT_L * SCAN_SPLIT_CH / SCAN_SPLIT_THREADS;  // staged steps per thread
-    constexpr int STEP_STRIDE = SCAN_SPLIT_THREADS / SCAN_SPLIT_CH;         // 4
-    const int tid = threadIdx.x, b = blockIdx.y, c0 = blockIdx.x * SCAN_SPLIT_CH;
-    const size_t row0 = (size_t)b * T;
-    const int nck = (T + SCAN_CKPT - 1) / SCAN_CKPT;
-    // Staging role: channel column lc, steps ls + STEP_STRIDE·q (B/C: column lc of 32).
-    const int lc = tid & 31, ls = tid >> 5;
-    const int cl = c0 + lc;
-    const bool lactive = cl < D;
-    const int ccl = lactive ? cl : D - 1;
-    const float lbias = delta_bias[ccl];
-    // Recurrence role: channel ch, states SCAN_KP·sub .. SCAN_KP·sub + 3.
-    const int ch = tid / SCAN_SPLIT, sub = tid % SCAN_SPLIT;
-    const int c = c0 + ch;
-    const bool active = c < D;
-    const int cc = active ? c : D - 1;
-    float A[SCAN_KP], h[SCAN_KP];
-#pragma unroll
-    for (int j = 0; j < SCAN_KP; ++j) {
-        A[j] = -expf(a_log[cc * SCAN_N + sub * SCAN_KP + j]);
-        h[j] = 0.f;
-    }
-    const float dsk = d_skip[cc];
-    const bf16 zero = tobf(0.f);
-
-    bf16 px[PER], pd[PER], pz[PER];
-    float pbc[PER];
-    float pkeep = 1.f;
-#define SCAN_SPLIT_LOAD(t1)                                                                 \
-    {                                                                                       \
-        _Pragma("unroll") for (int q = 0; q < PER; ++q) {                                   \
-            const int tt = (t1) + ls + STEP_STRIDE * q;                                     \
-            const size_t r = row0 + min(tt, T - 1);                                         \
-            px[q] = x[r * sx + ccl];                                                        \
-            pd[q] = delta[r * sd + ccl];                                                    \
-            pz[q] = z ? z[r * sz + ccl] : zero;                                             \
-            pbc[q] = tt < T ? (lc < SCAN_N ? bf(Bm[r * sbc + lc]) : bf(Cm[r * sbc + lc - SCAN_N])) : 0.f; \
-        }                                                                                   \
-        if (tid < SCAN_SPLIT_L) {                                                           \
-            const int t = (t1) + tid;                                                       \
-            pkeep = (t < T && (t == 0 || (seg != nullptr && seg[row0 + t] == t))) ? 0.f : 1.f; \
-        }                                                                                   \
-    }
-
-    SCAN_SPLIT_LOAD(0);
-    const int nchunks = (T + SCAN_SPLIT_L - 1) / SCAN_SPLIT_L;
-    for (int chn = 0; chn < nchunks; ++chn) {
-        const int buf = chn & 1, t0 = chn * SCAN_SPLIT_L;
-        // Stage: steps past T get dt = 0 and x = 0 (the state passes through unchanged).
-#pragma unroll
-        for (int q = 0; q < PER; ++q) {
-            const int i = ls + STEP_STRIDE * q;
-            const bool ok = t0 + i < T;
-            const float xv = ok ? bf(px[q]) : 0.f;
-            const float dt = ok ? softplus_f(bf(pd[q]) + lbias) : 0.f;
-            sStep[buf][0][i][lc] = dt * LOG2E_F;
-            sStep[buf][1][i][lc] = dt * xv;
-            sStep[buf][2][i][lc] = xv;
-            float gv = 1.f;
-            if (z != nullptr) {
-                const float zv = bf(pz[q]);
-                gv = zv * sigmoid_f(zv);
-            }
-            sStep[buf][3][i][lc] = gv;
-            sBC[buf][i][lc] = pbc[q];
-        }
-        if (tid < SCAN_SPLIT_L) sKeep[buf][tid] = pkeep;
-        __syncthreads();
-        if (t0 + SCAN_SPLIT_L < T) SCAN_SPLIT_LOAD(t0 + SCAN_SPLIT_L);
-        if (ckpt != nullptr && active && t0 % SCAN_CKPT == 0) {
-            float* dst = ckpt + ((size_t)(b * nck + t0 / SCAN_CKPT) * SCAN_N + sub * SCAN_KP) * D + c;
-#pragma unroll
-            for (int j = 0; j < SCAN_KP; ++j) dst[(size_t)j * D] = h[j];
-        }
-#pragma unroll 4
-        for (int i = 0; i < SCAN_SPLIT_L; ++i) {
-            const float keep = sKeep[buf][i], dtl = sStep[buf][0][i][ch], dtx = sStep[buf][1][i][ch];
-            const float4 B4 = *reinterpret_cast<const float4*>(&sBC[buf][i][sub * SCAN_KP]);
-            const float4 C4 = *reinterpret_cast<const float4*>(&sBC[buf][i][SCAN_N + sub * SCAN_KP]);
-            h[0] = fmaf(ex2(dtl * A[0]) * keep, h[0], __fmul_rn(dtx, B4.x));
-            h[1] = fmaf(ex2(dtl * A[1]) * keep, h[1], __fmul_rn(dtx, B4.y));
-            h[2] = fmaf(ex2(dtl * A[2]) * keep, h[2], __fmul_rn(dtx, B4.z));
-            h[3] = fmaf(ex2(dtl * A[3]) * keep, h[3], __fmul_rn(dtx, B4.w));
-            const float ya = sum_over_split(fmaf(C4.x, h[0], C4.y * h[1]) + fmaf(C4.z, h[2], C4.w * h[3]));
-            if (sub == 0) sY[buf][i][ch] = fmaf(dsk, sStep[buf][2][i][ch], ya);
-        }
-        __syncthreads();
-#pragma unroll
-        for (int q = 0; q < PER; ++q) {
-            const int i = ls + STEP_STRIDE * q;
-            if (lactive && t0 + i < T) {
-                const size_t r = row0 + t0 + i;
-                const float yv = sY[buf][i][lc];
-                if (y_out != nullptr) y_out[r * sy + cl] = tobf(yv);
-                out[r * so + cl] = tobf(yv * sStep[buf][3][i][lc]);
-            }
-        }
-    }
-#undef SCAN_SPLIT_LOAD
-}
-
-// Backward (v2, `ARCHSCALE_SCAN_KERNEL=split2`). Block: SCAN_SPLIT_CH channels × SCAN_SPLIT
-// lanes (4 warps); grid (ceil(D / 32), B);
-// dynamic shared memory as the carve-up below (ops.rs SCAN_SPLIT_BWD_SMEM; 48 KB and at most
-// 128 registers, so 4 blocks fit an SM and a SambaY-d16 layer runs in one wave). Per interval
-// of SCAN_CKPT steps (walked backwards): stage the inputs (lane = channel), recompute the
-// states from the checkpoint (sub-chunks of SCAN_SUB steps kept in shared memory), run λ
-// backwards. A step's dx, dΔ and y go to shared memory in place of its inputs and are written
-// out after the interval (dz from y, dout and z reloaded); each warp's dB/dC partial sums of a
-// step go to its own, already consumed, slots of that step's states in sH, and are summed over
-// the warps and added to dbc_acc (one global atomic per block, step and column) after each
-// sub-chunk.
-extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_scan_bwd_split_v2(
-    const bf16* __restrict__ x, int sx, const bf16* __restrict__ delta, int sd, const bf16* __restrict__ z, int sz,
-    const bf16* __restrict__ Bm, const bf16* __restrict__ Cm, int sbc, const float* __restrict__ delta_bias,
-    const float* __restrict__ a_log, const float* __restrict__ d_skip, const int* __restrict__ seg,
-    const float* __restrict__ ckpt, const bf16* __restrict__ dout, int sdo, const bf16* __restrict__ dy_extra,
-    int sde, bf16* __restrict__ dx, int sdx, bf16* __restrict__ ddelta, int sdd, bf16* __restrict__ dz, int sdz,
-    float* __restrict__ dbc_acc, float* __restrict__ da_log, float* __restrict__ dd_skip,
-    float* __restrict__ ddelta_bias, int T, int D) {
-    extern __shared__ __align__(16) float smem[];
-    float* sH = smem;  // [SCAN_SUB][SCAN_SPLIT_CH · SCAN_N], a lane's 4 states contiguous
-    float(*sBC)[2 * SCAN_N] = reinterpret_cast<float(*)[2 * SCAN_N]>(smem + SCAN_SUB * SCAN_SPLIT_CH * SCAN_N);
-    float* base = smem + SCAN_SUB * SCAN_SPLIT_CH * SCAN_N + SCAN_CKPT * 2 * SCAN_N;
-    // Staged per step: x, dt, ḡ (gradient on y); overwritten by dx, dΔ, y.
-    float(*sX)[SCAN_SPLIT_CH] = reinterpret_cast<float(*)[SCAN_SPLIT_CH]>(base);
-    float(*sDt)[SCAN_SPLIT_CH] = reinterpret_cast<float(*)[SCAN_SPLIT_CH]>(base + 1 * SCAN_CKPT * SCAN_SPLIT_CH);
-    float(*sG)[SCAN_SPLIT_CH] = reinterpret_cast<float(*)[SCAN_SPLIT_CH]>(base + 2 * SCAN_CKPT * SCAN_SPLIT_CH);
-    float* sKeep = base + 3 * SCAN_CKPT * SCAN_SPLIT_CH;
-    constexpr int PER = SCAN_CKPT * SCAN_SPLIT_CH / SCAN_SPLIT_THREADS;  // 8 staged steps per thread
-    constexpr int HALF = PER / 2;                                         // loads issued together
-    constexpr int STEP_STRIDE = SCAN_SPLIT_THREADS / SCAN_SPLIT_CH;
-
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, b = blockIdx.y;
-    const int c0 = blockIdx.x * SCAN_SPLIT_CH;
-    const size_t row0 = (size_t)b * T;
-    const int nck = (T + SCAN_CKPT - 1) / SCAN_CKPT;
-    const int lc = tid & 31, ls = tid >> 5;
-    const int cl = c0 + lc;
-    const bool lactive = cl < D;
-    const int ccl = lactive ? cl : D - 1;
-    const float lbias = delta_bias[ccl];
-    const int ch = tid / SCAN_SPLIT, sub = tid % SCAN_SPLIT;
-    const int c = c0 + ch;
-    const bool active = c < D;
-    const int cc = active ? c : D - 1;
-    // Column of dB/dC this lane holds after the transpose-reduction of its 8 values
-    // (v[0..3]: B of states 4·sub.., v[4..7]: C of the same states).
-    const int ridx = (lane >> 2) & 7, rsub = lane & 3;
-    const int rcol = ridx < 4 ? rsub * SCAN_KP + ridx : SCAN_N + rsub * SCAN_KP + (ridx - 4);
-    float A[SCAN_KP], h[SCAN_KP], hck[SCAN_KP], lam[SCAN_KP], dA[SCAN_KP];
-#pragma unroll
-    for (int j = 0; j < SCAN_KP; ++j) {
-        A[j] = -expf(a_log[cc * SCAN_N + sub * SCAN_KP + j]);
-        lam[j] = 0.f;
-        dA[j] = 0.f;
-    }
-    const float dsk = d_skip[cc];
-    float dD = 0.f, dBias = 0.f;
-
-    for (int jc = nck - 1; jc >= 0; --jc) {
-        const int t0 = jc * SCAN_CKPT, n = min(SCAN_CKPT, T - t0);
-        __syncthreads();
-#pragma unroll 1
-        for (int hf = 0; hf < 2; ++hf) {
-            float lx[HALF], ld[HALF], lg[HALF], lz[HALF], le[HALF], lbc[HALF];
-#pragma unroll
-            for (int q = 0; q < HALF; ++q) {
-                const int i = ls + STEP_STRIDE * (q + hf * HALF);
-                const size_t r = row0 + t0 + (i < n ? i : 0);
-                lx[q] = bf(x[r * sx + ccl]);
-                ld[q] = bf(delta[r * sd + ccl]);
-                lg[q] = bf(dout[r * sdo + ccl]);
-                lz[q] = z ? bf(z[r * sz + ccl]) : 0.f;
-                le[q] = dy_extra ? bf(dy_extra[r * sde + ccl]) : 0.f;
-                lbc[q] = lc < SCAN_N ? bf(Bm[r * sbc + lc]) : bf(Cm[r * sbc + lc - SCAN_N]);
-            }
-#pragma unroll
-            for (int q = 0; q < HALF; ++q) {
-                const int i = ls + STEP_STRIDE * (q + hf * HALF);
-                const bool ok = i < n;
-                const float g = lg[q], zv = lz[q];
-                float gbar = g;
-                if (z != nullptr) gbar = g * zv * sigmoid_f(zv);
-                gbar += le[q];
-                sX[i][lc] = ok ? lx[q] : 0.f;
-                sDt[i][lc] = ok ? softplus_f(ld[q] + lbias) : 0.f;
-                sG[i][lc] = ok ? gbar : 0.f;
-                sBC[i][lc] = ok ? lbc[q] : 0.f;
-            }
-        }
-        if (tid < SCAN_CKPT) {
-            const int t = t0 + tid;
-            sKeep[tid] = (tid < n && (t == 0 || (seg != nullptr && seg[row0 + t] == t))) ? 0.f : 1.f;
-        }
-        {
-            const float* src = ckpt + ((size_t)(b * nck + jc) * SCAN_N + sub * SCAN_KP) * D + cc;
-#pragma unroll
-            for (int j = 0; j < SCAN_KP; ++j) hck[j] = src[(size_t)j * D];
-        }
-        __syncthreads();
-
-        const int nsub = (n + SCAN_SUB - 1) / SCAN_SUB;
-        if (nsub > 1) {
-#pragma unroll
-            for (int j = 0; j < SCAN_KP; ++j) h[j] = hck[j];
-#pragma unroll 1
-            for (int i = 0; i < SCAN_SUB; ++i)
-                scan_state_step4(h, A, sKeep[i], sDt[i][ch], sX[i][ch],
-                                 *reinterpret_cast<const float4*>(&sBC[i][sub * SCAN_KP]));
-        }
-        for (int s = nsub - 1; s >= 0; --s) {
-            const int i0 = s * SCAN_SUB;
-            if (s == 0) {
-#pragma unroll
-                for (int j = 0; j < SCAN_KP; ++j) h[j] = hck[j];
-            }
-#pragma unroll 2
-            for (int q = 0; q < SCAN_SUB; ++q) {
-                const int i = i0 + q;
-                scan_state_step4(h, A, sKeep[i], sDt[i][ch], sX[i][ch],
-                                 *reinterpret_cast<const float4*>(&sBC[i][sub * SCAN_KP]));
-                *reinterpret_cast<float4*>(&sH[(q * SCAN_SPLIT_CH + ch) * SCAN_N + sub * SCAN_KP]) =
-                    make_float4(h[0], h[1], h[2], h[3]);
-            }
-#pragma unroll 1
-            for (int q = SCAN_SUB - 1; q >= 0; --q) {
-                const int i = i0 + q;
-                const float xv = sX[i][ch], dt = sDt[i][ch], gbar = sG[i][ch], keep = sKeep[i];
-                const float dtl = dt * LOG2E_F, dtx = dt * xv;
-                const float4 h4 = *reinterpret_cast<const float4*>(&sH[(q * SCAN_SPLIT_CH + ch) * SCAN_N + sub * SCAN_KP]);
-                const float4 B4 = *reinterpret_cast<const float4*>(&sBC[i][sub * SCAN_KP]);
-                const float4 C4 = *reinterpret_cast<const float4*>(&sBC[i][SCAN_N + sub * SCAN_KP]);
-                const float hv[SCAN_KP] = {h4.x, h4.y, h4.z, h4.w};
-                const float Bv[SCAN_KP] = {B4.x, B4.y, B4.z, B4.w};
-                const float Cv[SCAN_KP] = {C4.x, C4.y, C4.z, C4.w};
-                if (sub == 0) dD = fmaf(gbar, xv, dD);
-                float dxa = sub == 0 ? gbar * dsk : 0.f, dda = 0.f, ya = sub == 0 ? dsk * xv : 0.f;
-                float v[2 * SCAN_KP];
-#pragma unroll
-                for (int j = 0; j < SCAN_KP; ++j) {
-                    const float hk = hv[j], Bk = Bv[j], Ck = Cv[j];
-                    ya = fmaf(Ck, hk, ya);
-                    v[SCAN_KP + j] = gbar * hk;
-                    lam[j] = fmaf(gbar, Ck, lam[j]);
-                    const float hp = hk - __fmul_rn(dtx, Bk);  // exp(dt·A)·h_{t−1}
-                    dxa = fmaf(lam[j] * dt, Bk, dxa);
-                    dda = fmaf(lam[j], fmaf(A[j], hp, Bk * xv), dda);
-                    dA[j] = fmaf(lam[j] * dt, hp, dA[j]);
-                    v[j] = lam[j] * dtx;
-                    lam[j] *= ex2(dtl * A[j]) * keep;
-                }
-                ya = sum_over_split(ya);
-                dxa = sum_over_split(dxa);
-                const float ddt = sum_over_split(dda);
-                // dt > 20 exactly when pre > 20 (softplus(20) rounds to 20).
-                const float dpre = ddt * softplus_grad_from_dt(dt);
-                if (sub == 0) dBias += dpre;
-                if (!active) {
-#pragma unroll
-                    for (int k = 0; k < 2 * SCAN_KP; ++k) v[k] = 0.f;
-                }
-                // Sum over the warp's 8 channels: lane ends with column rcol.
-                transpose_reduce_lv<4, 16>(v, lane);
-                transpose_reduce_lv<2, 8>(v, lane);
-                transpose_reduce_lv<1, 4>(v, lane);
-                __syncwarp();  // the warp's reads of sH[q] are done
-                sH[q * SCAN_SPLIT_CH * SCAN_N + warp * 32 * SCAN_KP + rcol] = v[0];
-                if (sub == 0) {
-                    sX[i][ch] = dxa;
-                    sDt[i][ch] = dpre;
-                    sG[i][ch] = ya;
-                }
-            }
-            __syncthreads();
-            // dB/dC of the sub-chunk: sum the warps' partials, one atomic per step and column.
-#pragma unroll
-            for (int e = tid; e < SCAN_SUB * 2 * SCAN_N; e += SCAN_SPLIT_THREADS) {
-                const int q = e >> 5, col = e & 31, i = i0 + q;
-                if (i < n) {
-                    float sum = 0.f;
-#pragma unroll
-                    for (int w = 0; w < SCAN_SPLIT_WARPS; ++w) sum += sH[q * SCAN_SPLIT_CH * SCAN_N + w * 32 * SCAN_KP + col];
-                    atomicAdd(dbc_acc + (row0 + t0 + i) * 2 * SCAN_N + col, sum);
-                }
-            }
-            __syncthreads();  // before the next sub-chunk's states overwrite sH
-        }
-#pragma unroll
-        for (int q = 0; q < PER; ++q) {
-            const int i = ls + STEP_STRIDE * q;
-            if (i < n) {
-                const size_t r = row0 + t0 + i;
-                if (lactive) {
-                    dx[r * sdx + cl] = tobf(sX[i][lc]);
-                    ddelta[r * sdd + cl] = tobf(sDt[i][lc]);
-                    if (dz != nullptr && z != nullptr) {
-                        // dz = dout·silu'(z)·y
-                        const float g = bf(dout[r * sdo + cl]), zv = bf(z[r * sz + cl]);
-                        const float sg = sigmoid_f(zv);
-                        dz[r * sdz + cl] = tobf(g * sg * (1.f + zv * (1.f - sg)) * sG[i][lc]);
-                    }
-                }
-            }
-        }
-    }
-    if (active) {
-#pragma unroll
-        for (int j = 0; j < SCAN_KP; ++j) atomicAdd(da_log + c * SCAN_N + sub * SCAN_KP + j, dA[j] * A[j]);
-        if (sub == 0) {
-            atomicAdd(dd_skip + c, dD);
-            atomicAdd(ddelta_bias + c, dBias);
-        }
-    }
-}
-
 // ------------------------------------------------------------------------------------------
-// Split-state scan, v3 (the default): same block shape, semantics, checkpoints and arguments
-// as v2, with the per-step latency chains taken off the recurrence so that a warp overlaps
-// many steps (the v2 forward stored each step's y right after two shuffles, and the compiler
-// could not move the next step's shared loads above that store):
+// Split-state scan, v3 (the forward of both kernel sets; the backward as `split3`): the
+// per-step latency chains taken off the recurrence so that a warp overlaps many steps (v2's
+// forward stored each step's y right after two shuffles, and the compiler could not move the
+// next step's shared loads above that store):
 // - the decay exponent is dt·(A·log2 e), and a state reset is folded into it (dt staged as
 //   +inf at a reset: exp2(−inf) = 0), so no keep multiply and no keep array;
 // - forward: 16 steps unrolled with each lane's y partials in registers, then one transposed
@@ -1079,15 +453,17 @@ __device__ __forceinline__ void scan3_state_step(float (&h)[SCAN_KP], const floa
     h[3] = fmaf(ex2(s.w * A2[3]), h[3], __fmul_rn(dtx, B4.w));
 }
 
-// Backward. Block: 32 channels × 4 lanes (4 warps); grid (ceil(D / 32), B); dynamic shared
-// memory as the carve-up below (ops.rs SCAN_SPLIT3_BWD_SMEM, 52 KB: 4 blocks per SM; at most
-// 128 registers). Per interval of SCAN_CKPT steps (walked backwards): stage the inputs (lane =
+// Backward v3 (`ARCHSCALE_SCAN_KERNEL=split3`). Block: 32 channels × 4 lanes (4 warps); grid
+// (ceil(D / 32), B); dynamic shared memory as the carve-up below (ops.rs SCAN_SPLIT_BWD_SMEM,
+// 52 KB: 4 blocks per SM; at most 128 registers). Per interval of SCAN_CKPT steps (walked backwards): stage the inputs (lane =
 // channel) as float4 (x, dt, ḡ, dt or +inf at a reset), recompute the states from the
 // checkpoint (sub-chunks of SCAN_SUB steps kept in shared memory), run λ backwards. A step's
 // dx, dΔ and y replace its staged float4 and are written out after the interval (dz from y,
-// dout and z reloaded); dB/dC partials as in v2 (parked in the step's consumed state slots,
-// summed over the warps, one global atomic per block, step and column).
-extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_scan_bwd_split(
+// dout and z reloaded); dB/dC: each warp transpose-reduces its 8 channels' 8 values per lane
+// (7 shuffles), parks the partial in its own, already consumed, slots of that step's states,
+// and after each sub-chunk the 4 warps' partials are summed with one global atomic per block,
+// step and column.
+extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_scan_bwd_split_v3(
     const bf16* __restrict__ x, int sx, const bf16* __restrict__ delta, int sd, const bf16* __restrict__ z, int sz,
     const bf16* __restrict__ Bm, const bf16* __restrict__ Cm, int sbc, const float* __restrict__ delta_bias,
     const float* __restrict__ a_log, const float* __restrict__ d_skip, const int* __restrict__ seg,
@@ -1292,6 +668,270 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
             }
         }
     }
+    if (active) {
+#pragma unroll
+        for (int j = 0; j < SCAN_KP; ++j) atomicAdd(da_log + c * SCAN_N + sub * SCAN_KP + j, dA[j] * A[j]);
+        if (sub == 0) {
+            atomicAdd(dd_skip + c, dD);
+            atomicAdd(ddelta_bias + c, dBias);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward v4 (default): v3's layout and staging, with
+// - fewer instructions per reverse step: λ·hp shared by dA and dΔ, Σλ·B shared by dx and dΔ
+//   (dx = dt·Σλ·B + ḡ·D, dΔ = Σ A·λ·hp + x·Σλ·B); the three per-step sums over a channel's
+//   4 lanes (y, Σλ·B, Σ A·λ·hp) are reduced transposed over a group of 4 steps (9 shuffles per
+//   4 steps instead of 24), so lane `sub` finishes step `sub` of the group alone (softplus',
+//   dx, dΔ, y and its store: once per step, not 4 times);
+// - a T split when the grid leaves SMs idle (blockIdx.z: 0 walks intervals [0, ck_split),
+//   1 walks [ck_split, nck); ck_split = 0: one segment). Segment 0 first runs λ alone backwards
+//   over [ck_split, nck) (λ_{t−1} = exp(Δ_t·A)·(λ_t + ḡ_t·C_t): one state update per step, no
+//   recompute), so both segments start from the right λ.
+extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_scan_bwd_split(
+    const bf16* __restrict__ x, int sx, const bf16* __restrict__ delta, int sd, const bf16* __restrict__ z, int sz,
+    const bf16* __restrict__ Bm, const bf16* __restrict__ Cm, int sbc, const float* __restrict__ delta_bias,
+    const float* __restrict__ a_log, const float* __restrict__ d_skip, const int* __restrict__ seg,
+    const float* __restrict__ ckpt, const bf16* __restrict__ dout, int sdo, const bf16* __restrict__ dy_extra,
+    int sde, bf16* __restrict__ dx, int sdx, bf16* __restrict__ ddelta, int sdd, bf16* __restrict__ dz, int sdz,
+    float* __restrict__ dbc_acc, float* __restrict__ da_log, float* __restrict__ dd_skip,
+    float* __restrict__ ddelta_bias, int T, int D, int ck_split) {
+    extern __shared__ __align__(16) float smem[];
+    float* sH = smem;  // [SCAN_SUB][SCAN_SPLIT_CH · SCAN_N], a lane's 4 states contiguous
+    float(*sBC)[2 * SCAN_N] = reinterpret_cast<float(*)[2 * SCAN_N]>(smem + SCAN_SUB * SCAN_SPLIT_CH * SCAN_N);
+    float4(*sS)[SCAN_SPLIT_CH] =
+        reinterpret_cast<float4(*)[SCAN_SPLIT_CH]>(smem + SCAN_SUB * SCAN_SPLIT_CH * SCAN_N + SCAN_CKPT * 2 * SCAN_N);
+    constexpr int PER = SCAN_CKPT * SCAN_SPLIT_CH / SCAN_SPLIT_THREADS;  // 8 staged steps per thread
+    constexpr int HALF = PER / 2;                                         // loads issued together
+    constexpr int STEP_STRIDE = SCAN_SPLIT_THREADS / SCAN_SPLIT_CH;
+    constexpr int G = SCAN3_RGROUP;
+    static_assert(G == SCAN_SPLIT, "the per-step sums are reduced transposed: one step per lane");
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, b = blockIdx.y;
+    const int c0 = blockIdx.x * SCAN_SPLIT_CH;
+    const size_t row0 = (size_t)b * T;
+    const int nck = (T + SCAN_CKPT - 1) / SCAN_CKPT;
+    const bool split = ck_split > 0 && ck_split < nck;
+    const int ck_lo = split && blockIdx.z == 1 ? ck_split : 0;
+    const int ck_hi = split && blockIdx.z == 0 ? ck_split : nck;
+    const int lc = tid & 31, ls = tid >> 5;
+    const int cl = c0 + lc;
+    const bool lactive = cl < D;
+    const int ccl = lactive ? cl : D - 1;
+    const float lbias = delta_bias[ccl];
+    const int ch = tid / SCAN_SPLIT, sub = tid % SCAN_SPLIT;
+    const int c = c0 + ch;
+    const bool active = c < D;
+    const int cc = active ? c : D - 1;
+    // Column of dB/dC this lane holds after the transpose-reduction of its 8 values
+    // (v[0..3]: B of states 4·sub.., v[4..7]: C of the same states).
+    const int ridx = (lane >> 2) & 7, rsub = lane & 3;
+    const int rcol = ridx < 4 ? rsub * SCAN_KP + ridx : SCAN_N + rsub * SCAN_KP + (ridx - 4);
+    float A[SCAN_KP], A2[SCAN_KP], h[SCAN_KP], hck[SCAN_KP], lam[SCAN_KP], dA[SCAN_KP];
+#pragma unroll
+    for (int j = 0; j < SCAN_KP; ++j) {
+        const float al = a_log[cc * SCAN_N + sub * SCAN_KP + j];
+        A[j] = -expf(al);
+        A2[j] = scan_decay_rate(al);
+        lam[j] = 0.f;
+        dA[j] = 0.f;
+    }
+    const float dsk = d_skip[cc];
+    float dD = 0.f, dBias = 0.f;
+    const float4 zero4 = make_float4(0.f, 0.f, 0.f, 0.f);
+
+    // Stages interval jc (lane = channel): sS = (x, dt, ḡ, dt or +inf at a reset), sBC = B, C;
+    // steps past T and idle channels get zeros (ḡ = 0 keeps λ and the partials 0).
+    auto stage = [&](int jc) {
+        const int t0 = jc * SCAN_CKPT, n = min(SCAN_CKPT, T - t0);
+#pragma unroll 1
+        for (int hf = 0; hf < 2; ++hf) {
+            float lx[HALF], ld[HALF], lg[HALF], lz[HALF], le[HALF], lbc[HALF];
+            int lseg[HALF];
+#pragma unroll
+            for (int q = 0; q < HALF; ++q) {
+                const int i = ls + STEP_STRIDE * (q + hf * HALF);
+                const size_t r = row0 + t0 + (i < n ? i : 0);
+                lx[q] = bf(x[r * sx + ccl]);
+                ld[q] = bf(delta[r * sd + ccl]);
+                lg[q] = bf(dout[r * sdo + ccl]);
+                lz[q] = z ? bf(z[r * sz + ccl]) : 0.f;
+                le[q] = dy_extra ? bf(dy_extra[r * sde + ccl]) : 0.f;
+                lbc[q] = lc < SCAN_N ? bf(Bm[r * sbc + lc]) : bf(Cm[r * sbc + lc - SCAN_N]);
+                lseg[q] = seg ? seg[r] : 0;
+            }
+#pragma unroll
+            for (int q = 0; q < HALF; ++q) {
+                const int i = ls + STEP_STRIDE * (q + hf * HALF), t = t0 + i;
+                const bool ok = i < n;
+                const float g = lg[q], zv = lz[q];
+                float gbar = g;
+                if (z != nullptr) gbar = g * zv * sigmoid_f(zv);
+                gbar += le[q];
+                const float dt = softplus_f(ld[q] + lbias);
+                const bool reset = t == 0 || (seg != nullptr && lseg[q] == t);
+                sS[i][lc] = ok && lactive ? make_float4(lx[q], dt, gbar, reset ? __int_as_float(0x7f800000) : dt) : zero4;
+                sBC[i][lc] = ok ? lbc[q] : 0.f;
+            }
+        }
+    };
+
+    // Segment 0 of a split: λ at its end, from the intervals of segment 1.
+    for (int jc = nck - 1; jc >= ck_hi; --jc) {
+        const int n = min(SCAN_CKPT, T - jc * SCAN_CKPT);
+        __syncthreads();
+        stage(jc);
+        __syncthreads();
+#pragma unroll 4
+        for (int i = n - 1; i >= 0; --i) {
+            const float4 st = sS[i][ch];
+            const float4 Cq = *reinterpret_cast<const float4*>(&sBC[i][SCAN_N + sub * SCAN_KP]);
+            lam[0] = fmaf(st.z, Cq.x, lam[0]) * ex2(st.w * A2[0]);
+            lam[1] = fmaf(st.z, Cq.y, lam[1]) * ex2(st.w * A2[1]);
+            lam[2] = fmaf(st.z, Cq.z, lam[2]) * ex2(st.w * A2[2]);
+            lam[3] = fmaf(st.z, Cq.w, lam[3]) * ex2(st.w * A2[3]);
+        }
+    }
+
+    for (int jc = ck_hi - 1; jc >= ck_lo; --jc) {
+        const int t0 = jc * SCAN_CKPT, n = min(SCAN_CKPT, T - t0);
+        __syncthreads();
+        stage(jc);
+        {
+            const float* src = ckpt + ((size_t)(b * nck + jc) * SCAN_N + sub * SCAN_KP) * D + cc;
+#pragma unroll
+            for (int j = 0; j < SCAN_KP; ++j) hck[j] = src[(size_t)j * D];
+        }
+        __syncthreads();
+
+        const int nsub = (n + SCAN_SUB - 1) / SCAN_SUB;
+        if (nsub > 1) {
+#pragma unroll
+            for (int j = 0; j < SCAN_KP; ++j) h[j] = hck[j];
+#pragma unroll 8
+            for (int i = 0; i < SCAN_SUB; ++i)
+                scan3_state_step(h, A2, sS[i][ch], *reinterpret_cast<const float4*>(&sBC[i][sub * SCAN_KP]));
+        }
+        for (int s = nsub - 1; s >= 0; --s) {
+            const int i0 = s * SCAN_SUB;
+            if (s == 0) {
+#pragma unroll
+                for (int j = 0; j < SCAN_KP; ++j) h[j] = hck[j];
+            }
+            // Recompute the sub-chunk's states into sH, G steps' loads before their stores.
+#pragma unroll 1
+            for (int q0 = 0; q0 < SCAN_SUB; q0 += G) {
+                float4 S[G], B4[G];
+#pragma unroll
+                for (int u = 0; u < G; ++u) {
+                    S[u] = sS[i0 + q0 + u][ch];
+                    B4[u] = *reinterpret_cast<const float4*>(&sBC[i0 + q0 + u][sub * SCAN_KP]);
+                }
+#pragma unroll
+                for (int u = 0; u < G; ++u) {
+                    scan3_state_step(h, A2, S[u], B4[u]);
+                    *reinterpret_cast<float4*>(&sH[((q0 + u) * SCAN_SPLIT_CH + ch) * SCAN_N + sub * SCAN_KP]) =
+                        make_float4(h[0], h[1], h[2], h[3]);
+                }
+            }
+            // Reverse walk, G steps at a time: all loads and math first, then the stores.
+#pragma unroll 1
+            for (int q0 = SCAN_SUB - G; q0 >= 0; q0 -= G) {
+                float rv[G], sy[G], slb[G], spa[G];
+#pragma unroll
+                for (int u = G - 1; u >= 0; --u) {
+                    const int q = q0 + u, i = i0 + q;
+                    const float4 st = sS[i][ch];
+                    const float xv = st.x, dt = st.y, gbar = st.z;
+                    const float dtx = dt * xv;
+                    const float4 h4 = *reinterpret_cast<const float4*>(&sH[(q * SCAN_SPLIT_CH + ch) * SCAN_N + sub * SCAN_KP]);
+                    const float4 Bq = *reinterpret_cast<const float4*>(&sBC[i][sub * SCAN_KP]);
+                    const float4 Cq = *reinterpret_cast<const float4*>(&sBC[i][SCAN_N + sub * SCAN_KP]);
+                    const float hv[SCAN_KP] = {h4.x, h4.y, h4.z, h4.w};
+                    const float Bv[SCAN_KP] = {Bq.x, Bq.y, Bq.z, Bq.w};
+                    const float Cv[SCAN_KP] = {Cq.x, Cq.y, Cq.z, Cq.w};
+                    float ya = 0.f, lb = 0.f, pa = 0.f;
+                    float v[2 * SCAN_KP];
+#pragma unroll
+                    for (int j = 0; j < SCAN_KP; ++j) {
+                        const float hk = hv[j], Bk = Bv[j], Ck = Cv[j];
+                        ya = fmaf(Ck, hk, ya);
+                        v[SCAN_KP + j] = gbar * hk;
+                        lam[j] = fmaf(gbar, Ck, lam[j]);
+                        // λ·exp(dt·A)·h_{t−1}; h − dt·x·B with the recompute's own rounded
+                        // product, so it cancels exactly at a reset or a full decay (an FFMA left
+                        // the product's rounding error there: dA off by up to 8e-5 at dt = 24).
+                        const float p = lam[j] * (hk - __fmul_rn(dtx, Bk));
+                        dA[j] = fmaf(p, dt, dA[j]);
+                        pa = fmaf(A[j], p, pa);
+                        lb = fmaf(lam[j], Bk, lb);
+                        v[j] = lam[j] * dtx;
+                        lam[j] *= ex2(st.w * A2[j]);
+                    }
+                    // Sum over the warp's 8 channels: lane ends with column rcol.
+                    transpose_reduce_lv<4, 16>(v, lane);
+                    transpose_reduce_lv<2, 8>(v, lane);
+                    transpose_reduce_lv<1, 4>(v, lane);
+                    rv[u] = v[0];
+                    sy[u] = ya;
+                    slb[u] = lb;
+                    spa[u] = pa;
+                }
+                // Sums over the channel's 4 lanes, transposed: lane sub ends with step q0 + sub.
+                transpose_reduce_lv<2, 2>(sy, lane);
+                transpose_reduce_lv<2, 2>(slb, lane);
+                transpose_reduce_lv<2, 2>(spa, lane);
+                transpose_reduce_lv<1, 1>(sy, lane);
+                transpose_reduce_lv<1, 1>(slb, lane);
+                transpose_reduce_lv<1, 1>(spa, lane);
+                const int im = i0 + q0 + sub;
+                const float4 sm = sS[im][ch];  // (x, dt, ḡ, −) of this lane's step
+                const float dxv = fmaf(sm.y, slb[0], sm.z * dsk);
+                // dt > 20 exactly when pre > 20 (softplus(20) rounds to 20).
+                const float dpre = fmaf(sm.x, slb[0], spa[0]) * softplus_grad_from_dt(sm.y);
+                const float yv = fmaf(dsk, sm.x, sy[0]);
+                dD = fmaf(sm.z, sm.x, dD);
+                dBias += dpre;
+                __syncwarp();  // the warp's reads of these steps' sH and sS are done
+#pragma unroll
+                for (int u = 0; u < G; ++u)
+                    sH[(q0 + u) * SCAN_SPLIT_CH * SCAN_N + warp * 32 * SCAN_KP + rcol] = rv[u];
+                sS[im][ch] = make_float4(dxv, dpre, yv, 0.f);
+            }
+            __syncthreads();
+            // dB/dC of the sub-chunk: sum the warps' partials, one atomic per step and column.
+#pragma unroll
+            for (int e = tid; e < SCAN_SUB * 2 * SCAN_N; e += SCAN_SPLIT_THREADS) {
+                const int q = e >> 5, col = e & 31, i = i0 + q;
+                if (i < n) {
+                    float sum = 0.f;
+#pragma unroll
+                    for (int w = 0; w < SCAN_SPLIT_WARPS; ++w) sum += sH[q * SCAN_SPLIT_CH * SCAN_N + w * 32 * SCAN_KP + col];
+                    atomicAdd(dbc_acc + (row0 + t0 + i) * 2 * SCAN_N + col, sum);
+                }
+            }
+            __syncthreads();  // before the next sub-chunk's states overwrite sH
+        }
+#pragma unroll
+        for (int q = 0; q < PER; ++q) {
+            const int i = ls + STEP_STRIDE * q;
+            if (i < n && lactive) {
+                const size_t r = row0 + t0 + i;
+                const float4 res = sS[i][lc];  // (dx, dΔ, y, −)
+                dx[r * sdx + cl] = tobf(res.x);
+                ddelta[r * sdd + cl] = tobf(res.y);
+                if (dz != nullptr && z != nullptr) {
+                    // dz = dout·silu'(z)·y
+                    const float g = bf(dout[r * sdo + cl]), zv = bf(z[r * sz + cl]);
+                    const float sg = sigmoid_f(zv);
+                    dz[r * sdz + cl] = tobf(g * sg * (1.f + zv * (1.f - sg)) * res.z);
+                }
+            }
+        }
+    }
+    dD = sum_over_split(dD);
+    dBias = sum_over_split(dBias);
     if (active) {
 #pragma unroll
         for (int j = 0; j < SCAN_KP; ++j) atomicAdd(da_log + c * SCAN_N + sub * SCAN_KP + j, dA[j] * A[j]);

@@ -1014,26 +1014,17 @@ fn check_layout(l: &AttnLayout) -> Result<()> {
 pub const SCAN_D_STATE: usize = 16;
 /// Interval (steps) of the scan forward's state checkpoints.
 pub const SCAN_CKPT: usize = 32;
-const SCAN_FWD_CH: usize = 64;
-const SCAN_BWD_CH: usize = 32;
 const SCAN_SUB: usize = 16;
-/// Dynamic shared memory of `selective_scan_bwd` (must match mamba.cu's carve-up).
-const SCAN_BWD_SMEM: usize = (SCAN_SUB * SCAN_D_STATE * SCAN_BWD_CH
-    + SCAN_CKPT * 2 * SCAN_D_STATE
-    + 4 * SCAN_CKPT * SCAN_BWD_CH
-    + SCAN_CKPT)
-    * 4;
 /// Channels per block of the split-state scan kernels (4 lanes per channel: 128 threads).
 const SCAN_SPLIT_CH: usize = 32;
 const SCAN_SPLIT_THREADS: usize = 128;
-/// Dynamic shared memory of `selective_scan_bwd_split_v2` (must match mamba.cu's carve-up).
-const SCAN_SPLIT2_BWD_SMEM: usize = (SCAN_SUB * SCAN_SPLIT_CH * SCAN_D_STATE
-    + SCAN_CKPT * 2 * SCAN_D_STATE
-    + 3 * SCAN_CKPT * SCAN_SPLIT_CH
-    + SCAN_CKPT)
-    * 4;
-/// Dynamic shared memory of `selective_scan_bwd_split` (must match mamba.cu's carve-up:
-/// states of a sub-chunk, B/C of an interval, one float4 per step and channel).
+/// Resident blocks per SM of the scan backward (52 KB shared memory, <= 128 registers).
+const SCAN_BWD_BLOCKS_PER_SM: usize = 4;
+/// Default share (percent of the checkpoint intervals) of the first T segment when the scan
+/// backward splits T; that segment also walks λ alone over the second one.
+const SCAN_TSPLIT_PCT: u32 = 45;
+/// Dynamic shared memory of `selective_scan_bwd_split` and `_v3` (must match mamba.cu's
+/// carve-up: states of a sub-chunk, B/C of an interval, one float4 per step and channel).
 const SCAN_SPLIT_BWD_SMEM: usize = (SCAN_SUB * SCAN_SPLIT_CH * SCAN_D_STATE
     + SCAN_CKPT * 2 * SCAN_D_STATE
     + 4 * SCAN_CKPT * SCAN_SPLIT_CH)
@@ -1047,13 +1038,10 @@ pub const DA_MAX_WIDTH: usize = 512;
 pub const HYBRID_KERNELS: &[(&str, &str)] = &[
     ("mamba", "conv1d_silu_fwd"),
     ("mamba", "conv1d_silu_bwd"),
-    ("mamba", "selective_scan_fwd"),
-    ("mamba", "selective_scan_bwd"),
     ("mamba", "scan_bc_grad_out"),
     ("mamba", "selective_scan_fwd_split"),
     ("mamba", "selective_scan_bwd_split"),
-    ("mamba", "selective_scan_fwd_split_v2"),
-    ("mamba", "selective_scan_bwd_split_v2"),
+    ("mamba", "selective_scan_bwd_split_v3"),
     ("hybrid", "layernorm_fwd"),
     ("hybrid", "layernorm_bwd"),
     ("hybrid", "gmu_fwd"),
@@ -1138,14 +1126,13 @@ pub struct ScanGrads {
     pub d_skip: u64,
 }
 
-/// Which selective-scan kernels run: `Split` (4 lanes per channel, the default), `SplitV2`
-/// (its previous version) or `Legacy` (one thread per channel); `ARCHSCALE_SCAN_KERNEL=split2`
-/// or `legacy` picks the latter two. All share one checkpoint format.
+/// Which selective-scan kernels run: `Split` (the default: forward v3, backward v4 with a T
+/// split when the grid leaves SMs idle) or `SplitV3` (forward and backward v3);
+/// `ARCHSCALE_SCAN_KERNEL=split3` picks the latter. Both share one checkpoint format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScanKernel {
     Split,
-    SplitV2,
-    Legacy,
+    SplitV3,
 }
 
 impl ScanKernel {
@@ -1153,21 +1140,33 @@ impl ScanKernel {
     pub fn from_env() -> Result<ScanKernel> {
         match std::env::var("ARCHSCALE_SCAN_KERNEL").ok().as_deref() {
             None | Some("") | Some("split") => Ok(ScanKernel::Split),
-            Some("split2") => Ok(ScanKernel::SplitV2),
-            Some("legacy") => Ok(ScanKernel::Legacy),
+            Some("split3") => Ok(ScanKernel::SplitV3),
             Some(other) => Err(KernelError::Unsupported(format!(
-                "ARCHSCALE_SCAN_KERNEL={other}: expected split, split2 or legacy"
+                "ARCHSCALE_SCAN_KERNEL={other}: expected split or split3"
             ))),
         }
     }
 
-    /// Short name (`split`, `split2`, `legacy`), as `ARCHSCALE_SCAN_KERNEL` spells it.
+    /// Short name (`split`, `split3`), as `ARCHSCALE_SCAN_KERNEL` spells it.
     pub fn name(self) -> &'static str {
         match self {
             ScanKernel::Split => "split",
-            ScanKernel::SplitV2 => "split2",
-            ScanKernel::Legacy => "legacy",
+            ScanKernel::SplitV3 => "split3",
         }
+    }
+}
+
+/// The first T segment's share (percent of the checkpoint intervals) when the scan backward
+/// may split T: `ARCHSCALE_SCAN_TSPLIT` (0 = never split, 1..=99), else the default.
+fn scan_tsplit_from_env() -> Result<u32> {
+    match std::env::var("ARCHSCALE_SCAN_TSPLIT").ok().as_deref() {
+        None | Some("") => Ok(SCAN_TSPLIT_PCT),
+        Some(v) => match v.parse::<u32>() {
+            Ok(p) if p < 100 => Ok(p),
+            _ => Err(KernelError::Unsupported(format!(
+                "ARCHSCALE_SCAN_TSPLIT={v}: expected a percent 0..=99 (0: no T split)"
+            ))),
+        },
     }
 }
 
@@ -1175,14 +1174,14 @@ pub struct HybridOps {
     pub gpu: Arc<Gpu>,
     /// Scan kernels used by [`HybridOps::selective_scan_fwd`] / `_bwd`.
     pub scan_kernel: ScanKernel,
+    /// First T segment's share (percent of checkpoint intervals) when the default scan
+    /// backward splits T; 0 never splits ([`HybridOps::scan_bwd_segments`]).
+    pub scan_tsplit_pct: u32,
     conv_fwd: Kernel,
     conv_bwd: Kernel,
-    scan_fwd: Kernel,
-    scan_bwd: Kernel,
     scan_fwd_split: Kernel,
     scan_bwd_split: Kernel,
-    scan_fwd_split2: Kernel,
-    scan_bwd_split2: Kernel,
+    scan_bwd_split3: Kernel,
     scan_bc_out: Kernel,
     layernorm_fwd: Kernel,
     layernorm_bwd: Kernel,
@@ -1205,13 +1204,11 @@ impl HybridOps {
         let ops = HybridOps {
             conv_fwd: load("mamba", "conv1d_silu_fwd")?,
             conv_bwd: load("mamba", "conv1d_silu_bwd")?,
-            scan_fwd: load("mamba", "selective_scan_fwd")?,
-            scan_bwd: load("mamba", "selective_scan_bwd")?,
             scan_fwd_split: load("mamba", "selective_scan_fwd_split")?,
             scan_bwd_split: load("mamba", "selective_scan_bwd_split")?,
-            scan_fwd_split2: load("mamba", "selective_scan_fwd_split_v2")?,
-            scan_bwd_split2: load("mamba", "selective_scan_bwd_split_v2")?,
+            scan_bwd_split3: load("mamba", "selective_scan_bwd_split_v3")?,
             scan_kernel: ScanKernel::from_env()?,
+            scan_tsplit_pct: scan_tsplit_from_env()?,
             scan_bc_out: load("mamba", "scan_bc_grad_out")?,
             layernorm_fwd: load("hybrid", "layernorm_fwd")?,
             layernorm_bwd: load("hybrid", "layernorm_bwd")?,
@@ -1227,11 +1224,10 @@ impl HybridOps {
             copy_heads: load("hybrid", "copy_heads")?,
             gpu,
         };
-        ops.gpu.set_max_dynamic_smem(ops.scan_bwd, SCAN_BWD_SMEM)?;
         ops.gpu
             .set_max_dynamic_smem(ops.scan_bwd_split, SCAN_SPLIT_BWD_SMEM)?;
         ops.gpu
-            .set_max_dynamic_smem(ops.scan_bwd_split2, SCAN_SPLIT2_BWD_SMEM)?;
+            .set_max_dynamic_smem(ops.scan_bwd_split3, SCAN_SPLIT_BWD_SMEM)?;
         Ok(ops)
     }
 
@@ -1356,19 +1352,6 @@ impl HybridOps {
         y_out: Option<Rows>,
         ckpt: Option<u64>,
     ) -> Result<()> {
-        self.selective_scan_fwd_using(self.scan_kernel, s, t, out, y_out, ckpt)
-    }
-
-    /// [`Self::selective_scan_fwd`] with the kernel set chosen by the caller.
-    pub fn selective_scan_fwd_using(
-        &self,
-        kernel: ScanKernel,
-        s: &ScanShape,
-        t: &ScanTensors,
-        out: Rows,
-        y_out: Option<Rows>,
-        ckpt: Option<u64>,
-    ) -> Result<()> {
         let (yp, sy) = opt_rows(y_out);
         let a = self
             .scan_args(s, t)?
@@ -1379,23 +1362,15 @@ impl HybridOps {
             .ptr(ckpt.unwrap_or(0))
             .i32(i32_of("seq", s.seq)?)
             .i32(i32_of("d_inner", s.d_inner)?);
-        match kernel {
-            ScanKernel::Split | ScanKernel::SplitV2 => {
-                let grid = (s.d_inner.div_ceil(SCAN_SPLIT_CH) as u32, s.batch as u32, 1);
-                let f = if kernel == ScanKernel::Split {
-                    self.scan_fwd_split
-                } else {
-                    self.scan_fwd_split2
-                };
-                self.gpu
-                    .launch(f, grid, (SCAN_SPLIT_THREADS as u32, 1, 1), 0, &a)
-            }
-            ScanKernel::Legacy => {
-                let grid = (s.d_inner.div_ceil(SCAN_FWD_CH) as u32, s.batch as u32, 1);
-                self.gpu
-                    .launch(self.scan_fwd, grid, (SCAN_FWD_CH as u32, 1, 1), 0, &a)
-            }
-        }
+        // Both kernel sets share the v3 forward.
+        let grid = (s.d_inner.div_ceil(SCAN_SPLIT_CH) as u32, s.batch as u32, 1);
+        self.gpu.launch(
+            self.scan_fwd_split,
+            grid,
+            (SCAN_SPLIT_THREADS as u32, 1, 1),
+            0,
+            &a,
+        )
     }
 
     /// Selective scan backward from `dout` (the gated output's gradient) and optionally
@@ -1421,6 +1396,50 @@ impl HybridOps {
     pub fn selective_scan_bwd_using(
         &self,
         kernel: ScanKernel,
+        s: &ScanShape,
+        t: &ScanTensors,
+        ckpt: u64,
+        dout: Rows,
+        dy_extra: Option<Rows>,
+        g: &ScanGrads,
+        bc_acc: u64,
+    ) -> Result<()> {
+        self.selective_scan_bwd_with(
+            kernel,
+            self.scan_tsplit_pct,
+            s,
+            t,
+            ckpt,
+            dout,
+            dy_extra,
+            g,
+            bc_acc,
+        )
+    }
+
+    /// T segments of the default scan backward and the first checkpoint interval of the
+    /// second (0: one segment). Splits in two when the unsplit grid fills at most half the
+    /// resident block slots (SambaY d8: 248 blocks for 528 on an H200), so the idle slots
+    /// run the second half of T; `pct` is the first segment's share of the intervals (it
+    /// also walks λ over the second one), 0 never splits.
+    pub fn scan_bwd_segments(&self, s: &ScanShape, pct: u32) -> (u32, i32) {
+        let blocks = s.d_inner.div_ceil(SCAN_SPLIT_CH) * s.batch;
+        let slots = self.gpu.sm_count.max(1) as usize * SCAN_BWD_BLOCKS_PER_SM;
+        let nck = s.seq.div_ceil(SCAN_CKPT);
+        if pct == 0 || nck < 2 || 2 * blocks > slots {
+            return (1, 0);
+        }
+        let first = (nck * pct as usize / 100).clamp(1, nck - 1);
+        (2, first as i32)
+    }
+
+    /// [`Self::selective_scan_bwd_using`] with the T split share `pct` chosen by the caller
+    /// (see [`Self::scan_bwd_segments`]; `SplitV3` never splits).
+    #[allow(clippy::too_many_arguments)]
+    pub fn selective_scan_bwd_with(
+        &self,
+        kernel: ScanKernel,
+        pct: u32,
         s: &ScanShape,
         t: &ScanTensors,
         ckpt: u64,
@@ -1461,26 +1480,21 @@ impl HybridOps {
             .ptr(g.delta_bias)
             .i32(i32_of("seq", s.seq)?)
             .i32(i32_of("d_inner", s.d_inner)?);
+        let blocks_x = s.d_inner.div_ceil(SCAN_SPLIT_CH) as u32;
+        let threads = (SCAN_SPLIT_THREADS as u32, 1, 1);
+        let smem = SCAN_SPLIT_BWD_SMEM as u32;
         match kernel {
-            ScanKernel::Split | ScanKernel::SplitV2 => {
-                let grid = (s.d_inner.div_ceil(SCAN_SPLIT_CH) as u32, s.batch as u32, 1);
-                let (f, smem) = if kernel == ScanKernel::Split {
-                    (self.scan_bwd_split, SCAN_SPLIT_BWD_SMEM)
-                } else {
-                    (self.scan_bwd_split2, SCAN_SPLIT2_BWD_SMEM)
-                };
+            ScanKernel::Split => {
+                let (segments, ck_split) = self.scan_bwd_segments(s, pct);
+                let a = a.i32(ck_split);
+                let grid = (blocks_x, s.batch as u32, segments);
                 self.gpu
-                    .launch(f, grid, (SCAN_SPLIT_THREADS as u32, 1, 1), smem as u32, &a)?;
+                    .launch(self.scan_bwd_split, grid, threads, smem, &a)?;
             }
-            ScanKernel::Legacy => {
-                let grid = (s.d_inner.div_ceil(SCAN_BWD_CH) as u32, s.batch as u32, 1);
-                self.gpu.launch(
-                    self.scan_bwd,
-                    grid,
-                    (SCAN_BWD_CH as u32, 1, 1),
-                    SCAN_BWD_SMEM as u32,
-                    &a,
-                )?;
+            ScanKernel::SplitV3 => {
+                let grid = (blocks_x, s.batch as u32, 1);
+                self.gpu
+                    .launch(self.scan_bwd_split3, grid, threads, smem, &a)?;
             }
         }
         let rows = s.rows();

@@ -54,7 +54,7 @@ pub struct Report {
 pub struct Options {
     /// Only the suites whose name contains this (e.g. `mamba`, `flash`).
     pub only: Option<String>,
-    /// Also time the selective scan at SambaY-d16 shapes (CUDA events).
+    /// Also time the selective scan at SambaY-d16 and d8 shapes (CUDA events).
     pub bench_scan: bool,
 }
 

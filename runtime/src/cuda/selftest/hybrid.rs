@@ -204,9 +204,17 @@ pub(super) fn check_scan(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
         // Samba d4's shape (31 channel blocks add into dB/dC) at Mamba's initial dt
         (2, 256, 976, false, true, false, -4.6),
     ];
-    for kernel in [ScanKernel::Split, ScanKernel::SplitV2, ScanKernel::Legacy] {
+    // The default backward with its own T split rule (on an H200 every case with T > 32
+    // splits: the grids are small), the same without a T split, and the v3 backward.
+    let default_pct = hy(env)?.scan_tsplit_pct;
+    let configs = [
+        ("split", ScanKernel::Split, default_pct),
+        ("split-1seg", ScanKernel::Split, 0),
+        ("split3", ScanKernel::SplitV3, 0),
+    ];
+    for (name, kernel, pct) in configs {
         for &case in &cases {
-            check_scan_case(env, out, kernel, case)?;
+            check_scan_case(env, out, name, kernel, pct, case)?;
         }
     }
     Ok(())
@@ -215,18 +223,29 @@ pub(super) fn check_scan(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
 fn check_scan_case(
     env: &mut Env,
     out: &mut Vec<Check>,
+    name: &str,
     kernel: ScanKernel,
+    tsplit_pct: u32,
     case: ScanCase,
 ) -> R<()> {
     let (batch, seq, d, varlen, gate, extra, dt_bias_mean) = case;
     let n = SCAN_D_STATE;
+    let ks = ScanShape {
+        batch,
+        seq,
+        d_inner: d,
+    };
+    let segments = match kernel {
+        ScanKernel::Split => hy(env)?.scan_bwd_segments(&ks, tsplit_pct).0,
+        ScanKernel::SplitV3 => 1,
+    };
     let shape = format!(
-        "{} B{batch} T{seq} D{d}{}{}{}",
-        kernel.name(),
+        "{name} B{batch} T{seq} D{d}{}{}{}",
         if varlen { " varlen" } else { "" },
         if gate { " z" } else { "" },
         if extra { " +dy" } else { "" }
-    ) + if dt_bias_mean < 0.0 { " small-dt" } else { "" };
+    ) + if dt_bias_mean < 0.0 { " small-dt" } else { "" }
+        + if segments > 1 { " 2seg" } else { "" };
     let rows = batch * seq;
     // x_proj output [rows, R + 2N] with an odd dt_rank R: B and C start unaligned.
     let dt_rank = 5;
@@ -301,11 +320,6 @@ fn check_scan_case(
         env.f32_buf(&d_skip)?,
     );
     let segp = env.seg_buf(&seg)?;
-    let ks = ScanShape {
-        batch,
-        seq,
-        d_inner: d,
-    };
     let t = ScanTensors {
         x: Rows::new(xzp, 2 * d),
         delta: Rows::new(deltap, d),
@@ -320,8 +334,7 @@ fn check_scan_case(
     let outp = env.poisoned(rows * d * 2)?;
     let yp = env.poisoned(rows * d * 2)?;
     let ckp = env.poisoned(ks.ckpt_len() * 4)?;
-    hy(env)?.selective_scan_fwd_using(
-        kernel,
+    hy(env)?.selective_scan_fwd(
         &ks,
         &t,
         Rows::new(outp, d),
@@ -415,8 +428,9 @@ fn check_scan_case(
         a_log: galp,
         d_skip: gdsp,
     };
-    hy(env)?.selective_scan_bwd_using(
+    hy(env)?.selective_scan_bwd_with(
         kernel,
+        tsplit_pct,
         &ks,
         &t,
         ckp,
@@ -902,10 +916,17 @@ pub(super) fn check_bias(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     Ok(())
 }
 
-/// Times the scan forward and backward at SambaY-d16 shapes (n_embd 1984, d_inner 3968,
-/// N 16, 4 × 4096 = 16384 tokens) with CUDA events, and states the bytes each must move.
+/// Times the scan forward and backward at the SambaY-d16 shape (n_embd 1984, d_inner 3968,
+/// N 16, 4 × 4096 = 16384 tokens) and the SambaY-d8 one (d_inner 1984, where the default
+/// backward splits T) with CUDA events, and states the bytes each must move.
 pub(super) fn bench_scan(env: &mut Env) -> R<Vec<String>> {
-    let (batch, seq, n_embd) = (4usize, 4096usize, 1984usize);
+    let mut lines = bench_scan_shape(env, 1984)?;
+    lines.extend(bench_scan_shape(env, 992)?);
+    Ok(lines)
+}
+
+fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
+    let (batch, seq) = (4usize, 4096usize);
     let d = 2 * n_embd;
     let n = SCAN_D_STATE;
     let dt_rank = n_embd.div_ceil(16);
@@ -981,11 +1002,11 @@ pub(super) fn bench_scan(env: &mut Env) -> R<Vec<String>> {
     let convy = env.poisoned(rows * d * 2)?;
     let (cdw, cdb) = (env.f32_buf(&vec![0.0; d * 4])?, env.f32_buf(&zeros_d)?);
     let hyo = hy(env)?;
-    let fwd_of = |k: ScanKernel| {
-        move || hyo.selective_scan_fwd_using(k, &ks, &t, Rows::new(outp, d), None, Some(ckp))
-    };
-    let bwd_of = |k: ScanKernel| {
-        move || hyo.selective_scan_bwd_using(k, &ks, &t, ckp, Rows::new(doutp, d), None, &g, accp)
+    let fwd = || hyo.selective_scan_fwd(&ks, &t, Rows::new(outp, d), None, Some(ckp));
+    let bwd_of = |k: ScanKernel, pct: u32| {
+        move || {
+            hyo.selective_scan_bwd_with(k, pct, &ks, &t, ckp, Rows::new(doutp, d), None, &g, accp)
+        }
     };
     let time = |f: &dyn Fn() -> R<()>| -> R<f64> {
         for _ in 0..2 {
@@ -1000,15 +1021,33 @@ pub(super) fn bench_scan(env: &mut Env) -> R<Vec<String>> {
         let stop = env.gpu.event()?;
         Ok(stop_ms(&start, &stop)? / iters as f64)
     };
-    let legacy_fwd_ms = time(&fwd_of(ScanKernel::Legacy))?;
-    let legacy_bwd_ms = time(&bwd_of(ScanKernel::Legacy))?;
-    let v2_fwd_ms = time(&fwd_of(ScanKernel::SplitV2))?;
-    let v2_bwd_ms = time(&bwd_of(ScanKernel::SplitV2))?;
-    let fwd_ms = time(&fwd_of(ScanKernel::Split))?;
-    let bwd_ms = time(&bwd_of(ScanKernel::Split))?;
+    let pct = hyo.scan_tsplit_pct;
+    let fwd_ms = time(&fwd)?;
+    let mut bwd = vec![
+        ("split".to_string(), time(&bwd_of(ScanKernel::Split, pct))?),
+        ("split3".to_string(), time(&bwd_of(ScanKernel::SplitV3, 0))?),
+    ];
+    let segments = hyo.scan_bwd_segments(&ks, pct).0;
+    if segments > 1 {
+        bwd.push((
+            "split, one T segment".to_string(),
+            time(&bwd_of(ScanKernel::Split, 0))?,
+        ));
+        for other in [35u32, 40, 50, 55] {
+            if other != pct {
+                bwd.push((
+                    format!("split, T split {other}%"),
+                    time(&bwd_of(ScanKernel::Split, other))?,
+                ));
+            }
+        }
+    }
     // Twice, to show the run-to-run spread.
-    let fwd_ms2 = time(&fwd_of(ScanKernel::Split))?;
-    let bwd_ms2 = time(&bwd_of(ScanKernel::Split))?;
+    let fwd_ms2 = time(&fwd)?;
+    bwd.push((
+        "split, again".to_string(),
+        time(&bwd_of(ScanKernel::Split, pct))?,
+    ));
     let conv_fwd = || {
         hyo.conv1d_silu_fwd(
             Rows::new(xzp, 2 * d),
@@ -1036,14 +1075,15 @@ pub(super) fn bench_scan(env: &mut Env) -> R<Vec<String>> {
             d,
         )
     };
-    let conv_fwd_ms = time(&conv_fwd)?;
-    let conv_bwd_ms = time(&conv_bwd)?;
+    let (conv_fwd_ms, conv_bwd_ms) = (time(&conv_fwd)?, time(&conv_bwd)?);
     let out_all = env.read_bf16(outp, 1 << 20)?;
-    let finite = out_all.iter().all(|v| v.is_finite());
+    let dx_all = env.read_bf16(dxzp, 1 << 20)?;
+    let finite = out_all.iter().chain(dx_all.iter()).all(|v| v.is_finite());
 
     let td = (rows * d) as f64; // (token, channel) pairs
     let bc = (rows * 2 * n * 2) as f64; // B and C, bf16
     let ckpt_bytes = (ks.ckpt_len() * 4) as f64;
+    let acc_bytes = (rows * 2 * n * 4 * 2) as f64;
     // Minimum traffic: fwd reads x, delta, z and writes out (bf16) + B, C;
     // bwd reads x, delta, z, dout and writes dx, ddelta, dz (bf16) + B, C and dB, dC.
     let fwd_min = 4.0 * 2.0 * td + bc;
@@ -1060,43 +1100,46 @@ pub(super) fn bench_scan(env: &mut Env) -> R<Vec<String>> {
             (min + extra) / 1e6
         )
     };
-    Ok(vec![
-        format!(
-            "scan bench: B{batch} T{seq} d_inner {d} N {n} ({rows} tokens), z gate, \
-             checkpoints every {SCAN_CKPT} steps; output finite: {finite}"
-        ),
-        line("scan fwd (split)", fwd_ms, fwd_min, ckpt_bytes),
-        line(
-            "scan bwd (split)",
-            bwd_ms,
+    let tag = format!("d_inner {d}");
+    let mut lines = vec![format!(
+        "scan bench: B{batch} T{seq} d_inner {d} N {n} ({rows} tokens), z gate, \
+         checkpoints every {SCAN_CKPT} steps, default bwd T segments {segments} \
+         (T split {pct}%); outputs finite: {finite}"
+    )];
+    lines.push(line(
+        &format!("scan fwd ({tag})"),
+        fwd_ms,
+        fwd_min,
+        ckpt_bytes,
+    ));
+    lines.push(line(
+        &format!("scan fwd ({tag}, again)"),
+        fwd_ms2,
+        fwd_min,
+        ckpt_bytes,
+    ));
+    for (name, ms) in &bwd {
+        lines.push(line(
+            &format!("scan bwd ({tag}, {name})"),
+            *ms,
             bwd_min,
-            ckpt_bytes + (rows * 2 * n * 4 * 2) as f64,
-        ),
-        line("scan fwd (split, again)", fwd_ms2, fwd_min, ckpt_bytes),
-        line(
-            "scan bwd (split, again)",
-            bwd_ms2,
-            bwd_min,
-            ckpt_bytes + (rows * 2 * n * 4 * 2) as f64,
-        ),
-        line("scan fwd (split2)", v2_fwd_ms, fwd_min, ckpt_bytes),
-        line(
-            "scan bwd (split2)",
-            v2_bwd_ms,
-            bwd_min,
-            ckpt_bytes + (rows * 2 * n * 4 * 2) as f64,
-        ),
-        line("scan fwd (legacy)", legacy_fwd_ms, fwd_min, ckpt_bytes),
-        line(
-            "scan bwd (legacy)",
-            legacy_bwd_ms,
-            bwd_min,
-            ckpt_bytes + (rows * 2 * n * 4 * 2) as f64,
-        ),
-        // conv fwd reads x, writes y; bwd reads x, dy, writes dx (bf16).
-        line("conv1d+silu fwd", conv_fwd_ms, 2.0 * 2.0 * td, 0.0),
-        line("conv1d+silu bwd", conv_bwd_ms, 3.0 * 2.0 * td, 0.0),
-    ])
+            ckpt_bytes + acc_bytes,
+        ));
+    }
+    // conv fwd reads x, writes y; bwd reads x, dy, writes dx (bf16).
+    lines.push(line(
+        &format!("conv1d+silu fwd ({tag})"),
+        conv_fwd_ms,
+        2.0 * 2.0 * td,
+        0.0,
+    ));
+    lines.push(line(
+        &format!("conv1d+silu bwd ({tag})"),
+        conv_bwd_ms,
+        3.0 * 2.0 * td,
+        0.0,
+    ));
+    Ok(lines)
 }
 
 fn stop_ms(start: &archscale_kernels::gpu::Event, stop: &archscale_kernels::gpu::Event) -> R<f64> {
