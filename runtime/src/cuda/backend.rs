@@ -1504,6 +1504,69 @@ impl CudaBackend {
         }
     }
 
+    /// The end of every mixer's backward: `dsrc` [rows, width] is the gradient of the
+    /// mixer's input projection `w` (weights at offset `w`), applied to h = norm1(x_in); it
+    /// gives w's weight gradient and, through w, the gradient into norm1. An RMSNorm backward
+    /// writes h over its own input (the gradient dx GEMM just wrote), so h is not recomputed
+    /// and norm1's backward runs here; a LayerNorm's h is recomputed first and the block loop
+    /// runs its backward. Returns whether norm1's backward ran here. `marks` name the weight
+    /// and input gradient products in profiles.
+    #[allow(clippy::too_many_arguments)]
+    fn input_projection_backward(
+        &self,
+        lp: &LayerParams,
+        sv: &Saved,
+        x_in: u64,
+        dsrc: u64,
+        w: usize,
+        width: usize,
+        rows: usize,
+        marks: [&'static str; 2],
+    ) -> Result<bool> {
+        let (gpu, lt, n) = (&*self.gpu, &self.lt, self.dims.n);
+        let rms = lp.norm1.b.is_none();
+        let grad_weight = || -> Result<()> {
+            self.mark(marks[0])?;
+            Ok(lt.linear_grad_weight(
+                gpu,
+                dsrc,
+                self.h.ptr,
+                self.g32(w),
+                rows,
+                n,
+                width,
+                1.0,
+                1.0,
+            )?)
+        };
+        if !rms {
+            self.mark("norm fwd")?;
+            self.norm_fwd(x_in, lp.norm1, self.h.ptr, 0, 0, rows)?;
+            grad_weight()?;
+        }
+        self.mark(marks[1])?;
+        lt.linear_grad_input(
+            gpu,
+            dsrc,
+            self.pbf(w),
+            self.h.ptr,
+            rows,
+            n,
+            width,
+            OutType::Bf16,
+            1.0,
+            0.0,
+        )?;
+        if rms {
+            self.mark("norm bwd")?;
+            self.norm_bwd_into(
+                x_in, lp.norm1, sv.mean1, sv.rstd1, self.h.ptr, rows, 1.0, true, self.h.ptr,
+            )?;
+            grad_weight()?;
+        }
+        Ok(rms)
+    }
+
     /// Norm backward from bf16 `dy` into `self.dres` (added when `accumulate`) and
     /// `self.dres_bf`; `scale` multiplies an RMSNorm's output (the final norm's logit scale).
     #[allow(clippy::too_many_arguments)]
@@ -1948,15 +2011,17 @@ impl CudaBackend {
             if rms {
                 w1_grad_weight()?;
             }
-            match d.mixers[l] {
+            let norm1_done = match d.mixers[l] {
                 LayerKind::Attention => self.attention_backward(l, &lp, &sv, batch, seq, x_in)?,
                 LayerKind::Mamba => self.mamba_backward(l, &lp, &sv, batch, seq, x_in)?,
                 LayerKind::Gmu => self.gmu_backward(l, &lp, &sv, batch, seq, x_in)?,
+            };
+            if !norm1_done {
+                self.mark("norm bwd")?;
+                self.norm_bwd(
+                    x_in, lp.norm1, sv.mean1, sv.rstd1, self.h.ptr, rows, 1.0, true,
+                )?;
             }
-            self.mark("norm bwd")?;
-            self.norm_bwd(
-                x_in, lp.norm1, sv.mean1, sv.rstd1, self.h.ptr, rows, 1.0, true,
-            )?;
             self.grads_done(u_layer)?;
         }
         if u_embed != u_norm && u_embed != u_head {

@@ -121,8 +121,9 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Backward of the attention mixer from `self.dres_bf` (the residual gradient); leaves
-    /// `d norm_1 output` in `self.h`.
+    /// Backward of the attention mixer from `self.dres_bf` (the residual gradient); with an
+    /// RMSNorm also runs norm_1's backward and returns true, with a LayerNorm leaves
+    /// `d norm_1 output` in `self.h` and returns false (`input_projection_backward`).
     pub(super) fn attention_backward(
         &self,
         l: usize,
@@ -131,7 +132,7 @@ impl CudaBackend {
         batch: usize,
         seq: usize,
         x_in: u64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let d = &self.dims;
         let info = d.info[l];
         let rows = batch * seq;
@@ -246,33 +247,15 @@ impl CudaBackend {
             self.hops()?
                 .bias_grad(Rows::new(dsrc, qw), self.g32(b), 1.0, rows, qw)?;
         }
-        self.mark("norm fwd")?;
-        self.norm_fwd(x_in, lp.norm1, self.h.ptr, 0, 0, rows)?;
-        self.mark("gemm qkv dW")?;
-        lt.linear_grad_weight(
-            gpu,
+        self.input_projection_backward(
+            lp,
+            sv,
+            x_in,
             dsrc,
-            self.h.ptr,
-            self.g32(lp.qkv),
-            rows,
-            n,
+            lp.qkv,
             qw,
-            1.0,
-            1.0,
-        )?;
-        self.mark("gemm qkv dx")?;
-        lt.linear_grad_input(
-            gpu,
-            dsrc,
-            self.pbf(lp.qkv),
-            self.h.ptr,
             rows,
-            n,
-            qw,
-            OutType::Bf16,
-            1.0,
-            0.0,
-        )?;
-        Ok(())
+            ["gemm qkv dW", "gemm qkv dx"],
+        )
     }
 }

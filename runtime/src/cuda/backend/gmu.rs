@@ -85,7 +85,9 @@ impl CudaBackend {
     }
 
     /// Backward of [`Self::gmu_forward`] from `self.dres_bf`: adds the memory's gradient to
-    /// the producer's `dmem`; leaves `d norm_1 output` in `self.h`.
+    /// the producer's `dmem`; with an RMSNorm also runs norm_1's backward and returns true,
+    /// with a LayerNorm leaves `d norm_1 output` in `self.h` and returns false
+    /// (`input_projection_backward`).
     pub(super) fn gmu_backward(
         &self,
         l: usize,
@@ -94,7 +96,7 @@ impl CudaBackend {
         batch: usize,
         seq: usize,
         x_in: u64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let (gp, src) = self.gmu_parts(l, lp)?;
         let (mem, dm) = self.memory_rows(src, true)?;
         let d = &self.dims;
@@ -146,33 +148,15 @@ impl CudaBackend {
         if let Some(b) = gp.in_b {
             hops.bias_grad(Rows::new(dg, dm), self.g32(b), 1.0, rows, dm)?;
         }
-        self.mark("norm fwd")?;
-        self.norm_fwd(x_in, lp.norm1, self.h.ptr, 0, 0, rows)?;
-        self.mark("gemm gmu in dW")?;
-        lt.linear_grad_weight(
-            gpu,
+        self.input_projection_backward(
+            lp,
+            sv,
+            x_in,
             dg,
-            self.h.ptr,
-            self.g32(gp.in_proj),
-            rows,
-            n,
+            gp.in_proj,
             dm,
-            1.0,
-            1.0,
-        )?;
-        self.mark("gemm gmu in dx")?;
-        lt.linear_grad_input(
-            gpu,
-            dg,
-            self.pbf(gp.in_proj),
-            self.h.ptr,
             rows,
-            n,
-            dm,
-            OutType::Bf16,
-            1.0,
-            0.0,
-        )?;
-        Ok(())
+            ["gemm gmu in dW", "gemm gmu in dx"],
+        )
     }
 }

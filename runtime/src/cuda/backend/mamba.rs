@@ -197,8 +197,9 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Backward of [`Self::mamba_forward`] from `self.dres_bf`; leaves `d norm_1 output` in
-    /// `self.h`.
+    /// Backward of [`Self::mamba_forward`] from `self.dres_bf`; with an RMSNorm also runs
+    /// norm_1's backward and returns true, with a LayerNorm leaves `d norm_1 output` in
+    /// `self.h` and returns false (`input_projection_backward`).
     pub(super) fn mamba_backward(
         &self,
         l: usize,
@@ -207,7 +208,7 @@ impl CudaBackend {
         batch: usize,
         seq: usize,
         x_in: u64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let (mp, ms, m, hops) = self.mamba_parts(lp, sv)?;
         let sc = self
             .mamba_scratch
@@ -367,33 +368,15 @@ impl CudaBackend {
             seq,
             dd,
         )?;
-        self.mark("norm fwd")?;
-        self.norm_fwd(x_in, lp.norm1, self.h.ptr, 0, 0, rows)?;
-        self.mark("gemm in_proj dW")?;
-        lt.linear_grad_weight(
-            gpu,
+        self.input_projection_backward(
+            lp,
+            sv,
+            x_in,
             sc.dxz,
-            self.h.ptr,
-            self.g32(mp.in_proj),
-            rows,
-            n,
+            mp.in_proj,
             2 * dd,
-            1.0,
-            1.0,
-        )?;
-        self.mark("gemm in_proj dx")?;
-        lt.linear_grad_input(
-            gpu,
-            sc.dxz,
-            self.pbf(mp.in_proj),
-            self.h.ptr,
             rows,
-            n,
-            2 * dd,
-            OutType::Bf16,
-            1.0,
-            0.0,
-        )?;
-        Ok(())
+            ["gemm in_proj dW", "gemm in_proj dx"],
+        )
     }
 }
