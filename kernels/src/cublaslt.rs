@@ -106,8 +106,8 @@ struct Cached {
 }
 
 /// How much faster (by median) another candidate must be before [`Lt::tune`] leaves the
-/// heuristic's first choice: smaller differences did not survive into the training step
-/// (2026-11-29: d16 lost 0.7 % with a 1 % margin and back-to-back timing).
+/// heuristic's first choice, so that timing noise does not pick it (2026-11-29, with a 1 %
+/// margin and back-to-back timing: d8 +1.0 %, d16 −0.7 % in the step).
 pub const TUNE_MARGIN: f32 = 0.05;
 
 /// The candidate to run, given median times sorted fastest first: the fastest if it beats
@@ -133,9 +133,9 @@ pub struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: DeviceBuffer,
     cache: RefCell<HashMap<Key, Cached>>,
-    /// When set (repetitions per candidate), the first product of each shape times its
-    /// candidates first ([`Lt::tune`]); the bool also lets products that accumulate into
-    /// their own input be tuned.
+    /// When set (rounds), the first product of each shape times its candidates first
+    /// ([`Lt::tune`]); the bool also lets products that accumulate into their own input be
+    /// tuned.
     autotune: std::cell::Cell<Option<(usize, bool)>>,
 }
 
