@@ -26,6 +26,11 @@ pub enum FlashVariant {
     Sm90Ws,
     /// Hopper: the warp-specialised TMA forward and backward (flash_sm90_ws.cu).
     Sm90WsBwd,
+    /// Hopper: as `Sm90WsBwd`, the backward without the pair barrier (each consumer
+    /// warpgroup reduces the dQ of its own 64 keys; flash_bwd_np).
+    Sm90WsNp,
+    /// Hopper: as `Sm90WsNp`, with the two consumers' S^T/dP^T issue in ping-pong.
+    Sm90WsNpPp,
 }
 
 impl FlashVariant {
@@ -35,6 +40,8 @@ impl FlashVariant {
             FlashVariant::Sm90 => "sm90",
             FlashVariant::Sm90Ws => "sm90ws",
             FlashVariant::Sm90WsBwd => "sm90ws-bwd",
+            FlashVariant::Sm90WsNp => "sm90ws-np",
+            FlashVariant::Sm90WsNpPp => "sm90ws-nppp",
         }
     }
 }
@@ -53,6 +60,11 @@ struct FlashSm90 {
     /// Warp-specialised backward (same dq_acc layout and conversion as `bwd_*`).
     ws_bwd_64: Kernel,
     ws_bwd_128: Kernel,
+    /// The backward without the pair barrier, without / with ping-pong.
+    ws_np_64: Kernel,
+    ws_np_128: Kernel,
+    ws_nppp_64: Kernel,
+    ws_nppp_128: Kernel,
 }
 
 /// Every kernel, loaded once per device.
@@ -242,6 +254,10 @@ impl Ops {
                     ws_128: load("flash_sm90_ws", ws_128)?,
                     ws_bwd_64: load("flash_sm90_ws", ws_bwd_64)?,
                     ws_bwd_128: load("flash_sm90_ws", ws_bwd_128)?,
+                    ws_np_64: load("flash_sm90_ws", "flash_bwd_ws_np_d64")?,
+                    ws_np_128: load("flash_sm90_ws", "flash_bwd_ws_np_d128")?,
+                    ws_nppp_64: load("flash_sm90_ws", "flash_bwd_ws_nppp_d64")?,
+                    ws_nppp_128: load("flash_sm90_ws", "flash_bwd_ws_nppp_d128")?,
                     fwd_64: load("flash_sm90", fwd_64)?,
                     fwd_128: load("flash_sm90", fwd_128)?,
                     bwd_64: load("flash_sm90", "flash_bwd_sm90_d64")?,
@@ -268,6 +284,15 @@ impl Ops {
                 ops.gpu
                     .set_max_dynamic_smem(k, Self::flash_ws_bwd_smem(d))?;
             }
+            for (k, d) in [
+                (k9.ws_np_64, 64),
+                (k9.ws_np_128, 128),
+                (k9.ws_nppp_64, 64),
+                (k9.ws_nppp_128, 128),
+            ] {
+                ops.gpu
+                    .set_max_dynamic_smem(k, Self::flash_np_bwd_smem(d))?;
+            }
         }
         // Default on Hopper: the warp-specialised forward and backward (d16 step, same call:
         // attn fwd 8.33 against 13.56 ms for sm90, attn bwd 31.85 against 35.67 ms).
@@ -275,11 +300,13 @@ impl Ops {
         let want = match std::env::var("ARCHSCALE_FLASH").ok().as_deref() {
             None | Some("") | Some("auto") | Some("sm90ws-bwd") => FlashVariant::Sm90WsBwd,
             Some("sm90ws") => FlashVariant::Sm90Ws,
+            Some("sm90ws-np") => FlashVariant::Sm90WsNp,
+            Some("sm90ws-nppp") => FlashVariant::Sm90WsNpPp,
             Some("sm90") => FlashVariant::Sm90,
             Some("sm80") => FlashVariant::Sm80,
             Some(other) => {
                 return Err(KernelError::Unsupported(format!(
-                    "ARCHSCALE_FLASH={other}: expected sm80, sm90, sm90ws, sm90ws-bwd or auto"
+                    "ARCHSCALE_FLASH={other}: expected sm80, sm90, sm90ws, sm90ws-bwd, sm90ws-np, sm90ws-nppp or auto"
                 )))
             }
         };
@@ -317,6 +344,17 @@ impl Ops {
     fn flash_ws_bwd_smem(d: usize) -> usize {
         Self::flash9_bwd_smem(d) + 64
     }
+    /// Backward without the pair barrier (flash_bwd_np): K, V, two stages of Q and dO, one
+    /// dS^T, both warpgroups' fp32 64 x d dQ, two stages of lse, delta and seg, 1 KiB to
+    /// align the base and the 5 mbarriers (d128: 215,616 bytes).
+    fn flash_np_bwd_smem(d: usize) -> usize {
+        (2 * FLASH_BWD_BC + 4 * FLASH9_BWD_BR) * d * 2
+            + FLASH_BWD_BC * FLASH9_BWD_BR * 2
+            + 2 * FLASH9_BWD_BR * d * 4
+            + 6 * FLASH9_BWD_BR * 4
+            + 1024
+            + 64
+    }
     /// K, V (128 keys), two stages of Q and dO (64 queries), two of dS^T, two buffers of
     /// both warpgroups' fp32 64 x 64 dQ parts, two stages of lse, delta and seg, and 1 KiB
     /// to align the base (d128: 231,936 of the 232,448 bytes a CTA may have).
@@ -335,6 +373,8 @@ impl Ops {
             v.push(FlashVariant::Sm90);
             v.push(FlashVariant::Sm90Ws);
             v.push(FlashVariant::Sm90WsBwd);
+            v.push(FlashVariant::Sm90WsNp);
+            v.push(FlashVariant::Sm90WsNpPp);
         }
         v
     }
@@ -348,6 +388,8 @@ impl Ops {
             1 => FlashVariant::Sm90,
             2 => FlashVariant::Sm90Ws,
             3 => FlashVariant::Sm90WsBwd,
+            4 => FlashVariant::Sm90WsNp,
+            5 => FlashVariant::Sm90WsNpPp,
             _ => FlashVariant::Sm80,
         }
     }
@@ -365,6 +407,8 @@ impl Ops {
             FlashVariant::Sm90 => 1,
             FlashVariant::Sm90Ws => 2,
             FlashVariant::Sm90WsBwd => 3,
+            FlashVariant::Sm90WsNp => 4,
+            FlashVariant::Sm90WsNpPp => 5,
         };
         self.flash_variant
             .store(code, std::sync::atomic::Ordering::Relaxed);
@@ -641,13 +685,23 @@ impl Ops {
         lse: u64,
     ) -> Result<()> {
         let sm90 = match (&self.flash_sm90, self.flash_variant()) {
-            (Some(k9), FlashVariant::Sm90 | FlashVariant::Sm90Ws | FlashVariant::Sm90WsBwd) => {
-                Some(k9)
-            }
+            (
+                Some(k9),
+                FlashVariant::Sm90
+                | FlashVariant::Sm90Ws
+                | FlashVariant::Sm90WsBwd
+                | FlashVariant::Sm90WsNp
+                | FlashVariant::Sm90WsNpPp,
+            ) => Some(k9),
             _ => None,
         };
-        if let (Some(k9), FlashVariant::Sm90Ws | FlashVariant::Sm90WsBwd) =
-            (sm90, self.flash_variant())
+        if let (
+            Some(k9),
+            FlashVariant::Sm90Ws
+            | FlashVariant::Sm90WsBwd
+            | FlashVariant::Sm90WsNp
+            | FlashVariant::Sm90WsNpPp,
+        ) = (sm90, self.flash_variant())
         {
             return self.flash_fwd_ws(k9, l, q, k, v, o, lse);
         }
@@ -773,12 +827,19 @@ impl Ops {
 
     /// The warp-specialised backward's main kernel (delta, the dq_acc zeroing and the dQ
     /// conversion are the sm90 backward's). `ptrs`: q, k, v, dout, lse, delta, dq_acc, dk, dv.
-    fn flash_bwd_ws(&self, k9: &FlashSm90, l: &AttnLayout, ptrs: [u64; 9]) -> Result<()> {
+    /// `kernels`: the d64 and d128 kernel (flash_bwd_ws or flash_bwd_np), `smem` its bytes.
+    fn flash_bwd_ws(
+        &self,
+        kernels: [Kernel; 2],
+        smem: usize,
+        l: &AttnLayout,
+        ptrs: [u64; 9],
+    ) -> Result<()> {
         use crate::tensor_map::TensorMap;
         let [q, k, v, dout, lse, delta, dq_acc, dk, dv] = ptrs;
         let kernel = match l.head_dim {
-            64 => k9.ws_bwd_64,
-            128 => k9.ws_bwd_128,
+            64 => kernels[0],
+            128 => kernels[1],
             d => {
                 return Err(KernelError::Unsupported(format!(
                     "flash attention supports head_dim 64 and 128, not {d}"
@@ -841,13 +902,7 @@ impl Ops {
             l.groups() as u32,
             l.batch as u32,
         );
-        self.gpu.launch(
-            kernel,
-            grid,
-            (384, 1, 1),
-            Self::flash_ws_bwd_smem(l.head_dim) as u32,
-            &a,
-        )
+        self.gpu.launch(kernel, grid, (384, 1, 1), smem as u32, &a)
     }
 
     /// Flash attention backward. `dq_acc` is fp32 scratch of `batch·seq·heads·head_dim`;
@@ -870,9 +925,14 @@ impl Ops {
         delta: u64,
     ) -> Result<()> {
         let sm90 = match (&self.flash_sm90, self.flash_variant()) {
-            (Some(k9), FlashVariant::Sm90 | FlashVariant::Sm90Ws | FlashVariant::Sm90WsBwd) => {
-                Some(k9)
-            }
+            (
+                Some(k9),
+                FlashVariant::Sm90
+                | FlashVariant::Sm90Ws
+                | FlashVariant::Sm90WsBwd
+                | FlashVariant::Sm90WsNp
+                | FlashVariant::Sm90WsNpPp,
+            ) => Some(k9),
             _ => None,
         };
         let kernel = match (l.head_dim, sm90) {
@@ -909,11 +969,23 @@ impl Ops {
         )?;
         self.gpu.memset_zero(dq_acc, rows * l.heads * d * 4)?;
         let ws_bwd = match (sm90, self.flash_variant()) {
-            (Some(k9), FlashVariant::Sm90WsBwd) => Some(k9),
+            (Some(k9), FlashVariant::Sm90WsBwd) => Some((k9.ws_bwd_64, k9.ws_bwd_128, false)),
+            (Some(k9), FlashVariant::Sm90WsNp) => Some((k9.ws_np_64, k9.ws_np_128, true)),
+            (Some(k9), FlashVariant::Sm90WsNpPp) => Some((k9.ws_nppp_64, k9.ws_nppp_128, true)),
             _ => None,
         };
-        if let Some(k9) = ws_bwd {
-            self.flash_bwd_ws(k9, l, [q, k, v, dout, lse, delta, dq_acc, dk, dv])?;
+        if let Some((k64, k128, np)) = ws_bwd {
+            let smem = if np {
+                Self::flash_np_bwd_smem(d)
+            } else {
+                Self::flash_ws_bwd_smem(d)
+            };
+            self.flash_bwd_ws(
+                [k64, k128],
+                smem,
+                l,
+                [q, k, v, dout, lse, delta, dq_acc, dk, dv],
+            )?;
         } else {
             let a = Args::new()
                 .ptr(q)

@@ -1,0 +1,65 @@
+#!/bin/bash
+# Flash backward round 2: the pair-barrier-free backward (sm90ws-np, sm90ws-nppp with ping-pong)
+# against the current default (sm90ws-bwd), one call. Runs on the GPU machine from the
+# repository root with the carry dir (default gpu-carry-fa3b/: stripped release `archscale`,
+# kcache/ compiled off the GPU, this script) carried:
+#   bash gpu-carry-fa3b/flash_bwd2.sh [selftest] [bench] [ncu]   (default: selftest bench)
+# selftest: `archscale selftest --only flash` (every variant the device runs).
+# bench: `archscale bench bench/transformer_ctx4096.toml --set 'depth=[D]' --micro M --steps 8
+#   --warmup 3 --profile` for D:M in $SHAPES (default "16:4 8:8") and ARCHSCALE_FLASH = each of
+#   $VARIANTS (default sm90ws-bwd sm90ws-np sm90ws-nppp; one whose selftest failed is skipped).
+# ncu: one d128 backward launch of each of $NCU_VARIANTS in the d16 step (--clock-control none).
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+C=${CARRY:-gpu-carry-fa3b}
+export ARCHSCALE_KERNEL_CACHE=$PWD/$C/kcache
+BIN=$C/archscale
+what=${*:-selftest bench}
+VARIANTS=${VARIANTS:-sm90ws-bwd sm90ws-np sm90ws-nppp}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw --format=csv > "$OUT/smi.txt" 2>&1
+date -u +%Y-%m-%dT%H:%MZ >> "$OUT/smi.txt"
+passed() {  # variant: its selftest lines exist and all end in ok (true when no selftest ran)
+  [ -f "$OUT/selftest.txt" ] || return 0
+  grep -qF "[$1]" "$OUT/selftest.txt" && ! grep -F "[$1]" "$OUT/selftest.txt" | grep -qv " ok$"
+}
+for w in $what; do
+  case $w in
+    selftest) SECONDS=0; timeout ${SELFTEST_T:-150} $BIN selftest --only flash > "$OUT/selftest.txt" 2>&1
+              echo "selftest rc=$? (${SECONDS}s)" >> "$OUT/selftest.txt" ;;
+    bench) for shape in ${SHAPES:-16:4 8:8}; do
+             dep=${shape%:*}; mic=${shape#*:}
+             for v in $VARIANTS; do
+               passed $v || continue
+               f="$OUT/bench_d${dep}_$v.txt"
+               ARCHSCALE_FLASH=$v timeout ${BENCH_T:-60} $BIN bench bench/transformer_ctx4096.toml \
+                 --set "depth=[$dep]" --micro $mic --steps ${STEPS:-8} --warmup 3 --profile > "$f" 2>&1
+               echo "bench rc=$?" >> "$f"
+             done
+           done ;;
+    ncu) for v in ${NCU_VARIANTS:-sm90ws-bwd sm90ws-np}; do
+           passed $v || continue
+           ARCHSCALE_FLASH=$v timeout ${NCU_T:-90} ncu --clock-control none -k regex:'flash_bwd_ws' -s 8 -c 1 \
+             --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+             $BIN bench bench/transformer_ctx4096.toml --set 'depth=[16]' --micro 4 --steps 1 --warmup 1 \
+             > "$OUT/ncu_$v.txt" 2>&1
+           echo "ncu rc=$?" >> "$OUT/ncu_$v.txt"
+         done ;;
+  esac
+done
+cat "$OUT/smi.txt"
+[ -f "$OUT/selftest.txt" ] && { echo "=== selftest (largest relative error per output and variant)"
+  grep "^flash" "$OUT/selftest.txt" | awk '{v=$(NF-2)+0; for(i=1;i<=NF;i++) if($i ~ /^\[sm/) var=$i; key=$3" "var; if(v>m[key]) m[key]=v; n[key]++; if($NF!="ok") bad[key]++} END {for(k in m) printf "  %-22s n=%d max=%.3e bad=%d\n", k, n[k], m[k], bad[k]}' | sort
+  grep -v "^flash" "$OUT/selftest.txt" | grep -i "passed\|rc=\|error\|panic\|fail" | head -8; }
+for f in "$OUT"/bench_*.txt; do
+  [ -f "$f" ] || continue
+  echo "=== $(basename $f .txt)"
+  grep -E "attn (fwd|bwd)|^transformer|error|rc=[^0]" "$f" | grep -v "^{" | head -6
+done
+for f in "$OUT"/ncu_*.txt; do
+  [ -f "$f" ] || continue
+  echo "=== $(basename $f .txt)"
+  grep -E "flash_bwd|Duration|SM Frequency|Throughput|Warp Cycles Per Issued|rc=|==ERR" "$f" | head -12
+done
+true
