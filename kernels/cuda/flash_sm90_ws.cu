@@ -331,7 +331,7 @@ F9W_FWD_KERNEL(flash_fwd_ws_nopp_d64, 64, 3, false)
 //   blocks later). Else each consumer syncs its own warpgroup and one thread issues its reduce.
 //   Buffers go by the count of whole 64-query blocks (the last, partial block of a head goes
 //   by vector atomics from the consumers), the same sequence on both sides.
-template <int D, bool DQW>
+template <int D, bool DQW, bool LEAN>
 __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9TensorMap* tm_k,
                                              const F9TensorMap* tm_v, const F9TensorMap* tm_do,
                                              const float* __restrict__ lse, const float* __restrict__ delta,
@@ -432,7 +432,7 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
                 for (int r = 0; r < 2; r++) {
                     const int row = q0 + lane + 32 * r;
                     const bool ok = row < T;
-                    l[r] = ok ? lse[bh + row] : 0.f;
+                    l[r] = ok ? lse[bh + row] * (LEAN ? 1.44269504088896340736f : 1.f) : 0.f;
                     d[r] = ok ? delta[bh + row] : 0.f;
                     sg[r] = ok && segb ? segb[row] : 0;
                 }
@@ -479,6 +479,8 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
     const u64 dKn = f9_desc(Ks + (D == 128 ? cw * (F9B_BC * 128) : 0), F9B_BC * 128, 1024);
     const int kw = k0 + cw * 64 + wl * 16;  // this warp's 16 keys
     const int key_a = kw + (lane >> 2);     // this thread's keys: key_a, key_a + 8
+    // LEAN's stmatrix: lane l addresses row l % 8 of matrix l / 8 = (row half (l / 8) % 2, n block l / 16).
+    const int st_row = cw * 64 + wl * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
 
     float dq[32];  // dQ of an item, still on the tensor cores across the loop's back edge
     int nf = 0;    // whole blocks stored so far (DQW: picks the buffer)
@@ -552,29 +554,71 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
         const int ql_last = min(F9B_BR - 1, T - 1 - q0);
         const int lo_last = max(seg_s[ql_last], q0 + ql_last - wmax);
         const bool full = kw + 15 <= q0 && q0 + F9B_BR <= T && kw >= lo_last;
-        if (full) {
+        if constexpr (LEAN) {
+            // lse (and delta below) of the thread's query pair ql, ql + 1 by one 8-byte load.
+            if (full) {
 #pragma unroll
-            for (int i = 0; i < 32; i++) {
-                const int ql = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-                s[i] = f9_ex2(fmaf(s[i], scale_log2, -lse_s[ql] * 1.44269504088896340736f));
+                for (int nb = 0; nb < 8; nb++) {
+                    const float2 l2 = *reinterpret_cast<const float2*>(lse_s + nb * 8 + (lane & 3) * 2);
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int i = nb * 4 + e;
+                        s[i] = f9_ex2(fmaf(s[i], scale_log2, -((e & 1) ? l2.y : l2.x)));
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int nb = 0; nb < 8; nb++) {
+                    const float2 l2 = *reinterpret_cast<const float2*>(lse_s + nb * 8 + (lane & 3) * 2);
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int i = nb * 4 + e;
+                        const int ql = nb * 8 + (lane & 3) * 2 + (e & 1);
+                        const int key = key_a + ((e >> 1) & 1) * 8;
+                        const int qrow = q0 + ql;
+                        const bool ok = qrow < T && key < T && key <= qrow && key >= seg_s[ql] && key >= qrow - wmax;
+                        const float ex = f9_ex2(fmaf(s[i], scale_log2, -((e & 1) ? l2.y : l2.x)));
+                        s[i] = ok ? ex : 0.f;
+                    }
+                }
+            }
+        } else {
+            if (full) {
+#pragma unroll
+                for (int i = 0; i < 32; i++) {
+                    const int ql = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+                    s[i] = f9_ex2(fmaf(s[i], scale_log2, -lse_s[ql] * 1.44269504088896340736f));
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < 32; i++) {
+                    const int ql = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+                    const int key = key_a + ((i >> 1) & 1) * 8;
+                    const int qrow = q0 + ql;
+                    const bool ok = qrow < T && key < T && key <= qrow && key >= seg_s[ql] && key >= qrow - wmax;
+                    const float e = f9_ex2(fmaf(s[i], scale_log2, -lse_s[ql] * 1.44269504088896340736f));
+                    s[i] = ok ? e : 0.f;
+                }
+            }
+        }
+        wg_wait<0>();
+        wg_fence_regs<32>(dp);
+        if constexpr (LEAN) {
+#pragma unroll
+            for (int nb = 0; nb < 8; nb++) {
+                const float2 d2 = *reinterpret_cast<const float2*>(del_s + nb * 8 + (lane & 3) * 2);
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int i = nb * 4 + e;
+                    dp[i] = s[i] * (dp[i] - ((e & 1) ? d2.y : d2.x));
+                }
             }
         } else {
 #pragma unroll
             for (int i = 0; i < 32; i++) {
                 const int ql = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-                const int key = key_a + ((i >> 1) & 1) * 8;
-                const int qrow = q0 + ql;
-                const bool ok = qrow < T && key < T && key <= qrow && key >= seg_s[ql] && key >= qrow - wmax;
-                const float e = f9_ex2(fmaf(s[i], scale_log2, -lse_s[ql] * 1.44269504088896340736f));
-                s[i] = ok ? e : 0.f;
+                dp[i] = s[i] * (dp[i] - del_s[ql]);
             }
-        }
-        wg_wait<0>();
-        wg_fence_regs<32>(dp);
-#pragma unroll
-        for (int i = 0; i < 32; i++) {
-            const int ql = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-            dp[i] = s[i] * (dp[i] - del_s[ql]);
         }
         u32 pf[4][4], dsf[4][4];
 #pragma unroll
@@ -585,13 +629,20 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
                 dsf[kk][e] = f9_pack(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1]);
             }
         }
+        if (LEAN) {  // 4 stmatrix: register e of kk is (row half e % 2, n block 2 kk + e / 2)
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
+            for (int kk = 0; kk < 4; kk++)
+                f9_stmatrix4(dSt + st_row * 128 + (((2 * kk + (lane >> 4)) ^ (lane & 7)) << 4), dsf[kk][0], dsf[kk][1],
+                             dsf[kk][2], dsf[kk][3]);
+        } else {
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int kl = cw * 64 + wl * 16 + (lane >> 2) + (e & 1) * 8;
-                const int nt = 2 * kk + (e >> 1);
-                f9_st_shared(dSt + kl * 128 + ((nt ^ (kl & 7)) << 4) + (lane & 3) * 4, dsf[kk][e]);
+            for (int kk = 0; kk < 4; kk++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int kl = cw * 64 + wl * 16 + (lane >> 2) + (e & 1) * 8;
+                    const int nt = 2 * kk + (e >> 1);
+                    f9_st_shared(dSt + kl * 128 + ((nt ^ (kl & 7)) << 4) + (lane & 3) * 4, dsf[kk][e]);
+                }
             }
         }
         const u64 ddOtN = f9_desc(dOt, F9B_BR * 128, 1024), dQtN = f9_desc(Qt, F9B_BR * 128, 1024);
@@ -659,19 +710,23 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
 #endif
 }
 
-#define F9W_BWD_KERNEL(NAME, D, DQW)                                                                                       \
+#define F9W_BWD_KERNEL(NAME, D, DQW, LEAN)                                                                                       \
     extern "C" __global__ void __launch_bounds__(F9W_THREADS, 1)                                                      \
         NAME(const __grid_constant__ F9TensorMap tm_q, const __grid_constant__ F9TensorMap tm_k,                     \
              const __grid_constant__ F9TensorMap tm_v, const __grid_constant__ F9TensorMap tm_do, const float* lse,  \
              const float* delta, float* dq_acc, bf16* dk, bf16* dv, const int* seg, int T, int H, int qpg, int kv_rs, \
              int kv_gs, float scale, float scale_log2, int window) {                                                  \
-        flash_bwd_ws<D, DQW>(&tm_q, &tm_k, &tm_v, &tm_do, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, kv_rs, kv_gs, scale, \
+        flash_bwd_ws<D, DQW, LEAN>(&tm_q, &tm_k, &tm_v, &tm_do, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, kv_rs, kv_gs, scale, \
                         scale_log2, window);                                                                          \
     }
-F9W_BWD_KERNEL(flash_bwd_ws_d128, 128, false)
-F9W_BWD_KERNEL(flash_bwd_ws_d64, 64, false)
-F9W_BWD_KERNEL(flash_bwd_ws_dqw_d128, 128, true)
-F9W_BWD_KERNEL(flash_bwd_ws_dqw_d64, 64, true)
+F9W_BWD_KERNEL(flash_bwd_ws_d128, 128, false, false)
+F9W_BWD_KERNEL(flash_bwd_ws_d64, 64, false, false)
+F9W_BWD_KERNEL(flash_bwd_ws_dqw_d128, 128, true, false)
+F9W_BWD_KERNEL(flash_bwd_ws_dqw_d64, 64, true, false)
+// LEAN (variant sm90ws-lean): the same kernel with fewer instructions per item: lse pre-scaled by
+// log2 e in the producer, lse/delta pairs by 8-byte loads, dS^T by 4 stmatrix instead of 16 stores.
+F9W_BWD_KERNEL(flash_bwd_ws_lean_d128, 128, false, true)
+F9W_BWD_KERNEL(flash_bwd_ws_lean_d64, 64, false, true)
 
 // ---------------------------------------------------------------------------------------------
 // Backward without the pair barrier (variants sm90ws-np, sm90ws-nppp): flash_bwd_ws's producer

@@ -31,6 +31,9 @@ pub enum FlashVariant {
     Sm90WsNp,
     /// Hopper: as `Sm90WsNp`, with the two consumers' S^T/dP^T issue in ping-pong.
     Sm90WsNpPp,
+    /// Hopper: `Sm90WsBwd`'s kernel with fewer instructions per item (stmatrix for dS^T,
+    /// lse pre-scaled by log2 e, 8-byte lse/delta loads).
+    Sm90WsLean,
 }
 
 impl FlashVariant {
@@ -42,6 +45,7 @@ impl FlashVariant {
             FlashVariant::Sm90WsBwd => "sm90ws-bwd",
             FlashVariant::Sm90WsNp => "sm90ws-np",
             FlashVariant::Sm90WsNpPp => "sm90ws-nppp",
+            FlashVariant::Sm90WsLean => "sm90ws-lean",
         }
     }
 }
@@ -65,6 +69,9 @@ struct FlashSm90 {
     ws_np_128: Kernel,
     ws_nppp_64: Kernel,
     ws_nppp_128: Kernel,
+    /// `ws_bwd_*` with fewer instructions per item.
+    ws_lean_64: Kernel,
+    ws_lean_128: Kernel,
 }
 
 /// Every kernel, loaded once per device.
@@ -258,6 +265,8 @@ impl Ops {
                     ws_np_128: load("flash_sm90_ws", "flash_bwd_ws_np_d128")?,
                     ws_nppp_64: load("flash_sm90_ws", "flash_bwd_ws_nppp_d64")?,
                     ws_nppp_128: load("flash_sm90_ws", "flash_bwd_ws_nppp_d128")?,
+                    ws_lean_64: load("flash_sm90_ws", "flash_bwd_ws_lean_d64")?,
+                    ws_lean_128: load("flash_sm90_ws", "flash_bwd_ws_lean_d128")?,
                     fwd_64: load("flash_sm90", fwd_64)?,
                     fwd_128: load("flash_sm90", fwd_128)?,
                     bwd_64: load("flash_sm90", "flash_bwd_sm90_d64")?,
@@ -280,7 +289,12 @@ impl Ops {
             for (k, d) in [(k9.ws_64, 64), (k9.ws_128, 128)] {
                 ops.gpu.set_max_dynamic_smem(k, Self::flash_ws_smem(d))?;
             }
-            for (k, d) in [(k9.ws_bwd_64, 64), (k9.ws_bwd_128, 128)] {
+            for (k, d) in [
+                (k9.ws_bwd_64, 64),
+                (k9.ws_bwd_128, 128),
+                (k9.ws_lean_64, 64),
+                (k9.ws_lean_128, 128),
+            ] {
                 ops.gpu
                     .set_max_dynamic_smem(k, Self::flash_ws_bwd_smem(d))?;
             }
@@ -302,11 +316,12 @@ impl Ops {
             Some("sm90ws") => FlashVariant::Sm90Ws,
             Some("sm90ws-np") => FlashVariant::Sm90WsNp,
             Some("sm90ws-nppp") => FlashVariant::Sm90WsNpPp,
+            Some("sm90ws-lean") => FlashVariant::Sm90WsLean,
             Some("sm90") => FlashVariant::Sm90,
             Some("sm80") => FlashVariant::Sm80,
             Some(other) => {
                 return Err(KernelError::Unsupported(format!(
-                    "ARCHSCALE_FLASH={other}: expected sm80, sm90, sm90ws, sm90ws-bwd, sm90ws-np, sm90ws-nppp or auto"
+                    "ARCHSCALE_FLASH={other}: expected sm80, sm90, sm90ws, sm90ws-bwd, sm90ws-np, sm90ws-nppp, sm90ws-lean or auto"
                 )))
             }
         };
@@ -375,6 +390,7 @@ impl Ops {
             v.push(FlashVariant::Sm90WsBwd);
             v.push(FlashVariant::Sm90WsNp);
             v.push(FlashVariant::Sm90WsNpPp);
+            v.push(FlashVariant::Sm90WsLean);
         }
         v
     }
@@ -390,6 +406,7 @@ impl Ops {
             3 => FlashVariant::Sm90WsBwd,
             4 => FlashVariant::Sm90WsNp,
             5 => FlashVariant::Sm90WsNpPp,
+            6 => FlashVariant::Sm90WsLean,
             _ => FlashVariant::Sm80,
         }
     }
@@ -409,6 +426,7 @@ impl Ops {
             FlashVariant::Sm90WsBwd => 3,
             FlashVariant::Sm90WsNp => 4,
             FlashVariant::Sm90WsNpPp => 5,
+            FlashVariant::Sm90WsLean => 6,
         };
         self.flash_variant
             .store(code, std::sync::atomic::Ordering::Relaxed);
@@ -691,7 +709,8 @@ impl Ops {
                 | FlashVariant::Sm90Ws
                 | FlashVariant::Sm90WsBwd
                 | FlashVariant::Sm90WsNp
-                | FlashVariant::Sm90WsNpPp,
+                | FlashVariant::Sm90WsNpPp
+                | FlashVariant::Sm90WsLean,
             ) => Some(k9),
             _ => None,
         };
@@ -700,7 +719,8 @@ impl Ops {
             FlashVariant::Sm90Ws
             | FlashVariant::Sm90WsBwd
             | FlashVariant::Sm90WsNp
-            | FlashVariant::Sm90WsNpPp,
+            | FlashVariant::Sm90WsNpPp
+            | FlashVariant::Sm90WsLean,
         ) = (sm90, self.flash_variant())
         {
             return self.flash_fwd_ws(k9, l, q, k, v, o, lse);
@@ -931,7 +951,8 @@ impl Ops {
                 | FlashVariant::Sm90Ws
                 | FlashVariant::Sm90WsBwd
                 | FlashVariant::Sm90WsNp
-                | FlashVariant::Sm90WsNpPp,
+                | FlashVariant::Sm90WsNpPp
+                | FlashVariant::Sm90WsLean,
             ) => Some(k9),
             _ => None,
         };
@@ -972,6 +993,7 @@ impl Ops {
             (Some(k9), FlashVariant::Sm90WsBwd) => Some((k9.ws_bwd_64, k9.ws_bwd_128, false)),
             (Some(k9), FlashVariant::Sm90WsNp) => Some((k9.ws_np_64, k9.ws_np_128, true)),
             (Some(k9), FlashVariant::Sm90WsNpPp) => Some((k9.ws_nppp_64, k9.ws_nppp_128, true)),
+            (Some(k9), FlashVariant::Sm90WsLean) => Some((k9.ws_lean_64, k9.ws_lean_128, false)),
             _ => None,
         };
         if let Some((k64, k128, np)) = ws_bwd {
