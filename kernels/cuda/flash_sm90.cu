@@ -562,3 +562,42 @@ extern "C" __global__ void flash_bwd_dq_sm90(const float* __restrict__ dq_acc, b
         }
     }
 }
+
+// The backward's preparation in one pass (replaces flash_bwd_delta and the dq_acc memset):
+// delta[(b H + h) T + t] = sum_d dO O, and dq_acc (B T H D floats) zeroed. D/8 threads per
+// (row, head), 16-byte loads of O and dO, two 16-byte zero stores each; needs o, dout, dq_acc
+// 16-byte aligned and o_rs a multiple of 8 (checked by the caller). One thread per 8 elements.
+extern "C" __global__ void __launch_bounds__(256) flash_bwd_prep_sm90(const bf16* __restrict__ o,
+                                                                      const bf16* __restrict__ dout,
+                                                                      float* __restrict__ delta,
+                                                                      float* __restrict__ dq_acc, int B, int T, int H,
+                                                                      int D, int o_rs) {
+    const int tpr = D / 8;  // 16 or 8: a power of two dividing 32
+    const long long n = (long long)B * T * H * tpr;
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const bool valid = i < n;
+    const long long rh = i / tpr;  // (b T + t) H + h
+    const int c = (int)(i % tpr) * 8;
+    const int h = (int)(rh % H);
+    const long long row = rh / H;  // b T + t
+    float acc = 0.f;
+    if (valid) {
+        const uint4 a = *reinterpret_cast<const uint4*>(o + row * o_rs + h * D + c);
+        const uint4 d = *reinterpret_cast<const uint4*>(dout + row * o_rs + h * D + c);
+        const u32 av[4] = {a.x, a.y, a.z, a.w}, dv[4] = {d.x, d.y, d.z, d.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const float2 x = __bfloat1622float2(*reinterpret_cast<const bf162*>(&av[k]));
+            const float2 y = __bfloat1622float2(*reinterpret_cast<const bf162*>(&dv[k]));
+            acc = fmaf(x.x, y.x, fmaf(x.y, y.y, acc));
+        }
+        float4* z = reinterpret_cast<float4*>(dq_acc) + 2 * i;
+        z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+        z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    for (int off = tpr / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (valid && c == 0) {
+        const long long b = row / T, t = row % T;
+        delta[(b * H + h) * T + t] = acc;
+    }
+}

@@ -72,6 +72,10 @@ struct FlashSm90 {
     /// `ws_bwd_*` with fewer instructions per item.
     ws_lean_64: Kernel,
     ws_lean_128: Kernel,
+    /// delta and the dq_acc zeroing in one pass (the np, nppp and lean variants).
+    prep: Kernel,
+    /// False with ARCHSCALE_FLASH_PREP=old: those variants keep flash_bwd_delta + memset.
+    prep_on: bool,
 }
 
 /// Every kernel, loaded once per device.
@@ -267,6 +271,16 @@ impl Ops {
                     ws_nppp_128: load("flash_sm90_ws", "flash_bwd_ws_nppp_d128")?,
                     ws_lean_64: load("flash_sm90_ws", "flash_bwd_ws_lean_d64")?,
                     ws_lean_128: load("flash_sm90_ws", "flash_bwd_ws_lean_d128")?,
+                    prep: load("flash_sm90", "flash_bwd_prep_sm90")?,
+                    prep_on: match std::env::var("ARCHSCALE_FLASH_PREP").ok().as_deref() {
+                        None | Some("") | Some("fused") => true,
+                        Some("old") => false,
+                        Some(other) => {
+                            return Err(KernelError::Unsupported(format!(
+                                "ARCHSCALE_FLASH_PREP={other}: expected fused or old"
+                            )))
+                        }
+                    },
                     fwd_64: load("flash_sm90", fwd_64)?,
                     fwd_128: load("flash_sm90", fwd_128)?,
                     bwd_64: load("flash_sm90", "flash_bwd_sm90_d64")?,
@@ -970,25 +984,49 @@ impl Ops {
         check_layout(l)?;
         let rows = l.batch * l.seq;
         let d = l.head_dim;
-        // delta = rowsum(dO ∘ O)
-        let warps = rows * l.heads;
-        let a = Args::new()
-            .ptr(o)
-            .ptr(dout)
-            .ptr(delta)
-            .i32(i32_of("batch", l.batch)?)
-            .i32(i32_of("seq", l.seq)?)
-            .i32(i32_of("heads", l.heads)?)
-            .i32(d as i32)
-            .i32(i32_of("o_row_stride", l.o_row_stride)?);
-        self.gpu.launch(
-            self.flash_delta,
-            grid1(warps.div_ceil(8)),
-            (256, 1, 1),
-            0,
-            &a,
-        )?;
-        self.gpu.memset_zero(dq_acc, rows * l.heads * d * 4)?;
+        // delta = rowsum(dO ∘ O), dq_acc = 0: in one pass for the np, nppp and lean variants
+        // (16-byte accesses: needs 16-byte aligned o, dout, dq_acc), else a kernel and a memset.
+        let prep = match (sm90, self.flash_variant()) {
+            (
+                Some(k9),
+                FlashVariant::Sm90WsNp | FlashVariant::Sm90WsNpPp | FlashVariant::Sm90WsLean,
+            ) if k9.prep_on && (o | dout | dq_acc) % 16 == 0 => Some(k9.prep),
+            _ => None,
+        };
+        if let Some(prep) = prep {
+            let a = Args::new()
+                .ptr(o)
+                .ptr(dout)
+                .ptr(delta)
+                .ptr(dq_acc)
+                .i32(i32_of("batch", l.batch)?)
+                .i32(i32_of("seq", l.seq)?)
+                .i32(i32_of("heads", l.heads)?)
+                .i32(d as i32)
+                .i32(i32_of("o_row_stride", l.o_row_stride)?);
+            let threads = rows * l.heads * d / 8;
+            self.gpu
+                .launch(prep, grid1(threads.div_ceil(256)), (256, 1, 1), 0, &a)?;
+        } else {
+            let warps = rows * l.heads;
+            let a = Args::new()
+                .ptr(o)
+                .ptr(dout)
+                .ptr(delta)
+                .i32(i32_of("batch", l.batch)?)
+                .i32(i32_of("seq", l.seq)?)
+                .i32(i32_of("heads", l.heads)?)
+                .i32(d as i32)
+                .i32(i32_of("o_row_stride", l.o_row_stride)?);
+            self.gpu.launch(
+                self.flash_delta,
+                grid1(warps.div_ceil(8)),
+                (256, 1, 1),
+                0,
+                &a,
+            )?;
+            self.gpu.memset_zero(dq_acc, rows * l.heads * d * 4)?;
+        }
         let ws_bwd = match (sm90, self.flash_variant()) {
             (Some(k9), FlashVariant::Sm90WsBwd) => Some((k9.ws_bwd_64, k9.ws_bwd_128, false)),
             (Some(k9), FlashVariant::Sm90WsNp) => Some((k9.ws_np_64, k9.ws_np_128, true)),
