@@ -331,7 +331,7 @@ F9W_FWD_KERNEL(flash_fwd_ws_nopp_d64, 64, 3, false)
 //   blocks later). Else each consumer syncs its own warpgroup and one thread issues its reduce.
 //   Buffers go by the count of whole 64-query blocks (the last, partial block of a head goes
 //   by vector atomics from the consumers), the same sequence on both sides.
-template <int D, bool DQW, bool LEAN>
+template <int D, bool DQW, bool LEAN, bool VREG>
 __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9TensorMap* tm_k,
                                              const F9TensorMap* tm_v, const F9TensorMap* tm_do,
                                              const float* __restrict__ lse, const float* __restrict__ delta,
@@ -517,6 +517,21 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
     };
 
     if (items > 0) mb_wait(kv_full, 0);
+    // VREG: this warpgroup's 64 rows of V as wgmma A fragments, loaded once (ldmatrix; lane l
+    // reads row l % 8 + 8 ((l / 8) % 2) of the warp's 16, columns 16 kk + 8 (l / 16) ..).
+    // Only the first VK k-steps (d128: half of V; 6 or 8 of 8 left too few registers, C7512).
+    constexpr int VK = D == 128 ? 4 : D / 16;
+    u32 vf[VREG ? VK : 1][4];
+    if constexpr (VREG) {
+        if (items > 0) {
+            const int vrow = cw * 64 + wl * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+            for (int kk = 0; kk < VK; kk++) {
+                const int ch = 2 * (kk & 3) + (lane >> 4);
+                f9_ldmatrix4(Vs + (kk >> 2) * (F9B_BC * 128) + vrow * 128 + ((ch ^ (vrow & 7)) << 4), vf[kk]);
+            }
+        }
+    }
     for (int item = 0; item < items; item++) {
         const int st = item & 1;
         const u32 ph = (item >> 1) & 1;
@@ -543,8 +558,12 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
         wg_commit();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
-            wg_ss_n64_t00(dp, f9_dadd(dVw, (kk >> 2) * (F9B_BC * 128) + (kk & 3) * 32),
-                          f9_dadd(ddOt, (kk >> 2) * (F9B_BR * 128) + (kk & 3) * 32), kk > 0 ? 1 : 0);
+            if (VREG && kk < VK) {
+                wg_rs_n64_t0(dp, vf[VREG && kk < VK ? kk : 0], f9_dadd(ddOt, (kk >> 2) * (F9B_BR * 128) + (kk & 3) * 32), kk > 0 ? 1 : 0);
+            } else {
+                wg_ss_n64_t00(dp, f9_dadd(dVw, (kk >> 2) * (F9B_BC * 128) + (kk & 3) * 32),
+                              f9_dadd(ddOt, (kk >> 2) * (F9B_BR * 128) + (kk & 3) * 32), kk > 0 ? 1 : 0);
+            }
         }
         wg_commit();
         wg_wait<1>();  // S^T is done; dP^T may still run while P^T is computed
@@ -710,23 +729,28 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
 #endif
 }
 
-#define F9W_BWD_KERNEL(NAME, D, DQW, LEAN)                                                                                       \
+#define F9W_BWD_KERNEL(NAME, D, DQW, LEAN, VREG)                                                                                       \
     extern "C" __global__ void __launch_bounds__(F9W_THREADS, 1)                                                      \
         NAME(const __grid_constant__ F9TensorMap tm_q, const __grid_constant__ F9TensorMap tm_k,                     \
              const __grid_constant__ F9TensorMap tm_v, const __grid_constant__ F9TensorMap tm_do, const float* lse,  \
              const float* delta, float* dq_acc, bf16* dk, bf16* dv, const int* seg, int T, int H, int qpg, int kv_rs, \
              int kv_gs, float scale, float scale_log2, int window) {                                                  \
-        flash_bwd_ws<D, DQW, LEAN>(&tm_q, &tm_k, &tm_v, &tm_do, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, kv_rs, kv_gs, scale, \
+        flash_bwd_ws<D, DQW, LEAN, VREG>(&tm_q, &tm_k, &tm_v, &tm_do, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, kv_rs, kv_gs, scale, \
                         scale_log2, window);                                                                          \
     }
-F9W_BWD_KERNEL(flash_bwd_ws_d128, 128, false, false)
-F9W_BWD_KERNEL(flash_bwd_ws_d64, 64, false, false)
-F9W_BWD_KERNEL(flash_bwd_ws_dqw_d128, 128, true, false)
-F9W_BWD_KERNEL(flash_bwd_ws_dqw_d64, 64, true, false)
+F9W_BWD_KERNEL(flash_bwd_ws_d128, 128, false, false, false)
+F9W_BWD_KERNEL(flash_bwd_ws_d64, 64, false, false, false)
+F9W_BWD_KERNEL(flash_bwd_ws_dqw_d128, 128, true, false, false)
+F9W_BWD_KERNEL(flash_bwd_ws_dqw_d64, 64, true, false, false)
 // LEAN (variant sm90ws-lean): the same kernel with fewer instructions per item: lse pre-scaled by
 // log2 e in the producer, lse/delta pairs by 8-byte loads, dS^T by 4 stmatrix instead of 16 stores.
-F9W_BWD_KERNEL(flash_bwd_ws_lean_d128, 128, false, true)
-F9W_BWD_KERNEL(flash_bwd_ws_lean_d64, 64, false, true)
+F9W_BWD_KERNEL(flash_bwd_ws_lean_d128, 128, false, true, false)
+F9W_BWD_KERNEL(flash_bwd_ws_lean_d64, 64, false, true, false)
+// VREG (variant sm90ws-leanv): LEAN with V's rows held as register A fragments, so dP^T = V dO^T
+// reads only dO from shared memory for those k-steps (d128: the first 4 of 8, 16 KiB less
+// shared-memory traffic per item and CTA; all 8 left too few registers: C7512).
+F9W_BWD_KERNEL(flash_bwd_ws_leanv_d128, 128, false, true, true)
+F9W_BWD_KERNEL(flash_bwd_ws_leanv_d64, 64, false, true, true)
 
 // ---------------------------------------------------------------------------------------------
 // Backward without the pair barrier (variants sm90ws-np, sm90ws-nppp): flash_bwd_ws's producer

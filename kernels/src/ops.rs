@@ -34,6 +34,8 @@ pub enum FlashVariant {
     /// Hopper: `Sm90WsBwd`'s kernel with fewer instructions per item (stmatrix for dS^T,
     /// lse pre-scaled by log2 e, 8-byte lse/delta loads).
     Sm90WsLean,
+    /// Hopper: as `Sm90WsLean`, with V held in registers (dP^T = V dO^T from registers).
+    Sm90WsLeanV,
 }
 
 impl FlashVariant {
@@ -46,6 +48,7 @@ impl FlashVariant {
             FlashVariant::Sm90WsNp => "sm90ws-np",
             FlashVariant::Sm90WsNpPp => "sm90ws-nppp",
             FlashVariant::Sm90WsLean => "sm90ws-lean",
+            FlashVariant::Sm90WsLeanV => "sm90ws-leanv",
         }
     }
 }
@@ -72,6 +75,8 @@ struct FlashSm90 {
     /// `ws_bwd_*` with fewer instructions per item.
     ws_lean_64: Kernel,
     ws_lean_128: Kernel,
+    ws_leanv_64: Kernel,
+    ws_leanv_128: Kernel,
     /// delta and the dq_acc zeroing in one pass (the np, nppp and lean variants).
     prep: Kernel,
     /// False with ARCHSCALE_FLASH_PREP=old: those variants keep flash_bwd_delta + memset.
@@ -271,6 +276,8 @@ impl Ops {
                     ws_nppp_128: load("flash_sm90_ws", "flash_bwd_ws_nppp_d128")?,
                     ws_lean_64: load("flash_sm90_ws", "flash_bwd_ws_lean_d64")?,
                     ws_lean_128: load("flash_sm90_ws", "flash_bwd_ws_lean_d128")?,
+                    ws_leanv_64: load("flash_sm90_ws", "flash_bwd_ws_leanv_d64")?,
+                    ws_leanv_128: load("flash_sm90_ws", "flash_bwd_ws_leanv_d128")?,
                     prep: load("flash_sm90", "flash_bwd_prep_sm90")?,
                     prep_on: match std::env::var("ARCHSCALE_FLASH_PREP").ok().as_deref() {
                         None | Some("") | Some("fused") => true,
@@ -308,6 +315,8 @@ impl Ops {
                 (k9.ws_bwd_128, 128),
                 (k9.ws_lean_64, 64),
                 (k9.ws_lean_128, 128),
+                (k9.ws_leanv_64, 64),
+                (k9.ws_leanv_128, 128),
             ] {
                 ops.gpu
                     .set_max_dynamic_smem(k, Self::flash_ws_bwd_smem(d))?;
@@ -331,11 +340,12 @@ impl Ops {
             Some("sm90ws-np") => FlashVariant::Sm90WsNp,
             Some("sm90ws-nppp") => FlashVariant::Sm90WsNpPp,
             Some("sm90ws-lean") => FlashVariant::Sm90WsLean,
+            Some("sm90ws-leanv") => FlashVariant::Sm90WsLeanV,
             Some("sm90") => FlashVariant::Sm90,
             Some("sm80") => FlashVariant::Sm80,
             Some(other) => {
                 return Err(KernelError::Unsupported(format!(
-                    "ARCHSCALE_FLASH={other}: expected sm80, sm90, sm90ws, sm90ws-bwd, sm90ws-np, sm90ws-nppp, sm90ws-lean or auto"
+                    "ARCHSCALE_FLASH={other}: expected sm80, sm90, sm90ws, sm90ws-bwd, sm90ws-np, sm90ws-nppp, sm90ws-lean, sm90ws-leanv or auto"
                 )))
             }
         };
@@ -405,6 +415,7 @@ impl Ops {
             v.push(FlashVariant::Sm90WsNp);
             v.push(FlashVariant::Sm90WsNpPp);
             v.push(FlashVariant::Sm90WsLean);
+            v.push(FlashVariant::Sm90WsLeanV);
         }
         v
     }
@@ -421,6 +432,7 @@ impl Ops {
             4 => FlashVariant::Sm90WsNp,
             5 => FlashVariant::Sm90WsNpPp,
             6 => FlashVariant::Sm90WsLean,
+            7 => FlashVariant::Sm90WsLeanV,
             _ => FlashVariant::Sm80,
         }
     }
@@ -441,6 +453,7 @@ impl Ops {
             FlashVariant::Sm90WsNp => 4,
             FlashVariant::Sm90WsNpPp => 5,
             FlashVariant::Sm90WsLean => 6,
+            FlashVariant::Sm90WsLeanV => 7,
         };
         self.flash_variant
             .store(code, std::sync::atomic::Ordering::Relaxed);
@@ -724,7 +737,8 @@ impl Ops {
                 | FlashVariant::Sm90WsBwd
                 | FlashVariant::Sm90WsNp
                 | FlashVariant::Sm90WsNpPp
-                | FlashVariant::Sm90WsLean,
+                | FlashVariant::Sm90WsLean
+                | FlashVariant::Sm90WsLeanV,
             ) => Some(k9),
             _ => None,
         };
@@ -734,7 +748,8 @@ impl Ops {
             | FlashVariant::Sm90WsBwd
             | FlashVariant::Sm90WsNp
             | FlashVariant::Sm90WsNpPp
-            | FlashVariant::Sm90WsLean,
+            | FlashVariant::Sm90WsLean
+            | FlashVariant::Sm90WsLeanV,
         ) = (sm90, self.flash_variant())
         {
             return self.flash_fwd_ws(k9, l, q, k, v, o, lse);
@@ -966,7 +981,8 @@ impl Ops {
                 | FlashVariant::Sm90WsBwd
                 | FlashVariant::Sm90WsNp
                 | FlashVariant::Sm90WsNpPp
-                | FlashVariant::Sm90WsLean,
+                | FlashVariant::Sm90WsLean
+                | FlashVariant::Sm90WsLeanV,
             ) => Some(k9),
             _ => None,
         };
@@ -989,7 +1005,10 @@ impl Ops {
         let prep = match (sm90, self.flash_variant()) {
             (
                 Some(k9),
-                FlashVariant::Sm90WsNp | FlashVariant::Sm90WsNpPp | FlashVariant::Sm90WsLean,
+                FlashVariant::Sm90WsNp
+                | FlashVariant::Sm90WsNpPp
+                | FlashVariant::Sm90WsLean
+                | FlashVariant::Sm90WsLeanV,
             ) if k9.prep_on && (o | dout | dq_acc) % 16 == 0 => Some(k9.prep),
             _ => None,
         };
@@ -1032,6 +1051,7 @@ impl Ops {
             (Some(k9), FlashVariant::Sm90WsNp) => Some((k9.ws_np_64, k9.ws_np_128, true)),
             (Some(k9), FlashVariant::Sm90WsNpPp) => Some((k9.ws_nppp_64, k9.ws_nppp_128, true)),
             (Some(k9), FlashVariant::Sm90WsLean) => Some((k9.ws_lean_64, k9.ws_lean_128, false)),
+            (Some(k9), FlashVariant::Sm90WsLeanV) => Some((k9.ws_leanv_64, k9.ws_leanv_128, false)),
             _ => None,
         };
         if let Some((k64, k128, np)) = ws_bwd {
