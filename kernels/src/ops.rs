@@ -331,16 +331,17 @@ impl Ops {
                     .set_max_dynamic_smem(k, Self::flash_np_bwd_smem(d))?;
             }
         }
-        // Default on Hopper: the warp-specialised forward and backward (d16 step, same call:
-        // attn fwd 8.33 against 13.56 ms for sm90, attn bwd 31.85 against 35.67 ms).
-        // ARCHSCALE_FLASH=sm90ws / sm90 / sm80 keep the older kernels.
+        // Default on Hopper: the warp-specialised forward and the lean backward with half of V
+        // in registers and the fused delta/zeroing pass (same call, two interleaved rounds:
+        // d16 step 210.4-210.7 against 212.6-213.1 ms for sm90ws-bwd, d8 72.6-72.7 against
+        // 74.0-74.3 ms). ARCHSCALE_FLASH=sm90ws-bwd / sm90ws / sm90 / sm80 keep older kernels.
         let want = match std::env::var("ARCHSCALE_FLASH").ok().as_deref() {
-            None | Some("") | Some("auto") | Some("sm90ws-bwd") => FlashVariant::Sm90WsBwd,
+            None | Some("") | Some("auto") | Some("sm90ws-leanv") => FlashVariant::Sm90WsLeanV,
+            Some("sm90ws-bwd") => FlashVariant::Sm90WsBwd,
             Some("sm90ws") => FlashVariant::Sm90Ws,
             Some("sm90ws-np") => FlashVariant::Sm90WsNp,
             Some("sm90ws-nppp") => FlashVariant::Sm90WsNpPp,
             Some("sm90ws-lean") => FlashVariant::Sm90WsLean,
-            Some("sm90ws-leanv") => FlashVariant::Sm90WsLeanV,
             Some("sm90") => FlashVariant::Sm90,
             Some("sm80") => FlashVariant::Sm80,
             Some(other) => {
