@@ -4,11 +4,13 @@
 # repository root with the carry dir (default gpu-carry-fa3b/: stripped release `archscale`,
 # kcache/ compiled off the GPU, this script) carried:
 #   bash gpu-carry-fa3b/flash_bwd2.sh [selftest] [bench] [ncu]   (default: selftest bench)
-# selftest: `archscale selftest --only flash` (every variant the device runs).
+# selftest: `archscale selftest --only flash` (every variant the device runs);
+#   selftestdq2: the same with ARCHSCALE_FLASH_DQ=smem (the coalesced dQ conversion).
 # bench: `archscale bench bench/transformer_ctx4096.toml --set 'depth=[D]' --micro M --steps 8
 #   --warmup 3 --profile` for D:M in $SHAPES (default "16:4 8:8") and ARCHSCALE_FLASH = each of
 #   $VARIANTS (default sm90ws-bwd sm90ws-np sm90ws-nppp; one whose selftest failed is skipped;
-#   NAME_prepold runs NAME with ARCHSCALE_FLASH_PREP=old), $ROUNDS times interleaved.
+#   NAME_prepold runs NAME with ARCHSCALE_FLASH_PREP=old, NAME_dq2 with ARCHSCALE_FLASH_DQ=smem),
+#   $ROUNDS times interleaved.
 # ncu: the bwd kernel, delta/prep and dQ conversion of one d16 layer for each of $NCU_VARIANTS
 #   (--clock-control none).
 set -u
@@ -30,15 +32,18 @@ for w in $what; do
   case $w in
     selftest) SECONDS=0; timeout ${SELFTEST_T:-150} $BIN selftest --only flash > "$OUT/selftest.txt" 2>&1
               echo "selftest rc=$? (${SECONDS}s)" >> "$OUT/selftest.txt" ;;
+    selftestdq2) ARCHSCALE_FLASH_DQ=smem timeout ${SELFTEST_T:-150} $BIN selftest --only flash > "$OUT/selftest_dq2.txt" 2>&1
+              echo "selftest rc=$?" >> "$OUT/selftest_dq2.txt" ;;
     bench) for r in $(seq 1 ${ROUNDS:-1}); do   # rounds interleave the variants against drift
            for shape in ${SHAPES:-16:4 8:8}; do
              dep=${shape%:*}; mic=${shape#*:}
              for v in $VARIANTS; do
-               vv=${v%%_*}  # a variant name, or NAME_prepold (ARCHSCALE_FLASH_PREP=old)
+               vv=${v%%_*}  # NAME[_prepold][_dq2]: ARCHSCALE_FLASH_PREP=old, ARCHSCALE_FLASH_DQ=smem
                passed $vv || continue
-               prep=fused; [ "$v" != "$vv" ] && prep=old
+               prep=fused; case $v in *_prepold*) prep=old ;; esac
+               dqk=frag; case $v in *_dq2*) dqk=smem ;; esac
                f="$OUT/bench_d${dep}_${v}_r$r.txt"
-               ARCHSCALE_FLASH=$vv ARCHSCALE_FLASH_PREP=$prep timeout ${BENCH_T:-60} $BIN bench bench/transformer_ctx4096.toml \
+               ARCHSCALE_FLASH=$vv ARCHSCALE_FLASH_PREP=$prep ARCHSCALE_FLASH_DQ=$dqk timeout ${BENCH_T:-60} $BIN bench bench/transformer_ctx4096.toml \
                  --set "depth=[$dep]" --micro $mic --steps ${STEPS:-8} --warmup 3 --profile > "$f" 2>&1
                echo "bench rc=$?" >> "$f"
              done
@@ -55,9 +60,11 @@ for w in $what; do
   esac
 done
 cat "$OUT/smi.txt"
-[ -f "$OUT/selftest.txt" ] && { echo "=== selftest (largest relative error per output and variant)"
-  grep "^flash" "$OUT/selftest.txt" | awk '{v=$(NF-2)+0; for(i=1;i<=NF;i++) if($i ~ /^\[sm/) var=$i; key=$3" "var; if(v>m[key]) m[key]=v; n[key]++; if($NF!="ok") bad[key]++} END {for(k in m) printf "  %-22s n=%d max=%.3e bad=%d\n", k, n[k], m[k], bad[k]}' | sort
-  grep -v "^flash" "$OUT/selftest.txt" | grep -i "passed\|rc=\|error\|panic\|fail" | head -8; }
+for st in selftest selftest_dq2; do
+[ -f "$OUT/$st.txt" ] && { echo "=== $st (largest relative error per output and variant)"
+  grep "^flash" "$OUT/$st.txt" | awk '{v=$(NF-2)+0; for(i=1;i<=NF;i++) if($i ~ /^\[sm/) var=$i; key=$3" "var; if(v>m[key]) m[key]=v; n[key]++; if($NF!="ok") bad[key]++} END {for(k in m) printf "  %-22s n=%d max=%.3e bad=%d\n", k, n[k], m[k], bad[k]}' | sort
+  grep -v "^flash" "$OUT/$st.txt" | grep -i "passed\|rc=\|error\|panic\|fail" | head -8; }
+done
 echo "=== bench: shape variant round | attn bwd ms, attn fwd ms (profiled step) | step ms, tok/s (8 steps)"
 for f in "$OUT"/bench_*.txt; do
   [ -f "$f" ] || continue

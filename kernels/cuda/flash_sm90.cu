@@ -601,3 +601,46 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_prep_sm90(const bf16
         delta[(b * H + h) * T + t] = acc;
     }
 }
+
+// flash_bwd_dq_sm90 with coalesced stores (ARCHSCALE_FLASH_DQ=smem): a whole 64 x 64 part goes
+// through shared memory as bf16 ([64][72], conflict-free in both phases) and leaves as 128-byte
+// rows of 16-byte stores instead of 4-byte stores that cover 16 bytes of each of 16 rows. Needs
+// dq 16-byte aligned (q_rs, q_gs multiples of 8 are checked by the caller's layout check).
+extern "C" __global__ void __launch_bounds__(256) flash_bwd_dq2_sm90(const float* __restrict__ dq_acc,
+                                                                     bf16* __restrict__ dq, int T, int H, int D,
+                                                                     int qpg, int q_rs, int q_gs, float scale) {
+    __shared__ __align__(16) bf16 tile[64 * 72];
+    const int parts = D / 64;
+    const int qb = blockIdx.x / parts, c = blockIdx.x % parts, h = blockIdx.y, b = blockIdx.z;
+    const int q0 = qb * 64;
+    const float* src = dq_acc + (((long long)b * H + h) * T + q0) * D;
+    bf16* dst = dq + ((long long)b * T + q0) * q_rs + (h / qpg) * q_gs + (h % qpg) * D + c * 64;
+    if (q0 + 64 <= T) {
+        const float4* s4 = reinterpret_cast<const float4*>(src + c * 4096);
+        float4 v[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) v[k] = s4[threadIdx.x + 256 * k];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const int i = threadIdx.x + 256 * k;
+            const int nt = i >> 7, t = i & 127, w = t >> 5, l = t & 31;
+            const int row = 16 * w + (l >> 2), col = 8 * nt + 2 * (l & 3);
+            *reinterpret_cast<bf162*>(&tile[row * 72 + col]) = __floats2bfloat162_rn(v[k].x * scale, v[k].y * scale);
+            *reinterpret_cast<bf162*>(&tile[(row + 8) * 72 + col]) = __floats2bfloat162_rn(v[k].z * scale, v[k].w * scale);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            const int chunk = threadIdx.x + 256 * k, row = chunk >> 3, ch = chunk & 7;
+            *reinterpret_cast<uint4*>(dst + (long long)row * q_rs + ch * 8) =
+                *reinterpret_cast<const uint4*>(&tile[row * 72 + ch * 8]);
+        }
+    } else {
+        const int rows = T - q0;
+        for (int i = threadIdx.x; i < rows * 32; i += blockDim.x) {
+            const int row = i >> 5, col = (i & 31) * 2;
+            const float2 v = *reinterpret_cast<const float2*>(src + (long long)row * D + c * 64 + col);
+            *reinterpret_cast<bf162*>(dst + (long long)row * q_rs + col) = __floats2bfloat162_rn(v.x * scale, v.y * scale);
+        }
+    }
+}

@@ -61,6 +61,10 @@ struct FlashSm90 {
     bwd_128: Kernel,
     /// dQ from the backward's blocked fp32 accumulator.
     dq: Kernel,
+    /// The same through shared memory with 16-byte stores; used with ARCHSCALE_FLASH_DQ=smem
+    /// (not yet run on a GPU, so off by default).
+    dq2: Kernel,
+    dq2_on: bool,
     /// Warp-specialised forward (producer warpgroup with TMA, two consumer warpgroups).
     ws_64: Kernel,
     ws_128: Kernel,
@@ -293,6 +297,16 @@ impl Ops {
                     bwd_64: load("flash_sm90", "flash_bwd_sm90_d64")?,
                     bwd_128: load("flash_sm90", "flash_bwd_sm90_d128")?,
                     dq: load("flash_sm90", "flash_bwd_dq_sm90")?,
+                    dq2: load("flash_sm90", "flash_bwd_dq2_sm90")?,
+                    dq2_on: match std::env::var("ARCHSCALE_FLASH_DQ").ok().as_deref() {
+                        None | Some("") | Some("frag") => false,
+                        Some("smem") => true,
+                        Some(other) => {
+                            return Err(KernelError::Unsupported(format!(
+                                "ARCHSCALE_FLASH_DQ={other}: expected frag or smem"
+                            )))
+                        }
+                    },
                 })
             } else {
                 None
@@ -1119,7 +1133,12 @@ impl Ops {
                 l.heads as u32,
                 l.batch as u32,
             );
-            return self.gpu.launch(k9.dq, grid, (256, 1, 1), 0, &a);
+            let kernel = if k9.dq2_on && dq % 16 == 0 {
+                k9.dq2
+            } else {
+                k9.dq
+            };
+            return self.gpu.launch(kernel, grid, (256, 1, 1), 0, &a);
         }
         let a = Args::new()
             .ptr(dq_acc)
