@@ -26,6 +26,16 @@ pub enum FlashVariant {
     Sm90Ws,
     /// Hopper: the warp-specialised TMA forward and backward (flash_sm90_ws.cu).
     Sm90WsBwd,
+    /// Hopper: as `Sm90WsBwd`, the backward without the pair barrier (each consumer
+    /// warpgroup reduces the dQ of its own 64 keys; flash_bwd_np).
+    Sm90WsNp,
+    /// Hopper: as `Sm90WsNp`, with the two consumers' S^T/dP^T issue in ping-pong.
+    Sm90WsNpPp,
+    /// Hopper: `Sm90WsBwd`'s kernel with fewer instructions per item (stmatrix for dS^T,
+    /// lse pre-scaled by log2 e, 8-byte lse/delta loads).
+    Sm90WsLean,
+    /// Hopper: as `Sm90WsLean`, with V held in registers (dP^T = V dO^T from registers).
+    Sm90WsLeanV,
 }
 
 impl FlashVariant {
@@ -35,6 +45,10 @@ impl FlashVariant {
             FlashVariant::Sm90 => "sm90",
             FlashVariant::Sm90Ws => "sm90ws",
             FlashVariant::Sm90WsBwd => "sm90ws-bwd",
+            FlashVariant::Sm90WsNp => "sm90ws-np",
+            FlashVariant::Sm90WsNpPp => "sm90ws-nppp",
+            FlashVariant::Sm90WsLean => "sm90ws-lean",
+            FlashVariant::Sm90WsLeanV => "sm90ws-leanv",
         }
     }
 }
@@ -47,12 +61,30 @@ struct FlashSm90 {
     bwd_128: Kernel,
     /// dQ from the backward's blocked fp32 accumulator.
     dq: Kernel,
+    /// The same through shared memory with 16-byte stores; used with ARCHSCALE_FLASH_DQ=smem
+    /// (not yet run on a GPU, so off by default).
+    dq2: Kernel,
+    dq2_on: bool,
     /// Warp-specialised forward (producer warpgroup with TMA, two consumer warpgroups).
     ws_64: Kernel,
     ws_128: Kernel,
     /// Warp-specialised backward (same dq_acc layout and conversion as `bwd_*`).
     ws_bwd_64: Kernel,
     ws_bwd_128: Kernel,
+    /// The backward without the pair barrier, without / with ping-pong.
+    ws_np_64: Kernel,
+    ws_np_128: Kernel,
+    ws_nppp_64: Kernel,
+    ws_nppp_128: Kernel,
+    /// `ws_bwd_*` with fewer instructions per item.
+    ws_lean_64: Kernel,
+    ws_lean_128: Kernel,
+    ws_leanv_64: Kernel,
+    ws_leanv_128: Kernel,
+    /// delta and the dq_acc zeroing in one pass (the np, nppp and lean variants).
+    prep: Kernel,
+    /// False with ARCHSCALE_FLASH_PREP=old: those variants keep flash_bwd_delta + memset.
+    prep_on: bool,
 }
 
 /// Every kernel, loaded once per device.
@@ -242,11 +274,39 @@ impl Ops {
                     ws_128: load("flash_sm90_ws", ws_128)?,
                     ws_bwd_64: load("flash_sm90_ws", ws_bwd_64)?,
                     ws_bwd_128: load("flash_sm90_ws", ws_bwd_128)?,
+                    ws_np_64: load("flash_sm90_ws", "flash_bwd_ws_np_d64")?,
+                    ws_np_128: load("flash_sm90_ws", "flash_bwd_ws_np_d128")?,
+                    ws_nppp_64: load("flash_sm90_ws", "flash_bwd_ws_nppp_d64")?,
+                    ws_nppp_128: load("flash_sm90_ws", "flash_bwd_ws_nppp_d128")?,
+                    ws_lean_64: load("flash_sm90_ws", "flash_bwd_ws_lean_d64")?,
+                    ws_lean_128: load("flash_sm90_ws", "flash_bwd_ws_lean_d128")?,
+                    ws_leanv_64: load("flash_sm90_ws", "flash_bwd_ws_leanv_d64")?,
+                    ws_leanv_128: load("flash_sm90_ws", "flash_bwd_ws_leanv_d128")?,
+                    prep: load("flash_sm90", "flash_bwd_prep_sm90")?,
+                    prep_on: match std::env::var("ARCHSCALE_FLASH_PREP").ok().as_deref() {
+                        None | Some("") | Some("fused") => true,
+                        Some("old") => false,
+                        Some(other) => {
+                            return Err(KernelError::Unsupported(format!(
+                                "ARCHSCALE_FLASH_PREP={other}: expected fused or old"
+                            )))
+                        }
+                    },
                     fwd_64: load("flash_sm90", fwd_64)?,
                     fwd_128: load("flash_sm90", fwd_128)?,
                     bwd_64: load("flash_sm90", "flash_bwd_sm90_d64")?,
                     bwd_128: load("flash_sm90", "flash_bwd_sm90_d128")?,
                     dq: load("flash_sm90", "flash_bwd_dq_sm90")?,
+                    dq2: load("flash_sm90", "flash_bwd_dq2_sm90")?,
+                    dq2_on: match std::env::var("ARCHSCALE_FLASH_DQ").ok().as_deref() {
+                        None | Some("") | Some("frag") => false,
+                        Some("smem") => true,
+                        Some(other) => {
+                            return Err(KernelError::Unsupported(format!(
+                                "ARCHSCALE_FLASH_DQ={other}: expected frag or smem"
+                            )))
+                        }
+                    },
                 })
             } else {
                 None
@@ -264,22 +324,43 @@ impl Ops {
             for (k, d) in [(k9.ws_64, 64), (k9.ws_128, 128)] {
                 ops.gpu.set_max_dynamic_smem(k, Self::flash_ws_smem(d))?;
             }
-            for (k, d) in [(k9.ws_bwd_64, 64), (k9.ws_bwd_128, 128)] {
+            for (k, d) in [
+                (k9.ws_bwd_64, 64),
+                (k9.ws_bwd_128, 128),
+                (k9.ws_lean_64, 64),
+                (k9.ws_lean_128, 128),
+                (k9.ws_leanv_64, 64),
+                (k9.ws_leanv_128, 128),
+            ] {
                 ops.gpu
                     .set_max_dynamic_smem(k, Self::flash_ws_bwd_smem(d))?;
             }
+            for (k, d) in [
+                (k9.ws_np_64, 64),
+                (k9.ws_np_128, 128),
+                (k9.ws_nppp_64, 64),
+                (k9.ws_nppp_128, 128),
+            ] {
+                ops.gpu
+                    .set_max_dynamic_smem(k, Self::flash_np_bwd_smem(d))?;
+            }
         }
-        // Default on Hopper: the warp-specialised forward and backward (d16 step, same call:
-        // attn fwd 8.33 against 13.56 ms for sm90, attn bwd 31.85 against 35.67 ms).
-        // ARCHSCALE_FLASH=sm90ws / sm90 / sm80 keep the older kernels.
+        // Default on Hopper: the warp-specialised forward and the lean backward with half of V
+        // in registers and the fused delta/zeroing pass (same call, two interleaved rounds:
+        // d16 step 210.4-210.7 against 212.6-213.1 ms for sm90ws-bwd, d8 72.6-72.7 against
+        // 74.0-74.3 ms). ARCHSCALE_FLASH=sm90ws-bwd / sm90ws / sm90 / sm80 keep older kernels.
         let want = match std::env::var("ARCHSCALE_FLASH").ok().as_deref() {
-            None | Some("") | Some("auto") | Some("sm90ws-bwd") => FlashVariant::Sm90WsBwd,
+            None | Some("") | Some("auto") | Some("sm90ws-leanv") => FlashVariant::Sm90WsLeanV,
+            Some("sm90ws-bwd") => FlashVariant::Sm90WsBwd,
             Some("sm90ws") => FlashVariant::Sm90Ws,
+            Some("sm90ws-np") => FlashVariant::Sm90WsNp,
+            Some("sm90ws-nppp") => FlashVariant::Sm90WsNpPp,
+            Some("sm90ws-lean") => FlashVariant::Sm90WsLean,
             Some("sm90") => FlashVariant::Sm90,
             Some("sm80") => FlashVariant::Sm80,
             Some(other) => {
                 return Err(KernelError::Unsupported(format!(
-                    "ARCHSCALE_FLASH={other}: expected sm80, sm90, sm90ws, sm90ws-bwd or auto"
+                    "ARCHSCALE_FLASH={other}: expected sm80, sm90, sm90ws, sm90ws-bwd, sm90ws-np, sm90ws-nppp, sm90ws-lean, sm90ws-leanv or auto"
                 )))
             }
         };
@@ -317,6 +398,17 @@ impl Ops {
     fn flash_ws_bwd_smem(d: usize) -> usize {
         Self::flash9_bwd_smem(d) + 64
     }
+    /// Backward without the pair barrier (flash_bwd_np): K, V, two stages of Q and dO, one
+    /// dS^T, both warpgroups' fp32 64 x d dQ, two stages of lse, delta and seg, 1 KiB to
+    /// align the base and the 5 mbarriers (d128: 215,616 bytes).
+    fn flash_np_bwd_smem(d: usize) -> usize {
+        (2 * FLASH_BWD_BC + 4 * FLASH9_BWD_BR) * d * 2
+            + FLASH_BWD_BC * FLASH9_BWD_BR * 2
+            + 2 * FLASH9_BWD_BR * d * 4
+            + 6 * FLASH9_BWD_BR * 4
+            + 1024
+            + 64
+    }
     /// K, V (128 keys), two stages of Q and dO (64 queries), two of dS^T, two buffers of
     /// both warpgroups' fp32 64 x 64 dQ parts, two stages of lse, delta and seg, and 1 KiB
     /// to align the base (d128: 231,936 of the 232,448 bytes a CTA may have).
@@ -335,6 +427,10 @@ impl Ops {
             v.push(FlashVariant::Sm90);
             v.push(FlashVariant::Sm90Ws);
             v.push(FlashVariant::Sm90WsBwd);
+            v.push(FlashVariant::Sm90WsNp);
+            v.push(FlashVariant::Sm90WsNpPp);
+            v.push(FlashVariant::Sm90WsLean);
+            v.push(FlashVariant::Sm90WsLeanV);
         }
         v
     }
@@ -348,6 +444,10 @@ impl Ops {
             1 => FlashVariant::Sm90,
             2 => FlashVariant::Sm90Ws,
             3 => FlashVariant::Sm90WsBwd,
+            4 => FlashVariant::Sm90WsNp,
+            5 => FlashVariant::Sm90WsNpPp,
+            6 => FlashVariant::Sm90WsLean,
+            7 => FlashVariant::Sm90WsLeanV,
             _ => FlashVariant::Sm80,
         }
     }
@@ -365,6 +465,10 @@ impl Ops {
             FlashVariant::Sm90 => 1,
             FlashVariant::Sm90Ws => 2,
             FlashVariant::Sm90WsBwd => 3,
+            FlashVariant::Sm90WsNp => 4,
+            FlashVariant::Sm90WsNpPp => 5,
+            FlashVariant::Sm90WsLean => 6,
+            FlashVariant::Sm90WsLeanV => 7,
         };
         self.flash_variant
             .store(code, std::sync::atomic::Ordering::Relaxed);
@@ -641,13 +745,27 @@ impl Ops {
         lse: u64,
     ) -> Result<()> {
         let sm90 = match (&self.flash_sm90, self.flash_variant()) {
-            (Some(k9), FlashVariant::Sm90 | FlashVariant::Sm90Ws | FlashVariant::Sm90WsBwd) => {
-                Some(k9)
-            }
+            (
+                Some(k9),
+                FlashVariant::Sm90
+                | FlashVariant::Sm90Ws
+                | FlashVariant::Sm90WsBwd
+                | FlashVariant::Sm90WsNp
+                | FlashVariant::Sm90WsNpPp
+                | FlashVariant::Sm90WsLean
+                | FlashVariant::Sm90WsLeanV,
+            ) => Some(k9),
             _ => None,
         };
-        if let (Some(k9), FlashVariant::Sm90Ws | FlashVariant::Sm90WsBwd) =
-            (sm90, self.flash_variant())
+        if let (
+            Some(k9),
+            FlashVariant::Sm90Ws
+            | FlashVariant::Sm90WsBwd
+            | FlashVariant::Sm90WsNp
+            | FlashVariant::Sm90WsNpPp
+            | FlashVariant::Sm90WsLean
+            | FlashVariant::Sm90WsLeanV,
+        ) = (sm90, self.flash_variant())
         {
             return self.flash_fwd_ws(k9, l, q, k, v, o, lse);
         }
@@ -773,12 +891,19 @@ impl Ops {
 
     /// The warp-specialised backward's main kernel (delta, the dq_acc zeroing and the dQ
     /// conversion are the sm90 backward's). `ptrs`: q, k, v, dout, lse, delta, dq_acc, dk, dv.
-    fn flash_bwd_ws(&self, k9: &FlashSm90, l: &AttnLayout, ptrs: [u64; 9]) -> Result<()> {
+    /// `kernels`: the d64 and d128 kernel (flash_bwd_ws or flash_bwd_np), `smem` its bytes.
+    fn flash_bwd_ws(
+        &self,
+        kernels: [Kernel; 2],
+        smem: usize,
+        l: &AttnLayout,
+        ptrs: [u64; 9],
+    ) -> Result<()> {
         use crate::tensor_map::TensorMap;
         let [q, k, v, dout, lse, delta, dq_acc, dk, dv] = ptrs;
         let kernel = match l.head_dim {
-            64 => k9.ws_bwd_64,
-            128 => k9.ws_bwd_128,
+            64 => kernels[0],
+            128 => kernels[1],
             d => {
                 return Err(KernelError::Unsupported(format!(
                     "flash attention supports head_dim 64 and 128, not {d}"
@@ -841,13 +966,7 @@ impl Ops {
             l.groups() as u32,
             l.batch as u32,
         );
-        self.gpu.launch(
-            kernel,
-            grid,
-            (384, 1, 1),
-            Self::flash_ws_bwd_smem(l.head_dim) as u32,
-            &a,
-        )
+        self.gpu.launch(kernel, grid, (384, 1, 1), smem as u32, &a)
     }
 
     /// Flash attention backward. `dq_acc` is fp32 scratch of `batch·seq·heads·head_dim`;
@@ -870,9 +989,16 @@ impl Ops {
         delta: u64,
     ) -> Result<()> {
         let sm90 = match (&self.flash_sm90, self.flash_variant()) {
-            (Some(k9), FlashVariant::Sm90 | FlashVariant::Sm90Ws | FlashVariant::Sm90WsBwd) => {
-                Some(k9)
-            }
+            (
+                Some(k9),
+                FlashVariant::Sm90
+                | FlashVariant::Sm90Ws
+                | FlashVariant::Sm90WsBwd
+                | FlashVariant::Sm90WsNp
+                | FlashVariant::Sm90WsNpPp
+                | FlashVariant::Sm90WsLean
+                | FlashVariant::Sm90WsLeanV,
+            ) => Some(k9),
             _ => None,
         };
         let kernel = match (l.head_dim, sm90) {
@@ -889,31 +1015,72 @@ impl Ops {
         check_layout(l)?;
         let rows = l.batch * l.seq;
         let d = l.head_dim;
-        // delta = rowsum(dO ∘ O)
-        let warps = rows * l.heads;
-        let a = Args::new()
-            .ptr(o)
-            .ptr(dout)
-            .ptr(delta)
-            .i32(i32_of("batch", l.batch)?)
-            .i32(i32_of("seq", l.seq)?)
-            .i32(i32_of("heads", l.heads)?)
-            .i32(d as i32)
-            .i32(i32_of("o_row_stride", l.o_row_stride)?);
-        self.gpu.launch(
-            self.flash_delta,
-            grid1(warps.div_ceil(8)),
-            (256, 1, 1),
-            0,
-            &a,
-        )?;
-        self.gpu.memset_zero(dq_acc, rows * l.heads * d * 4)?;
-        let ws_bwd = match (sm90, self.flash_variant()) {
-            (Some(k9), FlashVariant::Sm90WsBwd) => Some(k9),
+        // delta = rowsum(dO ∘ O), dq_acc = 0: in one pass for the np, nppp and lean variants
+        // (16-byte accesses: needs 16-byte aligned o, dout, dq_acc), else a kernel and a memset.
+        let prep = match (sm90, self.flash_variant()) {
+            (
+                Some(k9),
+                FlashVariant::Sm90WsNp
+                | FlashVariant::Sm90WsNpPp
+                | FlashVariant::Sm90WsLean
+                | FlashVariant::Sm90WsLeanV,
+            ) if k9.prep_on && (o | dout | dq_acc) % 16 == 0 => Some(k9.prep),
             _ => None,
         };
-        if let Some(k9) = ws_bwd {
-            self.flash_bwd_ws(k9, l, [q, k, v, dout, lse, delta, dq_acc, dk, dv])?;
+        if let Some(prep) = prep {
+            let a = Args::new()
+                .ptr(o)
+                .ptr(dout)
+                .ptr(delta)
+                .ptr(dq_acc)
+                .i32(i32_of("batch", l.batch)?)
+                .i32(i32_of("seq", l.seq)?)
+                .i32(i32_of("heads", l.heads)?)
+                .i32(d as i32)
+                .i32(i32_of("o_row_stride", l.o_row_stride)?);
+            let threads = rows * l.heads * d / 8;
+            self.gpu
+                .launch(prep, grid1(threads.div_ceil(256)), (256, 1, 1), 0, &a)?;
+        } else {
+            let warps = rows * l.heads;
+            let a = Args::new()
+                .ptr(o)
+                .ptr(dout)
+                .ptr(delta)
+                .i32(i32_of("batch", l.batch)?)
+                .i32(i32_of("seq", l.seq)?)
+                .i32(i32_of("heads", l.heads)?)
+                .i32(d as i32)
+                .i32(i32_of("o_row_stride", l.o_row_stride)?);
+            self.gpu.launch(
+                self.flash_delta,
+                grid1(warps.div_ceil(8)),
+                (256, 1, 1),
+                0,
+                &a,
+            )?;
+            self.gpu.memset_zero(dq_acc, rows * l.heads * d * 4)?;
+        }
+        let ws_bwd = match (sm90, self.flash_variant()) {
+            (Some(k9), FlashVariant::Sm90WsBwd) => Some((k9.ws_bwd_64, k9.ws_bwd_128, false)),
+            (Some(k9), FlashVariant::Sm90WsNp) => Some((k9.ws_np_64, k9.ws_np_128, true)),
+            (Some(k9), FlashVariant::Sm90WsNpPp) => Some((k9.ws_nppp_64, k9.ws_nppp_128, true)),
+            (Some(k9), FlashVariant::Sm90WsLean) => Some((k9.ws_lean_64, k9.ws_lean_128, false)),
+            (Some(k9), FlashVariant::Sm90WsLeanV) => Some((k9.ws_leanv_64, k9.ws_leanv_128, false)),
+            _ => None,
+        };
+        if let Some((k64, k128, np)) = ws_bwd {
+            let smem = if np {
+                Self::flash_np_bwd_smem(d)
+            } else {
+                Self::flash_ws_bwd_smem(d)
+            };
+            self.flash_bwd_ws(
+                [k64, k128],
+                smem,
+                l,
+                [q, k, v, dout, lse, delta, dq_acc, dk, dv],
+            )?;
         } else {
             let a = Args::new()
                 .ptr(q)
@@ -966,7 +1133,12 @@ impl Ops {
                 l.heads as u32,
                 l.batch as u32,
             );
-            return self.gpu.launch(k9.dq, grid, (256, 1, 1), 0, &a);
+            let kernel = if k9.dq2_on && dq % 16 == 0 {
+                k9.dq2
+            } else {
+                k9.dq
+            };
+            return self.gpu.launch(kernel, grid, (256, 1, 1), 0, &a);
         }
         let a = Args::new()
             .ptr(dq_acc)

@@ -889,8 +889,10 @@ fn check_norm_cast(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     Ok(())
 }
 
-/// Every flash variant the device runs (mma.sync everywhere; on Hopper wgmma, and the
-/// warp-specialised TMA forward `sm90ws` with the wgmma backward), each on the same cases
+/// Every flash variant the device runs (mma.sync everywhere; on Hopper wgmma, the
+/// warp-specialised TMA forward `sm90ws` with the wgmma backward, `sm90ws-bwd`, the
+/// pair-barrier-free backwards `sm90ws-np`, `sm90ws-nppp` and the lean ones `sm90ws-lean`,
+/// `sm90ws-leanv`), each on the same cases
 /// with fresh inputs; the default variant is restored afterwards.
 fn check_flash(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     let default = env.ops.flash_variant();
