@@ -3,6 +3,7 @@
 
 use crate::error::{KernelError, Result};
 use crate::gpu::{Args, Gpu, Kernel};
+use crate::tensor_map::TensorMap;
 use std::sync::Arc;
 
 const FLASH_BR: usize = 64;
@@ -39,6 +40,39 @@ pub enum FlashVariant {
 }
 
 impl FlashVariant {
+    /// Every variant, in the order the self-test runs them (index = stored code).
+    pub const ALL: [FlashVariant; 8] = [
+        FlashVariant::Sm80,
+        FlashVariant::Sm90,
+        FlashVariant::Sm90Ws,
+        FlashVariant::Sm90WsBwd,
+        FlashVariant::Sm90WsNp,
+        FlashVariant::Sm90WsNpPp,
+        FlashVariant::Sm90WsLean,
+        FlashVariant::Sm90WsLeanV,
+    ];
+
+    /// Runs flash_sm90.cu's or flash_sm90_ws.cu's kernels (every variant but `Sm80`).
+    fn hopper(self) -> bool {
+        self != FlashVariant::Sm80
+    }
+
+    /// Its forward is the warp-specialised one (every Hopper variant but `Sm90`).
+    fn ws_forward(self) -> bool {
+        self.hopper() && self != FlashVariant::Sm90
+    }
+
+    /// Its backward starts with the fused delta / dq_acc zeroing pass.
+    fn fused_prep(self) -> bool {
+        matches!(
+            self,
+            FlashVariant::Sm90WsNp
+                | FlashVariant::Sm90WsNpPp
+                | FlashVariant::Sm90WsLean
+                | FlashVariant::Sm90WsLeanV
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             FlashVariant::Sm80 => "sm80",
@@ -351,19 +385,17 @@ impl Ops {
         // d16 step 210.4-210.7 against 212.6-213.1 ms for sm90ws-bwd, d8 72.6-72.7 against
         // 74.0-74.3 ms). ARCHSCALE_FLASH=sm90ws-bwd / sm90ws / sm90 / sm80 keep older kernels.
         let want = match std::env::var("ARCHSCALE_FLASH").ok().as_deref() {
-            None | Some("") | Some("auto") | Some("sm90ws-leanv") => FlashVariant::Sm90WsLeanV,
-            Some("sm90ws-bwd") => FlashVariant::Sm90WsBwd,
-            Some("sm90ws") => FlashVariant::Sm90Ws,
-            Some("sm90ws-np") => FlashVariant::Sm90WsNp,
-            Some("sm90ws-nppp") => FlashVariant::Sm90WsNpPp,
-            Some("sm90ws-lean") => FlashVariant::Sm90WsLean,
-            Some("sm90") => FlashVariant::Sm90,
-            Some("sm80") => FlashVariant::Sm80,
-            Some(other) => {
-                return Err(KernelError::Unsupported(format!(
-                    "ARCHSCALE_FLASH={other}: expected sm80, sm90, sm90ws, sm90ws-bwd, sm90ws-np, sm90ws-nppp, sm90ws-lean, sm90ws-leanv or auto"
-                )))
-            }
+            None | Some("") | Some("auto") => FlashVariant::Sm90WsLeanV,
+            Some(name) => FlashVariant::ALL
+                .into_iter()
+                .find(|v| v.name() == name)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = FlashVariant::ALL.iter().map(|v| v.name()).collect();
+                    KernelError::Unsupported(format!(
+                        "ARCHSCALE_FLASH={name}: expected {} or auto",
+                        names.join(", ")
+                    ))
+                })?,
         };
         if ops.flash_variants().contains(&want) {
             ops.set_flash_variant(want)?;
@@ -421,36 +453,20 @@ impl Ops {
             + 1024
     }
 
-    /// The flash variants this device can run (`Sm80` always; `Sm90` on Hopper).
+    /// The flash variants this device can run (`Sm80` always; the others on Hopper).
     pub fn flash_variants(&self) -> Vec<FlashVariant> {
-        let mut v = vec![FlashVariant::Sm80];
-        if self.flash_sm90.is_some() {
-            v.push(FlashVariant::Sm90);
-            v.push(FlashVariant::Sm90Ws);
-            v.push(FlashVariant::Sm90WsBwd);
-            v.push(FlashVariant::Sm90WsNp);
-            v.push(FlashVariant::Sm90WsNpPp);
-            v.push(FlashVariant::Sm90WsLean);
-            v.push(FlashVariant::Sm90WsLeanV);
-        }
-        v
+        FlashVariant::ALL
+            .into_iter()
+            .filter(|v| !v.hopper() || self.flash_sm90.is_some())
+            .collect()
     }
 
     /// The variant `flash_fwd`/`flash_bwd` launch now.
     pub fn flash_variant(&self) -> FlashVariant {
-        match self
+        let code = self
             .flash_variant
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            1 => FlashVariant::Sm90,
-            2 => FlashVariant::Sm90Ws,
-            3 => FlashVariant::Sm90WsBwd,
-            4 => FlashVariant::Sm90WsNp,
-            5 => FlashVariant::Sm90WsNpPp,
-            6 => FlashVariant::Sm90WsLean,
-            7 => FlashVariant::Sm90WsLeanV,
-            _ => FlashVariant::Sm80,
-        }
+            .load(std::sync::atomic::Ordering::Relaxed);
+        FlashVariant::ALL[code as usize % FlashVariant::ALL.len()]
     }
 
     /// Chooses the flash kernels (the self-test checks every variant this way).
@@ -461,18 +477,9 @@ impl Ops {
                 v.name()
             )));
         }
-        let code = match v {
-            FlashVariant::Sm80 => 0,
-            FlashVariant::Sm90 => 1,
-            FlashVariant::Sm90Ws => 2,
-            FlashVariant::Sm90WsBwd => 3,
-            FlashVariant::Sm90WsNp => 4,
-            FlashVariant::Sm90WsNpPp => 5,
-            FlashVariant::Sm90WsLean => 6,
-            FlashVariant::Sm90WsLeanV => 7,
-        };
+        let code = FlashVariant::ALL.iter().position(|&x| x == v).unwrap_or(0);
         self.flash_variant
-            .store(code, std::sync::atomic::Ordering::Relaxed);
+            .store(code as u8, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -745,41 +752,14 @@ impl Ops {
         o: u64,
         lse: u64,
     ) -> Result<()> {
-        let sm90 = match (&self.flash_sm90, self.flash_variant()) {
-            (
-                Some(k9),
-                FlashVariant::Sm90
-                | FlashVariant::Sm90Ws
-                | FlashVariant::Sm90WsBwd
-                | FlashVariant::Sm90WsNp
-                | FlashVariant::Sm90WsNpPp
-                | FlashVariant::Sm90WsLean
-                | FlashVariant::Sm90WsLeanV,
-            ) => Some(k9),
-            _ => None,
-        };
-        if let (
-            Some(k9),
-            FlashVariant::Sm90Ws
-            | FlashVariant::Sm90WsBwd
-            | FlashVariant::Sm90WsNp
-            | FlashVariant::Sm90WsNpPp
-            | FlashVariant::Sm90WsLean
-            | FlashVariant::Sm90WsLeanV,
-        ) = (sm90, self.flash_variant())
-        {
+        let variant = self.flash_variant();
+        let sm90 = self.flash_sm90.as_ref().filter(|_| variant.hopper());
+        if let Some(k9) = sm90.filter(|_| variant.ws_forward()) {
             return self.flash_fwd_ws(k9, l, q, k, v, o, lse);
         }
-        let kernel = match (l.head_dim, sm90) {
-            (64, None) => self.flash_fwd_64,
-            (128, None) => self.flash_fwd_128,
-            (64, Some(k9)) => k9.fwd_64,
-            (128, Some(k9)) => k9.fwd_128,
-            (d, _) => {
-                return Err(KernelError::Unsupported(format!(
-                    "flash attention supports head_dim 64 and 128, not {d}"
-                )))
-            }
+        let kernel = match sm90 {
+            None => by_head_dim(l.head_dim, [self.flash_fwd_64, self.flash_fwd_128])?,
+            Some(k9) => by_head_dim(l.head_dim, [k9.fwd_64, k9.fwd_128])?,
         };
         check_layout(l)?;
         let a = Args::new()
@@ -826,47 +806,12 @@ impl Ops {
         o: u64,
         lse: u64,
     ) -> Result<()> {
-        use crate::tensor_map::TensorMap;
-        let kernel = match l.head_dim {
-            64 => k9.ws_64,
-            128 => k9.ws_128,
-            d => {
-                return Err(KernelError::Unsupported(format!(
-                    "flash attention supports head_dim 64 and 128, not {d}"
-                )))
-            }
-        };
+        let kernel = by_head_dim(l.head_dim, [k9.ws_64, k9.ws_128])?;
         check_layout(l)?;
-        let (d, t, b) = (l.head_dim as u64, l.seq as u64, l.batch as u64);
-        let (groups, qpg) = (l.groups() as u64, l.qpg as u64);
-        let bytes = |elems: usize| elems as u64 * 2;
-        let tm_q = TensorMap::bf16_swizzle128(
-            q,
-            &[d, t, qpg, groups, b],
-            &[
-                bytes(l.q_row_stride),
-                d * 2,
-                bytes(l.q_group_stride),
-                t * bytes(l.q_row_stride),
-            ],
-            &[64, FLASH9_BR as u32, 1, 1, 1],
-        )?;
-        let kv_map = |p: u64| {
-            TensorMap::bf16_swizzle128(
-                p,
-                &[d, t, groups, b],
-                &[
-                    bytes(l.kv_row_stride),
-                    bytes(l.kv_group_stride),
-                    t * bytes(l.kv_row_stride),
-                ],
-                &[64, FLASH9_BC as u32, 1, 1],
-            )
-        };
         let a = Args::new()
-            .tensor_map(tm_q)
-            .tensor_map(kv_map(k)?)
-            .tensor_map(kv_map(v)?)
+            .tensor_map(q_tensor_map(l, q, FLASH9_BR)?)
+            .tensor_map(kv_tensor_map(l, k, FLASH9_BC)?)
+            .tensor_map(kv_tensor_map(l, v, FLASH9_BC)?)
             .ptr(o)
             .ptr(lse)
             .ptr(l.seg)
@@ -900,53 +845,28 @@ impl Ops {
         l: &AttnLayout,
         ptrs: [u64; 9],
     ) -> Result<()> {
-        use crate::tensor_map::TensorMap;
         let [q, k, v, dout, lse, delta, dq_acc, dk, dv] = ptrs;
-        let kernel = match l.head_dim {
-            64 => kernels[0],
-            128 => kernels[1],
-            d => {
-                return Err(KernelError::Unsupported(format!(
-                    "flash attention supports head_dim 64 and 128, not {d}"
-                )))
-            }
-        };
-        let (d, t, b) = (l.head_dim as u64, l.seq as u64, l.batch as u64);
-        let (groups, qpg, heads) = (l.groups() as u64, l.qpg as u64, l.heads as u64);
-        let bytes = |elems: usize| elems as u64 * 2;
-        let tm_q = TensorMap::bf16_swizzle128(
-            q,
-            &[d, t, qpg, groups, b],
-            &[
-                bytes(l.q_row_stride),
-                d * 2,
-                bytes(l.q_group_stride),
-                t * bytes(l.q_row_stride),
-            ],
-            &[64, FLASH9_BWD_BR as u32, 1, 1, 1],
-        )?;
-        let kv_map = |p: u64| {
-            TensorMap::bf16_swizzle128(
-                p,
-                &[d, t, groups, b],
-                &[
-                    bytes(l.kv_row_stride),
-                    bytes(l.kv_group_stride),
-                    t * bytes(l.kv_row_stride),
-                ],
-                &[64, FLASH_BWD_BC as u32, 1, 1],
-            )
-        };
+        let kernel = by_head_dim(l.head_dim, kernels)?;
+        let (d, t, b, heads) = (
+            l.head_dim as u64,
+            l.seq as u64,
+            l.batch as u64,
+            l.heads as u64,
+        );
         let tm_do = TensorMap::bf16_swizzle128(
             dout,
             &[d, t, heads, b],
-            &[bytes(l.o_row_stride), d * 2, t * bytes(l.o_row_stride)],
+            &[
+                bf16_bytes(l.o_row_stride),
+                d * 2,
+                t * bf16_bytes(l.o_row_stride),
+            ],
             &[64, FLASH9_BWD_BR as u32, 1, 1],
         )?;
         let a = Args::new()
-            .tensor_map(tm_q)
-            .tensor_map(kv_map(k)?)
-            .tensor_map(kv_map(v)?)
+            .tensor_map(q_tensor_map(l, q, FLASH9_BWD_BR)?)
+            .tensor_map(kv_tensor_map(l, k, FLASH_BWD_BC)?)
+            .tensor_map(kv_tensor_map(l, v, FLASH_BWD_BC)?)
             .tensor_map(tm_do)
             .ptr(lse)
             .ptr(delta)
@@ -989,43 +909,21 @@ impl Ops {
         dq_acc: u64,
         delta: u64,
     ) -> Result<()> {
-        let sm90 = match (&self.flash_sm90, self.flash_variant()) {
-            (
-                Some(k9),
-                FlashVariant::Sm90
-                | FlashVariant::Sm90Ws
-                | FlashVariant::Sm90WsBwd
-                | FlashVariant::Sm90WsNp
-                | FlashVariant::Sm90WsNpPp
-                | FlashVariant::Sm90WsLean
-                | FlashVariant::Sm90WsLeanV,
-            ) => Some(k9),
-            _ => None,
-        };
-        let kernel = match (l.head_dim, sm90) {
-            (64, None) => self.flash_bwd_64,
-            (128, None) => self.flash_bwd_128,
-            (64, Some(k9)) => k9.bwd_64,
-            (128, Some(k9)) => k9.bwd_128,
-            (d, _) => {
-                return Err(KernelError::Unsupported(format!(
-                    "flash attention supports head_dim 64 and 128, not {d}"
-                )))
-            }
+        let variant = self.flash_variant();
+        let sm90 = self.flash_sm90.as_ref().filter(|_| variant.hopper());
+        let kernel = match sm90 {
+            None => by_head_dim(l.head_dim, [self.flash_bwd_64, self.flash_bwd_128])?,
+            Some(k9) => by_head_dim(l.head_dim, [k9.bwd_64, k9.bwd_128])?,
         };
         check_layout(l)?;
         let rows = l.batch * l.seq;
         let d = l.head_dim;
         // delta = rowsum(dO ∘ O), dq_acc = 0: in one pass for the np, nppp and lean variants
         // (16-byte accesses: needs 16-byte aligned o, dout, dq_acc), else a kernel and a memset.
-        let prep = match (sm90, self.flash_variant()) {
-            (
-                Some(k9),
-                FlashVariant::Sm90WsNp
-                | FlashVariant::Sm90WsNpPp
-                | FlashVariant::Sm90WsLean
-                | FlashVariant::Sm90WsLeanV,
-            ) if k9.prep_on && (o | dout | dq_acc) % 16 == 0 => Some(k9.prep),
+        let prep = match sm90 {
+            Some(k9) if variant.fused_prep() && k9.prep_on && (o | dout | dq_acc) % 16 == 0 => {
+                Some(k9.prep)
+            }
             _ => None,
         };
         if let Some(prep) = prep {
@@ -1062,7 +960,7 @@ impl Ops {
             )?;
             self.gpu.memset_zero(dq_acc, rows * l.heads * d * 4)?;
         }
-        let ws_bwd = match (sm90, self.flash_variant()) {
+        let ws_bwd = match (sm90, variant) {
             (Some(k9), FlashVariant::Sm90WsBwd) => Some((k9.ws_bwd_64, k9.ws_bwd_128, false)),
             (Some(k9), FlashVariant::Sm90WsNp) => Some((k9.ws_np_64, k9.ws_np_128, true)),
             (Some(k9), FlashVariant::Sm90WsNpPp) => Some((k9.ws_nppp_64, k9.ws_nppp_128, true)),
@@ -1154,6 +1052,52 @@ impl Ops {
         self.gpu
             .launch(self.flash_dq, grid1(rows), (256, 1, 1), 0, &a)
     }
+}
+
+/// The kernel of a (head_dim 64, head_dim 128) pair for `head_dim`.
+fn by_head_dim(head_dim: usize, kernels: [Kernel; 2]) -> Result<Kernel> {
+    match head_dim {
+        64 => Ok(kernels[0]),
+        128 => Ok(kernels[1]),
+        d => Err(KernelError::Unsupported(format!(
+            "flash attention supports head_dim 64 and 128, not {d}"
+        ))),
+    }
+}
+
+fn bf16_bytes(elems: usize) -> u64 {
+    elems as u64 * 2
+}
+
+/// The TMA map of a layout's Q over (D, T, qpg, G, B), read `rows` queries at a time.
+fn q_tensor_map(l: &AttnLayout, q: u64, rows: usize) -> Result<TensorMap> {
+    let (d, t, b) = (l.head_dim as u64, l.seq as u64, l.batch as u64);
+    TensorMap::bf16_swizzle128(
+        q,
+        &[d, t, l.qpg as u64, l.groups() as u64, b],
+        &[
+            bf16_bytes(l.q_row_stride),
+            d * 2,
+            bf16_bytes(l.q_group_stride),
+            t * bf16_bytes(l.q_row_stride),
+        ],
+        &[64, rows as u32, 1, 1, 1],
+    )
+}
+
+/// The TMA map of a layout's K or V over (D, T, G, B), read `rows` keys at a time.
+fn kv_tensor_map(l: &AttnLayout, p: u64, rows: usize) -> Result<TensorMap> {
+    let (d, t, b) = (l.head_dim as u64, l.seq as u64, l.batch as u64);
+    TensorMap::bf16_swizzle128(
+        p,
+        &[d, t, l.groups() as u64, b],
+        &[
+            bf16_bytes(l.kv_row_stride),
+            bf16_bytes(l.kv_group_stride),
+            t * bf16_bytes(l.kv_row_stride),
+        ],
+        &[64, rows as u32, 1, 1],
+    )
 }
 
 fn check_layout(l: &AttnLayout) -> Result<()> {
@@ -2019,5 +1963,25 @@ impl HybridOps {
             0,
             &a,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FlashVariant;
+
+    #[test]
+    fn flash_variants_have_distinct_names_and_sm80_alone_is_not_hopper() {
+        let names: std::collections::HashSet<&str> =
+            FlashVariant::ALL.iter().map(|v| v.name()).collect();
+        assert_eq!(names.len(), FlashVariant::ALL.len());
+        // code 0 (the atomic's initial value) is the variant every device runs
+        assert_eq!(FlashVariant::ALL[0], FlashVariant::Sm80);
+        for v in FlashVariant::ALL {
+            assert_eq!(v.hopper(), v != FlashVariant::Sm80);
+            assert_eq!(v.ws_forward(), v.hopper() && v != FlashVariant::Sm90);
+            // the fused prep exists only beside a warp-specialised backward
+            assert!(!v.fused_prep() || v.ws_forward());
+        }
     }
 }

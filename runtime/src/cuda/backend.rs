@@ -1504,6 +1504,24 @@ impl CudaBackend {
         }
     }
 
+    /// Forward, loss (per-token losses kept in `self.losses`, logits' gradient scaled by
+    /// `scale`) and backward of the tokens already uploaded.
+    fn training_pass(&self, micro: usize, seq: usize, scale: f32) -> Result<()> {
+        self.forward(micro, seq, true)?;
+        self.mark("cross-entropy")?;
+        self.ops.cross_entropy(
+            self.logits.ptr,
+            self.targets.ptr,
+            self.losses.ptr,
+            micro * seq,
+            self.dims.padded_vocab,
+            self.dims.smoothing,
+            scale,
+            true,
+        )?;
+        self.backward(micro, seq)
+    }
+
     /// The end of every mixer's backward: `dsrc` [rows, width] is the gradient of the
     /// mixer's input projection `w` (weights at offset `w`), applied to h = norm1(x_in); it
     /// gives w's weight gradient and, through w, the gradient into norm1. An RMSNorm backward
@@ -2094,37 +2112,13 @@ impl Backend for CudaBackend {
             // other ranks the collectives inside the backward rule this out; there only
             // products that do not add into their input are tuned, at first use.)
             self.lt.set_autotune(self.gemm_tune, true);
-            let tuning = self.forward(micro, seq, true).and_then(|_| {
-                self.ops.cross_entropy(
-                    self.logits.ptr,
-                    self.targets.ptr,
-                    self.losses.ptr,
-                    n,
-                    self.dims.padded_vocab,
-                    self.dims.smoothing,
-                    scale,
-                    true,
-                )?;
-                self.backward(micro, seq)
-            });
+            let tuning = self.training_pass(micro, seq, scale);
             self.lt.set_autotune(self.gemm_tune, false);
             tuning?;
             self.gpu.memset_zero(self.grads.ptr, self.grads.bytes)?;
             self.gemm_tuned_all = true;
         }
-        self.forward(micro, seq, true)?;
-        self.mark("cross-entropy")?;
-        self.ops.cross_entropy(
-            self.logits.ptr,
-            self.targets.ptr,
-            self.losses.ptr,
-            n,
-            self.dims.padded_vocab,
-            self.dims.smoothing,
-            scale,
-            true,
-        )?;
-        self.backward(micro, seq)?;
+        self.training_pass(micro, seq, scale)?;
         let l = self.read_losses(n)?;
         Ok(l.iter().map(|&x| x as f64).sum::<f64>() / n as f64)
     }
