@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs on the GPU machine with gpu-carry/ carried (archscale, gemm_tune, kcache/).
 # cuBLASLt tuning: the candidates per product shape (gemm_tune), then Transformer++ d8 and
-# d16 steps with the heuristic's first choice (ARCHSCALE_GEMM_TUNE=off) and tuned (default).
+# d16 steps with the heuristic's first choice (ARCHSCALE_GEMM_TUNE=off, the default) and tuned (=10).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
