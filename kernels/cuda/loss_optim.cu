@@ -90,14 +90,16 @@ __device__ __forceinline__ float adamw_one(const AdamWHyper& h, float gr, float&
 }
 
 // One block per chunk (offset, len, group) of the flat parameter buffer; chunks are at most
-// 8192 elements, so a unit's launch fills the GPU. Gradients are scaled by grad_mult, then
-// zeroed. p_bf (optional) receives bf16(p). A chunk whose start is 16-byte aligned in every
-// buffer (all of them: tensors start 64-element aligned) goes by float4.
+// 8192 elements, so a unit's launch fills the GPU. Gradients are scaled by grad_mult; the
+// first zero_chunks chunks then zero theirs (the others are left for the next backward pass
+// to overwrite). p_bf (optional) receives bf16(p). A chunk whose start is 16-byte aligned in
+// every buffer (all of them: tensors start 64-element aligned) goes by float4.
 extern "C" __global__ void adamw_step(float* __restrict__ p, float* __restrict__ g, float* __restrict__ m,
                                       float* __restrict__ v, bf16* __restrict__ p_bf,
                                       const long long* __restrict__ chunk_off, const int* __restrict__ chunk_len,
                                       const int* __restrict__ chunk_group, const float* __restrict__ hyper,
-                                      float grad_mult) {
+                                      float grad_mult, int zero_chunks) {
+    const bool zero = (int)blockIdx.x < zero_chunks;
     const long long off = chunk_off[blockIdx.x];
     const int len = chunk_len[blockIdx.x];
     const float* hp = hyper + 8 * chunk_group[blockIdx.x];
@@ -121,7 +123,7 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, float* __restrict__
         reinterpret_cast<float4*>(mc)[i] = m4;
         reinterpret_cast<float4*>(vc)[i] = v4;
         reinterpret_cast<float4*>(pc)[i] = p4;
-        reinterpret_cast<float4*>(gc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (zero) reinterpret_cast<float4*>(gc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
         if (bc != nullptr) {
             bf162 lo = __floats2bfloat162_rn(p4.x, p4.y), hi = __floats2bfloat162_rn(p4.z, p4.w);
             uint2 raw;
@@ -135,7 +137,7 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, float* __restrict__
         const float pk = adamw_one(h, gc[i] * grad_mult, mk, vk, pc[i]);
         mc[i] = mk;
         vc[i] = vk;
-        gc[i] = 0.f;
+        if (zero) gc[i] = 0.f;
         pc[i] = pk;
         if (bc != nullptr) bc[i] = tobf(pk);
     }

@@ -699,7 +699,8 @@ impl Ops {
     }
 
     /// One fused AdamW step over `chunks` (device arrays of offsets, lengths, groups) of the
-    /// flat buffers; `hyper` holds 8 floats per group (see loss_optim.cu).
+    /// flat buffers; `hyper` holds 8 floats per group (see loss_optim.cu). Zeroes every
+    /// chunk's gradient.
     #[allow(clippy::too_many_arguments)]
     pub fn adamw(
         &self,
@@ -715,6 +716,40 @@ impl Ops {
         hyper: u64,
         grad_mult: f32,
     ) -> Result<()> {
+        self.adamw_zeroing(
+            p,
+            g,
+            m,
+            v,
+            p_bf,
+            chunk_off,
+            chunk_len,
+            chunk_group,
+            chunks,
+            chunks,
+            hyper,
+            grad_mult,
+        )
+    }
+
+    /// [`Ops::adamw`] that zeroes the gradient of the first `zeroed` chunks only; the
+    /// others keep theirs (for a backward pass that overwrites them).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_zeroing(
+        &self,
+        p: u64,
+        g: u64,
+        m: u64,
+        v: u64,
+        p_bf: u64,
+        chunk_off: u64,
+        chunk_len: u64,
+        chunk_group: u64,
+        chunks: usize,
+        zeroed: usize,
+        hyper: u64,
+        grad_mult: f32,
+    ) -> Result<()> {
         let a = Args::new()
             .ptr(p)
             .ptr(g)
@@ -725,7 +760,8 @@ impl Ops {
             .ptr(chunk_len)
             .ptr(chunk_group)
             .ptr(hyper)
-            .f32(grad_mult);
+            .f32(grad_mult)
+            .i32(i32_of("AdamW chunks", zeroed.min(chunks))?);
         self.gpu
             .launch(self.adamw, grid1(chunks), (256, 1, 1), 0, &a)
     }

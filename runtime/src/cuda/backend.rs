@@ -274,8 +274,8 @@ pub struct CudaBackend {
     chunk_off: DeviceBuffer,
     chunk_len: DeviceBuffer,
     chunk_group: DeviceBuffer,
-    /// Per unit: (first AdamW work item, count) in the chunk tables.
-    unit_chunks: Vec<(usize, usize)>,
+    /// Per unit: its AdamW work items in the chunk tables.
+    unit_chunks: Vec<UnitChunks>,
     hyper: DeviceBuffer,
     /// Muon groups' matrices, kernels and scratch (None without Muon groups).
     muon: Option<MuonState>,
@@ -332,6 +332,26 @@ pub struct CudaBackend {
     gemm_tune: Option<usize>,
     /// Whether the discarded pass that also tunes the weight-gradient products has run.
     gemm_tuned_all: bool,
+    /// An optimizer step zeroes only the gradients that kernels add to; the ones that
+    /// weight-gradient products write first ([`ParamMap::gemm_written`]) are overwritten
+    /// by those products in the next backward pass (beta 0, [`Self::dw_beta`]). Replicated
+    /// modes only (ZeRO-1 clears the other ranks' partial sums with one memset anyway, and
+    /// ZeRO-3's gradient slots are rebuilt per unit); `ARCHSCALE_GRAD_OVERWRITE=0` turns it
+    /// off (AdamW zeroes every gradient, the products add to them).
+    overwrite_grads: bool,
+    /// The overwritten gradients still hold the last step's values, which the next backward
+    /// replaces; every gradient is zero as far as a reader is concerned.
+    grads_stale: Cell<bool>,
+}
+
+/// One unit's AdamW work items: `count` from `first` in the chunk tables, of which the
+/// first `zeroed` hold gradients that kernels add to (the others are overwritten by
+/// weight-gradient products).
+#[derive(Clone, Copy, Debug)]
+struct UnitChunks {
+    first: usize,
+    count: usize,
+    zeroed: usize,
 }
 
 /// Rounds per candidate algorithm when tuning cuBLASLt (`ARCHSCALE_GEMM_TUNE=N`); unset,
@@ -766,6 +786,217 @@ pub fn planned_bytes(plan: &Plan) -> Result<usize> {
     Ok(total)
 }
 
+/// Where each tensor the layers use sits in the flat buffers.
+struct ParamMap {
+    layers: Vec<LayerParams>,
+    wte: usize,
+    ln_f: Norm,
+    head: usize,
+}
+
+/// Looks up every tensor of `plan` the model uses (element offsets from `offsets`, plan
+/// order); the plan must hold no other.
+fn param_map(plan: &Plan, d: &Dims, offsets: &[usize]) -> Result<ParamMap> {
+    let used = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    let take = |name: &str, shape: &[usize]| -> Result<usize> {
+        let i = plan
+            .params
+            .iter()
+            .position(|p| p.name == name || p.aliases.iter().any(|a| a == name))
+            .ok_or_else(|| err(format!("CUDA backend: plan has no parameter `{name}`")))?;
+        if plan.params[i].shape != shape {
+            return Err(err(format!(
+                "CUDA backend: `{name}` has shape {:?}, expected {shape:?}",
+                plan.params[i].shape
+            )));
+        }
+        used.borrow_mut().insert(i);
+        Ok(offsets[i])
+    };
+    let take_if = |on: bool, name: &str, shape: &[usize]| -> Result<Option<usize>> {
+        if on {
+            take(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    let norm = |pre: &str| -> Result<Norm> {
+        Ok(Norm {
+            w: take(&format!("{pre}.weight"), &[d.n])?,
+            b: take_if(d.layer_norm, &format!("{pre}.bias"), &[d.n])?,
+        })
+    };
+    let mut layer_params = Vec::new();
+    for i in 0..d.layers {
+        let pre = format!("transformer.h.{i}");
+        let a = format!("{pre}.attn");
+        let (n, hs) = (d.n, d.hs);
+        let mut lp = LayerParams {
+            norm1: norm(&format!("{pre}.norm_1"))?,
+            qkv: 0,
+            qkv_b: None,
+            proj: 0,
+            proj_b: None,
+            norm2: norm(&format!("{pre}.norm_2"))?,
+            w1: take(&format!("{pre}.mlp.w1.weight"), &[2 * d.inner, n])?,
+            w1_b: take_if(d.bias, &format!("{pre}.mlp.w1.bias"), &[2 * d.inner])?,
+            w3: take(&format!("{pre}.mlp.w3.weight"), &[n, d.inner])?,
+            w3_b: take_if(d.bias, &format!("{pre}.mlp.w3.bias"), &[n])?,
+            mamba: None,
+            gmu: None,
+            diff: None,
+        };
+        match (d.mixers[i], d.mamba) {
+            (LayerKind::Mamba, Some(ms)) => {
+                let (dd, r, ns) = (ms.d, ms.r, ms.ns);
+                lp.mamba = Some(MambaParams {
+                    in_proj: take(&format!("{a}.in_proj.weight"), &[2 * dd, n])?,
+                    conv_w: take(&format!("{a}.conv1d.weight"), &[dd, 1, 4])?,
+                    conv_b: take(&format!("{a}.conv1d.bias"), &[dd])?,
+                    x_proj: take(&format!("{a}.x_proj.weight"), &[r + 2 * ns, dd])?,
+                    dt_w: take(&format!("{a}.dt_proj.weight"), &[dd, r])?,
+                    dt_b: take(&format!("{a}.dt_proj.bias"), &[dd])?,
+                    a_log: take(&format!("{a}.A_log"), &[dd, ns])?,
+                    d_skip: take(&format!("{a}.D"), &[dd])?,
+                    out_proj: take(&format!("{a}.out_proj.weight"), &[n, dd])?,
+                });
+            }
+            (LayerKind::Gmu, _) => {
+                let src = d.info[i].memory_from.unwrap_or(0);
+                let dm = d.info[src].memory.map_or(0, |m| m.1);
+                let g = format!("{a}.gmu");
+                lp.gmu = Some(GmuParams {
+                    in_proj: take(&format!("{g}.in_proj.weight"), &[dm, n])?,
+                    in_b: take_if(d.bias, &format!("{g}.in_proj.bias"), &[dm])?,
+                    out_proj: take(&format!("{g}.out_proj.weight"), &[n, dm])?,
+                    out_b: take_if(d.bias, &format!("{g}.out_proj.bias"), &[n])?,
+                });
+            }
+            _ => {
+                let qw = d.proj_in_width(i);
+                lp.qkv = take(&format!("{a}.attn.weight"), &[qw, n])?;
+                lp.qkv_b = take_if(d.attn_bias, &format!("{a}.attn.bias"), &[qw])?;
+                lp.proj = take(&format!("{a}.proj.weight"), &[n, d.attn_width()])?;
+                lp.proj_b = take_if(d.attn_out_bias, &format!("{a}.proj.bias"), &[n])?;
+                if let Some(lambda_init) = d.info[i].lambda_init {
+                    lp.diff = Some(DiffParams {
+                        q1: take(&format!("{a}.da.lambda_q1"), &[hs])?,
+                        k1: take(&format!("{a}.da.lambda_k1"), &[hs])?,
+                        q2: take(&format!("{a}.da.lambda_q2"), &[hs])?,
+                        k2: take(&format!("{a}.da.lambda_k2"), &[hs])?,
+                        subln: take(&format!("{a}.da.subln.weight"), &[2 * hs])?,
+                        lambda_init,
+                    });
+                }
+            }
+        }
+        layer_params.push(lp);
+    }
+    let wte = take("transformer.wte.weight", &[d.padded_vocab, d.n])?;
+    let ln_f = norm("transformer.ln_f")?;
+    let head = take("lm_head.weight", &[d.padded_vocab, d.n])?;
+    let known = used.borrow().len();
+    if plan.params.len() != known {
+        let names: Vec<&str> = plan
+            .params
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !used.borrow().contains(i))
+            .map(|(_, p)| p.name.as_str())
+            .collect();
+        return Err(err(format!(
+            "CUDA backend: the plan has parameters this model does not use: {}",
+            names.join(", ")
+        )));
+    }
+    Ok(ParamMap {
+        layers: layer_params,
+        wte,
+        ln_f,
+        head,
+    })
+}
+
+impl ParamMap {
+    /// Offsets of the tensors whose gradient the backward pass first writes with
+    /// weight-gradient products covering the whole tensor, so that after an optimizer step
+    /// those products can overwrite it (beta 0, [`CudaBackend::dw_beta`]) instead of adding
+    /// to zeros: the head (a tied embedding's backward adds to it later), every block's w1
+    /// (a GMU memory's product then adds to its up half) and w3, attention qkv and proj,
+    /// Mamba in_proj, x_proj (its dt rows and its B/C rows, one product each), dt_proj and
+    /// out_proj, GMU in_proj and out_proj. Every other gradient (norms, biases, Mamba's conv,
+    /// A_log, D and dt bias, differential attention's λ and sub-layer norm, an untied
+    /// embedding) is only ever added to by kernels, so it must start from zero.
+    fn gemm_written(&self) -> Vec<usize> {
+        let mut out = vec![self.head];
+        for lp in &self.layers {
+            out.extend([lp.w1, lp.w3]);
+            match (lp.mamba, lp.gmu) {
+                (Some(m), _) => out.extend([m.in_proj, m.x_proj, m.dt_w, m.out_proj]),
+                (None, Some(g)) => out.extend([g.in_proj, g.out_proj]),
+                (None, None) => out.extend([lp.qkv, lp.proj]),
+            }
+        }
+        out
+    }
+}
+
+/// AdamW work items (chunk tables) of one rank, unit by unit; Muon matrices are stepped
+/// apart (muon.rs).
+struct AdamWItems {
+    /// Per item: offset in the rank's chunk of its unit, length, optimizer group.
+    offs: Vec<i64>,
+    lens: Vec<i32>,
+    grps: Vec<i32>,
+    units: Vec<UnitChunks>,
+}
+
+/// The AdamW work items of `layout`'s rank. In each unit the items of gradients that kernels
+/// add to come first, those of the tensors at `gemm_written` offsets (whole tensors the
+/// backward's products overwrite) after them, so a step can zero the first ones only.
+fn adamw_items(plan: &Plan, layout: &FlatLayout, gemm_written: &[usize]) -> AdamWItems {
+    let mut overwritten: Vec<std::ops::Range<usize>> = gemm_written
+        .iter()
+        .filter_map(|&off| {
+            let i = layout.offsets.iter().position(|&o| o == off)?;
+            Some(off..off + layout.numels[i])
+        })
+        .collect();
+    overwritten.sort_by_key(|r| r.start);
+    let is_overwritten = |flat: usize| {
+        let k = overwritten.partition_point(|r| r.end <= flat);
+        overwritten.get(k).is_some_and(|r| r.contains(&flat))
+    };
+    let mut items = AdamWItems {
+        offs: Vec::new(),
+        lens: Vec::new(),
+        grps: Vec::new(),
+        units: Vec::with_capacity(layout.units.len()),
+    };
+    let groups = &plan.optimizer.groups;
+    for u in 0..layout.units.len() {
+        let first = items.offs.len();
+        let own = layout.chunk(u, layout.rank).start;
+        let (added, kept): (Vec<_>, Vec<_>) = layout
+            .opt_chunks(u)
+            .into_iter()
+            .filter(|c| groups[c.group].optimizer == OptimizerKind::AdamW)
+            .partition(|c| !is_overwritten(own + c.offset));
+        let zeroed = added.len();
+        for c in added.into_iter().chain(kept) {
+            items.offs.push(c.offset as i64);
+            items.lens.push(c.len as i32);
+            items.grps.push(c.group as i32);
+        }
+        items.units.push(UnitChunks {
+            first,
+            count: items.offs.len() - first,
+            zeroed,
+        });
+    }
+    items
+}
+
 /// bf16 RoPE tables (computed in f32, rounded to bf16 as ArchScale) as raw bf16 bits.
 fn rope_tables(len: usize, hs: usize, base: f64) -> (Vec<u16>, Vec<u16>) {
     let t = crate::cpu::ops::rope::RopeTable::new(len, hs, base);
@@ -826,6 +1057,8 @@ impl CudaBackend {
             }
             other => (other.clone(), None),
         };
+        let overwrite_grads = mode == ShardMode::Replicated
+            && std::env::var("ARCHSCALE_GRAD_OVERWRITE").as_deref() != Ok("0");
         let (world, rank) = shard_comm.as_ref().map_or((1, 0), |c| (c.world, c.rank));
         let shards = if mode == ShardMode::Replicated {
             1
@@ -835,120 +1068,9 @@ impl CudaBackend {
         let layout = FlatLayout::new(plan, shards, if shards == 1 { 0 } else { rank })?;
         let offsets = layout.offsets.clone();
         let numel = layout.numel;
-        // Every tensor the layers use is looked up here; the plan must hold no other.
-        let used = std::cell::RefCell::new(std::collections::BTreeSet::new());
-        let take = |name: &str, shape: &[usize]| -> Result<usize> {
-            let i = plan
-                .params
-                .iter()
-                .position(|p| p.name == name || p.aliases.iter().any(|a| a == name))
-                .ok_or_else(|| err(format!("CUDA backend: plan has no parameter `{name}`")))?;
-            if plan.params[i].shape != shape {
-                return Err(err(format!(
-                    "CUDA backend: `{name}` has shape {:?}, expected {shape:?}",
-                    plan.params[i].shape
-                )));
-            }
-            used.borrow_mut().insert(i);
-            Ok(offsets[i])
-        };
-        let take_if = |on: bool, name: &str, shape: &[usize]| -> Result<Option<usize>> {
-            if on {
-                take(name, shape).map(Some)
-            } else {
-                Ok(None)
-            }
-        };
-        let norm = |pre: &str| -> Result<Norm> {
-            Ok(Norm {
-                w: take(&format!("{pre}.weight"), &[d.n])?,
-                b: take_if(d.layer_norm, &format!("{pre}.bias"), &[d.n])?,
-            })
-        };
-        let mut layer_params = Vec::new();
-        for i in 0..d.layers {
-            let pre = format!("transformer.h.{i}");
-            let a = format!("{pre}.attn");
-            let (n, hs) = (d.n, d.hs);
-            let mut lp = LayerParams {
-                norm1: norm(&format!("{pre}.norm_1"))?,
-                qkv: 0,
-                qkv_b: None,
-                proj: 0,
-                proj_b: None,
-                norm2: norm(&format!("{pre}.norm_2"))?,
-                w1: take(&format!("{pre}.mlp.w1.weight"), &[2 * d.inner, n])?,
-                w1_b: take_if(d.bias, &format!("{pre}.mlp.w1.bias"), &[2 * d.inner])?,
-                w3: take(&format!("{pre}.mlp.w3.weight"), &[n, d.inner])?,
-                w3_b: take_if(d.bias, &format!("{pre}.mlp.w3.bias"), &[n])?,
-                mamba: None,
-                gmu: None,
-                diff: None,
-            };
-            match (d.mixers[i], d.mamba) {
-                (LayerKind::Mamba, Some(ms)) => {
-                    let (dd, r, ns) = (ms.d, ms.r, ms.ns);
-                    lp.mamba = Some(MambaParams {
-                        in_proj: take(&format!("{a}.in_proj.weight"), &[2 * dd, n])?,
-                        conv_w: take(&format!("{a}.conv1d.weight"), &[dd, 1, 4])?,
-                        conv_b: take(&format!("{a}.conv1d.bias"), &[dd])?,
-                        x_proj: take(&format!("{a}.x_proj.weight"), &[r + 2 * ns, dd])?,
-                        dt_w: take(&format!("{a}.dt_proj.weight"), &[dd, r])?,
-                        dt_b: take(&format!("{a}.dt_proj.bias"), &[dd])?,
-                        a_log: take(&format!("{a}.A_log"), &[dd, ns])?,
-                        d_skip: take(&format!("{a}.D"), &[dd])?,
-                        out_proj: take(&format!("{a}.out_proj.weight"), &[n, dd])?,
-                    });
-                }
-                (LayerKind::Gmu, _) => {
-                    let src = d.info[i].memory_from.unwrap_or(0);
-                    let dm = d.info[src].memory.map_or(0, |m| m.1);
-                    let g = format!("{a}.gmu");
-                    lp.gmu = Some(GmuParams {
-                        in_proj: take(&format!("{g}.in_proj.weight"), &[dm, n])?,
-                        in_b: take_if(d.bias, &format!("{g}.in_proj.bias"), &[dm])?,
-                        out_proj: take(&format!("{g}.out_proj.weight"), &[n, dm])?,
-                        out_b: take_if(d.bias, &format!("{g}.out_proj.bias"), &[n])?,
-                    });
-                }
-                _ => {
-                    let qw = d.proj_in_width(i);
-                    lp.qkv = take(&format!("{a}.attn.weight"), &[qw, n])?;
-                    lp.qkv_b = take_if(d.attn_bias, &format!("{a}.attn.bias"), &[qw])?;
-                    lp.proj = take(&format!("{a}.proj.weight"), &[n, d.attn_width()])?;
-                    lp.proj_b = take_if(d.attn_out_bias, &format!("{a}.proj.bias"), &[n])?;
-                    if let Some(lambda_init) = d.info[i].lambda_init {
-                        lp.diff = Some(DiffParams {
-                            q1: take(&format!("{a}.da.lambda_q1"), &[hs])?,
-                            k1: take(&format!("{a}.da.lambda_k1"), &[hs])?,
-                            q2: take(&format!("{a}.da.lambda_q2"), &[hs])?,
-                            k2: take(&format!("{a}.da.lambda_k2"), &[hs])?,
-                            subln: take(&format!("{a}.da.subln.weight"), &[2 * hs])?,
-                            lambda_init,
-                        });
-                    }
-                }
-            }
-            layer_params.push(lp);
-        }
-        let wte = take("transformer.wte.weight", &[d.padded_vocab, d.n])?;
-        let ln_f = norm("transformer.ln_f")?;
-        let head = take("lm_head.weight", &[d.padded_vocab, d.n])?;
+        let map = param_map(plan, &d, &offsets)?;
+        let (wte, ln_f, head) = (map.wte, map.ln_f, map.head);
         let tied = head == wte;
-        let known = used.borrow().len();
-        if plan.params.len() != known {
-            let names: Vec<&str> = plan
-                .params
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !used.borrow().contains(i))
-                .map(|(_, p)| p.name.as_str())
-                .collect();
-            return Err(err(format!(
-                "CUDA backend: the plan has parameters this model does not use: {}",
-                names.join(", ")
-            )));
-        }
 
         // ARCHSCALE_POISON=1 fills every new buffer with NaN, so a read of memory nothing
         // wrote shows up as NaN in the results (diagnostics).
@@ -977,25 +1099,12 @@ impl CudaBackend {
         gpu.memset_zero(exp_avg.ptr, exp_avg.bytes)?;
         gpu.memset_zero(exp_avg_sq.ptr, exp_avg_sq.bytes)?;
 
-        // AdamW work items, unit by unit, offsets relative to the rank's chunk of the unit;
-        // Muon matrices are stepped apart (muon.rs)
-        let (mut offs, mut lens, mut grps) =
-            (Vec::<i64>::new(), Vec::<i32>::new(), Vec::<i32>::new());
-        let mut unit_chunks = Vec::with_capacity(layout.units.len());
-        let groups = &plan.optimizer.groups;
-        for u in 0..layout.units.len() {
-            let first = offs.len();
-            for c in layout
-                .opt_chunks(u)
-                .into_iter()
-                .filter(|c| groups[c.group].optimizer == OptimizerKind::AdamW)
-            {
-                offs.push(c.offset as i64);
-                lens.push(c.len as i32);
-                grps.push(c.group as i32);
-            }
-            unit_chunks.push((first, offs.len() - first));
-        }
+        let AdamWItems {
+            offs,
+            lens,
+            grps,
+            units: unit_chunks,
+        } = adamw_items(plan, &layout, &map.gemm_written());
         let n_chunks = offs.len().max(1);
         let chunk_off = alloc(n_chunks * 8)?;
         let chunk_len = alloc(n_chunks * 4)?;
@@ -1254,7 +1363,7 @@ impl CudaBackend {
             mode,
             offsets,
             numel,
-            layer_params,
+            layer_params: map.layers,
             wte,
             ln_f,
             head,
@@ -1310,6 +1419,8 @@ impl CudaBackend {
             grads_reduced: Cell::new(false),
             gemm_tune: gemm_tune_reps(),
             gemm_tuned_all: false,
+            overwrite_grads,
+            grads_stale: Cell::new(overwrite_grads),
         };
         be.lt.set_autotune(be.gemm_tune, false);
         be.write_params(init)?;
@@ -1360,6 +1471,10 @@ impl CudaBackend {
     pub fn read_grads(&self) -> Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(self.plan.params.len());
         for (i, p) in self.plan.params.iter().enumerate() {
+            if self.grads_stale.get() {
+                out.push(vec![0.0; p.numel()]);
+                continue;
+            }
             out.push(
                 self.gpu
                     .download_vec(self.g32(self.offsets[i]), p.numel())?,
@@ -1391,6 +1506,35 @@ impl CudaBackend {
             b += z.l_f32.bytes + z.l_bf.bytes + z.l_grad.bytes;
         }
         b
+    }
+
+    /// Beta of a weight-gradient product that is the first writer of its tensor in the
+    /// backward pass ([`ParamMap::gemm_written`]): 0 on the first micro-step after an
+    /// optimizer step (the tensor holds that step's gradient), else 1 (accumulate).
+    fn dw_beta(&self) -> f32 {
+        if self.grads_stale.get() {
+            0.0
+        } else {
+            1.0
+        }
+    }
+
+    /// Makes the gradients the products overwrite zero in memory too, for a reader that
+    /// comes before the next backward pass (not the training loop's order).
+    fn clear_stale_grads(&self) -> Result<()> {
+        if self.grads_stale.get() {
+            self.gpu.memset_zero(self.grads.ptr, self.grads.bytes)?;
+            self.grads_stale.set(false);
+        }
+        Ok(())
+    }
+
+    /// Turns [`Self::overwrite_grads`] on or off (on only takes effect when replicated):
+    /// the selftest compares both.
+    pub fn set_grad_overwrite(&mut self, on: bool) -> Result<()> {
+        self.clear_stale_grads()?;
+        self.overwrite_grads = on && self.mode == ShardMode::Replicated;
+        Ok(())
     }
 
     fn p32(&self, off: usize) -> u64 {
@@ -1554,7 +1698,7 @@ impl CudaBackend {
                 n,
                 width,
                 1.0,
-                1.0,
+                self.dw_beta(),
             )?)
         };
         if !rms {
@@ -1847,7 +1991,7 @@ impl CudaBackend {
             n,
             d.padded_vocab,
             head_alpha,
-            1.0,
+            self.dw_beta(),
         )?;
         self.mark("gemm head dx")?;
         lt.linear_grad_input(
@@ -1925,7 +2069,7 @@ impl CudaBackend {
                 inner,
                 n,
                 rs,
-                1.0,
+                self.dw_beta(),
             )?;
             if let Some(b) = lp.w3_b {
                 self.hops()?
@@ -1965,7 +2109,7 @@ impl CudaBackend {
                     n,
                     2 * inner,
                     1.0,
-                    1.0,
+                    self.dw_beta(),
                 )?;
                 if mlp_mem {
                     lt.linear_grad_weight(
@@ -2050,6 +2194,8 @@ impl CudaBackend {
         ops.embedding_bwd(self.tokens.ptr, self.dres.ptr, self.g32(self.wte), rows, n)?;
         self.grads_done(u_embed)?;
         self.grads_all_done()?;
+        // every gradient has had its first writer: the products accumulate from here on
+        self.grads_stale.set(false);
         Ok(())
     }
 
@@ -2124,6 +2270,7 @@ impl Backend for CudaBackend {
     }
 
     fn grad_norm(&mut self) -> Result<f64> {
+        self.clear_stale_grads()?;
         self.reduce_grads()?;
         self.gpu.memset_zero(self.norm_out.ptr, 8)?;
         match self.mode {
@@ -2158,6 +2305,7 @@ impl Backend for CudaBackend {
     }
 
     fn optimizer_step(&mut self, group_lrs: &[f64], grad_mult: f64) -> Result<()> {
+        self.clear_stale_grads()?;
         self.reduce_grads()?;
         self.grads_reduced.set(false);
         let groups = &self.plan.optimizer.groups;
@@ -2184,10 +2332,15 @@ impl Backend for CudaBackend {
         self.gpu.upload(self.hyper.ptr, &hyper)?;
         // One launch per unit, on this rank's chunk of it.
         for (u, unit) in self.layout.units.iter().enumerate() {
-            let (first, count) = self.unit_chunks[u];
+            let UnitChunks {
+                first,
+                count,
+                zeroed,
+            } = self.unit_chunks[u];
             if count == 0 {
                 continue;
             }
+            let zeroed = if self.overwrite_grads { zeroed } else { count };
             let own = self.layout.chunk(u, self.layout.rank).start;
             let (p, g, pbf) = match self.mode {
                 ShardMode::Zero3 => (
@@ -2202,7 +2355,7 @@ impl Backend for CudaBackend {
                 ),
             };
             let state = (unit.local_start * F32) as u64;
-            self.ops.adamw(
+            self.ops.adamw_zeroing(
                 p,
                 g,
                 self.exp_avg.ptr + state,
@@ -2212,13 +2365,14 @@ impl Backend for CudaBackend {
                 self.chunk_len.ptr + (first * 4) as u64,
                 self.chunk_group.ptr + (first * 4) as u64,
                 count,
+                zeroed,
                 self.hyper.ptr,
                 grad_mult as f32,
             )?;
         }
         self.muon_step(group_lrs, grad_mult)?;
         match self.mode {
-            ShardMode::Replicated => {}
+            ShardMode::Replicated => self.grads_stale.set(self.overwrite_grads),
             ShardMode::Zero1 => {
                 // every rank updated its chunks: gather them everywhere, refresh the bf16
                 // copy, and clear the other ranks' partial sums left in the gradients
@@ -2499,11 +2653,16 @@ mod tests {
     }
 
     fn plan_at(arch: &str, depth: usize) -> Plan {
+        plan_tied(arch, depth, false)
+    }
+
+    fn plan_tied(arch: &str, depth: usize, tied: bool) -> Plan {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
             r#"arch = "{arch}"
 depth = {depth}
 parametrization = "sp"
+tied_embeddings = {tied}
 
 [base]
 depth = {depth}
@@ -2565,6 +2724,101 @@ train = [{{ synthetic = {{ seed = 1, tokens = 100_000 }} }}]
         assert!(da.info[0].lambda_init.is_none());
         let yoco = dims_of(&plan_at("sambayoco", 8)).unwrap();
         assert!(!yoco.mixers.contains(&Gmu));
+    }
+
+    /// The backward's first writers as `ParamMap::gemm_written` lists them: every matrix
+    /// (2-D `.weight`) except an untied embedding, which only the embedding backward adds to.
+    fn families() -> Vec<Plan> {
+        let mut plans = vec![plan_tied("transformer", 4, true)];
+        for (arch, depth) in [
+            ("transformer", 8),
+            ("samba", 8),
+            ("sambay", 8),
+            ("sambayda", 8),
+            ("sambayoco", 8),
+            ("sambaymlp", 16),
+            ("sambayattn", 16),
+        ] {
+            plans.push(plan_at(arch, depth));
+        }
+        plans
+    }
+
+    #[test]
+    fn every_matrix_but_an_untied_embedding_is_first_written_by_a_product() {
+        for plan in families() {
+            let d = dims_of(&plan).unwrap();
+            let layout = FlatLayout::new(&plan, 1, 0).unwrap();
+            let listed = param_map(&plan, &d, &layout.offsets)
+                .unwrap()
+                .gemm_written();
+            let set: std::collections::BTreeSet<usize> = listed.iter().copied().collect();
+            assert_eq!(
+                set.len(),
+                listed.len(),
+                "{}: a tensor listed twice",
+                plan.model.name
+            );
+            let tied = plan.params.iter().any(|p| !p.aliases.is_empty());
+            for (i, p) in plan.params.iter().enumerate() {
+                let matrix = p.shape.len() == 2 && p.name.ends_with(".weight");
+                let untied_embedding = p.name == "transformer.wte.weight";
+                assert_eq!(
+                    set.contains(&layout.offsets[i]),
+                    matrix && !untied_embedding,
+                    "{} (tied {tied}): {}",
+                    plan.model.name,
+                    p.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_step_zeroes_exactly_the_gradients_no_product_overwrites() {
+        for plan in families() {
+            let d = dims_of(&plan).unwrap();
+            for shards in [1, 3] {
+                for rank in 0..shards {
+                    let layout = FlatLayout::new(&plan, shards, rank).unwrap();
+                    let map = param_map(&plan, &d, &layout.offsets).unwrap();
+                    let written = map.gemm_written();
+                    let items = adamw_items(&plan, &layout, &written);
+                    let tensor_of = |flat: usize| {
+                        (0..plan.params.len())
+                            .find(|&i| {
+                                (layout.offsets[i]..layout.offsets[i] + layout.numels[i])
+                                    .contains(&flat)
+                            })
+                            .unwrap()
+                    };
+                    let mut covered = 0;
+                    for (u, uc) in items.units.iter().enumerate() {
+                        let own = layout.chunk(u, rank).start;
+                        for k in uc.first..uc.first + uc.count {
+                            let (start, len) =
+                                (own + items.offs[k] as usize, items.lens[k] as usize);
+                            let i = tensor_of(start);
+                            // an item never straddles two tensors
+                            assert_eq!(i, tensor_of(start + len - 1));
+                            let overwritten = written.contains(&layout.offsets[i]);
+                            assert_eq!(
+                                k < uc.first + uc.zeroed,
+                                !overwritten,
+                                "{}",
+                                plan.params[i].name
+                            );
+                            covered += len;
+                        }
+                    }
+                    let all: usize = (0..layout.units.len())
+                        .flat_map(|u| layout.opt_chunks(u))
+                        .map(|c| c.len)
+                        .sum();
+                    assert_eq!(covered, all, "{} shards {shards}", plan.model.name);
+                }
+            }
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use std::sync::Arc;
 
+mod accumulation;
 mod hybrid;
 mod muon;
 
@@ -1193,6 +1194,7 @@ pub fn model_parity(plan: &archscale_compiler::Plan, seed: u64) -> crate::Result
         tol: 2e-2,
         seconds: 0.0,
     });
+    out.extend(accumulation::accumulation_parity(plan, seed)?);
     Ok(out)
 }
 

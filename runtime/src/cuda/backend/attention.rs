@@ -154,7 +154,7 @@ impl CudaBackend {
             aw,
             n,
             rs,
-            1.0,
+            self.dw_beta(),
         )?;
         if let Some(b) = lp.proj_b {
             self.hops()?

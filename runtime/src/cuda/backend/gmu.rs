@@ -117,7 +117,7 @@ impl CudaBackend {
             dm,
             n,
             rs,
-            1.0,
+            self.dw_beta(),
         )?;
         if let Some(b) = gp.out_b {
             hops.bias_grad(Rows::new(self.dres_bf.ptr, n), self.g32(b), rs, rows, n)?;

@@ -227,7 +227,7 @@ impl CudaBackend {
             dd,
             n,
             rs,
-            1.0,
+            self.dw_beta(),
         )?;
         self.mark("gemm out_proj dx")?;
         lt.linear_grad_input(
@@ -287,7 +287,7 @@ impl CudaBackend {
             r,
             dd,
             1.0,
-            1.0,
+            self.dw_beta(),
         )?;
         lt.linear_grad_input_ld(
             gpu,
@@ -315,7 +315,7 @@ impl CudaBackend {
             dd,
             r,
             1.0,
-            1.0,
+            self.dw_beta(),
         )?;
         lt.linear_grad_weight(
             gpu,
@@ -326,7 +326,7 @@ impl CudaBackend {
             dd,
             2 * ns,
             1.0,
-            1.0,
+            self.dw_beta(),
         )?;
         lt.linear_grad_input_ld(
             gpu,
