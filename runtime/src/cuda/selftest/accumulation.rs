@@ -2,7 +2,8 @@
 //! that kernels add to; the first weight-gradient products of the next step overwrite the
 //! others (beta 0). Two optimizer steps of two micro-steps each (an evaluation between them)
 //! run on three backends from the same init: that path, and twice the path that zeroes every
-//! gradient (the old one; its two runs give the run-to-run noise of the atomics). Checked:
+//! gradient (the old one; its two runs give the run-to-run noise of the atomics), all three
+//! restarted from the same state before the second step. Checked:
 //! losses, the accumulated gradients of each step and the parameters after each step against
 //! the zero-everything run, the gradients read just after a step (zero), and each step's
 //! accumulated gradients and losses against the CPU reference at the CUDA run's parameters.
@@ -18,9 +19,15 @@ use rand_chacha::ChaCha8Rng;
 
 const STEPS: usize = 2;
 const MICRO_STEPS: usize = 2;
-/// Floor of the tolerance against the zero-everything run (which differs from itself by the
-/// order of fp32 atomics only).
+/// Floor of the tolerance of losses and parameters against the zero-everything run (which
+/// differs from itself by the order of fp32 atomics only).
 const SAME_PATH_TOL: f64 = 1e-4;
+/// Floor of the per-tensor tolerance of gradients against the zero-everything run. A zeroing
+/// or accumulation fault leaves a whole micro-step's (or step's) gradient in a tensor, an
+/// error of order 1; the order of atomics alone moved ill-conditioned tensors (Mamba x_proj
+/// B/C rows, LayerNorm weights, differential attention's λ) by up to 3e-3 between runs of
+/// the same seed (H200, 2026-11-29), so the other zero-all run is no bound for it.
+const GRAD_PATH_TOL: f64 = 1e-2;
 
 fn to64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
@@ -185,7 +192,7 @@ pub fn accumulation_parity(plan: &Plan, seed: u64) -> crate::Result<Vec<Check>> 
             &shape,
             &grads[0],
             &grads[1],
-            &|i| SAME_PATH_TOL.max(4.0 * noise[i]),
+            &|i| GRAD_PATH_TOL.max(4.0 * noise[i]),
         ));
         let sens: Vec<f64> = g_f32
             .iter()
@@ -249,6 +256,16 @@ pub fn accumulation_parity(plan: &Plan, seed: u64) -> crate::Result<Vec<Check>> 
                 ((e[0] - e[1]) / e[1]).abs(),
                 SAME_PATH_TOL.max(4.0 * ((e[2] - e[1]) / e[1]).abs()),
             );
+            // The next step starts all three from the same parameters and optimizer state:
+            // its comparison then sees the gradient path, not this step's atomics noise
+            // amplified by AdamW (an element whose gradient is ≈ 0 moves by ±lr) into
+            // ill-conditioned gradients (differential attention's λ moved by 30 % so).
+            let p = runs[1].read_params()?;
+            let st = runs[1].read_optimizer_state()?;
+            for r in [0, 2] {
+                runs[r].write_params(&p)?;
+                runs[r].write_optimizer_state(&st)?;
+            }
         }
     }
     // a norm taken after a step sees zero gradients
