@@ -129,6 +129,9 @@ pub struct Ops {
     embedding_bwd: Kernel,
     rmsnorm_fwd: Kernel,
     rmsnorm_bwd: Kernel,
+    /// Register-resident RMSNorm, `[V - 1]` keeps V float4 chunks per thread (see
+    /// [`rmsnorm_chunks`]); None with ARCHSCALE_RMSNORM=block (the one-block-per-row kernels).
+    rmsnorm_regs: Option<([Kernel; 4], [Kernel; 4])>,
     rope_qkv: Kernel,
     swiglu_fwd: Kernel,
     swiglu_bwd: Kernel,
@@ -230,6 +233,56 @@ fn ew_grid(gpu: &Gpu, n: usize, threads: usize) -> (u32, u32, u32) {
     (blocks as u32, 1, 1)
 }
 
+/// Threads per block of the register-resident RMSNorm forward (one block per row) and
+/// backward (grid-stride over rows, more threads per row to hide its longer dependency chain).
+pub fn rmsnorm_threads(n: usize, backward: bool) -> u32 {
+    if backward || n > 2048 {
+        256
+    } else {
+        128
+    }
+}
+
+/// Float4 chunks per thread of the register-resident RMSNorm kernels for width `n` and
+/// `threads` per block, or None where the one-block-per-row kernels run (n not a multiple of
+/// 4, or more than 4 chunks per thread).
+pub fn rmsnorm_chunks(n: usize, threads: u32) -> Option<usize> {
+    if n == 0 || n % 4 != 0 {
+        return None;
+    }
+    let v = (n / 4).div_ceil(threads as usize);
+    (v <= 4).then_some(v)
+}
+
+#[cfg(test)]
+mod rmsnorm_regs_tests {
+    use super::{rmsnorm_chunks, rmsnorm_threads};
+
+    #[test]
+    fn register_rmsnorm_covers_each_width_once_without_idle_chunk_rounds() {
+        for backward in [false, true] {
+            for n in (4..=4096).step_by(4) {
+                let threads = rmsnorm_threads(n, backward);
+                let v = rmsnorm_chunks(n, threads).expect("every multiple of 4 up to 4096");
+                let per_round = threads as usize * 4;
+                assert!((1..=4).contains(&v), "n {n}: v {v}");
+                assert!(
+                    v * per_round >= n,
+                    "n {n}: {v} rounds of {per_round} miss elements"
+                );
+                assert!((v - 1) * per_round < n, "n {n}: round {v} would be idle");
+            }
+            for n in [0, 2, 130, 1534, 4100, 8192] {
+                assert_eq!(
+                    rmsnorm_chunks(n, rmsnorm_threads(n, backward)),
+                    None,
+                    "n {n}"
+                );
+            }
+        }
+    }
+}
+
 fn i32_of(name: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| {
         KernelError::Unsupported(format!(
@@ -247,6 +300,28 @@ impl Ops {
             embedding_bwd: load("elementwise", "embedding_bwd")?,
             rmsnorm_fwd: load("elementwise", "rmsnorm_fwd")?,
             rmsnorm_bwd: load("elementwise", "rmsnorm_bwd")?,
+            rmsnorm_regs: match std::env::var("ARCHSCALE_RMSNORM").as_deref() {
+                Ok("block") => None,
+                Ok("regs") | Err(_) => Some((
+                    [
+                        load("elementwise", "rmsnorm_fwd_r1")?,
+                        load("elementwise", "rmsnorm_fwd_r2")?,
+                        load("elementwise", "rmsnorm_fwd_r3")?,
+                        load("elementwise", "rmsnorm_fwd_r4")?,
+                    ],
+                    [
+                        load("elementwise", "rmsnorm_bwd_r1")?,
+                        load("elementwise", "rmsnorm_bwd_r2")?,
+                        load("elementwise", "rmsnorm_bwd_r3")?,
+                        load("elementwise", "rmsnorm_bwd_r4")?,
+                    ],
+                )),
+                Ok(other) => {
+                    return Err(KernelError::Unsupported(format!(
+                        "ARCHSCALE_RMSNORM={other}: expected `regs` (default) or `block`"
+                    )))
+                }
+            },
             rope_qkv: load("elementwise", "rope_qkv")?,
             swiglu_fwd: load("elementwise", "swiglu_fwd")?,
             swiglu_bwd: load("elementwise", "swiglu_bwd")?,
@@ -536,6 +611,12 @@ impl Ops {
             .i32(i32_of("n", n)?)
             .f32(eps)
             .f32(scale);
+        let threads = rmsnorm_threads(n, false);
+        if let (Some((fwd, _)), Some(v)) = (&self.rmsnorm_regs, rmsnorm_chunks(n, threads)) {
+            return self
+                .gpu
+                .launch(fwd[v - 1], grid1(rows), (threads, 1, 1), 0, &a);
+        }
         self.gpu
             .launch(self.rmsnorm_fwd, grid1(rows), (256, 1, 1), 0, &a)
     }
@@ -572,6 +653,15 @@ impl Ops {
             .f32(scale)
             .i32(accumulate as i32)
             .ptr(h_out);
+        let threads = rmsnorm_threads(n, true);
+        if let (Some((_, bwd)), Some(v)) = (&self.rmsnorm_regs, rmsnorm_chunks(n, threads)) {
+            // one wave of at most 1024 threads per SM (every block ends with n atomics into
+            // dgamma, so no more blocks than that)
+            let k = bwd[v - 1];
+            let per_sm = (1024 / threads as usize).min(self.gpu.resident_blocks(k, threads, 0)?);
+            let blocks = rows.min(self.gpu.sm_count.max(1) as usize * per_sm);
+            return self.gpu.launch(k, grid1(blocks), (threads, 1, 1), 0, &a);
+        }
         let smem = n * 4;
         if smem > 48 * 1024 {
             return Err(KernelError::Unsupported(format!(

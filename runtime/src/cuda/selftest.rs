@@ -465,9 +465,16 @@ fn check_embedding(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
 
 fn check_rmsnorm(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     for &(rows, dim, scale) in &[
+        // widths of each register-resident kernel (V = 1…4, 128 and 256 threads) and of
+        // the one-block-per-row fallback (odd, over 4096)
         (512usize, 1024usize, 1.0f64),
         (33, 100, 0.5),
         (5, 2048, 2.0),
+        (7, 1536, 1.0),
+        (64, 3072, 1.0),
+        (600, 4096, 0.5),
+        (9, 130, 1.0),
+        (3, 6000, 1.0),
     ] {
         let shape = format!("{rows}x{dim} s={scale}");
         let x = env.randn(rows * dim, 1.0);
