@@ -1011,7 +1011,6 @@ pub const HYBRID_KERNELS: &[(&str, &str)] = &[
     ("mamba", "scan_bc_grad_out"),
     ("mamba", "selective_scan_fwd_split"),
     ("mamba", "selective_scan_bwd_split"),
-    ("mamba", "selective_scan_bwd_split_v3"),
     ("hybrid", "layernorm_fwd"),
     ("hybrid", "layernorm_bwd"),
     ("hybrid", "gmu_fwd"),
@@ -1096,32 +1095,23 @@ pub struct ScanGrads {
     pub d_skip: u64,
 }
 
-/// Which selective-scan kernels run: `Split` (the default: forward v3, backward v4 with a T
-/// split when the grid leaves SMs idle) or `SplitV3` (forward and backward v3);
-/// `ARCHSCALE_SCAN_KERNEL=split3` picks the latter. Both share one checkpoint format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ScanKernel {
-    Split,
-    SplitV3,
-}
-
-impl ScanKernel {
-    /// The kernel set named by `ARCHSCALE_SCAN_KERNEL` (`split` when unset).
-    pub fn from_env() -> Result<ScanKernel> {
-        match std::env::var("ARCHSCALE_SCAN_KERNEL").ok().as_deref() {
-            None | Some("") | Some("split") => Ok(ScanKernel::Split),
-            Some("split3") => Ok(ScanKernel::SplitV3),
-            Some(other) => Err(KernelError::Unsupported(format!(
-                "ARCHSCALE_SCAN_KERNEL={other}: expected split or split3"
-            ))),
-        }
-    }
-
-    /// Short name (`split`, `split3`), as `ARCHSCALE_SCAN_KERNEL` spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            ScanKernel::Split => "split",
-            ScanKernel::SplitV3 => "split3",
+/// `ARCHSCALE_SCAN_KERNEL` once chose the scan backward; `split` (forward v3, backward v4)
+/// is the only kernel set since the v3 backward (`split3`) was retired 2026-11-29
+/// (bench/NOTES.md, "Retired kernel variants"). Any other value is an error.
+fn check_scan_kernel_setting(value: Option<&str>) -> Result<()> {
+    match value {
+        None | Some("") | Some("split") => Ok(()),
+        Some(other) => {
+            let why = if other == "split3" {
+                "the v3 scan backward was retired 2026-11-29 (bench/NOTES.md, \"Retired kernel \
+                 variants\")"
+            } else {
+                "not a scan kernel set"
+            };
+            Err(KernelError::Unsupported(format!(
+                "ARCHSCALE_SCAN_KERNEL={other}: {why}; the only choice left is split (or leave \
+                 it unset)"
+            )))
         }
     }
 }
@@ -1142,8 +1132,6 @@ fn scan_tsplit_from_env() -> Result<u32> {
 
 pub struct HybridOps {
     pub gpu: Arc<Gpu>,
-    /// Scan kernels used by [`HybridOps::selective_scan_fwd`] / `_bwd`.
-    pub scan_kernel: ScanKernel,
     /// First T segment's share (percent of checkpoint intervals) when the default scan
     /// backward splits T; 0 never splits ([`HybridOps::scan_bwd_segments`]).
     pub scan_tsplit_pct: u32,
@@ -1151,7 +1139,6 @@ pub struct HybridOps {
     conv_bwd: Kernel,
     scan_fwd_split: Kernel,
     scan_bwd_split: Kernel,
-    scan_bwd_split3: Kernel,
     scan_bc_out: Kernel,
     layernorm_fwd: Kernel,
     layernorm_bwd: Kernel,
@@ -1170,14 +1157,13 @@ pub struct HybridOps {
 impl HybridOps {
     /// Compiles (or loads from the cache) and loads the mamba and hybrid modules.
     pub fn new(gpu: Arc<Gpu>) -> Result<HybridOps> {
+        check_scan_kernel_setting(std::env::var("ARCHSCALE_SCAN_KERNEL").ok().as_deref())?;
         let load = |module: &str, name: &'static str| gpu.module_kernel(module, name);
         let ops = HybridOps {
             conv_fwd: load("mamba", "conv1d_silu_fwd")?,
             conv_bwd: load("mamba", "conv1d_silu_bwd")?,
             scan_fwd_split: load("mamba", "selective_scan_fwd_split")?,
             scan_bwd_split: load("mamba", "selective_scan_bwd_split")?,
-            scan_bwd_split3: load("mamba", "selective_scan_bwd_split_v3")?,
-            scan_kernel: ScanKernel::from_env()?,
             scan_tsplit_pct: scan_tsplit_from_env()?,
             scan_bc_out: load("mamba", "scan_bc_grad_out")?,
             layernorm_fwd: load("hybrid", "layernorm_fwd")?,
@@ -1196,8 +1182,6 @@ impl HybridOps {
         };
         ops.gpu
             .set_max_dynamic_smem(ops.scan_bwd_split, SCAN_SPLIT_BWD_SMEM)?;
-        ops.gpu
-            .set_max_dynamic_smem(ops.scan_bwd_split3, SCAN_SPLIT_BWD_SMEM)?;
         Ok(ops)
     }
 
@@ -1358,36 +1342,10 @@ impl HybridOps {
         g: &ScanGrads,
         bc_acc: u64,
     ) -> Result<()> {
-        self.selective_scan_bwd_using(self.scan_kernel, s, t, ckpt, dout, dy_extra, g, bc_acc)
+        self.selective_scan_bwd_with(self.scan_tsplit_pct, s, t, ckpt, dout, dy_extra, g, bc_acc)
     }
 
-    /// [`Self::selective_scan_bwd`] with the kernel set chosen by the caller.
-    #[allow(clippy::too_many_arguments)]
-    pub fn selective_scan_bwd_using(
-        &self,
-        kernel: ScanKernel,
-        s: &ScanShape,
-        t: &ScanTensors,
-        ckpt: u64,
-        dout: Rows,
-        dy_extra: Option<Rows>,
-        g: &ScanGrads,
-        bc_acc: u64,
-    ) -> Result<()> {
-        self.selective_scan_bwd_with(
-            kernel,
-            self.scan_tsplit_pct,
-            s,
-            t,
-            ckpt,
-            dout,
-            dy_extra,
-            g,
-            bc_acc,
-        )
-    }
-
-    /// T segments of the default scan backward and the first checkpoint interval of the
+    /// T segments of the scan backward and the first checkpoint interval of the
     /// second (0: one segment). Splits in two when the unsplit grid fills at most half the
     /// resident block slots (SambaY d8: 248 blocks for 528 on an H200), so the idle slots
     /// run the second half of T; `pct` is the first segment's share of the intervals (it
@@ -1403,12 +1361,11 @@ impl HybridOps {
         (2, first as i32)
     }
 
-    /// [`Self::selective_scan_bwd_using`] with the T split share `pct` chosen by the caller
-    /// (see [`Self::scan_bwd_segments`]; `SplitV3` never splits).
+    /// [`Self::selective_scan_bwd`] with the T split share `pct` chosen by the caller (see
+    /// [`Self::scan_bwd_segments`]).
     #[allow(clippy::too_many_arguments)]
     pub fn selective_scan_bwd_with(
         &self,
-        kernel: ScanKernel,
         pct: u32,
         s: &ScanShape,
         t: &ScanTensors,
@@ -1450,23 +1407,20 @@ impl HybridOps {
             .ptr(g.delta_bias)
             .i32(i32_of("seq", s.seq)?)
             .i32(i32_of("d_inner", s.d_inner)?);
-        let blocks_x = s.d_inner.div_ceil(SCAN_SPLIT_CH) as u32;
-        let threads = (SCAN_SPLIT_THREADS as u32, 1, 1);
-        let smem = SCAN_SPLIT_BWD_SMEM as u32;
-        match kernel {
-            ScanKernel::Split => {
-                let (segments, ck_split) = self.scan_bwd_segments(s, pct);
-                let a = a.i32(ck_split);
-                let grid = (blocks_x, s.batch as u32, segments);
-                self.gpu
-                    .launch(self.scan_bwd_split, grid, threads, smem, &a)?;
-            }
-            ScanKernel::SplitV3 => {
-                let grid = (blocks_x, s.batch as u32, 1);
-                self.gpu
-                    .launch(self.scan_bwd_split3, grid, threads, smem, &a)?;
-            }
-        }
+        let (segments, ck_split) = self.scan_bwd_segments(s, pct);
+        let a = a.i32(ck_split);
+        let grid = (
+            s.d_inner.div_ceil(SCAN_SPLIT_CH) as u32,
+            s.batch as u32,
+            segments,
+        );
+        self.gpu.launch(
+            self.scan_bwd_split,
+            grid,
+            (SCAN_SPLIT_THREADS as u32, 1, 1),
+            SCAN_SPLIT_BWD_SMEM as u32,
+            &a,
+        )?;
         let rows = s.rows();
         let a = Args::new()
             .ptr(bc_acc)
@@ -1821,7 +1775,25 @@ impl HybridOps {
 
 #[cfg(test)]
 mod tests {
-    use super::{check_retired_flash_options, FlashVariant, Ops};
+    use super::{check_retired_flash_options, check_scan_kernel_setting, FlashVariant, Ops};
+
+    #[test]
+    fn archscale_scan_kernel_accepts_split_and_refuses_the_retired_v3() {
+        for ok in [None, Some(""), Some("split")] {
+            assert!(check_scan_kernel_setting(ok).is_ok());
+        }
+        let e = check_scan_kernel_setting(Some("split3"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("retired") && e.contains("only choice left is split"),
+            "{e}"
+        );
+        let e = check_scan_kernel_setting(Some("legacy"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a scan kernel set"), "{e}");
+    }
 
     #[test]
     fn flash_variants_have_distinct_names_and_sm80_alone_is_not_hopper() {
