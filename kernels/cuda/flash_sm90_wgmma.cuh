@@ -42,18 +42,6 @@ __device__ __forceinline__ void wg_fence_regs(float* r) {
     for (int i = 0; i < N; i++) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-__device__ __forceinline__ u32 f9_pack(float lo, float hi) {
-    bf162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<u32*>(&v);
-}
-
-// First key row `row` may see (row < T).
-__device__ __forceinline__ int f9_key_lo(const int* seg, int row, int window) {
-    int lo = seg ? seg[row] : 0;
-    if (window > 0) lo = max(lo, row - window + 1);
-    return lo;
-}
-
 // wgmma m64nNk16, bf16 in, f32 accumulators (one asm operand per accumulator register).
 // ss: A and B from shared memory (descriptors); rs: A from registers, B from shared memory,
 // tXY: X = A transposed (M-major), Y = B transposed (N-major).

@@ -98,8 +98,8 @@ __device__ __forceinline__ void flash_fwd_ws(const F9TensorMap* tm_q, const F9Te
     const int q0 = qb * F9_BR;
     const int* segb = seg ? seg + (long long)b * T : nullptr;
     const int q_last = min(q0 + F9_BR, T) - 1;
-    const int lo_last = f9_key_lo(segb, q_last, window);  // key_lo is nondecreasing in the row
-    const int kb_lo = f9_key_lo(segb, q0, window) / F9_BC;
+    const int lo_last = flash_key_lo(segb, q_last, window);  // key_lo is nondecreasing in the row
+    const int kb_lo = flash_key_lo(segb, q0, window) / F9_BC;
     const int ntiles = q_last / F9_BC + 1 - kb_lo;
 
     if (threadIdx.x == 0) {
@@ -149,8 +149,8 @@ __device__ __forceinline__ void flash_fwd_ws(const F9TensorMap* tm_q, const F9Te
     const int lane = threadIdx.x & 31, wl = (threadIdx.x >> 5) & 3;
     const int row_a = q0 + cw * 64 + wl * 16 + (lane >> 2);
     const int row_b = row_a + 8;
-    const int lo_row[2] = {row_a < T ? f9_key_lo(segb, row_a, window) : 0,
-                           row_b < T ? f9_key_lo(segb, row_b, window) : 0};
+    const int lo_row[2] = {row_a < T ? flash_key_lo(segb, row_a, window) : 0,
+                           row_b < T ? flash_key_lo(segb, row_b, window) : 0};
     if (cw == 0) named_arrive(1);  // consumer 0 issues first
 
     const u64 dQw = f9_desc(Qs + cw * (64 * 128), 16, 1024);  // this consumer's 64 query rows
@@ -268,10 +268,10 @@ __device__ __forceinline__ void flash_fwd_ws(const F9TensorMap* tm_q, const F9Te
         // m64k16 A-fragment layout.
 #pragma unroll
         for (int kk = 0; kk < F9_BC / 16; kk++) {
-            p[kk][0] = f9_pack(sc[8 * kk + 0], sc[8 * kk + 1]);
-            p[kk][1] = f9_pack(sc[8 * kk + 2], sc[8 * kk + 3]);
-            p[kk][2] = f9_pack(sc[8 * kk + 4], sc[8 * kk + 5]);
-            p[kk][3] = f9_pack(sc[8 * kk + 6], sc[8 * kk + 7]);
+            p[kk][0] = pack_bf16(sc[8 * kk + 0], sc[8 * kk + 1]);
+            p[kk][1] = pack_bf16(sc[8 * kk + 2], sc[8 * kk + 3]);
+            p[kk][2] = pack_bf16(sc[8 * kk + 4], sc[8 * kk + 5]);
+            p[kk][3] = pack_bf16(sc[8 * kk + 6], sc[8 * kk + 7]);
         }
     }
 #undef F9W_KFULL
@@ -279,24 +279,7 @@ __device__ __forceinline__ void flash_fwd_ws(const F9TensorMap* tm_q, const F9Te
 #undef F9W_VFULL
 #undef F9W_VEMPTY
 
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
-        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int i = r ? row_b : row_a;
-        if (i >= T) continue;
-        const float inv = lrow[r] > 0.f ? 1.f / lrow[r] : 0.f;
-        bf16* orow = o + ((long long)b * T + i) * o_rs + h * D;
-#pragma unroll
-        for (int dt = 0; dt < D / 8; dt++) {
-            *reinterpret_cast<u32*>(orow + dt * 8 + (lane & 3) * 2) =
-                f9_pack(acc[dt * 4 + 2 * r] * inv, acc[dt * 4 + 2 * r + 1] * inv);
-        }
-        if ((lane & 3) == 0) lse[((long long)b * H + h) * T + i] = (mrow[r] + log2f(lrow[r])) * 0.69314718055994530942f;
-    }
+    flash_store_o<D>(o, lse, acc, mrow, lrow, row_a, b, h, T, H, o_rs, lane);
 #else
     asm volatile("trap;");
 #endif
@@ -379,17 +362,7 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
     const int* segb = seg ? seg + (long long)b * T : nullptr;
 
     const int qb_lo = k0 / F9B_BR;
-    int q_hi = window > 0 ? min(T, k0 + F9B_BC - 1 + window) : T;
-    if (segb) {
-        // Queries past the first whose document starts after this block's last key see none of it.
-        const int k_last = k0 + F9B_BC - 1;
-        int lo = min(k_last + 1, q_hi), hi = q_hi;
-        while (lo < hi) {
-            const int mid = (lo + hi) >> 1;
-            if (segb[mid] > k_last) hi = mid; else lo = mid + 1;
-        }
-        q_hi = lo;
-    }
+    const int q_hi = flash_query_end(segb, k0 + F9B_BC - 1, window, T);
     const int nqb = max((q_hi + F9B_BR - 1) / F9B_BR - qb_lo, 0);
     const int items = qpg * nqb;
 
@@ -598,8 +571,8 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
         for (int kk = 0; kk < 4; kk++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                pf[kk][e] = f9_pack(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
-                dsf[kk][e] = f9_pack(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1]);
+                pf[kk][e] = pack_bf16(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
+                dsf[kk][e] = pack_bf16(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1]);
             }
         }
         // dS^T by 4 stmatrix: register e of kk is (row half e % 2, n block 2 kk + e / 2)
@@ -652,21 +625,8 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
     wg_fence_regs<32>(dq);
     if (items > 0) store_dq(items - 1);
     if (tw == 0) f9_bulk_wait_all();
-    bf16* dkg = dk + (long long)b * T * kv_rs + g * kv_gs;
-    bf16* dvg = dv + (long long)b * T * kv_rs + g * kv_gs;
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int key = key_a + r * 8;
-        if (key >= T) continue;
-#pragma unroll
-        for (int dt = 0; dt < D / 8; dt++) {
-            const int col = dt * 8 + (lane & 3) * 2;
-            *reinterpret_cast<u32*>(dkg + (long long)key * kv_rs + col) =
-                f9_pack(dk_acc[dt * 4 + 2 * r] * scale, dk_acc[dt * 4 + 2 * r + 1] * scale);
-            *reinterpret_cast<u32*>(dvg + (long long)key * kv_rs + col) =
-                f9_pack(dv_acc[dt * 4 + 2 * r], dv_acc[dt * 4 + 2 * r + 1]);
-        }
-    }
+    flash_store_dkdv<D>(dk + (long long)b * T * kv_rs + g * kv_gs, dv + (long long)b * T * kv_rs + g * kv_gs, kv_rs,
+                        dk_acc, dv_acc, scale, key_a, T, lane);
 #else
     asm volatile("trap;");
 #endif

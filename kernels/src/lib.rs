@@ -20,11 +20,18 @@ const COMMON: &str = include_str!("../cuda/common.cuh");
 pub const MODULES: &[(&str, &str)] = &[
     ("elementwise", include_str!("../cuda/elementwise.cu")),
     ("loss_optim", include_str!("../cuda/loss_optim.cu")),
-    ("flash", include_str!("../cuda/flash.cu")),
+    (
+        "flash",
+        concat!(
+            include_str!("../cuda/flash_common.cuh"),
+            include_str!("../cuda/flash.cu")
+        ),
+    ),
     ("flash_sm90", include_str!("../cuda/flash_sm90.cu")),
     (
         "flash_sm90_ws",
         concat!(
+            include_str!("../cuda/flash_common.cuh"),
             include_str!("../cuda/flash_sm90_wgmma.cuh"),
             include_str!("../cuda/flash_sm90_ws.cu")
         ),
