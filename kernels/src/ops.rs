@@ -28,7 +28,7 @@ pub enum FlashVariant {
 }
 
 /// `ARCHSCALE_FLASH` values of the variants retired 2026-11-29 (bench/NOTES.md, "Retired
-/// kernel variants"): they lost to `sm90ws-leanv` on every shape measured.
+/// kernel variants"): none was faster than `sm90ws-leanv` in the d8 and d16 steps measured.
 const RETIRED_FLASH_VARIANTS: [&str; 6] = [
     "sm90",
     "sm90ws",
