@@ -1,23 +1,22 @@
 #!/bin/bash
-# Mamba selective scan on one GPU, one call: the mamba selftest (conv + scan, every kernel
-# configuration: split (v4 bwd, with its T split rule), split-1seg (v4 bwd, one T segment),
-# split3 (v3 bwd)), the isolated scan and conv benchmark at the SambaY-d16 and d8 shapes,
-# SambaY steps at $DEPTHS with the scan kernel sets in $KERNELS_<depth> or $KERNELS (profiled;
-# a "-nosplit" suffix turns the backward's T split off), and Transformer++ at $TF_DEPTHS for
-# the ratio. NCU=1 adds Nsight Compute (clocks left alone) on one launch each of the forward
+# Mamba selective scan on one GPU, one call: the mamba selftest (conv + scan, both backward
+# configurations: split (v4 bwd, with its T split rule), split-1seg (v4 bwd, one T segment)),
+# the isolated scan and conv benchmark at the SambaY-d16 and d8 shapes, SambaY steps at
+# $DEPTHS with the configurations in $KERNELS_<depth> or $KERNELS (profiled; split-nosplit
+# turns the backward's T split off), and Transformer++ at $TF_DEPTHS for the ratio. NCU=1 adds Nsight Compute (clocks left alone) on one launch each of the forward
 # and the default backward at the d16 shape (-s skips the selftest-case launches that come
 # first: 21 forward, 14 of the default backward).
 # Usage (repo root, after `strip -o $C/archscale target/release/archscale` and the kernel cache
 # compiled into $C/kcache):
-#   C=gpu-carry-scan2 bash $C/scan.sh    (2026-11-29 call 2: DEPTHS="8 16"
-#   KERNELS_8="split split3 split3-nosplit" KERNELS_16="split split3-nosplit" NCU=1 NCU_KERNELS=bwd)
+#   C=gpu-carry-scan2 bash $C/scan.sh    (e.g. DEPTHS="8 16" KERNELS_16=split NCU=1 NCU_KERNELS=bwd;
+#   the v3 backward, split3, was retired 2026-11-29: bench/NOTES.md, "Retired kernel variants")
 set -u
 C=${C:-gpu-carry-scan2}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export ARCHSCALE_KERNEL_CACHE=$PWD/$C/kcache
 B=$C/archscale
-KERNELS=${KERNELS:-split split3}
+KERNELS=${KERNELS:-split split-nosplit}
 DEPTHS=${DEPTHS:-8 16}
 TF_DEPTHS=${TF_DEPTHS:-8 16}
 STEPS=${STEPS:-6}
@@ -29,7 +28,7 @@ for d in $DEPTHS; do
   kv=KERNELS_$d; for k in ${!kv:-$KERNELS}; do
     echo -n "sambay d$d $k: "
     case $k in *-nosplit) sp=0;; *) sp=;; esac
-    ARCHSCALE_SCAN_KERNEL=${k%-nosplit} ARCHSCALE_SCAN_TSPLIT=$sp t timeout 60 $B bench bench/samba_ctx4096.toml --set arch=sambay --set "depth=[$d]" \
+    ARCHSCALE_SCAN_TSPLIT=$sp t timeout 60 $B bench bench/samba_ctx4096.toml --set arch=sambay --set "depth=[$d]" \
       --micro 4 --steps $STEPS --warmup 2 --profile > $OUT/sambay-d$d-$k.txt 2>&1
   done
 done

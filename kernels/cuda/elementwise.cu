@@ -148,6 +148,149 @@ extern "C" __global__ void rmsnorm_bwd(const float* __restrict__ x, const float*
     for (int c = threadIdx.x; c < n; c += blockDim.x) atomicAdd(dgamma + c, dg[c]);
 }
 
+// Register-resident RMSNorm for n % 4 == 0 and n <= 4·blockDim·V (ops.rs picks V and the block
+// size: rmsnorm_chunks): each thread keeps its V float4 chunks of the row (chunk k = threadIdx.x + i·blockDim)
+// in registers across the reduction, so x, dy and gamma are read from memory once per row.
+// Same math as rmsnorm_fwd / rmsnorm_bwd above; the backward also keeps gamma and its dgamma
+// partials in registers over its grid-stride rows.
+template <int V>
+__device__ __forceinline__ void rmsnorm_fwd_regs(const float* __restrict__ x, const float* __restrict__ gamma,
+                                                 bf16* __restrict__ y, float* __restrict__ rstd_out, int rows,
+                                                 int n, float eps, float scale) {
+    __shared__ float scratch[32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + (size_t)r * n;
+    bf16* yr = y + (size_t)r * n;
+    float4 xv[V];
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        const int c = (threadIdx.x + i * blockDim.x) * 4;
+        xv[i] = c < n ? *reinterpret_cast<const float4*>(xr + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+        ss += xv[i].x * xv[i].x + xv[i].y * xv[i].y + xv[i].z * xv[i].z + xv[i].w * xv[i].w;
+    }
+    ss = block_sum(ss, scratch);
+    const float rstd = rsqrtf(ss / (float)n + eps);
+    if (rstd_out != nullptr && threadIdx.x == 0) rstd_out[r] = rstd;
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        const int c = (threadIdx.x + i * blockDim.x) * 4;
+        if (c >= n) break;
+        const float4 v = xv[i];
+        const float4 g = *reinterpret_cast<const float4*>(gamma + c);
+        bf162 a = __floats2bfloat162_rn(v.x * rstd * g.x * scale, v.y * rstd * g.y * scale);
+        bf162 b = __floats2bfloat162_rn(v.z * rstd * g.z * scale, v.w * rstd * g.w * scale);
+        uint2 packed;
+        packed.x = *reinterpret_cast<u32*>(&a);
+        packed.y = *reinterpret_cast<u32*>(&b);
+        *reinterpret_cast<uint2*>(yr + c) = packed;
+    }
+}
+
+template <int V>
+__device__ __forceinline__ void rmsnorm_bwd_regs(const float* __restrict__ x, const float* __restrict__ gamma,
+                                                 const float* __restrict__ rstd_in, const bf16* dy,
+                                                 float* __restrict__ dres, bf16* __restrict__ dres_bf,
+                                                 float* __restrict__ dgamma, int rows, int n, float scale,
+                                                 int accumulate, bf16* h_out) {
+    __shared__ float scratch[32];
+    float4 gv[V], dgv[V];
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        const int c = (threadIdx.x + i * blockDim.x) * 4;
+        gv[i] = c < n ? *reinterpret_cast<const float4*>(gamma + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+        dgv[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* xr = x + (size_t)r * n;
+        const bf16* dyr = dy + (size_t)r * n;
+        const float rstd = rstd_in[r];
+        float* dr = dres + (size_t)r * n;
+        float4 xv[V], dv[V], pv[V];
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < V; i++) {
+            const int c = (threadIdx.x + i * blockDim.x) * 4;
+            // the accumulated gradient is loaded with x and dy, before the reduction needs them
+            pv[i] = accumulate && c < n ? *reinterpret_cast<const float4*>(dr + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+            if (c < n) {
+                xv[i] = *reinterpret_cast<const float4*>(xr + c);
+                const uint2 raw = *reinterpret_cast<const uint2*>(dyr + c);
+                const float2 d01 = __bfloat1622float2(*reinterpret_cast<const bf162*>(&raw.x));
+                const float2 d23 = __bfloat1622float2(*reinterpret_cast<const bf162*>(&raw.y));
+                dv[i] = make_float4(d01.x, d01.y, d23.x, d23.y);
+            } else {
+                xv[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+                dv[i] = xv[i];
+            }
+            dot += dv[i].x * gv[i].x * xv[i].x + dv[i].y * gv[i].y * xv[i].y + dv[i].z * gv[i].z * xv[i].z +
+                   dv[i].w * gv[i].w * xv[i].w;
+            dgv[i].x += dv[i].x * xv[i].x * rstd * scale;
+            dgv[i].y += dv[i].y * xv[i].y * rstd * scale;
+            dgv[i].z += dv[i].z * xv[i].z * rstd * scale;
+            dgv[i].w += dv[i].w * xv[i].w * rstd * scale;
+        }
+        dot = block_sum(dot, scratch) * rstd * scale / (float)n;
+        bf16* drb = dres_bf + (size_t)r * n;
+#pragma unroll
+        for (int i = 0; i < V; i++) {
+            const int c = (threadIdx.x + i * blockDim.x) * 4;
+            if (c >= n) break;
+            const float4 xq = xv[i], gq = gv[i], d = dv[i];
+            float4 o;
+            o.x = rstd * (d.x * gq.x * scale - xq.x * rstd * dot);
+            o.y = rstd * (d.y * gq.y * scale - xq.y * rstd * dot);
+            o.z = rstd * (d.z * gq.z * scale - xq.z * rstd * dot);
+            o.w = rstd * (d.w * gq.w * scale - xq.w * rstd * dot);
+            o.x += pv[i].x;  // 0 without accumulate
+            o.y += pv[i].y;
+            o.z += pv[i].z;
+            o.w += pv[i].w;
+            *reinterpret_cast<float4*>(dr + c) = o;
+            bf162 a = __floats2bfloat162_rn(o.x, o.y), b = __floats2bfloat162_rn(o.z, o.w);
+            uint2 packed;
+            packed.x = *reinterpret_cast<u32*>(&a);
+            packed.y = *reinterpret_cast<u32*>(&b);
+            *reinterpret_cast<uint2*>(drb + c) = packed;
+            if (h_out != nullptr) {  // the same expression as rmsnorm_fwd's output
+                a = __floats2bfloat162_rn(xq.x * rstd * gq.x, xq.y * rstd * gq.y);
+                b = __floats2bfloat162_rn(xq.z * rstd * gq.z, xq.w * rstd * gq.w);
+                packed.x = *reinterpret_cast<u32*>(&a);
+                packed.y = *reinterpret_cast<u32*>(&b);
+                *reinterpret_cast<uint2*>(h_out + (size_t)r * n + c) = packed;
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        const int c = (threadIdx.x + i * blockDim.x) * 4;
+        if (c >= n) break;
+        atomicAdd(dgamma + c, dgv[i].x);
+        atomicAdd(dgamma + c + 1, dgv[i].y);
+        atomicAdd(dgamma + c + 2, dgv[i].z);
+        atomicAdd(dgamma + c + 3, dgv[i].w);
+    }
+}
+
+#define RMSNORM_REGS(V)                                                                                         \
+    extern "C" __global__ void rmsnorm_fwd_r##V(const float* __restrict__ x, const float* __restrict__ gamma,  \
+                                                bf16* __restrict__ y, float* __restrict__ rstd_out, int rows,  \
+                                                int n, float eps, float scale) {                               \
+        rmsnorm_fwd_regs<V>(x, gamma, y, rstd_out, rows, n, eps, scale);                                       \
+    }                                                                                                           \
+    extern "C" __global__ void rmsnorm_bwd_r##V(const float* __restrict__ x, const float* __restrict__ gamma,  \
+                                                const float* __restrict__ rstd_in, const bf16* dy,             \
+                                                float* __restrict__ dres, bf16* __restrict__ dres_bf,          \
+                                                float* __restrict__ dgamma, int rows, int n, float scale,      \
+                                                int accumulate, bf16* h_out) {                                 \
+        rmsnorm_bwd_regs<V>(x, gamma, rstd_in, dy, dres, dres_bf, dgamma, rows, n, scale, accumulate, h_out); \
+    }
+RMSNORM_REGS(1)
+RMSNORM_REGS(2)
+RMSNORM_REGS(3)
+RMSNORM_REGS(4)
+
 // NeoX rotate-half RoPE in place on the fused grouped QKV buffer
 // [rows, G, (qpg + 2), hs]: rotates the qpg query slots and the key slot of every group.
 // Position of row r is r % T. cos/sin: bf16 [T, hs/2]. sign = +1 forward, -1 backward.

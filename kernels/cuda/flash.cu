@@ -7,6 +7,8 @@
 // k[r*kv_rs + g*kv_gs], v[r*kv_rs + g*kv_gs]. Output o[r*o_rs + h*D]. lse[(b*H + h)*T + t]
 // (natural log). Query t sees keys j with j <= t and (window == 0 or j > t - window) and, in
 // varlen mode (seg non-null), j >= seg[b*T + t], the start of t's document within its row.
+// Mask bounds, the bf16 pack and both epilogues are shared with flash_sm90_ws.cu
+// (flash_common.cuh, prepended).
 
 #define BR 64
 #define BC 64
@@ -41,9 +43,39 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-    bf162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<u32*>(&v);
+// The m16k16 A fragment (bf16) of two adjacent n8 accumulator blocks c0, c1 (the mma
+// accumulator layout of a 16 x 16 block is the A-fragment layout).
+__device__ __forceinline__ void acc_to_a(u32 (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+    a[0] = pack_bf16(c0[0], c0[1]);
+    a[1] = pack_bf16(c0[2], c0[3]);
+    a[2] = pack_bf16(c1[0], c1[1]);
+    a[3] = pack_bf16(c1[2], c1[3]);
+}
+
+// acc[0 .. N/8) += A B^T: a (16 x 16, registers) against N rows of B at `b`, columns k0 ..
+// k0 + 15 (shared memory, row stride LD).
+template <int N, int LD>
+__device__ __forceinline__ void mma_abt(float (*acc)[4], const u32* a, const bf16* b, int k0, int lane) {
+#pragma unroll
+    for (int np = 0; np < N / 16; np++) {
+        u32 b0, b1, b2, b3;
+        ldsm_x4(b0, b1, b2, b3, b + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + k0 + ((lane >> 3) & 1) * 8);
+        mma16816(acc[2 * np], a, b0, b1);
+        mma16816(acc[2 * np + 1], a, b2, b3);
+    }
+}
+
+// acc[0 .. N/8) += A B: a (16 x 16, registers) against rows k0 .. k0 + 15 of B at `b`, N
+// columns (shared memory, row stride LD, read transposed).
+template <int N, int LD>
+__device__ __forceinline__ void mma_ab(float (*acc)[4], const u32* a, const bf16* b, int k0, int lane) {
+#pragma unroll
+    for (int dp = 0; dp < N / 16; dp++) {
+        u32 b0, b1, b2, b3;
+        ldsm_x4_t(b0, b1, b2, b3, b + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
+        mma16816(acc[2 * dp], a, b0, b1);
+        mma16816(acc[2 * dp + 1], a, b2, b3);
+    }
 }
 
 // Copies ROWS x D bf16 rows starting at token row0 (zero rows past T) into smem [ROWS][D+8].
@@ -57,13 +89,6 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long long rs, 
         const bf16* src = valid ? g + (long long)(row0 + r) * rs + c : g;
         cp_async16(s + r * LD + c, src, valid);
     }
-}
-
-// First key row `row` (< T) may see; nondecreasing in row.
-__device__ __forceinline__ int key_lo(const int* seg_row, int row, int window) {
-    int lo = seg_row ? seg_row[row] : 0;
-    if (window > 0) lo = max(lo, row - window + 1);
-    return lo;
 }
 
 template <int D>
@@ -89,8 +114,8 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 
     const int* segb = seg ? seg + (long long)b * T : nullptr;
     const int q_last = min(T, q0 + BR) - 1;
-    const int lo_last = key_lo(segb, q_last, window);  // the tile's largest first key
-    const int kb_lo = key_lo(segb, q0, window) / BC;
+    const int lo_last = flash_key_lo(segb, q_last, window);  // the tile's largest first key
+    const int kb_lo = flash_key_lo(segb, q0, window) / BC;
     const int kb_hi = q_last / BC + 1;
 
     load_tile<BR, D>(Qs, qh, q_rs, q0, T);
@@ -111,7 +136,7 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
     for (int i = 0; i < D / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
     float mrow[2] = {-INF_F, -INF_F}, lrow[2] = {0.f, 0.f};
     const int row_a = q0 + warp * 16 + (lane >> 2);
-    const int lo_row[2] = {row_a < T ? key_lo(segb, row_a, window) : 0, row_a + 8 < T ? key_lo(segb, row_a + 8, window) : 0};
+    const int lo_row[2] = {row_a < T ? flash_key_lo(segb, row_a, window) : 0, row_a + 8 < T ? flash_key_lo(segb, row_a + 8, window) : 0};
 
     for (int kb = kb_lo; kb < kb_hi; kb++) {
         const int stage = (kb - kb_lo) & 1;
@@ -131,15 +156,7 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 #pragma unroll
         for (int i = 0; i < BC / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-#pragma unroll
-            for (int np = 0; np < BC / 16; np++) {
-                u32 b0, b1, b2, b3;
-                ldsm_x4(b0, b1, b2, b3, Kt + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
-                mma16816(s[2 * np], qf[kk], b0, b1);
-                mma16816(s[2 * np + 1], qf[kk], b2, b3);
-            }
-        }
+        for (int kk = 0; kk < D / 16; kk++) mma_abt<BC, LD>(s, qf[kk], Kt, kk * 16, lane);
         float mx[2] = {-INF_F, -INF_F};
         // Blocks wholly inside the mask for every row of the tile skip the per-element test.
         const bool full = kb * BC + BC - 1 <= q0 && kb * BC + BC <= T && kb * BC >= lo_last;
@@ -195,38 +212,13 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 #pragma unroll
         for (int kk = 0; kk < BC / 16; kk++) {
             u32 a[4];
-            a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-            for (int dp = 0; dp < D / 16; dp++) {
-                u32 b0, b1, b2, b3;
-                ldsm_x4_t(b0, b1, b2, b3, Vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
-                mma16816(acc[2 * dp], a, b0, b1);
-                mma16816(acc[2 * dp + 1], a, b2, b3);
-            }
+            acc_to_a(a, s[2 * kk], s[2 * kk + 1]);
+            mma_ab<D, LD>(acc, a, Vt, kk * 16, lane);
         }
         __syncthreads();
     }
 
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
-        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int i = row_a + r * 8;
-        if (i >= T) continue;
-        const float inv = lrow[r] > 0.f ? 1.f / lrow[r] : 0.f;
-        bf16* orow = o + ((long long)b * T + i) * o_rs + h * D;
-#pragma unroll
-        for (int dt = 0; dt < D / 8; dt++) {
-            *reinterpret_cast<u32*>(orow + dt * 8 + (lane & 3) * 2) = pack_bf16(acc[dt][2 * r] * inv, acc[dt][2 * r + 1] * inv);
-        }
-        if ((lane & 3) == 0) lse[((long long)b * H + h) * T + i] = (mrow[r] + log2f(lrow[r])) * 0.69314718055994530942f;
-    }
+    flash_store_o<D>(o, lse, &acc[0][0], mrow, lrow, row_a, b, h, T, H, o_rs, lane);
 }
 
 extern "C" __global__ void __launch_bounds__(NTHREADS) flash_fwd_d128(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* seg, int T, int H, int qpg,
@@ -319,17 +311,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     }
     const int qb_lo = k0 / BR;
     const int* segb = seg ? seg + (long long)b * T : nullptr;
-    int q_hi = window > 0 ? min(T, k0 + BBC - 1 + window) : T;
-    if (segb) {
-        // Queries past the first whose document starts after this block's last key see none of it.
-        const int k_last = k0 + BBC - 1;
-        int lo = min(k_last + 1, q_hi), hi = q_hi;
-        while (lo < hi) {
-            const int mid = (lo + hi) >> 1;
-            if (segb[mid] > k_last) hi = mid; else lo = mid + 1;
-        }
-        q_hi = lo;
-    }
+    const int q_hi = flash_query_end(segb, k0 + BBC - 1, window, T);
     const int qb_hi = (q_hi + BR - 1) / BR;
     const int key_a = k0 + warp * 16 + (lane >> 2);  // this thread's keys: key_a, key_a + 8
 
@@ -349,7 +331,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
             const bool ok = q0 + i < T;
             lse2[st * BR + i] = ok ? lse_h[q0 + i] * 1.44269504088896340736f : INF_F;
             del2[st * BR + i] = ok ? del_h[q0 + i] : 0.f;
-            lo2[st * BR + i] = ok ? key_lo(segb, q0 + i, window) : T;
+            lo2[st * BR + i] = ok ? flash_key_lo(segb, q0 + i, window) : T;
         }
     };
     if (items > 0) issue(0, 0);
@@ -379,13 +361,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
             for (int kk = 0; kk < D / 16; kk++) {
                 u32 a[4];
                 ldsm_x4(a[0], a[1], a[2], a[3], Ks + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-                for (int np = 0; np < BR / 16; np++) {
-                    u32 b0, b1, b2, b3;
-                    ldsm_x4(b0, b1, b2, b3, Qs + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
-                    mma16816(st[2 * np], a, b0, b1);
-                    mma16816(st[2 * np + 1], a, b2, b3);
-                }
+                mma_abt<BR, LD>(st, a, Qs, kk * 16, lane);
             }
             // P^T (rows past T have lse = +inf, so they give 0 without a test)
             const int kw = k0 + warp * 16;
@@ -415,17 +391,8 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 #pragma unroll
             for (int kk = 0; kk < BR / 16; kk++) {
                 u32 a[4];
-                a[0] = pack_bf16(st[2 * kk][0], st[2 * kk][1]);
-                a[1] = pack_bf16(st[2 * kk][2], st[2 * kk][3]);
-                a[2] = pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-                a[3] = pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-#pragma unroll
-                for (int dp = 0; dp < D / 16; dp++) {
-                    u32 b0, b1, b2, b3;
-                    ldsm_x4_t(b0, b1, b2, b3, dOs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
-                    mma16816(dv_acc[2 * dp], a, b0, b1);
-                    mma16816(dv_acc[2 * dp + 1], a, b2, b3);
-                }
+                acc_to_a(a, st[2 * kk], st[2 * kk + 1]);
+                mma_ab<D, LD>(dv_acc, a, dOs, kk * 16, lane);
             }
             // dP^T = V_w dO^T
             float dpt[BR / 8][4];
@@ -435,13 +402,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
             for (int kk = 0; kk < D / 16; kk++) {
                 u32 a[4];
                 ldsm_x4(a[0], a[1], a[2], a[3], Vs + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-                for (int np = 0; np < BR / 16; np++) {
-                    u32 b0, b1, b2, b3;
-                    ldsm_x4(b0, b1, b2, b3, dOs + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
-                    mma16816(dpt[2 * np], a, b0, b1);
-                    mma16816(dpt[2 * np + 1], a, b2, b3);
-                }
+                mma_abt<BR, LD>(dpt, a, dOs, kk * 16, lane);
             }
             // dS^T = P^T (dP^T - delta)
 #pragma unroll
@@ -456,23 +417,14 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 #pragma unroll
             for (int kk = 0; kk < BR / 16; kk++) {
                 u32 a[4];
-                a[0] = pack_bf16(st[2 * kk][0], st[2 * kk][1]);
-                a[1] = pack_bf16(st[2 * kk][2], st[2 * kk][3]);
-                a[2] = pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-                a[3] = pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+                acc_to_a(a, st[2 * kk], st[2 * kk + 1]);
                 const int kr = warp * 16 + (lane >> 2);
                 const int qc = kk * 16 + (lane & 3) * 2;
                 *reinterpret_cast<u32*>(dSs + kr * LDS + qc) = a[0];
                 *reinterpret_cast<u32*>(dSs + (kr + 8) * LDS + qc) = a[1];
                 *reinterpret_cast<u32*>(dSs + kr * LDS + qc + 8) = a[2];
                 *reinterpret_cast<u32*>(dSs + (kr + 8) * LDS + qc + 8) = a[3];
-#pragma unroll
-                for (int dp = 0; dp < D / 16; dp++) {
-                    u32 b0, b1, b2, b3;
-                    ldsm_x4_t(b0, b1, b2, b3, Qs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
-                    mma16816(dk_acc[2 * dp], a, b0, b1);
-                    mma16816(dk_acc[2 * dp + 1], a, b2, b3);
-                }
+                mma_ab<D, LD>(dk_acc, a, Qs, kk * 16, lane);
             }
             __syncthreads();
             // dQ (BR queries x D) += dS K over the BBC keys of this block. Warp w: queries
@@ -516,20 +468,8 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
             __syncthreads();
         }
     }
-    // write dK (scaled) and dV for this thread's two keys
-    bf16* dkg = dk + (long long)b * T * kv_rs + g * kv_gs;
-    bf16* dvg = dv + (long long)b * T * kv_rs + g * kv_gs;
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int key = key_a + r * 8;
-        if (key >= T) continue;
-#pragma unroll
-        for (int dt = 0; dt < D / 8; dt++) {
-            const int col = dt * 8 + (lane & 3) * 2;
-            *reinterpret_cast<u32*>(dkg + (long long)key * kv_rs + col) = pack_bf16(dk_acc[dt][2 * r] * scale, dk_acc[dt][2 * r + 1] * scale);
-            *reinterpret_cast<u32*>(dvg + (long long)key * kv_rs + col) = pack_bf16(dv_acc[dt][2 * r], dv_acc[dt][2 * r + 1]);
-        }
-    }
+    flash_store_dkdv<D>(dk + (long long)b * T * kv_rs + g * kv_gs, dv + (long long)b * T * kv_rs + g * kv_gs, kv_rs,
+                        &dk_acc[0][0], &dv_acc[0][0], scale, key_a, T, lane);
 }
 
 extern "C" __global__ void __launch_bounds__(BNT) flash_bwd_d128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,

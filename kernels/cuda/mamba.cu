@@ -280,8 +280,9 @@ __device__ __forceinline__ void transpose_reduce_lv(float (&v)[S], int lane) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Split-state scan, v3 (the forward of both kernel sets; the backward as `split3`): the
-// per-step latency chains taken off the recurrence so that a warp overlaps many steps (v2's
+// Split-state scan: forward v3, backward v4 (v3's backward, `split3`, was retired 2026-11-29:
+// bench/NOTES.md, "Retired kernel variants"). v3 took the per-step latency chains off the
+// recurrence so that a warp overlaps many steps (v2's
 // forward stored each step's y right after two shuffles, and the compiler could not move the
 // next step's shared loads above that store):
 // - the decay exponent is dt·(A·log2 e), and a state reset is folded into it (dt staged as
@@ -453,233 +454,17 @@ __device__ __forceinline__ void scan3_state_step(float (&h)[SCAN_KP], const floa
     h[3] = fmaf(ex2(s.w * A2[3]), h[3], __fmul_rn(dtx, B4.w));
 }
 
-// Backward v3 (`ARCHSCALE_SCAN_KERNEL=split3`). Block: 32 channels × 4 lanes (4 warps); grid
-// (ceil(D / 32), B); dynamic shared memory as the carve-up below (ops.rs SCAN_SPLIT_BWD_SMEM,
-// 52 KB: 4 blocks per SM; at most 128 registers). Per interval of SCAN_CKPT steps (walked backwards): stage the inputs (lane =
-// channel) as float4 (x, dt, ḡ, dt or +inf at a reset), recompute the states from the
-// checkpoint (sub-chunks of SCAN_SUB steps kept in shared memory), run λ backwards. A step's
-// dx, dΔ and y replace its staged float4 and are written out after the interval (dz from y,
-// dout and z reloaded); dB/dC: each warp transpose-reduces its 8 channels' 8 values per lane
+// ------------------------------------------------------------------------------------------
+// Backward v4. Block: 32 channels × 4 lanes (4 warps); grid (ceil(D / 32), B, T segments);
+// dynamic shared memory as the carve-up below (ops.rs SCAN_SPLIT_BWD_SMEM, 52 KB: 4 blocks per
+// SM; at most 128 registers). Per interval of SCAN_CKPT steps (walked backwards): stage the
+// inputs (lane = channel) as float4 (x, dt, ḡ, dt or +inf at a reset), recompute the states
+// from the checkpoint (sub-chunks of SCAN_SUB steps kept in shared memory), run λ backwards. A
+// step's dx, dΔ and y replace its staged float4 and are written out after the interval (dz from
+// y, dout and z reloaded); dB/dC: each warp transpose-reduces its 8 channels' 8 values per lane
 // (7 shuffles), parks the partial in its own, already consumed, slots of that step's states,
 // and after each sub-chunk the 4 warps' partials are summed with one global atomic per block,
-// step and column.
-extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_scan_bwd_split_v3(
-    const bf16* __restrict__ x, int sx, const bf16* __restrict__ delta, int sd, const bf16* __restrict__ z, int sz,
-    const bf16* __restrict__ Bm, const bf16* __restrict__ Cm, int sbc, const float* __restrict__ delta_bias,
-    const float* __restrict__ a_log, const float* __restrict__ d_skip, const int* __restrict__ seg,
-    const float* __restrict__ ckpt, const bf16* __restrict__ dout, int sdo, const bf16* __restrict__ dy_extra,
-    int sde, bf16* __restrict__ dx, int sdx, bf16* __restrict__ ddelta, int sdd, bf16* __restrict__ dz, int sdz,
-    float* __restrict__ dbc_acc, float* __restrict__ da_log, float* __restrict__ dd_skip,
-    float* __restrict__ ddelta_bias, int T, int D) {
-    extern __shared__ __align__(16) float smem[];
-    float* sH = smem;  // [SCAN_SUB][SCAN_SPLIT_CH · SCAN_N], a lane's 4 states contiguous
-    float(*sBC)[2 * SCAN_N] = reinterpret_cast<float(*)[2 * SCAN_N]>(smem + SCAN_SUB * SCAN_SPLIT_CH * SCAN_N);
-    float4(*sS)[SCAN_SPLIT_CH] =
-        reinterpret_cast<float4(*)[SCAN_SPLIT_CH]>(smem + SCAN_SUB * SCAN_SPLIT_CH * SCAN_N + SCAN_CKPT * 2 * SCAN_N);
-    constexpr int PER = SCAN_CKPT * SCAN_SPLIT_CH / SCAN_SPLIT_THREADS;  // 8 staged steps per thread
-    constexpr int HALF = PER / 2;                                         // loads issued together
-    constexpr int STEP_STRIDE = SCAN_SPLIT_THREADS / SCAN_SPLIT_CH;
-    constexpr int G = SCAN3_RGROUP;
-
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, b = blockIdx.y;
-    const int c0 = blockIdx.x * SCAN_SPLIT_CH;
-    const size_t row0 = (size_t)b * T;
-    const int nck = (T + SCAN_CKPT - 1) / SCAN_CKPT;
-    const int lc = tid & 31, ls = tid >> 5;
-    const int cl = c0 + lc;
-    const bool lactive = cl < D;
-    const int ccl = lactive ? cl : D - 1;
-    const float lbias = delta_bias[ccl];
-    const int ch = tid / SCAN_SPLIT, sub = tid % SCAN_SPLIT;
-    const int c = c0 + ch;
-    const bool active = c < D;
-    const int cc = active ? c : D - 1;
-    // Column of dB/dC this lane holds after the transpose-reduction of its 8 values
-    // (v[0..3]: B of states 4·sub.., v[4..7]: C of the same states).
-    const int ridx = (lane >> 2) & 7, rsub = lane & 3;
-    const int rcol = ridx < 4 ? rsub * SCAN_KP + ridx : SCAN_N + rsub * SCAN_KP + (ridx - 4);
-    float A[SCAN_KP], A2[SCAN_KP], h[SCAN_KP], hck[SCAN_KP], lam[SCAN_KP], dA[SCAN_KP];
-#pragma unroll
-    for (int j = 0; j < SCAN_KP; ++j) {
-        const float al = a_log[cc * SCAN_N + sub * SCAN_KP + j];
-        A[j] = -expf(al);
-        A2[j] = scan_decay_rate(al);
-        lam[j] = 0.f;
-        dA[j] = 0.f;
-    }
-    const float dsk = d_skip[cc];
-    float dD = 0.f, dBias = 0.f;
-    const float4 zero4 = make_float4(0.f, 0.f, 0.f, 0.f);
-
-    for (int jc = nck - 1; jc >= 0; --jc) {
-        const int t0 = jc * SCAN_CKPT, n = min(SCAN_CKPT, T - t0);
-        __syncthreads();
-#pragma unroll 1
-        for (int hf = 0; hf < 2; ++hf) {
-            float lx[HALF], ld[HALF], lg[HALF], lz[HALF], le[HALF], lbc[HALF];
-            int lseg[HALF];
-#pragma unroll
-            for (int q = 0; q < HALF; ++q) {
-                const int i = ls + STEP_STRIDE * (q + hf * HALF);
-                const size_t r = row0 + t0 + (i < n ? i : 0);
-                lx[q] = bf(x[r * sx + ccl]);
-                ld[q] = bf(delta[r * sd + ccl]);
-                lg[q] = bf(dout[r * sdo + ccl]);
-                lz[q] = z ? bf(z[r * sz + ccl]) : 0.f;
-                le[q] = dy_extra ? bf(dy_extra[r * sde + ccl]) : 0.f;
-                lbc[q] = lc < SCAN_N ? bf(Bm[r * sbc + lc]) : bf(Cm[r * sbc + lc - SCAN_N]);
-                lseg[q] = seg ? seg[r] : 0;
-            }
-#pragma unroll
-            for (int q = 0; q < HALF; ++q) {
-                const int i = ls + STEP_STRIDE * (q + hf * HALF), t = t0 + i;
-                const bool ok = i < n;
-                const float g = lg[q], zv = lz[q];
-                float gbar = g;
-                if (z != nullptr) gbar = g * zv * sigmoid_f(zv);
-                gbar += le[q];
-                const float dt = softplus_f(ld[q] + lbias);
-                const bool reset = t == 0 || (seg != nullptr && lseg[q] == t);
-                // Idle channels get zeros: ḡ = 0 keeps their λ and dB/dC partials at 0.
-                sS[i][lc] = ok && lactive ? make_float4(lx[q], dt, gbar, reset ? __int_as_float(0x7f800000) : dt) : zero4;
-                sBC[i][lc] = ok ? lbc[q] : 0.f;
-            }
-        }
-        {
-            const float* src = ckpt + ((size_t)(b * nck + jc) * SCAN_N + sub * SCAN_KP) * D + cc;
-#pragma unroll
-            for (int j = 0; j < SCAN_KP; ++j) hck[j] = src[(size_t)j * D];
-        }
-        __syncthreads();
-
-        const int nsub = (n + SCAN_SUB - 1) / SCAN_SUB;
-        if (nsub > 1) {
-#pragma unroll
-            for (int j = 0; j < SCAN_KP; ++j) h[j] = hck[j];
-#pragma unroll 8
-            for (int i = 0; i < SCAN_SUB; ++i)
-                scan3_state_step(h, A2, sS[i][ch], *reinterpret_cast<const float4*>(&sBC[i][sub * SCAN_KP]));
-        }
-        for (int s = nsub - 1; s >= 0; --s) {
-            const int i0 = s * SCAN_SUB;
-            if (s == 0) {
-#pragma unroll
-                for (int j = 0; j < SCAN_KP; ++j) h[j] = hck[j];
-            }
-            // Recompute the sub-chunk's states into sH, G steps' loads before their stores.
-#pragma unroll 1
-            for (int q0 = 0; q0 < SCAN_SUB; q0 += G) {
-                float4 S[G], B4[G];
-#pragma unroll
-                for (int u = 0; u < G; ++u) {
-                    S[u] = sS[i0 + q0 + u][ch];
-                    B4[u] = *reinterpret_cast<const float4*>(&sBC[i0 + q0 + u][sub * SCAN_KP]);
-                }
-#pragma unroll
-                for (int u = 0; u < G; ++u) {
-                    scan3_state_step(h, A2, S[u], B4[u]);
-                    *reinterpret_cast<float4*>(&sH[((q0 + u) * SCAN_SPLIT_CH + ch) * SCAN_N + sub * SCAN_KP]) =
-                        make_float4(h[0], h[1], h[2], h[3]);
-                }
-            }
-            // Reverse walk, G steps at a time: all loads and math first, then the stores.
-#pragma unroll 1
-            for (int q0 = SCAN_SUB - G; q0 >= 0; q0 -= G) {
-                float rv[G], rdx[G], rdp[G], rya[G];
-#pragma unroll
-                for (int u = G - 1; u >= 0; --u) {
-                    const int q = q0 + u, i = i0 + q;
-                    const float4 st = sS[i][ch];
-                    const float xv = st.x, dt = st.y, gbar = st.z;
-                    const float dtx = dt * xv;
-                    const float4 h4 = *reinterpret_cast<const float4*>(&sH[(q * SCAN_SPLIT_CH + ch) * SCAN_N + sub * SCAN_KP]);
-                    const float4 Bq = *reinterpret_cast<const float4*>(&sBC[i][sub * SCAN_KP]);
-                    const float4 Cq = *reinterpret_cast<const float4*>(&sBC[i][SCAN_N + sub * SCAN_KP]);
-                    const float hv[SCAN_KP] = {h4.x, h4.y, h4.z, h4.w};
-                    const float Bv[SCAN_KP] = {Bq.x, Bq.y, Bq.z, Bq.w};
-                    const float Cv[SCAN_KP] = {Cq.x, Cq.y, Cq.z, Cq.w};
-                    if (sub == 0) dD = fmaf(gbar, xv, dD);
-                    float dxa = sub == 0 ? gbar * dsk : 0.f, dda = 0.f, ya = sub == 0 ? dsk * xv : 0.f;
-                    float v[2 * SCAN_KP];
-#pragma unroll
-                    for (int j = 0; j < SCAN_KP; ++j) {
-                        const float hk = hv[j], Bk = Bv[j], Ck = Cv[j];
-                        ya = fmaf(Ck, hk, ya);
-                        v[SCAN_KP + j] = gbar * hk;
-                        lam[j] = fmaf(gbar, Ck, lam[j]);
-                        const float hp = hk - __fmul_rn(dtx, Bk);  // exp(dt·A)·h_{t−1}
-                        const float ldt = lam[j] * dt;
-                        dxa = fmaf(ldt, Bk, dxa);
-                        dda = fmaf(lam[j], fmaf(A[j], hp, Bk * xv), dda);
-                        dA[j] = fmaf(ldt, hp, dA[j]);
-                        v[j] = lam[j] * dtx;
-                        lam[j] *= ex2(st.w * A2[j]);
-                    }
-                    ya = sum_over_split(ya);
-                    dxa = sum_over_split(dxa);
-                    const float ddt = sum_over_split(dda);
-                    // dt > 20 exactly when pre > 20 (softplus(20) rounds to 20).
-                    const float dpre = ddt * softplus_grad_from_dt(dt);
-                    if (sub == 0) dBias += dpre;
-                    // Sum over the warp's 8 channels: lane ends with column rcol.
-                    transpose_reduce_lv<4, 16>(v, lane);
-                    transpose_reduce_lv<2, 8>(v, lane);
-                    transpose_reduce_lv<1, 4>(v, lane);
-                    rv[u] = v[0];
-                    rdx[u] = dxa;
-                    rdp[u] = dpre;
-                    rya[u] = ya;
-                }
-                __syncwarp();  // the warp's reads of these steps' sH and sS are done
-#pragma unroll
-                for (int u = 0; u < G; ++u) {
-                    sH[(q0 + u) * SCAN_SPLIT_CH * SCAN_N + warp * 32 * SCAN_KP + rcol] = rv[u];
-                    if (sub == 0) sS[i0 + q0 + u][ch] = make_float4(rdx[u], rdp[u], rya[u], 0.f);
-                }
-            }
-            __syncthreads();
-            // dB/dC of the sub-chunk: sum the warps' partials, one atomic per step and column.
-#pragma unroll
-            for (int e = tid; e < SCAN_SUB * 2 * SCAN_N; e += SCAN_SPLIT_THREADS) {
-                const int q = e >> 5, col = e & 31, i = i0 + q;
-                if (i < n) {
-                    float sum = 0.f;
-#pragma unroll
-                    for (int w = 0; w < SCAN_SPLIT_WARPS; ++w) sum += sH[q * SCAN_SPLIT_CH * SCAN_N + w * 32 * SCAN_KP + col];
-                    atomicAdd(dbc_acc + (row0 + t0 + i) * 2 * SCAN_N + col, sum);
-                }
-            }
-            __syncthreads();  // before the next sub-chunk's states overwrite sH
-        }
-#pragma unroll
-        for (int q = 0; q < PER; ++q) {
-            const int i = ls + STEP_STRIDE * q;
-            if (i < n && lactive) {
-                const size_t r = row0 + t0 + i;
-                const float4 res = sS[i][lc];  // (dx, dΔ, y, −)
-                dx[r * sdx + cl] = tobf(res.x);
-                ddelta[r * sdd + cl] = tobf(res.y);
-                if (dz != nullptr && z != nullptr) {
-                    // dz = dout·silu'(z)·y
-                    const float g = bf(dout[r * sdo + cl]), zv = bf(z[r * sz + cl]);
-                    const float sg = sigmoid_f(zv);
-                    dz[r * sdz + cl] = tobf(g * sg * (1.f + zv * (1.f - sg)) * res.z);
-                }
-            }
-        }
-    }
-    if (active) {
-#pragma unroll
-        for (int j = 0; j < SCAN_KP; ++j) atomicAdd(da_log + c * SCAN_N + sub * SCAN_KP + j, dA[j] * A[j]);
-        if (sub == 0) {
-            atomicAdd(dd_skip + c, dD);
-            atomicAdd(ddelta_bias + c, dBias);
-        }
-    }
-}
-
-// ------------------------------------------------------------------------------------------
-// Backward v4 (default): v3's layout and staging, with
+// step and column. Beyond v3's backward:
 // - fewer instructions per reverse step: λ·hp shared by dA and dΔ, Σλ·B shared by dx and dΔ
 //   (dx = dt·Σλ·B + ḡ·D, dΔ = Σ A·λ·hp + x·Σλ·B); the three per-step sums over a channel's
 //   4 lanes (y, Σλ·B, Σ A·λ·hp) are reduced transposed over a group of 4 steps (9 shuffles per

@@ -303,6 +303,19 @@ impl Gpu {
         Ok(Kernel { func: f, name })
     }
 
+    /// How many blocks of `threads` threads (with `smem` bytes of dynamic shared memory) of
+    /// `k` are resident on one SM at once (at least 1).
+    pub fn resident_blocks(&self, k: Kernel, threads: u32, smem: usize) -> Result<usize> {
+        let n = unsafe {
+            cu::occupancy::max_active_block_per_multiprocessor(k.func, threads as i32, smem)
+        }
+        .map_err(|e| KernelError::Driver {
+            call: format!("cuOccupancyMaxActiveBlocksPerMultiprocessor({})", k.name),
+            message: format!("{e:?}"),
+        })?;
+        Ok(n.max(1) as usize)
+    }
+
     /// Raises a kernel's dynamic shared memory limit.
     pub fn set_max_dynamic_smem(&self, k: Kernel, bytes: usize) -> Result<()> {
         unsafe {

@@ -20,17 +20,18 @@ const COMMON: &str = include_str!("../cuda/common.cuh");
 pub const MODULES: &[(&str, &str)] = &[
     ("elementwise", include_str!("../cuda/elementwise.cu")),
     ("loss_optim", include_str!("../cuda/loss_optim.cu")),
-    ("flash", include_str!("../cuda/flash.cu")),
     (
-        "flash_sm90",
+        "flash",
         concat!(
-            include_str!("../cuda/flash_sm90_wgmma.cuh"),
-            include_str!("../cuda/flash_sm90.cu")
+            include_str!("../cuda/flash_common.cuh"),
+            include_str!("../cuda/flash.cu")
         ),
     ),
+    ("flash_sm90", include_str!("../cuda/flash_sm90.cu")),
     (
         "flash_sm90_ws",
         concat!(
+            include_str!("../cuda/flash_common.cuh"),
             include_str!("../cuda/flash_sm90_wgmma.cuh"),
             include_str!("../cuda/flash_sm90_ws.cu")
         ),
@@ -101,27 +102,15 @@ mod tests {
             assert!(flash.contains(k), "{k}");
         }
         let flash9 = module_source("flash_sm90").unwrap_or_default();
-        for k in [
-            "flash_fwd_sm90_d64",
-            "flash_fwd_sm90_d128",
-            "flash_bwd_sm90_d64",
-            "flash_bwd_sm90_d128",
-            "flash_bwd_dq_sm90",
-            "flash_fwd_sm90_overlap_d64",
-            "flash_fwd_sm90_overlap_d128",
-        ] {
+        for k in ["flash_bwd_prep_sm90", "flash_bwd_dq2_sm90"] {
             assert!(flash9.contains(k), "{k}");
         }
         let ws = module_source("flash_sm90_ws").unwrap_or_default();
         for k in [
             "flash_fwd_ws_d64",
             "flash_fwd_ws_d128",
-            "flash_fwd_ws_nopp_d64",
-            "flash_fwd_ws_nopp_d128",
-            "flash_bwd_ws_d64",
-            "flash_bwd_ws_d128",
-            "flash_bwd_ws_dqw_d64",
-            "flash_bwd_ws_dqw_d128",
+            "flash_bwd_ws_leanv_d64",
+            "flash_bwd_ws_leanv_d128",
             "wg_ss_n128_t00",
         ] {
             assert!(ws.contains(k), "{k}");

@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 const FLASH_BR: usize = 64;
 const FLASH_BC: usize = 64;
-/// Keys per backward CTA (8 warps of 16 keys).
+/// Keys per backward CTA (8 warps of 16 keys; the Hopper backward: 2 consumer warpgroups).
 const FLASH_BWD_BC: usize = 128;
-/// Query rows per CTA and keys per tile of the sm_90a forward (flash_sm90.cu).
+/// Query rows per CTA and keys per tile of the Hopper forward (flash_sm90_ws.cu).
 const FLASH9_BR: usize = 128;
 const FLASH9_BC: usize = 128;
-/// Queries per work item of the sm_90a backward (flash_sm90.cu, flash_sm90_ws.cu).
+/// Queries per work item of the Hopper backward (flash_sm90_ws.cu).
 const FLASH9_BWD_BR: usize = 64;
 
 /// Which flash attention kernels `Ops` launches.
@@ -21,105 +21,106 @@ const FLASH9_BWD_BR: usize = 64;
 pub enum FlashVariant {
     /// mma.sync kernels (flash.cu), any sm_80+ device.
     Sm80,
-    /// wgmma kernels (flash_sm90.cu), Hopper only.
-    Sm90,
-    /// Hopper: the warp-specialised TMA forward (flash_sm90_ws.cu) with the sm90 backward.
-    Sm90Ws,
-    /// Hopper: the warp-specialised TMA forward and backward (flash_sm90_ws.cu).
-    Sm90WsBwd,
-    /// Hopper: as `Sm90WsBwd`, the backward without the pair barrier (each consumer
-    /// warpgroup reduces the dQ of its own 64 keys; flash_bwd_np).
-    Sm90WsNp,
-    /// Hopper: as `Sm90WsNp`, with the two consumers' S^T/dP^T issue in ping-pong.
-    Sm90WsNpPp,
-    /// Hopper: `Sm90WsBwd`'s kernel with fewer instructions per item (stmatrix for dS^T,
-    /// lse pre-scaled by log2 e, 8-byte lse/delta loads).
-    Sm90WsLean,
-    /// Hopper: as `Sm90WsLean`, with V held in registers (dP^T = V dO^T from registers).
+    /// Hopper, the default there: the warp-specialised TMA forward and backward
+    /// (flash_sm90_ws.cu; the backward with half of V in registers), the fused delta / dq_acc
+    /// zeroing pass and the dQ conversion through shared memory (flash_sm90.cu).
     Sm90WsLeanV,
 }
 
+/// `ARCHSCALE_FLASH` values of the variants retired 2026-11-29 (bench/NOTES.md, "Retired
+/// kernel variants"): none was faster than `sm90ws-leanv` in the d8 and d16 steps measured.
+const RETIRED_FLASH_VARIANTS: [&str; 6] = [
+    "sm90",
+    "sm90ws",
+    "sm90ws-bwd",
+    "sm90ws-np",
+    "sm90ws-nppp",
+    "sm90ws-lean",
+];
+
+/// Environment options that chose between flash kernels retired 2026-11-29: (variable, the
+/// value that still names what runs, if any; setting it is allowed and changes nothing).
+const RETIRED_FLASH_OPTIONS: [(&str, Option<&str>); 5] = [
+    ("ARCHSCALE_FLASH_FWD", None),
+    ("ARCHSCALE_FLASH_WS", Some("pingpong")),
+    ("ARCHSCALE_FLASH_WS_BWD", Some("inline")),
+    ("ARCHSCALE_FLASH_PREP", Some("fused")),
+    ("ARCHSCALE_FLASH_DQ", Some("smem")),
+];
+
 impl FlashVariant {
     /// Every variant, in the order the self-test runs them (index = stored code).
-    pub const ALL: [FlashVariant; 8] = [
-        FlashVariant::Sm80,
-        FlashVariant::Sm90,
-        FlashVariant::Sm90Ws,
-        FlashVariant::Sm90WsBwd,
-        FlashVariant::Sm90WsNp,
-        FlashVariant::Sm90WsNpPp,
-        FlashVariant::Sm90WsLean,
-        FlashVariant::Sm90WsLeanV,
-    ];
+    pub const ALL: [FlashVariant; 2] = [FlashVariant::Sm80, FlashVariant::Sm90WsLeanV];
 
-    /// Runs flash_sm90.cu's or flash_sm90_ws.cu's kernels (every variant but `Sm80`).
+    /// Runs flash_sm90_ws.cu's and flash_sm90.cu's kernels.
     fn hopper(self) -> bool {
         self != FlashVariant::Sm80
-    }
-
-    /// Its forward is the warp-specialised one (every Hopper variant but `Sm90`).
-    fn ws_forward(self) -> bool {
-        self.hopper() && self != FlashVariant::Sm90
-    }
-
-    /// Its backward starts with the fused delta / dq_acc zeroing pass.
-    fn fused_prep(self) -> bool {
-        matches!(
-            self,
-            FlashVariant::Sm90WsNp
-                | FlashVariant::Sm90WsNpPp
-                | FlashVariant::Sm90WsLean
-                | FlashVariant::Sm90WsLeanV
-        )
     }
 
     pub fn name(self) -> &'static str {
         match self {
             FlashVariant::Sm80 => "sm80",
-            FlashVariant::Sm90 => "sm90",
-            FlashVariant::Sm90Ws => "sm90ws",
-            FlashVariant::Sm90WsBwd => "sm90ws-bwd",
-            FlashVariant::Sm90WsNp => "sm90ws-np",
-            FlashVariant::Sm90WsNpPp => "sm90ws-nppp",
-            FlashVariant::Sm90WsLean => "sm90ws-lean",
             FlashVariant::Sm90WsLeanV => "sm90ws-leanv",
         }
     }
+
+    /// The variant an `ARCHSCALE_FLASH` value names; `None` for the device's default (unset,
+    /// empty or `auto`). A retired or unknown name is an error that lists the valid ones.
+    fn from_setting(value: Option<&str>) -> Result<Option<FlashVariant>> {
+        let name = match value {
+            None | Some("") | Some("auto") => return Ok(None),
+            Some(name) => name,
+        };
+        if let Some(v) = FlashVariant::ALL.into_iter().find(|v| v.name() == name) {
+            return Ok(Some(v));
+        }
+        let valid: Vec<&str> = FlashVariant::ALL.iter().map(|v| v.name()).collect();
+        let why = if RETIRED_FLASH_VARIANTS.contains(&name) {
+            "was retired 2026-11-29 (bench/NOTES.md, \"Retired kernel variants\")"
+        } else {
+            "is not a flash variant"
+        };
+        Err(KernelError::Unsupported(format!(
+            "ARCHSCALE_FLASH={name} {why}; expected {} or auto",
+            valid.join(", ")
+        )))
+    }
 }
 
-/// The Hopper-only flash kernels.
+/// Refuses a setting of a retired flash option other than the one value that still names
+/// what runs (`get`: the environment lookup).
+fn check_retired_flash_options(get: impl Fn(&str) -> Option<String>) -> Result<()> {
+    for (var, kept) in RETIRED_FLASH_OPTIONS {
+        let Some(value) = get(var).filter(|v| !v.is_empty()) else {
+            continue;
+        };
+        if Some(value.as_str()) == kept {
+            continue;
+        }
+        let expected = match kept {
+            Some(k) => format!("the only choice left is {k} (or leave {var} unset)"),
+            None => format!("leave {var} unset"),
+        };
+        return Err(KernelError::Unsupported(format!(
+            "{var}={value}: the flash kernels this option chose between were retired \
+             2026-11-29 (bench/NOTES.md, \"Retired kernel variants\"); {expected}"
+        )));
+    }
+    Ok(())
+}
+
+/// The Hopper-only flash kernels (variant `Sm90WsLeanV`).
 struct FlashSm90 {
+    /// Warp-specialised forward (producer warpgroup with TMA, two consumer warpgroups).
     fwd_64: Kernel,
     fwd_128: Kernel,
+    /// Warp-specialised backward (dQ into the blocked fp32 dq_acc).
     bwd_64: Kernel,
     bwd_128: Kernel,
-    /// dQ from the backward's blocked fp32 accumulator.
-    dq: Kernel,
-    /// The same through shared memory with 16-byte stores; the default
-    /// (`ARCHSCALE_FLASH_DQ=frag` keeps `dq`). 2026-11-29 03:52: selftest --only flash
-    /// 320/320 with it; d8 433.0k -> 434.4k, d16 76.8k -> 77.1k tok/s in the same call.
-    dq2: Kernel,
-    dq2_on: bool,
-    /// Warp-specialised forward (producer warpgroup with TMA, two consumer warpgroups).
-    ws_64: Kernel,
-    ws_128: Kernel,
-    /// Warp-specialised backward (same dq_acc layout and conversion as `bwd_*`).
-    ws_bwd_64: Kernel,
-    ws_bwd_128: Kernel,
-    /// The backward without the pair barrier, without / with ping-pong.
-    ws_np_64: Kernel,
-    ws_np_128: Kernel,
-    ws_nppp_64: Kernel,
-    ws_nppp_128: Kernel,
-    /// `ws_bwd_*` with fewer instructions per item.
-    ws_lean_64: Kernel,
-    ws_lean_128: Kernel,
-    ws_leanv_64: Kernel,
-    ws_leanv_128: Kernel,
-    /// delta and the dq_acc zeroing in one pass (the np, nppp and lean variants).
+    /// delta and the dq_acc zeroing in one pass.
     prep: Kernel,
-    /// False with ARCHSCALE_FLASH_PREP=old: those variants keep flash_bwd_delta + memset.
-    prep_on: bool,
+    /// dQ from the backward's blocked dq_acc, through shared memory with 16-byte stores.
+    dq: Kernel,
 }
 
 /// Every kernel, loaded once per device.
@@ -129,6 +130,9 @@ pub struct Ops {
     embedding_bwd: Kernel,
     rmsnorm_fwd: Kernel,
     rmsnorm_bwd: Kernel,
+    /// Register-resident RMSNorm, `[V - 1]` keeps V float4 chunks per thread (see
+    /// [`rmsnorm_chunks`]); None with ARCHSCALE_RMSNORM=block (the one-block-per-row kernels).
+    rmsnorm_regs: Option<([Kernel; 4], [Kernel; 4])>,
     rope_qkv: Kernel,
     swiglu_fwd: Kernel,
     swiglu_bwd: Kernel,
@@ -145,7 +149,7 @@ pub struct Ops {
     flash_delta: Kernel,
     flash_dq: Kernel,
     flash_sm90: Option<FlashSm90>,
-    /// The variant `flash_fwd`/`flash_bwd` launch (0 = sm80, 1 = sm90).
+    /// The variant `flash_fwd`/`flash_bwd` launch (index into `FlashVariant::ALL`).
     flash_variant: std::sync::atomic::AtomicU8,
 }
 
@@ -230,6 +234,56 @@ fn ew_grid(gpu: &Gpu, n: usize, threads: usize) -> (u32, u32, u32) {
     (blocks as u32, 1, 1)
 }
 
+/// Threads per block of the register-resident RMSNorm forward (one block per row) and
+/// backward (grid-stride over rows, more threads per row to hide its longer dependency chain).
+pub fn rmsnorm_threads(n: usize, backward: bool) -> u32 {
+    if backward || n > 2048 {
+        256
+    } else {
+        128
+    }
+}
+
+/// Float4 chunks per thread of the register-resident RMSNorm kernels for width `n` and
+/// `threads` per block, or None where the one-block-per-row kernels run (n not a multiple of
+/// 4, or more than 4 chunks per thread).
+pub fn rmsnorm_chunks(n: usize, threads: u32) -> Option<usize> {
+    if n == 0 || n % 4 != 0 {
+        return None;
+    }
+    let v = (n / 4).div_ceil(threads as usize);
+    (v <= 4).then_some(v)
+}
+
+#[cfg(test)]
+mod rmsnorm_regs_tests {
+    use super::{rmsnorm_chunks, rmsnorm_threads};
+
+    #[test]
+    fn register_rmsnorm_covers_each_width_once_without_idle_chunk_rounds() {
+        for backward in [false, true] {
+            for n in (4..=4096).step_by(4) {
+                let threads = rmsnorm_threads(n, backward);
+                let v = rmsnorm_chunks(n, threads).expect("every multiple of 4 up to 4096");
+                let per_round = threads as usize * 4;
+                assert!((1..=4).contains(&v), "n {n}: v {v}");
+                assert!(
+                    v * per_round >= n,
+                    "n {n}: {v} rounds of {per_round} miss elements"
+                );
+                assert!((v - 1) * per_round < n, "n {n}: round {v} would be idle");
+            }
+            for n in [0, 2, 130, 1534, 4100, 8192] {
+                assert_eq!(
+                    rmsnorm_chunks(n, rmsnorm_threads(n, backward)),
+                    None,
+                    "n {n}"
+                );
+            }
+        }
+    }
+}
+
 fn i32_of(name: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| {
         KernelError::Unsupported(format!(
@@ -241,12 +295,35 @@ fn i32_of(name: &str, v: usize) -> Result<i32> {
 impl Ops {
     /// Compiles (or loads from the cache) and loads every kernel.
     pub fn new(gpu: Arc<Gpu>) -> Result<Ops> {
+        check_retired_flash_options(|var| std::env::var(var).ok())?;
         let load = |module: &str, name: &'static str| gpu.module_kernel(module, name);
         let ops = Ops {
             embedding_fwd: load("elementwise", "embedding_fwd")?,
             embedding_bwd: load("elementwise", "embedding_bwd")?,
             rmsnorm_fwd: load("elementwise", "rmsnorm_fwd")?,
             rmsnorm_bwd: load("elementwise", "rmsnorm_bwd")?,
+            rmsnorm_regs: match std::env::var("ARCHSCALE_RMSNORM").as_deref() {
+                Ok("block") => None,
+                Ok("regs") | Err(_) => Some((
+                    [
+                        load("elementwise", "rmsnorm_fwd_r1")?,
+                        load("elementwise", "rmsnorm_fwd_r2")?,
+                        load("elementwise", "rmsnorm_fwd_r3")?,
+                        load("elementwise", "rmsnorm_fwd_r4")?,
+                    ],
+                    [
+                        load("elementwise", "rmsnorm_bwd_r1")?,
+                        load("elementwise", "rmsnorm_bwd_r2")?,
+                        load("elementwise", "rmsnorm_bwd_r3")?,
+                        load("elementwise", "rmsnorm_bwd_r4")?,
+                    ],
+                )),
+                Ok(other) => {
+                    return Err(KernelError::Unsupported(format!(
+                        "ARCHSCALE_RMSNORM={other}: expected `regs` (default) or `block`"
+                    )))
+                }
+            },
             rope_qkv: load("elementwise", "rope_qkv")?,
             swiglu_fwd: load("elementwise", "swiglu_fwd")?,
             swiglu_bwd: load("elementwise", "swiglu_bwd")?,
@@ -263,85 +340,13 @@ impl Ops {
             flash_delta: load("flash", "flash_bwd_delta")?,
             flash_dq: load("flash", "flash_bwd_dq")?,
             flash_sm90: if gpu.cc.0 == 9 {
-                // ARCHSCALE_FLASH_FWD=overlap: the forward whose softmax overlaps the previous
-                // tile's P V (measured slower at d16; kept for comparison).
-                let overlap = match std::env::var("ARCHSCALE_FLASH_FWD").ok().as_deref() {
-                    None | Some("") | Some("plain") => false,
-                    Some("overlap") => true,
-                    Some(other) => {
-                        return Err(KernelError::Unsupported(format!(
-                            "ARCHSCALE_FLASH_FWD={other}: expected plain or overlap"
-                        )))
-                    }
-                };
-                let (fwd_64, fwd_128) = if overlap {
-                    ("flash_fwd_sm90_overlap_d64", "flash_fwd_sm90_overlap_d128")
-                } else {
-                    ("flash_fwd_sm90_d64", "flash_fwd_sm90_d128")
-                };
-                // ARCHSCALE_FLASH_WS=nopp: the warp-specialised forward without the ping-pong
-                // of its two consumer warpgroups (for comparison).
-                let (ws_64, ws_128) = match std::env::var("ARCHSCALE_FLASH_WS").ok().as_deref() {
-                    None | Some("") | Some("pingpong") => ("flash_fwd_ws_d64", "flash_fwd_ws_d128"),
-                    Some("nopp") => ("flash_fwd_ws_nopp_d64", "flash_fwd_ws_nopp_d128"),
-                    Some(other) => {
-                        return Err(KernelError::Unsupported(format!(
-                            "ARCHSCALE_FLASH_WS={other}: expected pingpong or nopp"
-                        )))
-                    }
-                };
-                // ARCHSCALE_FLASH_WS_BWD=dqw: the warp-specialised backward whose dQ bulk
-                // reduces are issued by a producer warp (FA3's dQ writer).
-                let (ws_bwd_64, ws_bwd_128) = match std::env::var("ARCHSCALE_FLASH_WS_BWD")
-                    .ok()
-                    .as_deref()
-                {
-                    None | Some("") | Some("inline") => ("flash_bwd_ws_d64", "flash_bwd_ws_d128"),
-                    Some("dqw") => ("flash_bwd_ws_dqw_d64", "flash_bwd_ws_dqw_d128"),
-                    Some(other) => {
-                        return Err(KernelError::Unsupported(format!(
-                            "ARCHSCALE_FLASH_WS_BWD={other}: expected inline or dqw"
-                        )))
-                    }
-                };
                 Some(FlashSm90 {
-                    ws_64: load("flash_sm90_ws", ws_64)?,
-                    ws_128: load("flash_sm90_ws", ws_128)?,
-                    ws_bwd_64: load("flash_sm90_ws", ws_bwd_64)?,
-                    ws_bwd_128: load("flash_sm90_ws", ws_bwd_128)?,
-                    ws_np_64: load("flash_sm90_ws", "flash_bwd_ws_np_d64")?,
-                    ws_np_128: load("flash_sm90_ws", "flash_bwd_ws_np_d128")?,
-                    ws_nppp_64: load("flash_sm90_ws", "flash_bwd_ws_nppp_d64")?,
-                    ws_nppp_128: load("flash_sm90_ws", "flash_bwd_ws_nppp_d128")?,
-                    ws_lean_64: load("flash_sm90_ws", "flash_bwd_ws_lean_d64")?,
-                    ws_lean_128: load("flash_sm90_ws", "flash_bwd_ws_lean_d128")?,
-                    ws_leanv_64: load("flash_sm90_ws", "flash_bwd_ws_leanv_d64")?,
-                    ws_leanv_128: load("flash_sm90_ws", "flash_bwd_ws_leanv_d128")?,
+                    fwd_64: load("flash_sm90_ws", "flash_fwd_ws_d64")?,
+                    fwd_128: load("flash_sm90_ws", "flash_fwd_ws_d128")?,
+                    bwd_64: load("flash_sm90_ws", "flash_bwd_ws_leanv_d64")?,
+                    bwd_128: load("flash_sm90_ws", "flash_bwd_ws_leanv_d128")?,
                     prep: load("flash_sm90", "flash_bwd_prep_sm90")?,
-                    prep_on: match std::env::var("ARCHSCALE_FLASH_PREP").ok().as_deref() {
-                        None | Some("") | Some("fused") => true,
-                        Some("old") => false,
-                        Some(other) => {
-                            return Err(KernelError::Unsupported(format!(
-                                "ARCHSCALE_FLASH_PREP={other}: expected fused or old"
-                            )))
-                        }
-                    },
-                    fwd_64: load("flash_sm90", fwd_64)?,
-                    fwd_128: load("flash_sm90", fwd_128)?,
-                    bwd_64: load("flash_sm90", "flash_bwd_sm90_d64")?,
-                    bwd_128: load("flash_sm90", "flash_bwd_sm90_d128")?,
-                    dq: load("flash_sm90", "flash_bwd_dq_sm90")?,
-                    dq2: load("flash_sm90", "flash_bwd_dq2_sm90")?,
-                    dq2_on: match std::env::var("ARCHSCALE_FLASH_DQ").ok().as_deref() {
-                        Some("frag") => false,
-                        None | Some("") | Some("smem") => true,
-                        Some(other) => {
-                            return Err(KernelError::Unsupported(format!(
-                                "ARCHSCALE_FLASH_DQ={other}: expected frag or smem"
-                            )))
-                        }
-                    },
+                    dq: load("flash_sm90", "flash_bwd_dq2_sm90")?,
                 })
             } else {
                 None
@@ -351,52 +356,18 @@ impl Ops {
         };
         if let Some(k9) = &ops.flash_sm90 {
             for (k, d) in [(k9.fwd_64, 64), (k9.fwd_128, 128)] {
-                ops.gpu.set_max_dynamic_smem(k, Self::flash9_fwd_smem(d))?;
-            }
-            for (k, d) in [(k9.bwd_64, 64), (k9.bwd_128, 128)] {
-                ops.gpu.set_max_dynamic_smem(k, Self::flash9_bwd_smem(d))?;
-            }
-            for (k, d) in [(k9.ws_64, 64), (k9.ws_128, 128)] {
                 ops.gpu.set_max_dynamic_smem(k, Self::flash_ws_smem(d))?;
             }
-            for (k, d) in [
-                (k9.ws_bwd_64, 64),
-                (k9.ws_bwd_128, 128),
-                (k9.ws_lean_64, 64),
-                (k9.ws_lean_128, 128),
-                (k9.ws_leanv_64, 64),
-                (k9.ws_leanv_128, 128),
-            ] {
+            for (k, d) in [(k9.bwd_64, 64), (k9.bwd_128, 128)] {
                 ops.gpu
                     .set_max_dynamic_smem(k, Self::flash_ws_bwd_smem(d))?;
             }
-            for (k, d) in [
-                (k9.ws_np_64, 64),
-                (k9.ws_np_128, 128),
-                (k9.ws_nppp_64, 64),
-                (k9.ws_nppp_128, 128),
-            ] {
-                ops.gpu
-                    .set_max_dynamic_smem(k, Self::flash_np_bwd_smem(d))?;
-            }
         }
-        // Default on Hopper: the warp-specialised forward and the lean backward with half of V
-        // in registers and the fused delta/zeroing pass (same call, two interleaved rounds:
-        // d16 step 210.4-210.7 against 212.6-213.1 ms for sm90ws-bwd, d8 72.6-72.7 against
-        // 74.0-74.3 ms). ARCHSCALE_FLASH=sm90ws-bwd / sm90ws / sm90 / sm80 keep older kernels.
-        let want = match std::env::var("ARCHSCALE_FLASH").ok().as_deref() {
-            None | Some("") | Some("auto") => FlashVariant::Sm90WsLeanV,
-            Some(name) => FlashVariant::ALL
-                .into_iter()
-                .find(|v| v.name() == name)
-                .ok_or_else(|| {
-                    let names: Vec<&str> = FlashVariant::ALL.iter().map(|v| v.name()).collect();
-                    KernelError::Unsupported(format!(
-                        "ARCHSCALE_FLASH={name}: expected {} or auto",
-                        names.join(", ")
-                    ))
-                })?,
-        };
+        // Default on Hopper: the warp-specialised forward and backward (same call, two
+        // interleaved rounds: d16 step 210.4-210.7 against 212.6-213.1 ms for the previous
+        // backward, d8 72.6-72.7 against 74.0-74.3 ms). ARCHSCALE_FLASH=sm80 runs flash.cu's.
+        let want = FlashVariant::from_setting(std::env::var("ARCHSCALE_FLASH").ok().as_deref())?
+            .unwrap_or(FlashVariant::Sm90WsLeanV);
         if ops.flash_variants().contains(&want) {
             ops.set_flash_variant(want)?;
         }
@@ -417,40 +388,23 @@ impl Ops {
             + FLASH_BWD_BC * (FLASH_BR + 8) * 2
             + 6 * FLASH_BR * 4
     }
-    /// Q tile, two stages of K and V (swizzled, unpadded), and 1 KiB to align the base.
-    fn flash9_fwd_smem(d: usize) -> usize {
-        (FLASH9_BR + 4 * FLASH9_BC) * d * 2 + 1024
-    }
     /// Warp-specialised forward: Q tile and STAGES stages of K and V (d128: 2, d64: 3; as
     /// flash_sm90_ws.cu instantiates them), 1 KiB to align the base, and the mbarriers.
     fn flash_ws_smem(d: usize) -> usize {
         let stages = if d == 128 { 2 } else { 3 };
         (1 + 2 * stages) * FLASH9_BC * d * 2 + 1024 + 256
     }
-    /// Warp-specialised backward: the sm90 backward's shared memory and 5 mbarriers.
+    /// Warp-specialised backward: K, V (128 keys), two stages of Q and dO (64 queries), two of
+    /// dS^T, two buffers of both consumers' fp32 64 x 64 dQ parts, two stages of lse, delta and
+    /// seg, 1 KiB to align the base and 5 mbarriers (d128: 232,000 of the 232,448 bytes a CTA
+    /// may have).
     fn flash_ws_bwd_smem(d: usize) -> usize {
-        Self::flash9_bwd_smem(d) + 64
-    }
-    /// Backward without the pair barrier (flash_bwd_np): K, V, two stages of Q and dO, one
-    /// dS^T, both warpgroups' fp32 64 x d dQ, two stages of lse, delta and seg, 1 KiB to
-    /// align the base and the 5 mbarriers (d128: 215,616 bytes).
-    fn flash_np_bwd_smem(d: usize) -> usize {
         (2 * FLASH_BWD_BC + 4 * FLASH9_BWD_BR) * d * 2
-            + FLASH_BWD_BC * FLASH9_BWD_BR * 2
-            + 2 * FLASH9_BWD_BR * d * 4
+            + 2 * FLASH_BWD_BC * FLASH9_BWD_BR * 2
+            + 4 * FLASH9_BWD_BR * 64 * 4
             + 6 * FLASH9_BWD_BR * 4
             + 1024
             + 64
-    }
-    /// K, V (128 keys), two stages of Q and dO (64 queries), two of dS^T, two buffers of
-    /// both warpgroups' fp32 64 x 64 dQ parts, two stages of lse, delta and seg, and 1 KiB
-    /// to align the base (d128: 231,936 of the 232,448 bytes a CTA may have).
-    fn flash9_bwd_smem(d: usize) -> usize {
-        (2 * FLASH_BWD_BC + 4 * FLASH_BR) * d * 2
-            + 2 * FLASH_BWD_BC * FLASH_BR * 2
-            + 4 * FLASH_BR * 64 * 4
-            + 6 * FLASH_BR * 4
-            + 1024
     }
 
     /// The flash variants this device can run (`Sm80` always; the others on Hopper).
@@ -536,6 +490,12 @@ impl Ops {
             .i32(i32_of("n", n)?)
             .f32(eps)
             .f32(scale);
+        let threads = rmsnorm_threads(n, false);
+        if let (Some((fwd, _)), Some(v)) = (&self.rmsnorm_regs, rmsnorm_chunks(n, threads)) {
+            return self
+                .gpu
+                .launch(fwd[v - 1], grid1(rows), (threads, 1, 1), 0, &a);
+        }
         self.gpu
             .launch(self.rmsnorm_fwd, grid1(rows), (256, 1, 1), 0, &a)
     }
@@ -572,6 +532,15 @@ impl Ops {
             .f32(scale)
             .i32(accumulate as i32)
             .ptr(h_out);
+        let threads = rmsnorm_threads(n, true);
+        if let (Some((_, bwd)), Some(v)) = (&self.rmsnorm_regs, rmsnorm_chunks(n, threads)) {
+            // one wave of at most 1024 threads per SM (every block ends with n atomics into
+            // dgamma, so no more blocks than that)
+            let k = bwd[v - 1];
+            let per_sm = (1024 / threads as usize).min(self.gpu.resident_blocks(k, threads, 0)?);
+            let blocks = rows.min(self.gpu.sm_count.max(1) as usize * per_sm);
+            return self.gpu.launch(k, grid1(blocks), (threads, 1, 1), 0, &a);
+        }
         let smem = n * 4;
         if smem > 48 * 1024 {
             return Err(KernelError::Unsupported(format!(
@@ -788,15 +757,10 @@ impl Ops {
         o: u64,
         lse: u64,
     ) -> Result<()> {
-        let variant = self.flash_variant();
-        let sm90 = self.flash_sm90.as_ref().filter(|_| variant.hopper());
-        if let Some(k9) = sm90.filter(|_| variant.ws_forward()) {
+        if let Some(k9) = self.hopper_kernels() {
             return self.flash_fwd_ws(k9, l, q, k, v, o, lse);
         }
-        let kernel = match sm90 {
-            None => by_head_dim(l.head_dim, [self.flash_fwd_64, self.flash_fwd_128])?,
-            Some(k9) => by_head_dim(l.head_dim, [k9.fwd_64, k9.fwd_128])?,
-        };
+        let kernel = by_head_dim(l.head_dim, [self.flash_fwd_64, self.flash_fwd_128])?;
         check_layout(l)?;
         let a = Args::new()
             .ptr(q)
@@ -815,17 +779,25 @@ impl Ops {
             .i32(i32_of("o_row_stride", l.o_row_stride)?)
             .f32(l.scale * std::f32::consts::LOG2_E)
             .i32(i32_of("window", l.window)?);
-        let (rows_per_cta, threads, smem) = match sm90 {
-            Some(_) => (FLASH9_BR, 256, Self::flash9_fwd_smem(l.head_dim)),
-            None => (FLASH_BR, 128, Self::flash_fwd_smem(l.head_dim)),
-        };
         let grid = (
-            l.seq.div_ceil(rows_per_cta) as u32,
+            l.seq.div_ceil(FLASH_BR) as u32,
             l.heads as u32,
             l.batch as u32,
         );
-        self.gpu
-            .launch(kernel, grid, (threads, 1, 1), smem as u32, &a)
+        self.gpu.launch(
+            kernel,
+            grid,
+            (128, 1, 1),
+            Self::flash_fwd_smem(l.head_dim) as u32,
+            &a,
+        )
+    }
+
+    /// The Hopper kernels when the current variant runs them.
+    fn hopper_kernels(&self) -> Option<&FlashSm90> {
+        self.flash_sm90
+            .as_ref()
+            .filter(|_| self.flash_variant().hopper())
     }
 
     /// The warp-specialised forward: Q, K and V reach the kernel as TMA tensor maps over the
@@ -842,7 +814,7 @@ impl Ops {
         o: u64,
         lse: u64,
     ) -> Result<()> {
-        let kernel = by_head_dim(l.head_dim, [k9.ws_64, k9.ws_128])?;
+        let kernel = by_head_dim(l.head_dim, [k9.fwd_64, k9.fwd_128])?;
         check_layout(l)?;
         let a = Args::new()
             .tensor_map(q_tensor_map(l, q, FLASH9_BR)?)
@@ -871,18 +843,10 @@ impl Ops {
         )
     }
 
-    /// The warp-specialised backward's main kernel (delta, the dq_acc zeroing and the dQ
-    /// conversion are the sm90 backward's). `ptrs`: q, k, v, dout, lse, delta, dq_acc, dk, dv.
-    /// `kernels`: the d64 and d128 kernel (flash_bwd_ws or flash_bwd_np), `smem` its bytes.
-    fn flash_bwd_ws(
-        &self,
-        kernels: [Kernel; 2],
-        smem: usize,
-        l: &AttnLayout,
-        ptrs: [u64; 9],
-    ) -> Result<()> {
+    /// The warp-specialised backward's main kernel `kernel` (its d64 or d128 instance).
+    /// `ptrs`: q, k, v, dout, lse, delta, dq_acc, dk, dv.
+    fn flash_bwd_ws(&self, kernel: Kernel, l: &AttnLayout, ptrs: [u64; 9]) -> Result<()> {
         let [q, k, v, dout, lse, delta, dq_acc, dk, dv] = ptrs;
-        let kernel = by_head_dim(l.head_dim, kernels)?;
         let (d, t, b, heads) = (
             l.head_dim as u64,
             l.seq as u64,
@@ -923,12 +887,14 @@ impl Ops {
             l.groups() as u32,
             l.batch as u32,
         );
-        self.gpu.launch(kernel, grid, (384, 1, 1), smem as u32, &a)
+        let smem = Self::flash_ws_bwd_smem(l.head_dim) as u32;
+        self.gpu.launch(kernel, grid, (384, 1, 1), smem, &a)
     }
 
     /// Flash attention backward. `dq_acc` is fp32 scratch of `batch·seq·heads·head_dim`;
     /// `delta` fp32 scratch of `batch·heads·seq`. dQ/dK/dV are written in q/k/v's layout at
-    /// `dq`, `dk`, `dv` (dK, dV summed over each group's query heads).
+    /// `dq`, `dk`, `dv` (dK, dV summed over each group's query heads). On Hopper `dq` must be
+    /// 16-byte aligned (as q, k, v and dout must be for their TMA maps).
     #[allow(clippy::too_many_arguments)]
     pub fn flash_bwd(
         &self,
@@ -945,23 +911,25 @@ impl Ops {
         dq_acc: u64,
         delta: u64,
     ) -> Result<()> {
-        let variant = self.flash_variant();
-        let sm90 = self.flash_sm90.as_ref().filter(|_| variant.hopper());
+        let sm90 = self.hopper_kernels();
         let kernel = match sm90 {
             None => by_head_dim(l.head_dim, [self.flash_bwd_64, self.flash_bwd_128])?,
             Some(k9) => by_head_dim(l.head_dim, [k9.bwd_64, k9.bwd_128])?,
         };
         check_layout(l)?;
+        if sm90.is_some() && !dq.is_multiple_of(16) {
+            return Err(KernelError::Unsupported(format!(
+                "flash attention backward: dq at {dq:#x} is not 16-byte aligned (the Hopper dQ \
+                 conversion writes 16-byte chunks)"
+            )));
+        }
         let rows = l.batch * l.seq;
         let d = l.head_dim;
-        // delta = rowsum(dO ∘ O), dq_acc = 0: in one pass for the np, nppp and lean variants
-        // (16-byte accesses: needs 16-byte aligned o, dout, dq_acc), else a kernel and a memset.
-        let prep = match sm90 {
-            Some(k9) if variant.fused_prep() && k9.prep_on && (o | dout | dq_acc) % 16 == 0 => {
-                Some(k9.prep)
-            }
-            _ => None,
-        };
+        // delta = rowsum(dO ∘ O), dq_acc = 0: in one pass on Hopper (16-byte accesses: needs
+        // 16-byte aligned o, dout, dq_acc), else a kernel and a memset.
+        let prep = sm90
+            .filter(|_| (o | dout | dq_acc).is_multiple_of(16))
+            .map(|k9| k9.prep);
         if let Some(prep) = prep {
             let a = Args::new()
                 .ptr(o)
@@ -996,63 +964,9 @@ impl Ops {
             )?;
             self.gpu.memset_zero(dq_acc, rows * l.heads * d * 4)?;
         }
-        let ws_bwd = match (sm90, variant) {
-            (Some(k9), FlashVariant::Sm90WsBwd) => Some((k9.ws_bwd_64, k9.ws_bwd_128, false)),
-            (Some(k9), FlashVariant::Sm90WsNp) => Some((k9.ws_np_64, k9.ws_np_128, true)),
-            (Some(k9), FlashVariant::Sm90WsNpPp) => Some((k9.ws_nppp_64, k9.ws_nppp_128, true)),
-            (Some(k9), FlashVariant::Sm90WsLean) => Some((k9.ws_lean_64, k9.ws_lean_128, false)),
-            (Some(k9), FlashVariant::Sm90WsLeanV) => Some((k9.ws_leanv_64, k9.ws_leanv_128, false)),
-            _ => None,
-        };
-        if let Some((k64, k128, np)) = ws_bwd {
-            let smem = if np {
-                Self::flash_np_bwd_smem(d)
-            } else {
-                Self::flash_ws_bwd_smem(d)
-            };
-            self.flash_bwd_ws(
-                [k64, k128],
-                smem,
-                l,
-                [q, k, v, dout, lse, delta, dq_acc, dk, dv],
-            )?;
-        } else {
-            let a = Args::new()
-                .ptr(q)
-                .ptr(k)
-                .ptr(v)
-                .ptr(dout)
-                .ptr(lse)
-                .ptr(delta)
-                .ptr(dq_acc)
-                .ptr(dk)
-                .ptr(dv)
-                .ptr(l.seg)
-                .i32(i32_of("seq", l.seq)?)
-                .i32(i32_of("heads", l.heads)?)
-                .i32(i32_of("qpg", l.qpg)?)
-                .i32(i32_of("q_row_stride", l.q_row_stride)?)
-                .i32(i32_of("q_group_stride", l.q_group_stride)?)
-                .i32(i32_of("kv_row_stride", l.kv_row_stride)?)
-                .i32(i32_of("kv_group_stride", l.kv_group_stride)?)
-                .i32(i32_of("o_row_stride", l.o_row_stride)?)
-                .f32(l.scale)
-                .f32(l.scale * std::f32::consts::LOG2_E)
-                .i32(i32_of("window", l.window)?);
-            let grid = (
-                l.seq.div_ceil(FLASH_BWD_BC) as u32,
-                l.groups() as u32,
-                l.batch as u32,
-            );
-            let smem = match sm90 {
-                Some(_) => Self::flash9_bwd_smem(d),
-                None => Self::flash_bwd_smem(d),
-            };
-            self.gpu
-                .launch(kernel, grid, (256, 1, 1), smem as u32, &a)?;
-        }
         if let Some(k9) = sm90 {
-            // dq_acc in the sm_90a backward's blocked layout (flash_sm90.cu, flash_bwd_dq_sm90).
+            self.flash_bwd_ws(kernel, l, [q, k, v, dout, lse, delta, dq_acc, dk, dv])?;
+            // dq_acc in the Hopper backward's blocked layout (flash_sm90.cu, flash_bwd_dq2_sm90).
             let a = Args::new()
                 .ptr(dq_acc)
                 .ptr(dq)
@@ -1068,13 +982,42 @@ impl Ops {
                 l.heads as u32,
                 l.batch as u32,
             );
-            let kernel = if k9.dq2_on && dq % 16 == 0 {
-                k9.dq2
-            } else {
-                k9.dq
-            };
-            return self.gpu.launch(kernel, grid, (256, 1, 1), 0, &a);
+            return self.gpu.launch(k9.dq, grid, (256, 1, 1), 0, &a);
         }
+        let a = Args::new()
+            .ptr(q)
+            .ptr(k)
+            .ptr(v)
+            .ptr(dout)
+            .ptr(lse)
+            .ptr(delta)
+            .ptr(dq_acc)
+            .ptr(dk)
+            .ptr(dv)
+            .ptr(l.seg)
+            .i32(i32_of("seq", l.seq)?)
+            .i32(i32_of("heads", l.heads)?)
+            .i32(i32_of("qpg", l.qpg)?)
+            .i32(i32_of("q_row_stride", l.q_row_stride)?)
+            .i32(i32_of("q_group_stride", l.q_group_stride)?)
+            .i32(i32_of("kv_row_stride", l.kv_row_stride)?)
+            .i32(i32_of("kv_group_stride", l.kv_group_stride)?)
+            .i32(i32_of("o_row_stride", l.o_row_stride)?)
+            .f32(l.scale)
+            .f32(l.scale * std::f32::consts::LOG2_E)
+            .i32(i32_of("window", l.window)?);
+        let grid = (
+            l.seq.div_ceil(FLASH_BWD_BC) as u32,
+            l.groups() as u32,
+            l.batch as u32,
+        );
+        self.gpu.launch(
+            kernel,
+            grid,
+            (256, 1, 1),
+            Self::flash_bwd_smem(d) as u32,
+            &a,
+        )?;
         let a = Args::new()
             .ptr(dq_acc)
             .ptr(dq)
@@ -1194,7 +1137,6 @@ pub const HYBRID_KERNELS: &[(&str, &str)] = &[
     ("mamba", "scan_bc_grad_out"),
     ("mamba", "selective_scan_fwd_split"),
     ("mamba", "selective_scan_bwd_split"),
-    ("mamba", "selective_scan_bwd_split_v3"),
     ("hybrid", "layernorm_fwd"),
     ("hybrid", "layernorm_bwd"),
     ("hybrid", "gmu_fwd"),
@@ -1279,32 +1221,23 @@ pub struct ScanGrads {
     pub d_skip: u64,
 }
 
-/// Which selective-scan kernels run: `Split` (the default: forward v3, backward v4 with a T
-/// split when the grid leaves SMs idle) or `SplitV3` (forward and backward v3);
-/// `ARCHSCALE_SCAN_KERNEL=split3` picks the latter. Both share one checkpoint format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ScanKernel {
-    Split,
-    SplitV3,
-}
-
-impl ScanKernel {
-    /// The kernel set named by `ARCHSCALE_SCAN_KERNEL` (`split` when unset).
-    pub fn from_env() -> Result<ScanKernel> {
-        match std::env::var("ARCHSCALE_SCAN_KERNEL").ok().as_deref() {
-            None | Some("") | Some("split") => Ok(ScanKernel::Split),
-            Some("split3") => Ok(ScanKernel::SplitV3),
-            Some(other) => Err(KernelError::Unsupported(format!(
-                "ARCHSCALE_SCAN_KERNEL={other}: expected split or split3"
-            ))),
-        }
-    }
-
-    /// Short name (`split`, `split3`), as `ARCHSCALE_SCAN_KERNEL` spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            ScanKernel::Split => "split",
-            ScanKernel::SplitV3 => "split3",
+/// `ARCHSCALE_SCAN_KERNEL` once chose the scan backward; `split` (forward v3, backward v4)
+/// is the only kernel set since the v3 backward (`split3`) was retired 2026-11-29
+/// (bench/NOTES.md, "Retired kernel variants"). Any other value is an error.
+fn check_scan_kernel_setting(value: Option<&str>) -> Result<()> {
+    match value {
+        None | Some("") | Some("split") => Ok(()),
+        Some(other) => {
+            let why = if other == "split3" {
+                "the v3 scan backward was retired 2026-11-29 (bench/NOTES.md, \"Retired kernel \
+                 variants\")"
+            } else {
+                "not a scan kernel set"
+            };
+            Err(KernelError::Unsupported(format!(
+                "ARCHSCALE_SCAN_KERNEL={other}: {why}; the only choice left is split (or leave \
+                 it unset)"
+            )))
         }
     }
 }
@@ -1325,8 +1258,6 @@ fn scan_tsplit_from_env() -> Result<u32> {
 
 pub struct HybridOps {
     pub gpu: Arc<Gpu>,
-    /// Scan kernels used by [`HybridOps::selective_scan_fwd`] / `_bwd`.
-    pub scan_kernel: ScanKernel,
     /// First T segment's share (percent of checkpoint intervals) when the default scan
     /// backward splits T; 0 never splits ([`HybridOps::scan_bwd_segments`]).
     pub scan_tsplit_pct: u32,
@@ -1334,7 +1265,6 @@ pub struct HybridOps {
     conv_bwd: Kernel,
     scan_fwd_split: Kernel,
     scan_bwd_split: Kernel,
-    scan_bwd_split3: Kernel,
     scan_bc_out: Kernel,
     layernorm_fwd: Kernel,
     layernorm_bwd: Kernel,
@@ -1353,14 +1283,13 @@ pub struct HybridOps {
 impl HybridOps {
     /// Compiles (or loads from the cache) and loads the mamba and hybrid modules.
     pub fn new(gpu: Arc<Gpu>) -> Result<HybridOps> {
+        check_scan_kernel_setting(std::env::var("ARCHSCALE_SCAN_KERNEL").ok().as_deref())?;
         let load = |module: &str, name: &'static str| gpu.module_kernel(module, name);
         let ops = HybridOps {
             conv_fwd: load("mamba", "conv1d_silu_fwd")?,
             conv_bwd: load("mamba", "conv1d_silu_bwd")?,
             scan_fwd_split: load("mamba", "selective_scan_fwd_split")?,
             scan_bwd_split: load("mamba", "selective_scan_bwd_split")?,
-            scan_bwd_split3: load("mamba", "selective_scan_bwd_split_v3")?,
-            scan_kernel: ScanKernel::from_env()?,
             scan_tsplit_pct: scan_tsplit_from_env()?,
             scan_bc_out: load("mamba", "scan_bc_grad_out")?,
             layernorm_fwd: load("hybrid", "layernorm_fwd")?,
@@ -1379,8 +1308,6 @@ impl HybridOps {
         };
         ops.gpu
             .set_max_dynamic_smem(ops.scan_bwd_split, SCAN_SPLIT_BWD_SMEM)?;
-        ops.gpu
-            .set_max_dynamic_smem(ops.scan_bwd_split3, SCAN_SPLIT_BWD_SMEM)?;
         Ok(ops)
     }
 
@@ -1541,36 +1468,10 @@ impl HybridOps {
         g: &ScanGrads,
         bc_acc: u64,
     ) -> Result<()> {
-        self.selective_scan_bwd_using(self.scan_kernel, s, t, ckpt, dout, dy_extra, g, bc_acc)
+        self.selective_scan_bwd_with(self.scan_tsplit_pct, s, t, ckpt, dout, dy_extra, g, bc_acc)
     }
 
-    /// [`Self::selective_scan_bwd`] with the kernel set chosen by the caller.
-    #[allow(clippy::too_many_arguments)]
-    pub fn selective_scan_bwd_using(
-        &self,
-        kernel: ScanKernel,
-        s: &ScanShape,
-        t: &ScanTensors,
-        ckpt: u64,
-        dout: Rows,
-        dy_extra: Option<Rows>,
-        g: &ScanGrads,
-        bc_acc: u64,
-    ) -> Result<()> {
-        self.selective_scan_bwd_with(
-            kernel,
-            self.scan_tsplit_pct,
-            s,
-            t,
-            ckpt,
-            dout,
-            dy_extra,
-            g,
-            bc_acc,
-        )
-    }
-
-    /// T segments of the default scan backward and the first checkpoint interval of the
+    /// T segments of the scan backward and the first checkpoint interval of the
     /// second (0: one segment). Splits in two when the unsplit grid fills at most half the
     /// resident block slots (SambaY d8: 248 blocks for 528 on an H200), so the idle slots
     /// run the second half of T; `pct` is the first segment's share of the intervals (it
@@ -1586,12 +1487,11 @@ impl HybridOps {
         (2, first as i32)
     }
 
-    /// [`Self::selective_scan_bwd_using`] with the T split share `pct` chosen by the caller
-    /// (see [`Self::scan_bwd_segments`]; `SplitV3` never splits).
+    /// [`Self::selective_scan_bwd`] with the T split share `pct` chosen by the caller (see
+    /// [`Self::scan_bwd_segments`]).
     #[allow(clippy::too_many_arguments)]
     pub fn selective_scan_bwd_with(
         &self,
-        kernel: ScanKernel,
         pct: u32,
         s: &ScanShape,
         t: &ScanTensors,
@@ -1633,23 +1533,20 @@ impl HybridOps {
             .ptr(g.delta_bias)
             .i32(i32_of("seq", s.seq)?)
             .i32(i32_of("d_inner", s.d_inner)?);
-        let blocks_x = s.d_inner.div_ceil(SCAN_SPLIT_CH) as u32;
-        let threads = (SCAN_SPLIT_THREADS as u32, 1, 1);
-        let smem = SCAN_SPLIT_BWD_SMEM as u32;
-        match kernel {
-            ScanKernel::Split => {
-                let (segments, ck_split) = self.scan_bwd_segments(s, pct);
-                let a = a.i32(ck_split);
-                let grid = (blocks_x, s.batch as u32, segments);
-                self.gpu
-                    .launch(self.scan_bwd_split, grid, threads, smem, &a)?;
-            }
-            ScanKernel::SplitV3 => {
-                let grid = (blocks_x, s.batch as u32, 1);
-                self.gpu
-                    .launch(self.scan_bwd_split3, grid, threads, smem, &a)?;
-            }
-        }
+        let (segments, ck_split) = self.scan_bwd_segments(s, pct);
+        let a = a.i32(ck_split);
+        let grid = (
+            s.d_inner.div_ceil(SCAN_SPLIT_CH) as u32,
+            s.batch as u32,
+            segments,
+        );
+        self.gpu.launch(
+            self.scan_bwd_split,
+            grid,
+            (SCAN_SPLIT_THREADS as u32, 1, 1),
+            SCAN_SPLIT_BWD_SMEM as u32,
+            &a,
+        )?;
         let rows = s.rows();
         let a = Args::new()
             .ptr(bc_acc)
@@ -2004,7 +1901,25 @@ impl HybridOps {
 
 #[cfg(test)]
 mod tests {
-    use super::FlashVariant;
+    use super::{check_retired_flash_options, check_scan_kernel_setting, FlashVariant, Ops};
+
+    #[test]
+    fn archscale_scan_kernel_accepts_split_and_refuses_the_retired_v3() {
+        for ok in [None, Some(""), Some("split")] {
+            assert!(check_scan_kernel_setting(ok).is_ok());
+        }
+        let e = check_scan_kernel_setting(Some("split3"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("retired") && e.contains("only choice left is split"),
+            "{e}"
+        );
+        let e = check_scan_kernel_setting(Some("legacy"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a scan kernel set"), "{e}");
+    }
 
     #[test]
     fn flash_variants_have_distinct_names_and_sm80_alone_is_not_hopper() {
@@ -2015,9 +1930,71 @@ mod tests {
         assert_eq!(FlashVariant::ALL[0], FlashVariant::Sm80);
         for v in FlashVariant::ALL {
             assert_eq!(v.hopper(), v != FlashVariant::Sm80);
-            assert_eq!(v.ws_forward(), v.hopper() && v != FlashVariant::Sm90);
-            // the fused prep exists only beside a warp-specialised backward
-            assert!(!v.fused_prep() || v.ws_forward());
         }
+    }
+
+    #[test]
+    fn archscale_flash_names_a_variant_and_refuses_retired_ones() {
+        for (value, want) in [(None, None), (Some(""), None), (Some("auto"), None)] {
+            assert_eq!(FlashVariant::from_setting(value).ok(), Some(want));
+        }
+        for v in FlashVariant::ALL {
+            assert_eq!(
+                FlashVariant::from_setting(Some(v.name())).ok(),
+                Some(Some(v))
+            );
+        }
+        let e = FlashVariant::from_setting(Some("sm90ws-bwd")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("retired"), "{msg}");
+        assert!(msg.contains("sm80, sm90ws-leanv or auto"), "{msg}");
+        let e = FlashVariant::from_setting(Some("fast")).unwrap_err();
+        assert!(e.to_string().contains("not a flash variant"), "{e}");
+    }
+
+    #[test]
+    fn retired_flash_options_are_refused_except_the_value_that_runs() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |var: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == var)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert!(check_retired_flash_options(env(&[])).is_ok());
+        assert!(check_retired_flash_options(env(&[
+            ("ARCHSCALE_FLASH_DQ", "smem"),
+            ("ARCHSCALE_FLASH_WS", "pingpong"),
+            ("ARCHSCALE_FLASH_PREP", ""),
+        ]))
+        .is_ok());
+        for (var, value, hint) in [
+            ("ARCHSCALE_FLASH_DQ", "frag", "only choice left is smem"),
+            ("ARCHSCALE_FLASH_WS", "nopp", "only choice left is pingpong"),
+            (
+                "ARCHSCALE_FLASH_WS_BWD",
+                "dqw",
+                "only choice left is inline",
+            ),
+            ("ARCHSCALE_FLASH_PREP", "old", "only choice left is fused"),
+            (
+                "ARCHSCALE_FLASH_FWD",
+                "plain",
+                "leave ARCHSCALE_FLASH_FWD unset",
+            ),
+        ] {
+            let get = move |v: &str| (v == var).then(|| value.to_string());
+            let e = check_retired_flash_options(get).unwrap_err().to_string();
+            assert!(e.contains(&format!("{var}={value}")), "{e}");
+            assert!(e.contains("retired") && e.contains(hint), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_hopper_backward_fits_a_ctas_shared_memory() {
+        assert_eq!(Ops::flash_ws_bwd_smem(128), 232_000);
+        assert!(Ops::flash_ws_bwd_smem(128) <= 232_448);
+        assert!(Ops::flash_ws_smem(128) <= 232_448 && Ops::flash_ws_smem(64) <= 232_448);
     }
 }

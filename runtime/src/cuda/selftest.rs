@@ -466,9 +466,16 @@ fn check_embedding(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
 
 fn check_rmsnorm(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     for &(rows, dim, scale) in &[
+        // widths of each register-resident kernel (V = 1…4, 128 and 256 threads) and of
+        // the one-block-per-row fallback (odd, over 4096)
         (512usize, 1024usize, 1.0f64),
         (33, 100, 0.5),
         (5, 2048, 2.0),
+        (7, 1536, 1.0),
+        (64, 3072, 1.0),
+        (600, 4096, 0.5),
+        (9, 130, 1.0),
+        (3, 6000, 1.0),
     ] {
         let shape = format!("{rows}x{dim} s={scale}");
         let x = env.randn(rows * dim, 1.0);
@@ -890,11 +897,9 @@ fn check_norm_cast(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     Ok(())
 }
 
-/// Every flash variant the device runs (mma.sync everywhere; on Hopper wgmma, the
-/// warp-specialised TMA forward `sm90ws` with the wgmma backward, `sm90ws-bwd`, the
-/// pair-barrier-free backwards `sm90ws-np`, `sm90ws-nppp` and the lean ones `sm90ws-lean`,
-/// `sm90ws-leanv`), each on the same cases
-/// with fresh inputs; the default variant is restored afterwards.
+/// Every flash variant the device runs (`sm80`, mma.sync, everywhere; on Hopper also
+/// `sm90ws-leanv`, the warp-specialised wgmma/TMA kernels), each on the same cases with fresh
+/// inputs; the default variant is restored afterwards.
 fn check_flash(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     let default = env.ops.flash_variant();
     let mut result = Ok(());
@@ -929,7 +934,7 @@ fn check_flash_variant(env: &mut Env, out: &mut Vec<Check>, variant: &str) -> R<
     // (batch, seq, heads, groups, head_dim, window, mean document length; 0 = no varlen)
     let cases: [(usize, usize, usize, usize, usize, usize, usize); 10] = [
         (2, 200, 4, 2, 64, 0, 0),
-        // 4 query heads per kv group: long per-CTA loops of the sm90 backward (up to 48 items)
+        // 4 query heads per kv group: long per-CTA loops of the Hopper backward (up to 48 items)
         (1, 768, 8, 2, 128, 0, 0),
         (1, 256, 8, 2, 128, 64, 0),
         (1, 129, 2, 1, 128, 0, 0),

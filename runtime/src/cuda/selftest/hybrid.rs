@@ -11,7 +11,7 @@ use crate::cpu::ops::diff_attention::{lambda_full, Lambdas};
 use crate::cpu::ops::selective_scan::{self as scan, ScanInputs};
 use archscale_kernels::cublaslt::OutType;
 use archscale_kernels::ops::{
-    HybridOps, Rows, ScanGrads, ScanKernel, ScanShape, ScanTensors, SCAN_CKPT, SCAN_D_STATE,
+    HybridOps, Rows, ScanGrads, ScanShape, ScanTensors, SCAN_CKPT, SCAN_D_STATE,
 };
 use archscale_kernels::KernelError;
 use half::bf16;
@@ -204,17 +204,13 @@ pub(super) fn check_scan(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
         // Samba d4's shape (31 channel blocks add into dB/dC) at Mamba's initial dt
         (2, 256, 976, false, true, false, -4.6),
     ];
-    // The default backward with its own T split rule (on an H200 every case with T > 32
-    // splits: the grids are small), the same without a T split, and the v3 backward.
+    // The backward with its own T split rule (on an H200 every case with T > 32 splits: the
+    // grids are small) and the same without a T split.
     let default_pct = hy(env)?.scan_tsplit_pct;
-    let configs = [
-        ("split", ScanKernel::Split, default_pct),
-        ("split-1seg", ScanKernel::Split, 0),
-        ("split3", ScanKernel::SplitV3, 0),
-    ];
-    for (name, kernel, pct) in configs {
+    let configs = [("split", default_pct), ("split-1seg", 0)];
+    for (name, pct) in configs {
         for &case in &cases {
-            check_scan_case(env, out, name, kernel, pct, case)?;
+            check_scan_case(env, out, name, pct, case)?;
         }
     }
     Ok(())
@@ -224,7 +220,6 @@ fn check_scan_case(
     env: &mut Env,
     out: &mut Vec<Check>,
     name: &str,
-    kernel: ScanKernel,
     tsplit_pct: u32,
     case: ScanCase,
 ) -> R<()> {
@@ -235,10 +230,7 @@ fn check_scan_case(
         seq,
         d_inner: d,
     };
-    let segments = match kernel {
-        ScanKernel::Split => hy(env)?.scan_bwd_segments(&ks, tsplit_pct).0,
-        ScanKernel::SplitV3 => 1,
-    };
+    let segments = hy(env)?.scan_bwd_segments(&ks, tsplit_pct).0;
     let shape = format!(
         "{name} B{batch} T{seq} D{d}{}{}{}",
         if varlen { " varlen" } else { "" },
@@ -429,7 +421,6 @@ fn check_scan_case(
         d_skip: gdsp,
     };
     hy(env)?.selective_scan_bwd_with(
-        kernel,
         tsplit_pct,
         &ks,
         &t,
@@ -917,7 +908,7 @@ pub(super) fn check_bias(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
 }
 
 /// Times the scan forward and backward at the SambaY-d16 shape (n_embd 1984, d_inner 3968,
-/// N 16, 4 × 4096 = 16384 tokens) and the SambaY-d8 one (d_inner 1984, where the default
+/// N 16, 4 × 4096 = 16384 tokens) and the SambaY-d8 one (d_inner 1984, where the
 /// backward splits T) with CUDA events, and states the bytes each must move.
 pub(super) fn bench_scan(env: &mut Env) -> R<Vec<String>> {
     let mut lines = bench_scan_shape(env, 1984)?;
@@ -1003,10 +994,8 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
     let (cdw, cdb) = (env.f32_buf(&vec![0.0; d * 4])?, env.f32_buf(&zeros_d)?);
     let hyo = hy(env)?;
     let fwd = || hyo.selective_scan_fwd(&ks, &t, Rows::new(outp, d), None, Some(ckp));
-    let bwd_of = |k: ScanKernel, pct: u32| {
-        move || {
-            hyo.selective_scan_bwd_with(k, pct, &ks, &t, ckp, Rows::new(doutp, d), None, &g, accp)
-        }
+    let bwd_of = |pct: u32| {
+        move || hyo.selective_scan_bwd_with(pct, &ks, &t, ckp, Rows::new(doutp, d), None, &g, accp)
     };
     let time = |f: &dyn Fn() -> R<()>| -> R<f64> {
         for _ in 0..2 {
@@ -1023,31 +1012,19 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
     };
     let pct = hyo.scan_tsplit_pct;
     let fwd_ms = time(&fwd)?;
-    let mut bwd = vec![
-        ("split".to_string(), time(&bwd_of(ScanKernel::Split, pct))?),
-        ("split3".to_string(), time(&bwd_of(ScanKernel::SplitV3, 0))?),
-    ];
+    let mut bwd = vec![("split".to_string(), time(&bwd_of(pct))?)];
     let segments = hyo.scan_bwd_segments(&ks, pct).0;
     if segments > 1 {
-        bwd.push((
-            "split, one T segment".to_string(),
-            time(&bwd_of(ScanKernel::Split, 0))?,
-        ));
+        bwd.push(("split, one T segment".to_string(), time(&bwd_of(0))?));
         for other in [35u32, 40, 50, 55] {
             if other != pct {
-                bwd.push((
-                    format!("split, T split {other}%"),
-                    time(&bwd_of(ScanKernel::Split, other))?,
-                ));
+                bwd.push((format!("split, T split {other}%"), time(&bwd_of(other))?));
             }
         }
     }
     // Twice, to show the run-to-run spread.
     let fwd_ms2 = time(&fwd)?;
-    bwd.push((
-        "split, again".to_string(),
-        time(&bwd_of(ScanKernel::Split, pct))?,
-    ));
+    bwd.push(("split, again".to_string(), time(&bwd_of(pct))?));
     let conv_fwd = || {
         hyo.conv1d_silu_fwd(
             Rows::new(xzp, 2 * d),
