@@ -56,3 +56,5 @@ for f in tf tf_repeat tf_ab_1 tf_default_1 tf_ab_2 tf_default_2 sambay_d8 tf4_d8
 done
 [ -f "$OUT/parity_cuda.log" ] && { echo "== parity cuda"; grep -E 'step +300|error' "$OUT/parity_cuda.log" | tail -3; }
 echo "== torch"; grep -E '^\{|error|Error' "$OUT/torch.txt" | tail -4
+# The device tool returns a handful of files: everything goes back as one archive.
+( cd "$OUT" && tar czf 00_logs.tgz --exclude 00_logs.tgz . && find . -type f ! -name 00_logs.tgz -delete )
