@@ -188,6 +188,55 @@ __device__ __forceinline__ void rmsnorm_fwd_regs(const float* __restrict__ x, co
     }
 }
 
+// The residual add of a branch and the next norm in one pass: x_out = x_in + rs·delta (fp32;
+// delta is the branch output in bf16, as ArchScale's autocast Linear leaves it), then
+// y = rmsnorm(x_out). The branch's product then writes bf16 instead of reading and writing
+// the fp32 residual in its epilogue. x_out may be x_in (evaluation updates in place) and y
+// may be delta: each thread reads its chunks before it writes them.
+template <int V>
+__device__ __forceinline__ void rmsnorm_fwd_add_regs(const float* x_in, const bf16* delta, float rs, float* x_out,
+                                                     const float* __restrict__ gamma, bf16* y,
+                                                     float* __restrict__ rstd_out, int rows, int n, float eps,
+                                                     float scale) {
+    __shared__ float scratch[32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const size_t base = (size_t)r * n;
+    float4 xv[V];
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        const int c = (threadIdx.x + i * blockDim.x) * 4;
+        if (c < n) {
+            const float4 x = *reinterpret_cast<const float4*>(x_in + base + c);
+            const uint2 raw = *reinterpret_cast<const uint2*>(delta + base + c);
+            const float2 d01 = __bfloat1622float2(*reinterpret_cast<const bf162*>(&raw.x));
+            const float2 d23 = __bfloat1622float2(*reinterpret_cast<const bf162*>(&raw.y));
+            xv[i] = make_float4(x.x + rs * d01.x, x.y + rs * d01.y, x.z + rs * d23.x, x.w + rs * d23.y);
+        } else {
+            xv[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        ss += xv[i].x * xv[i].x + xv[i].y * xv[i].y + xv[i].z * xv[i].z + xv[i].w * xv[i].w;
+    }
+    ss = block_sum(ss, scratch);
+    const float rstd = rsqrtf(ss / (float)n + eps);
+    if (rstd_out != nullptr && threadIdx.x == 0) rstd_out[r] = rstd;
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        const int c = (threadIdx.x + i * blockDim.x) * 4;
+        if (c >= n) break;
+        const float4 v = xv[i];
+        *reinterpret_cast<float4*>(x_out + base + c) = v;
+        const float4 g = *reinterpret_cast<const float4*>(gamma + c);
+        bf162 a = __floats2bfloat162_rn(v.x * rstd * g.x * scale, v.y * rstd * g.y * scale);
+        bf162 b = __floats2bfloat162_rn(v.z * rstd * g.z * scale, v.w * rstd * g.w * scale);
+        uint2 packed;
+        packed.x = *reinterpret_cast<u32*>(&a);
+        packed.y = *reinterpret_cast<u32*>(&b);
+        *reinterpret_cast<uint2*>(y + base + c) = packed;
+    }
+}
+
 template <int V>
 __device__ __forceinline__ void rmsnorm_bwd_regs(const float* __restrict__ x, const float* __restrict__ gamma,
                                                  const float* __restrict__ rstd_in, const bf16* dy,
@@ -274,6 +323,12 @@ __device__ __forceinline__ void rmsnorm_bwd_regs(const float* __restrict__ x, co
 }
 
 #define RMSNORM_REGS(V)                                                                                         \
+    extern "C" __global__ void rmsnorm_fwd_add_r##V(const float* x_in, const bf16* delta, float rs, float* x_out,   \
+                                                    const float* __restrict__ gamma, bf16* y,                        \
+                                                    float* __restrict__ rstd_out, int rows, int n, float eps,        \
+                                                    float scale) {                                                   \
+        rmsnorm_fwd_add_regs<V>(x_in, delta, rs, x_out, gamma, y, rstd_out, rows, n, eps, scale);                   \
+    }                                                                                                           \
     extern "C" __global__ void rmsnorm_fwd_r##V(const float* __restrict__ x, const float* __restrict__ gamma,  \
                                                 bf16* __restrict__ y, float* __restrict__ rstd_out, int rows,  \
                                                 int n, float eps, float scale) {                               \

@@ -123,6 +123,14 @@ struct FlashSm90 {
     dq: Kernel,
 }
 
+/// The register-resident RMSNorm kernels; `[V - 1]` keeps V float4 chunks per thread
+/// (see [`rmsnorm_chunks`]).
+struct RegisterNorm {
+    fwd: [Kernel; 4],
+    fwd_add: [Kernel; 4],
+    bwd: [Kernel; 4],
+}
+
 /// Every kernel, loaded once per device.
 pub struct Ops {
     pub gpu: Arc<Gpu>,
@@ -130,9 +138,9 @@ pub struct Ops {
     embedding_bwd: Kernel,
     rmsnorm_fwd: Kernel,
     rmsnorm_bwd: Kernel,
-    /// Register-resident RMSNorm, `[V - 1]` keeps V float4 chunks per thread (see
-    /// [`rmsnorm_chunks`]); None with ARCHSCALE_RMSNORM=block (the one-block-per-row kernels).
-    rmsnorm_regs: Option<([Kernel; 4], [Kernel; 4])>,
+    /// Register-resident RMSNorm; None with ARCHSCALE_RMSNORM=block (the one-block-per-row
+    /// kernels, and no fused residual add).
+    rmsnorm_regs: Option<RegisterNorm>,
     rope_qkv: Kernel,
     swiglu_fwd: Kernel,
     swiglu_bwd: Kernel,
@@ -304,20 +312,36 @@ impl Ops {
             rmsnorm_bwd: load("elementwise", "rmsnorm_bwd")?,
             rmsnorm_regs: match std::env::var("ARCHSCALE_RMSNORM").as_deref() {
                 Ok("block") => None,
-                Ok("regs") | Err(_) => Some((
-                    [
-                        load("elementwise", "rmsnorm_fwd_r1")?,
-                        load("elementwise", "rmsnorm_fwd_r2")?,
-                        load("elementwise", "rmsnorm_fwd_r3")?,
-                        load("elementwise", "rmsnorm_fwd_r4")?,
-                    ],
-                    [
-                        load("elementwise", "rmsnorm_bwd_r1")?,
-                        load("elementwise", "rmsnorm_bwd_r2")?,
-                        load("elementwise", "rmsnorm_bwd_r3")?,
-                        load("elementwise", "rmsnorm_bwd_r4")?,
-                    ],
-                )),
+                Ok("regs") | Err(_) => {
+                    let four = |names: [&'static str; 4]| -> Result<[Kernel; 4]> {
+                        Ok([
+                            load("elementwise", names[0])?,
+                            load("elementwise", names[1])?,
+                            load("elementwise", names[2])?,
+                            load("elementwise", names[3])?,
+                        ])
+                    };
+                    Some(RegisterNorm {
+                        fwd: four([
+                            "rmsnorm_fwd_r1",
+                            "rmsnorm_fwd_r2",
+                            "rmsnorm_fwd_r3",
+                            "rmsnorm_fwd_r4",
+                        ])?,
+                        fwd_add: four([
+                            "rmsnorm_fwd_add_r1",
+                            "rmsnorm_fwd_add_r2",
+                            "rmsnorm_fwd_add_r3",
+                            "rmsnorm_fwd_add_r4",
+                        ])?,
+                        bwd: four([
+                            "rmsnorm_bwd_r1",
+                            "rmsnorm_bwd_r2",
+                            "rmsnorm_bwd_r3",
+                            "rmsnorm_bwd_r4",
+                        ])?,
+                    })
+                }
                 Ok(other) => {
                     return Err(KernelError::Unsupported(format!(
                         "ARCHSCALE_RMSNORM={other}: expected `regs` (default) or `block`"
@@ -491,13 +515,58 @@ impl Ops {
             .f32(eps)
             .f32(scale);
         let threads = rmsnorm_threads(n, false);
-        if let (Some((fwd, _)), Some(v)) = (&self.rmsnorm_regs, rmsnorm_chunks(n, threads)) {
+        if let (Some(k), Some(v)) = (&self.rmsnorm_regs, rmsnorm_chunks(n, threads)) {
             return self
                 .gpu
-                .launch(fwd[v - 1], grid1(rows), (threads, 1, 1), 0, &a);
+                .launch(k.fwd[v - 1], grid1(rows), (threads, 1, 1), 0, &a);
         }
         self.gpu
             .launch(self.rmsnorm_fwd, grid1(rows), (256, 1, 1), 0, &a)
+    }
+
+    /// Whether [`Ops::rmsnorm_fwd_add`] runs at width `n` (the register-resident kernels).
+    pub fn rmsnorm_add_available(&self, n: usize) -> bool {
+        self.rmsnorm_regs.is_some() && rmsnorm_chunks(n, rmsnorm_threads(n, false)).is_some()
+    }
+
+    /// A branch's residual add and the next RMSNorm in one pass: `x_out = x_in + rs·delta`
+    /// (fp32; delta bf16) and `y = bf16(x_out·rstd·gamma·scale)`. `x_out` may be `x_in` and
+    /// `y` may be `delta`. Only where [`Ops::rmsnorm_add_available`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_fwd_add(
+        &self,
+        x_in: u64,
+        delta: u64,
+        rs: f32,
+        x_out: u64,
+        gamma: u64,
+        y: u64,
+        rstd: u64,
+        rows: usize,
+        n: usize,
+        eps: f32,
+        scale: f32,
+    ) -> Result<()> {
+        let threads = rmsnorm_threads(n, false);
+        let (Some(k), Some(v)) = (&self.rmsnorm_regs, rmsnorm_chunks(n, threads)) else {
+            return Err(KernelError::Unsupported(format!(
+                "rmsnorm_fwd_add: width {n} (needs a multiple of 4 up to 4096 and the register kernels)"
+            )));
+        };
+        let a = Args::new()
+            .ptr(x_in)
+            .ptr(delta)
+            .f32(rs)
+            .ptr(x_out)
+            .ptr(gamma)
+            .ptr(y)
+            .ptr(rstd)
+            .i32(i32_of("rows", rows)?)
+            .i32(i32_of("n", n)?)
+            .f32(eps)
+            .f32(scale);
+        self.gpu
+            .launch(k.fwd_add[v - 1], grid1(rows), (threads, 1, 1), 0, &a)
     }
 
     /// RMSNorm backward: `dres (+)= dx`, `dres_bf = bf16(dres)`, `dgamma += ...`.
@@ -533,10 +602,10 @@ impl Ops {
             .i32(accumulate as i32)
             .ptr(h_out);
         let threads = rmsnorm_threads(n, true);
-        if let (Some((_, bwd)), Some(v)) = (&self.rmsnorm_regs, rmsnorm_chunks(n, threads)) {
+        if let (Some(k), Some(v)) = (&self.rmsnorm_regs, rmsnorm_chunks(n, threads)) {
             // one wave of at most 1024 threads per SM (every block ends with n atomics into
             // dgamma, so no more blocks than that)
-            let k = bwd[v - 1];
+            let k = k.bwd[v - 1];
             let per_sm = (1024 / threads as usize).min(self.gpu.resident_blocks(k, threads, 0)?);
             let blocks = rows.min(self.gpu.sm_count.max(1) as usize * per_sm);
             return self.gpu.launch(k, grid1(blocks), (threads, 1, 1), 0, &a);

@@ -342,6 +342,12 @@ pub struct CudaBackend {
     /// The overwritten gradients still hold the last step's values, which the next backward
     /// replaces; every gradient is zero as far as a reader is concerned.
     grads_stale: Cell<bool>,
+    /// The MLP's and the attention mixer's output products write their branch in bf16 to
+    /// `h`, and the next RMSNorm adds it to the residual stream (`Ops::rmsnorm_fwd_add`)
+    /// instead of the product's epilogue reading and writing the fp32 stream. RMSNorm models
+    /// without output biases at widths the register kernels take; `ARCHSCALE_RESIDUAL_ADD=gemm`
+    /// keeps the epilogue.
+    residual_in_norm: bool,
 }
 
 /// One unit's AdamW work items: `count` from `first` in the chunk tables, of which the
@@ -1071,6 +1077,23 @@ impl CudaBackend {
         let map = param_map(plan, &d, &offsets)?;
         let (wte, ln_f, head) = (map.wte, map.ln_f, map.head);
         let tied = head == wte;
+        let residual_in_norm = ops.rmsnorm_add_available(d.n)
+            && ln_f.b.is_none()
+            && map.layers.iter().all(|lp| {
+                lp.norm1.b.is_none()
+                    && lp.norm2.b.is_none()
+                    && lp.proj_b.is_none()
+                    && lp.w3_b.is_none()
+            })
+            && match std::env::var("ARCHSCALE_RESIDUAL_ADD").as_deref() {
+                Ok("norm") | Err(_) => true,
+                Ok("gemm") => false,
+                Ok(other) => {
+                    return Err(err(format!(
+                        "ARCHSCALE_RESIDUAL_ADD={other}: expected `norm` (default) or `gemm`"
+                    )))
+                }
+            };
 
         // ARCHSCALE_POISON=1 fills every new buffer with NaN, so a read of memory nothing
         // wrote shows up as NaN in the results (diagnostics).
@@ -1421,6 +1444,7 @@ impl CudaBackend {
             gemm_tuned_all: false,
             overwrite_grads,
             grads_stale: Cell::new(overwrite_grads),
+            residual_in_norm,
         };
         be.lt.set_autotune(be.gemm_tune, false);
         be.write_params(init)?;
@@ -1648,6 +1672,25 @@ impl CudaBackend {
         }
     }
 
+    /// `x_out = base + rs·h` (the branch output the last product left in `h`) and
+    /// `h = rmsnorm(x_out)`, in one pass (`residual_in_norm`).
+    fn norm_fwd_add(&self, base: u64, x_out: u64, nm: Norm, rstd: u64, rows: usize) -> Result<()> {
+        let d = &self.dims;
+        Ok(self.ops.rmsnorm_fwd_add(
+            base,
+            self.h.ptr,
+            d.residual_scale,
+            x_out,
+            self.p32(nm.w),
+            self.h.ptr,
+            rstd,
+            rows,
+            d.n,
+            d.eps,
+            1.0,
+        )?)
+    }
+
     /// Forward, loss (per-token losses kept in `self.losses`, logits' gradient scaled by
     /// `scale`) and backward of the tokens already uploaded.
     fn training_pass(&self, micro: usize, seq: usize, scale: f32) -> Result<()> {
@@ -1835,6 +1878,8 @@ impl CudaBackend {
             rows,
             n,
         )?;
+        // The residual stream a branch output waiting in `h` adds to (`residual_in_norm`).
+        let mut pending: Option<u64> = None;
         for l in 0..d.layers {
             let lp = self.layer_params[l];
             let sv = self.saved_of(l, train);
@@ -1854,18 +1899,29 @@ impl CudaBackend {
                 )
             };
             self.mark("norm fwd")?;
-            self.norm_fwd(x_in, lp.norm1, self.h.ptr, sv.mean1, sv.rstd1, rows)?;
-            match d.mixers[l] {
+            match pending.take() {
+                Some(base) => self.norm_fwd_add(base, x_in, lp.norm1, sv.rstd1, rows)?,
+                None => self.norm_fwd(x_in, lp.norm1, self.h.ptr, sv.mean1, sv.rstd1, rows)?,
+            }
+            let deferred = match d.mixers[l] {
                 LayerKind::Attention => {
                     self.attention_forward(l, &lp, &sv, batch, seq, x_in, x_mid, train)?
                 }
                 LayerKind::Mamba => {
-                    self.mamba_forward(l, &lp, &sv, batch, seq, x_in, x_mid, train)?
+                    self.mamba_forward(l, &lp, &sv, batch, seq, x_in, x_mid, train)?;
+                    false
                 }
-                LayerKind::Gmu => self.gmu_forward(l, &lp, &sv, batch, seq, x_in, x_mid, train)?,
-            }
+                LayerKind::Gmu => {
+                    self.gmu_forward(l, &lp, &sv, batch, seq, x_in, x_mid, train)?;
+                    false
+                }
+            };
             self.mark("norm fwd")?;
-            self.norm_fwd(x_mid, lp.norm2, self.h.ptr, sv.mean2, sv.rstd2, rows)?;
+            if deferred {
+                self.norm_fwd_add(x_in, x_mid, lp.norm2, sv.rstd2, rows)?;
+            } else {
+                self.norm_fwd(x_mid, lp.norm2, self.h.ptr, sv.mean2, sv.rstd2, rows)?;
+            }
             self.mark("gemm w1")?;
             self.lt.linear(
                 gpu,
@@ -1891,6 +1947,24 @@ impl CudaBackend {
             self.mark("swiglu")?;
             ops.swiglu_fwd(sv.gu, self.a.ptr, rows, inner)?;
             self.mark("gemm w3")?;
+            if self.residual_in_norm {
+                // `h` (norm 2's output) is dead once W1's product has read it
+                self.lt.linear(
+                    gpu,
+                    self.a.ptr,
+                    self.pbf(lp.w3),
+                    self.h.ptr,
+                    0,
+                    rows,
+                    inner,
+                    n,
+                    OutType::Bf16,
+                    1.0,
+                    0.0,
+                )?;
+                pending = Some(x_mid);
+                continue;
+            }
             self.lt.linear(
                 gpu,
                 self.a.ptr,
@@ -1917,8 +1991,24 @@ impl CudaBackend {
         self.gather_unit(uof(self.head))?;
         self.mark("norm fwd")?;
         // RMSNorm folds the logit scale into its output; LayerNorm's goes into the head GEMM.
-        let head_alpha = match self.ln_f.b {
-            None => {
+        let head_alpha = match (self.ln_f.b, pending) {
+            (None, Some(base)) => {
+                ops.rmsnorm_fwd_add(
+                    base,
+                    self.h.ptr,
+                    rs,
+                    x_final,
+                    self.p32(self.ln_f.w),
+                    self.hf.ptr,
+                    self.rstd_f.ptr,
+                    rows,
+                    n,
+                    d.eps,
+                    d.logit_scale,
+                )?;
+                1.0
+            }
+            (None, None) => {
                 ops.rmsnorm_fwd(
                     x_final,
                     self.p32(self.ln_f.w),
@@ -1931,7 +2021,8 @@ impl CudaBackend {
                 )?;
                 1.0
             }
-            Some(_) => {
+            // LayerNorm: the products added the branches themselves (no `residual_in_norm`)
+            (Some(_), _) => {
                 self.norm_fwd(
                     x_final,
                     self.ln_f,

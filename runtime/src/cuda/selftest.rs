@@ -570,10 +570,57 @@ fn check_rmsnorm(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
         push(
             out,
             "rmsnorm bwd dgamma (+=)",
-            shape,
+            shape.clone(),
             rel_err(&env.read_f32(dgp, dim)?, &dg_ref),
             1e-4,
         );
+
+        // residual add + norm in one pass, in place as the forward runs it: the branch
+        // (bf16) in the output buffer, the stream updated where it lies
+        if env.ops.rmsnorm_add_available(dim) {
+            let delta = env.randn_bf16(rows * dim, 1.0);
+            let rs = 0.7;
+            let x_sum: Vec<f64> = x.iter().zip(&delta).map(|(a, b)| a + rs * b).collect();
+            let (mut y2_ref, mut rstd2_ref) = (vec![0.0; rows * dim], vec![0.0; rows]);
+            ops::rmsnorm::rmsnorm_forward(&mut y2_ref, &mut rstd2_ref, &x_sum, &gamma_s, dim, 1e-5);
+            let xsp = env.f32_buf(&x)?;
+            let dp = env.bf16_buf(&delta)?;
+            let rp2 = env.poisoned(rows * 4)?;
+            env.ops.rmsnorm_fwd_add(
+                xsp,
+                dp,
+                rs as f32,
+                xsp,
+                gp,
+                dp,
+                rp2,
+                rows,
+                dim,
+                1e-5,
+                scale as f32,
+            )?;
+            push(
+                out,
+                "rmsnorm fwd + residual add: stream (fp32, in place)",
+                shape.clone(),
+                rel_err(&env.read_f32(xsp, rows * dim)?, &x_sum),
+                TOL_F32,
+            );
+            push(
+                out,
+                "rmsnorm fwd + residual add: out (bf16, over the branch)",
+                shape.clone(),
+                rel_err(&env.read_bf16(dp, rows * dim)?, &y2_ref),
+                TOL_BF16,
+            );
+            push(
+                out,
+                "rmsnorm fwd + residual add: rstd",
+                shape,
+                rel_err(&env.read_f32(rp2, rows)?, &rstd2_ref),
+                TOL_F32,
+            );
+        }
     }
     Ok(())
 }

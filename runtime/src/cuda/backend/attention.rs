@@ -36,7 +36,8 @@ impl CudaBackend {
     }
 
     /// Attention mixer of layer `l`: `x_mid = x_in + rs · proj(attn(rope(qkv(h))))`, where
-    /// `self.h` holds `norm_1(x_in)`.
+    /// `self.h` holds `norm_1(x_in)`. With `residual_in_norm` the product leaves its branch
+    /// in bf16 in `self.h` and returns true: norm 2 then adds it (`norm_fwd_add`).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attention_forward(
         &self,
@@ -48,7 +49,7 @@ impl CudaBackend {
         x_in: u64,
         x_mid: u64,
         train: bool,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let d = &self.dims;
         let rows = batch * seq;
         let (n, hs, aw) = (d.n, d.hs, d.attn_width());
@@ -102,6 +103,23 @@ impl CudaBackend {
             ops.flash_fwd(&al, sv.qkv, kv + ko, kv + vo, sv.y, sv.lse)?;
         }
         self.mark("gemm proj")?;
+        if self.residual_in_norm {
+            // `h` (norm 1's output) is dead once the QKV product has read it
+            self.lt.linear(
+                gpu,
+                sv.y,
+                self.pbf(lp.proj),
+                self.h.ptr,
+                0,
+                rows,
+                aw,
+                n,
+                OutType::Bf16,
+                1.0,
+                0.0,
+            )?;
+            return Ok(true);
+        }
         self.lt.linear(
             gpu,
             sv.y,
@@ -118,7 +136,7 @@ impl CudaBackend {
         if let Some(b) = lp.proj_b {
             self.hops()?.bias_add_f32(x_mid, self.p32(b), rs, rows, n)?;
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Backward of the attention mixer from `self.dres_bf` (the residual gradient); with an
