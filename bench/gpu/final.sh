@@ -57,4 +57,4 @@ done
 [ -f "$OUT/parity_cuda.log" ] && { echo "== parity cuda"; grep -E 'step +300|error' "$OUT/parity_cuda.log" | tail -3; }
 echo "== torch"; grep -E '^\{|error|Error' "$OUT/torch.txt" | tail -4
 # The device tool returns a handful of files: everything goes back as one archive.
-( cd "$OUT" && tar czf 00_logs.tgz --exclude 00_logs.tgz . && find . -type f ! -name 00_logs.tgz -delete )
+tar czf /tmp/00_logs.tgz -C "$OUT" . && find "$OUT" -type f -delete && mv /tmp/00_logs.tgz "$OUT/"
