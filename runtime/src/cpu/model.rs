@@ -146,6 +146,10 @@ pub struct CpuModel<T: Real = f32> {
     ln_f: Norm,
     workspaces: Mutex<Vec<Workspace<T>>>,
     storage: Storage,
+    /// Round the attention and MLP branch outputs to bf16 before their residual add, as a
+    /// CUDA backend with `residual_in_norm` does (and ArchScale's autocast Linear); the
+    /// Mamba and GMU branches stay exact.
+    bf16_branches: bool,
 }
 
 struct Lookup<'a> {
@@ -215,6 +219,14 @@ impl<T: Real> CpuModel<T> {
     /// reference for such gradients.
     pub fn with_storage(mut self, storage: Storage) -> Self {
         self.storage = storage;
+        self
+    }
+
+    /// The same model rounding the attention and MLP branch outputs to bf16 before the
+    /// residual add (`true`), where a CUDA backend does (`CudaBackend::branches_in_bf16`).
+    /// Only the CUDA self-test uses it.
+    pub fn with_bf16_branches(mut self, on: bool) -> Self {
+        self.bf16_branches = on;
         self
     }
 
@@ -430,6 +442,7 @@ impl<T: Real> CpuModel<T> {
             ln_f,
             workspaces: Mutex::new(Vec::new()),
             storage: Storage::Exact,
+            bf16_branches: false,
         })
     }
 
@@ -631,10 +644,16 @@ impl<T: Real> CpuModel<T> {
             let (cur, after) = rest.split_first_mut().expect("layer exists");
             norm_forward(block.norm_1, &mut cur.norm_1, &cur.x_in, params, n, eps);
             self.mixer_forward(block, cur, before, &mut ws.branch, params, &ws.shape);
+            if self.bf16_branches && matches!(block.mixer, MixerKind::Attention(_)) {
+                Storage::Bf16.store(&mut ws.branch);
+            }
             cur.x_mid.copy_from_slice(&cur.x_in);
             scaled_add_forward(&mut cur.x_mid, &ws.branch, rs);
             norm_forward(block.norm_2, &mut cur.norm_2, &cur.x_mid, params, n, eps);
             self.mlp_forward(block, cur, &mut ws.branch, params, &ws.shape);
+            if self.bf16_branches {
+                Storage::Bf16.store(&mut ws.branch);
+            }
             let next = match after.first_mut() {
                 Some(next) => &mut next.x_in,
                 None => &mut ws.x_out,

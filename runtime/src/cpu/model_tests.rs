@@ -956,3 +956,34 @@ fn bf16_storage_rounds_the_gpu_stored_activations_and_nothing_more() {
     Storage::Exact.store(&mut w);
     assert_eq!(w, [1.0 + 1e-5]);
 }
+
+#[test]
+fn bf16_branches_move_the_loss_at_bf16_level_and_off_is_exact() {
+    // SambaY-DA (attention, Mamba and GMU layers): rounding the attention and MLP branch
+    // outputs moves the loss at bf16 level; switched off, the model is the exact one.
+    let p = plan(
+        model_config(
+            Tiny {
+                rope: false,
+                parametrization: Parametrization::Sp,
+                ..Tiny::default()
+            },
+            8,
+            true,
+        ),
+        sambay_layers(true, "mamba"),
+    );
+    let exact = CpuModel::<f32>::new(&p).unwrap();
+    let off = CpuModel::<f32>::new(&p).unwrap().with_bf16_branches(false);
+    let on = CpuModel::<f32>::new(&p).unwrap().with_bf16_branches(true);
+    let mut rng = rng(6);
+    let params = exact.init_params();
+    let rows = random_rows(&mut rng, 2, p.model.block_size, false);
+    let l_exact = exact.loss(&params, &rows, 2, 0.0).unwrap();
+    assert_eq!(off.loss(&params, &rows, 2, 0.0).unwrap(), l_exact);
+    let rel = ((on.loss(&params, &rows, 2, 0.0).unwrap() - l_exact) / l_exact).abs();
+    assert!(
+        rel > 0.0 && rel < 1e-2,
+        "bf16 branches moved the loss by {rel:e}"
+    );
+}

@@ -1507,6 +1507,12 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// Whether the attention and MLP branches reach the residual stream rounded to bf16
+    /// (`residual_in_norm`), for a CPU reference that rounds where this backend does.
+    pub fn branches_in_bf16(&self) -> bool {
+        self.residual_in_norm
+    }
+
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
     }

@@ -1174,15 +1174,16 @@ pub fn model_parity(plan: &archscale_compiler::Plan, seed: u64) -> crate::Result
     // the GPU stores in bf16 where gradients are ill-conditioned (`CpuModel::with_storage`);
     // the all-fp32 model measures how much each tensor moves under that rounding alone.
     let operands = gemm_operands_as_bf16(plan, &init);
+    let mut be = super::CudaBackend::new(plan, 0, &init)?;
     let rounded = crate::cpu::model::CpuModel::<f32>::new(plan)?
-        .with_storage(crate::cpu::float::Storage::Bf16);
+        .with_storage(crate::cpu::float::Storage::Bf16)
+        .with_bf16_branches(be.branches_in_bf16());
     let mut grads = model.zero_grads();
     let t = std::time::Instant::now();
     let loss_cpu = rounded.forward_backward(&operands, &mut grads, &rows, micro, 1.0, smoothing)?;
     let cpu_s = t.elapsed().as_secs_f64();
     let mut grads_f32w = model.zero_grads();
     model.forward_backward(&init, &mut grads_f32w, &rows, micro, 1.0, smoothing)?;
-    let mut be = super::CudaBackend::new(plan, 0, &init)?;
     let loss_gpu = be.forward_backward(&rows, micro, 1.0)?;
     let ggpu = be.read_grads()?;
     let shape = format!("{} B{micro} T{seq}", plan.model.name);

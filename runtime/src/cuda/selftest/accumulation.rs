@@ -83,7 +83,6 @@ fn overall(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
 
 pub fn accumulation_parity(plan: &Plan, seed: u64) -> crate::Result<Vec<Check>> {
     let model = CpuModel::<f32>::new(plan)?;
-    let rounded = CpuModel::<f32>::new(plan)?.with_storage(Storage::Bf16);
     let init = model.init_params();
     let (micro, seq) = (plan.layout.micro_batch, plan.layout.seq_len);
     let smoothing = plan.training.label_smoothing;
@@ -108,6 +107,9 @@ pub fn accumulation_parity(plan: &Plan, seed: u64) -> crate::Result<Vec<Check>> 
         be.set_grad_overwrite(overwrite)?;
         runs.push(be);
     }
+    let rounded = CpuModel::<f32>::new(plan)?
+        .with_storage(Storage::Bf16)
+        .with_bf16_branches(runs[0].branches_in_bf16());
     let shape = format!(
         "{} B{micro} T{seq}, {STEPS} steps x {MICRO_STEPS} micro",
         plan.model.name
