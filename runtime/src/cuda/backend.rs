@@ -1077,23 +1077,24 @@ impl CudaBackend {
         let map = param_map(plan, &d, &offsets)?;
         let (wte, ln_f, head) = (map.wte, map.ln_f, map.head);
         let tied = head == wte;
-        let residual_in_norm = ops.rmsnorm_add_available(d.n)
+        let residual_add_in_norm = match std::env::var("ARCHSCALE_RESIDUAL_ADD").as_deref() {
+            Ok("norm") | Err(_) => true,
+            Ok("gemm") => false,
+            Ok(other) => {
+                return Err(err(format!(
+                    "ARCHSCALE_RESIDUAL_ADD={other}: expected `norm` (default) or `gemm`"
+                )))
+            }
+        };
+        let residual_in_norm = residual_add_in_norm
+            && ops.rmsnorm_add_available(d.n)
             && ln_f.b.is_none()
             && map.layers.iter().all(|lp| {
                 lp.norm1.b.is_none()
                     && lp.norm2.b.is_none()
                     && lp.proj_b.is_none()
                     && lp.w3_b.is_none()
-            })
-            && match std::env::var("ARCHSCALE_RESIDUAL_ADD").as_deref() {
-                Ok("norm") | Err(_) => true,
-                Ok("gemm") => false,
-                Ok(other) => {
-                    return Err(err(format!(
-                        "ARCHSCALE_RESIDUAL_ADD={other}: expected `norm` (default) or `gemm`"
-                    )))
-                }
-            };
+            });
 
         // ARCHSCALE_POISON=1 fills every new buffer with NaN, so a read of memory nothing
         // wrote shows up as NaN in the results (diagnostics).
