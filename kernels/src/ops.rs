@@ -256,7 +256,7 @@ pub fn rmsnorm_threads(n: usize, backward: bool) -> u32 {
 /// `threads` per block, or None where the one-block-per-row kernels run (n not a multiple of
 /// 4, or more than 4 chunks per thread).
 pub fn rmsnorm_chunks(n: usize, threads: u32) -> Option<usize> {
-    if n == 0 || n % 4 != 0 {
+    if n == 0 || !n.is_multiple_of(4) {
         return None;
     }
     let v = (n / 4).div_ceil(threads as usize);
