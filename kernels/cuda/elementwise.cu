@@ -153,6 +153,37 @@ extern "C" __global__ void rmsnorm_bwd(const float* __restrict__ x, const float*
 // in registers across the reduction, so x, dy and gamma are read from memory once per row.
 // Same math as rmsnorm_fwd / rmsnorm_bwd above; the backward also keeps gamma and its dgamma
 // partials in registers over its grid-stride rows.
+// Four floats as four bf16 (round to nearest) in one 8-byte store.
+__device__ __forceinline__ void store_bf16x4(bf16* dst, float a, float b, float c, float d) {
+    bf162 lo = __floats2bfloat162_rn(a, b), hi = __floats2bfloat162_rn(c, d);
+    uint2 packed;
+    packed.x = *reinterpret_cast<u32*>(&lo);
+    packed.y = *reinterpret_cast<u32*>(&hi);
+    *reinterpret_cast<uint2*>(dst) = packed;
+}
+
+// The rest of a register-resident RMSNorm forward row, once each thread holds its chunks xv
+// and their sum of squares ss: rstd, then y = bf16(x·rstd·gamma·scale), and x itself into
+// x_out unless that is null.
+template <int V>
+__device__ __forceinline__ void rmsnorm_regs_finish(const float4 (&xv)[V], float ss, float* scratch, int r, int n,
+                                                    float eps, float scale, const float* __restrict__ gamma,
+                                                    bf16* yr, float* x_out_r, float* __restrict__ rstd_out) {
+    ss = block_sum(ss, scratch);
+    const float rstd = rsqrtf(ss / (float)n + eps);
+    if (rstd_out != nullptr && threadIdx.x == 0) rstd_out[r] = rstd;
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        const int c = (threadIdx.x + i * blockDim.x) * 4;
+        if (c >= n) break;
+        const float4 v = xv[i];
+        if (x_out_r != nullptr) *reinterpret_cast<float4*>(x_out_r + c) = v;
+        const float4 g = *reinterpret_cast<const float4*>(gamma + c);
+        store_bf16x4(yr + c, v.x * rstd * g.x * scale, v.y * rstd * g.y * scale, v.z * rstd * g.z * scale,
+                     v.w * rstd * g.w * scale);
+    }
+}
+
 template <int V>
 __device__ __forceinline__ void rmsnorm_fwd_regs(const float* __restrict__ x, const float* __restrict__ gamma,
                                                  bf16* __restrict__ y, float* __restrict__ rstd_out, int rows,
@@ -170,22 +201,7 @@ __device__ __forceinline__ void rmsnorm_fwd_regs(const float* __restrict__ x, co
         xv[i] = c < n ? *reinterpret_cast<const float4*>(xr + c) : make_float4(0.f, 0.f, 0.f, 0.f);
         ss += xv[i].x * xv[i].x + xv[i].y * xv[i].y + xv[i].z * xv[i].z + xv[i].w * xv[i].w;
     }
-    ss = block_sum(ss, scratch);
-    const float rstd = rsqrtf(ss / (float)n + eps);
-    if (rstd_out != nullptr && threadIdx.x == 0) rstd_out[r] = rstd;
-#pragma unroll
-    for (int i = 0; i < V; i++) {
-        const int c = (threadIdx.x + i * blockDim.x) * 4;
-        if (c >= n) break;
-        const float4 v = xv[i];
-        const float4 g = *reinterpret_cast<const float4*>(gamma + c);
-        bf162 a = __floats2bfloat162_rn(v.x * rstd * g.x * scale, v.y * rstd * g.y * scale);
-        bf162 b = __floats2bfloat162_rn(v.z * rstd * g.z * scale, v.w * rstd * g.w * scale);
-        uint2 packed;
-        packed.x = *reinterpret_cast<u32*>(&a);
-        packed.y = *reinterpret_cast<u32*>(&b);
-        *reinterpret_cast<uint2*>(yr + c) = packed;
-    }
+    rmsnorm_regs_finish<V>(xv, ss, scratch, r, n, eps, scale, gamma, yr, nullptr, rstd_out);
 }
 
 // The residual add of a branch and the next norm in one pass: x_out = x_in + rs·delta (fp32;
@@ -218,23 +234,7 @@ __device__ __forceinline__ void rmsnorm_fwd_add_regs(const float* x_in, const bf
         }
         ss += xv[i].x * xv[i].x + xv[i].y * xv[i].y + xv[i].z * xv[i].z + xv[i].w * xv[i].w;
     }
-    ss = block_sum(ss, scratch);
-    const float rstd = rsqrtf(ss / (float)n + eps);
-    if (rstd_out != nullptr && threadIdx.x == 0) rstd_out[r] = rstd;
-#pragma unroll
-    for (int i = 0; i < V; i++) {
-        const int c = (threadIdx.x + i * blockDim.x) * 4;
-        if (c >= n) break;
-        const float4 v = xv[i];
-        *reinterpret_cast<float4*>(x_out + base + c) = v;
-        const float4 g = *reinterpret_cast<const float4*>(gamma + c);
-        bf162 a = __floats2bfloat162_rn(v.x * rstd * g.x * scale, v.y * rstd * g.y * scale);
-        bf162 b = __floats2bfloat162_rn(v.z * rstd * g.z * scale, v.w * rstd * g.w * scale);
-        uint2 packed;
-        packed.x = *reinterpret_cast<u32*>(&a);
-        packed.y = *reinterpret_cast<u32*>(&b);
-        *reinterpret_cast<uint2*>(y + base + c) = packed;
-    }
+    rmsnorm_regs_finish<V>(xv, ss, scratch, r, n, eps, scale, gamma, y + base, x_out + base, rstd_out);
 }
 
 template <int V>
@@ -297,18 +297,10 @@ __device__ __forceinline__ void rmsnorm_bwd_regs(const float* __restrict__ x, co
             o.z += pv[i].z;
             o.w += pv[i].w;
             *reinterpret_cast<float4*>(dr + c) = o;
-            bf162 a = __floats2bfloat162_rn(o.x, o.y), b = __floats2bfloat162_rn(o.z, o.w);
-            uint2 packed;
-            packed.x = *reinterpret_cast<u32*>(&a);
-            packed.y = *reinterpret_cast<u32*>(&b);
-            *reinterpret_cast<uint2*>(drb + c) = packed;
-            if (h_out != nullptr) {  // the same expression as rmsnorm_fwd's output
-                a = __floats2bfloat162_rn(xq.x * rstd * gq.x, xq.y * rstd * gq.y);
-                b = __floats2bfloat162_rn(xq.z * rstd * gq.z, xq.w * rstd * gq.w);
-                packed.x = *reinterpret_cast<u32*>(&a);
-                packed.y = *reinterpret_cast<u32*>(&b);
-                *reinterpret_cast<uint2*>(h_out + (size_t)r * n + c) = packed;
-            }
+            store_bf16x4(drb + c, o.x, o.y, o.z, o.w);
+            if (h_out != nullptr)  // the same expression as rmsnorm_fwd's output
+                store_bf16x4(h_out + (size_t)r * n + c, xq.x * rstd * gq.x, xq.y * rstd * gq.y, xq.z * rstd * gq.z,
+                             xq.w * rstd * gq.w);
         }
     }
 #pragma unroll
