@@ -129,6 +129,9 @@ struct RegisterNorm {
     fwd: [Kernel; 4],
     fwd_add: [Kernel; 4],
     bwd: [Kernel; 4],
+    /// Blocks per SM of each backward kernel's grid: one wave of at most 1,024 threads
+    /// (every block ends with n atomics into dgamma, so no more blocks than that).
+    bwd_per_sm: [usize; 4],
 }
 
 /// Every kernel, loaded once per device.
@@ -321,6 +324,18 @@ impl Ops {
                             load("elementwise", names[3])?,
                         ])
                     };
+                    let bwd = four([
+                        "rmsnorm_bwd_r1",
+                        "rmsnorm_bwd_r2",
+                        "rmsnorm_bwd_r3",
+                        "rmsnorm_bwd_r4",
+                    ])?;
+                    let threads = rmsnorm_threads(0, true);
+                    let mut bwd_per_sm = [0; 4];
+                    for (per_sm, k) in bwd_per_sm.iter_mut().zip(bwd) {
+                        *per_sm =
+                            (1024 / threads as usize).min(gpu.resident_blocks(k, threads, 0)?);
+                    }
                     Some(RegisterNorm {
                         fwd: four([
                             "rmsnorm_fwd_r1",
@@ -334,12 +349,8 @@ impl Ops {
                             "rmsnorm_fwd_add_r3",
                             "rmsnorm_fwd_add_r4",
                         ])?,
-                        bwd: four([
-                            "rmsnorm_bwd_r1",
-                            "rmsnorm_bwd_r2",
-                            "rmsnorm_bwd_r3",
-                            "rmsnorm_bwd_r4",
-                        ])?,
+                        bwd,
+                        bwd_per_sm,
                     })
                 }
                 Ok(other) => {
@@ -603,12 +614,10 @@ impl Ops {
             .ptr(h_out);
         let threads = rmsnorm_threads(n, true);
         if let (Some(k), Some(v)) = (&self.rmsnorm_regs, rmsnorm_chunks(n, threads)) {
-            // one wave of at most 1024 threads per SM (every block ends with n atomics into
-            // dgamma, so no more blocks than that)
-            let k = k.bwd[v - 1];
-            let per_sm = (1024 / threads as usize).min(self.gpu.resident_blocks(k, threads, 0)?);
-            let blocks = rows.min(self.gpu.sm_count.max(1) as usize * per_sm);
-            return self.gpu.launch(k, grid1(blocks), (threads, 1, 1), 0, &a);
+            let blocks = rows.min(self.gpu.sm_count.max(1) as usize * k.bwd_per_sm[v - 1]);
+            return self
+                .gpu
+                .launch(k.bwd[v - 1], grid1(blocks), (threads, 1, 1), 0, &a);
         }
         let smem = n * 4;
         if smem > 48 * 1024 {
