@@ -1680,8 +1680,18 @@ impl CudaBackend {
     }
 
     /// `x_out = base + rs·h` (the branch output the last product left in `h`) and
-    /// `h = rmsnorm(x_out)`, in one pass (`residual_in_norm`).
-    fn norm_fwd_add(&self, base: u64, x_out: u64, nm: Norm, rstd: u64, rows: usize) -> Result<()> {
+    /// `out = rmsnorm(x_out)·scale`, in one pass (`residual_in_norm`); `out` may be `h`.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_fwd_add(
+        &self,
+        base: u64,
+        x_out: u64,
+        nm: Norm,
+        out: u64,
+        rstd: u64,
+        rows: usize,
+        scale: f32,
+    ) -> Result<()> {
         let d = &self.dims;
         Ok(self.ops.rmsnorm_fwd_add(
             base,
@@ -1689,12 +1699,12 @@ impl CudaBackend {
             d.residual_scale,
             x_out,
             self.p32(nm.w),
-            self.h.ptr,
+            out,
             rstd,
             rows,
             d.n,
             d.eps,
-            1.0,
+            scale,
         )?)
     }
 
@@ -1907,7 +1917,9 @@ impl CudaBackend {
             };
             self.mark("norm fwd")?;
             match pending.take() {
-                Some(base) => self.norm_fwd_add(base, x_in, lp.norm1, sv.rstd1, rows)?,
+                Some(base) => {
+                    self.norm_fwd_add(base, x_in, lp.norm1, self.h.ptr, sv.rstd1, rows, 1.0)?
+                }
                 None => self.norm_fwd(x_in, lp.norm1, self.h.ptr, sv.mean1, sv.rstd1, rows)?,
             }
             let deferred = match d.mixers[l] {
@@ -1925,7 +1937,7 @@ impl CudaBackend {
             };
             self.mark("norm fwd")?;
             if deferred {
-                self.norm_fwd_add(x_in, x_mid, lp.norm2, sv.rstd2, rows)?;
+                self.norm_fwd_add(x_in, x_mid, lp.norm2, self.h.ptr, sv.rstd2, rows, 1.0)?;
             } else {
                 self.norm_fwd(x_mid, lp.norm2, self.h.ptr, sv.mean2, sv.rstd2, rows)?;
             }
@@ -2000,17 +2012,13 @@ impl CudaBackend {
         // RMSNorm folds the logit scale into its output; LayerNorm's goes into the head GEMM.
         let head_alpha = match (self.ln_f.b, pending) {
             (None, Some(base)) => {
-                ops.rmsnorm_fwd_add(
+                self.norm_fwd_add(
                     base,
-                    self.h.ptr,
-                    rs,
                     x_final,
-                    self.p32(self.ln_f.w),
+                    self.ln_f,
                     self.hf.ptr,
                     self.rstd_f.ptr,
                     rows,
-                    n,
-                    d.eps,
                     d.logit_scale,
                 )?;
                 1.0
