@@ -247,6 +247,11 @@ impl ParamGroup {
     pub fn lr_at(&self, schedule: &Schedule, it: u64) -> f64 {
         schedule.lr_at(it, self.peak_lr) * self.lr_mult.unwrap_or(1.0)
     }
+
+    /// LR of this group at the schedule's peak (`lr_mult` applied).
+    pub fn peak_group_lr(&self) -> f64 {
+        self.peak_lr * self.lr_mult.unwrap_or(1.0)
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

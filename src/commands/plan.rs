@@ -338,7 +338,7 @@ fn run_view(p: &Plan) -> RunView {
                 OptimizerKind::Muon => "Muon",
             };
             let mult = g.lr_mult.map_or(String::new(), |x| format!(" x {}", sig(x)));
-            let peak = g.peak_lr * g.lr_mult.unwrap_or(1.0);
+            let peak = g.peak_group_lr();
             let moments = match g.muon_beta {
                 Some(b) => format!("momentum {b}"),
                 None => format!("betas ({}, {}), eps {:e}", g.beta1, g.beta2, g.eps),

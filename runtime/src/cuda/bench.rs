@@ -84,7 +84,7 @@ pub fn bench_plan(plan: &Plan, steps: usize, warmup: usize, profile: bool) -> Re
         .optimizer
         .groups
         .iter()
-        .map(|g| g.peak_lr * g.lr_mult.unwrap_or(1.0))
+        .map(|g| g.peak_group_lr())
         .collect();
     let clip = plan.optimizer.grad_clip;
     let step = |be: &mut CudaBackend| -> Result<f64> {

@@ -1156,6 +1156,17 @@ fn check_flash_variant(env: &mut Env, out: &mut Vec<Check>, variant: &str) -> R<
     Ok(())
 }
 
+/// `micro` rows of `seq_len + 1` uniformly random token ids of `plan`'s vocabulary.
+pub(super) fn random_rows(
+    rng: &mut ChaCha8Rng,
+    plan: &archscale_compiler::Plan,
+    micro: usize,
+) -> Vec<u32> {
+    (0..micro * (plan.layout.seq_len + 1))
+        .map(|_| rng.gen_range(0..plan.model.vocab_size as u32))
+        .collect()
+}
+
 /// Whole-model parity: from the same init and batch, the CUDA backend's loss and every
 /// parameter gradient against the CPU reference model (f32, no bf16 rounding). The CUDA side
 /// runs bf16 matmuls and activations, so agreement is at bf16 level, not bit level.
@@ -1165,10 +1176,7 @@ pub fn model_parity(plan: &archscale_compiler::Plan, seed: u64) -> crate::Result
     let init = model.init_params();
     let micro = plan.layout.micro_batch;
     let seq = plan.layout.seq_len;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let rows: Vec<u32> = (0..micro * (seq + 1))
-        .map(|_| rng.gen_range(0..plan.model.vocab_size as u32))
-        .collect();
+    let rows = random_rows(&mut ChaCha8Rng::seed_from_u64(seed), plan, micro);
     let smoothing = plan.training.label_smoothing;
     // The reference multiplies by the same bf16 weights the GPU does and stores in bf16 what
     // the GPU stores in bf16 where gradients are ill-conditioned (`CpuModel::with_storage`);

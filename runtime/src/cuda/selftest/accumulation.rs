@@ -8,13 +8,13 @@
 //! the zero-everything run, the gradients read just after a step (zero), and each step's
 //! accumulated gradients and losses against the CPU reference at the CUDA run's parameters.
 
-use super::{gemm_operands_as_bf16, rel_err, Check};
+use super::{gemm_operands_as_bf16, random_rows, rel_err, Check};
 use crate::cpu::float::Storage;
 use crate::cpu::model::CpuModel;
 use crate::cuda::CudaBackend;
 use crate::Backend;
 use archscale_compiler::Plan;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 const STEPS: usize = 2;
@@ -88,17 +88,13 @@ pub fn accumulation_parity(plan: &Plan, seed: u64) -> crate::Result<Vec<Check>> 
     let smoothing = plan.training.label_smoothing;
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
     let batches: Vec<Vec<u32>> = (0..STEPS * MICRO_STEPS)
-        .map(|_| {
-            (0..micro * (seq + 1))
-                .map(|_| rng.gen_range(0..plan.model.vocab_size as u32))
-                .collect()
-        })
+        .map(|_| random_rows(&mut rng, plan, micro))
         .collect();
     let lrs: Vec<f64> = plan
         .optimizer
         .groups
         .iter()
-        .map(|g| g.peak_lr * g.lr_mult.unwrap_or(1.0))
+        .map(|g| g.peak_group_lr())
         .collect();
     // [overwrite path, zero-everything path, zero-everything again]
     let mut runs = Vec::new();
