@@ -913,11 +913,9 @@ fn parallel_gemm_split_is_thread_count_independent() {
     assert!(g1 == g3, "gradients depend on the thread count");
 }
 
-#[test]
-fn bf16_storage_rounds_the_gpu_stored_activations_and_nothing_more() {
-    // SambaY-DA: Mamba scan inputs and DA's O1/O2 are rounded; the loss moves by bf16
-    // rounding (≈ 1e-3 relative), not by more, and an exact model is unchanged.
-    let p = plan(
+/// Tiny SambaY-DA (attention, Mamba and GMU layers) under SP, without RoPE.
+fn sambay_da_sp_plan() -> Plan {
+    plan(
         model_config(
             Tiny {
                 rope: false,
@@ -928,7 +926,14 @@ fn bf16_storage_rounds_the_gpu_stored_activations_and_nothing_more() {
             true,
         ),
         sambay_layers(true, "mamba"),
-    );
+    )
+}
+
+#[test]
+fn bf16_storage_rounds_the_gpu_stored_activations_and_nothing_more() {
+    // SambaY-DA: Mamba scan inputs and DA's O1/O2 are rounded; the loss moves by bf16
+    // rounding (≈ 1e-3 relative), not by more, and an exact model is unchanged.
+    let p = sambay_da_sp_plan();
     let exact = CpuModel::<f32>::new(&p).unwrap();
     let bf16 = CpuModel::<f32>::new(&p)
         .unwrap()
@@ -961,18 +966,7 @@ fn bf16_storage_rounds_the_gpu_stored_activations_and_nothing_more() {
 fn bf16_branches_move_the_loss_at_bf16_level_and_off_is_exact() {
     // SambaY-DA (attention, Mamba and GMU layers): rounding the attention and MLP branch
     // outputs moves the loss at bf16 level; switched off, the model is the exact one.
-    let p = plan(
-        model_config(
-            Tiny {
-                rope: false,
-                parametrization: Parametrization::Sp,
-                ..Tiny::default()
-            },
-            8,
-            true,
-        ),
-        sambay_layers(true, "mamba"),
-    );
+    let p = sambay_da_sp_plan();
     let exact = CpuModel::<f32>::new(&p).unwrap();
     let off = CpuModel::<f32>::new(&p).unwrap().with_bf16_branches(false);
     let on = CpuModel::<f32>::new(&p).unwrap().with_bf16_branches(true);
