@@ -363,7 +363,8 @@ fn is_muon(opt: &OptimizerPlan, p: &ParamSpec) -> bool {
 /// the model state computed here plus `activation_bytes` ([`activation_bytes`]).
 ///
 /// - params: fp32 master copy, the whole flat buffer, or under ZeRO-3 this rank's chunks;
-/// - grads: fp32, sized as params;
+/// - grads: fp32, sized as params (a one-micro-step weight gradient held in bf16 uses the
+///   first half of its tensor's slot);
 /// - optimizer: `exp_avg` and `exp_avg_sq` (fp32, this rank's chunks; Muon matrices keep
 ///   their momentum in `exp_avg` and leave `exp_avg_sq` unused), the AdamW work-item
 ///   tables, the group hyperparameters, and Muon's Newton–Schulz scratch (sized for the
@@ -435,8 +436,9 @@ pub fn memory(
         let (x, gram) = (x.unwrap_or(0).max(64), gram.unwrap_or(0).max(64));
         2 * alloc_size(x * bf) + 2 * alloc_size(gram * bf) + alloc_size(8)
     };
+    // item tables: offsets, bf16 gradient offsets (i64), lengths, groups (i32)
     let optimizer_bytes = 2 * alloc_size(local * f32)
-        + alloc_size(items * 8)
+        + 2 * alloc_size(items * 8)
         + 2 * alloc_size(items * 4)
         + alloc_size(8 * f32 * opt.groups.len().max(1))
         + muon;
@@ -634,9 +636,9 @@ mod tests {
         assert_eq!(dp.working_bytes, 2 * 2304);
         assert_eq!(dp.params_bytes, 4 * 2304);
         assert_eq!(dp.grads_bytes, 4 * 2304);
-        // two fp32 moments, six AdamW work items (one per tensor: 48 B of offsets and two
-        // 24 B tables, 256 B each), the hyperparameter block (32 B -> 256)
-        assert_eq!(dp.optimizer_bytes, 2 * 4 * 2304 + 3 * 256 + 256);
+        // two fp32 moments, six AdamW work items (one per tensor: two 48 B tables of
+        // offsets and two 24 B ones, 256 B each), the hyperparameter block (32 B -> 256)
+        assert_eq!(dp.optimizer_bytes, 2 * 4 * 2304 + 4 * 256 + 256);
         assert_eq!(dp.activations_bytes, 0);
     }
 

@@ -89,30 +89,36 @@ __device__ __forceinline__ float adamw_one(const AdamWHyper& h, float gr, float&
     return p * h.decay - h.step_size * m / denom;
 }
 
-// One block per chunk (offset, len, group) of the flat parameter buffer; chunks are at most
-// 8192 elements, so a unit's launch fills the GPU. Gradients are scaled by grad_mult; the
-// first zero_chunks chunks then zero theirs (the others are left for the next backward pass
-// to overwrite). p_bf (optional) receives bf16(p). A chunk whose start is 16-byte aligned in
-// every buffer (all of them: tensors start 64-element aligned) goes by float4.
-extern "C" __global__ void adamw_step(float* __restrict__ p, float* __restrict__ g, float* __restrict__ m,
-                                      float* __restrict__ v, bf16* __restrict__ p_bf,
-                                      const long long* __restrict__ chunk_off, const int* __restrict__ chunk_len,
-                                      const int* __restrict__ chunk_group, const float* __restrict__ hyper,
-                                      float grad_mult, int zero_chunks) {
-    const bool zero = (int)blockIdx.x < zero_chunks;
-    const long long off = chunk_off[blockIdx.x];
-    const int len = chunk_len[blockIdx.x];
-    const float* hp = hyper + 8 * chunk_group[blockIdx.x];
-    const AdamWHyper h = {hp[1], hp[2], hp[3], hp[4], hp[5], hp[6]};
-    float *pc = p + off, *gc = g + off, *mc = m + off, *vc = v + off;
-    bf16* bc = p_bf != nullptr ? p_bf + off : nullptr;
-    const bool vec = ((reinterpret_cast<unsigned long long>(pc) | reinterpret_cast<unsigned long long>(gc) |
-                       reinterpret_cast<unsigned long long>(mc) | reinterpret_cast<unsigned long long>(vc)) &
+// A chunk's gradient: fp32, or bf16 (a weight gradient that one product wrote in bf16, as
+// ArchScale's autocast hands it to the optimizer after one micro-step). Four at a time.
+__device__ __forceinline__ float4 grad4(const float* g, int i) { return reinterpret_cast<const float4*>(g)[i]; }
+__device__ __forceinline__ float4 grad4(const bf16* g, int i) {
+    const uint2 raw = reinterpret_cast<const uint2*>(g)[i];
+    const float2 lo = __bfloat1622float2(*reinterpret_cast<const bf162*>(&raw.x));
+    const float2 hi = __bfloat1622float2(*reinterpret_cast<const bf162*>(&raw.y));
+    return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+__device__ __forceinline__ float grad1(const float* g, int i) { return g[i]; }
+__device__ __forceinline__ float grad1(const bf16* g, int i) { return bf(g[i]); }
+// Zeroing after use: fp32 gradients only (a bf16 one is overwritten by its product).
+__device__ __forceinline__ void zero4(float* g, int i) { reinterpret_cast<float4*>(g)[i] = make_float4(0.f, 0.f, 0.f, 0.f); }
+__device__ __forceinline__ void zero4(bf16*, int) {}
+__device__ __forceinline__ void zero1(float* g, int i) { g[i] = 0.f; }
+__device__ __forceinline__ void zero1(bf16*, int) {}
+
+// AdamW over one chunk of `len` elements with gradient gc (zeroed after use when `zero`,
+// fp32 only). Goes by float4 when every pointer allows.
+template <typename G>
+__device__ __forceinline__ void adamw_chunk(const AdamWHyper& h, float* pc, G* gc, float* mc, float* vc, bf16* bc,
+                                            int len, float grad_mult, bool zero) {
+    const bool vec = ((reinterpret_cast<unsigned long long>(pc) | reinterpret_cast<unsigned long long>(mc) |
+                       reinterpret_cast<unsigned long long>(vc)) &
                       15) == 0 &&
+                     (reinterpret_cast<unsigned long long>(gc) & (4 * sizeof(G) - 1)) == 0 &&
                      (reinterpret_cast<unsigned long long>(bc) & 7) == 0;
     const int nvec = vec ? len >> 2 : 0;
     for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-        const float4 g4 = reinterpret_cast<const float4*>(gc)[i];
+        const float4 g4 = grad4(gc, i);
         float4 m4 = reinterpret_cast<const float4*>(mc)[i];
         float4 v4 = reinterpret_cast<const float4*>(vc)[i];
         float4 p4 = reinterpret_cast<const float4*>(pc)[i];
@@ -123,7 +129,7 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, float* __restrict__
         reinterpret_cast<float4*>(mc)[i] = m4;
         reinterpret_cast<float4*>(vc)[i] = v4;
         reinterpret_cast<float4*>(pc)[i] = p4;
-        if (zero) reinterpret_cast<float4*>(gc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (zero) zero4(gc, i);
         if (bc != nullptr) {
             bf162 lo = __floats2bfloat162_rn(p4.x, p4.y), hi = __floats2bfloat162_rn(p4.z, p4.w);
             uint2 raw;
@@ -134,30 +140,41 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, float* __restrict__
     }
     for (int i = 4 * nvec + threadIdx.x; i < len; i += blockDim.x) {
         float mk = mc[i], vk = vc[i];
-        const float pk = adamw_one(h, gc[i] * grad_mult, mk, vk, pc[i]);
+        const float pk = adamw_one(h, grad1(gc, i) * grad_mult, mk, vk, pc[i]);
         mc[i] = mk;
         vc[i] = vk;
-        if (zero) gc[i] = 0.f;
+        if (zero) zero1(gc, i);
         pc[i] = pk;
         if (bc != nullptr) bc[i] = tobf(pk);
     }
 }
 
-// out[0] += sum(x^2) (fp64); out must be zeroed first.
-extern "C" __global__ void sum_squares(const float* __restrict__ x, long long n, double* __restrict__ out) {
+// One block per chunk (offset, len, group) of the flat parameter buffer; chunks are at most
+// 8192 elements, so a unit's launch fills the GPU. Gradients are scaled by grad_mult; the
+// first zero_chunks chunks then zero theirs (the others are left for the next backward pass
+// to overwrite). p_bf (optional) receives bf16(p). chunk_gbf (optional): a chunk with
+// chunk_gbf >= 0 reads a bf16 gradient at ((bf16*)g)[chunk_gbf] (never a zeroed chunk).
+// Tensors start 64-element aligned, so every chunk goes by float4 in practice.
+extern "C" __global__ void adamw_step(float* __restrict__ p, float* __restrict__ g, float* __restrict__ m,
+                                      float* __restrict__ v, bf16* __restrict__ p_bf,
+                                      const long long* __restrict__ chunk_off, const int* __restrict__ chunk_len,
+                                      const int* __restrict__ chunk_group, const long long* __restrict__ chunk_gbf,
+                                      const float* __restrict__ hyper, float grad_mult, int zero_chunks) {
+    const long long off = chunk_off[blockIdx.x];
+    const int len = chunk_len[blockIdx.x];
+    const float* hp = hyper + 8 * chunk_group[blockIdx.x];
+    const AdamWHyper h = {hp[1], hp[2], hp[3], hp[4], hp[5], hp[6]};
+    bf16* bc = p_bf != nullptr ? p_bf + off : nullptr;
+    const long long gbf = chunk_gbf != nullptr ? chunk_gbf[blockIdx.x] : -1;
+    if (gbf >= 0)
+        adamw_chunk(h, p + off, reinterpret_cast<bf16*>(g) + gbf, m + off, v + off, bc, len, grad_mult, false);
+    else
+        adamw_chunk(h, p + off, g + off, m + off, v + off, bc, len, grad_mult, (int)blockIdx.x < zero_chunks);
+}
+
+// Block-wide sum of a double into out[0] (atomic); blockDim a multiple of 32.
+__device__ __forceinline__ void block_add_f64(double acc, double* out) {
     __shared__ double part[32];
-    double acc = 0.0;
-    float facc = 0.f;
-    int count = 0;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        facc += x[i] * x[i];
-        if (++count == 256) {
-            acc += facc;
-            facc = 0.f;
-            count = 0;
-        }
-    }
-    acc += facc;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -169,6 +186,54 @@ extern "C" __global__ void sum_squares(const float* __restrict__ x, long long n,
         for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
         if (lane == 0) atomicAdd(out, t);
     }
+}
+
+template <typename G>
+__device__ __forceinline__ float chunk_sum_squares(const G* gc, int len) {
+    float acc = 0.f;
+    const bool vec = (reinterpret_cast<unsigned long long>(gc) & (4 * sizeof(G) - 1)) == 0;
+    const int nvec = vec ? len >> 2 : 0;
+    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+        const float4 x = grad4(gc, i);
+        acc += x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
+    }
+    for (int i = 4 * nvec + threadIdx.x; i < len; i += blockDim.x) {
+        const float x = grad1(gc, i);
+        acc += x * x;
+    }
+    return acc;
+}
+
+// out[0] += sum of squares of the gradients of AdamW's chunks (the tables of adamw_step, with
+// chunk_gbf), blocks striding over chunks: a thread sums at most 32 elements of a chunk in
+// fp32, chunks add up in fp64. out must be zeroed first.
+extern "C" __global__ void grad_sum_squares(const float* __restrict__ g, const long long* __restrict__ chunk_off,
+                                            const int* __restrict__ chunk_len,
+                                            const long long* __restrict__ chunk_gbf, int chunks,
+                                            double* __restrict__ out) {
+    double acc = 0.0;
+    for (int c = blockIdx.x; c < chunks; c += gridDim.x) {
+        const long long gbf = chunk_gbf != nullptr ? chunk_gbf[c] : -1;
+        acc += gbf >= 0 ? chunk_sum_squares(reinterpret_cast<const bf16*>(g) + gbf, chunk_len[c])
+                        : chunk_sum_squares(g + chunk_off[c], chunk_len[c]);
+    }
+    block_add_f64(acc, out);
+}
+
+// out[0] += sum(x^2) (fp64); out must be zeroed first.
+extern "C" __global__ void sum_squares(const float* __restrict__ x, long long n, double* __restrict__ out) {
+    double acc = 0.0;
+    float facc = 0.f;
+    int count = 0;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        facc += x[i] * x[i];
+        if (++count == 256) {
+            acc += facc;
+            facc = 0.f;
+            count = 0;
+        }
+    }
+    block_add_f64(acc + facc, out);
 }
 
 // x *= s

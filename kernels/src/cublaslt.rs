@@ -31,6 +31,14 @@ impl OutType {
     }
 }
 
+/// Where a weight-gradient product writes: fp32 (accumulating over micro-steps), or bf16,
+/// which is what ArchScale's autocast product hands its optimizer after one micro-step.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightGrad {
+    pub ptr: u64,
+    pub ty: OutType,
+}
+
 /// One column-major product `D[m×n] = alpha·op(A)·op(B) + beta·C`.
 #[derive(Clone, Copy, Debug)]
 pub struct Gemm {
@@ -579,14 +587,14 @@ impl Lt {
         )
     }
 
-    /// `dw[out, in] (fp32) = alpha · dy[rows, out]ᵀ · x[rows, in] + beta · dw`.
+    /// `dw[out, in] = alpha · dy[rows, out]ᵀ · x[rows, in] + beta · dw`.
     #[allow(clippy::too_many_arguments)]
     pub fn linear_grad_weight(
         &self,
         gpu: &Gpu,
         dy: u64,
         x: u64,
-        dw: u64,
+        dw: WeightGrad,
         rows: usize,
         inp: usize,
         out: usize,
@@ -605,7 +613,7 @@ impl Lt {
         lddy: usize,
         x: u64,
         ldx: usize,
-        dw: u64,
+        dw: WeightGrad,
         rows: usize,
         inp: usize,
         out: usize,
@@ -624,10 +632,10 @@ impl Lt {
                 lda: ldx,
                 b: dy,
                 ldb: lddy,
-                c: dw,
-                d: dw,
+                c: dw.ptr,
+                d: dw.ptr,
                 ldd: inp,
-                out: OutType::F32,
+                out: dw.ty,
                 alpha,
                 beta,
             },

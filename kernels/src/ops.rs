@@ -152,6 +152,7 @@ pub struct Ops {
     cross_entropy: Kernel,
     adamw: Kernel,
     sum_squares: Kernel,
+    grad_sum_squares: Kernel,
     scale_f32: Kernel,
     flash_fwd_64: Kernel,
     flash_fwd_128: Kernel,
@@ -230,6 +231,38 @@ impl AttnLayout {
     }
     pub fn groups(&self) -> usize {
         self.heads / self.qpg
+    }
+}
+
+/// Device tables of AdamW's work items (chunks of at most 8192 elements of one tensor):
+/// i64 offsets, i32 lengths, i32 optimizer groups, and optionally (`gbf`, 0 = none) i64
+/// offsets in bf16 elements of gradients held in bf16 (−1: the item's gradient is fp32).
+#[derive(Clone, Copy, Debug)]
+pub struct OptChunkTables {
+    pub off: u64,
+    pub len: u64,
+    pub group: u64,
+    pub gbf: u64,
+    pub count: usize,
+}
+
+impl OptChunkTables {
+    /// The `count` items from item `first` on.
+    pub fn range(&self, first: usize, count: usize) -> OptChunkTables {
+        let at = |base: u64, bytes: usize| {
+            if base == 0 {
+                0
+            } else {
+                base + (first * bytes) as u64
+            }
+        };
+        OptChunkTables {
+            off: at(self.off, 8),
+            len: at(self.len, 4),
+            group: at(self.group, 4),
+            gbf: at(self.gbf, 8),
+            count,
+        }
     }
 }
 
@@ -367,6 +400,7 @@ impl Ops {
             cross_entropy: load("loss_optim", "cross_entropy")?,
             adamw: load("loss_optim", "adamw_step")?,
             sum_squares: load("loss_optim", "sum_squares")?,
+            grad_sum_squares: load("loss_optim", "grad_sum_squares")?,
             scale_f32: load("loss_optim", "scale_f32")?,
             flash_fwd_64: load("flash", "flash_fwd_d64")?,
             flash_fwd_128: load("flash", "flash_fwd_d128")?,
@@ -745,9 +779,10 @@ impl Ops {
             .launch(self.cross_entropy, grid1(rows), (512, 1, 1), 0, &a)
     }
 
-    /// One fused AdamW step over `chunks` (device arrays of offsets, lengths, groups) of the
-    /// flat buffers; `hyper` holds 8 floats per group (see loss_optim.cu). Zeroes every
-    /// chunk's gradient.
+    /// One fused AdamW step over the work items `t` of the flat buffers (`g` and the item
+    /// offsets relative to the same element); `hyper` holds 8 floats per group (see
+    /// loss_optim.cu). The first `zeroed` items' gradients are zeroed after use, the others
+    /// are left for a backward pass that overwrites them.
     #[allow(clippy::too_many_arguments)]
     pub fn adamw(
         &self,
@@ -756,43 +791,7 @@ impl Ops {
         m: u64,
         v: u64,
         p_bf: u64,
-        chunk_off: u64,
-        chunk_len: u64,
-        chunk_group: u64,
-        chunks: usize,
-        hyper: u64,
-        grad_mult: f32,
-    ) -> Result<()> {
-        self.adamw_zeroing(
-            p,
-            g,
-            m,
-            v,
-            p_bf,
-            chunk_off,
-            chunk_len,
-            chunk_group,
-            chunks,
-            chunks,
-            hyper,
-            grad_mult,
-        )
-    }
-
-    /// [`Ops::adamw`] that zeroes the gradient of the first `zeroed` chunks only; the
-    /// others keep theirs (for a backward pass that overwrites them).
-    #[allow(clippy::too_many_arguments)]
-    pub fn adamw_zeroing(
-        &self,
-        p: u64,
-        g: u64,
-        m: u64,
-        v: u64,
-        p_bf: u64,
-        chunk_off: u64,
-        chunk_len: u64,
-        chunk_group: u64,
-        chunks: usize,
+        t: &OptChunkTables,
         zeroed: usize,
         hyper: u64,
         grad_mult: f32,
@@ -803,14 +802,34 @@ impl Ops {
             .ptr(m)
             .ptr(v)
             .ptr(p_bf)
-            .ptr(chunk_off)
-            .ptr(chunk_len)
-            .ptr(chunk_group)
+            .ptr(t.off)
+            .ptr(t.len)
+            .ptr(t.group)
+            .ptr(t.gbf)
             .ptr(hyper)
             .f32(grad_mult)
-            .i32(i32_of("AdamW chunks", zeroed.min(chunks))?);
+            .i32(i32_of("AdamW chunks", zeroed.min(t.count))?);
         self.gpu
-            .launch(self.adamw, grid1(chunks), (256, 1, 1), 0, &a)
+            .launch(self.adamw, grid1(t.count), (256, 1, 1), 0, &a)
+    }
+
+    /// `out[0] += Σ g²` over the gradients of the work items `t` (fp32, or bf16 where
+    /// `t.gbf` says so), in fp64 (`out` must be zeroed).
+    pub fn grad_sum_squares(&self, g: u64, t: &OptChunkTables, out: u64) -> Result<()> {
+        if t.count == 0 {
+            return Ok(());
+        }
+        let a = Args::new()
+            .ptr(g)
+            .ptr(t.off)
+            .ptr(t.len)
+            .ptr(t.gbf)
+            .i32(i32_of("AdamW chunks", t.count)?)
+            .ptr(out);
+        // a few blocks per SM: one fp64 atomic per block, not per chunk
+        let blocks = t.count.min(self.gpu.sm_count.max(1) as usize * 8);
+        self.gpu
+            .launch(self.grad_sum_squares, grid1(blocks), (256, 1, 1), 0, &a)
     }
 
     /// `out[0] += Σ x²` in fp64 (`out` must be zeroed).

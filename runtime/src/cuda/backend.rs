@@ -19,8 +19,10 @@ use crate::optim::adamw::AdamWHyper;
 use crate::{Backend, OptimizerState, Result, RuntimeError};
 use archscale_compiler::plan::Sharding;
 use archscale_compiler::plan::{Mixer, MlpKind, NormKind, OptimizerKind, Plan};
-use archscale_kernels::cublaslt::{Lt, OutType};
-use archscale_kernels::ops::{AttnLayout, HybridOps, Ops, Rows, ScanGrads, ScanShape, ScanTensors};
+use archscale_kernels::cublaslt::{Lt, OutType, WeightGrad};
+use archscale_kernels::ops::{
+    AttnLayout, HybridOps, Ops, OptChunkTables, Rows, ScanGrads, ScanShape, ScanTensors,
+};
 use archscale_kernels::{DeviceBuffer, Gpu};
 use cudarc::driver::CudaStream;
 use std::cell::Cell;
@@ -274,6 +276,8 @@ pub struct CudaBackend {
     chunk_off: DeviceBuffer,
     chunk_len: DeviceBuffer,
     chunk_group: DeviceBuffer,
+    /// Per item: where its gradient starts when held in bf16 (−1: fp32).
+    chunk_gbf: DeviceBuffer,
     /// Per unit: its AdamW work items in the chunk tables.
     unit_chunks: Vec<UnitChunks>,
     hyper: DeviceBuffer,
@@ -348,6 +352,19 @@ pub struct CudaBackend {
     /// without output biases at widths the register kernels take; `ARCHSCALE_RESIDUAL_ADD=gemm`
     /// keeps the epilogue.
     residual_in_norm: bool,
+    /// One micro-step per optimizer step: the weight-gradient products write the gradients
+    /// of `bf16_grads` (offsets, sorted) in bf16, into the first half of each tensor's fp32
+    /// slot, which is what ArchScale's autocast products hand its optimizer; AdamW and the
+    /// grad norm read them there. Halves those products' output bytes and the two reads.
+    /// With one replica, AdamW only and gradient overwrite on; `ARCHSCALE_WEIGHT_GRAD=f32`
+    /// keeps them in fp32.
+    weight_grads_bf16: bool,
+    /// Whether this backend may hold them so (what `weight_grads_bf16` needs beyond the
+    /// plan's single micro-step).
+    weight_grads_bf16_able: bool,
+    bf16_grads: Vec<usize>,
+    /// A backward pass ran since the last optimizer step.
+    micro_step_pending: Cell<bool>,
 }
 
 /// One unit's AdamW work items: `count` from `first` in the chunk tables, of which the
@@ -616,6 +633,7 @@ pub fn planned_bytes(plan: &Plan) -> Result<usize> {
     add(items * 8);
     add(items * 4);
     add(items * 4);
+    add(items * 8);
     add(8 * F32 * plan.optimizer.groups.len().max(1));
     let muon = muon::planned_scratch_bytes(plan);
     if muon > 0 {
@@ -945,6 +963,27 @@ impl ParamMap {
         }
         out
     }
+
+    /// The tensors of [`Self::gemm_written`] that one product per element writes, so that
+    /// after one micro-step their gradient can be held in bf16 (`CudaBackend::wgrad`): all
+    /// of them except a tied head (the embedding backward adds to it) and the w1 of a layer
+    /// whose MLP feeds a GMU memory (a second product adds to its up half).
+    fn bf16_grad_tensors(&self, d: &Dims) -> Vec<usize> {
+        let tied = self.head == self.wte;
+        let mut out: Vec<usize> = self
+            .gemm_written()
+            .into_iter()
+            .filter(|&off| !(tied && off == self.head))
+            .filter(|&off| {
+                !self.layers.iter().enumerate().any(|(l, lp)| {
+                    lp.w1 == off && matches!(d.info[l].memory, Some((MemorySource::Mlp, _)))
+                })
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
 }
 
 /// AdamW work items (chunk tables) of one rank, unit by unit; Muon matrices are stepped
@@ -954,13 +993,22 @@ struct AdamWItems {
     offs: Vec<i64>,
     lens: Vec<i32>,
     grps: Vec<i32>,
+    /// Where the item's gradient starts when it is held in bf16 (in bf16 elements from the
+    /// unit's gradient base: the first half of the tensor's fp32 slot), −1 for fp32.
+    gbf: Vec<i64>,
     units: Vec<UnitChunks>,
 }
 
 /// The AdamW work items of `layout`'s rank. In each unit the items of gradients that kernels
 /// add to come first, those of the tensors at `gemm_written` offsets (whole tensors the
-/// backward's products overwrite) after them, so a step can zero the first ones only.
-fn adamw_items(plan: &Plan, layout: &FlatLayout, gemm_written: &[usize]) -> AdamWItems {
+/// backward's products overwrite) after them, so a step can zero the first ones only. Items
+/// of the tensors at `bf16_able` offsets (a subset of `gemm_written`) get their bf16 place.
+fn adamw_items(
+    plan: &Plan,
+    layout: &FlatLayout,
+    gemm_written: &[usize],
+    bf16_able: &[usize],
+) -> AdamWItems {
     let mut overwritten: Vec<std::ops::Range<usize>> = gemm_written
         .iter()
         .filter_map(|&off| {
@@ -969,14 +1017,16 @@ fn adamw_items(plan: &Plan, layout: &FlatLayout, gemm_written: &[usize]) -> Adam
         })
         .collect();
     overwritten.sort_by_key(|r| r.start);
-    let is_overwritten = |flat: usize| {
+    let tensor_of = |flat: usize| {
         let k = overwritten.partition_point(|r| r.end <= flat);
-        overwritten.get(k).is_some_and(|r| r.contains(&flat))
+        overwritten.get(k).filter(|r| r.contains(&flat))
     };
+    let is_overwritten = |flat: usize| tensor_of(flat).is_some();
     let mut items = AdamWItems {
         offs: Vec::new(),
         lens: Vec::new(),
         grps: Vec::new(),
+        gbf: Vec::new(),
         units: Vec::with_capacity(layout.units.len()),
     };
     let groups = &plan.optimizer.groups;
@@ -993,6 +1043,12 @@ fn adamw_items(plan: &Plan, layout: &FlatLayout, gemm_written: &[usize]) -> Adam
             items.offs.push(c.offset as i64);
             items.lens.push(c.len as i32);
             items.grps.push(c.group as i32);
+            // tensor slot at t0 (relative to `own`), element a = offset − t0 of it:
+            // bf16 element 2·t0 + a = t0 + offset
+            let gbf = tensor_of(own + c.offset)
+                .filter(|t| bf16_able.binary_search(&t.start).is_ok())
+                .map_or(-1, |t| (t.start - own + c.offset) as i64);
+            items.gbf.push(gbf);
         }
         items.units.push(UnitChunks {
             first,
@@ -1065,6 +1121,23 @@ impl CudaBackend {
         };
         let overwrite_grads = mode == ShardMode::Replicated
             && std::env::var("ARCHSCALE_GRAD_OVERWRITE").as_deref() != Ok("0");
+        let weight_grad_env = match std::env::var("ARCHSCALE_WEIGHT_GRAD").as_deref() {
+            Ok("bf16") | Err(_) => true,
+            Ok("f32") => false,
+            Ok(other) => {
+                return Err(err(format!(
+                    "ARCHSCALE_WEIGHT_GRAD={other}: expected `bf16` (default) or `f32`"
+                )))
+            }
+        };
+        let weight_grads_bf16_able = weight_grad_env
+            && overwrite_grads
+            && comm.is_none()
+            && plan
+                .optimizer
+                .groups
+                .iter()
+                .all(|g| g.optimizer == OptimizerKind::AdamW);
         let (world, rank) = shard_comm.as_ref().map_or((1, 0), |c| (c.world, c.rank));
         let shards = if mode == ShardMode::Replicated {
             1
@@ -1123,20 +1196,24 @@ impl CudaBackend {
         gpu.memset_zero(exp_avg.ptr, exp_avg.bytes)?;
         gpu.memset_zero(exp_avg_sq.ptr, exp_avg_sq.bytes)?;
 
+        let bf16_grads = map.bf16_grad_tensors(&d);
         let AdamWItems {
             offs,
             lens,
             grps,
+            gbf,
             units: unit_chunks,
-        } = adamw_items(plan, &layout, &map.gemm_written());
+        } = adamw_items(plan, &layout, &map.gemm_written(), &bf16_grads);
         let n_chunks = offs.len().max(1);
         let chunk_off = alloc(n_chunks * 8)?;
         let chunk_len = alloc(n_chunks * 4)?;
         let chunk_group = alloc(n_chunks * 4)?;
+        let chunk_gbf = alloc(n_chunks * 8)?;
         if !offs.is_empty() {
             gpu.upload(chunk_off.ptr, &offs)?;
             gpu.upload(chunk_len.ptr, &lens)?;
             gpu.upload(chunk_group.ptr, &grps)?;
+            gpu.upload(chunk_gbf.ptr, &gbf)?;
         }
         let hyper = alloc(8 * F32 * plan.optimizer.groups.len().max(1))?;
         let muon = MuonState::new(plan, &gpu, &layout)?;
@@ -1402,6 +1479,7 @@ impl CudaBackend {
             chunk_off,
             chunk_len,
             chunk_group,
+            chunk_gbf,
             unit_chunks,
             hyper,
             muon,
@@ -1446,6 +1524,14 @@ impl CudaBackend {
             overwrite_grads,
             grads_stale: Cell::new(overwrite_grads),
             residual_in_norm,
+            // one micro-step per optimizer step: no accumulation, and no other ranks'
+            // batches run here in turn (a single process standing in for a world)
+            weight_grads_bf16: weight_grads_bf16_able
+                && plan.layout.gas == 1
+                && plan.layout.world <= 1,
+            weight_grads_bf16_able,
+            bf16_grads,
+            micro_step_pending: Cell::new(false),
         };
         be.lt.set_autotune(be.gemm_tune, false);
         be.write_params(init)?;
@@ -1500,12 +1586,87 @@ impl CudaBackend {
                 out.push(vec![0.0; p.numel()]);
                 continue;
             }
-            out.push(
-                self.gpu
-                    .download_vec(self.g32(self.offsets[i]), p.numel())?,
-            );
+            let off = self.offsets[i];
+            if self.grad_in_bf16(off) {
+                let bits: Vec<u16> = self.gpu.download_vec(self.g32(off), p.numel())?;
+                out.push(
+                    bits.into_iter()
+                        .map(|b| half::bf16::from_bits(b).to_f32())
+                        .collect(),
+                );
+            } else {
+                out.push(self.gpu.download_vec(self.g32(off), p.numel())?);
+            }
         }
         Ok(out)
+    }
+
+    /// Per plan parameter: whether its gradient is held in bf16 (after one micro-step, as
+    /// ArchScale's autocast products hand it over), for a CPU reference that rounds there.
+    pub fn grads_in_bf16(&self) -> Vec<bool> {
+        self.offsets
+            .iter()
+            .map(|&off| self.grad_in_bf16(off))
+            .collect()
+    }
+
+    /// Whether the gradient of the tensor at `off` is held in bf16 (`weight_grads_bf16`).
+    fn grad_in_bf16(&self, off: usize) -> bool {
+        self.weight_grads_bf16 && self.bf16_grads.binary_search(&off).is_ok()
+    }
+
+    /// Where a weight-gradient product writes the gradient of the tensor at `off`.
+    fn wgrad(&self, off: usize) -> WeightGrad {
+        self.wgrad_at(off, 0)
+    }
+
+    /// [`Self::wgrad`] from element `at` of the tensor on (a product writing some rows).
+    fn wgrad_at(&self, off: usize, at: usize) -> WeightGrad {
+        if self.grad_in_bf16(off) {
+            WeightGrad {
+                ptr: self.g32(off) + (at * BF) as u64,
+                ty: OutType::Bf16,
+            }
+        } else {
+            WeightGrad {
+                ptr: self.g32(off) + (at * F32) as u64,
+                ty: OutType::F32,
+            }
+        }
+    }
+
+    /// The AdamW item tables on the device (bf16 places only while gradients are held so).
+    fn chunk_tables(&self) -> OptChunkTables {
+        OptChunkTables {
+            off: self.chunk_off.ptr,
+            len: self.chunk_len.ptr,
+            group: self.chunk_group.ptr,
+            gbf: if self.weight_grads_bf16 {
+                self.chunk_gbf.ptr
+            } else {
+                0
+            },
+            count: self
+                .unit_chunks
+                .iter()
+                .map(|u| u.first + u.count)
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    /// Holds the one-micro-step weight gradients in bf16, or not ([`Self::weight_grads_bf16`];
+    /// on only where this backend can, off under `ARCHSCALE_WEIGHT_GRAD=f32`): the selftest
+    /// runs its single-micro-step model check with them and its accumulation check without.
+    pub fn set_weight_grads_bf16(&mut self, on: bool) -> Result<()> {
+        if self.micro_step_pending.get() {
+            return Err(err(
+                "set_weight_grads_bf16: a backward pass's gradients are waiting for the optimizer",
+            ));
+        }
+        self.clear_stale_grads()?;
+        self.weight_grads_bf16 = on && self.weight_grads_bf16_able && self.overwrite_grads;
+        Ok(())
     }
 
     /// Whether the attention and MLP branches reach the residual stream rounded to bf16
@@ -1565,6 +1726,8 @@ impl CudaBackend {
     pub fn set_grad_overwrite(&mut self, on: bool) -> Result<()> {
         self.clear_stale_grads()?;
         self.overwrite_grads = on && self.mode == ShardMode::Replicated;
+        // bf16 weight gradients need the products to overwrite them
+        self.weight_grads_bf16 &= self.overwrite_grads;
         Ok(())
     }
 
@@ -1753,7 +1916,7 @@ impl CudaBackend {
                 gpu,
                 dsrc,
                 self.h.ptr,
-                self.g32(w),
+                self.wgrad(w),
                 rows,
                 n,
                 width,
@@ -2092,7 +2255,7 @@ impl CudaBackend {
             gpu,
             self.logits.ptr,
             self.hf.ptr,
-            self.g32(self.head),
+            self.wgrad(self.head),
             rows,
             n,
             d.padded_vocab,
@@ -2170,7 +2333,7 @@ impl CudaBackend {
                 gpu,
                 self.dres_bf.ptr,
                 self.a.ptr,
-                self.g32(lp.w3),
+                self.wgrad(lp.w3),
                 rows,
                 inner,
                 n,
@@ -2210,7 +2373,7 @@ impl CudaBackend {
                     gpu,
                     sv.gu,
                     self.h.ptr,
-                    self.g32(lp.w1),
+                    self.wgrad(lp.w1),
                     rows,
                     n,
                     2 * inner,
@@ -2222,7 +2385,7 @@ impl CudaBackend {
                         gpu,
                         dmem,
                         self.h.ptr,
-                        self.g32(lp.w1) + (inner * n * F32) as u64,
+                        self.wgrad_at(lp.w1, inner * n),
                         rows,
                         n,
                         inner,
@@ -2353,6 +2516,13 @@ impl Backend for CudaBackend {
                 rows.len()
             )));
         }
+        if self.weight_grads_bf16 && self.micro_step_pending.get() {
+            return Err(err(
+                "CUDA backend: a second micro-step before the optimizer step, but this backend \
+                 holds weight gradients in bf16, which is for one micro-step per step (a plan \
+                 with gas 1); accumulating would round the sum to bf16",
+            ));
+        }
         self.upload_tokens(rows, micro, seq + 1, true)?;
         let n = micro * seq;
         let scale = grad_scale / n as f32;
@@ -2371,6 +2541,7 @@ impl Backend for CudaBackend {
             self.gemm_tuned_all = true;
         }
         self.training_pass(micro, seq, scale)?;
+        self.micro_step_pending.set(true);
         let l = self.read_losses(n)?;
         Ok(l.iter().map(|&x| x as f64).sum::<f64>() / n as f64)
     }
@@ -2380,6 +2551,18 @@ impl Backend for CudaBackend {
         self.reduce_grads()?;
         self.gpu.memset_zero(self.norm_out.ptr, 8)?;
         match self.mode {
+            // bf16-held gradients: over the AdamW items, which cover every tensor then
+            ShardMode::Replicated if self.weight_grads_bf16 => {
+                let all = self.chunk_tables();
+                for (u, unit) in self.unit_chunks.iter().enumerate() {
+                    let own = self.layout.chunk(u, self.layout.rank).start;
+                    self.ops.grad_sum_squares(
+                        self.grads.ptr + (own * F32) as u64,
+                        &all.range(unit.first, unit.count),
+                        self.norm_out.ptr,
+                    )?;
+                }
+            }
             ShardMode::Replicated => {
                 self.ops
                     .sum_squares(self.grads.ptr, self.numel, self.norm_out.ptr)?
@@ -2461,22 +2644,20 @@ impl Backend for CudaBackend {
                 ),
             };
             let state = (unit.local_start * F32) as u64;
-            self.ops.adamw_zeroing(
+            self.ops.adamw(
                 p,
                 g,
                 self.exp_avg.ptr + state,
                 self.exp_avg_sq.ptr + state,
                 pbf,
-                self.chunk_off.ptr + (first * 8) as u64,
-                self.chunk_len.ptr + (first * 4) as u64,
-                self.chunk_group.ptr + (first * 4) as u64,
-                count,
+                &self.chunk_tables().range(first, count),
                 zeroed,
                 self.hyper.ptr,
                 grad_mult as f32,
             )?;
         }
         self.muon_step(group_lrs, grad_mult)?;
+        self.micro_step_pending.set(false);
         match self.mode {
             ShardMode::Replicated => self.grads_stale.set(self.overwrite_grads),
             ShardMode::Zero1 => {
@@ -2889,7 +3070,7 @@ train = [{{ synthetic = {{ seed = 1, tokens = 100_000 }} }}]
                     let layout = FlatLayout::new(&plan, shards, rank).unwrap();
                     let map = param_map(&plan, &d, &layout.offsets).unwrap();
                     let written = map.gemm_written();
-                    let items = adamw_items(&plan, &layout, &written);
+                    let items = adamw_items(&plan, &layout, &written, &[]);
                     let tensor_of = |flat: usize| {
                         (0..plan.params.len())
                             .find(|&i| {
@@ -2923,6 +3104,54 @@ train = [{{ synthetic = {{ seed = 1, tokens = 100_000 }} }}]
                         .sum();
                     assert_eq!(covered, all, "{} shards {shards}", plan.model.name);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_gradients_fill_the_first_half_of_their_own_slot() {
+        for plan in families() {
+            let d = dims_of(&plan).unwrap();
+            let layout = FlatLayout::new(&plan, 1, 0).unwrap();
+            let map = param_map(&plan, &d, &layout.offsets).unwrap();
+            let (written, able) = (map.gemm_written(), map.bf16_grad_tensors(&d));
+            assert!(able.iter().all(|o| written.contains(o)));
+            let tied = map.head == map.wte;
+            assert_eq!(able.contains(&map.head), !tied, "{}", plan.model.name);
+            let items = adamw_items(&plan, &layout, &written, &able);
+            let mut bf16_elems = vec![0usize; plan.params.len()];
+            for (u, uc) in items.units.iter().enumerate() {
+                let own = layout.chunk(u, 0).start;
+                for k in uc.first..uc.first + uc.count {
+                    let start = own + items.offs[k] as usize;
+                    let i = (0..plan.params.len())
+                        .find(|&i| {
+                            (layout.offsets[i]..layout.offsets[i] + layout.numels[i])
+                                .contains(&start)
+                        })
+                        .unwrap();
+                    let (t0, len) = (layout.offsets[i], items.lens[k] as usize);
+                    if !able.contains(&t0) {
+                        assert_eq!(items.gbf[k], -1, "{}", plan.params[i].name);
+                        continue;
+                    }
+                    assert!(k >= uc.first + uc.zeroed, "a bf16 gradient is never zeroed");
+                    // bf16 element e of the slot sits at byte 4·t0 + 2·e (gbf counts bf16
+                    // elements from the unit's gradient base, byte 4·own)
+                    let byte = 4 * own + 2 * items.gbf[k] as usize;
+                    assert_eq!(byte, 4 * t0 + 2 * (start - t0), "{}", plan.params[i].name);
+                    assert!(byte + 2 * len <= 4 * t0 + 2 * layout.numels[i]);
+                    assert_eq!(byte % 16, 0, "vector loads need 16-byte items");
+                    bf16_elems[i] += len;
+                }
+            }
+            for (i, &n) in bf16_elems.iter().enumerate() {
+                let expect = if able.contains(&layout.offsets[i]) {
+                    layout.numels[i]
+                } else {
+                    0
+                };
+                assert_eq!(n, expect, "{}: {}", plan.model.name, plan.params[i].name);
             }
         }
     }

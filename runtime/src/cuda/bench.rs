@@ -73,6 +73,10 @@ pub fn bench_init(plan: &Plan, seed: u64) -> Vec<Vec<f32>> {
 pub fn bench_plan(plan: &Plan, steps: usize, warmup: usize, profile: bool) -> Result<BenchResult> {
     let d = dims_of(plan)?;
     let init = bench_init(plan, 3407);
+    // one micro-step per optimizer step, whatever the plan's batch says
+    let mut plan = plan.clone();
+    plan.layout.gas = 1;
+    let plan = &plan;
     let mut be = CudaBackend::new(plan, 0, &init)?;
     drop(init);
     let micro = d.batch;

@@ -5,8 +5,8 @@
 
 use crate::cpu::ops;
 use crate::optim::adamw::{adamw_step, AdamWHyper};
-use archscale_kernels::cublaslt::{Lt, OutType};
-use archscale_kernels::ops::{AttnLayout, Ops};
+use archscale_kernels::cublaslt::{Lt, OutType, WeightGrad};
+use archscale_kernels::ops::{AttnLayout, Ops, OptChunkTables};
 use archscale_kernels::{DeviceBuffer, Gpu, KernelError};
 use half::bf16;
 use rand::{Rng, SeedableRng};
@@ -402,8 +402,44 @@ fn check_gemm(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
             1.0,
             0.0,
         )?;
-        env.lt
-            .linear_grad_weight(&env.gpu, dyp, xp, dwp, rows, d_in, d_out, 1.0, 1.0)?;
+        env.lt.linear_grad_weight(
+            &env.gpu,
+            dyp,
+            xp,
+            WeightGrad {
+                ptr: dwp,
+                ty: OutType::F32,
+            },
+            rows,
+            d_in,
+            d_out,
+            1.0,
+            1.0,
+        )?;
+        // the one-micro-step form: dW = dyᵀ·x written in bf16 (beta 0)
+        let dwbp = env.poisoned(d_out * d_in * 2)?;
+        env.lt.linear_grad_weight(
+            &env.gpu,
+            dyp,
+            xp,
+            WeightGrad {
+                ptr: dwbp,
+                ty: OutType::Bf16,
+            },
+            rows,
+            d_in,
+            d_out,
+            1.0,
+            0.0,
+        )?;
+        let dw_only: Vec<f64> = dw_ref.iter().zip(&dw0).map(|(a, b)| a - b).collect();
+        push(
+            out,
+            "gemm dW=dyᵀ·x (bf16)",
+            shape.clone(),
+            rel_err(&env.read_bf16(dwbp, d_out * d_in)?, &dw_only),
+            TOL_BF16,
+        );
         push(
             out,
             "gemm dx=dy·W (bf16)",
@@ -781,11 +817,26 @@ fn check_cross_entropy(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
 }
 
 fn check_adamw(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
+    // all gradients fp32 (every one zeroed), then the first two tensors' gradients in bf16
+    // inside their fp32 slots, as the backend holds one-micro-step weight gradients
+    check_adamw_with(env, out, [false; 3])?;
+    check_adamw_with(env, out, [true, true, false])
+}
+
+fn check_adamw_with(env: &mut Env, out: &mut Vec<Check>, in_bf16: [bool; 3]) -> R<()> {
     // three tensors in three groups, three steps, clip multiplier 0.7; the third starts at an
     // element offset that is not a multiple of 4 (the kernel's scalar path)
     let sizes = [70_000usize, 1234, 999];
     let groups = [(3e-3f64, 0.1f64), (1e-3, 0.0), (2e-3, 0.05)];
     let n: usize = sizes.iter().sum();
+    let starts: Vec<usize> = sizes
+        .iter()
+        .scan(0, |s, &x| {
+            let t = *s;
+            *s += x;
+            Some(t)
+        })
+        .collect();
     let p0 = env.randn(n, 1.0);
     let mut p_ref = p0.iter().map(|&v| v as f32).collect::<Vec<f32>>();
     let (mut m_ref, mut v_ref) = (vec![0f32; n], vec![0f32; n]);
@@ -794,33 +845,81 @@ fn check_adamw(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     let (mp, vp) = (env.f32_buf(&zeros)?, env.f32_buf(&zeros)?);
     let gp = env.poisoned(n * 4)?;
     let pb = env.poisoned(n * 2)?;
-    // chunk table
-    let (mut offs, mut lens, mut grps) = (Vec::<i64>::new(), Vec::<i32>::new(), Vec::<i32>::new());
-    let mut start = 0usize;
-    for (t, &s) in sizes.iter().enumerate() {
-        let mut o = 0;
-        while o < s {
-            let len = (s - o).min(crate::distributed::flat_layout::OPT_CHUNK);
-            offs.push((start + o) as i64);
-            lens.push(len as i32);
-            grps.push(t as i32);
-            o += len;
+    // chunk table: fp32-gradient items first (the zeroed ones), then the bf16 ones
+    let (mut offs, mut lens, mut grps, mut gbf) = (
+        Vec::<i64>::new(),
+        Vec::<i32>::new(),
+        Vec::<i32>::new(),
+        Vec::<i64>::new(),
+    );
+    for bf in [false, true] {
+        for t in (0..3).filter(|&t| in_bf16[t] == bf) {
+            let mut o = 0;
+            while o < sizes[t] {
+                let len = (sizes[t] - o).min(crate::distributed::flat_layout::OPT_CHUNK);
+                offs.push((starts[t] + o) as i64);
+                lens.push(len as i32);
+                grps.push(t as i32);
+                // a bf16 gradient fills the first half of its tensor's fp32 slot
+                gbf.push(if bf { (2 * starts[t] + o) as i64 } else { -1 });
+                o += len;
+            }
         }
-        start += s;
     }
-    let op = env.poisoned(offs.len() * 8)?;
-    env.gpu.upload(op, &offs)?;
-    let lp = env.poisoned(lens.len() * 4)?;
-    env.gpu.upload(lp, &lens)?;
-    let grp = env.poisoned(grps.len() * 4)?;
-    env.gpu.upload(grp, &grps)?;
+    let zeroed = gbf.iter().filter(|&&x| x < 0).count();
+    let any_bf16 = in_bf16.iter().any(|&b| b);
+    let table = |env: &mut Env, bytes: usize, upload: &dyn Fn(&Env, u64) -> R<()>| -> R<u64> {
+        let ptr = env.poisoned(offs.len() * bytes)?;
+        upload(env, ptr)?;
+        Ok(ptr)
+    };
+    let t = OptChunkTables {
+        off: table(env, 8, &|e, p| Ok(e.gpu.upload(p, &offs)?))?,
+        len: table(env, 4, &|e, p| Ok(e.gpu.upload(p, &lens)?))?,
+        group: table(env, 4, &|e, p| Ok(e.gpu.upload(p, &grps)?))?,
+        gbf: if any_bf16 {
+            table(env, 8, &|e, p| Ok(e.gpu.upload(p, &gbf)?))?
+        } else {
+            0
+        },
+        count: offs.len(),
+    };
     let hp = env.poisoned(8 * 4 * groups.len())?;
+    let norm = env.poisoned(8)?;
+    let (mut norm_err, mut g_last) = (0.0f64, Vec::new());
     for step in 1..=3u64 {
         let g = env.randn(n, 0.1);
-        let g32: Vec<f32> = g.iter().map(|&x| x as f32).collect();
-        env.gpu.upload(gp, &g32)?;
+        // what the optimizer sees: bf16-held gradients rounded, as ArchScale's autocast does
+        let mut g32: Vec<f32> = g.iter().map(|&x| x as f32).collect();
+        let mut bits = vec![0u32; n];
+        for (t, &bf) in in_bf16.iter().enumerate() {
+            let r = starts[t]..starts[t] + sizes[t];
+            if bf {
+                let h: Vec<u16> = g32[r.clone()]
+                    .iter()
+                    .map(|&x| bf16::from_f32(x).to_bits())
+                    .collect();
+                for (k, x) in g32[r.clone()].iter_mut().enumerate() {
+                    *x = bf16::from_bits(h[k]).to_f32();
+                }
+                // two bf16 per u32 word, from the slot's first word on (little-endian)
+                for (k, pair) in h.chunks(2).enumerate() {
+                    bits[starts[t] + k] =
+                        pair[0] as u32 | (pair.get(1).copied().unwrap_or(0) as u32) << 16;
+                }
+            } else {
+                for k in r {
+                    bits[k] = g32[k].to_bits();
+                }
+            }
+        }
+        env.gpu.upload(gp, &bits)?;
+        env.gpu.memset_zero(norm, 8)?;
+        env.ops.grad_sum_squares(gp, &t, norm)?;
+        let want_norm: f64 = g32.iter().map(|&x| x as f64 * x as f64).sum();
+        let got: Vec<f64> = env.gpu.download_vec(norm, 1)?;
+        norm_err = norm_err.max(((got[0] - want_norm) / want_norm).abs());
         let mut hyper = Vec::new();
-        let mut start = 0usize;
         for (t, &(lr, wd)) in groups.iter().enumerate() {
             let h = AdamWHyper {
                 lr,
@@ -831,7 +930,7 @@ fn check_adamw(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
                 step,
             };
             hyper.extend(adamw_hyper(&h));
-            let r = start..start + sizes[t];
+            let r = starts[t]..starts[t] + sizes[t];
             adamw_step(
                 &mut p_ref[r.clone()],
                 &g32[r.clone()],
@@ -840,14 +939,17 @@ fn check_adamw(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
                 h,
                 0.7,
             );
-            start += sizes[t];
         }
         env.gpu.upload(hp, &hyper)?;
-        env.ops
-            .adamw(pp, gp, mp, vp, pb, op, lp, grp, offs.len(), hp, 0.7)?;
+        env.ops.adamw(pp, gp, mp, vp, pb, &t, zeroed, hp, 0.7)?;
+        g_last = bits;
     }
     let want: Vec<f64> = p_ref.iter().map(|&x| x as f64).collect();
-    let shape = format!("{n} params, 3 groups, 3 steps");
+    let shape = if any_bf16 {
+        format!("{n} params, 3 groups, 3 steps, 2 tensors' gradients in bf16")
+    } else {
+        format!("{n} params, 3 groups, 3 steps")
+    };
     push(
         out,
         "adamw params",
@@ -880,9 +982,31 @@ fn check_adamw(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     );
     push(
         out,
-        "adamw zeroes grads",
+        "grad sum of squares (chunk tables)",
+        shape.clone(),
+        norm_err,
+        1e-6,
+    );
+    // fp32 gradients are zeroed; bf16 ones are left for their product to overwrite
+    let after: Vec<u32> = env.gpu.download_vec(gp, n)?;
+    let wrong = (0..3)
+        .flat_map(|t| (starts[t]..starts[t] + sizes[t]).map(move |k| (t, k)))
+        .filter(|&(t, k)| {
+            let bf_word = in_bf16[t] && k < starts[t] + sizes[t].div_ceil(2);
+            if bf_word {
+                after[k] != g_last[k]
+            } else if in_bf16[t] {
+                false // the slot's second half is not read
+            } else {
+                after[k] != 0
+            }
+        })
+        .count();
+    push(
+        out,
+        "adamw zeroes fp32 grads only",
         shape,
-        env.read_f32(gp, n)?.iter().map(|x| x.abs()).sum::<f64>(),
+        wrong as f64,
         0.0,
     );
     Ok(())
@@ -1183,6 +1307,8 @@ pub fn model_parity(plan: &archscale_compiler::Plan, seed: u64) -> crate::Result
     // the all-fp32 model measures how much each tensor moves under that rounding alone.
     let operands = gemm_operands_as_bf16(plan, &init);
     let mut be = super::CudaBackend::new(plan, 0, &init)?;
+    // one micro-step: the weight gradients as ArchScale hands them over, in bf16
+    be.set_weight_grads_bf16(true)?;
     let rounded = crate::cpu::model::CpuModel::<f32>::new(plan)?
         .with_storage(crate::cpu::float::Storage::Bf16)
         .with_bf16_branches(be.branches_in_bf16());
@@ -1194,6 +1320,11 @@ pub fn model_parity(plan: &archscale_compiler::Plan, seed: u64) -> crate::Result
     model.forward_backward(&init, &mut grads_f32w, &rows, micro, 1.0, smoothing)?;
     let loss_gpu = be.forward_backward(&rows, micro, 1.0)?;
     let ggpu = be.read_grads()?;
+    for (g, _) in grads.iter_mut().zip(be.grads_in_bf16()).filter(|(_, b)| *b) {
+        for x in g.iter_mut() {
+            *x = bf16::from_f32(*x).to_f32();
+        }
+    }
     let shape = format!("{} B{micro} T{seq}", plan.model.name);
     let mut out = vec![Check {
         name: "model loss".into(),
@@ -1271,9 +1402,7 @@ pub fn gemm_operands_as_bf16(
         .map(|(v, p)| {
             let gemm = p.shape.len() == 2 && p.name.ends_with(".weight") && !p.name.contains("wte");
             if gemm {
-                v.iter()
-                    .map(|&x| half::bf16::from_f32(x).to_f32())
-                    .collect()
+                v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
             } else {
                 v.clone()
             }
@@ -1323,7 +1452,7 @@ mod tests {
         let ops = gemm_operands_as_bf16(&p, &init);
         let mut rounded = Vec::new();
         for ((spec, a), b) in p.params.iter().zip(&init).zip(&ops) {
-            let is_bf16 = b.iter().all(|&x| half::bf16::from_f32(x).to_f32() == x);
+            let is_bf16 = b.iter().all(|&x| bf16::from_f32(x).to_f32() == x);
             if a != b {
                 assert!(is_bf16, "{} was changed but is not bf16", spec.name);
                 rounded.push(spec.name.clone());

@@ -208,12 +208,13 @@ fn per_rank_bytes_agree_with_plan_estimates() {
             assert_eq!(mem.params_bytes, state, "{nodes}x{gpus} {sharding}: params");
             assert_eq!(mem.grads_bytes, state, "{nodes}x{gpus} {sharding}: grads");
             // two fp32 moments of the rank's chunks, plus the AdamW work-item tables
-            // (offset i64, length and group i32) and the groups' hyperparameters
+            // (offset and bf16-gradient offset i64, length and group i32) and the groups'
+            // hyperparameters
             let items: usize = (0..opt_layout.units.len())
                 .map(|u| opt_layout.opt_chunks(u).len())
                 .sum();
             let optimizer = 2 * alloc(opt_layout.local_len * 4)
-                + alloc(items * 8)
+                + 2 * alloc(items * 8)
                 + 2 * alloc(items * 4)
                 + alloc(8 * 4 * plan.optimizer.groups.len());
             assert_eq!(

@@ -167,7 +167,7 @@ impl CudaBackend {
             gpu,
             self.dres_bf.ptr,
             sv.y,
-            self.g32(lp.proj),
+            self.wgrad(lp.proj),
             rows,
             aw,
             n,

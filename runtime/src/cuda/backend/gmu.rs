@@ -112,7 +112,7 @@ impl CudaBackend {
             gpu,
             self.dres_bf.ptr,
             gate,
-            self.g32(gp.out_proj),
+            self.wgrad(gp.out_proj),
             rows,
             dm,
             n,

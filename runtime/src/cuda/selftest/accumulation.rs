@@ -101,6 +101,8 @@ pub fn accumulation_parity(plan: &Plan, seed: u64) -> crate::Result<Vec<Check>> 
     for overwrite in [true, false, false] {
         let mut be = CudaBackend::new(plan, 0, &init)?;
         be.set_grad_overwrite(overwrite)?;
+        // two micro-steps: weight gradients accumulate in fp32
+        be.set_weight_grads_bf16(false)?;
         runs.push(be);
     }
     let rounded = CpuModel::<f32>::new(plan)?
