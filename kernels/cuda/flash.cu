@@ -253,13 +253,35 @@ extern "C" __global__ void flash_bwd_delta(const bf16* __restrict__ o, const bf1
     }
 }
 
-// dq[row, head h slot] = bf16(dq_acc[(row*H + h)*D + d] * scale). One block per row.
+// dq[row, head h slot] = bf16(dq_acc[(row*H + h)*D + d] * scale). One block per row. With
+// cos_t, sin_t (bf16 [>= T][D/2]; null: none) inverse-rotated at position row % T before the
+// one rounding (the RoPE backward, rope_bwd_pair).
 extern "C" __global__ void flash_bwd_dq(const float* __restrict__ dq_acc, bf16* __restrict__ dq, int rows, int H, int D, int qpg,
-                                        int q_rs, int q_gs, float scale) {
+                                        int q_rs, int q_gs, float scale, int T, const bf16* __restrict__ cos_t,
+                                        const bf16* __restrict__ sin_t) {
     const int r = blockIdx.x;
     if (r >= rows) return;
     const float* src = dq_acc + (long long)r * H * D;
     bf16* dst = dq + (long long)r * q_rs;
+    if (cos_t) {
+        const int half = D / 2;
+        const bf16* ct = cos_t + (long long)(r % T) * half;
+        const bf16* st = sin_t + (long long)(r % T) * half;
+        for (int i = threadIdx.x * 2; i < H * half; i += blockDim.x * 2) {
+            const int h = i / half, p = i - h * half;
+            const float2 x = *reinterpret_cast<const float2*>(src + h * D + p);
+            const float2 y = *reinterpret_cast<const float2*>(src + h * D + p + half);
+            const float2 c = __bfloat1622float2(*reinterpret_cast<const bf162*>(ct + p));
+            const float2 sn = __bfloat1622float2(*reinterpret_cast<const bf162*>(st + p));
+            float x0 = x.x * scale, x1 = x.y * scale, y0 = y.x * scale, y1 = y.y * scale;
+            rope_bwd_pair(x0, y0, c.x, sn.x);
+            rope_bwd_pair(x1, y1, c.y, sn.y);
+            bf16* o = dst + (h / qpg) * q_gs + (h % qpg) * D + p;
+            *reinterpret_cast<bf162*>(o) = __floats2bfloat162_rn(x0, x1);
+            *reinterpret_cast<bf162*>(o + half) = __floats2bfloat162_rn(y0, y1);
+        }
+        return;
+    }
     for (int i = threadIdx.x * 2; i < H * D; i += blockDim.x * 2) {
         const int h = i / D, d = i - h * D;
         const float2 v = *reinterpret_cast<const float2*>(src + i);
@@ -273,6 +295,7 @@ extern "C" __global__ void flash_bwd_dq(const float* __restrict__ dq_acc, bf16* 
 // One CTA per (key block, kv group, batch): loops over the group's query heads and the query
 // blocks that see this key block. dK, dV accumulate in registers; dQ goes to dq_acc (fp32,
 // [rows, H, D], zeroed before) by atomics. dout uses o's layout (o_rs, h*D).
+// With rope_cos, rope_sin (bf16 [>= T][D/2]; null: none) dK is stored inverse-rotated.
 template <int D>
 __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                           const bf16* __restrict__ dout, const float* __restrict__ lse,
@@ -280,7 +303,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                                           bf16* __restrict__ dk, bf16* __restrict__ dv, const int* __restrict__ seg,
                                           int T, int H, int qpg, int q_rs,
                                           int q_gs, int kv_rs, int kv_gs, int o_rs, float scale, float scale_log2,
-                                          int window) {
+                                          int window, const bf16* __restrict__ rope_cos, const bf16* __restrict__ rope_sin) {
     constexpr int LD = D + 8;
     constexpr int LDS = BR + 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -469,18 +492,20 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         }
     }
     flash_store_dkdv<D>(dk + (long long)b * T * kv_rs + g * kv_gs, dv + (long long)b * T * kv_rs + g * kv_gs, kv_rs,
-                        &dk_acc[0][0], &dv_acc[0][0], scale, key_a, T, lane);
+                        &dk_acc[0][0], &dv_acc[0][0], scale, key_a, T, lane, rope_cos, rope_sin);
 }
 
 extern "C" __global__ void __launch_bounds__(BNT) flash_bwd_d128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                                               const float* delta, float* dq_acc, bf16* dk, bf16* dv, const int* seg, int T, int H, int qpg,
                                               int q_rs, int q_gs, int kv_rs, int kv_gs, int o_rs, float scale, float scale_log2,
-                                              int window) {
-    flash_bwd<128>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale, scale_log2, window);
+                                              int window, const bf16* rope_cos, const bf16* rope_sin) {
+    flash_bwd<128>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale, scale_log2, window,
+                   rope_cos, rope_sin);
 }
 extern "C" __global__ void __launch_bounds__(BNT) flash_bwd_d64(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                                              const float* delta, float* dq_acc, bf16* dk, bf16* dv, const int* seg, int T, int H, int qpg,
                                              int q_rs, int q_gs, int kv_rs, int kv_gs, int o_rs, float scale, float scale_log2,
-                                             int window) {
-    flash_bwd<64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale, scale_log2, window);
+                                             int window, const bf16* rope_cos, const bf16* rope_sin) {
+    flash_bwd<64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, q_rs, q_gs, kv_rs, kv_gs, o_rs, scale, scale_log2, window,
+                   rope_cos, rope_sin);
 }

@@ -59,20 +59,55 @@ __device__ __forceinline__ void flash_store_o(bf16* o, float* lse, const float* 
     }
 }
 
+// The inverse RoPE rotation (the rotate-half pair x1 = column p, x2 = column p + D/2) with the
+// bf16 table values c, s of the position: x1' = x1 c + x2 s, x2' = x2 c - x1 s, in fp32. Applied
+// where dQ and dK are first rounded, it replaces elementwise.cu's rope_qkv(sign = -1) pass, and
+// rounds to bf16 once where that path rounded twice (the conversion, then the rotation).
+__device__ __forceinline__ void rope_bwd_pair(float& x1, float& x2, float c, float s) {
+    const float a = x1 * c + x2 * s, b = x2 * c - x1 * s;
+    x1 = a;
+    x2 = b;
+}
+
 // The backward's epilogue: dK (times scale) and dV of this thread's keys key_a, key_a + 8 (at
-// or past T skipped) into the group's rows at dkg, dvg (row stride kv_rs).
+// or past T skipped) into the group's rows at dkg, dvg (row stride kv_rs). With cos_t, sin_t
+// (bf16 [>= T][D/2], null: none) dK leaves inverse-rotated at position `key`: the pair partner
+// of column dt 8 + c is dt + D/16's, in the same thread.
 template <int D>
 __device__ __forceinline__ void flash_store_dkdv(bf16* dkg, bf16* dvg, int kv_rs, const float* dk_acc,
-                                                 const float* dv_acc, float scale, int key_a, int T, int lane) {
+                                                 const float* dv_acc, float scale, int key_a, int T, int lane,
+                                                 const bf16* __restrict__ cos_t, const bf16* __restrict__ sin_t) {
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         const int key = key_a + r * 8;
         if (key >= T) continue;
+        if (cos_t) {
+            const bf16* ct = cos_t + (long long)key * (D / 2);
+            const bf16* st = sin_t + (long long)key * (D / 2);
+#pragma unroll
+            for (int dt = 0; dt < D / 16; dt++) {
+                const int col = dt * 8 + (lane & 3) * 2;
+                const float2 c = __bfloat1622float2(*reinterpret_cast<const bf162*>(ct + col));
+                const float2 s = __bfloat1622float2(*reinterpret_cast<const bf162*>(st + col));
+                const int e1 = dt * 4 + 2 * r, e2 = (dt + D / 16) * 4 + 2 * r;
+                float a0 = dk_acc[e1] * scale, a1 = dk_acc[e1 + 1] * scale;
+                float b0 = dk_acc[e2] * scale, b1 = dk_acc[e2 + 1] * scale;
+                rope_bwd_pair(a0, b0, c.x, s.x);
+                rope_bwd_pair(a1, b1, c.y, s.y);
+                *reinterpret_cast<u32*>(dkg + (long long)key * kv_rs + col) = pack_bf16(a0, a1);
+                *reinterpret_cast<u32*>(dkg + (long long)key * kv_rs + col + D / 2) = pack_bf16(b0, b1);
+            }
+        } else {
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++) {
+                const int col = dt * 8 + (lane & 3) * 2;
+                *reinterpret_cast<u32*>(dkg + (long long)key * kv_rs + col) =
+                    pack_bf16(dk_acc[dt * 4 + 2 * r] * scale, dk_acc[dt * 4 + 2 * r + 1] * scale);
+            }
+        }
 #pragma unroll
         for (int dt = 0; dt < D / 8; dt++) {
             const int col = dt * 8 + (lane & 3) * 2;
-            *reinterpret_cast<u32*>(dkg + (long long)key * kv_rs + col) =
-                pack_bf16(dk_acc[dt * 4 + 2 * r] * scale, dk_acc[dt * 4 + 2 * r + 1] * scale);
             *reinterpret_cast<u32*>(dvg + (long long)key * kv_rs + col) =
                 pack_bf16(dv_acc[dt * 4 + 2 * r], dv_acc[dt * 4 + 2 * r + 1]);
         }

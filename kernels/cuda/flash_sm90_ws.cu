@@ -308,6 +308,8 @@ F9W_FWD_KERNEL(flash_fwd_ws_d64, 64, 3)
 //   128 columns over the two consumers, d64 the 128 keys (two partial sums), added into dq_acc
 //   (zeroed before; layout at flash_bwd_dq2_sm90). dS^T and the dQ staging are double-buffered,
 //   so dQ's wgmma of an item keeps running into the next item, where its result is stored.
+// With rope_cos, rope_sin (bf16 [>= T][D/2]; null: none) dK is stored inverse-rotated (the
+// RoPE backward, flash_store_dkdv); dQ's rotation is flash_bwd_dq2_sm90's.
 // CTAs run heaviest first over the whole grid: the block index is linearised with the key
 // block slowest, so every (group, batch)'s first key blocks (most queries under the causal
 // mask) start in the first wave. Warp-specialised:
@@ -332,7 +334,8 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
                                              const float* __restrict__ lse, const float* __restrict__ delta,
                                              float* __restrict__ dq_acc, bf16* __restrict__ dk, bf16* __restrict__ dv,
                                              const int* __restrict__ seg, int T, int H, int qpg, int kv_rs, int kv_gs,
-                                             float scale, float scale_log2, int window) {
+                                             float scale, float scale_log2, int window,
+                                             const bf16* __restrict__ rope_cos, const bf16* __restrict__ rope_sin) {
 #ifdef F9_ENABLED
     constexpr u32 TILE_KV = F9B_BC * D * 2;       // K or V: [D/64][128 keys][64]
     constexpr u32 TILE_Q = F9B_BR * D * 2;        // Q or dO: [D/64][64 queries][64]
@@ -626,7 +629,7 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
     if (items > 0) store_dq(items - 1);
     if (tw == 0) f9_bulk_wait_all();
     flash_store_dkdv<D>(dk + (long long)b * T * kv_rs + g * kv_gs, dv + (long long)b * T * kv_rs + g * kv_gs, kv_rs,
-                        dk_acc, dv_acc, scale, key_a, T, lane);
+                        dk_acc, dv_acc, scale, key_a, T, lane, rope_cos, rope_sin);
 #else
     asm volatile("trap;");
 #endif
@@ -637,9 +640,9 @@ __device__ __forceinline__ void flash_bwd_ws(const F9TensorMap* tm_q, const F9Te
         NAME(const __grid_constant__ F9TensorMap tm_q, const __grid_constant__ F9TensorMap tm_k,                     \
              const __grid_constant__ F9TensorMap tm_v, const __grid_constant__ F9TensorMap tm_do, const float* lse,  \
              const float* delta, float* dq_acc, bf16* dk, bf16* dv, const int* seg, int T, int H, int qpg, int kv_rs, \
-             int kv_gs, float scale, float scale_log2, int window) {                                                  \
+             int kv_gs, float scale, float scale_log2, int window, const bf16* rope_cos, const bf16* rope_sin) {     \
         flash_bwd_ws<D>(&tm_q, &tm_k, &tm_v, &tm_do, lse, delta, dq_acc, dk, dv, seg, T, H, qpg, kv_rs, kv_gs, scale, \
-                        scale_log2, window);                                                                          \
+                        scale_log2, window, rope_cos, rope_sin);                                                      \
     }
 // Named after variant sm90ws-leanv, the one Hopper backward since 2026-11-29 (bench/NOTES.md).
 F9W_BWD_KERNEL(flash_bwd_ws_leanv_d128, 128)

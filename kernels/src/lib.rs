@@ -27,7 +27,13 @@ pub const MODULES: &[(&str, &str)] = &[
             include_str!("../cuda/flash.cu")
         ),
     ),
-    ("flash_sm90", include_str!("../cuda/flash_sm90.cu")),
+    (
+        "flash_sm90",
+        concat!(
+            include_str!("../cuda/flash_common.cuh"),
+            include_str!("../cuda/flash_sm90.cu")
+        ),
+    ),
     (
         "flash_sm90_ws",
         concat!(

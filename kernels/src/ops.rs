@@ -109,6 +109,39 @@ fn check_retired_flash_options(get: impl Fn(&str) -> Option<String>) -> Result<(
     Ok(())
 }
 
+/// How an attention layer's RoPE backward runs (`ARCHSCALE_ROPE_BWD`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeBackward {
+    /// In the flash backward: the dQ conversion and the dK store inverse-rotate (default).
+    Fused,
+    /// The flash backward, then `rope_qkv` (sign -1) over the fused dQKV in place.
+    Separate,
+}
+
+impl RopeBackward {
+    /// The choice an `ARCHSCALE_ROPE_BWD` value names (unset or empty: `fused`); any other
+    /// value is an error that lists the valid ones.
+    pub fn from_setting(value: Option<&str>) -> Result<RopeBackward> {
+        match value {
+            None | Some("") | Some("fused") => Ok(RopeBackward::Fused),
+            Some("separate") => Ok(RopeBackward::Separate),
+            Some(other) => Err(KernelError::Unsupported(format!(
+                "ARCHSCALE_ROPE_BWD={other}: expected `fused` (default) or `separate`"
+            ))),
+        }
+    }
+}
+
+/// bf16 RoPE tables `[len, head_dim / 2]` (row t: position t) for the flash backward's fused
+/// RoPE backward ([`Ops::flash_bwd_rope`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RopeTables {
+    pub cos: u64,
+    pub sin: u64,
+    /// Positions the tables hold (at least the layout's `seq`).
+    pub len: usize,
+}
+
 /// The Hopper-only flash kernels (variant `Sm90WsLeanV`).
 struct FlashSm90 {
     /// Warp-specialised forward (producer warpgroup with TMA, two consumer warpgroups).
@@ -145,6 +178,8 @@ pub struct Ops {
     /// kernels, and no fused residual add).
     rmsnorm_regs: Option<RegisterNorm>,
     rope_qkv: Kernel,
+    /// `ARCHSCALE_ROPE_BWD`, read once at load.
+    rope_bwd: RopeBackward,
     swiglu_fwd: Kernel,
     swiglu_bwd: Kernel,
     cast_f32_bf16: Kernel,
@@ -393,6 +428,9 @@ impl Ops {
                 }
             },
             rope_qkv: load("elementwise", "rope_qkv")?,
+            rope_bwd: RopeBackward::from_setting(
+                std::env::var("ARCHSCALE_ROPE_BWD").ok().as_deref(),
+            )?,
             swiglu_fwd: load("elementwise", "swiglu_fwd")?,
             swiglu_bwd: load("elementwise", "swiglu_bwd")?,
             cast_f32_bf16: load("elementwise", "cast_f32_bf16")?,
@@ -697,6 +735,12 @@ impl Ops {
             .launch(self.rope_qkv, grid1(rows), (256, 1, 1), 0, &a)
     }
 
+    /// How attention layers run the RoPE backward (`ARCHSCALE_ROPE_BWD`): fused into
+    /// [`Ops::flash_bwd_rope`] or a separate `rope_qkv` pass.
+    pub fn rope_backward(&self) -> RopeBackward {
+        self.rope_bwd
+    }
+
     pub fn swiglu_fwd(&self, gu: u64, out: u64, rows: usize, inner: usize) -> Result<()> {
         let a = Args::new()
             .ptr(gu)
@@ -941,9 +985,9 @@ impl Ops {
     }
 
     /// The warp-specialised backward's main kernel `kernel` (its d64 or d128 instance).
-    /// `ptrs`: q, k, v, dout, lse, delta, dq_acc, dk, dv.
-    fn flash_bwd_ws(&self, kernel: Kernel, l: &AttnLayout, ptrs: [u64; 9]) -> Result<()> {
-        let [q, k, v, dout, lse, delta, dq_acc, dk, dv] = ptrs;
+    /// `ptrs`: q, k, v, dout, lse, delta, dq_acc, dk, dv, rope cos, rope sin (0: no RoPE).
+    fn flash_bwd_ws(&self, kernel: Kernel, l: &AttnLayout, ptrs: [u64; 11]) -> Result<()> {
+        let [q, k, v, dout, lse, delta, dq_acc, dk, dv, cos, sin] = ptrs;
         let (d, t, b, heads) = (
             l.head_dim as u64,
             l.seq as u64,
@@ -978,7 +1022,9 @@ impl Ops {
             .i32(i32_of("kv_group_stride", l.kv_group_stride)?)
             .f32(l.scale)
             .f32(l.scale * std::f32::consts::LOG2_E)
-            .i32(i32_of("window", l.window)?);
+            .i32(i32_of("window", l.window)?)
+            .ptr(cos)
+            .ptr(sin);
         let grid = (
             l.seq.div_ceil(FLASH_BWD_BC) as u32,
             l.groups() as u32,
@@ -1008,6 +1054,48 @@ impl Ops {
         dq_acc: u64,
         delta: u64,
     ) -> Result<()> {
+        self.flash_bwd_rope(l, q, k, v, o, dout, lse, dq, dk, dv, dq_acc, delta, None)
+    }
+
+    /// [`Ops::flash_bwd`], and with `rope` also the RoPE backward of Q and K: dQ and dK leave
+    /// inverse-rotated at position `row % seq` (as `rope_qkv` with sign -1 would turn them,
+    /// but rounded to bf16 once instead of twice). dV is never rotated.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_bwd_rope(
+        &self,
+        l: &AttnLayout,
+        q: u64,
+        k: u64,
+        v: u64,
+        o: u64,
+        dout: u64,
+        lse: u64,
+        dq: u64,
+        dk: u64,
+        dv: u64,
+        dq_acc: u64,
+        delta: u64,
+        rope: Option<RopeTables>,
+    ) -> Result<()> {
+        let (cos, sin) = match rope {
+            None => (0, 0),
+            Some(r) => {
+                if r.len < l.seq {
+                    return Err(KernelError::Unsupported(format!(
+                        "flash attention backward: RoPE tables of {} positions for seq {}",
+                        r.len, l.seq
+                    )));
+                }
+                if r.cos == 0 || r.sin == 0 || !(r.cos | r.sin).is_multiple_of(4) {
+                    return Err(KernelError::Unsupported(format!(
+                        "flash attention backward: RoPE tables at {:#x}, {:#x} are not \
+                         4-byte aligned device pointers",
+                        r.cos, r.sin
+                    )));
+                }
+                (r.cos, r.sin)
+            }
+        };
         let sm90 = self.hopper_kernels();
         let kernel = match sm90 {
             None => by_head_dim(l.head_dim, [self.flash_bwd_64, self.flash_bwd_128])?,
@@ -1062,7 +1150,11 @@ impl Ops {
             self.gpu.memset_zero(dq_acc, rows * l.heads * d * 4)?;
         }
         if let Some(k9) = sm90 {
-            self.flash_bwd_ws(kernel, l, [q, k, v, dout, lse, delta, dq_acc, dk, dv])?;
+            self.flash_bwd_ws(
+                kernel,
+                l,
+                [q, k, v, dout, lse, delta, dq_acc, dk, dv, cos, sin],
+            )?;
             // dq_acc in the Hopper backward's blocked layout (flash_sm90.cu, flash_bwd_dq2_sm90).
             let a = Args::new()
                 .ptr(dq_acc)
@@ -1073,9 +1165,13 @@ impl Ops {
                 .i32(i32_of("qpg", l.qpg)?)
                 .i32(i32_of("q_row_stride", l.q_row_stride)?)
                 .i32(i32_of("q_group_stride", l.q_group_stride)?)
-                .f32(l.scale);
+                .f32(l.scale)
+                .ptr(cos)
+                .ptr(sin);
+            // with RoPE one block holds whole rows (both halves of a rotation pair)
+            let parts = if cos != 0 { 1 } else { d / 64 };
             let grid = (
-                (l.seq.div_ceil(64) * (d / 64)) as u32,
+                (l.seq.div_ceil(64) * parts) as u32,
                 l.heads as u32,
                 l.batch as u32,
             );
@@ -1102,7 +1198,9 @@ impl Ops {
             .i32(i32_of("o_row_stride", l.o_row_stride)?)
             .f32(l.scale)
             .f32(l.scale * std::f32::consts::LOG2_E)
-            .i32(i32_of("window", l.window)?);
+            .i32(i32_of("window", l.window)?)
+            .ptr(cos)
+            .ptr(sin);
         let grid = (
             l.seq.div_ceil(FLASH_BWD_BC) as u32,
             l.groups() as u32,
@@ -1124,7 +1222,10 @@ impl Ops {
             .i32(i32_of("qpg", l.qpg)?)
             .i32(i32_of("q_row_stride", l.q_row_stride)?)
             .i32(i32_of("q_group_stride", l.q_group_stride)?)
-            .f32(l.scale);
+            .f32(l.scale)
+            .i32(i32_of("seq", l.seq)?)
+            .ptr(cos)
+            .ptr(sin);
         self.gpu
             .launch(self.flash_dq, grid1(rows), (256, 1, 1), 0, &a)
     }
@@ -1998,7 +2099,9 @@ impl HybridOps {
 
 #[cfg(test)]
 mod tests {
-    use super::{check_retired_flash_options, check_scan_kernel_setting, FlashVariant, Ops};
+    use super::{
+        check_retired_flash_options, check_scan_kernel_setting, FlashVariant, Ops, RopeBackward,
+    };
 
     #[test]
     fn archscale_scan_kernel_accepts_split_and_refuses_the_retired_v3() {
@@ -2086,6 +2189,23 @@ mod tests {
             assert!(e.contains(&format!("{var}={value}")), "{e}");
             assert!(e.contains("retired") && e.contains(hint), "{e}");
         }
+    }
+
+    #[test]
+    fn archscale_rope_bwd_is_fused_or_separate() {
+        for (value, want) in [
+            (None, RopeBackward::Fused),
+            (Some(""), RopeBackward::Fused),
+            (Some("fused"), RopeBackward::Fused),
+            (Some("separate"), RopeBackward::Separate),
+        ] {
+            assert_eq!(RopeBackward::from_setting(value).ok(), Some(want));
+        }
+        let e = RopeBackward::from_setting(Some("inline"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ARCHSCALE_ROPE_BWD=inline"), "{e}");
+        assert!(e.contains("`fused`") && e.contains("`separate`"), "{e}");
     }
 
     #[test]

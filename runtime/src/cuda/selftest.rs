@@ -6,7 +6,7 @@
 use crate::cpu::ops;
 use crate::optim::adamw::{adamw_step, AdamWHyper};
 use archscale_kernels::cublaslt::{Lt, OutType, WeightGrad};
-use archscale_kernels::ops::{AttnLayout, Ops, OptChunkTables};
+use archscale_kernels::ops::{AttnLayout, Ops, OptChunkTables, RopeTables};
 use archscale_kernels::{DeviceBuffer, Gpu, KernelError};
 use half::bf16;
 use rand::{Rng, SeedableRng};
@@ -1255,29 +1255,109 @@ fn check_flash_variant(env: &mut Env, out: &mut Vec<Check>, variant: &str) -> R<
         )?;
         let got = env.read_bf16(dqkvp, rows * width)?;
         // split the error by slot kind
+        let fused = FusedQkv {
+            rows,
+            groups,
+            qpg,
+            hs,
+        };
         for (name, pick) in [
-            ("flash bwd dQ", 0usize),
-            ("flash bwd dK", 1),
-            ("flash bwd dV", 2),
+            ("flash bwd dQ", SlotKind::Q),
+            ("flash bwd dK", SlotKind::K),
+            ("flash bwd dV", SlotKind::V),
         ] {
-            let (mut a, mut b) = (Vec::new(), Vec::new());
-            for r in 0..rows {
-                for slot in 0..groups * (qpg + 2) {
-                    let kind = match slot % (qpg + 2) {
-                        x if x < qpg => 0,
-                        x if x == qpg => 1,
-                        _ => 2,
-                    };
-                    if kind == pick {
-                        a.extend_from_slice(&got[r * width + slot * hs..][..hs]);
-                        b.extend_from_slice(&dqkv_ref[r * width + slot * hs..][..hs]);
-                    }
+            let (a, b) = (fused.pick(&got, pick), fused.pick(&dqkv_ref, pick));
+            push(out, name, shape.clone(), rel_err(&a, &b), TOL_BF16);
+        }
+
+        // The same backward with the RoPE backward fused into it (dQ's conversion, dK's
+        // store) against the CPU's flash backward then rope_backward on Q and K. The tables
+        // hold more positions than seq, as the backend's may.
+        let table = ops::rope::RopeTable::new(seq + 3, hs, 10000.0);
+        let mut rope_ref = dqkv_ref.clone();
+        for b in 0..batch {
+            for sl in 0..groups * (qpg + 2) {
+                if sl % (qpg + 2) == qpg + 1 {
+                    continue; // V is not rotated
+                }
+                let mut head = gather(b, sl, &dqkv_ref);
+                ops::rope::rope_backward(&mut head, &table, seq, hs);
+                for t in 0..seq {
+                    rope_ref[slot(b * seq + t, sl)..][..hs]
+                        .copy_from_slice(&head[t * hs..(t + 1) * hs]);
                 }
             }
+        }
+        let cos: Vec<f64> = table.cos.iter().map(|&c| c as f64).collect();
+        let sin: Vec<f64> = table.sin.iter().map(|&c| c as f64).collect();
+        let rope = RopeTables {
+            cos: env.bf16_buf(&cos)?,
+            sin: env.bf16_buf(&sin)?,
+            len: table.seq,
+        };
+        let dqkv_rope = env.poisoned(rows * width * 2)?;
+        env.ops.flash_bwd_rope(
+            &l,
+            qkvp,
+            qkvp + k_off,
+            qkvp + v_off,
+            op,
+            dop,
+            lsep,
+            dqkv_rope,
+            dqkv_rope + k_off,
+            dqkv_rope + v_off,
+            dq_acc,
+            delta,
+            Some(rope),
+        )?;
+        let got = env.read_bf16(dqkv_rope, rows * width)?;
+        for (name, pick) in [
+            ("flash bwd+rope dQ", SlotKind::Q),
+            ("flash bwd+rope dK", SlotKind::K),
+            ("flash bwd+rope dV", SlotKind::V),
+        ] {
+            let (a, b) = (fused.pick(&got, pick), fused.pick(&rope_ref, pick));
             push(out, name, shape.clone(), rel_err(&a, &b), TOL_BF16);
         }
     }
     Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SlotKind {
+    Q,
+    K,
+    V,
+}
+
+/// The fused grouped QKV layout `[rows, G, qpg + 2, hs]` (per group: qpg query slots, K, V).
+struct FusedQkv {
+    rows: usize,
+    groups: usize,
+    qpg: usize,
+    hs: usize,
+}
+
+impl FusedQkv {
+    /// Every slot of kind `kind` of `buf`, row by row.
+    fn pick(&self, buf: &[f64], kind: SlotKind) -> Vec<f64> {
+        let (slots, hs) = (self.groups * (self.qpg + 2), self.hs);
+        let mut v = Vec::new();
+        for r in 0..self.rows {
+            for sl in 0..slots {
+                let k = match sl % (self.qpg + 2) {
+                    x if x < self.qpg => SlotKind::Q,
+                    x if x == self.qpg => SlotKind::K,
+                    _ => SlotKind::V,
+                };
+                if k == kind {
+                    v.extend_from_slice(&buf[(r * slots + sl) * hs..][..hs]);
+                }
+            }
+        }
+        v
+    }
 }
 
 /// `micro` rows of `seq_len + 1` uniformly random token ids of `plan`'s vocabulary.

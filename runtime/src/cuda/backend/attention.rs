@@ -5,6 +5,7 @@
 //! its own backward runs. Differential attention is in `diff_attention.rs`.
 
 use super::*;
+use archscale_kernels::ops::{RopeBackward, RopeTables};
 
 impl CudaBackend {
     /// Flash layout of layer `l`: its fused QKV buffer, or (cross-attention) its Q-only
@@ -203,6 +204,15 @@ impl CudaBackend {
         if cross {
             gpu.memset_zero(self.dqkv.ptr, rows * fused * BF)?;
         }
+        // RoPE's backward runs inside the flash backward (dQ's conversion and dK's store
+        // rotate) unless ARCHSCALE_ROPE_BWD=separate, or the cross-attention layers' dK join
+        // this layer's after it (they need the rotation too), or the layer is differential
+        // (its flash backward writes a gathered layout): then rope_qkv runs below.
+        let fuse_rope = d.rope[l]
+            && lp.diff.is_none()
+            && !cross
+            && !(info.exports_kv && d.any_cross())
+            && ops.rope_backward() == RopeBackward::Fused;
         if lp.diff.is_some() {
             self.diff_backward(l, lp, sv, batch, seq, kv, dsrc)?;
         } else {
@@ -212,7 +222,12 @@ impl CudaBackend {
                 (al.fused_v_offset() * BF) as u64,
             );
             self.mark("attn bwd")?;
-            ops.flash_bwd(
+            let rope = fuse_rope.then_some(RopeTables {
+                cos: self.rope_cos.ptr,
+                sin: self.rope_sin.ptr,
+                len: self.rope_len,
+            });
+            ops.flash_bwd_rope(
                 &al,
                 sv.qkv,
                 kv + ko,
@@ -225,6 +240,7 @@ impl CudaBackend {
                 self.dqkv.ptr + vo,
                 self.dq_acc.ptr,
                 self.delta.ptr,
+                rope,
             )?;
         }
         if cross {
@@ -247,8 +263,10 @@ impl CudaBackend {
                 rows * fused,
             )?;
         }
-        self.mark("rope")?;
-        if d.rope[l] {
+        if !fuse_rope {
+            self.mark("rope")?;
+        }
+        if d.rope[l] && !fuse_rope {
             ops.rope_qkv(
                 self.dqkv.ptr,
                 self.rope_cos.ptr,
