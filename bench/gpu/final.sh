@@ -10,6 +10,7 @@
 #   MODELS="a.toml b.toml" adds whole-model parity (selftest --only none --model M --seed 1);
 #   AB="VAR=value" adds Transformer++ d8/d16 with that environment, interleaved with a repeat
 #      of the default (a same-call A/B of an opt-in kernel choice);
+#   SAMBAY=0 leaves out step 3; phases.txt has each phase's start time;
 #   5. PyTorch + torch.compile, torch_ref.py at the same depths and micro-batches.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -19,14 +20,20 @@ export ARCHSCALE_KERNEL_CACHE=$PWD/$C/kcache
 B=$C/archscale
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader > "$OUT/card.txt"
 date -u +%Y-%m-%dT%H:%MZ >> "$OUT/card.txt"
+stamp() { echo "$1 $(date -u +%T)" >> "$OUT/phases.txt"; }
+stamp selftest
 timeout 300 $B selftest > "$OUT/selftest.txt" 2>&1; echo "selftest rc=$?" >> "$OUT/selftest.txt"
+stamp models
 for m in ${MODELS:-}; do
   timeout 100 $B selftest --only none --model $m --seed 1 >> "$OUT/selftest_models.txt" 2>&1
   echo "$m rc=$?" >> "$OUT/selftest_models.txt"
 done
+stamp tf
 timeout 300 $B bench bench/transformer_ctx4096.toml --micro 8,4,4 --steps 10 --warmup 3 > "$OUT/tf.txt" 2>&1
-timeout 200 $B bench bench/transformer_ctx4096.toml --set 'depth=[8,16]' --micro 8,4 \
+# the A/B rounds below repeat the default; without them, one plain repeat
+[ -z "${AB:-}" ] && timeout 200 $B bench bench/transformer_ctx4096.toml --set 'depth=[8,16]' --micro 8,4 \
   --steps 10 --warmup 3 > "$OUT/tf_repeat.txt" 2>&1
+stamp ab
 if [ -n "${AB:-}" ]; then
   for r in 1 2; do
     env $AB timeout 200 $B bench bench/transformer_ctx4096.toml --set 'depth=[8,16]' --micro 8,4 \
@@ -35,7 +42,9 @@ if [ -n "${AB:-}" ]; then
       --steps 10 --warmup 3 > "$OUT/tf_default_$r.txt" 2>&1
   done
 fi
-for d in 8 16; do
+stamp sambay
+# SAMBAY=0 leaves out the issue-6 pair
+[ "${SAMBAY:-1}" = 0 ] || for d in 8 16; do
   timeout 200 $B bench bench/samba_ctx4096.toml --set arch=sambay --set "depth=[$d]" --micro 4 --steps 6 --warmup 2 \
     > "$OUT/sambay_d$d.txt" 2>&1
   timeout 200 $B bench bench/transformer_ctx4096.toml --set "depth=[$d]" --micro 4 --steps 6 --warmup 2 \
@@ -46,8 +55,10 @@ if [ -n "${PARITY:-}" ]; then
   cp $OUT/parity/*/metrics.jsonl "$OUT/parity_cuda_metrics.jsonl" 2>/dev/null
   rm -rf $OUT/parity
 fi
+stamp torch
 PYTHONUNBUFFERED=1 timeout 400 python3 $C/torch_ref.py --micro 8,4,4 --depths 8,12,16 --steps 20 > "$OUT/torch.txt" 2>&1
-cat "$OUT/card.txt"
+stamp end
+cat "$OUT/card.txt" "$OUT/phases.txt"
 grep -E 'passed|FAIL' "$OUT/selftest.txt" | tail -5; tail -1 "$OUT/selftest.txt"
 [ -f "$OUT/selftest_models.txt" ] && { echo "== model parity (seed 1)"; grep -E 'passed|FAIL|rc=' "$OUT/selftest_models.txt"; }
 [ -n "${AB:-}" ] && echo "== A/B: $AB (tf_ab_*) against the default (tf_default_*)"
