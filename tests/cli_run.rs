@@ -406,3 +406,18 @@ fn multi_process_launch_on_the_cpu_backend_is_refused() {
         assert!(!tmp.path().join("runs").exists(), "nothing written");
     }
 }
+
+#[test]
+fn bench_refuses_a_bad_micro_batch_before_touching_a_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = experiment(dir.path(), 2, "", "");
+    for bad in ["0", "many", "4,fits"] {
+        let o = Command::new(BIN)
+            .current_dir(dir.path())
+            .args(["bench", file.to_str().unwrap(), "--micro", bad])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "--micro {bad}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--micro"), "--micro {bad}: {}", stderr(&o));
+    }
+}

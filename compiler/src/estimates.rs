@@ -515,6 +515,36 @@ pub fn plan_memory(plan: &Plan) -> MemoryEstimate {
     )
 }
 
+/// The largest micro-batch (sequences per device per micro-step) whose [`plan_memory`]
+/// total is at most `bytes`, searched up to `limit`; `None` when not even one fits. Memory
+/// grows with the micro-batch, so a doubling then a bisection finds it.
+pub fn largest_micro_that_fits(plan: &Plan, bytes: u64, limit: usize) -> Option<usize> {
+    let fits = |m: usize| {
+        let mut p = plan.clone();
+        p.layout.micro_batch = m;
+        plan_memory(&p).total_bytes <= bytes
+    };
+    if limit == 0 || !fits(1) {
+        return None;
+    }
+    let mut lo = 1; // fits
+    let mut hi = 2;
+    while hi <= limit && fits(hi) {
+        lo = hi;
+        hi *= 2;
+    }
+    let mut hi = hi.min(limit + 1); // does not fit, or past the limit
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Some(lo)
+}
+
 /// The default layout when the spec names none: the least communication that fits.
 /// One GPU: data parallel. Otherwise ZeRO-1 (optimizer state sharded; the gradient
 /// all-reduce costs what plain DDP costs) if it fits; else, on several nodes, hybrid

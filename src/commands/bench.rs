@@ -1,7 +1,9 @@
-//! `archscale bench FILE [--set k=v]... [--micro M[,M...]] [--steps N] [--warmup N] [--json PATH]`:
+//! `archscale bench FILE [--set k=v]... [--micro M|fit[,...]] [--steps N] [--warmup N] [--json PATH]`:
 //! training throughput (tokens/s), MFU and peak GPU memory of the CUDA backend for each run
-//! of an experiment, on a fixed random batch.
+//! of an experiment, on a fixed random batch. `--micro fit` takes the largest micro-batch
+//! whose planned memory (which is what the backend allocates) fits the GPU.
 
+use archscale_compiler::estimates::largest_micro_that_fits;
 use archscale_runtime::cuda::bench::{bench_plan, BenchResult};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,9 +15,10 @@ pub struct Args {
     /// Override a spec value (repeatable), e.g. `--set depth=[8]`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Micro-batch per run (one value for all, or one per run in order).
-    #[arg(long, value_delimiter = ',')]
-    pub micro: Vec<usize>,
+    /// Micro-batch per run (one value for all, or one per run in order): a positive number,
+    /// or `fit` for the largest whose planned memory fits the GPU's free memory.
+    #[arg(long, value_delimiter = ',', value_parser = parse_micro)]
+    pub micro: Vec<Micro>,
     /// Timed optimizer steps.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
@@ -29,6 +32,29 @@ pub struct Args {
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Micro {
+    Sequences(usize),
+    Fit,
+}
+
+fn parse_micro(s: &str) -> Result<Micro, String> {
+    match s {
+        "fit" => Ok(Micro::Fit),
+        _ => match s.parse::<usize>() {
+            Ok(0) => Err("must be positive".into()),
+            Ok(m) => Ok(Micro::Sequences(m)),
+            Err(_) => Err(format!("`{s}` is neither a number of sequences nor `fit`")),
+        },
+    }
+}
+
+/// Room left on the GPU beyond the plan's buffers: the kernels' modules, cuBLASLt's and
+/// the driver's own allocations after the query.
+const FIT_MARGIN_BYTES: u64 = 1 << 30;
+/// The largest micro-batch `fit` tries.
+const FIT_LIMIT: usize = 4096;
 
 pub fn run(args: Args) -> miette::Result<ExitCode> {
     let experiment = match archscale_spec::load_experiment(&args.file, &args.set) {
@@ -55,13 +81,36 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
         );
         return Ok(ExitCode::from(2));
     }
-    if args.micro.contains(&0) {
-        eprintln!("error: --micro values must be positive");
-        return Ok(ExitCode::from(2));
-    }
+    let mut free_bytes = None;
     for (i, p) in plans.iter_mut().enumerate() {
-        if let Some(&m) = args.micro.get(i).or(args.micro.first()) {
-            p.layout.micro_batch = m;
+        match args.micro.get(i).or(args.micro.first()) {
+            Some(Micro::Sequences(m)) => p.layout.micro_batch = *m,
+            Some(Micro::Fit) => {
+                let free = match free_bytes {
+                    Some(f) => f,
+                    None => {
+                        let gpu = archscale_kernels::Gpu::new(0).map_err(|e| {
+                            miette::miette!("--micro fit needs the GPU's free memory: {e}")
+                        })?;
+                        let (free, _) = gpu.mem_info().map_err(|e| miette::miette!("{e}"))?;
+                        *free_bytes.insert(free as u64)
+                    }
+                };
+                let room = free.saturating_sub(FIT_MARGIN_BYTES);
+                match largest_micro_that_fits(p, room, FIT_LIMIT) {
+                    Some(m) => p.layout.micro_batch = m,
+                    None => {
+                        eprintln!(
+                            "error: {}: not even one sequence of {} tokens fits in {:.1} GiB",
+                            p.run_name,
+                            p.layout.seq_len,
+                            room as f64 / (1u64 << 30) as f64
+                        );
+                        return Ok(ExitCode::from(1));
+                    }
+                }
+            }
+            None => {}
         }
     }
     let mut results: Vec<BenchResult> = Vec::new();
