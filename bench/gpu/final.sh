@@ -10,7 +10,8 @@
 #   MODELS="a.toml b.toml" adds whole-model parity (selftest --only none --model M --seed 1);
 #   AB="VAR=value" adds Transformer++ d8/d16 with that environment, interleaved with a repeat
 #      of the default (a same-call A/B of an opt-in kernel choice);
-#   SAMBAY=0 leaves out step 3; phases.txt has each phase's start time;
+#   SAMBAY=0 leaves out step 3; FIT=1 adds Transformer++ at --micro fit; TORCH_ROUNDS=2 runs
+#   ours and PyTorch a second time in turn; phases.txt has each phase's start time;
 #   5. PyTorch + torch.compile, torch_ref.py at the same depths and micro-batches.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -55,17 +56,29 @@ if [ -n "${PARITY:-}" ]; then
   cp $OUT/parity/*/metrics.jsonl "$OUT/parity_cuda_metrics.jsonl" 2>/dev/null
   rm -rf $OUT/parity
 fi
+if [ -n "${FIT:-}" ]; then
+  stamp fit
+  timeout 200 $B bench bench/transformer_ctx4096.toml --micro fit --steps 6 --warmup 2 > "$OUT/tf_fit.txt" 2>&1
+fi
 stamp torch
 PYTHONUNBUFFERED=1 timeout 400 python3 $C/torch_ref.py --micro 8,4,4 --depths 8,12,16 --steps 20 > "$OUT/torch.txt" 2>&1
+# TORCH_ROUNDS=2: ours and PyTorch once more, in turn (drift within the call shows)
+for r in $(seq 2 ${TORCH_ROUNDS:-1}); do
+  stamp "round $r"
+  timeout 300 $B bench bench/transformer_ctx4096.toml --micro 8,4,4 --steps 10 --warmup 3 > "$OUT/tf_r$r.txt" 2>&1
+  PYTHONUNBUFFERED=1 timeout 400 python3 $C/torch_ref.py --micro 8,4,4 --depths 8,12,16 --steps 20 > "$OUT/torch_r$r.txt" 2>&1
+done
 stamp end
 cat "$OUT/card.txt" "$OUT/phases.txt"
 grep -E 'passed|FAIL' "$OUT/selftest.txt" | tail -5; tail -1 "$OUT/selftest.txt"
 [ -f "$OUT/selftest_models.txt" ] && { echo "== model parity (seed 1)"; grep -E 'passed|FAIL|rc=' "$OUT/selftest_models.txt"; }
 [ -n "${AB:-}" ] && echo "== A/B: $AB (tf_ab_*) against the default (tf_default_*)"
-for f in tf tf_repeat tf_ab_1 tf_default_1 tf_ab_2 tf_default_2 sambay_d8 tf4_d8 sambay_d16 tf4_d16; do
+for f in tf tf_r2 tf_r3 tf_fit tf_repeat tf_ab_1 tf_default_1 tf_ab_2 tf_default_2 sambay_d8 tf4_d8 sambay_d16 tf4_d16; do
   [ -f "$OUT/$f.txt" ] && { echo "== $f"; grep -E '^scaling|error' "$OUT/$f.txt"; }
 done
 [ -f "$OUT/parity_cuda.log" ] && { echo "== parity cuda"; grep -E 'step +300|error' "$OUT/parity_cuda.log" | tail -3; }
-echo "== torch"; grep -E '^\{|error|Error' "$OUT/torch.txt" | tail -4
+for f in torch torch_r2 torch_r3; do
+  [ -f "$OUT/$f.txt" ] && { echo "== $f"; grep -E '^\{|error|Error' "$OUT/$f.txt" | tail -4; }
+done
 # The device tool returns a handful of files: everything goes back as one archive.
 tar czf /tmp/00_logs.tgz -C "$OUT" . && find "$OUT" -type f -delete && mv /tmp/00_logs.tgz "$OUT/"
