@@ -10,7 +10,7 @@
 #   MODELS="a.toml b.toml" adds whole-model parity (selftest --only none --model M --seed 1);
 #   AB="VAR=value" adds Transformer++ d8/d16 with that environment, interleaved with a repeat
 #      of the default (a same-call A/B of an opt-in kernel choice);
-#   SAMBAY=0 leaves out step 3; FIT=1 adds Transformer++ at --micro fit; TORCH_ROUNDS=2 runs
+#   SAMBAY=0 leaves out step 3; FIT=1 adds Transformer++ at --micro fit; PROFILE=1 a profiled d8/d16 step; TORCH_ROUNDS=2 runs
 #   ours and PyTorch a second time in turn; phases.txt has each phase's start time;
 #   5. PyTorch + torch.compile, torch_ref.py at the same depths and micro-batches.
 set -u
@@ -59,6 +59,11 @@ fi
 if [ -n "${FIT:-}" ]; then
   stamp fit
   timeout 200 $B bench bench/transformer_ctx4096.toml --micro fit --steps 6 --warmup 2 > "$OUT/tf_fit.txt" 2>&1
+fi
+if [ -n "${PROFILE:-}" ]; then
+  stamp profile
+  timeout 200 $B bench bench/transformer_ctx4096.toml --set 'depth=[8,16]' --micro 8,4 --steps 4 --warmup 2 \
+    --profile > "$OUT/tf_profile.txt" 2>&1
 fi
 stamp torch
 PYTHONUNBUFFERED=1 timeout 400 python3 $C/torch_ref.py --micro 8,4,4 --depths 8,12,16 --steps 20 > "$OUT/torch.txt" 2>&1
