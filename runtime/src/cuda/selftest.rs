@@ -874,11 +874,11 @@ fn check_adamw_with(env: &mut Env, out: &mut Vec<Check>, in_bf16: [bool; 3]) -> 
         Ok(ptr)
     };
     let t = OptChunkTables {
-        off: table(env, 8, &|e, p| Ok(e.gpu.upload(p, &offs)?))?,
-        len: table(env, 4, &|e, p| Ok(e.gpu.upload(p, &lens)?))?,
-        group: table(env, 4, &|e, p| Ok(e.gpu.upload(p, &grps)?))?,
+        off: table(env, 8, &|e, p| e.gpu.upload(p, &offs))?,
+        len: table(env, 4, &|e, p| e.gpu.upload(p, &lens))?,
+        group: table(env, 4, &|e, p| e.gpu.upload(p, &grps))?,
         gbf: if any_bf16 {
-            table(env, 8, &|e, p| Ok(e.gpu.upload(p, &gbf)?))?
+            table(env, 8, &|e, p| e.gpu.upload(p, &gbf))?
         } else {
             0
         },
