@@ -24,7 +24,11 @@ fn the_largest_micro_batch_fits_and_one_more_does_not() {
         let bytes = gib << 30;
         let m = largest_micro_that_fits(&plan, bytes, 1 << 12).expect("one sequence fits");
         assert!(total_at(&plan, m) <= bytes, "{gib} GiB: micro {m}");
-        assert!(total_at(&plan, m + 1) > bytes, "{gib} GiB: micro {} fits too", m + 1);
+        assert!(
+            total_at(&plan, m + 1) > bytes,
+            "{gib} GiB: micro {} fits too",
+            m + 1
+        );
     }
 }
 
