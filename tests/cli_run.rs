@@ -418,6 +418,10 @@ fn bench_refuses_a_bad_micro_batch_before_touching_a_gpu() {
             .output()
             .unwrap();
         assert_eq!(o.status.code(), Some(2), "--micro {bad}: {}", stderr(&o));
-        assert!(stderr(&o).contains("--micro"), "--micro {bad}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("--micro"),
+            "--micro {bad}: {}",
+            stderr(&o)
+        );
     }
 }
