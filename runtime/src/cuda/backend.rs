@@ -1724,6 +1724,11 @@ impl CudaBackend {
     /// Turns [`Self::overwrite_grads`] on or off (on only takes effect when replicated):
     /// the selftest compares both.
     pub fn set_grad_overwrite(&mut self, on: bool) -> Result<()> {
+        if self.weight_grads_bf16 && self.micro_step_pending.get() {
+            return Err(err(
+                "set_grad_overwrite: bf16 weight gradients are waiting for the optimizer",
+            ));
+        }
         self.clear_stale_grads()?;
         self.overwrite_grads = on && self.mode == ShardMode::Replicated;
         // bf16 weight gradients need the products to overwrite them
