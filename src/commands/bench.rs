@@ -126,7 +126,7 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
                 if !r.profile.is_empty() {
                     let total: f64 = r.profile.iter().map(|(_, ms)| ms).sum();
                     println!(
-                        "profile of one step of {} ({total:.1} ms with event overhead):",
+                        "profile of a step of {} ({total:.1} ms with event overhead; mean of 3):",
                         r.run_name
                     );
                     let mut sorted = r.profile.clone();
