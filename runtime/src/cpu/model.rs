@@ -146,9 +146,8 @@ pub struct CpuModel<T: Real = f32> {
     ln_f: Norm,
     workspaces: Mutex<Vec<Workspace<T>>>,
     storage: Storage,
-    /// Round the attention and MLP branch outputs to bf16 before their residual add, as a
-    /// CUDA backend with `residual_in_norm` does (and ArchScale's autocast Linear); the
-    /// Mamba and GMU branches stay exact.
+    /// Round every mixer's and MLP's branch output to bf16 before its residual add, as a
+    /// CUDA backend with `residual_in_norm` does (and ArchScale's autocast Linear).
     bf16_branches: bool,
 }
 
@@ -222,7 +221,7 @@ impl<T: Real> CpuModel<T> {
         self
     }
 
-    /// The same model rounding the attention and MLP branch outputs to bf16 before the
+    /// The same model rounding every mixer's and MLP's branch output to bf16 before the
     /// residual add (`true`), where a CUDA backend does (`CudaBackend::branches_in_bf16`).
     /// Only the CUDA self-test uses it.
     pub fn with_bf16_branches(mut self, on: bool) -> Self {
@@ -644,7 +643,7 @@ impl<T: Real> CpuModel<T> {
             let (cur, after) = rest.split_first_mut().expect("layer exists");
             norm_forward(block.norm_1, &mut cur.norm_1, &cur.x_in, params, n, eps);
             self.mixer_forward(block, cur, before, &mut ws.branch, params, &ws.shape);
-            if self.bf16_branches && matches!(block.mixer, MixerKind::Attention(_)) {
+            if self.bf16_branches {
                 Storage::Bf16.store(&mut ws.branch);
             }
             cur.x_mid.copy_from_slice(&cur.x_in);

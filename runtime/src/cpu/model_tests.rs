@@ -964,8 +964,8 @@ fn bf16_storage_rounds_the_gpu_stored_activations_and_nothing_more() {
 
 #[test]
 fn bf16_branches_move_the_loss_at_bf16_level_and_off_is_exact() {
-    // SambaY-DA (attention, Mamba and GMU layers): rounding the attention and MLP branch
-    // outputs moves the loss at bf16 level; switched off, the model is the exact one.
+    // SambaY-DA (attention, Mamba and GMU layers): rounding every branch output moves the
+    // loss at bf16 level; switched off, the model is the exact one.
     let p = sambay_da_sp_plan();
     let exact = CpuModel::<f32>::new(&p).unwrap();
     let off = CpuModel::<f32>::new(&p).unwrap().with_bf16_branches(false);

@@ -346,11 +346,11 @@ pub struct CudaBackend {
     /// The overwritten gradients still hold the last step's values, which the next backward
     /// replaces; every gradient is zero as far as a reader is concerned.
     grads_stale: Cell<bool>,
-    /// The MLP's and the attention mixer's output products write their branch in bf16 to
-    /// `h`, and the next RMSNorm adds it to the residual stream (`Ops::rmsnorm_fwd_add`)
-    /// instead of the product's epilogue reading and writing the fp32 stream. RMSNorm models
-    /// without output biases at widths the register kernels take; `ARCHSCALE_RESIDUAL_ADD=gemm`
-    /// keeps the epilogue.
+    /// The MLP's and every mixer's output products (attention, Mamba, GMU) write their
+    /// branch in bf16 to `h`, and the next RMSNorm adds it to the residual stream
+    /// (`Ops::rmsnorm_fwd_add`) instead of the product's epilogue reading and writing the fp32
+    /// stream. RMSNorm models without output biases at widths the register kernels take;
+    /// `ARCHSCALE_RESIDUAL_ADD=gemm` keeps the epilogue.
     residual_in_norm: bool,
     /// One micro-step per optimizer step: the weight-gradient products write the gradients
     /// of `bf16_grads` (offsets, sorted) in bf16, into the first half of each tensor's fp32
@@ -1167,6 +1167,7 @@ impl CudaBackend {
                     && lp.norm2.b.is_none()
                     && lp.proj_b.is_none()
                     && lp.w3_b.is_none()
+                    && lp.gmu.is_none_or(|g| g.out_b.is_none())
             });
 
         // ARCHSCALE_POISON=1 fills every new buffer with NaN, so a read of memory nothing
@@ -1679,7 +1680,7 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Whether the attention and MLP branches reach the residual stream rounded to bf16
+    /// Whether every mixer and MLP branch reaches the residual stream rounded to bf16
     /// (`residual_in_norm`), for a CPU reference that rounds where this backend does.
     pub fn branches_in_bf16(&self) -> bool {
         self.residual_in_norm
@@ -2105,13 +2106,9 @@ impl CudaBackend {
                     self.attention_forward(l, &lp, &sv, batch, seq, x_in, x_mid, train)?
                 }
                 LayerKind::Mamba => {
-                    self.mamba_forward(l, &lp, &sv, batch, seq, x_in, x_mid, train)?;
-                    false
+                    self.mamba_forward(l, &lp, &sv, batch, seq, x_in, x_mid, train)?
                 }
-                LayerKind::Gmu => {
-                    self.gmu_forward(l, &lp, &sv, batch, seq, x_in, x_mid, train)?;
-                    false
-                }
+                LayerKind::Gmu => self.gmu_forward(l, &lp, &sv, batch, seq, x_in, x_mid, train)?,
             };
             self.mark("norm fwd")?;
             if deferred {

@@ -78,7 +78,9 @@ impl CudaBackend {
 
     /// Mamba-1 mixer (arch-spec §1): `xz = in_proj(h)`, `xc = silu(conv(x))`,
     /// `[dt, B, C] = x_proj(xc)`, `delta = dt_proj(dt)`, `y = scan(...) ⊙ silu(z)`,
-    /// `x_mid = x_in + rs · out_proj(y)`; `self.h` holds `norm_1(x_in)`.
+    /// `x_mid = x_in + rs · out_proj(y)`; `self.h` holds `norm_1(x_in)`. With
+    /// `residual_in_norm` the product leaves its branch in bf16 in `self.h` for the next norm
+    /// to add, and this returns true (as [`Self::attention_forward`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn mamba_forward(
         &self,
@@ -90,7 +92,7 @@ impl CudaBackend {
         x_in: u64,
         x_mid: u64,
         train: bool,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let (mp, ms, m, hops) = self.mamba_parts(lp, sv)?;
         let d = &self.dims;
         let rows = batch * seq;
@@ -181,6 +183,23 @@ impl CudaBackend {
             train.then_some(ms.ckpt),
         )?;
         self.mark("gemm out_proj")?;
+        if self.residual_in_norm {
+            // `h` (norm 1's output) is dead once in_proj has read it
+            self.lt.linear(
+                &self.gpu,
+                ms.gated,
+                self.pbf(mp.out_proj),
+                self.h.ptr,
+                0,
+                rows,
+                dd,
+                n,
+                OutType::Bf16,
+                1.0,
+                0.0,
+            )?;
+            return Ok(true);
+        }
         self.lt.linear(
             &self.gpu,
             ms.gated,
@@ -194,7 +213,7 @@ impl CudaBackend {
             d.residual_scale,
             1.0,
         )?;
-        Ok(())
+        Ok(false)
     }
 
     /// Backward of [`Self::mamba_forward`] from `self.dres_bf`; with an RMSNorm also runs
