@@ -1495,7 +1495,13 @@ fn nudged_params(params: &[Vec<f32>], seed: u64) -> Vec<Vec<f32>> {
         .iter()
         .map(|t| {
             t.iter()
-                .map(|&x| x * if rng.gen::<bool>() { 1.0 + eps } else { 1.0 - eps })
+                .map(|&x| {
+                    x * if rng.gen::<bool>() {
+                        1.0 + eps
+                    } else {
+                        1.0 - eps
+                    }
+                })
                 .collect()
         })
         .collect()
@@ -1537,6 +1543,26 @@ pub fn conditioned_tolerance(base: f64, sens: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_rounding_draw_moves_every_value_by_2_pow_minus_20_and_flips_a_few_roundings() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let params: Vec<Vec<f32>> = vec![(0..100_000).map(|_| rng.gen_range(-1.0..1.0)).collect()];
+        let nudged = nudged_params(&params, 1);
+        let eps = 2f64.powi(-20);
+        let (mut up, mut flips) = (0, 0);
+        for (&x, &y) in params[0].iter().zip(&nudged[0]) {
+            let r = (y as f64 - x as f64) / x as f64;
+            // x·(1 ± 2⁻²⁰) rounded to fp32: off by at most one fp32 rounding (2⁻²⁴)
+            assert!((r.abs() - eps).abs() <= 2f64.powi(-24), "{x} -> {y}");
+            up += (r > 0.0) as usize;
+            flips += (bf16::from_f32(x) != bf16::from_f32(y)) as usize;
+        }
+        // both signs, about half each; a few in 2^12 values cross a bf16 boundary
+        assert!((45_000..55_000).contains(&up), "{up}");
+        assert!((1..200).contains(&flips), "{flips}");
+        assert_eq!(nudged, nudged_params(&params, 1), "deterministic per seed");
+    }
 
     #[test]
     fn the_reference_rounds_exactly_the_gemm_weights() {
