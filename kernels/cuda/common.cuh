@@ -44,5 +44,21 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(t);
 }
 
+// out[0] += the block's sum of `acc` (fp64; one atomic per block); blockDim a multiple of 32.
+__device__ __forceinline__ void add_block_sum_f64(double acc, double* __restrict__ out) {
+    __shared__ double part[32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) part[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+        double t = (lane < (int)(blockDim.x >> 5)) ? part[lane] : 0.0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+        if (lane == 0) atomicAdd(out, t);
+    }
+}
+
 __device__ __forceinline__ float bf(bf16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ bf16 tobf(float x) { return __float2bfloat16_rn(x); }

@@ -172,22 +172,6 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, float* __restrict__
         adamw_chunk(h, p + off, g + off, m + off, v + off, bc, len, grad_mult, (int)blockIdx.x < zero_chunks);
 }
 
-// Block-wide sum of a double into out[0] (atomic); blockDim a multiple of 32.
-__device__ __forceinline__ void block_add_f64(double acc, double* out) {
-    __shared__ double part[32];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) part[warp] = acc;
-    __syncthreads();
-    if (warp == 0) {
-        double t = (lane < (int)(blockDim.x >> 5)) ? part[lane] : 0.0;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-        if (lane == 0) atomicAdd(out, t);
-    }
-}
-
 template <typename G>
 __device__ __forceinline__ float chunk_sum_squares(const G* gc, int len) {
     float acc = 0.f;
@@ -217,7 +201,7 @@ extern "C" __global__ void grad_sum_squares(const float* __restrict__ g, const l
         acc += gbf >= 0 ? chunk_sum_squares(reinterpret_cast<const bf16*>(g) + gbf, chunk_len[c])
                         : chunk_sum_squares(g + chunk_off[c], chunk_len[c]);
     }
-    block_add_f64(acc, out);
+    add_block_sum_f64(acc, out);
 }
 
 // out[0] += sum(x^2) (fp64); out must be zeroed first.
@@ -233,7 +217,7 @@ extern "C" __global__ void sum_squares(const float* __restrict__ x, long long n,
             count = 0;
         }
     }
-    block_add_f64(acc + facc, out);
+    add_block_sum_f64(acc + facc, out);
 }
 
 // x *= s

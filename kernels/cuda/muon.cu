@@ -4,22 +4,6 @@
 // rows_p rows (both padded to multiples of 8 with zeros, so every GEMM has 16-byte aligned
 // leading dimensions; zero rows and columns stay zero through the iteration).
 
-// out[0] += sum of squares over the block (fp64 atomics, as sum_squares in loss_optim.cu).
-__device__ __forceinline__ void add_block_sum_f64(double acc, double* __restrict__ out) {
-    __shared__ double part[32];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) part[warp] = acc;
-    __syncthreads();
-    if (warp == 0) {
-        double t = (lane < (int)(blockDim.x >> 5)) ? part[lane] : 0.0;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-        if (lane == 0) atomicAdd(out, t);
-    }
-}
-
 // m <- beta·m + (1-beta)·g·grad_mult;  x <- bf16((1-beta)·g·grad_mult + beta·m) (padded);
 // sumsq[0] += Σ x² over the bf16 values (sumsq zeroed by the caller).
 extern "C" __global__ void muon_momentum(const float* __restrict__ g, float* __restrict__ m,
