@@ -1858,6 +1858,49 @@ impl CudaBackend {
         }
     }
 
+    /// The output product of a residual branch, `a[rows, k]·Wᵀ` with W `[n, k]` at `w`. With
+    /// `residual_in_norm` it goes to `h` in bf16 (dead by then: the branch's input product
+    /// was its last reader) for the next norm to add ([`Self::norm_fwd_add`]), and this
+    /// returns true; otherwise the product's epilogue writes `x_out = x_in + rs·(a·Wᵀ + bias)`
+    /// and this returns false. (`residual_in_norm` holds only where no output has a bias.)
+    #[allow(clippy::too_many_arguments)]
+    fn branch_output(
+        &self,
+        a: u64,
+        w: usize,
+        bias: Option<usize>,
+        x_in: u64,
+        x_out: u64,
+        rows: usize,
+        k: usize,
+    ) -> Result<bool> {
+        let (n, rs) = (self.dims.n, self.dims.residual_scale);
+        if self.residual_in_norm {
+            let (h, bf16) = (self.h.ptr, OutType::Bf16);
+            self.lt
+                .linear(&self.gpu, a, self.pbf(w), h, 0, rows, k, n, bf16, 1.0, 0.0)?;
+            return Ok(true);
+        }
+        let f32 = OutType::F32;
+        self.lt.linear(
+            &self.gpu,
+            a,
+            self.pbf(w),
+            x_out,
+            x_in,
+            rows,
+            k,
+            n,
+            f32,
+            rs,
+            1.0,
+        )?;
+        if let Some(b) = bias {
+            self.hops()?.bias_add_f32(x_out, self.p32(b), rs, rows, n)?;
+        }
+        Ok(false)
+    }
+
     /// `x_out = base + rs·h` (the branch output the last product left in `h`) and
     /// `out = rmsnorm(x_out)·scale`, in one pass (`residual_in_norm`); `out` may be `h`.
     #[allow(clippy::too_many_arguments)]
@@ -2063,7 +2106,6 @@ impl CudaBackend {
         let (n, inner) = (d.n, d.inner);
         let ops = &self.ops;
         let gpu = &self.gpu;
-        let rs = d.residual_scale;
         let uof = |off: usize| self.layout.unit_of_offset(off);
         self.gather_unit(uof(self.wte))?;
         self.mark("embedding")?;
@@ -2141,39 +2183,8 @@ impl CudaBackend {
             self.mark("swiglu")?;
             ops.swiglu_fwd(sv.gu, self.a.ptr, rows, inner)?;
             self.mark("gemm w3")?;
-            if self.residual_in_norm {
-                // `h` (norm 2's output) is dead once W1's product has read it
-                self.lt.linear(
-                    gpu,
-                    self.a.ptr,
-                    self.pbf(lp.w3),
-                    self.h.ptr,
-                    0,
-                    rows,
-                    inner,
-                    n,
-                    OutType::Bf16,
-                    1.0,
-                    0.0,
-                )?;
+            if self.branch_output(self.a.ptr, lp.w3, lp.w3_b, x_mid, x_out, rows, inner)? {
                 pending = Some(x_mid);
-                continue;
-            }
-            self.lt.linear(
-                gpu,
-                self.a.ptr,
-                self.pbf(lp.w3),
-                x_out,
-                x_mid,
-                rows,
-                inner,
-                n,
-                OutType::F32,
-                rs,
-                1.0,
-            )?;
-            if let Some(b) = lp.w3_b {
-                self.hops()?.bias_add_f32(x_out, self.p32(b), rs, rows, n)?;
             }
         }
         let x_final = if train {

@@ -57,7 +57,6 @@ impl CudaBackend {
         let qw = d.proj_in_width(l);
         let ops = &self.ops;
         let gpu = &self.gpu;
-        let rs = d.residual_scale;
         self.mark("gemm qkv")?;
         self.lt.linear(
             gpu,
@@ -104,40 +103,7 @@ impl CudaBackend {
             ops.flash_fwd(&al, sv.qkv, kv + ko, kv + vo, sv.y, sv.lse)?;
         }
         self.mark("gemm proj")?;
-        if self.residual_in_norm {
-            // `h` (norm 1's output) is dead once the QKV product has read it
-            self.lt.linear(
-                gpu,
-                sv.y,
-                self.pbf(lp.proj),
-                self.h.ptr,
-                0,
-                rows,
-                aw,
-                n,
-                OutType::Bf16,
-                1.0,
-                0.0,
-            )?;
-            return Ok(true);
-        }
-        self.lt.linear(
-            gpu,
-            sv.y,
-            self.pbf(lp.proj),
-            x_mid,
-            x_in,
-            rows,
-            aw,
-            n,
-            OutType::F32,
-            rs,
-            1.0,
-        )?;
-        if let Some(b) = lp.proj_b {
-            self.hops()?.bias_add_f32(x_mid, self.p32(b), rs, rows, n)?;
-        }
-        Ok(false)
+        self.branch_output(sv.y, lp.proj, lp.proj_b, x_in, x_mid, rows, aw)
     }
 
     /// Backward of the attention mixer from `self.dres_bf` (the residual gradient); with an

@@ -65,40 +65,7 @@ impl CudaBackend {
         let gate = self.cross.gmu_h;
         hops.gmu_fwd(mem, Rows::new(sv.qkv, dm), Rows::new(gate, dm), rows, dm)?;
         self.mark("gemm gmu out")?;
-        if self.residual_in_norm {
-            // `h` (norm 1's output) is dead once in_proj has read it; no output bias here
-            self.lt.linear(
-                &self.gpu,
-                gate,
-                self.pbf(gp.out_proj),
-                self.h.ptr,
-                0,
-                rows,
-                dm,
-                n,
-                OutType::Bf16,
-                1.0,
-                0.0,
-            )?;
-            return Ok(true);
-        }
-        self.lt.linear(
-            &self.gpu,
-            gate,
-            self.pbf(gp.out_proj),
-            x_mid,
-            x_in,
-            rows,
-            dm,
-            n,
-            OutType::F32,
-            d.residual_scale,
-            1.0,
-        )?;
-        if let Some(b) = gp.out_b {
-            hops.bias_add_f32(x_mid, self.p32(b), d.residual_scale, rows, n)?;
-        }
-        Ok(false)
+        self.branch_output(gate, gp.out_proj, gp.out_b, x_in, x_mid, rows, dm)
     }
 
     /// Backward of [`Self::gmu_forward`] from `self.dres_bf`: adds the memory's gradient to

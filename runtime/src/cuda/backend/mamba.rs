@@ -183,37 +183,7 @@ impl CudaBackend {
             train.then_some(ms.ckpt),
         )?;
         self.mark("gemm out_proj")?;
-        if self.residual_in_norm {
-            // `h` (norm 1's output) is dead once in_proj has read it
-            self.lt.linear(
-                &self.gpu,
-                ms.gated,
-                self.pbf(mp.out_proj),
-                self.h.ptr,
-                0,
-                rows,
-                dd,
-                n,
-                OutType::Bf16,
-                1.0,
-                0.0,
-            )?;
-            return Ok(true);
-        }
-        self.lt.linear(
-            &self.gpu,
-            ms.gated,
-            self.pbf(mp.out_proj),
-            x_mid,
-            x_in,
-            rows,
-            dd,
-            n,
-            OutType::F32,
-            d.residual_scale,
-            1.0,
-        )?;
-        Ok(false)
+        self.branch_output(ms.gated, mp.out_proj, None, x_in, x_mid, rows, dd)
     }
 
     /// Backward of [`Self::mamba_forward`] from `self.dres_bf`; with an RMSNorm also runs
