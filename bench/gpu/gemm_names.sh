@@ -14,7 +14,7 @@ timeout 240 ncu --clock-control none --kernel-name "$K" --launch-count 400 --met
   $C/archscale bench bench/transformer_ctx4096.toml --set "depth=[$D]" --micro $M --steps 1 --warmup 0 \
   > "$OUT/gemm/ours.csv" 2> "$OUT/gemm/ours.err"
 timeout 300 ncu --clock-control none --profile-from-start off --kernel-name "$K" --metrics gpu__time_duration.sum --csv \
-  python3 bench/gpu/torch_one_step.py $C/torch_ref.py --depth $D --micro $M \
+  python3 bench/gpu/torch_profile.py $C/torch_ref.py --depth $D --micro $M --ncu-step \
   > "$OUT/gemm/torch.csv" 2> "$OUT/gemm/torch.err"
 python3 bench/gpu/gemm_names.py "$OUT/gemm" | tee "$OUT/gemm/summary.txt"
 tar czf /tmp/01_gemm.tgz -C "$OUT" gemm && rm -rf "$OUT/gemm" && mv /tmp/01_gemm.tgz "$OUT/"

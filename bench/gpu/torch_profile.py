@@ -4,6 +4,8 @@ Runs the model of torch_ref.py unchanged (its source up to the benchmark loop is
 here, so the two cannot drift apart) and prints, per step, the CUDA time of each kernel
 class and the top kernels. Usage (GPU machine):
     python3 bench/gpu/torch_profile.py gpu-carry/torch_ref.py --depth 8 --micro 8
+With --ncu-step it instead runs one step between cudaProfilerStart/Stop after the warm-up
+steps, for `ncu --profile-from-start off` (bench/gpu/gemm_names.sh).
 """
 import argparse, collections, re, sys, time
 
@@ -14,6 +16,7 @@ p.add_argument("--micro", type=int, default=8)
 p.add_argument("--ctx", type=int, default=4096)
 p.add_argument("--steps", type=int, default=3)
 p.add_argument("--top", type=int, default=25)
+p.add_argument("--ncu-step", action="store_true")
 a = p.parse_args()
 
 src = open(a.torch_ref).read()
@@ -38,6 +41,12 @@ def step():
 for _ in range(3):
     step()
 torch.cuda.synchronize()
+if a.ncu_step:
+    torch.cuda.cudart().cudaProfilerStart()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    sys.exit(0)
 t = time.perf_counter()
 for _ in range(a.steps):
     step()
