@@ -1401,7 +1401,7 @@ pub fn model_parity(plan: &archscale_compiler::Plan, seed: u64) -> crate::Result
     // A second draw of the same roundings: the weights nudged by 2⁻²⁰ of themselves, about
     // the size of the GPU's own accumulation-order differences, so only the values next to a
     // bf16 boundary round the other way. An ill-conditioned gradient moves between two such
-    // draws by as much as under the rounding itself, or more (SambaY-DA's λ: up to 6×).
+    // draws by as much as under the rounding itself, or more (SambaY-DA's λ tolerances: up to 5×).
     let nudged = nudged_params(&init, seed);
     let mut grads_draw = model.zero_grads();
     rounded.forward_backward(
