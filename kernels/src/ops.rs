@@ -281,26 +281,6 @@ pub struct OptChunkTables {
     pub count: usize,
 }
 
-impl OptChunkTables {
-    /// The `count` items from item `first` on.
-    pub fn range(&self, first: usize, count: usize) -> OptChunkTables {
-        let at = |base: u64, bytes: usize| {
-            if base == 0 {
-                0
-            } else {
-                base + (first * bytes) as u64
-            }
-        };
-        OptChunkTables {
-            off: at(self.off, 8),
-            len: at(self.len, 4),
-            group: at(self.group, 4),
-            gbf: at(self.gbf, 8),
-            count,
-        }
-    }
-}
-
 fn grid1(n: usize) -> (u32, u32, u32) {
     (n as u32, 1, 1)
 }

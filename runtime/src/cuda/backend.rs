@@ -1646,23 +1646,21 @@ impl CudaBackend {
         }
     }
 
-    /// The AdamW item tables on the device (bf16 places only while gradients are held so).
-    fn chunk_tables(&self) -> OptChunkTables {
+    /// Unit `u`'s AdamW items in the device tables (bf16 places only while gradients are
+    /// held so).
+    fn unit_tables(&self, u: usize) -> OptChunkTables {
+        let UnitChunks { first, count, .. } = self.unit_chunks[u];
+        let at = |table: &DeviceBuffer, bytes: usize| table.ptr + (first * bytes) as u64;
         OptChunkTables {
-            off: self.chunk_off.ptr,
-            len: self.chunk_len.ptr,
-            group: self.chunk_group.ptr,
+            off: at(&self.chunk_off, 8),
+            len: at(&self.chunk_len, 4),
+            group: at(&self.chunk_group, 4),
             gbf: if self.weight_grads_bf16 {
-                self.chunk_gbf.ptr
+                at(&self.chunk_gbf, 8)
             } else {
                 0
             },
-            count: self
-                .unit_chunks
-                .iter()
-                .map(|u| u.first + u.count)
-                .max()
-                .unwrap_or(0),
+            count,
         }
     }
 
@@ -2576,12 +2574,11 @@ impl Backend for CudaBackend {
         match self.mode {
             // bf16-held gradients: over the AdamW items, which cover every tensor then
             ShardMode::Replicated if self.weight_grads_bf16 => {
-                let all = self.chunk_tables();
-                for (u, unit) in self.unit_chunks.iter().enumerate() {
+                for u in 0..self.unit_chunks.len() {
                     let own = self.layout.chunk(u, self.layout.rank).start;
                     self.ops.grad_sum_squares(
                         self.grads.ptr + (own * F32) as u64,
-                        &all.range(unit.first, unit.count),
+                        &self.unit_tables(u),
                         self.norm_out.ptr,
                     )?;
                 }
@@ -2644,11 +2641,7 @@ impl Backend for CudaBackend {
         self.gpu.upload(self.hyper.ptr, &hyper)?;
         // One launch per unit, on this rank's chunk of it.
         for (u, unit) in self.layout.units.iter().enumerate() {
-            let UnitChunks {
-                first,
-                count,
-                zeroed,
-            } = self.unit_chunks[u];
+            let UnitChunks { count, zeroed, .. } = self.unit_chunks[u];
             if count == 0 {
                 continue;
             }
@@ -2673,7 +2666,7 @@ impl Backend for CudaBackend {
                 self.exp_avg.ptr + state,
                 self.exp_avg_sq.ptr + state,
                 pbf,
-                &self.chunk_tables().range(first, count),
+                &self.unit_tables(u),
                 zeroed,
                 self.hyper.ptr,
                 grad_mult as f32,
