@@ -202,12 +202,12 @@ pub fn activation_bytes(
             Mixer::Mamba(mp) => {
                 if let Some(m) = mamba {
                     let (d, rp, ns) = (u(m.d_inner), u(m.dt_rank.div_ceil(8) * 8), u(m.d_state));
-                    // in_proj output (x, z), conv output, dt (row stride rp), B and C,
-                    // Δ, gated output, scan state checkpoints (training rows only)
+                    // in_proj output (x, z), conv output, x_proj output [dt | zeros | B |
+                    // C] (row stride rp + 2·ns), Δ, gated output, scan state checkpoints
+                    // (training rows only)
                     add(cap * 2 * d * bf);
                     add(cap * d * bf);
-                    add(cap * rp * bf);
-                    add(cap * 2 * ns * bf);
+                    add(cap * (rp + 2 * ns) * bf);
                     add(cap * d * bf);
                     add(cap * d * bf);
                     add(cap64(u(micro) * u(seq.div_ceil(SCAN_CKPT))) * ns * d * f32);
@@ -262,10 +262,12 @@ pub fn activation_bytes(
         add(ct * 2 * d * bf);
         add(ct * d * bf);
         add(ct * d * bf);
-        add(ct * rp * bf);
-        add(ct * 2 * ns * bf);
+        add(ct * (rp + 2 * ns) * bf);
         add(ct * 2 * ns * f32);
         add(ct * d * bf);
+        // x_proj and dt_proj weights with the dt rank padded to rp
+        add((rp + 2 * ns) * d * bf);
+        add(d * rp * bf);
     }
     // cross-layer gradients (`CrossScratch`): YOCO K/V, GMU memory
     let cross = layers

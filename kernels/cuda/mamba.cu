@@ -726,3 +726,26 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
         }
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// The x_proj and dt_proj weights in the padded layouts their products use: the dt rank r is
+// padded to rp (a multiple of 8) with zeros, so every operand row starts 16-byte aligned and
+// cuBLASLt can use its TMA kernels (a dt_proj weight row of r = 124 bf16 is 248 B: its
+// products ran at a fifth of their byte floor, bench/NOTES.md).
+//   wx_pad  [rp + 2·ns, D] = (wx rows 0..r, rp − r zero rows, wx rows r..r + 2·ns)
+//   wdt_pad [D, rp]        = (wdt [D, r] columns, rp − r zero columns)
+extern "C" __global__ void mamba_pad_weights(const bf16* __restrict__ wx, const bf16* __restrict__ wdt,
+                                             bf16* __restrict__ wx_pad, bf16* __restrict__ wdt_pad, int r, int rp,
+                                             int ns, int D) {
+    const int nx = (rp + 2 * ns) * D, n = nx + D * rp;
+    const bf16 zero = tobf(0.f);
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        if (i < nx) {
+            const int row = i / D, col = i - row * D;
+            wx_pad[i] = row < r ? wx[row * D + col] : row < rp ? zero : wx[(row - rp + r) * D + col];
+        } else {
+            const int j = i - nx, row = j / rp, col = j - row * rp;
+            wdt_pad[j] = col < r ? wdt[row * r + col] : zero;
+        }
+    }
+}

@@ -1327,6 +1327,7 @@ pub const HYBRID_KERNELS: &[(&str, &str)] = &[
     ("hybrid", "bias_add_f32"),
     ("hybrid", "bias_grad"),
     ("hybrid", "copy_heads"),
+    ("mamba", "mamba_pad_weights"),
 ];
 
 /// A device tensor of rows: base pointer and row stride in elements.
@@ -1456,6 +1457,7 @@ pub struct HybridOps {
     bias_add_f32: Kernel,
     bias_grad: Kernel,
     copy_heads: Kernel,
+    pad_weights: Kernel,
 }
 
 impl HybridOps {
@@ -1482,6 +1484,7 @@ impl HybridOps {
             bias_add_f32: load("hybrid", "bias_add_f32")?,
             bias_grad: load("hybrid", "bias_grad")?,
             copy_heads: load("hybrid", "copy_heads")?,
+            pad_weights: load("mamba", "mamba_pad_weights")?,
             gpu,
         };
         ops.gpu
@@ -1491,6 +1494,41 @@ impl HybridOps {
 
     fn ew(&self, n: usize) -> (u32, u32, u32) {
         ew_grid(&self.gpu, n, 256)
+    }
+
+    /// The Mamba x_proj weight `wx` (bf16 `[r + 2·ns, d]`) and dt_proj weight `wdt` (bf16
+    /// `[d, r]`) in the layouts with the dt rank padded to `rp` by zeros: `wx_pad`
+    /// `[rp + 2·ns, d]` (zero rows r..rp) and `wdt_pad` `[d, rp]` (zero columns r..rp).
+    #[allow(clippy::too_many_arguments)]
+    pub fn mamba_pad_weights(
+        &self,
+        wx: u64,
+        wdt: u64,
+        wx_pad: u64,
+        wdt_pad: u64,
+        r: usize,
+        rp: usize,
+        ns: usize,
+        d: usize,
+    ) -> Result<()> {
+        if rp < r || rp % 8 != 0 {
+            return Err(KernelError::Unsupported(format!(
+                "mamba_pad_weights: padded dt rank {rp} must be a multiple of 8 and at least {r}"
+            )));
+        }
+        let n = (rp + 2 * ns) * d + d * rp;
+        i32_of("padded x_proj and dt_proj elements", n)?;
+        let a = Args::new()
+            .ptr(wx)
+            .ptr(wdt)
+            .ptr(wx_pad)
+            .ptr(wdt_pad)
+            .i32(i32_of("dt rank", r)?)
+            .i32(i32_of("padded dt rank", rp)?)
+            .i32(i32_of("d_state", ns)?)
+            .i32(i32_of("d_inner", d)?);
+        self.gpu
+            .launch(self.pad_weights, self.ew(n), (256, 1, 1), 0, &a)
     }
 
     /// Causal depthwise conv (k = 4) + SiLU: `y = bf16(silu(bias + Σ_j w[:, j]·x[t−3+j]))`.

@@ -186,14 +186,17 @@ pub enum LayerKind {
     Gmu,
 }
 
-/// Mamba-1 sizes: `d` = d_inner, `r` = dt_rank (stored with row stride `rp`, a multiple of
-/// 8 so every row starts 16-byte aligned), `ns` = d_state.
+/// Mamba-1 sizes: `d` = d_inner, `r` = dt_rank, padded to `rp` (a multiple of 8, so every
+/// operand row of the x_proj and dt_proj products starts 16-byte aligned), `ns` = d_state;
+/// `xs` = rp + 2·ns, the row stride of x_proj's output `[dt | zeros | B | C]` and its
+/// gradient.
 #[derive(Clone, Copy, Debug)]
 pub struct MambaShape {
     pub d: usize,
     pub r: usize,
     pub rp: usize,
     pub ns: usize,
+    pub xs: usize,
 }
 
 /// Per-layer saved activations (device pointers; 0 where a layer has none).
@@ -534,6 +537,7 @@ pub fn dims_of(plan: &Plan) -> Result<Dims> {
             r: md.dt_rank,
             rp: md.dt_rank.div_ceil(8) * 8,
             ns: md.d_state,
+            xs: md.dt_rank.div_ceil(8) * 8 + 2 * md.d_state,
         })
     } else {
         None
@@ -709,8 +713,7 @@ pub fn planned_bytes(plan: &Plan) -> Result<usize> {
                 for bytes in [
                     cap * 2 * ms.d * BF,
                     cap * ms.d * BF,
-                    cap * ms.rp * BF,
-                    cap * 2 * ms.ns * BF,
+                    cap * ms.xs * BF,
                     cap * ms.d * BF,
                     cap * ms.d * BF,
                     ckpt * F32,
@@ -768,10 +771,11 @@ pub fn planned_bytes(plan: &Plan) -> Result<usize> {
             ct * 2 * ms.d * BF,
             ct * ms.d * BF,
             ct * ms.d * BF,
-            ct * ms.rp * BF,
-            ct * 2 * ms.ns * BF,
+            ct * ms.xs * BF,
             ct * 2 * ms.ns * F32,
             ct * ms.d * BF,
+            ms.xs * ms.d * BF,
+            ms.d * ms.rp * BF,
         ] {
             add(bytes);
         }
@@ -1331,8 +1335,7 @@ impl CudaBackend {
                     sv.mamba = Some(MambaSaved {
                         xz: buf(cap * 2 * ms.d * BF)?,
                         xc: buf(cap * ms.d * BF)?,
-                        dt: buf(cap * ms.rp * BF)?,
-                        bc: buf(cap * 2 * ms.ns * BF)?,
+                        xproj: buf(cap * ms.xs * BF)?,
                         delta: buf(cap * ms.d * BF)?,
                         gated: buf(cap * ms.d * BF)?,
                         ckpt: buf(ckpt_len * F32)?,
@@ -1397,19 +1400,21 @@ impl CudaBackend {
                     alloc(c * 2 * ms.d * BF)?,
                     alloc(c * ms.d * BF)?,
                     alloc(c * ms.d * BF)?,
-                    alloc(c * ms.rp * BF)?,
-                    alloc(c * 2 * ms.ns * BF)?,
+                    alloc(c * ms.xs * BF)?,
                     alloc(c * 2 * ms.ns * F32)?,
                     alloc(c * ms.d * BF)?,
+                    alloc(ms.xs * ms.d * BF)?,
+                    alloc(ms.d * ms.rp * BF)?,
                 ];
                 let sc = MambaScratch {
                     dxz: bufs[0].ptr,
                     dxc: bufs[1].ptr,
                     ddelta: bufs[2].ptr,
-                    ddt: bufs[3].ptr,
-                    dbc: bufs[4].ptr,
-                    bc_acc: bufs[5].ptr,
-                    dgated: bufs[6].ptr,
+                    dxproj: bufs[3].ptr,
+                    bc_acc: bufs[4].ptr,
+                    dgated: bufs[5].ptr,
+                    wx_pad: bufs[6].ptr,
+                    wdt_pad: bufs[7].ptr,
                 };
                 saved_bufs.extend(bufs);
                 Some(sc)
@@ -3006,6 +3011,7 @@ train = [{{ synthetic = {{ seed = 1, tokens = 100_000 }} }}]
         assert_eq!((m.d, m.ns), (976, 16));
         assert_eq!(m.rp % 8, 0);
         assert!(m.rp >= m.r);
+        assert_eq!(m.xs, m.rp + 2 * m.ns);
         assert_eq!(d.windows[1], 128);
     }
 

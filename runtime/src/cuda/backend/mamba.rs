@@ -19,29 +19,32 @@ pub(super) struct MambaParams {
 }
 
 /// A Mamba layer's saved activations: `xz` (in_proj output, x then z), `xc` (conv + SiLU),
-/// `dt`, `bc` (B then C), `delta` (dt_proj output), `gated` (scan output after the z gate)
-/// and the scan's fp32 state checkpoints.
+/// `xproj` (x_proj output, rows `[dt | zeros | B | C]` of stride `MambaShape::xs`), `delta`
+/// (dt_proj output), `gated` (scan output after the z gate) and the scan's fp32 state
+/// checkpoints.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct MambaSaved {
     pub(super) xz: u64,
     pub(super) xc: u64,
-    pub(super) dt: u64,
-    pub(super) bc: u64,
+    pub(super) xproj: u64,
     pub(super) delta: u64,
     pub(super) gated: u64,
     pub(super) ckpt: u64,
 }
 
-/// Mamba backward scratch (one set, reused by every Mamba layer).
+/// Mamba scratch (one set, reused by every Mamba layer): the backward's activation
+/// gradients (`dxproj` in x_proj's output layout) and the x_proj / dt_proj weights with the
+/// dt rank padded (`HybridOps::mamba_pad_weights`, rebuilt before each layer's products).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct MambaScratch {
     pub(super) dxz: u64,
     pub(super) dxc: u64,
     pub(super) ddelta: u64,
-    pub(super) ddt: u64,
-    pub(super) dbc: u64,
+    pub(super) dxproj: u64,
     pub(super) bc_acc: u64,
     pub(super) dgated: u64,
+    pub(super) wx_pad: u64,
+    pub(super) wdt_pad: u64,
 }
 
 impl CudaBackend {
@@ -56,6 +59,32 @@ impl CudaBackend {
         }
     }
 
+    fn mamba_scratch(&self) -> Result<MambaScratch> {
+        self.mamba_scratch
+            .ok_or_else(|| err("CUDA backend: Mamba layer without scratch"))
+    }
+
+    /// Fills the scratch's padded x_proj and dt_proj weights from the layer's bf16 weights.
+    fn pad_mamba_weights(
+        &self,
+        mp: &MambaParams,
+        m: &MambaShape,
+        hops: &HybridOps,
+        sc: &MambaScratch,
+    ) -> Result<()> {
+        hops.mamba_pad_weights(
+            self.pbf(mp.x_proj),
+            self.pbf(mp.dt_w),
+            sc.wx_pad,
+            sc.wdt_pad,
+            m.r,
+            m.rp,
+            m.ns,
+            m.d,
+        )?;
+        Ok(())
+    }
+
     /// The scan's inputs for a Mamba layer's saved activations.
     pub(super) fn scan_tensors(
         &self,
@@ -67,8 +96,8 @@ impl CudaBackend {
             x: Rows::new(ms.xc, m.d),
             delta: Rows::new(ms.delta, m.d),
             z: Some(Rows::new(ms.xz + (m.d * BF) as u64, 2 * m.d)),
-            b: Rows::new(ms.bc, 2 * m.ns),
-            c: Rows::new(ms.bc + (m.ns * BF) as u64, 2 * m.ns),
+            b: Rows::new(ms.xproj + (m.rp * BF) as u64, m.xs),
+            c: Rows::new(ms.xproj + ((m.rp + m.ns) * BF) as u64, m.xs),
             delta_bias: self.p32(mp.dt_b),
             a_log: self.p32(mp.a_log),
             d_skip: self.p32(mp.d_skip),
@@ -77,7 +106,8 @@ impl CudaBackend {
     }
 
     /// Mamba-1 mixer (arch-spec §1): `xz = in_proj(h)`, `xc = silu(conv(x))`,
-    /// `[dt, B, C] = x_proj(xc)`, `delta = dt_proj(dt)`, `y = scan(...) ⊙ silu(z)`,
+    /// `[dt, B, C] = x_proj(xc)` (one product with the padded weight, so `dt` comes with
+    /// rp − r zero columns), `delta = dt_proj(dt)`, `y = scan(...) ⊙ silu(z)`,
     /// `x_mid = x_in + rs · out_proj(y)`; `self.h` holds `norm_1(x_in)`. With
     /// `residual_in_norm` the product leaves its branch in bf16 in `self.h` for the next norm
     /// to add, and this returns true (as [`Self::attention_forward`]).
@@ -94,9 +124,10 @@ impl CudaBackend {
         train: bool,
     ) -> Result<bool> {
         let (mp, ms, m, hops) = self.mamba_parts(lp, sv)?;
+        let sc = self.mamba_scratch()?;
         let d = &self.dims;
         let rows = batch * seq;
-        let (n, dd, r, ns) = (d.n, m.d, m.r, m.ns);
+        let (n, dd) = (d.n, m.d);
         self.mark("gemm in_proj")?;
         self.lt.linear(
             &self.gpu,
@@ -123,30 +154,18 @@ impl CudaBackend {
             dd,
         )?;
         self.mark("gemm x_proj")?;
+        self.pad_mamba_weights(&mp, &m, hops, &sc)?;
         self.lt.linear_ld(
             &self.gpu,
             ms.xc,
             dd,
-            self.pbf(mp.x_proj),
-            ms.dt,
-            m.rp,
+            sc.wx_pad,
+            ms.xproj,
+            m.xs,
             0,
             rows,
             dd,
-            r,
-            OutType::Bf16,
-            1.0,
-            0.0,
-        )?;
-        self.lt.linear(
-            &self.gpu,
-            ms.xc,
-            self.pbf(mp.x_proj) + (r * dd * BF) as u64,
-            ms.bc,
-            0,
-            rows,
-            dd,
-            2 * ns,
+            m.xs,
             OutType::Bf16,
             1.0,
             0.0,
@@ -154,14 +173,14 @@ impl CudaBackend {
         self.mark("gemm dt_proj")?;
         self.lt.linear_ld(
             &self.gpu,
-            ms.dt,
-            m.rp,
-            self.pbf(mp.dt_w),
+            ms.xproj,
+            m.xs,
+            sc.wdt_pad,
             ms.delta,
             dd,
             0,
             rows,
-            r,
+            m.rp,
             dd,
             OutType::Bf16,
             1.0,
@@ -199,9 +218,7 @@ impl CudaBackend {
         x_in: u64,
     ) -> Result<bool> {
         let (mp, ms, m, hops) = self.mamba_parts(lp, sv)?;
-        let sc = self
-            .mamba_scratch
-            .ok_or_else(|| err("CUDA backend: Mamba layer without scratch"))?;
+        let sc = self.mamba_scratch()?;
         let d = &self.dims;
         let rows = batch * seq;
         let (n, dd, r, ns) = (d.n, m.d, m.r, m.ns);
@@ -241,8 +258,8 @@ impl CudaBackend {
             x: Rows::new(sc.dxc, dd),
             delta: Rows::new(sc.ddelta, dd),
             z: Some(Rows::new(sc.dxz + (dd * BF) as u64, 2 * dd)),
-            b: Rows::new(sc.dbc, 2 * ns),
-            c: Rows::new(sc.dbc + (ns * BF) as u64, 2 * ns),
+            b: Rows::new(sc.dxproj + (m.rp * BF) as u64, m.xs),
+            c: Rows::new(sc.dxproj + ((m.rp + ns) * BF) as u64, m.xs),
             delta_bias: self.g32(mp.dt_b),
             a_log: self.g32(mp.a_log),
             d_skip: self.g32(mp.d_skip),
@@ -265,12 +282,13 @@ impl CudaBackend {
             sc.bc_acc,
         )?;
         self.mark("gemm dt_proj dW/dx")?;
+        self.pad_mamba_weights(&mp, &m, hops, &sc)?;
         lt.linear_grad_weight_ld(
             gpu,
             sc.ddelta,
             dd,
-            ms.dt,
-            m.rp,
+            ms.xproj,
+            m.xs,
             self.wgrad(mp.dt_w),
             rows,
             r,
@@ -278,15 +296,17 @@ impl CudaBackend {
             1.0,
             self.dw_beta(),
         )?;
+        // dt's gradient fills columns 0..rp of dxproj (zeros past r: the padded weight's
+        // columns are zero), beside the scan's dB and dC
         lt.linear_grad_input_ld(
             gpu,
             sc.ddelta,
             dd,
-            self.pbf(mp.dt_w),
-            sc.ddt,
-            m.rp,
+            sc.wdt_pad,
+            sc.dxproj,
+            m.xs,
             rows,
-            r,
+            m.rp,
             dd,
             OutType::Bf16,
             1.0,
@@ -295,8 +315,8 @@ impl CudaBackend {
         self.mark("gemm x_proj dW/dx")?;
         lt.linear_grad_weight_ld(
             gpu,
-            sc.ddt,
-            m.rp,
+            sc.dxproj,
+            m.xs,
             ms.xc,
             dd,
             self.wgrad(mp.x_proj),
@@ -306,10 +326,12 @@ impl CudaBackend {
             1.0,
             self.dw_beta(),
         )?;
-        lt.linear_grad_weight(
+        lt.linear_grad_weight_ld(
             gpu,
-            sc.dbc,
+            sc.dxproj + (m.rp * BF) as u64,
+            m.xs,
             ms.xc,
+            dd,
             self.wgrad_at(mp.x_proj, r * dd),
             rows,
             dd,
@@ -317,28 +339,17 @@ impl CudaBackend {
             1.0,
             self.dw_beta(),
         )?;
+        // the scan's dx is in dxc already: add x_proj's (one product over dt, B and C)
         lt.linear_grad_input_ld(
             gpu,
-            sc.ddt,
-            m.rp,
-            self.pbf(mp.x_proj),
+            sc.dxproj,
+            m.xs,
+            sc.wx_pad,
             sc.dxc,
             dd,
             rows,
             dd,
-            r,
-            OutType::Bf16,
-            1.0,
-            1.0,
-        )?;
-        lt.linear_grad_input(
-            gpu,
-            sc.dbc,
-            self.pbf(mp.x_proj) + (r * dd * BF) as u64,
-            sc.dxc,
-            rows,
-            dd,
-            2 * ns,
+            m.xs,
             OutType::Bf16,
             1.0,
             1.0,
