@@ -339,8 +339,9 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
     }
     const bf16 zero = tobf(0.f);
 
-    bf16 px[PER], pd[PER], pz[PER];
-    float pbc[PER];
+    // raw bf16 until staging: a conversion here would wait for the load (ncu, 2026-11-29:
+    // a quarter of the d8 forward's stall samples sat on the B/C conversion)
+    bf16 px[PER], pd[PER], pz[PER], pbc[PER];
     int pseg[PER];
     const bf16* __restrict__ bcl = lc < SCAN_N ? Bm + lc : Cm + (lc - SCAN_N);  // this column of B or C
     // Loads the chunk starting at t1 into the prefetch registers (rows past T repeat row T − 1;
@@ -359,7 +360,7 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
                 px[q] = *xp;                                                                \
                 pd[q] = *dp;                                                                \
                 pz[q] = z ? *zp : zero;                                                     \
-                pbc[q] = bf(*bp);                                                           \
+                pbc[q] = *bp;                                                               \
                 pseg[q] = seg ? *gp : 0;                                                    \
                 xp += STEP_STRIDE * sx;                                                     \
                 dp += STEP_STRIDE * sd;                                                     \
@@ -373,7 +374,7 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
                 px[q] = x[r * sx + ccl];                                                    \
                 pd[q] = delta[r * sd + ccl];                                                \
                 pz[q] = z ? z[r * sz + ccl] : zero;                                         \
-                pbc[q] = bf(bcl[r * sbc]);                                                  \
+                pbc[q] = bcl[r * sbc];                                                      \
                 pseg[q] = seg ? seg[r] : 0;                                                 \
             }                                                                               \
         }                                                                                   \
@@ -390,7 +391,7 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
             const float dt = ok ? softplus_f(bf(pd[q]) + lbias) : 0.f;
             const bool reset = ok && (t == 0 || (seg != nullptr && pseg[q] == t));
             sStep[i][lc] = make_float2(reset ? __int_as_float(0x7f800000) : dt, dt * xv);
-            sBC[i][lc] = ok ? pbc[q] : 0.f;
+            sBC[i][lc] = ok ? bf(pbc[q]) : 0.f;
             float gv = 1.f;
             if (z != nullptr) {
                 const float zv = bf(pz[q]);
@@ -488,7 +489,6 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
     float4(*sS)[SCAN_SPLIT_CH] =
         reinterpret_cast<float4(*)[SCAN_SPLIT_CH]>(smem + SCAN_SUB * SCAN_SPLIT_CH * SCAN_N + SCAN_CKPT * 2 * SCAN_N);
     constexpr int PER = SCAN_CKPT * SCAN_SPLIT_CH / SCAN_SPLIT_THREADS;  // 8 staged steps per thread
-    constexpr int HALF = PER / 2;                                         // loads issued together
     constexpr int STEP_STRIDE = SCAN_SPLIT_THREADS / SCAN_SPLIT_CH;
     constexpr int G = SCAN3_RGROUP;
     static_assert(G == SCAN_SPLIT, "the per-step sums are reduced transposed: one step per lane");
@@ -527,37 +527,54 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
     const float4 zero4 = make_float4(0.f, 0.f, 0.f, 0.f);
 
     // Stages interval jc (lane = channel): sS = (x, dt, ḡ, dt or +inf at a reset), sBC = B, C;
-    // steps past T and idle channels get zeros (ḡ = 0 keeps λ and the partials 0).
+    // steps past T and idle channels get zeros (ḡ = 0 keeps λ and the partials 0). All of the
+    // interval's loads are issued before the first is used (raw bf16 until then), so the
+    // block waits for one load latency per interval; the optional inputs (the GMU memory's
+    // gradient, varlen starts) follow as a patch of this thread's own entries.
     auto stage = [&](int jc) {
         const int t0 = jc * SCAN_CKPT, n = min(SCAN_CKPT, T - t0);
-#pragma unroll 1
-        for (int hf = 0; hf < 2; ++hf) {
-            float lx[HALF], ld[HALF], lg[HALF], lz[HALF], le[HALF], lbc[HALF];
-            int lseg[HALF];
+        bf16 lx[PER], ld[PER], lg[PER], lz[PER], lbc[PER];
+        const bf16 bz = tobf(0.f);
 #pragma unroll
-            for (int q = 0; q < HALF; ++q) {
-                const int i = ls + STEP_STRIDE * (q + hf * HALF);
+        for (int q = 0; q < PER; ++q) {
+            const int i = ls + STEP_STRIDE * q;
+            const size_t r = row0 + t0 + (i < n ? i : 0);
+            lx[q] = x[r * sx + ccl];
+            ld[q] = delta[r * sd + ccl];
+            lg[q] = dout[r * sdo + ccl];
+            lz[q] = z ? z[r * sz + ccl] : bz;
+            lbc[q] = lc < SCAN_N ? Bm[r * sbc + lc] : Cm[r * sbc + lc - SCAN_N];
+        }
+#pragma unroll
+        for (int q = 0; q < PER; ++q) {
+            const int i = ls + STEP_STRIDE * q;
+            const bool ok = i < n;
+            const float g = bf(lg[q]), zv = bf(lz[q]);
+            float gbar = g;
+            if (z != nullptr) gbar = g * zv * sigmoid_f(zv);
+            const float dt = softplus_f(bf(ld[q]) + lbias);
+            const bool reset = t0 + i == 0;
+            sS[i][lc] = ok && lactive ? make_float4(bf(lx[q]), dt, gbar, reset ? __int_as_float(0x7f800000) : dt) : zero4;
+            sBC[i][lc] = ok ? bf(lbc[q]) : 0.f;
+        }
+        if (dy_extra != nullptr || seg != nullptr) {
+            bf16 le[PER];
+            int lseg[PER];
+#pragma unroll
+            for (int q = 0; q < PER; ++q) {
+                const int i = ls + STEP_STRIDE * q;
                 const size_t r = row0 + t0 + (i < n ? i : 0);
-                lx[q] = bf(x[r * sx + ccl]);
-                ld[q] = bf(delta[r * sd + ccl]);
-                lg[q] = bf(dout[r * sdo + ccl]);
-                lz[q] = z ? bf(z[r * sz + ccl]) : 0.f;
-                le[q] = dy_extra ? bf(dy_extra[r * sde + ccl]) : 0.f;
-                lbc[q] = lc < SCAN_N ? bf(Bm[r * sbc + lc]) : bf(Cm[r * sbc + lc - SCAN_N]);
-                lseg[q] = seg ? seg[r] : 0;
+                le[q] = dy_extra ? dy_extra[r * sde + ccl] : bz;
+                lseg[q] = seg ? seg[r] : -1;
             }
 #pragma unroll
-            for (int q = 0; q < HALF; ++q) {
-                const int i = ls + STEP_STRIDE * (q + hf * HALF), t = t0 + i;
-                const bool ok = i < n;
-                const float g = lg[q], zv = lz[q];
-                float gbar = g;
-                if (z != nullptr) gbar = g * zv * sigmoid_f(zv);
-                gbar += le[q];
-                const float dt = softplus_f(ld[q] + lbias);
-                const bool reset = t == 0 || (seg != nullptr && lseg[q] == t);
-                sS[i][lc] = ok && lactive ? make_float4(lx[q], dt, gbar, reset ? __int_as_float(0x7f800000) : dt) : zero4;
-                sBC[i][lc] = ok ? lbc[q] : 0.f;
+            for (int q = 0; q < PER; ++q) {
+                const int i = ls + STEP_STRIDE * q;
+                if (i < n && lactive) {
+                    float4& e = sS[i][lc];
+                    e.z += bf(le[q]);
+                    if (lseg[q] == t0 + i) e.w = __int_as_float(0x7f800000);
+                }
             }
         }
     };
@@ -582,12 +599,12 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
     for (int jc = ck_hi - 1; jc >= ck_lo; --jc) {
         const int t0 = jc * SCAN_CKPT, n = min(SCAN_CKPT, T - t0);
         __syncthreads();
-        stage(jc);
-        {
+        {  // the checkpoint's loads first: their latency overlaps the staging's
             const float* src = ckpt + ((size_t)(b * nck + jc) * SCAN_N + sub * SCAN_KP) * D + cc;
 #pragma unroll
             for (int j = 0; j < SCAN_KP; ++j) hck[j] = src[(size_t)j * D];
         }
+        stage(jc);
         __syncthreads();
 
         const int nsub = (n + SCAN_SUB - 1) / SCAN_SUB;
