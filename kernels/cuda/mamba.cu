@@ -715,19 +715,35 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
             }
             __syncthreads();  // before the next sub-chunk's states overwrite sH
         }
+        // dz = dout·silu'(z)·y: dout and z reloaded, each half's loads before its stores
+        // (loads between the stores waited one latency each; all 8 at once spilled)
+        const bool with_dz = dz != nullptr && z != nullptr;
+#pragma unroll 1
+        for (int hf = 0; hf < 2; ++hf) {
+            constexpr int H = PER / 2;
+            bf16 wg[H], wz[H];
+            if (with_dz) {
 #pragma unroll
-        for (int q = 0; q < PER; ++q) {
-            const int i = ls + STEP_STRIDE * q;
-            if (i < n && lactive) {
-                const size_t r = row0 + t0 + i;
-                const float4 res = sS[i][lc];  // (dx, dΔ, y, −)
-                dx[r * sdx + cl] = tobf(res.x);
-                ddelta[r * sdd + cl] = tobf(res.y);
-                if (dz != nullptr && z != nullptr) {
-                    // dz = dout·silu'(z)·y
-                    const float g = bf(dout[r * sdo + cl]), zv = bf(z[r * sz + cl]);
-                    const float sg = sigmoid_f(zv);
-                    dz[r * sdz + cl] = tobf(g * sg * (1.f + zv * (1.f - sg)) * res.z);
+                for (int q = 0; q < H; ++q) {
+                    const int i = ls + STEP_STRIDE * (q + hf * H);
+                    const size_t r = row0 + t0 + (i < n ? i : 0);
+                    wg[q] = dout[r * sdo + ccl];
+                    wz[q] = z[r * sz + ccl];
+                }
+            }
+#pragma unroll
+            for (int q = 0; q < H; ++q) {
+                const int i = ls + STEP_STRIDE * (q + hf * H);
+                if (i < n && lactive) {
+                    const size_t r = row0 + t0 + i;
+                    const float4 res = sS[i][lc];  // (dx, dΔ, y, −)
+                    dx[r * sdx + cl] = tobf(res.x);
+                    ddelta[r * sdd + cl] = tobf(res.y);
+                    if (with_dz) {
+                        const float g = bf(wg[q]), zv = bf(wz[q]);
+                        const float sg = sigmoid_f(zv);
+                        dz[r * sdz + cl] = tobf(g * sg * (1.f + zv * (1.f - sg)) * res.z);
+                    }
                 }
             }
         }
