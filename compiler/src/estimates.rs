@@ -275,7 +275,6 @@ pub fn activation_bytes(
         .any(|l| matches!(&l.mixer, Mixer::Attention(a) if a.kv_from.is_some()));
     if cross {
         add(ct * qkvw * f32);
-        add(ct * qkvw * f32);
         add(ct * aw * bf);
     }
     let mem = layers

@@ -308,3 +308,50 @@ extern "C" __global__ void copy_heads(const bf16* __restrict__ src, int src_rs, 
         *d = tobf(accumulate ? bf(*d) + v : v);
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// YOCO K/V gradient between the cross-attention layers and their exporter, columns
+// [c0, c0 + w) of rows of n (the fused QKV layout; Q's columns are not touched):
+//   mode 0: acc[r, c] += dqkv[r, c]      (a cross-attention layer's dK/dV, fp32 sum)
+//   mode 1: acc[r, c]  = dqkv[r, c]      (the first of them in the backward pass)
+//   mode 2: dqkv[r, c] = bf16(dqkv[r, c] + acc[r, c])   (the exporter's own dK/dV joins)
+// Eight columns per thread when n, c0 and w are multiples of 8 (16-byte rows), else one.
+extern "C" __global__ void kv_grad_add(bf16* __restrict__ dqkv, float* __restrict__ acc, int n, int c0, int w,
+                                       int rows, int mode) {
+    const bool vec = ((n | c0 | w) & 7) == 0;
+    const int per = vec ? 8 : 1, wq = w / per;
+    const long long total = (long long)rows * wq;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / wq;
+        const long long e = r * n + c0 + (i - r * wq) * per;
+        if (vec) {
+            uint4 raw = *reinterpret_cast<const uint4*>(dqkv + e);
+            bf16* v = reinterpret_cast<bf16*>(&raw);
+            float4* a = reinterpret_cast<float4*>(acc + e);
+            float4 lo = a[0], hi = a[1];
+            float* f0 = reinterpret_cast<float*>(&lo);
+            float* f1 = reinterpret_cast<float*>(&hi);
+            if (mode == 2) {
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    v[k] = tobf(bf(v[k]) + f0[k]);
+                    v[k + 4] = tobf(bf(v[k + 4]) + f1[k]);
+                }
+                *reinterpret_cast<uint4*>(dqkv + e) = raw;
+            } else {
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    f0[k] = (mode == 1 ? 0.f : f0[k]) + bf(v[k]);
+                    f1[k] = (mode == 1 ? 0.f : f1[k]) + bf(v[k + 4]);
+                }
+                a[0] = lo;
+                a[1] = hi;
+            }
+        } else if (mode == 2) {
+            dqkv[e] = tobf(bf(dqkv[e]) + acc[e]);
+        } else {
+            acc[e] = (mode == 1 ? 0.f : acc[e]) + bf(dqkv[e]);
+        }
+    }
+}

@@ -1328,6 +1328,7 @@ pub const HYBRID_KERNELS: &[(&str, &str)] = &[
     ("hybrid", "bias_grad"),
     ("hybrid", "copy_heads"),
     ("mamba", "mamba_pad_weights"),
+    ("hybrid", "kv_grad_add"),
 ];
 
 /// A device tensor of rows: base pointer and row stride in elements.
@@ -1435,6 +1436,17 @@ fn scan_tsplit_from_env() -> Result<u32> {
     }
 }
 
+/// What [`HybridOps::kv_grad_add`] does with a YOCO K/V gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvGradMode {
+    /// `acc += dqkv` (a cross-attention layer's dK/dV).
+    Add = 0,
+    /// `acc = dqkv` (the first cross-attention layer of the backward pass).
+    Overwrite = 1,
+    /// `dqkv = bf16(dqkv + acc)` (the exporter's own dK/dV joins the sum).
+    Export = 2,
+}
+
 pub struct HybridOps {
     pub gpu: Arc<Gpu>,
     /// First T segment's share (percent of checkpoint intervals) when the default scan
@@ -1458,6 +1470,7 @@ pub struct HybridOps {
     bias_grad: Kernel,
     copy_heads: Kernel,
     pad_weights: Kernel,
+    kv_grad_add: Kernel,
 }
 
 impl HybridOps {
@@ -1485,6 +1498,7 @@ impl HybridOps {
             bias_grad: load("hybrid", "bias_grad")?,
             copy_heads: load("hybrid", "copy_heads")?,
             pad_weights: load("mamba", "mamba_pad_weights")?,
+            kv_grad_add: load("hybrid", "kv_grad_add")?,
             gpu,
         };
         ops.gpu
@@ -2035,6 +2049,39 @@ impl HybridOps {
             .clamp(1, self.gpu.sm_count.max(1) as usize * 8);
         self.gpu
             .launch(self.diff_bwd, grid1(blocks), (256, 1, 1), 0, &a)
+    }
+
+    /// The YOCO K/V gradient over columns `[c0, c0 + w)` of the fused QKV rows `[rows, n]`
+    /// (bf16 `dqkv`, fp32 `acc`, both contiguous).
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_grad_add(
+        &self,
+        dqkv: u64,
+        acc: u64,
+        n: usize,
+        c0: usize,
+        w: usize,
+        rows: usize,
+        mode: KvGradMode,
+    ) -> Result<()> {
+        if c0 + w > n {
+            return Err(KernelError::Unsupported(format!(
+                "kv_grad_add: columns {c0}..{} past the row width {n}",
+                c0 + w
+            )));
+        }
+        i32_of("K/V gradient elements", rows * n)?;
+        let a = Args::new()
+            .ptr(dqkv)
+            .ptr(acc)
+            .i32(i32_of("n", n)?)
+            .i32(i32_of("c0", c0)?)
+            .i32(i32_of("w", w)?)
+            .i32(i32_of("rows", rows)?)
+            .i32(mode as i32);
+        let per = if (n | c0 | w) % 8 == 0 { 8 } else { 1 };
+        self.gpu
+            .launch(self.kv_grad_add, self.ew(rows * w / per), (256, 1, 1), 0, &a)
     }
 
     /// `y = bf16(y + bias)` in place (bias fp32 `[n]`).

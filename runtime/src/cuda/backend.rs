@@ -21,7 +21,7 @@ use archscale_compiler::plan::Sharding;
 use archscale_compiler::plan::{Mixer, MlpKind, NormKind, OptimizerKind, Plan};
 use archscale_kernels::cublaslt::{Lt, OutType, WeightGrad};
 use archscale_kernels::ops::{
-    AttnLayout, HybridOps, Ops, OptChunkTables, Rows, ScanGrads, ScanShape, ScanTensors,
+    AttnLayout, HybridOps, KvGradMode, Ops, OptChunkTables, Rows, ScanGrads, ScanShape, ScanTensors,
 };
 use archscale_kernels::{DeviceBuffer, Gpu};
 use cudarc::driver::CudaStream;
@@ -236,10 +236,8 @@ pub enum ShardMode {
 #[derive(Clone, Copy, Debug, Default)]
 struct CrossScratch {
     /// fp32 `[rows, qkv_width]`: the K/V gradient of the exporting layer, summed over the
-    /// cross-attention layers reading it.
+    /// cross-attention layers reading it (the K/V columns only; Q's are never read).
     kv_acc: u64,
-    /// fp32 `[rows, qkv_width]`: one cross layer's dK/dV before it is added.
-    kv_tmp: u64,
     /// bf16 `[rows, H·hs]`: a cross layer's dQ.
     dq: u64,
     /// bf16 `[rows, max memory width]`: a memory gradient rounded for the GEMMs / scan.
@@ -781,7 +779,6 @@ pub fn planned_bytes(plan: &Plan) -> Result<usize> {
         }
     }
     if d.any_cross() {
-        add(ct * d.qkv_width() * F32);
         add(ct * d.qkv_width() * F32);
         add(ct * d.attn_width() * BF);
     }
@@ -1436,7 +1433,6 @@ impl CudaBackend {
             };
             if d.any_cross() {
                 cross.kv_acc = buf(cap_train * d.qkv_width() * F32)?;
-                cross.kv_tmp = buf(cap_train * d.qkv_width() * F32)?;
                 cross.dq = buf(cap_train * d.attn_width() * BF)?;
             }
             let mem = d.max_memory();
@@ -2326,9 +2322,6 @@ impl CudaBackend {
             if let Some((_, w)) = d.info[l].memory {
                 gpu.memset_zero(self.saved[l].dmem, rows * w * F32)?;
             }
-        }
-        if d.any_cross() {
-            gpu.memset_zero(self.cross.kv_acc, rows * d.qkv_width() * F32)?;
         }
         for l in (0..d.layers).rev() {
             let lp = self.layer_params[l];

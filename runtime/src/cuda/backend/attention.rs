@@ -209,24 +209,35 @@ impl CudaBackend {
                 rope,
             )?;
         }
+        // The fused layout is one block per KV group, [its Q heads | K | V]: as rows of one
+        // group, K and V are the last 2·hs columns.
+        let qpg = d.heads / d.groups;
+        let (group_rows, group_w, kv_at) = (rows * d.groups, (qpg + 2) * hs, qpg * hs);
         if cross {
-            // dK/dV to the exporter: kv_acc += dqkv (its Q slots are zero)
+            // dK/dV to the exporter's fp32 sum; the backward's first cross layer (the last
+            // one) starts it
             self.mark("yoco kv grad")?;
-            ops.cast_bf16_f32(self.dqkv.ptr, self.cross.kv_tmp, rows * fused)?;
-            self.hops()?.bias_add_f32(
+            let first = (l + 1..d.layers).all(|k| d.info[k].kv_from.is_none());
+            self.hops()?.kv_grad_add(
+                self.dqkv.ptr,
                 self.cross.kv_acc,
-                self.cross.kv_tmp,
-                1.0,
-                1,
-                rows * fused,
+                group_w,
+                kv_at,
+                2 * hs,
+                group_rows,
+                if first { KvGradMode::Overwrite } else { KvGradMode::Add },
             )?;
         } else if info.exports_kv && d.any_cross() {
             // the cross-attention layers' dK/dV join this layer's own
-            self.hops()?.bias_add_bf16(
-                Rows::new(self.dqkv.ptr, rows * fused),
+            self.mark("yoco kv grad")?;
+            self.hops()?.kv_grad_add(
+                self.dqkv.ptr,
                 self.cross.kv_acc,
-                1,
-                rows * fused,
+                group_w,
+                kv_at,
+                2 * hs,
+                group_rows,
+                KvGradMode::Export,
             )?;
         }
         if !fuse_rope {
