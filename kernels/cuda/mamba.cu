@@ -44,15 +44,27 @@ __device__ __forceinline__ float softplus_grad_from_dt(float dt) {
 // Causal conv1d + SiLU
 //
 // A thread owns VC adjacent channels: 2 (one 4-byte bf16x2 access per row) when the host
-// finds D, every row stride and base pointer even (`pairs`), else 1. A warp walks a run of
+// finds D and every row stride even and every base pointer 4-byte aligned (`pairs`), else 1. A warp walks a run of
 // CONV_RUN rows forwards in batches, carrying the 3 previous rows' x (backward also their du
 // and first taps). A batch whose rows all use every tap (no sequence or document start
 // within 3 rows before any of them: 3 <= t0, t0 + NB <= T and, with varlen, every
 // seg[r] <= t_r − 3) runs without the per-row first-tap logic; the other batches keep the
 // exact per-row rule of conv_lo.
 
-#define CONV_FWD_NB 16   // rows per batch, forward
+// Timing toggles (ARCHSCALE_KERNEL_DEFINES): CONV_FWD_NB8 (forward batches of 8 rows, 63
+// registers instead of 88) and CONV_BWD_2BLOCKS (backward at 2 blocks per SM: 106 registers,
+// no spill, instead of 3 blocks at 80 registers with 16 bytes spilled outside the row loop).
+#ifdef CONV_FWD_NB8
+#define CONV_FWD_NB 8    // rows per batch, forward
+#else
+#define CONV_FWD_NB 16
+#endif
 #define CONV_BWD_NB 8    // rows per batch, backward
+#ifdef CONV_BWD_2BLOCKS
+#define CONV_BWD_MIN_BLOCKS 2
+#else
+#define CONV_BWD_MIN_BLOCKS 3
+#endif
 #define CONV_FWD_WARPS 4 // warps (row runs) per forward block
 #define CONV_BWD_WARPS 8 // warps (row runs) per backward block (reduced before the atomics)
 
@@ -340,11 +352,11 @@ __device__ __forceinline__ void conv_bwd_run(const bf16* __restrict__ x, int sx,
 // Block: 32 lanes (channel groups of VC) × CONV_BWD_WARPS warps, each warp one run of
 // CONV_RUN rows; the warps' partial sums meet in shared memory, one atomic per block, channel
 // and tap. Grid: (ceil(D / (32·VC)), ceil(rows / (CONV_BWD_WARPS·CONV_RUN))).
-extern "C" __global__ void __launch_bounds__(32 * CONV_BWD_WARPS, 3) conv1d_silu_bwd(
+extern "C" __global__ void __launch_bounds__(32 * CONV_BWD_WARPS, CONV_BWD_MIN_BLOCKS) conv1d_silu_bwd(
     const bf16* __restrict__ x, int sx, const float* __restrict__ w, const float* __restrict__ bias,
     const int* __restrict__ seg, const bf16* __restrict__ dy, int sdy, bf16* __restrict__ dx, int sdx,
     float* __restrict__ dw, float* __restrict__ dbias, int rows, int T, int D, int pairs) {
-    __shared__ float red[CONV_BWD_WARPS][CONV_K + 1][64];
+    __shared__ __align__(16) float red[CONV_BWD_WARPS][CONV_K + 1][64];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int vc = pairs ? 2 : 1;
     if (pairs) {

@@ -1309,6 +1309,7 @@ const CONV_FWD_WARPS: usize = 4;
 const CONV_BWD_WARPS: usize = 8;
 /// bf16 elements per thread of the GMU kernels (one 16-byte access; hybrid.cu's GMU_VEC).
 const GMU_VEC: usize = 8;
+const GMU_ROWS_PER_THREAD: usize = 4;
 const BIAS_RUN: usize = 128;
 /// Widest differential-attention pair vector (2·head_size) diff_combine handles.
 pub const DA_MAX_WIDTH: usize = 512;
@@ -1863,14 +1864,13 @@ impl HybridOps {
     }
 
     /// Grid and block of the GMU kernels: a thread per [`GMU_VEC`] consecutive elements of a
-    /// row (blockIdx.x), rows strided by gridDim.y (about two waves of blocks).
+    /// row (blockIdx.x), rows strided by gridDim.y: about [`GMU_ROWS_PER_THREAD`] rows per
+    /// thread, so blocks are short and the last wave's tail small.
     fn gmu_launch_dims(&self, rows: usize, width: usize) -> ((u32, u32, u32), (u32, u32, u32)) {
         let groups = width.div_ceil(GMU_VEC);
         let threads = groups.next_multiple_of(32).min(128);
         let gx = groups.div_ceil(threads);
-        let gy = rows
-            .min((self.gpu.sm_count.max(1) as usize * 32).div_ceil(gx))
-            .clamp(1, 65535);
+        let gy = rows.div_ceil(GMU_ROWS_PER_THREAD).clamp(1, 65535);
         ((gx as u32, gy as u32, 1), (threads as u32, 1, 1))
     }
 
