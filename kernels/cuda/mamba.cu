@@ -51,9 +51,9 @@ __device__ __forceinline__ float softplus_grad_from_dt(float dt) {
 // seg[r] <= t_r − 3) runs without the per-row first-tap logic; the other batches keep the
 // exact per-row rule of conv_lo.
 
-// Timing toggles (ARCHSCALE_KERNEL_DEFINES): CONV_FWD_NB8 (forward batches of 8 rows, 63
-// registers instead of 88) and CONV_BWD_2BLOCKS (backward at 2 blocks per SM: 106 registers,
-// no spill, instead of 3 blocks at 80 registers with 16 bytes spilled outside the row loop).
+// Timing toggles (ARCHSCALE_KERNEL_DEFINES): CONV_FWD_NB8 (forward batches of 8 rows: 56
+// registers instead of 94, 8 blocks per SM instead of 5) and CONV_BWD_2BLOCKS (backward at 2
+// blocks per SM, 108 registers, instead of 3 blocks at 80).
 #ifdef CONV_FWD_NB8
 #define CONV_FWD_NB 8    // rows per batch, forward
 #else
@@ -192,13 +192,15 @@ __device__ __forceinline__ void conv_fwd_thread(const bf16* __restrict__ x, int 
         const int r0 = run * CONV_RUN, r1 = min(r0 + CONV_RUN, rows);
         float xw[CONV_K - 1][VC];
         conv_window<VC>(x, sx, r0, c0, xw);
+        int t0 = r0 % T;  // rb % T, stepped
 #pragma unroll 1
         for (int rb = r0; rb < r1; rb += CONV_FWD_NB) {
-            const int t0 = rb % T;
             if (rb + CONV_FWD_NB <= r1 && conv_batch_full_taps<CONV_FWD_NB>(seg, rb, t0, T))
                 conv_fwd_batch<VC, false>(x, sx, seg, y, sy, wc, bc, xw, rb, t0, r1, T, c0);
             else
                 conv_fwd_batch<VC, true>(x, sx, seg, y, sy, wc, bc, xw, rb, t0, r1, T, c0);
+            t0 += CONV_FWD_NB;
+            if (t0 >= T) t0 %= T;
         }
     }
 }
@@ -330,10 +332,9 @@ __device__ __forceinline__ void conv_bwd_run(const bf16* __restrict__ x, int sx,
 #pragma unroll
         for (int k = 0; k < VC; ++k) duw[q][k] = 0.f;
     }
-    int rb = r0;
+    int rb = r0, t0 = r0 % T;  // t0 = rb % T, stepped
 #pragma unroll 1
     for (; rb < r1; rb += NB) {
-        const int t0 = rb % T;
         // Window rows rb − 2, rb − 1 reach this batch's dx rows through taps >= 2, >= 1.
         if (rb + NB <= r1 && lw[1] <= 2 && lw[2] <= 1 && conv_batch_full_taps<NB>(seg, rb, t0, T))
             conv_bwd_batch<VC, false, NB, true>(x, sx, dy, sdy, dx, sdx, seg, wc, bc, xw, duw, lw, acc, rb, t0, r1,
@@ -341,9 +342,11 @@ __device__ __forceinline__ void conv_bwd_run(const bf16* __restrict__ x, int sx,
         else
             conv_bwd_batch<VC, true, NB, true>(x, sx, dy, sdy, dx, sdx, seg, wc, bc, xw, duw, lw, acc, rb, t0, r1,
                                                r0, r1, T, c0);
+        t0 += NB;
+        if (t0 >= T) t0 %= T;
     }
     // dx of the run's last 3 rows: du of the 3 rows after it (the next run's, or none).
-    conv_bwd_batch<VC, true, H, false>(x, sx, dy, sdy, dx, sdx, seg, wc, bc, xw, duw, lw, acc, rb, rb % T,
+    conv_bwd_batch<VC, true, H, false>(x, sx, dy, sdy, dx, sdx, seg, wc, bc, xw, duw, lw, acc, rb, t0,
                                        min(r1 + H, rows), r0, r1, T, c0);
 }
 
