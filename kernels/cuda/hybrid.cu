@@ -1,7 +1,9 @@
 // Hybrid-family pieces: LayerNorm (phi4), the Gated Memory Unit gate, the Differential
 // Attention λ / combine / per-pair RMSNorm / (1 − λ_init) scale, and bias add / bias grad.
 
-__device__ __forceinline__ float sigmoid_h(float x) { return 1.f / (1.f + __expf(-x)); }
+// Fast form (ex2 and rcp approximations; IEEE division took ~10 instructions and a slow-path
+// branch per element in the GMU gate).
+__device__ __forceinline__ float sigmoid_h(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
 
 // ------------------------------------------------------------------------------------------
 // LayerNorm: y = bf16((x − μ)·rstd·γ + β), fp32 math, biased variance. One block per row.
@@ -79,15 +81,48 @@ extern "C" __global__ void layernorm_bwd(const float* __restrict__ x, const floa
 }
 
 // ------------------------------------------------------------------------------------------
-// GMU gate: out[r, i] = bf16(m[r, i]·silu(g[r, i])) over rows × width (row strides per tensor).
+// GMU gate. A thread owns GMU_VEC = 8 consecutive elements of a row (blockIdx.x·blockDim.x +
+// threadIdx.x picks them) and walks rows blockIdx.y, + gridDim.y, ...; with `vec` (every
+// row of every tensor 16-byte aligned, the host checks) a full group moves as one 16-byte
+// load or store per bf16 tensor (two float4 for fp32 dm), a row's last partial group and
+// every group without `vec` element by element.
+#define GMU_VEC 8
+
+__device__ __forceinline__ float2 unpack_bf2(u32 w) {
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+}
+__device__ __forceinline__ u32 pack_bf2(float a, float b) {
+    const bf162 p = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const u32*>(&p);
+}
+
+// out[r, i] = bf16(m[r, i]·silu(g[r, i])) over rows × width (row strides per tensor).
 extern "C" __global__ void gmu_fwd(const bf16* __restrict__ m, int sm, const bf16* __restrict__ g, int sg,
-                                   bf16* __restrict__ out, int so, int rows, int width) {
-    const long long n = (long long)rows * width;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long r = i / width, c = i - r * width;
-        const float gv = bf(g[r * sg + c]);
-        out[r * so + c] = tobf(bf(m[r * sm + c]) * gv * sigmoid_h(gv));
+                                   bf16* __restrict__ out, int so, int rows, int width, int vec) {
+    const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * GMU_VEC;
+    if (c0 >= width) return;
+    const bool full = vec && c0 + GMU_VEC <= width;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const bf16* mr = m + (size_t)r * sm + c0;
+        const bf16* gr = g + (size_t)r * sg + c0;
+        bf16* orow = out + (size_t)r * so + c0;
+        if (full) {
+            const uint4 mv = *reinterpret_cast<const uint4*>(mr);
+            const uint4 gv = *reinterpret_cast<const uint4*>(gr);
+            const u32 mw[4] = {mv.x, mv.y, mv.z, mv.w}, gw[4] = {gv.x, gv.y, gv.z, gv.w};
+            u32 ow[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float2 a = unpack_bf2(mw[k]), b = unpack_bf2(gw[k]);
+                ow[k] = pack_bf2(a.x * b.x * sigmoid_h(b.x), a.y * b.y * sigmoid_h(b.y));
+            }
+            *reinterpret_cast<uint4*>(orow) = make_uint4(ow[0], ow[1], ow[2], ow[3]);
+        } else {
+            for (int k = 0; k < GMU_VEC && c0 + k < width; ++k) {
+                const float gv = bf(gr[k]);
+                orow[k] = tobf(bf(mr[k]) * gv * sigmoid_h(gv));
+            }
+        }
     }
 }
 
@@ -95,15 +130,45 @@ extern "C" __global__ void gmu_fwd(const bf16* __restrict__ m, int sm, const bf1
 // sums over every GMU layer); dg = bf16(dout·m·silu'(g)) (written, row stride sdg).
 extern "C" __global__ void gmu_bwd(const bf16* __restrict__ m, int sm, const bf16* __restrict__ g, int sg,
                                    const bf16* __restrict__ dout, int sdo, float* __restrict__ dm,
-                                   bf16* __restrict__ dg, int sdg, int rows, int width) {
-    const long long n = (long long)rows * width;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long r = i / width, c = i - r * width;
-        const float gv = bf(g[r * sg + c]), d = bf(dout[r * sdo + c]);
-        const float s = sigmoid_h(gv);
-        dm[i] += d * gv * s;
-        dg[r * sdg + c] = tobf(d * bf(m[r * sm + c]) * s * (1.f + gv * (1.f - s)));
+                                   bf16* __restrict__ dg, int sdg, int rows, int width, int vec) {
+    const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * GMU_VEC;
+    if (c0 >= width) return;
+    const bool full = vec && c0 + GMU_VEC <= width;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const bf16* mr = m + (size_t)r * sm + c0;
+        const bf16* gr = g + (size_t)r * sg + c0;
+        const bf16* dr = dout + (size_t)r * sdo + c0;
+        float* dmr = dm + (size_t)r * width + c0;
+        bf16* dgr = dg + (size_t)r * sdg + c0;
+        if (full) {
+            const uint4 mv = *reinterpret_cast<const uint4*>(mr);
+            const uint4 gv = *reinterpret_cast<const uint4*>(gr);
+            const uint4 dv = *reinterpret_cast<const uint4*>(dr);
+            float4 acc[2] = {reinterpret_cast<const float4*>(dmr)[0], reinterpret_cast<const float4*>(dmr)[1]};
+            const u32 mw[4] = {mv.x, mv.y, mv.z, mv.w}, gw[4] = {gv.x, gv.y, gv.z, gv.w},
+                      dw[4] = {dv.x, dv.y, dv.z, dv.w};
+            float* a = reinterpret_cast<float*>(acc);
+            u32 ow[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float2 mf = unpack_bf2(mw[k]), gf = unpack_bf2(gw[k]), df = unpack_bf2(dw[k]);
+                const float s0 = sigmoid_h(gf.x), s1 = sigmoid_h(gf.y);
+                a[2 * k] += df.x * gf.x * s0;
+                a[2 * k + 1] += df.y * gf.y * s1;
+                ow[k] = pack_bf2(df.x * mf.x * s0 * (1.f + gf.x * (1.f - s0)),
+                                 df.y * mf.y * s1 * (1.f + gf.y * (1.f - s1)));
+            }
+            reinterpret_cast<float4*>(dmr)[0] = acc[0];
+            reinterpret_cast<float4*>(dmr)[1] = acc[1];
+            *reinterpret_cast<uint4*>(dgr) = make_uint4(ow[0], ow[1], ow[2], ow[3]);
+        } else {
+            for (int k = 0; k < GMU_VEC && c0 + k < width; ++k) {
+                const float gv = bf(gr[k]), d = bf(dr[k]);
+                const float s = sigmoid_h(gv);
+                dmr[k] += d * gv * s;
+                dgr[k] = tobf(d * bf(mr[k]) * s * (1.f + gv * (1.f - s)));
+            }
+        }
     }
 }
 

@@ -5,8 +5,7 @@
 // selective_scan}.rs do. Rows are `b·T + t`; every bf16 tensor has its own row stride.
 
 #define CONV_K 4
-#define CONV_RUN 64        // rows walked by one warp in the conv backward
-#define CONV_ROWS 8        // rows per thread in the conv forward
+#define CONV_RUN 64        // rows walked by one warp in the conv kernels
 #define SCAN_N 16          // d_state (Mamba-1's N = 16; the wrapper checks it)
 #define SCAN_CKPT 32       // state checkpoint interval (forward writes, backward reads)
 #define SCAN_SUB 16        // backward sub-chunk whose states sit in shared memory
@@ -43,182 +42,349 @@ __device__ __forceinline__ float softplus_grad_from_dt(float dt) {
 
 // ------------------------------------------------------------------------------------------
 // Causal conv1d + SiLU
+//
+// A thread owns VC adjacent channels: 2 (one 4-byte bf16x2 access per row) when the host
+// finds D and every row stride even and every base pointer 4-byte aligned (`pairs`), else 1. A warp walks a run of
+// CONV_RUN rows forwards in batches, carrying the 3 previous rows' x (backward also their du
+// and first taps). A batch whose rows all use every tap (no sequence or document start
+// within 3 rows before any of them: 3 <= t0, t0 + NB <= T and, with varlen, every
+// seg[r] <= t_r − 3) runs without the per-row first-tap logic; the other batches keep the
+// exact per-row rule of conv_lo.
 
-// First tap j whose source t - K + 1 + j lies inside the row and the token's document.
-__device__ __forceinline__ int conv_first_tap(const int* seg, int r, int T) {
-    const int t = r % T;
-    const int start = seg ? seg[r] : 0;
-    const int lo = start + CONV_K - 1 - t;
-    return lo < 0 ? 0 : lo;
+// Timing toggles (ARCHSCALE_KERNEL_DEFINES): CONV_FWD_NB8 (forward batches of 8 rows: 56
+// registers instead of 94, 8 blocks per SM instead of 5) and CONV_BWD_2BLOCKS (backward at 2
+// blocks per SM, 108 registers, instead of 3 blocks at 80).
+#ifdef CONV_FWD_NB8
+#define CONV_FWD_NB 8    // rows per batch, forward
+#else
+#define CONV_FWD_NB 16
+#endif
+#define CONV_BWD_NB 8    // rows per batch, backward
+#ifdef CONV_BWD_2BLOCKS
+#define CONV_BWD_MIN_BLOCKS 2
+#else
+#define CONV_BWD_MIN_BLOCKS 3
+#endif
+#define CONV_FWD_WARPS 4 // warps (row runs) per forward block
+#define CONV_BWD_WARPS 8 // warps (row runs) per backward block (reduced before the atomics)
+
+// sigmoid with ex2.approx.ftz: equal to 1/(1 + __expf(−u)) wherever that is not flushed
+// (a flushed e^−u only meets 1 + e^−u = 1 either way).
+__device__ __forceinline__ float conv_sigmoid(float u) { return __fdividef(1.f, 1.f + ex2(-u * LOG2E_F)); }
+
+// First tap j whose source t − K + 1 + j lies inside the row and the token's document.
+__device__ __forceinline__ int conv_lo(const int* __restrict__ seg, int r, int t) {
+    return max((seg != nullptr ? seg[r] : 0) + CONV_K - 1 - t, 0);
 }
 
-__device__ __forceinline__ float conv_pre(const bf16* __restrict__ x, int sx, const float (&w)[CONV_K],
-                                          float bias, int r, int c, int lo) {
-    float u = bias;
+// A batch of NB rows from rb needs no first-tap logic when every row r = rb + q uses all
+// taps: no sequence wrap, t0 = rb % T >= 3 and seg[r] + 3 <= t0 + q.
+template <int NB>
+__device__ __forceinline__ bool conv_batch_full_taps(const int* __restrict__ seg, int rb, int t0, int T) {
+    if (t0 < CONV_K - 1 || t0 + NB > T) return false;
+    if (seg == nullptr) return true;
+    int m = seg[rb];
 #pragma unroll
-    for (int j = 0; j < CONV_K; ++j)
-        if (j >= lo) u = fmaf(w[j], bf(x[(size_t)(r - CONV_K + 1 + j) * sx + c]), u);
-    return u;
+    for (int q = 1; q < NB; ++q) m = max(m, seg[rb + q] - q);
+    return m + CONV_K - 1 <= t0;
+}
+
+// Raw bf16 of VC channels (VC = 1: in the low half).
+template <int VC>
+__device__ __forceinline__ u32 conv_ld(const bf16* p) {
+    if constexpr (VC == 2) return __ldg(reinterpret_cast<const unsigned int*>(p));
+    else return (u32)__ldg(reinterpret_cast<const unsigned short*>(p));
+}
+template <int VC>
+__device__ __forceinline__ void conv_unpack(u32 w, float (&v)[VC]) {
+    v[0] = __uint_as_float(w << 16);
+    if constexpr (VC == 2) v[1] = __uint_as_float(w & 0xffff0000u);
+}
+template <int VC>
+__device__ __forceinline__ void conv_st(bf16* p, const float (&v)[VC]) {
+    if constexpr (VC == 2) *reinterpret_cast<bf162*>(p) = __floats2bfloat162_rn(v[0], v[1]);
+    else *p = tobf(v[0]);
+}
+template <int VC>
+__device__ __forceinline__ void conv_params(const float* __restrict__ w, const float* __restrict__ bias, int c0,
+                                            float (&wc)[VC][CONV_K], float (&bc)[VC]) {
+#pragma unroll
+    for (int k = 0; k < VC; ++k) {
+#pragma unroll
+        for (int j = 0; j < CONV_K; ++j) wc[k][j] = w[(c0 + k) * CONV_K + j];
+        bc[k] = bias[c0 + k];
+    }
+}
+// x of rows r0 − 3 .. r0 − 1 (0 before row 0).
+template <int VC>
+__device__ __forceinline__ void conv_window(const bf16* __restrict__ x, int sx, int r0, int c0,
+                                            float (&xw)[CONV_K - 1][VC]) {
+#pragma unroll
+    for (int q = 0; q < CONV_K - 1; ++q) {
+        const int r = r0 - (CONV_K - 1) + q;
+        conv_unpack<VC>(r >= 0 ? conv_ld<VC>(x + (size_t)r * sx + c0) : 0u, xw[q]);
+    }
+}
+
+// Forward of rows rb .. rb + NB − 1 (MASKED: rows from r1 on skipped, first taps per row).
+template <int VC, bool MASKED>
+__device__ __forceinline__ void conv_fwd_batch(const bf16* __restrict__ x, int sx, const int* __restrict__ seg,
+                                               bf16* __restrict__ y, int sy, const float (&wc)[VC][CONV_K],
+                                               const float (&bc)[VC], float (&xw)[CONV_K - 1][VC], int rb, int t0,
+                                               int r1, int T, int c0) {
+    constexpr int NB = CONV_FWD_NB;
+    u32 raw[NB];
+    const bf16* xp = x + (size_t)rb * sx + c0;
+#pragma unroll
+    for (int q = 0; q < NB; ++q) {  // pointer bumps: hoisted q·stride offsets would pin 2 registers each
+        raw[q] = (!MASKED || rb + q < r1) ? conv_ld<VC>(xp) : 0u;
+        xp += sx;
+    }
+    float xf[NB + CONV_K - 1][VC];
+#pragma unroll
+    for (int q = 0; q < CONV_K - 1; ++q)
+#pragma unroll
+        for (int k = 0; k < VC; ++k) xf[q][k] = xw[q][k];
+#pragma unroll
+    for (int q = 0; q < NB; ++q) conv_unpack<VC>(raw[q], xf[q + CONV_K - 1]);
+    bf16* yp = y + (size_t)rb * sy + c0;
+    int t = t0;
+#pragma unroll
+    for (int q = 0; q < NB; ++q) {
+        const int r = rb + q;
+        if (!MASKED || r < r1) {
+            int lo = 0;
+            if (MASKED) {
+                lo = conv_lo(seg, r, t);
+                t = t + 1 == T ? 0 : t + 1;
+            }
+            float o[VC];
+#pragma unroll
+            for (int k = 0; k < VC; ++k) {
+                float u = bc[k];
+#pragma unroll
+                for (int j = 0; j < CONV_K; ++j)
+                    if (!MASKED || j >= lo) u = fmaf(wc[k][j], xf[q + j][k], u);
+                o[k] = u * conv_sigmoid(u);
+            }
+            conv_st<VC>(yp, o);
+        }
+        yp += sy;
+    }
+#pragma unroll
+    for (int q = 0; q < CONV_K - 1; ++q)
+#pragma unroll
+        for (int k = 0; k < VC; ++k) xw[q][k] = xf[NB + q][k];
+}
+
+template <int VC>
+__device__ __forceinline__ void conv_fwd_thread(const bf16* __restrict__ x, int sx, const float* __restrict__ w,
+                                                const float* __restrict__ bias, const int* __restrict__ seg,
+                                                bf16* __restrict__ y, int sy, int rows, int T, int D) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int c0 = (blockIdx.x * 32 + lane) * VC;
+    if (c0 >= D) return;
+    float wc[VC][CONV_K], bc[VC];
+    conv_params<VC>(w, bias, c0, wc, bc);
+#pragma unroll 1
+    for (int run = blockIdx.y * CONV_FWD_WARPS + warp; run < (rows + CONV_RUN - 1) / CONV_RUN;
+         run += gridDim.y * CONV_FWD_WARPS) {
+        const int r0 = run * CONV_RUN, r1 = min(r0 + CONV_RUN, rows);
+        float xw[CONV_K - 1][VC];
+        conv_window<VC>(x, sx, r0, c0, xw);
+        int t0 = r0 % T;  // rb % T, stepped
+#pragma unroll 1
+        for (int rb = r0; rb < r1; rb += CONV_FWD_NB) {
+            if (rb + CONV_FWD_NB <= r1 && conv_batch_full_taps<CONV_FWD_NB>(seg, rb, t0, T))
+                conv_fwd_batch<VC, false>(x, sx, seg, y, sy, wc, bc, xw, rb, t0, r1, T, c0);
+            else
+                conv_fwd_batch<VC, true>(x, sx, seg, y, sy, wc, bc, xw, rb, t0, r1, T, c0);
+            t0 += CONV_FWD_NB;
+            if (t0 >= T) t0 %= T;
+        }
+    }
 }
 
 // y[r, c] = bf16(silu(bias[c] + Σ_j w[c, j]·x[r − 3 + j, c])), w: [D, 4] fp32.
-// Grid: (ceil(D / blockDim), row-group blocks); a thread computes CONV_ROWS consecutive rows
-// of its channel from CONV_ROWS + 3 loads issued together.
-extern "C" __global__ void conv1d_silu_fwd(const bf16* __restrict__ x, int sx, const float* __restrict__ w,
-                                           const float* __restrict__ bias, const int* __restrict__ seg,
-                                           bf16* __restrict__ y, int sy, int rows, int T, int D) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= D) return;
-    float wc[CONV_K];
+// Block: 32 lanes (channel groups of VC) × CONV_FWD_WARPS warps; warps grid-stride over runs
+// of CONV_RUN rows. Grid: (ceil(D / (32·VC)), run blocks).
+extern "C" __global__ void __launch_bounds__(32 * CONV_FWD_WARPS) conv1d_silu_fwd(
+    const bf16* __restrict__ x, int sx, const float* __restrict__ w, const float* __restrict__ bias,
+    const int* __restrict__ seg, bf16* __restrict__ y, int sy, int rows, int T, int D, int pairs) {
+    if (pairs) conv_fwd_thread<2>(x, sx, w, bias, seg, y, sy, rows, T, D);
+    else conv_fwd_thread<1>(x, sx, w, bias, seg, y, sy, rows, T, D);
+}
+
+// Backward of rows rb .. rb + NBT − 1 (rows from valid_end on: du = 0, no loads): du of those
+// rows, their dw/dbias terms (ACC), and dx of rows rb − 3 .. rb + NBT − 4 (those in
+// [r0, r1)) from the batch's and the window's du. MASKED: first taps per row.
+template <int VC, bool MASKED, int NBT, bool ACC>
+__device__ __forceinline__ void conv_bwd_batch(const bf16* __restrict__ x, int sx, const bf16* __restrict__ dy,
+                                               int sdy, bf16* __restrict__ dx, int sdx, const int* __restrict__ seg,
+                                               const float (&wc)[VC][CONV_K], const float (&bc)[VC],
+                                               float (&xw)[CONV_K - 1][VC], float (&duw)[CONV_K - 1][VC],
+                                               int (&lw)[CONV_K - 1], float (&acc)[CONV_K + 1][VC], int rb, int t0,
+                                               int valid_end, int r0, int r1, int T, int c0) {
+    constexpr int H = CONV_K - 1;
+    u32 rx[NBT], rg[NBT];
+    int lt[NBT + H];
+    const bf16* xp = x + (size_t)rb * sx + c0;
+    const bf16* gp = dy + (size_t)rb * sdy + c0;
+    int t = t0;
 #pragma unroll
-    for (int j = 0; j < CONV_K; ++j) wc[j] = w[c * CONV_K + j];
-    const float bc = bias[c];
-    const int groups = (rows + CONV_ROWS - 1) / CONV_ROWS;
-    for (int gi = blockIdx.y; gi < groups; gi += gridDim.y) {
-        const int r0 = gi * CONV_ROWS;
-        float xv[CONV_ROWS + CONV_K - 1];
-        const bf16* xp = x + (ptrdiff_t)(r0 - (CONV_K - 1)) * sx + c;
-#pragma unroll
-        for (int q = 0; q < CONV_ROWS + CONV_K - 1; ++q) {
-            const int r = r0 - (CONV_K - 1) + q;
-            xv[q] = (r >= 0 && r < rows) ? bf(*xp) : 0.f;
-            xp += sx;
-        }
-        int t = r0 % T;  // position of row r0 + q in its sequence, stepped
-#pragma unroll
-        for (int q = 0; q < CONV_ROWS; ++q) {
-            const int r = r0 + q;
-            const int tq = t;
+    for (int q = 0; q < NBT; ++q) {
+        const bool valid = !MASKED || rb + q < valid_end;
+        rx[q] = valid ? conv_ld<VC>(xp) : 0u;
+        rg[q] = valid ? conv_ld<VC>(gp) : 0u;
+        xp += sx;  // pointer bumps: hoisted q·stride offsets would pin 2 registers each
+        gp += sdy;
+        if (MASKED) {
+            lt[H + q] = valid ? conv_lo(seg, rb + q, t) : CONV_K;
             t = t + 1 == T ? 0 : t + 1;
-            if (r < rows) {
-                const int lo = max((seg ? seg[r] : 0) + CONV_K - 1 - tq, 0);
-                float u = bc;
+        } else {
+            lt[H + q] = 0;
+        }
+    }
+    float xf[NBT + H][VC], du[NBT + H][VC];
+#pragma unroll
+    for (int q = 0; q < H; ++q) {
+        lt[q] = lw[q];
+#pragma unroll
+        for (int k = 0; k < VC; ++k) {
+            xf[q][k] = xw[q][k];
+            du[q][k] = duw[q][k];
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < NBT; ++q) conv_unpack<VC>(rx[q], xf[H + q]);
+#pragma unroll
+    for (int q = 0; q < NBT; ++q) {
+        const int lo = lt[H + q];
+        float g[VC];
+        conv_unpack<VC>(rg[q], g);
+#pragma unroll
+        for (int k = 0; k < VC; ++k) {
+            float u = bc[k];
+#pragma unroll
+            for (int j = 0; j < CONV_K; ++j)
+                if (!MASKED || j >= lo) u = fmaf(wc[k][j], xf[q + j][k], u);
+            const float s = conv_sigmoid(u);
+            const float d = g[k] * s * (1.f + u * (1.f - s));  // 0 for rows past valid_end
+            du[H + q][k] = d;
+            if (ACC) {
+                acc[CONV_K][k] += d;
 #pragma unroll
                 for (int j = 0; j < CONV_K; ++j)
-                    if (j >= lo) u = fmaf(wc[j], xv[q + j], u);
-                y[(size_t)r * sy + c] = tobf(u * sigmoid_f(u));
+                    if (!MASKED || j >= lo) acc[j][k] = fmaf(d, xf[q + j][k], acc[j][k]);
             }
+        }
+    }
+    // Output o = s + 3 − j reads source s through tap j when its first tap lt(o) <= j.
+    bf16* dp = dx + (ptrdiff_t)(rb - H) * sdx + c0;
+#pragma unroll
+    for (int q = 0; q < NBT; ++q) {
+        const int s = rb - H + q;
+        float o[VC];
+#pragma unroll
+        for (int k = 0; k < VC; ++k) {
+            float gsum = 0.f;
+#pragma unroll
+            for (int j = CONV_K - 1; j >= 0; --j)
+                if (!MASKED || lt[q + H - j] <= j) gsum = fmaf(wc[k][j], du[q + H - j][k], gsum);
+            o[k] = gsum;
+        }
+        if (s >= r0 && s < r1) conv_st<VC>(dp, o);
+        dp += sdx;
+    }
+#pragma unroll
+    for (int q = 0; q < H; ++q) {
+        lw[q] = lt[NBT + q];
+#pragma unroll
+        for (int k = 0; k < VC; ++k) {
+            xw[q][k] = xf[NBT + q][k];
+            duw[q][k] = du[NBT + q][k];
         }
     }
 }
 
-// du of row r (0 past `rows`) and its first tap (CONV_K past `rows`).
-__device__ __forceinline__ float conv_du(const bf16* __restrict__ x, int sx, const float (&w)[CONV_K], float bias,
-                                         const int* __restrict__ seg, const bf16* __restrict__ dy, int sdy,
-                                         int r, int c, int rows, int T, int* lo_out) {
-    if (r >= rows) {
-        *lo_out = CONV_K;
-        return 0.f;
+// One warp's run of rows: dx of rows [r0, r1), its dw/dbias partial sums in acc.
+template <int VC>
+__device__ __forceinline__ void conv_bwd_run(const bf16* __restrict__ x, int sx, const float* __restrict__ w,
+                                             const float* __restrict__ bias, const int* __restrict__ seg,
+                                             const bf16* __restrict__ dy, int sdy, bf16* __restrict__ dx, int sdx,
+                                             int rows, int T, int D, float (&acc)[CONV_K + 1][VC]) {
+    constexpr int NB = CONV_BWD_NB, H = CONV_K - 1;
+    static_assert(CONV_RUN % CONV_BWD_NB == 0 && CONV_RUN % CONV_FWD_NB == 0, "runs hold whole batches");
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int c0 = (blockIdx.x * 32 + lane) * VC;
+    const int r0 = (blockIdx.y * CONV_BWD_WARPS + warp) * CONV_RUN;
+    if (c0 >= D || r0 >= rows) return;
+    const int r1 = min(r0 + CONV_RUN, rows);
+    float wc[VC][CONV_K], bc[VC];
+    conv_params<VC>(w, bias, c0, wc, bc);
+    float xw[H][VC], duw[H][VC];
+    int lw[H];
+    conv_window<VC>(x, sx, r0, c0, xw);
+    // The window's du and first taps only reach dx rows before r0, which this run skips.
+#pragma unroll
+    for (int q = 0; q < H; ++q) {
+        lw[q] = 0;
+#pragma unroll
+        for (int k = 0; k < VC; ++k) duw[q][k] = 0.f;
     }
-    const int lo = conv_first_tap(seg, r, T);
-    *lo_out = lo;
-    const float u = conv_pre(x, sx, w, bias, r, c, lo);
-    const float s = sigmoid_f(u);
-    return bf(dy[(size_t)r * sdy + c]) * s * (1.f + u * (1.f - s));
+    int rb = r0, t0 = r0 % T;  // t0 = rb % T, stepped
+#pragma unroll 1
+    for (; rb < r1; rb += NB) {
+        // Window rows rb − 2, rb − 1 reach this batch's dx rows through taps >= 2, >= 1.
+        if (rb + NB <= r1 && lw[1] <= 2 && lw[2] <= 1 && conv_batch_full_taps<NB>(seg, rb, t0, T))
+            conv_bwd_batch<VC, false, NB, true>(x, sx, dy, sdy, dx, sdx, seg, wc, bc, xw, duw, lw, acc, rb, t0, r1,
+                                                r0, r1, T, c0);
+        else
+            conv_bwd_batch<VC, true, NB, true>(x, sx, dy, sdy, dx, sdx, seg, wc, bc, xw, duw, lw, acc, rb, t0, r1,
+                                               r0, r1, T, c0);
+        t0 += NB;
+        if (t0 >= T) t0 %= T;
+    }
+    // dx of the run's last 3 rows: du of the 3 rows after it (the next run's, or none).
+    conv_bwd_batch<VC, true, H, false>(x, sx, dy, sdy, dx, sdx, seg, wc, bc, xw, duw, lw, acc, rb, t0,
+                                       min(r1 + H, rows), r0, r1, T, c0);
 }
 
 // du[r] = dy[r]·silu'(u[r]) (u recomputed); dx[s] = Σ_j w[j]·du[s + 3 − j] over outputs whose
 // tap j reads s (written, bf16); dw[c, j] += Σ_r du[r]·x[r − 3 + j]; dbias[c] += Σ_r du[r].
-// Block: 32 channels (lanes) × 8 warps; each warp owns CONV_RUN rows and walks them backwards
-// in batches of CONV_ROWS, all loads of a batch (x rows r − 3 .. r + 7, dy, seg) issued
-// together, the three later rows' du carried in registers. Grid: (ceil(D/32),
-// ceil(rows / (8·CONV_RUN))).
-extern "C" __global__ void __launch_bounds__(256, 3) conv1d_silu_bwd(
+// Block: 32 lanes (channel groups of VC) × CONV_BWD_WARPS warps, each warp one run of
+// CONV_RUN rows; the warps' partial sums meet in shared memory, one atomic per block, channel
+// and tap. Grid: (ceil(D / (32·VC)), ceil(rows / (CONV_BWD_WARPS·CONV_RUN))).
+extern "C" __global__ void __launch_bounds__(32 * CONV_BWD_WARPS, CONV_BWD_MIN_BLOCKS) conv1d_silu_bwd(
     const bf16* __restrict__ x, int sx, const float* __restrict__ w, const float* __restrict__ bias,
     const int* __restrict__ seg, const bf16* __restrict__ dy, int sdy, bf16* __restrict__ dx, int sdx,
-    float* __restrict__ dw, float* __restrict__ dbias, int rows, int T, int D) {
-    constexpr int NB = CONV_ROWS, NX = CONV_ROWS + CONV_K - 1;
-    __shared__ float red[8][CONV_K + 1][33];
+    float* __restrict__ dw, float* __restrict__ dbias, int rows, int T, int D, int pairs) {
+    __shared__ __align__(16) float red[CONV_BWD_WARPS][CONV_K + 1][64];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int c = blockIdx.x * 32 + lane;
-    const int r0 = (blockIdx.y * 8 + warp) * CONV_RUN;
-    float acc[CONV_K + 1] = {0.f, 0.f, 0.f, 0.f, 0.f};
-    if (c < D && r0 < rows) {
-        const int r1 = min(r0 + CONV_RUN, rows);
-        float wc[CONV_K];
+    const int vc = pairs ? 2 : 1;
+    if (pairs) {
+        float acc[CONV_K + 1][2] = {};
+        conv_bwd_run<2>(x, sx, w, bias, seg, dy, sdy, dx, sdx, rows, T, D, acc);
 #pragma unroll
-        for (int j = 0; j < CONV_K; ++j) wc[j] = w[c * CONV_K + j];
-        const float bc = bias[c];
-        // du and first tap of the three rows after the batch (rows past `rows`: 0 and no tap).
-        float dn[CONV_K - 1];
-        int ln[CONV_K - 1];
-        const int rlast = r0 + (r1 - 1 - r0) / NB * NB;  // first row of the last batch
+        for (int j = 0; j <= CONV_K; ++j)
+            *reinterpret_cast<float2*>(&red[warp][j][2 * lane]) = make_float2(acc[j][0], acc[j][1]);
+    } else {
+        float acc[CONV_K + 1][1] = {};
+        conv_bwd_run<1>(x, sx, w, bias, seg, dy, sdy, dx, sdx, rows, T, D, acc);
 #pragma unroll
-        for (int q = 0; q < CONV_K - 1; ++q) dn[q] = conv_du(x, sx, wc, bc, seg, dy, sdy, rlast + NB + q, c, rows, T, &ln[q]);
-        for (int rb = rlast; rb >= r0; rb -= NB) {
-            float xv[NX], gv[NB];
-            int lo[NB];
-            const bf16* xp = x + (ptrdiff_t)(rb - (CONV_K - 1)) * sx + c;
-#pragma unroll
-            for (int q = 0; q < NX; ++q) {
-                const int r = rb - (CONV_K - 1) + q;
-                xv[q] = (r >= 0 && r < rows) ? bf(*xp) : 0.f;
-                xp += sx;
-            }
-            const bf16* gp = dy + (size_t)rb * sdy + c;
-            int t = rb % T;  // position of row rb + q in its sequence, stepped
-#pragma unroll
-            for (int q = 0; q < NB; ++q) {
-                const int r = rb + q;
-                gv[q] = r < rows ? bf(*gp) : 0.f;
-                const int start = seg != nullptr && r < rows ? seg[r] : 0;
-                lo[q] = r < rows ? max(start + CONV_K - 1 - t, 0) : CONV_K;
-                gp += sdy;
-                t = t + 1 == T ? 0 : t + 1;
-            }
-            // du of the batch (rows past `rows` give 0: their dy is 0).
-            float du[NB + CONV_K - 1];
-#pragma unroll
-            for (int q = 0; q < NB; ++q) {
-                float u = bc;
-#pragma unroll
-                for (int j = 0; j < CONV_K; ++j)
-                    if (j >= lo[q]) u = fmaf(wc[j], xv[q + j], u);
-                const float sg = sigmoid_f(u);
-                du[q] = gv[q] * sg * (1.f + u * (1.f - sg));
-            }
-#pragma unroll
-            for (int q = 0; q < CONV_K - 1; ++q) du[NB + q] = dn[q];
-            int lt[NB + CONV_K - 1];
-#pragma unroll
-            for (int q = 0; q < NB; ++q) lt[q] = lo[q];
-#pragma unroll
-            for (int q = 0; q < CONV_K - 1; ++q) lt[NB + q] = ln[q];
-#pragma unroll
-            for (int q = 0; q < NB; ++q) {
-                const int r = rb + q;
-                if (r < r1) {  // rows of this warp's run only
-                    acc[CONV_K] += du[q];
-#pragma unroll
-                    for (int j = 0; j < CONV_K; ++j)
-                        if (j >= lo[q]) acc[j] = fmaf(du[q], xv[q + j], acc[j]);
-                    // Output r + 3 − j reads source r through tap j when its first tap is <= j.
-                    float g = wc[3] * du[q];
-                    if (lt[q + 1] <= 2) g = fmaf(wc[2], du[q + 1], g);
-                    if (lt[q + 2] <= 1) g = fmaf(wc[1], du[q + 2], g);
-                    if (lt[q + 3] <= 0) g = fmaf(wc[0], du[q + 3], g);
-                    dx[(size_t)r * sdx + c] = tobf(g);
-                }
-            }
-#pragma unroll
-            for (int q = 0; q < CONV_K - 1; ++q) {
-                dn[q] = du[q];
-                ln[q] = lo[q];
-            }
-        }
+        for (int j = 0; j <= CONV_K; ++j) red[warp][j][lane] = acc[j][0];
     }
-#pragma unroll
-    for (int j = 0; j <= CONV_K; ++j) red[warp][j][lane] = acc[j];
     __syncthreads();
-    if (warp == 0 && c < D) {
+    const int nch = 32 * vc;
+    for (int i = threadIdx.x; i < (CONV_K + 1) * nch; i += blockDim.x) {
+        const int j = i / nch, cl = i - j * nch;
+        const int c = blockIdx.x * nch + cl;
+        if (c >= D) continue;
+        float s = 0.f;
 #pragma unroll
-        for (int j = 0; j <= CONV_K; ++j) {
-            float s = 0.f;
-#pragma unroll
-            for (int q = 0; q < 8; ++q) s += red[q][j][lane];
-            if (j < CONV_K) atomicAdd(dw + c * CONV_K + j, s);
-            else atomicAdd(dbias + c, s);
-        }
+        for (int q = 0; q < CONV_BWD_WARPS; ++q) s += red[q][j][cl];
+        if (j < CONV_K) atomicAdd(dw + c * CONV_K + j, s);
+        else atomicAdd(dbias + c, s);
     }
 }
 

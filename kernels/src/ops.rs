@@ -1303,7 +1303,13 @@ const SCAN_SPLIT_BWD_SMEM: usize = (SCAN_SUB * SCAN_SPLIT_CH * SCAN_D_STATE
     + SCAN_CKPT * 2 * SCAN_D_STATE
     + 4 * SCAN_CKPT * SCAN_SPLIT_CH)
     * 4;
+/// Rows walked by one warp of the conv kernels (mamba.cu's CONV_RUN) and warps per block.
 const CONV_RUN: usize = 64;
+const CONV_FWD_WARPS: usize = 4;
+const CONV_BWD_WARPS: usize = 8;
+/// bf16 elements per thread of the GMU kernels (one 16-byte access; hybrid.cu's GMU_VEC).
+const GMU_VEC: usize = 8;
+const GMU_ROWS_PER_THREAD: usize = 4;
 const BIAS_RUN: usize = 128;
 /// Widest differential-attention pair vector (2·head_size) diff_combine handles.
 pub const DA_MAX_WIDTH: usize = 512;
@@ -1342,6 +1348,20 @@ impl Rows {
     pub fn new(ptr: u64, stride: usize) -> Rows {
         Rows { ptr, stride }
     }
+}
+
+/// Every row of a bf16 tensor starts 16-byte aligned (base and row stride).
+fn rows_16b_aligned(t: &Rows) -> bool {
+    t.ptr.is_multiple_of(16) && t.stride.is_multiple_of(8)
+}
+
+/// The conv kernels take two channels per thread (4-byte bf16x2 accesses) when `d` is even
+/// and every tensor's base and row stride keep each row 4-byte aligned.
+fn conv_pairs(d: usize, tensors: &[Rows]) -> bool {
+    d.is_multiple_of(2)
+        && tensors
+            .iter()
+            .all(|t| t.ptr.is_multiple_of(4) && t.stride.is_multiple_of(2))
 }
 
 fn opt_rows(r: Option<Rows>) -> (u64, usize) {
@@ -1560,6 +1580,10 @@ impl HybridOps {
         d: usize,
     ) -> Result<()> {
         let rows = batch * seq;
+        if rows == 0 || d == 0 {
+            return Ok(());
+        }
+        let pairs = conv_pairs(d, &[x, y]);
         let a = Args::new()
             .ptr(x.ptr)
             .i32(i32_of("x stride", x.stride)?)
@@ -1570,15 +1594,19 @@ impl HybridOps {
             .i32(i32_of("y stride", y.stride)?)
             .i32(i32_of("rows", rows)?)
             .i32(i32_of("seq", seq)?)
-            .i32(i32_of("d", d)?);
-        let col_blocks = d.div_ceil(128);
-        let row_blocks = rows
-            .min((self.gpu.sm_count.max(1) as usize * 16).div_ceil(col_blocks))
+            .i32(i32_of("d", d)?)
+            .i32(pairs as i32);
+        let col_blocks = d.div_ceil(if pairs { 64 } else { 32 });
+        let runs = rows.div_ceil(CONV_RUN);
+        // A warp per run; past about 64 blocks per SM, runs grid-stride over blockIdx.y.
+        let row_blocks = runs
+            .div_ceil(CONV_FWD_WARPS)
+            .min((self.gpu.sm_count.max(1) as usize * 64).div_ceil(col_blocks))
             .clamp(1, 65535);
         self.gpu.launch(
             self.conv_fwd,
             (col_blocks as u32, row_blocks as u32, 1),
-            (128, 1, 1),
+            (32 * CONV_FWD_WARPS as u32, 1, 1),
             0,
             &a,
         )
@@ -1602,6 +1630,10 @@ impl HybridOps {
         d: usize,
     ) -> Result<()> {
         let rows = batch * seq;
+        if rows == 0 || d == 0 {
+            return Ok(());
+        }
+        let pairs = conv_pairs(d, &[x, dy, dx]);
         let a = Args::new()
             .ptr(x.ptr)
             .i32(i32_of("x stride", x.stride)?)
@@ -1616,9 +1648,23 @@ impl HybridOps {
             .ptr(dbias)
             .i32(i32_of("rows", rows)?)
             .i32(i32_of("seq", seq)?)
-            .i32(i32_of("d", d)?);
-        let grid = (d.div_ceil(32) as u32, rows.div_ceil(8 * CONV_RUN) as u32, 1);
-        self.gpu.launch(self.conv_bwd, grid, (256, 1, 1), 0, &a)
+            .i32(i32_of("d", d)?)
+            .i32(pairs as i32);
+        let col_blocks = d.div_ceil(if pairs { 64 } else { 32 });
+        let row_blocks = rows.div_ceil(CONV_BWD_WARPS * CONV_RUN);
+        if row_blocks > 65535 {
+            return Err(KernelError::Unsupported(format!(
+                "conv1d backward: {rows} rows exceed one grid column ({} rows)",
+                65535 * CONV_BWD_WARPS * CONV_RUN
+            )));
+        }
+        self.gpu.launch(
+            self.conv_bwd,
+            (col_blocks as u32, row_blocks as u32, 1),
+            (32 * CONV_BWD_WARPS as u32, 1, 1),
+            0,
+            &a,
+        )
     }
 
     fn scan_args(&self, s: &ScanShape, t: &ScanTensors) -> Result<Args> {
@@ -1869,8 +1915,23 @@ impl HybridOps {
         )
     }
 
+    /// Grid and block of the GMU kernels: a thread per [`GMU_VEC`] consecutive elements of a
+    /// row (blockIdx.x), rows strided by gridDim.y: about [`GMU_ROWS_PER_THREAD`] rows per
+    /// thread, so blocks are short and the last wave's tail small.
+    fn gmu_launch_dims(&self, rows: usize, width: usize) -> ((u32, u32, u32), (u32, u32, u32)) {
+        let groups = width.div_ceil(GMU_VEC);
+        let threads = groups.next_multiple_of(32).min(128);
+        let gx = groups.div_ceil(threads);
+        let gy = rows.div_ceil(GMU_ROWS_PER_THREAD).clamp(1, 65535);
+        ((gx as u32, gy as u32, 1), (threads as u32, 1, 1))
+    }
+
     /// GMU gate `out = bf16(m ⊙ silu(g))` over `rows × width`.
     pub fn gmu_fwd(&self, m: Rows, g: Rows, out: Rows, rows: usize, width: usize) -> Result<()> {
+        if rows == 0 || width == 0 {
+            return Ok(());
+        }
+        let vec = [m, g, out].iter().all(rows_16b_aligned);
         let a = Args::new()
             .ptr(m.ptr)
             .i32(i32_of("m stride", m.stride)?)
@@ -1879,9 +1940,10 @@ impl HybridOps {
             .ptr(out.ptr)
             .i32(i32_of("out stride", out.stride)?)
             .i32(i32_of("rows", rows)?)
-            .i32(i32_of("width", width)?);
-        self.gpu
-            .launch(self.gmu_fwd, self.ew(rows * width), (256, 1, 1), 0, &a)
+            .i32(i32_of("width", width)?)
+            .i32(vec as i32);
+        let (grid, block) = self.gmu_launch_dims(rows, width);
+        self.gpu.launch(self.gmu_fwd, grid, block, 0, &a)
     }
 
     /// GMU backward: `dm += dout ⊙ silu(g)` (fp32 `[rows, width]`, summed over GMU layers),
@@ -1897,6 +1959,13 @@ impl HybridOps {
         rows: usize,
         width: usize,
     ) -> Result<()> {
+        if rows == 0 || width == 0 {
+            return Ok(());
+        }
+        // dm's rows (stride width, fp32) start 16-byte aligned when width % 4 == 0.
+        let vec = [m, g, dout, dg].iter().all(rows_16b_aligned)
+            && dm.is_multiple_of(16)
+            && width.is_multiple_of(4);
         let a = Args::new()
             .ptr(m.ptr)
             .i32(i32_of("m stride", m.stride)?)
@@ -1908,9 +1977,10 @@ impl HybridOps {
             .ptr(dg.ptr)
             .i32(i32_of("dg stride", dg.stride)?)
             .i32(i32_of("rows", rows)?)
-            .i32(i32_of("width", width)?);
-        self.gpu
-            .launch(self.gmu_bwd, self.ew(rows * width), (256, 1, 1), 0, &a)
+            .i32(i32_of("width", width)?)
+            .i32(vec as i32);
+        let (grid, block) = self.gmu_launch_dims(rows, width);
+        self.gpu.launch(self.gmu_bwd, grid, block, 0, &a)
     }
 
     /// Differential attention λ: `lam[0..3] = (λ, exp(λq1·λk1), exp(λq2·λk2))`; `lam` holds 4

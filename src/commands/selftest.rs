@@ -23,8 +23,8 @@ pub struct Args {
     /// Only run the kernel suites whose name contains this (e.g. `mamba`, `flash`).
     #[arg(long, value_name = "SUITE")]
     pub only: Option<String>,
-    /// Also time the Mamba selective scan forward and backward (and the causal conv) at the
-    /// SambaY-d16 and SambaY-d8 shapes.
+    /// Also time the Mamba selective scan forward and backward (and the causal conv and the
+    /// GMU gate) at the SambaY-d16 and SambaY-d8 shapes.
     #[arg(long)]
     pub bench_scan: bool,
 }

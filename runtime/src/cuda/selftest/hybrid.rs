@@ -88,16 +88,26 @@ fn silu_grad(x: f64) -> f64 {
 }
 
 pub(super) fn check_conv(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
-    // (batch, seq, channels, varlen)
-    for &(batch, seq, d, varlen) in &[
-        (2usize, 37usize, 24usize, false),
-        (1, 300, 130, true),
-        (3, 65, 7, true),
+    // (batch, seq, channels, varlen, x/dx row stride − 2·channels). Even channels with even
+    // strides take the kernels' two-channels-per-thread path, the rest one channel per
+    // thread; seq 700 and 1000 give runs of batches without a sequence start (the path
+    // without per-row first taps), seq 5 and 3 sequences shorter than a batch.
+    for &(batch, seq, d, varlen, pad) in &[
+        (2usize, 37usize, 24usize, false, 0usize),
+        (1, 300, 130, true, 0),
+        (3, 65, 7, true, 0),
+        (2, 700, 64, false, 0),
+        (1, 1000, 66, true, 0),
+        (4, 5, 16, true, 0),
+        (5, 3, 6, false, 0),
+        (2, 300, 24, true, 1),
     ] {
         let shape = format!(
-            "B{batch} T{seq} D{d}{}",
-            if varlen { " varlen" } else { "" }
+            "B{batch} T{seq} D{d}{}{}",
+            if varlen { " varlen" } else { "" },
+            if pad > 0 { " odd x stride" } else { "" }
         );
+        let xs = 2 * d + pad;
         let rows = batch * seq;
         let k = 4;
         let x = env.randn_bf16(rows * d, 1.0);
@@ -108,12 +118,12 @@ pub(super) fn check_conv(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
         ops::conv1d::causal_conv1d_forward(&mut u, &x, &w, &bias, seq, d, k, seg.as_deref());
         let y_ref: Vec<f64> = u.iter().map(|&v| silu(v)).collect();
 
-        let xp = env.bf16_cols(&x, rows, 2 * d, 0)?;
+        let xp = env.bf16_cols(&x, rows, xs, 0)?;
         let (wp, bp) = (env.f32_buf(&w)?, env.f32_buf(&bias)?);
         let segp = env.seg_buf(&seg)?;
         let yp = env.poisoned(rows * d * 2)?;
         hy(env)?.conv1d_silu_fwd(
-            Rows::new(xp, 2 * d),
+            Rows::new(xp, xs),
             wp,
             bp,
             segp,
@@ -148,15 +158,15 @@ pub(super) fn check_conv(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
             seg.as_deref(),
         );
         let dyp = env.bf16_buf(&dy)?;
-        let dxp = env.bf16_cols(&vec![0.0; rows * d], rows, 2 * d, 0)?;
+        let dxp = env.bf16_cols(&vec![0.0; rows * d], rows, xs, 0)?;
         let (dwp, dbp) = (env.f32_buf(&dw0)?, env.f32_buf(&db0)?);
         hy(env)?.conv1d_silu_bwd(
-            Rows::new(xp, 2 * d),
+            Rows::new(xp, xs),
             wp,
             bp,
             segp,
             Rows::new(dyp, d),
-            Rows::new(dxp, 2 * d),
+            Rows::new(dxp, xs),
             dwp,
             dbp,
             batch,
@@ -167,7 +177,7 @@ pub(super) fn check_conv(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
             out,
             "mamba conv1d+silu bwd dx",
             shape.clone(),
-            rel_err(&env.read_bf16_cols(dxp, rows, 2 * d, 0, d)?, &dx_ref),
+            rel_err(&env.read_bf16_cols(dxp, rows, xs, 0, d)?, &dx_ref),
             TOL_BF16,
         );
         push(
@@ -598,42 +608,55 @@ pub(super) fn check_layernorm(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
 }
 
 pub(super) fn check_gmu(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
-    // (rows, width); m sits in a [rows, 2·width] buffer (the Mamba y export's neighbour),
-    // g in the GMU in_proj output.
-    for &(rows, width) in &[(200usize, 3968usize), (37, 33)] {
-        let shape = format!("{rows}x{width}");
+    // (rows, width, m row stride, m's first column, g row stride, row stride of out, dout
+    // and dg); every other column is NaN. 16-byte-aligned rows take the kernels' 8-wide path
+    // (width 44: a 4-element tail per row), the rest (odd strides, m at an 8-byte offset)
+    // the element-wise one.
+    for &(rows, width, ms, mc, gs, os) in &[
+        (
+            200usize, 3968usize, 7936usize, 3968usize, 3968usize, 3968usize,
+        ),
+        (37, 33, 66, 33, 33, 33),
+        (19, 44, 112, 56, 48, 48),
+        (23, 1984, 3968, 1984, 1984, 1984),
+        (9, 40, 80, 40, 40, 40),
+        (11, 48, 100, 50, 48, 48),
+    ] {
+        let path = if ms % 8 == 0 && mc % 8 == 0 && gs % 8 == 0 && os % 8 == 0 {
+            "8-wide"
+        } else {
+            "element-wise"
+        };
+        let shape = format!("{rows}x{width} strides m {ms} g {gs} out {os} ({path})");
         let m = env.randn_bf16(rows * width, 1.0);
         let g = env.randn_bf16(rows * width, 2.0);
         let mut o_ref = vec![0.0; rows * width];
         ops::silu_gate::silu_gate_forward(&mut o_ref, &m, &g);
-        let mp = env.bf16_cols(&m, rows, 2 * width, width)?;
-        let gp = env.bf16_buf(&g)?;
-        let op = env.poisoned(rows * width * 2)?;
-        let (mr, gr) = (
-            Rows::new(mp + (width * 2) as u64, 2 * width),
-            Rows::new(gp, width),
-        );
-        hy(env)?.gmu_fwd(mr, gr, Rows::new(op, width), rows, width)?;
+        let mp = env.bf16_cols(&m, rows, ms, mc)?;
+        let gp = env.bf16_cols(&g, rows, gs, 0)?;
+        let op = env.poisoned(rows * os * 2)?;
+        let (mr, gr) = (Rows::new(mp + (mc * 2) as u64, ms), Rows::new(gp, gs));
+        hy(env)?.gmu_fwd(mr, gr, Rows::new(op, os), rows, width)?;
         push(
             out,
             "gmu fwd m·silu(g)",
             shape.clone(),
-            rel_err(&env.read_bf16(op, rows * width)?, &o_ref),
+            rel_err(&env.read_bf16_cols(op, rows, os, 0, width)?, &o_ref),
             TOL_BF16,
         );
         let dout = env.randn_bf16(rows * width, 1.0);
         let dm0 = f32_exact(env.randn(rows * width, 1.0));
         let (mut dm_ref, mut dg_ref) = (dm0.clone(), vec![0.0; rows * width]);
         ops::silu_gate::silu_gate_backward(&mut dm_ref, &mut dg_ref, &dout, &m, &g);
-        let dop = env.bf16_buf(&dout)?;
+        let dop = env.bf16_cols(&dout, rows, os, 0)?;
         let dmp = env.f32_buf(&dm0)?;
-        let dgp = env.poisoned(rows * width * 2)?;
+        let dgp = env.poisoned(rows * os * 2)?;
         hy(env)?.gmu_bwd(
             mr,
             gr,
-            Rows::new(dop, width),
+            Rows::new(dop, os),
             dmp,
-            Rows::new(dgp, width),
+            Rows::new(dgp, os),
             rows,
             width,
         )?;
@@ -648,7 +671,7 @@ pub(super) fn check_gmu(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
             out,
             "gmu bwd dg",
             shape,
-            rel_err(&env.read_bf16(dgp, rows * width)?, &dg_ref),
+            rel_err(&env.read_bf16_cols(dgp, rows, os, 0, width)?, &dg_ref),
             TOL_BF16,
         );
     }
@@ -909,7 +932,8 @@ pub(super) fn check_bias(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
 
 /// Times the scan forward and backward at the SambaY-d16 shape (n_embd 1984, d_inner 3968,
 /// N 16, 4 × 4096 = 16384 tokens) and the SambaY-d8 one (d_inner 1984, where the
-/// backward splits T) with CUDA events, and states the bytes each must move.
+/// backward splits T) with CUDA events, and states the bytes each must move; likewise the
+/// conv1d + SiLU and the GMU gate kernels at width d_inner.
 pub(super) fn bench_scan(env: &mut Env) -> R<Vec<String>> {
     let mut lines = bench_scan_shape(env, 1984)?;
     lines.extend(bench_scan_shape(env, 992)?);
@@ -992,6 +1016,11 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
     let convb = env.f32_buf(&zeros_d)?;
     let convy = env.poisoned(rows * d * 2)?;
     let (cdw, cdb) = (env.f32_buf(&vec![0.0; d * 4])?, env.f32_buf(&zeros_d)?);
+    // The GMU gate's output and gradients (its inputs reuse the conv output and delta).
+    let gmu_out = env.poisoned(rows * d * 2)?;
+    let gmu_dg = env.poisoned(rows * d * 2)?;
+    let gmu_dm = env.poisoned(rows * d * 4)?;
+    env.gpu.memset_zero(gmu_dm, rows * d * 4)?;
     let hyo = hy(env)?;
     let fwd = || hyo.selective_scan_fwd(&ks, &t, Rows::new(outp, d), None, Some(ckp));
     let bwd_of = |pct: u32| {
@@ -1053,6 +1082,23 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
         )
     };
     let (conv_fwd_ms, conv_bwd_ms) = (time(&conv_fwd)?, time(&conv_bwd)?);
+    // The GMU gate at width d_inner (SambaY's GMU width): m = the conv output, g = delta.
+    let (gmu_fwd_ms, gmu_bwd_ms) = {
+        let (m, g) = (Rows::new(convy, d), Rows::new(deltap, d));
+        let fwd = || hyo.gmu_fwd(m, g, Rows::new(gmu_out, d), rows, d);
+        let bwd = || {
+            hyo.gmu_bwd(
+                m,
+                g,
+                Rows::new(doutp, d),
+                gmu_dm,
+                Rows::new(gmu_dg, d),
+                rows,
+                d,
+            )
+        };
+        (time(&fwd)?, time(&bwd)?)
+    };
     let out_all = env.read_bf16(outp, 1 << 20)?;
     let dx_all = env.read_bf16(dxzp, 1 << 20)?;
     let finite = out_all.iter().chain(dx_all.iter()).all(|v| v.is_finite());
@@ -1114,6 +1160,20 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
         &format!("conv1d+silu bwd ({tag})"),
         conv_bwd_ms,
         3.0 * 2.0 * td,
+        0.0,
+    ));
+    // GMU fwd reads m, g and writes out (bf16); bwd reads m, g, dout (bf16), reads and
+    // writes dm (fp32) and writes dg (bf16).
+    lines.push(line(
+        &format!("gmu fwd ({tag})"),
+        gmu_fwd_ms,
+        3.0 * 2.0 * td,
+        0.0,
+    ));
+    lines.push(line(
+        &format!("gmu bwd ({tag})"),
+        gmu_bwd_ms,
+        (4.0 * 2.0 + 2.0 * 4.0) * td,
         0.0,
     ));
     Ok(lines)
