@@ -217,8 +217,11 @@ pub fn activation_bytes(
                     }
                 }
             }
-            // in_proj output
-            Mixer::Gmu(gm) => add(cap * u(gm.d_mem) * bf),
+            // in_proj output and the gate's output (the out-projection's input)
+            Mixer::Gmu(gm) => {
+                add(cap * u(gm.d_mem) * bf);
+                add(cap * u(gm.d_mem) * bf);
+            }
             Mixer::Mamba2 { .. } => {
                 let m = crate::params::mamba2_dims(cfg.n_embd);
                 let d = m.d_inner;
@@ -284,7 +287,6 @@ pub fn activation_bytes(
         .map_or(0, u);
     if mem > 0 {
         add(ct * mem * bf);
-        add(ce * mem * bf);
         add(ct * mem * bf);
         add(ct * mem * bf);
     }

@@ -144,9 +144,9 @@ fn estimate_matches_the_measured_peaks() {
         (bench("transformer", 16, 4), 35.042, 3),
         (bench("transformer", 16, 8), 51.5, 1),
         (bench("samba", 8, 4), 9.6, 1),
-        (bench("sambayda", 8, 4), 10.68, 2),
+        (bench("sambayda", 8, 4), 10.685, 3),
         (bench("sambay", 8, 4), 9.931, 3),
-        (bench("sambay", 16, 4), 39.450, 3),
+        (bench("sambay", 16, 4), 39.692, 3),
     ];
     for (p, measured, digits) in &cases {
         let est = gib(p);

@@ -205,6 +205,7 @@ struct Saved {
     mamba: Option<MambaSaved>,
     /// Attention: QKV (or Q) projection output; GMU: `in_proj` output.
     qkv: u64,
+    /// Attention: its output before `proj`; GMU: the gate's output before `out_proj`.
     y: u64,
     lse: u64,
     gu: u64,
@@ -242,9 +243,8 @@ struct CrossScratch {
     dq: u64,
     /// bf16 `[rows, max memory width]`: a memory gradient rounded for the GEMMs / scan.
     dmem_bf: u64,
-    /// GMU: gate output (bf16 `[eval rows, d_mem]`), its gradient and the `in_proj`
-    /// output's gradient (bf16 `[rows, d_mem]`).
-    gmu_h: u64,
+    /// GMU: the gate output's gradient and the `in_proj` output's gradient (bf16
+    /// `[rows, d_mem]`; the gate output itself is saved per layer, `Saved::y`).
     gmu_dh: u64,
     gmu_dg: u64,
 }
@@ -728,6 +728,7 @@ pub fn planned_bytes(plan: &Plan) -> Result<usize> {
                     .and_then(|s| d.info[s].memory)
                     .map_or(0, |m| m.1);
                 add(buf(cap * dm * BF));
+                add(buf(cap * dm * BF));
             }
             _ => {
                 let fh = if info.lambda_init.is_some() { 2 } else { 1 } * d.heads;
@@ -785,7 +786,6 @@ pub fn planned_bytes(plan: &Plan) -> Result<usize> {
     let mem = d.max_memory();
     if mem > 0 {
         add(ct * mem * BF);
-        add(ce * mem * BF);
         add(ct * mem * BF);
         add(ct * mem * BF);
     }
@@ -1347,6 +1347,7 @@ impl CudaBackend {
                         .and_then(|s| d.info[s].memory)
                         .map_or(0, |m| m.1);
                     sv.qkv = buf(cap * dm * BF)?;
+                    sv.y = buf(cap * dm * BF)?;
                 }
                 _ => {
                     // differential attention runs 2H flash heads (see diff_attention.rs)
@@ -1438,7 +1439,6 @@ impl CudaBackend {
             let mem = d.max_memory();
             if mem > 0 {
                 cross.dmem_bf = buf(cap_train * mem * BF)?;
-                cross.gmu_h = buf(cap_eval * mem * BF)?;
                 cross.gmu_dh = buf(cap_train * mem * BF)?;
                 cross.gmu_dg = buf(cap_train * mem * BF)?;
             }

@@ -25,7 +25,7 @@ impl CudaBackend {
     }
 
     /// `x_mid = x_in + rs · (m ⊙ silu(h·W_inᵀ + b_in))·W_outᵀ (+ rs·b_out)`; saves the gate
-    /// input `g` in `sv.qkv`.
+    /// input `g` in `sv.qkv` and its output in `sv.y` (the backward's out-projection input).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gmu_forward(
         &self,
@@ -62,10 +62,9 @@ impl CudaBackend {
             hops.bias_add_bf16(Rows::new(sv.qkv, dm), self.p32(b), rows, dm)?;
         }
         self.mark("gmu gate")?;
-        let gate = self.cross.gmu_h;
-        hops.gmu_fwd(mem, Rows::new(sv.qkv, dm), Rows::new(gate, dm), rows, dm)?;
+        hops.gmu_fwd(mem, Rows::new(sv.qkv, dm), Rows::new(sv.y, dm), rows, dm)?;
         self.mark("gemm gmu out")?;
-        self.branch_output(gate, gp.out_proj, gp.out_b, x_in, x_mid, rows, dm)
+        self.branch_output(sv.y, gp.out_proj, gp.out_b, x_in, x_mid, rows, dm)
     }
 
     /// Backward of [`Self::gmu_forward`] from `self.dres_bf`: adds the memory's gradient to
@@ -88,9 +87,8 @@ impl CudaBackend {
         let n = d.n;
         let (gpu, lt, rs) = (&self.gpu, &self.lt, d.residual_scale);
         let hops = self.hops()?;
-        let (gate, dh, dg) = (self.cross.gmu_h, self.cross.gmu_dh, self.cross.gmu_dg);
-        self.mark("gmu gate")?;
-        hops.gmu_fwd(mem, Rows::new(sv.qkv, dm), Rows::new(gate, dm), rows, dm)?;
+        // the gate's output is the forward's (sv.y), not recomputed
+        let (gate, dh, dg) = (sv.y, self.cross.gmu_dh, self.cross.gmu_dg);
         self.mark("gemm gmu out dW")?;
         lt.linear_grad_weight(
             gpu,
