@@ -2150,8 +2150,13 @@ impl HybridOps {
             .i32(i32_of("rows", rows)?)
             .i32(mode as i32);
         let per = if (n | c0 | w) % 8 == 0 { 8 } else { 1 };
-        self.gpu
-            .launch(self.kv_grad_add, self.ew(rows * w / per), (256, 1, 1), 0, &a)
+        self.gpu.launch(
+            self.kv_grad_add,
+            self.ew(rows * w / per),
+            (256, 1, 1),
+            0,
+            &a,
+        )
     }
 
     /// `y = bf16(y + bias)` in place (bias fp32 `[n]`).

@@ -253,7 +253,7 @@ pub fn run_with(seed: Option<u64>, opts: &Options) -> Report {
     };
 
     type CheckFn = fn(&mut Env, &mut Vec<Check>) -> R<()>;
-    let suites: [(&str, CheckFn); 16] = [
+    let suites: [(&str, CheckFn); 18] = [
         ("gemm", check_gemm),
         ("embedding", check_embedding),
         ("rmsnorm", check_rmsnorm),
@@ -265,10 +265,12 @@ pub fn run_with(seed: Option<u64>, opts: &Options) -> Report {
         ("flash_attention", check_flash),
         ("mamba_conv", hybrid::check_conv),
         ("mamba_scan", hybrid::check_scan),
+        ("mamba_pad_weights", hybrid::check_pad_weights),
         ("layernorm", hybrid::check_layernorm),
         ("gmu", hybrid::check_gmu),
         ("diff_attention", hybrid::check_diff_attention),
         ("bias", hybrid::check_bias),
+        ("yoco_kv_grad", hybrid::check_kv_grad),
         ("muon", muon::muon_checks),
     ];
     for (name, f) in suites {

@@ -225,7 +225,11 @@ impl CudaBackend {
                 kv_at,
                 2 * hs,
                 group_rows,
-                if first { KvGradMode::Overwrite } else { KvGradMode::Add },
+                if first {
+                    KvGradMode::Overwrite
+                } else {
+                    KvGradMode::Add
+                },
             )?;
         } else if info.exports_kv && d.any_cross() {
             // the cross-attention layers' dK/dV join this layer's own

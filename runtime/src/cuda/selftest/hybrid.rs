@@ -11,7 +11,7 @@ use crate::cpu::ops::diff_attention::{lambda_full, Lambdas};
 use crate::cpu::ops::selective_scan::{self as scan, ScanInputs};
 use archscale_kernels::cublaslt::OutType;
 use archscale_kernels::ops::{
-    HybridOps, Rows, ScanGrads, ScanShape, ScanTensors, SCAN_CKPT, SCAN_D_STATE,
+    HybridOps, KvGradMode, Rows, ScanGrads, ScanShape, ScanTensors, SCAN_CKPT, SCAN_D_STATE,
 };
 use archscale_kernels::KernelError;
 use half::bf16;
@@ -849,6 +849,109 @@ pub(super) fn check_diff_attention(env: &mut Env, out: &mut Vec<Check>) -> R<()>
             shape,
             rel_err(&got, &dl_ref.concat()),
             1e-4,
+        );
+    }
+    Ok(())
+}
+
+/// `mamba_pad_weights`: the x_proj / dt_proj weights in the layouts with the dt rank padded
+/// to a multiple of 8 by zeros, an exact copy (the outputs start poisoned with NaN).
+pub(super) fn check_pad_weights(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
+    // (dt rank, d_state, d_inner): SambaY d8's rank and width, d16's rank, odd sizes
+    for &(r, ns, d) in &[
+        (62usize, 16usize, 1984usize),
+        (124, 16, 72),
+        (5, 3, 13),
+        (8, 16, 24),
+    ] {
+        let rp = r.div_ceil(8) * 8;
+        let shape = format!("r {r} -> {rp}, d_state {ns}, d_inner {d}");
+        let wx = env.randn_bf16((r + 2 * ns) * d, 1.0);
+        let wdt = env.randn_bf16(d * r, 1.0);
+        let mut wx_want = vec![0.0; (rp + 2 * ns) * d];
+        for row in 0..r + 2 * ns {
+            let to = if row < r { row } else { row - r + rp };
+            wx_want[to * d..(to + 1) * d].copy_from_slice(&wx[row * d..(row + 1) * d]);
+        }
+        let mut wdt_want = vec![0.0; d * rp];
+        for c in 0..d {
+            wdt_want[c * rp..c * rp + r].copy_from_slice(&wdt[c * r..(c + 1) * r]);
+        }
+        let (wxp, wdtp) = (env.bf16_buf(&wx)?, env.bf16_buf(&wdt)?);
+        let (xo, dto) = (
+            env.poisoned(wx_want.len() * 2)?,
+            env.poisoned(wdt_want.len() * 2)?,
+        );
+        hy(env)?.mamba_pad_weights(wxp, wdtp, xo, dto, r, rp, ns, d)?;
+        let got = env.read_bf16(xo, wx_want.len())?;
+        push(
+            out,
+            "mamba_pad_weights x_proj",
+            shape.clone(),
+            rel_err(&got, &wx_want),
+            0.0,
+        );
+        let got = env.read_bf16(dto, wdt_want.len())?;
+        push(
+            out,
+            "mamba_pad_weights dt_proj",
+            shape,
+            rel_err(&got, &wdt_want),
+            0.0,
+        );
+    }
+    Ok(())
+}
+
+/// `kv_grad_add` in its three modes over the fused QKV layout (per KV group: its Q heads,
+/// then K and V): only the K/V columns change.
+pub(super) fn check_kv_grad(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
+    // (rows, KV groups, Q heads per group, head size): 16-byte rows take the 8-wide path,
+    // head size 5 the element-wise one
+    for &(rows, groups, qpg, hs) in &[
+        (37usize, 2usize, 3usize, 64usize),
+        (16, 1, 1, 40),
+        (9, 3, 2, 5),
+    ] {
+        let w = (qpg + 2) * hs;
+        let (n, kv_at) = (rows * groups * w, qpg * hs);
+        let path = if (w | kv_at | 2 * hs) % 8 == 0 {
+            "8-wide"
+        } else {
+            "element-wise"
+        };
+        let shape = format!("{rows} rows, {groups} groups x ({qpg} Q + K + V) x {hs} ({path})");
+        let is_kv = |i: usize| i % w >= kv_at;
+        let dqkv = env.randn_bf16(n, 1.0);
+        let acc0: Vec<f64> = env.randn(n, 1.0).iter().map(|&v| v as f32 as f64).collect();
+        let (dp, ap) = (env.bf16_buf(&dqkv)?, env.f32_buf(&acc0)?);
+        let run = |env: &mut Env, mode| {
+            hy(env)?.kv_grad_add(dp, ap, w, kv_at, 2 * hs, rows * groups, mode)
+        };
+        // overwrite, then add: acc = 2·dqkv on K/V, untouched on Q
+        run(env, KvGradMode::Overwrite)?;
+        run(env, KvGradMode::Add)?;
+        let want: Vec<f64> = (0..n)
+            .map(|i| if is_kv(i) { 2.0 * dqkv[i] } else { acc0[i] })
+            .collect();
+        push(
+            out,
+            "kv_grad_add overwrite + add (fp32)",
+            shape.clone(),
+            rel_err(&env.read_f32(ap, n)?, &want),
+            1e-7,
+        );
+        // export: dqkv = bf16(dqkv + acc) on K/V, untouched on Q
+        run(env, KvGradMode::Export)?;
+        let want_q: Vec<f64> = (0..n)
+            .map(|i| if is_kv(i) { 3.0 * dqkv[i] } else { dqkv[i] })
+            .collect();
+        push(
+            out,
+            "kv_grad_add export (bf16)",
+            shape,
+            rel_err(&env.read_bf16(dp, n)?, &want_q),
+            TOL_BF16,
         );
     }
     Ok(())
