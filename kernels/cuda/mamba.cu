@@ -459,7 +459,7 @@ __device__ __forceinline__ void transpose_reduce_lv(float (&v)[S], int lane) {
 //   recompute and the reverse (adjoint) walk in groups of 4 steps whose shared stores come
 //   after all their loads.
 #define SCAN3_GROUP 16       // forward steps unrolled between y reductions
-#define SCAN3_Y_STRIDE 34    // sY row stride: 4·34 ≡ 8 (mod 32) banks, the 4 lanes of a channel differ
+#define SCAN3_Y_STRIDE 34    // sY row stride: the 4 (8) lanes of a channel store rows 4 (2) apart, ≡ 8 (4) banks
 #define SCAN3_RGROUP 4       // backward steps whose loads precede their stores
 
 // A·log2(e) for the exponent, kept below −1e−30 so that +inf·A stays −inf (a reset) even if
@@ -468,21 +468,25 @@ __device__ __forceinline__ float scan_decay_rate(float a_log_v) {
     return fminf(-expf(a_log_v) * LOG2E_F, -1e-30f);
 }
 
-// Forward. Block: 32 channels × 4 lanes; grid (ceil(D / 32), B). Per chunk of SCAN_CKPT steps:
-// stage (lane = channel: softplus, gate, reset; registers prefetched during the previous
-// chunk) → barrier → prefetch the next chunk, checkpoint, recurrence → barrier → coalesced
-// write of the chunk's outputs.
-extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_scan_fwd_split(
+// Forward. Block: 32 channels × L lanes (L = 4: 4 states per lane, 4 warps; L = 8: 2 states
+// per lane, 8 warps, for grids too small to fill the GPU: twice the warps per SM at SambaY
+// d8); grid (ceil(D / 32), B). Per chunk of SCAN_CKPT steps: stage (lane = channel: softplus,
+// gate, reset; registers prefetched during the previous chunk) → barrier → prefetch the next
+// chunk, checkpoint, recurrence → barrier → coalesced write of the chunk's outputs.
+template <int L>
+__device__ __forceinline__ void scan_fwd_split_impl(
     const bf16* __restrict__ x, int sx, const bf16* __restrict__ delta, int sd, const bf16* __restrict__ z, int sz,
     const bf16* __restrict__ Bm, const bf16* __restrict__ Cm, int sbc, const float* __restrict__ delta_bias,
     const float* __restrict__ a_log, const float* __restrict__ d_skip, const int* __restrict__ seg,
     bf16* __restrict__ out, int so, bf16* __restrict__ y_out, int sy, float* __restrict__ ckpt, int T, int D) {
+    constexpr int KP = SCAN_N / L;             // states per lane
+    constexpr int THREADS = SCAN_SPLIT_CH * L;
     __shared__ __align__(16) float2 sStep[SCAN_CKPT][SCAN_SPLIT_CH];  // (dt or +inf at a reset, dt·x)
     __shared__ __align__(16) float sBC[SCAN_CKPT][2 * SCAN_N];
-    __shared__ float sY[SCAN_CKPT][SCAN3_Y_STRIDE];                   // C·h summed over the 4 lanes
+    __shared__ float sY[SCAN_CKPT][SCAN3_Y_STRIDE];                   // C·h summed over the L lanes
     __shared__ float2 sXG[SCAN_CKPT][SCAN_SPLIT_CH];                  // (D·x, gate): the output's own
-    constexpr int PER = SCAN_CKPT * SCAN_SPLIT_CH / SCAN_SPLIT_THREADS;  // 8 staged steps per thread
-    constexpr int STEP_STRIDE = SCAN_SPLIT_THREADS / SCAN_SPLIT_CH;      // 4
+    constexpr int PER = SCAN_CKPT * SCAN_SPLIT_CH / THREADS;          // staged steps per thread
+    constexpr int STEP_STRIDE = THREADS / SCAN_SPLIT_CH;              // L
     const int tid = threadIdx.x, b = blockIdx.y, c0 = blockIdx.x * SCAN_SPLIT_CH;
     const size_t row0 = (size_t)b * T;
     const int nck = (T + SCAN_CKPT - 1) / SCAN_CKPT;
@@ -492,15 +496,15 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
     const bool lactive = cl < D;
     const int ccl = lactive ? cl : D - 1;
     const float lbias = delta_bias[ccl], ldsk = d_skip[ccl];
-    // Recurrence role: channel ch, states SCAN_KP·sub .. SCAN_KP·sub + 3.
-    const int ch = tid / SCAN_SPLIT, sub = tid % SCAN_SPLIT;
+    // Recurrence role: channel ch, states KP·sub .. KP·sub + KP − 1.
+    const int ch = tid / L, sub = tid % L;
     const int c = c0 + ch;
     const bool active = c < D;
     const int cc = active ? c : D - 1;
-    float A2[SCAN_KP], h[SCAN_KP];
+    float A2[KP], h[KP];
 #pragma unroll
-    for (int j = 0; j < SCAN_KP; ++j) {
-        A2[j] = scan_decay_rate(a_log[cc * SCAN_N + sub * SCAN_KP + j]);
+    for (int j = 0; j < KP; ++j) {
+        A2[j] = scan_decay_rate(a_log[cc * SCAN_N + sub * KP + j]);
         h[j] = 0.f;
     }
     const bf16 zero = tobf(0.f);
@@ -568,9 +572,9 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
         __syncthreads();
         if (t0 + SCAN_CKPT < T) SCAN3_LOAD(t0 + SCAN_CKPT);
         if (ckpt != nullptr && active) {
-            float* dst = ckpt + ((size_t)(b * nck + t0 / SCAN_CKPT) * SCAN_N + sub * SCAN_KP) * D + c;
+            float* dst = ckpt + ((size_t)(b * nck + t0 / SCAN_CKPT) * SCAN_N + sub * KP) * D + c;
 #pragma unroll
-            for (int j = 0; j < SCAN_KP; ++j) dst[(size_t)j * D] = h[j];
+            for (int j = 0; j < KP; ++j) dst[(size_t)j * D] = h[j];
         }
 #pragma unroll 1
         for (int g0 = 0; g0 < SCAN_CKPT; g0 += SCAN3_GROUP) {
@@ -579,19 +583,34 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
             for (int u = 0; u < SCAN3_GROUP; ++u) {
                 const int i = g0 + u;
                 const float2 s = sStep[i][ch];
-                const float4 B4 = *reinterpret_cast<const float4*>(&sBC[i][sub * SCAN_KP]);
-                const float4 C4 = *reinterpret_cast<const float4*>(&sBC[i][SCAN_N + sub * SCAN_KP]);
-                h[0] = fmaf(ex2(s.x * A2[0]), h[0], __fmul_rn(s.y, B4.x));
-                h[1] = fmaf(ex2(s.x * A2[1]), h[1], __fmul_rn(s.y, B4.y));
-                h[2] = fmaf(ex2(s.x * A2[2]), h[2], __fmul_rn(s.y, B4.z));
-                h[3] = fmaf(ex2(s.x * A2[3]), h[3], __fmul_rn(s.y, B4.w));
-                ya[u] = fmaf(C4.x, h[0], C4.y * h[1]) + fmaf(C4.z, h[2], C4.w * h[3]);
-            }
-            // Sum over the channel's 4 lanes: lane sub ends with steps 4·sub .. 4·sub + 3.
-            transpose_reduce_lv<8, 2, SCAN3_GROUP>(ya, tid);
-            transpose_reduce_lv<4, 1, SCAN3_GROUP>(ya, tid);
+                float Bv[KP], Cv[KP];
+                if constexpr (KP == 4) {
+                    const float4 B4 = *reinterpret_cast<const float4*>(&sBC[i][sub * KP]);
+                    const float4 C4 = *reinterpret_cast<const float4*>(&sBC[i][SCAN_N + sub * KP]);
+                    Bv[0] = B4.x, Bv[1] = B4.y, Bv[2] = B4.z, Bv[3] = B4.w;
+                    Cv[0] = C4.x, Cv[1] = C4.y, Cv[2] = C4.z, Cv[3] = C4.w;
+                } else {
+                    const float2 B2 = *reinterpret_cast<const float2*>(&sBC[i][sub * KP]);
+                    const float2 C2 = *reinterpret_cast<const float2*>(&sBC[i][SCAN_N + sub * KP]);
+                    Bv[0] = B2.x, Bv[1] = B2.y;
+                    Cv[0] = C2.x, Cv[1] = C2.y;
+                }
 #pragma unroll
-            for (int j = 0; j < SCAN_KP; ++j) sY[g0 + SCAN_KP * sub + j][ch] = ya[j];
+                for (int j = 0; j < KP; ++j) h[j] = fmaf(ex2(s.x * A2[j]), h[j], __fmul_rn(s.y, Bv[j]));
+                if constexpr (KP == 4) ya[u] = fmaf(Cv[0], h[0], Cv[1] * h[1]) + fmaf(Cv[2], h[2], Cv[3] * h[3]);
+                else ya[u] = fmaf(Cv[0], h[0], Cv[1] * h[1]);
+            }
+            // Sum over the channel's L lanes: lane sub ends with steps KP·sub .. KP·sub + KP − 1.
+            if constexpr (L == 8) {
+                transpose_reduce_lv<8, 4, SCAN3_GROUP>(ya, tid);
+                transpose_reduce_lv<4, 2, SCAN3_GROUP>(ya, tid);
+                transpose_reduce_lv<2, 1, SCAN3_GROUP>(ya, tid);
+            } else {
+                transpose_reduce_lv<8, 2, SCAN3_GROUP>(ya, tid);
+                transpose_reduce_lv<4, 1, SCAN3_GROUP>(ya, tid);
+            }
+#pragma unroll
+            for (int j = 0; j < KP; ++j) sY[g0 + KP * sub + j][ch] = ya[j];
         }
         __syncthreads();
 #pragma unroll
@@ -609,6 +628,21 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
         // barrier above; sY is next written after the next staging's barrier.
     }
 #undef SCAN3_LOAD
+}
+
+#define SCAN_FWD_ARGS                                                                                              \
+    const bf16 *__restrict__ x, int sx, const bf16 *__restrict__ delta, int sd, const bf16 *__restrict__ z, int sz,   \
+        const bf16 *__restrict__ Bm, const bf16 *__restrict__ Cm, int sbc, const float *__restrict__ delta_bias,      \
+        const float *__restrict__ a_log, const float *__restrict__ d_skip, const int *__restrict__ seg,               \
+        bf16 *__restrict__ out, int so, bf16 *__restrict__ y_out, int sy, float *__restrict__ ckpt, int T, int D
+#define SCAN_FWD_PASS x, sx, delta, sd, z, sz, Bm, Cm, sbc, delta_bias, a_log, d_skip, seg, out, so, y_out, sy, ckpt, T, D
+
+extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_scan_fwd_split(SCAN_FWD_ARGS) {
+    scan_fwd_split_impl<SCAN_SPLIT>(SCAN_FWD_PASS);
+}
+// 8 lanes per channel: 256 threads, at most 80 registers (3 blocks per SM).
+extern "C" __global__ void __launch_bounds__(2 * SCAN_SPLIT_THREADS, 3) selective_scan_fwd_split8(SCAN_FWD_ARGS) {
+    scan_fwd_split_impl<8>(SCAN_FWD_PASS);
 }
 
 // One state update of a lane's 4 states from a staged step (s: x, dt, ḡ, dt or +inf).

@@ -1320,6 +1320,7 @@ pub const HYBRID_KERNELS: &[(&str, &str)] = &[
     ("mamba", "conv1d_silu_bwd"),
     ("mamba", "scan_bc_grad_out"),
     ("mamba", "selective_scan_fwd_split"),
+    ("mamba", "selective_scan_fwd_split8"),
     ("mamba", "selective_scan_bwd_split"),
     ("hybrid", "layernorm_fwd"),
     ("hybrid", "layernorm_bwd"),
@@ -1442,6 +1443,19 @@ fn check_scan_kernel_setting(value: Option<&str>) -> Result<()> {
     }
 }
 
+/// `ARCHSCALE_SCAN_FWD_LANES`: lanes per channel of the scan forward, 4 or 8 (unset: by the
+/// grid, [`HybridOps::scan_fwd_lanes`]).
+fn scan_fwd_lanes_from_env() -> Result<Option<usize>> {
+    match std::env::var("ARCHSCALE_SCAN_FWD_LANES").ok().as_deref() {
+        None | Some("") => Ok(None),
+        Some("4") => Ok(Some(4)),
+        Some("8") => Ok(Some(8)),
+        Some(v) => Err(KernelError::Unsupported(format!(
+            "ARCHSCALE_SCAN_FWD_LANES={v}: expected 4 or 8 (or unset: chosen by the grid)"
+        ))),
+    }
+}
+
 /// The first T segment's share (percent of the checkpoint intervals) when the scan backward
 /// may split T: `ARCHSCALE_SCAN_TSPLIT` (0 = never split, 1..=99), else the default.
 fn scan_tsplit_from_env() -> Result<u32> {
@@ -1472,9 +1486,13 @@ pub struct HybridOps {
     /// First T segment's share (percent of checkpoint intervals) when the default scan
     /// backward splits T; 0 never splits ([`HybridOps::scan_bwd_segments`]).
     pub scan_tsplit_pct: u32,
+    /// Lanes per channel of the scan forward forced by `ARCHSCALE_SCAN_FWD_LANES` (4 or 8);
+    /// `None`: [`HybridOps::scan_fwd_lanes`] decides by the grid.
+    pub scan_fwd_lanes_set: Option<usize>,
     conv_fwd: Kernel,
     conv_bwd: Kernel,
     scan_fwd_split: Kernel,
+    scan_fwd_split8: Kernel,
     scan_bwd_split: Kernel,
     scan_bc_out: Kernel,
     layernorm_fwd: Kernel,
@@ -1504,6 +1522,8 @@ impl HybridOps {
             scan_fwd_split: load("mamba", "selective_scan_fwd_split")?,
             scan_bwd_split: load("mamba", "selective_scan_bwd_split")?,
             scan_tsplit_pct: scan_tsplit_from_env()?,
+            scan_fwd_lanes_set: scan_fwd_lanes_from_env()?,
+            scan_fwd_split8: load("mamba", "selective_scan_fwd_split8")?,
             scan_bc_out: load("mamba", "scan_bc_grad_out")?,
             layernorm_fwd: load("hybrid", "layernorm_fwd")?,
             layernorm_bwd: load("hybrid", "layernorm_bwd")?,
@@ -1708,6 +1728,45 @@ impl HybridOps {
         y_out: Option<Rows>,
         ckpt: Option<u64>,
     ) -> Result<()> {
+        let lanes = self.scan_fwd_lanes(s);
+        self.selective_scan_fwd_with(lanes, s, t, out, y_out, ckpt)
+    }
+
+    /// Lanes per channel of the scan forward for shape `s`: 8 (2 states per lane, twice the
+    /// warps) when the 4-lane grid would fill at most half of its 4-per-SM block slots (SambaY
+    /// d8 at micro 4: 248 blocks on 132 SMs), else 4; `ARCHSCALE_SCAN_FWD_LANES` overrides.
+    pub fn scan_fwd_lanes(&self, s: &ScanShape) -> usize {
+        if let Some(l) = self.scan_fwd_lanes_set {
+            return l;
+        }
+        let blocks = s.d_inner.div_ceil(SCAN_SPLIT_CH) * s.batch;
+        let slots = self.gpu.sm_count.max(1) as usize * 4;
+        if 2 * blocks <= slots {
+            8
+        } else {
+            4
+        }
+    }
+
+    /// [`Self::selective_scan_fwd`] with the lanes per channel (4 or 8) chosen by the caller.
+    pub fn selective_scan_fwd_with(
+        &self,
+        lanes: usize,
+        s: &ScanShape,
+        t: &ScanTensors,
+        out: Rows,
+        y_out: Option<Rows>,
+        ckpt: Option<u64>,
+    ) -> Result<()> {
+        let kernel = match lanes {
+            4 => self.scan_fwd_split,
+            8 => self.scan_fwd_split8,
+            _ => {
+                return Err(KernelError::Unsupported(format!(
+                    "selective scan forward: {lanes} lanes per channel (4 or 8)"
+                )))
+            }
+        };
         let (yp, sy) = opt_rows(y_out);
         let a = self
             .scan_args(s, t)?
@@ -1718,15 +1777,9 @@ impl HybridOps {
             .ptr(ckpt.unwrap_or(0))
             .i32(i32_of("seq", s.seq)?)
             .i32(i32_of("d_inner", s.d_inner)?);
-        // Both kernel sets share the v3 forward.
         let grid = (s.d_inner.div_ceil(SCAN_SPLIT_CH) as u32, s.batch as u32, 1);
-        self.gpu.launch(
-            self.scan_fwd_split,
-            grid,
-            (SCAN_SPLIT_THREADS as u32, 1, 1),
-            0,
-            &a,
-        )
+        self.gpu
+            .launch(kernel, grid, ((SCAN_SPLIT_CH * lanes) as u32, 1, 1), 0, &a)
     }
 
     /// Selective scan backward from `dout` (the gated output's gradient) and optionally

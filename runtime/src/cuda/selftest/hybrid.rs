@@ -215,12 +215,13 @@ pub(super) fn check_scan(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
         (2, 256, 976, false, true, false, -4.6),
     ];
     // The backward with its own T split rule (on an H200 every case with T > 32 splits: the
-    // grids are small) and the same without a T split.
+    // grids are small) and the same without a T split; the forward with 8 lanes per channel
+    // (what these small grids get) and with 4 (what large grids get).
     let default_pct = hy(env)?.scan_tsplit_pct;
-    let configs = [("split", default_pct), ("split-1seg", 0)];
-    for (name, pct) in configs {
+    let configs = [("split fwd8", default_pct, 8), ("split-1seg fwd4", 0, 4)];
+    for (name, pct, lanes) in configs {
         for &case in &cases {
-            check_scan_case(env, out, name, pct, case)?;
+            check_scan_case(env, out, name, pct, lanes, case)?;
         }
     }
     Ok(())
@@ -231,6 +232,7 @@ fn check_scan_case(
     out: &mut Vec<Check>,
     name: &str,
     tsplit_pct: u32,
+    fwd_lanes: usize,
     case: ScanCase,
 ) -> R<()> {
     let (batch, seq, d, varlen, gate, extra, dt_bias_mean) = case;
@@ -336,7 +338,8 @@ fn check_scan_case(
     let outp = env.poisoned(rows * d * 2)?;
     let yp = env.poisoned(rows * d * 2)?;
     let ckp = env.poisoned(ks.ckpt_len() * 4)?;
-    hy(env)?.selective_scan_fwd(
+    hy(env)?.selective_scan_fwd_with(
+        fwd_lanes,
         &ks,
         &t,
         Rows::new(outp, d),
@@ -1125,7 +1128,11 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
     let gmu_dm = env.poisoned(rows * d * 4)?;
     env.gpu.memset_zero(gmu_dm, rows * d * 4)?;
     let hyo = hy(env)?;
-    let fwd = || hyo.selective_scan_fwd(&ks, &t, Rows::new(outp, d), None, Some(ckp));
+    let lanes = hyo.scan_fwd_lanes(&ks);
+    let fwd_with = |l: usize| {
+        move || hyo.selective_scan_fwd_with(l, &ks, &t, Rows::new(outp, d), None, Some(ckp))
+    };
+    let fwd = fwd_with(lanes);
     let bwd_of = |pct: u32| {
         move || hyo.selective_scan_bwd_with(pct, &ks, &t, ckp, Rows::new(doutp, d), None, &g, accp)
     };
@@ -1144,6 +1151,8 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
     };
     let pct = hyo.scan_tsplit_pct;
     let fwd_ms = time(&fwd)?;
+    let other_lanes = if lanes == 8 { 4 } else { 8 };
+    let fwd_other_ms = time(&fwd_with(other_lanes))?;
     let mut bwd = vec![("split".to_string(), time(&bwd_of(pct))?)];
     let segments = hyo.scan_bwd_segments(&ks, pct).0;
     if segments > 1 {
@@ -1233,8 +1242,14 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
          (T split {pct}%); outputs finite: {finite}"
     )];
     lines.push(line(
-        &format!("scan fwd ({tag})"),
+        &format!("scan fwd ({tag}, {lanes} lanes per channel)"),
         fwd_ms,
+        fwd_min,
+        ckpt_bytes,
+    ));
+    lines.push(line(
+        &format!("scan fwd ({tag}, {other_lanes} lanes per channel)"),
+        fwd_other_ms,
         fwd_min,
         ckpt_bytes,
     ));
