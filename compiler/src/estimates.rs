@@ -80,8 +80,8 @@ fn alloc_size(bytes: usize) -> u64 {
 
 /// cuBLASLt workspace (kernels/src/cublaslt.rs `WORKSPACE_BYTES`), one per backend.
 pub const CUBLASLT_WORKSPACE: usize = 64 << 20;
-/// Selective-scan state checkpoint interval (kernels/src/ops.rs `SCAN_CKPT`).
-pub const SCAN_CKPT: usize = 32;
+/// Selective-scan state checkpoint spacing (kernels/src/ops.rs `SCAN_CKPT_EVERY`).
+pub const SCAN_CKPT_EVERY: usize = 16;
 /// Elements every tensor of the runtime's flat buffers is aligned to (distributed/flat_layout.rs).
 const FLAT_ALIGN: usize = 64;
 /// Largest AdamW work item (distributed/flat_layout.rs `OPT_CHUNK`).
@@ -210,7 +210,7 @@ pub fn activation_bytes(
                     add(cap * (rp + 2 * ns) * bf);
                     add(cap * d * bf);
                     add(cap * d * bf);
-                    add(cap64(u(micro) * u(seq.div_ceil(SCAN_CKPT))) * ns * d * f32);
+                    add(cap64(u(micro) * u(seq.div_ceil(SCAN_CKPT_EVERY))) * ns * d * f32);
                     // a Mamba memory exporter keeps its pre-gate scan output
                     if mp.export_memory && !layer.mlp_exports_memory {
                         add(cap * d * bf);

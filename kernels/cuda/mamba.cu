@@ -7,7 +7,8 @@
 #define CONV_K 4
 #define CONV_RUN 64        // rows walked by one warp in the conv kernels
 #define SCAN_N 16          // d_state (Mamba-1's N = 16; the wrapper checks it)
-#define SCAN_CKPT 32       // state checkpoint interval (forward writes, backward reads)
+#define SCAN_CKPT 32       // steps staged together (forward chunk, backward interval)
+#define SCAN_CKPT_EVERY 16 // state checkpoint spacing (forward writes, backward reads)
 #define SCAN_SUB 16        // backward sub-chunk whose states sit in shared memory
 #define SOFTPLUS_THRESHOLD 20.f
 #define LOG2E_F 1.4426950408889634f
@@ -392,8 +393,9 @@ extern "C" __global__ void __launch_bounds__(32 * CONV_BWD_WARPS, CONV_BWD_MIN_B
 // Selective scan (selective_scan_ref semantics). Per step:
 //   dt = softplus(delta + delta_bias); h = exp(dt·A)·h + dt·B·x; y = C·h + D·x;
 //   out = y·silu(z) (z may be null: out = y).
-// The forward writes optional y_out (pre-gate y, the GMU memory) and ckpt ([B][nck][N][D]
-// fp32, the state before steps 0, SCAN_CKPT, 2·SCAN_CKPT, ...), which the backward reads.
+// The forward writes optional y_out (pre-gate y, the GMU memory) and ckpt ([B][nck][D][N]
+// fp32, the state before steps 0, SCAN_CKPT_EVERY, 2·SCAN_CKPT_EVERY, ...), which the
+// backward reads.
 // The backward writes dx, ddelta (pre-softplus), dz (bf16) and adds into dbc_acc ([rows, 32]
 // fp32: dB then dC), da_log, dd_skip, ddelta_bias (fp32); dy_extra (may be null) is a
 // gradient on the pre-gate y.
@@ -489,7 +491,8 @@ __device__ __forceinline__ void scan_fwd_split_impl(
     constexpr int STEP_STRIDE = THREADS / SCAN_SPLIT_CH;              // L
     const int tid = threadIdx.x, b = blockIdx.y, c0 = blockIdx.x * SCAN_SPLIT_CH;
     const size_t row0 = (size_t)b * T;
-    const int nck = (T + SCAN_CKPT - 1) / SCAN_CKPT;
+    const int nck = (T + SCAN_CKPT_EVERY - 1) / SCAN_CKPT_EVERY;  // checkpoints per sequence
+    static_assert(SCAN3_GROUP == SCAN_CKPT_EVERY, "a checkpoint before each group of steps");
     // Staging / output role: channel column lc, steps ls + STEP_STRIDE·q.
     const int lc = tid & 31, ls = tid >> 5;
     const int cl = c0 + lc;
@@ -571,13 +574,14 @@ __device__ __forceinline__ void scan_fwd_split_impl(
         }
         __syncthreads();
         if (t0 + SCAN_CKPT < T) SCAN3_LOAD(t0 + SCAN_CKPT);
-        if (ckpt != nullptr && active) {
-            float* dst = ckpt + ((size_t)(b * nck + t0 / SCAN_CKPT) * SCAN_N + sub * KP) * D + c;
-#pragma unroll
-            for (int j = 0; j < KP; ++j) dst[(size_t)j * D] = h[j];
-        }
 #pragma unroll 1
         for (int g0 = 0; g0 < SCAN_CKPT; g0 += SCAN3_GROUP) {
+            if (ckpt != nullptr && active && t0 + g0 < T) {
+                // [B][nck][D][N]: a lane's states are contiguous, one vector store
+                float* dst = ckpt + ((size_t)(b * nck + (t0 + g0) / SCAN_CKPT_EVERY) * D + c) * SCAN_N + sub * KP;
+                if constexpr (KP == 4) *reinterpret_cast<float4*>(dst) = make_float4(h[0], h[1], h[2], h[3]);
+                else *reinterpret_cast<float2*>(dst) = make_float2(h[0], h[1]);
+            }
             float ya[SCAN3_GROUP];
 #pragma unroll
             for (int u = 0; u < SCAN3_GROUP; ++u) {
@@ -696,7 +700,9 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, b = blockIdx.y;
     const int c0 = blockIdx.x * SCAN_SPLIT_CH;
     const size_t row0 = (size_t)b * T;
-    const int nck = (T + SCAN_CKPT - 1) / SCAN_CKPT;
+    const int nck = (T + SCAN_CKPT - 1) / SCAN_CKPT;                   // intervals
+    const int nck16 = (T + SCAN_CKPT_EVERY - 1) / SCAN_CKPT_EVERY;     // checkpoints
+    static_assert(SCAN_SUB == SCAN_CKPT_EVERY && 2 * SCAN_SUB == SCAN_CKPT, "a checkpoint per sub-chunk");
     const bool split = ck_split > 0 && ck_split < nck;
     const int ck_lo = split && blockIdx.z == 1 ? ck_split : 0;
     const int ck_hi = split && blockIdx.z == 0 ? ck_split : nck;
@@ -798,23 +804,21 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
 
     for (int jc = ck_hi - 1; jc >= ck_lo; --jc) {
         const int t0 = jc * SCAN_CKPT, n = min(SCAN_CKPT, T - t0);
+        const int nsub = (n + SCAN_SUB - 1) / SCAN_SUB;
         __syncthreads();
-        {  // the checkpoint's loads first: their latency overlaps the staging's
-            const float* src = ckpt + ((size_t)(b * nck + jc) * SCAN_N + sub * SCAN_KP) * D + cc;
-#pragma unroll
-            for (int j = 0; j < SCAN_KP; ++j) hck[j] = src[(size_t)j * D];
+        {  // the checkpoints' loads first (the states before both sub-chunks): their latency
+           // overlaps the staging's
+            const float* src = ckpt + ((size_t)(b * nck16 + 2 * jc) * D + cc) * SCAN_N + sub * SCAN_KP;
+            const float4 c0v = *reinterpret_cast<const float4*>(src);
+            hck[0] = c0v.x, hck[1] = c0v.y, hck[2] = c0v.z, hck[3] = c0v.w;
+            if (nsub > 1) {  // the next checkpoint: D·N floats on
+                const float4 c1v = *reinterpret_cast<const float4*>(src + (size_t)D * SCAN_N);
+                h[0] = c1v.x, h[1] = c1v.y, h[2] = c1v.z, h[3] = c1v.w;
+            }
         }
         stage(jc);
         __syncthreads();
 
-        const int nsub = (n + SCAN_SUB - 1) / SCAN_SUB;
-        if (nsub > 1) {
-#pragma unroll
-            for (int j = 0; j < SCAN_KP; ++j) h[j] = hck[j];
-#pragma unroll 8
-            for (int i = 0; i < SCAN_SUB; ++i)
-                scan3_state_step(h, A2, sS[i][ch], *reinterpret_cast<const float4*>(&sBC[i][sub * SCAN_KP]));
-        }
         for (int s = nsub - 1; s >= 0; --s) {
             const int i0 = s * SCAN_SUB;
             if (s == 0) {

@@ -1286,8 +1286,12 @@ fn check_layout(l: &AttnLayout) -> Result<()> {
 
 /// Mamba-1 d_state the scan kernels are built for.
 pub const SCAN_D_STATE: usize = 16;
-/// Interval (steps) of the scan forward's state checkpoints.
+/// Steps the scan kernels stage together (forward chunk, backward interval).
 pub const SCAN_CKPT: usize = 32;
+/// Spacing (steps) of the scan forward's state checkpoints (mamba.cu `SCAN_CKPT_EVERY`):
+/// one per backward sub-chunk, so the backward never walks a sub-chunk only to find its
+/// starting state.
+pub const SCAN_CKPT_EVERY: usize = 16;
 const SCAN_SUB: usize = 16;
 /// Channels per block of the split-state scan kernels (4 lanes per channel: 128 threads).
 const SCAN_SPLIT_CH: usize = 32;
@@ -1381,9 +1385,9 @@ impl ScanShape {
     pub fn rows(&self) -> usize {
         self.batch * self.seq
     }
-    /// fp32 elements of the forward's state checkpoints (`[B, ceil(T/SCAN_CKPT), N, D]`).
+    /// fp32 elements of the forward's state checkpoints (`[B, ceil(T/SCAN_CKPT_EVERY), D, N]`).
     pub fn ckpt_len(&self) -> usize {
-        self.batch * self.seq.div_ceil(SCAN_CKPT) * SCAN_D_STATE * self.d_inner
+        self.batch * self.seq.div_ceil(SCAN_CKPT_EVERY) * SCAN_D_STATE * self.d_inner
     }
     /// fp32 elements of the backward's dB/dC accumulator (`[rows, 2N]`).
     pub fn bc_acc_len(&self) -> usize {

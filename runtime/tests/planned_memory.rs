@@ -65,8 +65,8 @@ fn compiler_constants_are_the_runtimes() {
         archscale_kernels::cublaslt::WORKSPACE_BYTES
     );
     assert_eq!(
-        archscale_compiler::estimates::SCAN_CKPT,
-        archscale_kernels::ops::SCAN_CKPT
+        archscale_compiler::estimates::SCAN_CKPT_EVERY,
+        archscale_kernels::ops::SCAN_CKPT_EVERY
     );
 }
 
@@ -143,10 +143,10 @@ fn estimate_matches_the_measured_peaks() {
         (bench("transformer", 12, 8), 28.3, 1),
         (bench("transformer", 16, 4), 35.042, 3),
         (bench("transformer", 16, 8), 51.5, 1),
-        (bench("samba", 8, 4), 9.6, 1),
-        (bench("sambayda", 8, 4), 10.685, 3),
-        (bench("sambay", 8, 4), 9.931, 3),
-        (bench("sambay", 16, 4), 39.692, 3),
+        (bench("samba", 8, 4), 9.825, 3),
+        (bench("sambayda", 8, 4), 10.867, 3),
+        (bench("sambay", 8, 4), 10.113, 3),
+        (bench("sambay", 16, 4), 40.297, 3),
     ];
     for (p, measured, digits) in &cases {
         let est = gib(p);

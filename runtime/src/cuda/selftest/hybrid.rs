@@ -11,7 +11,7 @@ use crate::cpu::ops::diff_attention::{lambda_full, Lambdas};
 use crate::cpu::ops::selective_scan::{self as scan, ScanInputs};
 use archscale_kernels::cublaslt::OutType;
 use archscale_kernels::ops::{
-    HybridOps, KvGradMode, Rows, ScanGrads, ScanShape, ScanTensors, SCAN_CKPT, SCAN_D_STATE,
+    HybridOps, KvGradMode, Rows, ScanGrads, ScanShape, ScanTensors, SCAN_CKPT_EVERY, SCAN_D_STATE,
 };
 use archscale_kernels::KernelError;
 use half::bf16;
@@ -1238,7 +1238,7 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
     let tag = format!("d_inner {d}");
     let mut lines = vec![format!(
         "scan bench: B{batch} T{seq} d_inner {d} N {n} ({rows} tokens), z gate, \
-         checkpoints every {SCAN_CKPT} steps, default bwd T segments {segments} \
+         checkpoints every {SCAN_CKPT_EVERY} steps, default bwd T segments {segments} \
          (T split {pct}%); outputs finite: {finite}"
     )];
     lines.push(line(
