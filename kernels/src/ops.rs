@@ -133,7 +133,7 @@ impl RopeBackward {
 }
 
 /// bf16 RoPE tables `[len, head_dim / 2]` (row t: position t) for the flash backward's fused
-/// RoPE backward ([`Ops::flash_bwd_rope`]).
+/// RoPE backward ([`Ops::flash_bwd`]).
 #[derive(Clone, Copy, Debug)]
 pub struct RopeTables {
     pub cos: u64,
@@ -716,7 +716,7 @@ impl Ops {
     }
 
     /// How attention layers run the RoPE backward (`ARCHSCALE_ROPE_BWD`): fused into
-    /// [`Ops::flash_bwd_rope`] or a separate `rope_qkv` pass.
+    /// [`Ops::flash_bwd`] or a separate `rope_qkv` pass.
     pub fn rope_backward(&self) -> RopeBackward {
         self.rope_bwd
     }
@@ -1017,31 +1017,12 @@ impl Ops {
     /// Flash attention backward. `dq_acc` is fp32 scratch of `batch·seq·heads·head_dim`;
     /// `delta` fp32 scratch of `batch·heads·seq`. dQ/dK/dV are written in q/k/v's layout at
     /// `dq`, `dk`, `dv` (dK, dV summed over each group's query heads). On Hopper `dq` must be
-    /// 16-byte aligned (as q, k, v and dout must be for their TMA maps).
+    /// 16-byte aligned (as q, k, v and dout must be for their TMA maps). With `rope` it also
+    /// runs the RoPE backward of Q and K: dQ and dK leave inverse-rotated at position
+    /// `row % seq` (as `rope_qkv` with sign -1 would turn them, but rounded to bf16 once
+    /// instead of twice). dV is never rotated.
     #[allow(clippy::too_many_arguments)]
     pub fn flash_bwd(
-        &self,
-        l: &AttnLayout,
-        q: u64,
-        k: u64,
-        v: u64,
-        o: u64,
-        dout: u64,
-        lse: u64,
-        dq: u64,
-        dk: u64,
-        dv: u64,
-        dq_acc: u64,
-        delta: u64,
-    ) -> Result<()> {
-        self.flash_bwd_rope(l, q, k, v, o, dout, lse, dq, dk, dv, dq_acc, delta, None)
-    }
-
-    /// [`Ops::flash_bwd`], and with `rope` also the RoPE backward of Q and K: dQ and dK leave
-    /// inverse-rotated at position `row % seq` (as `rope_qkv` with sign -1 would turn them,
-    /// but rounded to bf16 once instead of twice). dV is never rotated.
-    #[allow(clippy::too_many_arguments)]
-    pub fn flash_bwd_rope(
         &self,
         l: &AttnLayout,
         q: u64,
@@ -1296,8 +1277,9 @@ const SCAN_SUB: usize = 16;
 /// Channels per block of the split-state scan kernels (4 lanes per channel: 128 threads).
 const SCAN_SPLIT_CH: usize = 32;
 const SCAN_SPLIT_THREADS: usize = 128;
-/// Resident blocks per SM of the scan backward (52 KB shared memory, <= 128 registers).
-const SCAN_BWD_BLOCKS_PER_SM: usize = 4;
+/// Resident blocks per SM of the 4-lane scan kernels (the backward's 52 KB shared memory,
+/// <= 128 registers).
+const SCAN_BLOCKS_PER_SM: usize = 4;
 /// Default share (percent of the checkpoint intervals) of the first T segment when the scan
 /// backward splits T; that segment also walks λ alone over the second one.
 const SCAN_TSPLIT_PCT: u32 = 45;
@@ -1743,13 +1725,19 @@ impl HybridOps {
         if let Some(l) = self.scan_fwd_lanes_set {
             return l;
         }
-        let blocks = s.d_inner.div_ceil(SCAN_SPLIT_CH) * s.batch;
-        let slots = self.gpu.sm_count.max(1) as usize * 4;
-        if 2 * blocks <= slots {
+        if self.scan_grid_is_small(s) {
             8
         } else {
             4
         }
+    }
+
+    /// Whether the scan's grid (one block per 32 channels and sequence) fills at most half of
+    /// the GPU's block slots at 4 blocks per SM: then the forward takes 8 lanes per channel
+    /// and the backward splits T.
+    fn scan_grid_is_small(&self, s: &ScanShape) -> bool {
+        let blocks = s.d_inner.div_ceil(SCAN_SPLIT_CH) * s.batch;
+        2 * blocks <= self.gpu.sm_count.max(1) as usize * SCAN_BLOCKS_PER_SM
     }
 
     /// [`Self::selective_scan_fwd`] with the lanes per channel (4 or 8) chosen by the caller.
@@ -1810,10 +1798,8 @@ impl HybridOps {
     /// run the second half of T; `pct` is the first segment's share of the intervals (it
     /// also walks λ over the second one), 0 never splits.
     pub fn scan_bwd_segments(&self, s: &ScanShape, pct: u32) -> (u32, i32) {
-        let blocks = s.d_inner.div_ceil(SCAN_SPLIT_CH) * s.batch;
-        let slots = self.gpu.sm_count.max(1) as usize * SCAN_BWD_BLOCKS_PER_SM;
         let nck = s.seq.div_ceil(SCAN_CKPT);
-        if pct == 0 || nck < 2 || 2 * blocks > slots {
+        if pct == 0 || nck < 2 || !self.scan_grid_is_small(s) {
             return (1, 0);
         }
         let first = (nck * pct as usize / 100).clamp(1, nck - 1);

@@ -378,6 +378,19 @@ struct UnitChunks {
     zeroed: usize,
 }
 
+/// A two-way setting read from the environment: unset or `on` gives true, `off` false,
+/// anything else is an error naming both.
+fn env_switch(var: &str, on: &str, off: &str) -> Result<bool> {
+    match std::env::var(var) {
+        Err(_) => Ok(true),
+        Ok(v) if v == on => Ok(true),
+        Ok(v) if v == off => Ok(false),
+        Ok(other) => Err(err(format!(
+            "{var}={other}: expected `{on}` (default) or `{off}`"
+        ))),
+    }
+}
+
 /// Rounds per candidate algorithm when tuning cuBLASLt (`ARCHSCALE_GEMM_TUNE=N`); unset,
 /// `off` or `0` keeps the heuristic's first choice. Off by default: on an H200 at its power
 /// cap the tuned Transformer++ d8/d16 steps were no faster (bench/NOTES.md, 2026-11-29),
@@ -1122,15 +1135,7 @@ impl CudaBackend {
         };
         let overwrite_grads = mode == ShardMode::Replicated
             && std::env::var("ARCHSCALE_GRAD_OVERWRITE").as_deref() != Ok("0");
-        let weight_grad_env = match std::env::var("ARCHSCALE_WEIGHT_GRAD").as_deref() {
-            Ok("bf16") | Err(_) => true,
-            Ok("f32") => false,
-            Ok(other) => {
-                return Err(err(format!(
-                    "ARCHSCALE_WEIGHT_GRAD={other}: expected `bf16` (default) or `f32`"
-                )))
-            }
-        };
+        let weight_grad_env = env_switch("ARCHSCALE_WEIGHT_GRAD", "bf16", "f32")?;
         let weight_grads_bf16_able = weight_grad_env
             && overwrite_grads
             && comm.is_none()
@@ -1151,15 +1156,7 @@ impl CudaBackend {
         let map = param_map(plan, &d, &offsets)?;
         let (wte, ln_f, head) = (map.wte, map.ln_f, map.head);
         let tied = head == wte;
-        let residual_add_in_norm = match std::env::var("ARCHSCALE_RESIDUAL_ADD").as_deref() {
-            Ok("norm") | Err(_) => true,
-            Ok("gemm") => false,
-            Ok(other) => {
-                return Err(err(format!(
-                    "ARCHSCALE_RESIDUAL_ADD={other}: expected `norm` (default) or `gemm`"
-                )))
-            }
-        };
+        let residual_add_in_norm = env_switch("ARCHSCALE_RESIDUAL_ADD", "norm", "gemm")?;
         let residual_in_norm = residual_add_in_norm
             && ops.rmsnorm_add_available(d.n)
             && ln_f.b.is_none()

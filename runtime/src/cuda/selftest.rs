@@ -1238,39 +1238,8 @@ fn check_flash_variant(env: &mut Env, out: &mut Vec<Check>, variant: &str) -> R<
             }
         }
         let dop = env.bf16_buf(&dout)?;
-        let dqkvp = env.poisoned(rows * width * 2)?;
         let dq_acc = env.poisoned(rows * heads * hs * 4)?;
         let delta = env.poisoned(batch * heads * seq * 4)?;
-        env.ops.flash_bwd(
-            &l,
-            qkvp,
-            qkvp + k_off,
-            qkvp + v_off,
-            op,
-            dop,
-            lsep,
-            dqkvp,
-            dqkvp + k_off,
-            dqkvp + v_off,
-            dq_acc,
-            delta,
-        )?;
-        let got = env.read_bf16(dqkvp, rows * width)?;
-        // split the error by slot kind
-        let fused = FusedQkv {
-            rows,
-            groups,
-            qpg,
-            hs,
-        };
-        for (name, pick) in [
-            ("flash bwd dQ", SlotKind::Q),
-            ("flash bwd dK", SlotKind::K),
-            ("flash bwd dV", SlotKind::V),
-        ] {
-            let (a, b) = (fused.pick(&got, pick), fused.pick(&dqkv_ref, pick));
-            push(out, name, shape.clone(), rel_err(&a, &b), TOL_BF16);
-        }
 
         // The same backward with the RoPE backward fused into it (dQ's conversion, dK's
         // store) against the CPU's flash backward then rope_backward on Q and K. The tables
@@ -1297,30 +1266,48 @@ fn check_flash_variant(env: &mut Env, out: &mut Vec<Check>, variant: &str) -> R<
             sin: env.bf16_buf(&sin)?,
             len: table.seq,
         };
-        let dqkv_rope = env.poisoned(rows * width * 2)?;
-        env.ops.flash_bwd_rope(
-            &l,
-            qkvp,
-            qkvp + k_off,
-            qkvp + v_off,
-            op,
-            dop,
-            lsep,
-            dqkv_rope,
-            dqkv_rope + k_off,
-            dqkv_rope + v_off,
-            dq_acc,
-            delta,
-            Some(rope),
-        )?;
-        let got = env.read_bf16(dqkv_rope, rows * width)?;
-        for (name, pick) in [
-            ("flash bwd+rope dQ", SlotKind::Q),
-            ("flash bwd+rope dK", SlotKind::K),
-            ("flash bwd+rope dV", SlotKind::V),
+        let fused = FusedQkv {
+            rows,
+            groups,
+            qpg,
+            hs,
+        };
+        for (name, rope, want) in [
+            ("flash bwd", None, &dqkv_ref),
+            ("flash bwd+rope", Some(rope), &rope_ref),
         ] {
-            let (a, b) = (fused.pick(&got, pick), fused.pick(&rope_ref, pick));
-            push(out, name, shape.clone(), rel_err(&a, &b), TOL_BF16);
+            let dqkvp = env.poisoned(rows * width * 2)?;
+            env.ops.flash_bwd(
+                &l,
+                qkvp,
+                qkvp + k_off,
+                qkvp + v_off,
+                op,
+                dop,
+                lsep,
+                dqkvp,
+                dqkvp + k_off,
+                dqkvp + v_off,
+                dq_acc,
+                delta,
+                rope,
+            )?;
+            let got = env.read_bf16(dqkvp, rows * width)?;
+            // split the error by slot kind
+            for (slot_name, pick) in [
+                ("dQ", SlotKind::Q),
+                ("dK", SlotKind::K),
+                ("dV", SlotKind::V),
+            ] {
+                let (a, b) = (fused.pick(&got, pick), fused.pick(want, pick));
+                push(
+                    out,
+                    &format!("{name} {slot_name}"),
+                    shape.clone(),
+                    rel_err(&a, &b),
+                    TOL_BF16,
+                );
+            }
         }
     }
     Ok(())

@@ -193,7 +193,7 @@ impl CudaBackend {
                 sin: self.rope_sin.ptr,
                 len: self.rope_len,
             });
-            ops.flash_bwd_rope(
+            ops.flash_bwd(
                 &al,
                 sv.qkv,
                 kv + ko,

@@ -389,6 +389,7 @@ impl CudaBackend {
             ds.dvd,
             ds.dq_acc,
             ds.delta,
+            None,
         )?;
         // scatter-add into the projection layout, one quarter (s, v) per launch so no
         // launch writes a vector twice
