@@ -18,26 +18,38 @@ __device__ __forceinline__ float ex2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+__device__ __forceinline__ float lg2_approx(float x) {
+    float y;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ float rcp_approx(float x) {
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 // Branch-free fast forms (the scan calls them once per token and channel; libm's log1pf and
-// IEEE division take slow-path branches that stall the one warp each scheduler has).
-__device__ __forceinline__ float sigmoid_f(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
+// IEEE division take slow-path branches that stall the one warp each scheduler has). They are
+// __expf, __logf and __fdividef without those intrinsics' denormal scaling (3 extra
+// instructions each around every MUFU op); only denormal arguments or results differ.
+__device__ __forceinline__ float sigmoid_f(float x) { return rcp_approx(1.f + ex2(-x * LOG2E_F)); }
 // log(1 + e) for e in [0, 1]: a series below 1e-3, else log(w)·e/(w − 1) with w = 1 + e
 // (corrects the rounding of w).
 __device__ __forceinline__ float log1p_unit(float e) {
     const float w = 1.f + e;
     const float series = e * fmaf(e, fmaf(e, 1.f / 3.f, -0.5f), 1.f);
-    const float direct = __logf(w) * __fdividef(e, w - 1.f);
+    const float direct = lg2_approx(w) * 0.6931471805599453f * (e * rcp_approx(w - 1.f));
     return e < 1e-3f ? series : direct;
 }
 // softplus(u) = max(u, 0) + log(1 + exp(−|u|)); u above 20 is returned as is (ArchScale).
 __device__ __forceinline__ float softplus_f(float u) {
-    const float r = fmaxf(u, 0.f) + log1p_unit(__expf(-fabsf(u)));
+    const float r = fmaxf(u, 0.f) + log1p_unit(ex2(-fabsf(u) * LOG2E_F));
     return u > SOFTPLUS_THRESHOLD ? u : r;
 }
 // softplus'(pre) = sigmoid(pre) = 1 − exp(−dt) from dt = softplus(pre) (1 above 20).
 __device__ __forceinline__ float softplus_grad_from_dt(float dt) {
     const float series = dt * fmaf(dt, fmaf(dt, 1.f / 6.f, -0.5f), 1.f);
-    const float direct = 1.f - __expf(-dt);
+    const float direct = 1.f - ex2(-dt * LOG2E_F);
     return dt > SOFTPLUS_THRESHOLD ? 1.f : (dt < 1e-3f ? series : direct);
 }
 
@@ -617,15 +629,16 @@ __device__ __forceinline__ void scan_fwd_split_impl(
             for (int j = 0; j < KP; ++j) sY[g0 + KP * sub + j][ch] = ya[j];
         }
         __syncthreads();
+        bf16* __restrict__ ob = out + (row0 + t0) * so + cl;  // 32-bit offsets per row from here
+        bf16* __restrict__ yb = y_out != nullptr ? y_out + (row0 + t0) * sy + cl : nullptr;
 #pragma unroll
         for (int q = 0; q < PER; ++q) {
             const int i = ls + STEP_STRIDE * q;
             if (lactive && t0 + i < T) {
-                const size_t r = row0 + t0 + i;
                 const float2 xg = sXG[i][lc];
                 const float yv = sY[i][lc] + xg.x;
-                if (y_out != nullptr) y_out[r * sy + cl] = tobf(yv);
-                out[r * so + cl] = tobf(yv * xg.y);
+                if (yb != nullptr) yb[i * sy] = tobf(yv);
+                ob[i * so] = tobf(yv * xg.y);
             }
         }
         // The next staging may overwrite sStep and sBC: every recurrence read them before the
@@ -737,19 +750,37 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
     // interval's loads are issued before the first is used (raw bf16 until then), so the
     // block waits for one load latency per interval; the optional inputs (the GMU memory's
     // gradient, varlen starts) follow as a patch of this thread's own entries.
+    // The interval's rows: entry q of this thread is row ls + STEP_STRIDE·q of the interval (row 0
+    // again past its end, n < SCAN_CKPT only in a sequence's last interval). Loads and stores
+    // index 32-bit offsets from per-interval base pointers: 64-bit index math per access was
+    // most of the staging's instructions (SASS, 2026-11-29 session 6).
+    auto interval_rows = [&](int n, int (&rq)[PER]) {
+#pragma unroll
+        for (int q = 0; q < PER; ++q) {
+            const int i = ls + STEP_STRIDE * q;
+            rq[q] = i < n ? i : 0;
+        }
+    };
+    const bf16* __restrict__ bcl = lc < SCAN_N ? Bm + lc : Cm + (lc - SCAN_N);  // this column of B or C
     auto stage = [&](int jc) {
         const int t0 = jc * SCAN_CKPT, n = min(SCAN_CKPT, T - t0);
+        const size_t rb = row0 + t0;
+        int rq[PER];
+        interval_rows(n, rq);
+        const bf16* __restrict__ xb = x + rb * sx + ccl;
+        const bf16* __restrict__ db = delta + rb * sd + ccl;
+        const bf16* __restrict__ gb = dout + rb * sdo + ccl;
+        const bf16* __restrict__ zb = z ? z + rb * sz + ccl : nullptr;
+        const bf16* __restrict__ bb = bcl + rb * sbc;
         bf16 lx[PER], ld[PER], lg[PER], lz[PER], lbc[PER];
         const bf16 bz = tobf(0.f);
 #pragma unroll
         for (int q = 0; q < PER; ++q) {
-            const int i = ls + STEP_STRIDE * q;
-            const size_t r = row0 + t0 + (i < n ? i : 0);
-            lx[q] = x[r * sx + ccl];
-            ld[q] = delta[r * sd + ccl];
-            lg[q] = dout[r * sdo + ccl];
-            lz[q] = z ? z[r * sz + ccl] : bz;
-            lbc[q] = lc < SCAN_N ? Bm[r * sbc + lc] : Cm[r * sbc + lc - SCAN_N];
+            lx[q] = xb[rq[q] * sx];
+            ld[q] = db[rq[q] * sd];
+            lg[q] = gb[rq[q] * sdo];
+            lz[q] = zb ? zb[rq[q] * sz] : bz;
+            lbc[q] = bb[rq[q] * sbc];
         }
 #pragma unroll
         for (int q = 0; q < PER; ++q) {
@@ -768,10 +799,8 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
             int lseg[PER];
 #pragma unroll
             for (int q = 0; q < PER; ++q) {
-                const int i = ls + STEP_STRIDE * q;
-                const size_t r = row0 + t0 + (i < n ? i : 0);
-                le[q] = dy_extra ? dy_extra[r * sde + ccl] : bz;
-                lseg[q] = seg ? seg[r] : -1;
+                le[q] = dy_extra ? dy_extra[rb * sde + ccl + rq[q] * sde] : bz;
+                lseg[q] = seg ? seg[rb + rq[q]] : -1;
             }
 #pragma unroll
             for (int q = 0; q < PER; ++q) {
@@ -907,6 +936,7 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
             }
             __syncthreads();
             // dB/dC of the sub-chunk: sum the warps' partials, one atomic per step and column.
+            float* __restrict__ accb = dbc_acc + (row0 + t0 + i0) * 2 * SCAN_N;  // [step][col] from the sub-chunk's first
 #pragma unroll
             for (int e = tid; e < SCAN_SUB * 2 * SCAN_N; e += SCAN_SPLIT_THREADS) {
                 const int q = e >> 5, col = e & 31, i = i0 + q;
@@ -914,7 +944,7 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
                     float sum = 0.f;
 #pragma unroll
                     for (int w = 0; w < SCAN_SPLIT_WARPS; ++w) sum += sH[q * SCAN_SPLIT_CH * SCAN_N + w * 32 * SCAN_KP + col];
-                    atomicAdd(dbc_acc + (row0 + t0 + i) * 2 * SCAN_N + col, sum);
+                    atomicAdd(accb + e, sum);
                 }
             }
             __syncthreads();  // before the next sub-chunk's states overwrite sH
@@ -922,6 +952,14 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
         // dz = dout·silu'(z)·y: dout and z reloaded, each half's loads before its stores
         // (loads between the stores waited one latency each; all 8 at once spilled)
         const bool with_dz = dz != nullptr && z != nullptr;
+        const size_t rb = row0 + t0;
+        int rq[PER];
+        interval_rows(n, rq);
+        const bf16* __restrict__ gb = dout + rb * sdo + ccl;
+        const bf16* __restrict__ zb = with_dz ? z + rb * sz + ccl : nullptr;
+        bf16* __restrict__ dxb = dx + rb * sdx + cl;
+        bf16* __restrict__ ddb = ddelta + rb * sdd + cl;
+        bf16* __restrict__ dzb = with_dz ? dz + rb * sdz + cl : nullptr;
 #pragma unroll 1
         for (int hf = 0; hf < 2; ++hf) {
             constexpr int H = PER / 2;
@@ -929,24 +967,22 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
             if (with_dz) {
 #pragma unroll
                 for (int q = 0; q < H; ++q) {
-                    const int i = ls + STEP_STRIDE * (q + hf * H);
-                    const size_t r = row0 + t0 + (i < n ? i : 0);
-                    wg[q] = dout[r * sdo + ccl];
-                    wz[q] = z[r * sz + ccl];
+                    const int o = rq[q + hf * H];
+                    wg[q] = gb[o * sdo];
+                    wz[q] = zb[o * sz];
                 }
             }
 #pragma unroll
             for (int q = 0; q < H; ++q) {
-                const int i = ls + STEP_STRIDE * (q + hf * H);
+                const int i = ls + STEP_STRIDE * (q + hf * H), o = rq[q + hf * H];
                 if (i < n && lactive) {
-                    const size_t r = row0 + t0 + i;
                     const float4 res = sS[i][lc];  // (dx, dΔ, y, −)
-                    dx[r * sdx + cl] = tobf(res.x);
-                    ddelta[r * sdd + cl] = tobf(res.y);
+                    dxb[o * sdx] = tobf(res.x);
+                    ddb[o * sdd] = tobf(res.y);
                     if (with_dz) {
                         const float g = bf(wg[q]), zv = bf(wz[q]);
                         const float sg = sigmoid_f(zv);
-                        dz[r * sdz + cl] = tobf(g * sg * (1.f + zv * (1.f - sg)) * res.z);
+                        dzb[o * sdz] = tobf(g * sg * (1.f + zv * (1.f - sg)) * res.z);
                     }
                 }
             }
