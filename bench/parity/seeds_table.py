@@ -3,13 +3,15 @@ fp32 curve over the logged steps and its mean offset over steps 160-300 (signed)
 import glob, json, os, re, sys
 
 d = sys.argv[1]
+tag = sys.argv[2] if len(sys.argv) > 2 else ""  # file-name infix before _s<seed> (plan_search.sh: _lr<LR>)
 def curve(f):
     return {r["step"]: r["loss"] for r in map(json.loads, open(f)) if "loss" in r}
-seeds = sorted({re.search(r"_s(\d+)", f).group(1) for f in glob.glob(os.path.join(d, "torch_fp32_s*.jsonl"))}, key=int)
+seeds = sorted({re.search(r"_s(\d+)", f).group(1) for f in glob.glob(os.path.join(d, f"torch_fp32{tag}_s*.jsonl"))}, key=int)
 print("seed  run          max|diff| vs fp32  over 0.03  mean offset 160-300")
 for s in seeds:
-    ref = curve(os.path.join(d, f"torch_fp32_s{s}.jsonl"))
-    for name, f in [("torch bf16", f"torch_bf16_s{s}.jsonl"), ("cuda a", f"cuda_s{s}_a.jsonl"), ("cuda b", f"cuda_s{s}_b.jsonl")]:
+    ref = curve(os.path.join(d, f"torch_fp32{tag}_s{s}.jsonl"))
+    for name, f in [("fp32 nudged", f"torch_fp32_perturbed{tag}_s{s}.jsonl"), ("torch bf16", f"torch_bf16{tag}_s{s}.jsonl"),
+                    ("cuda a", f"cuda{tag}_s{s}_a.jsonl"), ("cuda b", f"cuda{tag}_s{s}_b.jsonl")]:
         p = os.path.join(d, f)
         if not os.path.exists(p):
             continue

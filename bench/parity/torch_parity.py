@@ -25,13 +25,16 @@ p.add_argument("--steps", type=int, default=300)
 p.add_argument("--runs", default="fp32,bf16,fp32_perturbed,bf16_again")
 p.add_argument("--seed", type=int, default=3407, help="the plan's train.seed (ArchScale's data seed)")
 p.add_argument("--tag", default="", help="suffix of the output file names")
+p.add_argument("--lr", type=float, default=2e-3, help="the plan's base.lr (SP: used as is)")
+p.add_argument("--min-lr", type=float, default=None, help="the plan's base.min_lr (default lr / 10)")
 a = p.parse_args()
 os.makedirs(a.out, exist_ok=True)
 dev = "cuda"
 
 N, H, G, HS, I, L, V = 128, 2, 1, 64, 512, 4, 50304
 T, MICRO, SEED, N_CHUNKS = 256, 16, a.seed, 8
-LR, MIN_LR, WARMUP, WD, BETAS, EPS, CLIP = 2e-3, 2e-4, 15, 0.1, (0.9, 0.95), 1e-8, 1.0
+LR, WARMUP, WD, BETAS, EPS, CLIP = a.lr, 15, 0.1, (0.9, 0.95), 1e-8, 1.0
+MIN_LR = a.min_lr if a.min_lr is not None else a.lr / 10
 
 
 def read_safetensors(path):

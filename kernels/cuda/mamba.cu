@@ -938,8 +938,8 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
             // dB/dC of the sub-chunk: sum the warps' partials, one atomic per step and column.
             float* __restrict__ accb = dbc_acc + (row0 + t0 + i0) * 2 * SCAN_N;  // [step][col] from the sub-chunk's first
 #pragma unroll
-            for (int e = tid; e < SCAN_SUB * 2 * SCAN_N; e += SCAN_SPLIT_THREADS) {
-                const int q = e >> 5, col = e & 31, i = i0 + q;
+            for (int k = 0; k < SCAN_SUB * 2 * SCAN_N / SCAN_SPLIT_THREADS; ++k) {
+                const int e = tid + k * SCAN_SPLIT_THREADS, q = e >> 5, col = e & 31, i = i0 + q;
                 if (i < n) {
                     float sum = 0.f;
 #pragma unroll
