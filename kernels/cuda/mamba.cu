@@ -674,7 +674,7 @@ __device__ __forceinline__ void scan3_state_step(float (&h)[SCAN_KP], const floa
 
 // ------------------------------------------------------------------------------------------
 // Backward v4. Block: 32 channels × 4 lanes (4 warps); grid (ceil(D / 32), B, T segments);
-// dynamic shared memory as the carve-up below (ops.rs SCAN_SPLIT_BWD_SMEM, 52 KB: 4 blocks per
+// dynamic shared memory as the carve-up below (ops.rs SCAN_SPLIT_BWD_SMEM, 54 KB: 4 blocks per
 // SM; at most 128 registers). Per interval of SCAN_CKPT steps (walked backwards): stage the
 // inputs (lane = channel) as float4 (x, dt, ḡ, dt or +inf at a reset), recompute the states
 // from the checkpoint (sub-chunks of SCAN_SUB steps kept in shared memory), run λ backwards. A
@@ -701,10 +701,10 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
     float* __restrict__ dbc_acc, float* __restrict__ da_log, float* __restrict__ dd_skip,
     float* __restrict__ ddelta_bias, int T, int D, int ck_split) {
     extern __shared__ __align__(16) float smem[];
-    float* sH = smem;  // [SCAN_SUB][SCAN_SPLIT_CH · SCAN_N], a lane's 4 states contiguous
-    float(*sBC)[2 * SCAN_N] = reinterpret_cast<float(*)[2 * SCAN_N]>(smem + SCAN_SUB * SCAN_SPLIT_CH * SCAN_N);
-    float4(*sS)[SCAN_SPLIT_CH] =
-        reinterpret_cast<float4(*)[SCAN_SPLIT_CH]>(smem + SCAN_SUB * SCAN_SPLIT_CH * SCAN_N + SCAN_CKPT * 2 * SCAN_N);
+    constexpr int HS = (SCAN_SUB + 1) * SCAN_SPLIT_CH * SCAN_N;  // floats of sH
+    float* sH = smem;  // [SCAN_SUB + 1][SCAN_SPLIT_CH · SCAN_N], a lane's 4 states contiguous
+    float(*sBC)[2 * SCAN_N] = reinterpret_cast<float(*)[2 * SCAN_N]>(smem + HS);
+    float4(*sS)[SCAN_SPLIT_CH] = reinterpret_cast<float4(*)[SCAN_SPLIT_CH]>(smem + HS + SCAN_CKPT * 2 * SCAN_N);
     constexpr int PER = SCAN_CKPT * SCAN_SPLIT_CH / SCAN_SPLIT_THREADS;  // 8 staged steps per thread
     constexpr int STEP_STRIDE = SCAN_SPLIT_THREADS / SCAN_SPLIT_CH;
     constexpr int G = SCAN3_RGROUP;
@@ -854,7 +854,9 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
 #pragma unroll
                 for (int j = 0; j < SCAN_KP; ++j) h[j] = hck[j];
             }
-            // Recompute the sub-chunk's states into sH, G steps' loads before their stores.
+            // Recompute the sub-chunk's states into sH (slot 0: the state before its first step,
+            // slot q + 1: after step q), G steps' loads before their stores.
+            *reinterpret_cast<float4*>(&sH[ch * SCAN_N + sub * SCAN_KP]) = make_float4(h[0], h[1], h[2], h[3]);
 #pragma unroll 1
             for (int q0 = 0; q0 < SCAN_SUB; q0 += G) {
                 float4 S[G], B4[G];
@@ -866,7 +868,7 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
 #pragma unroll
                 for (int u = 0; u < G; ++u) {
                     scan3_state_step(h, A2, S[u], B4[u]);
-                    *reinterpret_cast<float4*>(&sH[((q0 + u) * SCAN_SPLIT_CH + ch) * SCAN_N + sub * SCAN_KP]) =
+                    *reinterpret_cast<float4*>(&sH[((q0 + u + 1) * SCAN_SPLIT_CH + ch) * SCAN_N + sub * SCAN_KP]) =
                         make_float4(h[0], h[1], h[2], h[3]);
                 }
             }
@@ -880,10 +882,13 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
                     const float4 st = sS[i][ch];
                     const float xv = st.x, dt = st.y, gbar = st.z;
                     const float dtx = dt * xv;
-                    const float4 h4 = *reinterpret_cast<const float4*>(&sH[(q * SCAN_SPLIT_CH + ch) * SCAN_N + sub * SCAN_KP]);
+                    // slot q + 1 holds h_q, slot q the state before it
+                    const float4 h4 = *reinterpret_cast<const float4*>(&sH[((q + 1) * SCAN_SPLIT_CH + ch) * SCAN_N + sub * SCAN_KP]);
+                    const float4 p4 = *reinterpret_cast<const float4*>(&sH[(q * SCAN_SPLIT_CH + ch) * SCAN_N + sub * SCAN_KP]);
                     const float4 Bq = *reinterpret_cast<const float4*>(&sBC[i][sub * SCAN_KP]);
                     const float4 Cq = *reinterpret_cast<const float4*>(&sBC[i][SCAN_N + sub * SCAN_KP]);
                     const float hv[SCAN_KP] = {h4.x, h4.y, h4.z, h4.w};
+                    const float hp[SCAN_KP] = {p4.x, p4.y, p4.z, p4.w};
                     const float Bv[SCAN_KP] = {Bq.x, Bq.y, Bq.z, Bq.w};
                     const float Cv[SCAN_KP] = {Cq.x, Cq.y, Cq.z, Cq.w};
                     float ya = 0.f, lb = 0.f, pa = 0.f;
@@ -891,18 +896,18 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
 #pragma unroll
                     for (int j = 0; j < SCAN_KP; ++j) {
                         const float hk = hv[j], Bk = Bv[j], Ck = Cv[j];
+                        const float e = ex2(st.w * A2[j]);
                         ya = fmaf(Ck, hk, ya);
                         v[SCAN_KP + j] = gbar * hk;
                         lam[j] = fmaf(gbar, Ck, lam[j]);
-                        // λ·exp(dt·A)·h_{t−1}; h − dt·x·B with the recompute's own rounded
-                        // product, so it cancels exactly at a reset or a full decay (an FFMA left
-                        // the product's rounding error there: dA off by up to 8e-5 at dt = 24).
-                        const float p = lam[j] * (hk - __fmul_rn(dtx, Bk));
+                        // λ·exp(dt·A)·h_{t−1} from the stored h_{t−1}: one product fewer than
+                        // h_t − dt·x·B, and exactly 0 at a reset or a full decay (e = 0)
+                        const float p = lam[j] * (e * hp[j]);
                         dA[j] = fmaf(p, dt, dA[j]);
                         pa = fmaf(A[j], p, pa);
                         lb = fmaf(lam[j], Bk, lb);
                         v[j] = lam[j] * dtx;
-                        lam[j] *= ex2(st.w * A2[j]);
+                        lam[j] *= e;
                     }
                     // Sum over the warp's 8 channels: lane ends with column rcol.
                     transpose_reduce_lv<4, 16>(v, lane);
@@ -931,7 +936,7 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
                 __syncwarp();  // the warp's reads of these steps' sH and sS are done
 #pragma unroll
                 for (int u = 0; u < G; ++u)
-                    sH[(q0 + u) * SCAN_SPLIT_CH * SCAN_N + warp * 32 * SCAN_KP + rcol] = rv[u];
+                    sH[(q0 + u + 1) * SCAN_SPLIT_CH * SCAN_N + warp * 32 * SCAN_KP + rcol] = rv[u];
                 sS[im][ch] = make_float4(dxv, dpre, yv, 0.f);
             }
             __syncthreads();
@@ -943,7 +948,7 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
                 if (i < n) {
                     float sum = 0.f;
 #pragma unroll
-                    for (int w = 0; w < SCAN_SPLIT_WARPS; ++w) sum += sH[q * SCAN_SPLIT_CH * SCAN_N + w * 32 * SCAN_KP + col];
+                    for (int w = 0; w < SCAN_SPLIT_WARPS; ++w) sum += sH[(q + 1) * SCAN_SPLIT_CH * SCAN_N + w * 32 * SCAN_KP + col];
                     atomicAdd(accb + e, sum);
                 }
             }

@@ -1277,15 +1277,16 @@ const SCAN_SUB: usize = 16;
 /// Channels per block of the split-state scan kernels (4 lanes per channel: 128 threads).
 const SCAN_SPLIT_CH: usize = 32;
 const SCAN_SPLIT_THREADS: usize = 128;
-/// Resident blocks per SM of the 4-lane scan kernels (the backward's 52 KB shared memory,
+/// Resident blocks per SM of the 4-lane scan kernels (the backward's 54 KB shared memory,
 /// <= 128 registers).
 const SCAN_BLOCKS_PER_SM: usize = 4;
 /// Default share (percent of the checkpoint intervals) of the first T segment when the scan
 /// backward splits T; that segment also walks λ alone over the second one.
 const SCAN_TSPLIT_PCT: u32 = 45;
-/// Dynamic shared memory of `selective_scan_bwd_split` and `_v3` (must match mamba.cu's
-/// carve-up: states of a sub-chunk, B/C of an interval, one float4 per step and channel).
-const SCAN_SPLIT_BWD_SMEM: usize = (SCAN_SUB * SCAN_SPLIT_CH * SCAN_D_STATE
+/// Dynamic shared memory of `selective_scan_bwd_split` (must match mamba.cu's carve-up: the
+/// states before and after each step of a sub-chunk, B/C of an interval, one float4 per step
+/// and channel).
+const SCAN_SPLIT_BWD_SMEM: usize = ((SCAN_SUB + 1) * SCAN_SPLIT_CH * SCAN_D_STATE
     + SCAN_CKPT * 2 * SCAN_D_STATE
     + 4 * SCAN_CKPT * SCAN_SPLIT_CH)
     * 4;
