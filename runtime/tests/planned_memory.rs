@@ -127,13 +127,14 @@ fn compiler_estimate_matches_the_runtimes_plan_for_every_sharding() {
 #[test]
 fn estimate_matches_the_measured_peaks() {
     let gib = |p: &Plan| check(p) as f64 / GIB;
-    let bench = |arch: &str, depth: usize, micro: usize| {
-        let mut p = plan(arch, depth, 4096, 4, &[]);
+    let bench_with = |arch: &str, depth: usize, micro: usize, sets: &[&str]| {
+        let mut p = plan(arch, depth, 4096, 4, sets);
         // as `archscale bench --micro`: the micro-batch changes after planning
         p.layout.micro_batch = micro;
         p.estimates.memory = plan_memory(&p);
         p
     };
+    let bench = |arch: &str, depth: usize, micro: usize| bench_with(arch, depth, micro, &[]);
     // (plan, measured GiB, digits the measurement was recorded with)
     let cases = [
         (bench("transformer", 8, 4), 8.296, 3),
@@ -147,6 +148,11 @@ fn estimate_matches_the_measured_peaks() {
         (bench("sambayda", 8, 4), 10.867, 3),
         (bench("sambay", 8, 4), 10.113, 3),
         (bench("sambay", 16, 4), 40.297, 3),
+        // session 6 (RESULTS, "Session 6"): the SambaY d8 scan at micro 8, Muon, Phi-4's
+        // LayerNorm, biases and 200k vocabulary
+        (bench("sambay", 8, 8), 16.97, 2),
+        (bench_with("transformer", 8, 4, &["train.optimizer=\"muon\""]), 8.33, 2),
+        (bench("phi4miniflash", 32, 1), 89.94, 2),
     ];
     for (p, measured, digits) in &cases {
         let est = gib(p);
