@@ -3,7 +3,7 @@
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export ARCHSCALE_KERNEL_CACHE=$PWD/gpu-carry/kcache
-B=gpu-carry/archscale; E=bench/parity/shakespeare.toml
+B=gpu-carry/archscale; E=${E:-bench/parity/shakespeare.toml}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/card.txt
 ( time $B run $E --backend cpu --set train.out_dir=$OUT/cpu ) > $OUT/cpu.log 2>&1 &
 CPU=$!
