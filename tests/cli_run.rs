@@ -77,8 +77,11 @@ fn run_dir(dir: &Path) -> PathBuf {
     entries.pop().unwrap()
 }
 
+/// (step, loss) pairs of a metrics file.
+type StepLosses = Vec<(u64, f64)>;
+
 /// (step, loss) of every training line, and (step, val loss) of every validation line.
-fn metrics(run: &Path) -> (Vec<(u64, f64)>, Vec<(u64, f64)>) {
+fn metrics(run: &Path) -> (StepLosses, StepLosses) {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for line in text.lines() {

@@ -22,7 +22,9 @@ fn compare(path: &str, got: &Value, want: &Value, errors: &mut Vec<String>) {
                     g.as_f64().unwrap_or(f64::NAN),
                     w.as_f64().unwrap_or(f64::NAN),
                 );
-                if !((g - w).abs() <= 1e-12 * w.abs()) {
+                // NaN on either side is a mismatch
+                let close = (g - w).abs() <= 1e-12 * w.abs();
+                if !close {
                     errors.push(format!("{path}: {g:e} vs {w:e}"));
                 }
             } else if g.as_i64() != w.as_i64() {

@@ -114,6 +114,9 @@ impl Gpu {
             ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
         )?;
         let total_mem = driver("cuDeviceTotalMem", ctx.total_mem())?;
+        // One thread drives a Gpu (its modules hold raw CUDA handles); Arc is for the
+        // backend's parts sharing it, not for sending it across threads.
+        #[allow(clippy::arc_with_non_send_sync)]
         Ok(Arc::new(Gpu {
             ctx,
             stream,

@@ -1239,7 +1239,7 @@ fn kv_tensor_map(l: &AttnLayout, p: u64, rows: usize) -> Result<TensorMap> {
 }
 
 fn check_layout(l: &AttnLayout) -> Result<()> {
-    if l.qpg == 0 || l.heads % l.qpg != 0 {
+    if l.qpg == 0 || !l.heads.is_multiple_of(l.qpg) {
         return Err(KernelError::Unsupported(format!(
             "attention: {} heads not divisible into groups of {}",
             l.heads, l.qpg
@@ -1552,7 +1552,7 @@ impl HybridOps {
         ns: usize,
         d: usize,
     ) -> Result<()> {
-        if rp < r || rp % 8 != 0 {
+        if rp < r || !rp.is_multiple_of(8) {
             return Err(KernelError::Unsupported(format!(
                 "mamba_pad_weights: padded dt rank {rp} must be a multiple of 8 and at least {r}"
             )));
@@ -2193,7 +2193,7 @@ impl HybridOps {
             .i32(i32_of("w", w)?)
             .i32(i32_of("rows", rows)?)
             .i32(mode as i32);
-        let per = if (n | c0 | w) % 8 == 0 { 8 } else { 1 };
+        let per = if (n | c0 | w).is_multiple_of(8) { 8 } else { 1 };
         self.gpu.launch(
             self.kv_grad_add,
             self.ew(rows * w / per),

@@ -417,8 +417,9 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
             w.beat();
         }
     };
-    let eval_due =
-        |s: u64| s == 0 || s % plan.training.eval_interval.max(1) == 0 || s + 1 == max_steps;
+    let eval_due = |s: u64| {
+        s == 0 || s.is_multiple_of(plan.training.eval_interval.max(1)) || s + 1 == max_steps
+    };
     let (mut window_tokens, mut window_start) = (0u64, Instant::now());
     let mut tokens_this_run = 0u64;
 

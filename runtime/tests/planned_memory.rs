@@ -151,7 +151,11 @@ fn estimate_matches_the_measured_peaks() {
         // session 6 (RESULTS, "Session 6"): the SambaY d8 scan at micro 8, Muon, Phi-4's
         // LayerNorm, biases and 200k vocabulary
         (bench("sambay", 8, 8), 16.97, 2),
-        (bench_with("transformer", 8, 4, &["train.optimizer=\"muon\""]), 8.33, 2),
+        (
+            bench_with("transformer", 8, 4, &["train.optimizer=\"muon\""]),
+            8.33,
+            2,
+        ),
         (bench("phi4miniflash", 32, 1), 89.94, 2),
     ];
     for (p, measured, digits) in &cases {

@@ -411,7 +411,7 @@ pub fn dims_of(plan: &Plan) -> Result<Dims> {
     if m.mlp != MlpKind::Swiglu {
         return Err(err("CUDA backend: only SwiGLU MLPs are supported"));
     }
-    if m.n_head % m.n_query_groups != 0 {
+    if !m.n_head.is_multiple_of(m.n_query_groups) {
         return Err(err(
             "CUDA backend: n_head must be a multiple of n_query_groups",
         ));
@@ -463,7 +463,9 @@ pub fn dims_of(plan: &Plan) -> Result<Dims> {
                         )));
                     }
                 }
-                if a.differential.is_some() && (m.n_head % 2 != 0 || m.n_query_groups % 2 != 0) {
+                if a.differential.is_some()
+                    && (!m.n_head.is_multiple_of(2) || !m.n_query_groups.is_multiple_of(2))
+                {
                     return Err(err(format!(
                         "CUDA backend: layer {}: differential attention needs even heads and KV groups, got {} and {}",
                         l.index, m.n_head, m.n_query_groups
@@ -1286,12 +1288,8 @@ impl CudaBackend {
             .map(|l| (0..=l).find(|&k| class(k) == class(l)).unwrap_or(l))
             .collect();
         let ln = d.layer_norm;
-        for l in 0..d.layers {
-            let cap = if eval_saved[l] == l {
-                cap_eval
-            } else {
-                cap_train
-            };
+        for (l, &saved_as) in eval_saved.iter().enumerate() {
+            let cap = if saved_as == l { cap_eval } else { cap_train };
             let info = d.info[l];
             let mut bufs = Vec::new();
             let mut buf = |bytes: usize| -> Result<u64> {

@@ -110,6 +110,7 @@ pub fn newton_schulz(g: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// One Muon update of a [rows, cols] matrix in place. `lr` includes schedule and `lr_mult`.
+#[allow(clippy::too_many_arguments)]
 pub fn muon_step(
     param: &mut [f32],
     grad: &[f32],

@@ -918,7 +918,7 @@ pub(super) fn check_kv_grad(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     ] {
         let w = (qpg + 2) * hs;
         let (n, kv_at) = (rows * groups * w, qpg * hs);
-        let path = if (w | kv_at | 2 * hs) % 8 == 0 {
+        let path = if (w | kv_at | (2 * hs)) % 8 == 0 {
             "8-wide"
         } else {
             "element-wise"
