@@ -745,11 +745,6 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
     float dD = 0.f, dBias = 0.f;
     const float4 zero4 = make_float4(0.f, 0.f, 0.f, 0.f);
 
-    // Stages interval jc (lane = channel): sS = (x, dt, ḡ, dt or +inf at a reset), sBC = B, C;
-    // steps past T and idle channels get zeros (ḡ = 0 keeps λ and the partials 0). All of the
-    // interval's loads are issued before the first is used (raw bf16 until then), so the
-    // block waits for one load latency per interval; the optional inputs (the GMU memory's
-    // gradient, varlen starts) follow as a patch of this thread's own entries.
     // The interval's rows: entry q of this thread is row ls + STEP_STRIDE·q of the interval (row 0
     // again past its end, n < SCAN_CKPT only in a sequence's last interval). Loads and stores
     // index 32-bit offsets from per-interval base pointers: 64-bit index math per access was
@@ -762,6 +757,12 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
         }
     };
     const bf16* __restrict__ bcl = lc < SCAN_N ? Bm + lc : Cm + (lc - SCAN_N);  // this column of B or C
+
+    // Stages interval jc (lane = channel): sS = (x, dt, ḡ, dt or +inf at a reset), sBC = B, C;
+    // steps past T and idle channels get zeros (ḡ = 0 keeps λ and the partials 0). All of the
+    // interval's loads are issued before the first is used (raw bf16 until then), so the
+    // block waits for one load latency per interval; the optional inputs (the GMU memory's
+    // gradient, varlen starts) follow as a patch of this thread's own entries.
     auto stage = [&](int jc) {
         const int t0 = jc * SCAN_CKPT, n = min(SCAN_CKPT, T - t0);
         const size_t rb = row0 + t0;
@@ -795,11 +796,12 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
             sBC[i][lc] = ok ? bf(lbc[q]) : 0.f;
         }
         if (dy_extra != nullptr || seg != nullptr) {
+            const bf16* __restrict__ eb = dy_extra ? dy_extra + rb * sde + ccl : nullptr;
             bf16 le[PER];
             int lseg[PER];
 #pragma unroll
             for (int q = 0; q < PER; ++q) {
-                le[q] = dy_extra ? dy_extra[rb * sde + ccl + rq[q] * sde] : bz;
+                le[q] = eb ? eb[rq[q] * sde] : bz;
                 lseg[q] = seg ? seg[rb + rq[q]] : -1;
             }
 #pragma unroll
@@ -941,7 +943,7 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
             }
             __syncthreads();
             // dB/dC of the sub-chunk: sum the warps' partials, one atomic per step and column.
-            float* __restrict__ accb = dbc_acc + (row0 + t0 + i0) * 2 * SCAN_N;  // [step][col] from the sub-chunk's first
+            float* __restrict__ accb = dbc_acc + (row0 + t0 + i0) * 2 * SCAN_N;  // the sub-chunk's [step][col] rows
 #pragma unroll
             for (int k = 0; k < SCAN_SUB * 2 * SCAN_N / SCAN_SPLIT_THREADS; ++k) {
                 const int e = tid + k * SCAN_SPLIT_THREADS, q = e >> 5, col = e & 31, i = i0 + q;
