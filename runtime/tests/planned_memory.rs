@@ -157,6 +157,11 @@ fn estimate_matches_the_measured_peaks() {
             2,
         ),
         (bench("phi4miniflash", 32, 1), 89.94, 2),
+        // the largest micro-batches that fit an H200 (`bench --micro fit`, calls 9 and 10)
+        (bench("sambay", 8, 78), 136.92, 2),
+        (bench("sambay", 16, 22), 136.12, 2),
+        (bench("transformer", 8, 106), 138.13, 2),
+        (bench("transformer", 16, 29), 137.95, 2),
     ];
     for (p, measured, digits) in &cases {
         let est = gib(p);
