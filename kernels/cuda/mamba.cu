@@ -902,14 +902,14 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
                         ya = fmaf(Ck, hk, ya);
                         v[SCAN_KP + j] = gbar * hk;
                         lam[j] = fmaf(gbar, Ck, lam[j]);
-                        // λ·exp(dt·A)·h_{t−1} from the stored h_{t−1}: one product fewer than
-                        // h_t − dt·x·B, and exactly 0 at a reset or a full decay (e = 0)
-                        const float p = lam[j] * (e * hp[j]);
-                        dA[j] = fmaf(p, dt, dA[j]);
-                        pa = fmaf(A[j], p, pa);
                         lb = fmaf(lam[j], Bk, lb);
                         v[j] = lam[j] * dtx;
+                        // λ·exp(dt·A) is the next step's λ; times the stored h_{t−1} it is the
+                        // decay's gradient term, exactly 0 at a reset or a full decay (e = 0)
                         lam[j] *= e;
+                        const float p = lam[j] * hp[j];
+                        dA[j] = fmaf(p, dt, dA[j]);
+                        pa = fmaf(A[j], p, pa);
                     }
                     // Sum over the warp's 8 channels: lane ends with column rcol.
                     transpose_reduce_lv<4, 16>(v, lane);
