@@ -2165,6 +2165,16 @@ impl HybridOps {
             .launch(self.diff_bwd, grid1(blocks), (256, 1, 1), 0, &a)
     }
 
+    /// Elements per thread of [`Self::kv_grad_add`]: 8 (16-byte accesses) when the row width,
+    /// the first K/V column and the K/V width are multiples of 8, else 1.
+    pub fn kv_grad_elems_per_thread(n: usize, c0: usize, w: usize) -> usize {
+        if (n | c0 | w).is_multiple_of(8) {
+            8
+        } else {
+            1
+        }
+    }
+
     /// The YOCO K/V gradient over columns `[c0, c0 + w)` of the fused QKV rows `[rows, n]`
     /// (bf16 `dqkv`, fp32 `acc`, both contiguous).
     #[allow(clippy::too_many_arguments)]
@@ -2193,7 +2203,7 @@ impl HybridOps {
             .i32(i32_of("w", w)?)
             .i32(i32_of("rows", rows)?)
             .i32(mode as i32);
-        let per = if (n | c0 | w).is_multiple_of(8) { 8 } else { 1 };
+        let per = Self::kv_grad_elems_per_thread(n, c0, w);
         self.gpu.launch(
             self.kv_grad_add,
             self.ew(rows * w / per),

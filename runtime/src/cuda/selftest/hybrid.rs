@@ -918,10 +918,9 @@ pub(super) fn check_kv_grad(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     ] {
         let w = (qpg + 2) * hs;
         let (n, kv_at) = (rows * groups * w, qpg * hs);
-        let path = if (w | kv_at | (2 * hs)) % 8 == 0 {
-            "8-wide"
-        } else {
-            "element-wise"
+        let path = match HybridOps::kv_grad_elems_per_thread(w, kv_at, 2 * hs) {
+            8 => "8-wide",
+            _ => "element-wise",
         };
         let shape = format!("{rows} rows, {groups} groups x ({qpg} Q + K + V) x {hs} ({path})");
         let is_kv = |i: usize| i % w >= kv_at;
