@@ -1029,3 +1029,93 @@ extern "C" __global__ void mamba_pad_weights(const bf16* __restrict__ wx, const 
         }
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Arithmetic floor probe of the scan forward (bench only: `selftest --bench-scan`; its values
+// mean nothing). One thread per channel with its 16 states in registers does, per step, only
+// the work every forward must do: per (t, c) the staging (bf16 x, Δ and z unpacked; Δ + bias,
+// softplus in its cheapest form; Δ·x; SiLU(z); the D skip, the gate and the bf16 output) and per state the exponent
+// product, 2^x, Δx·B, the state FMA and C·h. Every HBM access is gone: the inputs cycle through
+// a window of SCAN_CKPT staged steps in shared memory, B and C are read as in the forward, the
+// outputs go to shared memory, and a short walk per thread (`steps`) keeps the GPU full at any
+// size. NPOLY of the 16 exponentials per step come from a degree-3 polynomial on the FMA pipe
+// (FA4's offload) instead of MUFU.EX2. Its time for the scan's (t, c, n) count bounds from
+// below every forward doing this arithmetic on this GPU.
+#define FLOOR_THREADS 128
+
+// 2^x by a degree-3 polynomial on [−0.5, 0.5] and the exponent added to the bits: 6 FMA-pipe
+// instructions with the exponent product fused. No clamp for x < −126 (a correct kernel needs
+// one; leaving it out only lowers the floor), and ≈ 1e−4 relative error (coarser than MUFU).
+__device__ __forceinline__ float ex2_poly3_of(float dt, float a2) {
+    const float magic = 12582912.f;  // 1.5·2^23: j's low mantissa bits hold round(dt·a2)
+    const float j = fmaf(dt, a2, magic);
+    const float f = fmaf(dt, a2, -(j - magic));
+    const float p = fmaf(fmaf(fmaf(0.0555041f, f, 0.2402265f), f, 0.6931472f), f, 1.f);
+    return __int_as_float(__float_as_int(p) + (__float_as_int(j) << 23));
+}
+
+template <int NPOLY>
+__device__ __forceinline__ void scan_floor_fwd_impl(const uint2* __restrict__ steps_in, const float* __restrict__ bc,
+                                                    const float* __restrict__ a_log, float* __restrict__ sink,
+                                                    int steps) {
+    __shared__ uint2 sIn[SCAN_CKPT][FLOOR_THREADS];  // bf16 (x, Δ) and (z, 0) per step and channel
+    __shared__ __align__(16) float sBC[SCAN_CKPT][2 * SCAN_N];
+    __shared__ bf16 sOut[SCAN_CKPT][FLOOR_THREADS];
+    const int tid = threadIdx.x;
+    for (int e = tid; e < SCAN_CKPT * FLOOR_THREADS; e += FLOOR_THREADS) (&sIn[0][0])[e] = steps_in[e];
+    for (int e = tid; e < SCAN_CKPT * 2 * SCAN_N; e += FLOOR_THREADS) (&sBC[0][0])[e] = bc[e];
+    float A2[SCAN_N], h[SCAN_N];
+#pragma unroll
+    for (int j = 0; j < SCAN_N; ++j) {
+        A2[j] = scan_decay_rate(a_log[tid * SCAN_N + j]);
+        h[j] = 0.f;
+    }
+    const float bias = -4.6f, dsk = 1.f;
+    __syncthreads();
+#pragma unroll 1
+    for (int t0 = 0; t0 < steps; t0 += SCAN_CKPT) {
+#pragma unroll 2
+        for (int i = 0; i < SCAN_CKPT; ++i) {
+            const uint2 v = sIn[i][tid];
+            const float xv = __uint_as_float(v.x << 16), zv = __uint_as_float(v.y << 16);
+            // softplus as log2(1 + 2^u)·ln 2 without the large-u branch (cheaper than softplus_f)
+            const float u = __uint_as_float(v.x & 0xffff0000u) + bias;
+            const float dt = lg2_approx(1.f + ex2(u * LOG2E_F)) * 0.6931471805599453f;
+            const float dtx = dt * xv;
+            float y0 = 0.f, y1 = 0.f;
+#pragma unroll
+            for (int q = 0; q < SCAN_N / 4; ++q) {
+                const float4 B4 = *reinterpret_cast<const float4*>(&sBC[i][4 * q]);
+                const float4 C4 = *reinterpret_cast<const float4*>(&sBC[i][SCAN_N + 4 * q]);
+                const float Bv[4] = {B4.x, B4.y, B4.z, B4.w}, Cv[4] = {C4.x, C4.y, C4.z, C4.w};
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const int j = 4 * q + k;
+                    const float e = j < NPOLY ? ex2_poly3_of(dt, A2[j]) : ex2(dt * A2[j]);
+                    h[j] = fmaf(e, h[j], dtx * Bv[k]);
+                    if (k & 1) y1 = fmaf(Cv[k], h[j], y1);
+                    else y0 = fmaf(Cv[k], h[j], y0);
+                }
+            }
+            sOut[i][tid] = tobf((y0 + y1 + dsk * xv) * (zv * sigmoid_f(zv)));
+        }
+    }
+    __syncthreads();
+    float s = bf(sOut[tid % SCAN_CKPT][tid]);
+#pragma unroll
+    for (int j = 0; j < SCAN_N; ++j) s += h[j];
+    sink[blockIdx.x * FLOOR_THREADS + tid] = s;
+}
+
+#define SCAN_FLOOR_KERNEL(NP)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(FLOOR_THREADS) scan_floor_fwd_p##NP(                            \
+        const uint2* __restrict__ steps_in, const float* __restrict__ bc, const float* __restrict__ a_log,        \
+        float* __restrict__ sink, int steps) {                                                                    \
+        scan_floor_fwd_impl<NP>(steps_in, bc, a_log, sink, steps);                                                \
+    }
+SCAN_FLOOR_KERNEL(0)
+SCAN_FLOOR_KERNEL(2)
+SCAN_FLOOR_KERNEL(3)
+SCAN_FLOOR_KERNEL(4)
+SCAN_FLOOR_KERNEL(6)
+#undef SCAN_FLOOR_KERNEL

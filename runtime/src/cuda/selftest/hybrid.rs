@@ -11,7 +11,7 @@ use crate::cpu::ops::diff_attention::{lambda_full, Lambdas};
 use crate::cpu::ops::selective_scan::{self as scan, ScanInputs};
 use archscale_kernels::cublaslt::OutType;
 use archscale_kernels::ops::{
-    HybridOps, KvGradMode, Rows, ScanGrads, ScanShape, ScanTensors, SCAN_CKPT_EVERY, SCAN_D_STATE,
+    HybridOps, KvGradMode, Rows, ScanGrads, ScanShape, ScanTensors, SCAN_CKPT, SCAN_CKPT_EVERY, SCAN_D_STATE,
 };
 use archscale_kernels::KernelError;
 use half::bf16;
@@ -1135,19 +1135,8 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
     let bwd_of = |pct: u32| {
         move || hyo.selective_scan_bwd_with(pct, &ks, &t, ckp, Rows::new(doutp, d), None, &g, accp)
     };
-    let time = |f: &dyn Fn() -> R<()>| -> R<f64> {
-        for _ in 0..2 {
-            f()?;
-        }
-        env.gpu.sync()?;
-        let iters = 10;
-        let start = env.gpu.event()?;
-        for _ in 0..iters {
-            f()?;
-        }
-        let stop = env.gpu.event()?;
-        Ok(stop_ms(&start, &stop)? / iters as f64)
-    };
+    let gpu = env.gpu.clone();
+    let time = |f: &dyn Fn() -> R<()>| time_ms(&gpu, f);
     let pct = hyo.scan_tsplit_pct;
     let fwd_ms = time(&fwd)?;
     let other_lanes = if lanes == 8 { 4 } else { 8 };
@@ -1266,6 +1255,7 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
             ckpt_bytes + acc_bytes,
         ));
     }
+    lines.extend(bench_scan_floor(env, td, fwd_min / roof * 1e3)?);
     // conv fwd reads x, writes y; bwd reads x, dy, writes dx (bf16).
     lines.push(line(
         &format!("conv1d+silu fwd ({tag})"),
@@ -1294,6 +1284,82 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
         0.0,
     ));
     Ok(lines)
+}
+
+/// Times mamba.cu's arithmetic floor probe of the scan forward (`scan_floor_fwd_p*`: the
+/// forward's per-element and per-(t, c) arithmetic with no HBM traffic and a full GPU) over
+/// `td` (t, c) pairs, with 0–6 of the 16 exponentials per step on the FMA pipe, against the
+/// memory floor `mem_floor_ms` of the real forward. The forward's time cannot go below this.
+fn bench_scan_floor(
+    env: &mut Env,
+    td: f64,
+    mem_floor_ms: f64,
+) -> R<Vec<String>> {
+    const THREADS: usize = 128;
+    let steps = 512usize; // per thread: 8 blocks of 128 threads per 4096-step row of 1024 channels
+    let threads = (td as usize).div_ceil(steps);
+    let blocks = threads.div_ceil(THREADS);
+    let n = SCAN_D_STATE;
+    // One staged window (SCAN_CKPT steps × 128 channels) of bf16 (x, Δ), (z, 0) and B/C.
+    let host: Vec<u32> = (0..SCAN_CKPT * THREADS * 2)
+        .map(|i| {
+            let xv = bf16::from_f32(((i % 7) as f32 - 3.0) * 0.25).to_bits() as u32;
+            let hi = bf16::from_f32(((i % 5) as f32 - 2.0) * 0.5).to_bits() as u32;
+            (hi << 16) | xv
+        })
+        .collect();
+    let steps_in = env.poisoned(host.len() * 4)?;
+    env.gpu.upload(steps_in, &host)?;
+    let bc: Vec<f64> = (0..SCAN_CKPT * 2 * n).map(|i| ((i % 9) as f64 - 4.0) * 0.1).collect();
+    let bcp = env.f32_buf(&bc)?;
+    let a_log: Vec<f64> = (0..THREADS * n).map(|i| (((i % n) + 1) as f64).ln()).collect();
+    let alp = env.f32_buf(&a_log)?;
+    let sink = env.poisoned(blocks * THREADS * 4)?;
+    let elements = td * n as f64;
+    let mut lines = Vec::new();
+    for (npoly, name) in [
+        (0, "scan_floor_fwd_p0"),
+        (2, "scan_floor_fwd_p2"),
+        (3, "scan_floor_fwd_p3"),
+        (4, "scan_floor_fwd_p4"),
+        (6, "scan_floor_fwd_p6"),
+    ] {
+        let k = env.gpu.module_kernel("mamba", name)?;
+        let gpu = env.gpu.clone();
+        let run = move || -> R<()> {
+            let a = archscale_kernels::Args::new()
+                .ptr(steps_in)
+                .ptr(bcp)
+                .ptr(alp)
+                .ptr(sink)
+                .i32(steps as i32);
+            Ok(gpu.launch(k, (blocks as u32, 1, 1), (THREADS as u32, 1, 1), 0, &a)?)
+        };
+        let ms = time_ms(&env.gpu, &run)?;
+        let sums = env.read_f32(sink, 1024)?;
+        lines.push(format!(
+            "scan fwd arithmetic floor (no HBM traffic, {npoly} of {n} exponentials per step by              polynomial): {ms:.3} ms for {:.2}e9 (t, c, n) = {:.1}% of the memory floor's              pace ({mem_floor_ms:.3} ms); finite: {}",
+            elements / 1e9,
+            100.0 * mem_floor_ms / ms,
+            sums.iter().all(|v| v.is_finite())
+        ));
+    }
+    Ok(lines)
+}
+
+/// Mean time of `f` over 10 launches after 2 warm-ups (CUDA events).
+fn time_ms(gpu: &archscale_kernels::Gpu, f: &dyn Fn() -> R<()>) -> R<f64> {
+    for _ in 0..2 {
+        f()?;
+    }
+    gpu.sync()?;
+    let iters = 10;
+    let start = gpu.event()?;
+    for _ in 0..iters {
+        f()?;
+    }
+    let stop = gpu.event()?;
+    Ok(stop_ms(&start, &stop)? / iters as f64)
 }
 
 fn stop_ms(start: &archscale_kernels::gpu::Event, stop: &archscale_kernels::gpu::Event) -> R<f64> {
