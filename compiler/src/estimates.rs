@@ -368,9 +368,9 @@ fn is_muon(opt: &OptimizerPlan, p: &ParamSpec) -> bool {
 /// - params: fp32 master copy, the whole flat buffer, or under ZeRO-3 this rank's chunks;
 /// - grads: fp32, sized as params (a one-micro-step weight gradient held in bf16 uses the
 ///   first half of its tensor's slot);
-/// - optimizer: `exp_avg` and `exp_avg_sq` (fp32, this rank's chunks; Muon matrices keep
-///   their momentum in `exp_avg` and leave `exp_avg_sq` unused), the AdamW work-item
-///   tables, the group hyperparameters, and Muon's Newton–Schulz scratch (sized for the
+/// - optimizer: `exp_avg` (fp32, this rank's chunks; Muon matrices keep their momentum
+///   there) and `exp_avg_sq` (fp32, slots for this rank's pieces of AdamW tensors only), the
+///   AdamW work-item tables, the group hyperparameters, and Muon's Newton–Schulz scratch (sized for the
 ///   largest matrix, never sharded);
 /// - working copy: the bf16 copy of every parameter, or under ZeRO-3 / hybrid shard the
 ///   gather slots (fp32 and bf16 parameters and fp32 gradient of the largest unit, plus a
@@ -439,9 +439,31 @@ pub fn memory(
         let (x, gram) = (x.unwrap_or(0).max(64), gram.unwrap_or(0).max(64));
         2 * alloc_size(x * bf) + 2 * alloc_size(gram * bf) + alloc_size(8)
     };
-    // item tables: offsets, bf16 gradient offsets (i64), lengths, groups (i32)
-    let optimizer_bytes = 2 * alloc_size(local * f32)
-        + 2 * alloc_size(items * 8)
+    // AdamW's second moments, compact (runtime `FlatLayout::compact_state_len`): per rank,
+    // its pieces of AdamW tensors, each padded to 64; every rank allocates the longest
+    let second = (0..shards)
+        .map(|r| {
+            let mut len = 0;
+            for (unit_len, tensors) in &units {
+                let chunk = unit_len / shards;
+                let own = r * chunk..(r + 1) * chunk;
+                for &(off, numel, i) in tensors {
+                    if !is_muon(opt, &params[i]) {
+                        let piece = (off + numel).min(own.end).saturating_sub(off.max(own.start));
+                        len += piece.div_ceil(FLAT_ALIGN) * FLAT_ALIGN;
+                    }
+                }
+            }
+            len
+        })
+        .max()
+        .unwrap_or(0)
+        .max(FLAT_ALIGN);
+    // item tables: offsets, bf16 gradient offsets, second-moment offsets (i64), lengths,
+    // groups (i32)
+    let optimizer_bytes = alloc_size(local * f32)
+        + alloc_size(second * f32)
+        + 3 * alloc_size(items * 8)
         + 2 * alloc_size(items * 4)
         + alloc_size(8 * f32 * opt.groups.len().max(1))
         + muon;

@@ -154,22 +154,26 @@ __device__ __forceinline__ void adamw_chunk(const AdamWHyper& h, float* pc, G* g
 // first zero_chunks chunks then zero theirs (the others are left for the next backward pass
 // to overwrite). p_bf (optional) receives bf16(p). chunk_gbf (optional): a chunk with
 // chunk_gbf >= 0 reads a bf16 gradient at ((bf16*)g)[chunk_gbf] (never a zeroed chunk).
+// chunk_voff (optional): the chunk's second moment is at v + chunk_voff, in a buffer that
+// only AdamW's tensors have slots in; without it at v + offset, as p, g and m.
 // Tensors start 64-element aligned, so every chunk goes by float4 in practice.
 extern "C" __global__ void adamw_step(float* __restrict__ p, float* __restrict__ g, float* __restrict__ m,
                                       float* __restrict__ v, bf16* __restrict__ p_bf,
                                       const long long* __restrict__ chunk_off, const int* __restrict__ chunk_len,
                                       const int* __restrict__ chunk_group, const long long* __restrict__ chunk_gbf,
-                                      const float* __restrict__ hyper, float grad_mult, int zero_chunks) {
+                                      const long long* __restrict__ chunk_voff, const float* __restrict__ hyper,
+                                      float grad_mult, int zero_chunks) {
     const long long off = chunk_off[blockIdx.x];
+    v += chunk_voff != nullptr ? chunk_voff[blockIdx.x] : off;
     const int len = chunk_len[blockIdx.x];
     const float* hp = hyper + 8 * chunk_group[blockIdx.x];
     const AdamWHyper h = {hp[1], hp[2], hp[3], hp[4], hp[5], hp[6]};
     bf16* bc = p_bf != nullptr ? p_bf + off : nullptr;
     const long long gbf = chunk_gbf != nullptr ? chunk_gbf[blockIdx.x] : -1;
     if (gbf >= 0)
-        adamw_chunk(h, p + off, reinterpret_cast<bf16*>(g) + gbf, m + off, v + off, bc, len, grad_mult, false);
+        adamw_chunk(h, p + off, reinterpret_cast<bf16*>(g) + gbf, m + off, v, bc, len, grad_mult, false);
     else
-        adamw_chunk(h, p + off, g + off, m + off, v + off, bc, len, grad_mult, (int)blockIdx.x < zero_chunks);
+        adamw_chunk(h, p + off, g + off, m + off, v, bc, len, grad_mult, (int)blockIdx.x < zero_chunks);
 }
 
 template <typename G>

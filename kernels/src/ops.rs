@@ -270,14 +270,17 @@ impl AttnLayout {
 }
 
 /// Device tables of AdamW's work items (chunks of at most 8192 elements of one tensor):
-/// i64 offsets, i32 lengths, i32 optimizer groups, and optionally (`gbf`, 0 = none) i64
-/// offsets in bf16 elements of gradients held in bf16 (−1: the item's gradient is fp32).
+/// i64 offsets, i32 lengths, i32 optimizer groups, optionally (`gbf`, 0 = none) i64
+/// offsets in bf16 elements of gradients held in bf16 (−1: the item's gradient is fp32), and
+/// optionally (`voff`, 0 = none: at `off`) i64 offsets of the second moments in a buffer
+/// with slots for AdamW's tensors only.
 #[derive(Clone, Copy, Debug)]
 pub struct OptChunkTables {
     pub off: u64,
     pub len: u64,
     pub group: u64,
     pub gbf: u64,
+    pub voff: u64,
     pub count: usize,
 }
 
@@ -803,8 +806,9 @@ impl Ops {
             .launch(self.cross_entropy, grid1(rows), (512, 1, 1), 0, &a)
     }
 
-    /// One fused AdamW step over the work items `t` of the flat buffers (`g` and the item
-    /// offsets relative to the same element); `hyper` holds 8 floats per group (see
+    /// One fused AdamW step over the work items `t` of the flat buffers (`p`, `g`, `m` and
+    /// the item offsets relative to the same element; `v` likewise, or the base of the
+    /// compact buffer `t.voff` indexes); `hyper` holds 8 floats per group (see
     /// loss_optim.cu). The first `zeroed` items' gradients are zeroed after use, the others
     /// are left for a backward pass that overwrites them.
     #[allow(clippy::too_many_arguments)]
@@ -830,6 +834,7 @@ impl Ops {
             .ptr(t.len)
             .ptr(t.group)
             .ptr(t.gbf)
+            .ptr(t.voff)
             .ptr(hyper)
             .f32(grad_mult)
             .i32(i32_of("AdamW chunks", zeroed.min(t.count))?);

@@ -13,7 +13,7 @@
 //! the backward pass.
 
 use crate::backend::OptimizerShard;
-use crate::distributed::flat_layout::FlatLayout;
+use crate::distributed::flat_layout::{CompactState, FlatLayout};
 use crate::distributed::nccl::NcclComm;
 use crate::optim::adamw::AdamWHyper;
 use crate::{Backend, OptimizerState, Result, RuntimeError};
@@ -273,12 +273,17 @@ pub struct CudaBackend {
     params_bf: DeviceBuffer,
     grads: DeviceBuffer,
     exp_avg: DeviceBuffer,
+    /// AdamW's second moments, compact: slots for AdamW's tensors only (Muon matrices
+    /// keep one moment, in `exp_avg`); `second` maps local elements to them.
     exp_avg_sq: DeviceBuffer,
+    second: CompactState,
     chunk_off: DeviceBuffer,
     chunk_len: DeviceBuffer,
     chunk_group: DeviceBuffer,
     /// Per item: where its gradient starts when held in bf16 (−1: fp32).
     chunk_gbf: DeviceBuffer,
+    /// Per item: where its second moments start in `exp_avg_sq`.
+    chunk_voff: DeviceBuffer,
     /// Per unit: its AdamW work items in the chunk tables.
     unit_chunks: Vec<UnitChunks>,
     hyper: DeviceBuffer,
@@ -635,7 +640,8 @@ pub fn planned_bytes(plan: &Plan) -> Result<usize> {
     add(if zero3 { 64 } else { numel } * BF);
     add(owned * F32);
     add(local * F32);
-    add(local * F32);
+    let has_second = |i: usize| !muon::is_muon(plan, i);
+    add(layout.compact_state_len(&has_second) * F32);
     let adamw = |g: usize| plan.optimizer.groups[g].optimizer == OptimizerKind::AdamW;
     let items = (0..layout.units.len())
         .map(|u| {
@@ -650,6 +656,7 @@ pub fn planned_bytes(plan: &Plan) -> Result<usize> {
     add(items * 8);
     add(items * 4);
     add(items * 4);
+    add(items * 8);
     add(items * 8);
     add(8 * F32 * plan.optimizer.groups.len().max(1));
     let muon = muon::planned_scratch_bytes(plan);
@@ -1012,6 +1019,8 @@ struct AdamWItems {
     /// Where the item's gradient starts when it is held in bf16 (in bf16 elements from the
     /// unit's gradient base: the first half of the tensor's fp32 slot), −1 for fp32.
     gbf: Vec<i64>,
+    /// Where the item's second moments start in the compact `exp_avg_sq`.
+    voffs: Vec<i64>,
     units: Vec<UnitChunks>,
 }
 
@@ -1022,9 +1031,10 @@ struct AdamWItems {
 fn adamw_items(
     plan: &Plan,
     layout: &FlatLayout,
+    second: &CompactState,
     gemm_written: &[usize],
     bf16_able: &[usize],
-) -> AdamWItems {
+) -> Result<AdamWItems> {
     let mut overwritten: Vec<std::ops::Range<usize>> = gemm_written
         .iter()
         .filter_map(|&off| {
@@ -1043,6 +1053,7 @@ fn adamw_items(
         lens: Vec::new(),
         grps: Vec::new(),
         gbf: Vec::new(),
+        voffs: Vec::new(),
         units: Vec::with_capacity(layout.units.len()),
     };
     let groups = &plan.optimizer.groups;
@@ -1065,6 +1076,11 @@ fn adamw_items(
                 .filter(|t| bf16_able.binary_search(&t.start).is_ok())
                 .map_or(-1, |t| (t.start - own + c.offset) as i64);
             items.gbf.push(gbf);
+            let local = layout.units[u].local_start + c.offset;
+            let v = second.index(local).ok_or_else(|| {
+                err(format!("AdamW item at local element {local} has no second-moment slot"))
+            })?;
+            items.voffs.push(v as i64);
         }
         items.units.push(UnitChunks {
             first,
@@ -1072,7 +1088,7 @@ fn adamw_items(
             zeroed,
         });
     }
-    items
+    Ok(items)
 }
 
 /// bf16 RoPE tables (computed in f32, rounded to bf16 as ArchScale) as raw bf16 bits.
@@ -1191,7 +1207,9 @@ impl CudaBackend {
         let params_bf = alloc(if mode == ShardMode::Zero3 { 64 } else { numel } * BF)?;
         let grads = alloc(grad_len * F32)?;
         let exp_avg = alloc(local * F32)?;
-        let exp_avg_sq = alloc(local * F32)?;
+        let has_second = |i: usize| !muon::is_muon(plan, i);
+        let second = layout.compact_state(layout.rank, &has_second);
+        let exp_avg_sq = alloc(layout.compact_state_len(&has_second) * F32)?;
         gpu.memset_zero(params.ptr, params.bytes)?;
         gpu.memset_zero(grads.ptr, grads.bytes)?;
         gpu.memset_zero(exp_avg.ptr, exp_avg.bytes)?;
@@ -1203,18 +1221,21 @@ impl CudaBackend {
             lens,
             grps,
             gbf,
+            voffs,
             units: unit_chunks,
-        } = adamw_items(plan, &layout, &map.gemm_written(), &bf16_grads);
+        } = adamw_items(plan, &layout, &second, &map.gemm_written(), &bf16_grads)?;
         let n_chunks = offs.len().max(1);
         let chunk_off = alloc(n_chunks * 8)?;
         let chunk_len = alloc(n_chunks * 4)?;
         let chunk_group = alloc(n_chunks * 4)?;
         let chunk_gbf = alloc(n_chunks * 8)?;
+        let chunk_voff = alloc(n_chunks * 8)?;
         if !offs.is_empty() {
             gpu.upload(chunk_off.ptr, &offs)?;
             gpu.upload(chunk_len.ptr, &lens)?;
             gpu.upload(chunk_group.ptr, &grps)?;
             gpu.upload(chunk_gbf.ptr, &gbf)?;
+            gpu.upload(chunk_voff.ptr, &voffs)?;
         }
         let hyper = alloc(8 * F32 * plan.optimizer.groups.len().max(1))?;
         let muon = MuonState::new(plan, &gpu, &layout)?;
@@ -1473,10 +1494,12 @@ impl CudaBackend {
             grads,
             exp_avg,
             exp_avg_sq,
+            second,
             chunk_off,
             chunk_len,
             chunk_group,
             chunk_gbf,
+            chunk_voff,
             unit_chunks,
             hyper,
             muon,
@@ -1656,6 +1679,7 @@ impl CudaBackend {
             } else {
                 0
             },
+            voff: at(&self.chunk_voff, 8),
             count,
         }
     }
@@ -2657,7 +2681,7 @@ impl Backend for CudaBackend {
                 p,
                 g,
                 self.exp_avg.ptr + state,
-                self.exp_avg_sq.ptr + state,
+                self.exp_avg_sq.ptr,
                 pbf,
                 &self.unit_tables(u),
                 zeroed,
@@ -2728,7 +2752,9 @@ impl Backend for CudaBackend {
                 "optimizer",
             ),
             exp_avg: self.gpu.download_vec(self.exp_avg.ptr, n)?,
-            exp_avg_sq: self.gpu.download_vec(self.exp_avg_sq.ptr, n)?,
+            exp_avg_sq: self
+                .second
+                .to_local(&self.gpu.download_vec(self.exp_avg_sq.ptr, self.second.len)?)?,
         }))
     }
 
@@ -2877,10 +2903,13 @@ impl Backend for CudaBackend {
                 format!("{}.exp_avg", p.name),
                 self.gpu.download_vec(self.exp_avg.ptr + off, p.numel())?,
             ));
+            let v = self.second.index(self.offsets[i]).ok_or_else(|| {
+                err(format!("`{}` has no second-moment slot", p.name))
+            })?;
             tensors.push((
                 format!("{}.exp_avg_sq", p.name),
                 self.gpu
-                    .download_vec(self.exp_avg_sq.ptr + off, p.numel())?,
+                    .download_vec(self.exp_avg_sq.ptr + (v * F32) as u64, p.numel())?,
             ));
         }
         Ok(OptimizerState {
@@ -2932,7 +2961,14 @@ impl Backend for CudaBackend {
                 full.push(&t.1);
             }
             let local = self.layout.local_from_full(&full)?;
-            self.gpu.upload(base, &local)?;
+            if suffix == "exp_avg_sq" {
+                let compact = self
+                    .second
+                    .from_local(&local, self.exp_avg_sq.bytes / F32)?;
+                self.gpu.upload(base, &compact)?;
+            } else {
+                self.gpu.upload(base, &local)?;
+            }
         }
         self.step = state.step;
         self.gpu.sync()?;
@@ -3080,7 +3116,10 @@ train = [{{ synthetic = {{ seed = 1, tokens = 100_000 }} }}]
                     let layout = FlatLayout::new(&plan, shards, rank).unwrap();
                     let map = param_map(&plan, &d, &layout.offsets).unwrap();
                     let written = map.gemm_written();
-                    let items = adamw_items(&plan, &layout, &written, &[]);
+                    let has_second = |i: usize| !muon::is_muon(&plan, i);
+                    let second = layout.compact_state(rank, &has_second);
+                    let items = adamw_items(&plan, &layout, &second, &written, &[]).unwrap();
+                    let mut slots = vec![false; layout.compact_state_len(&has_second)];
                     let tensor_of = |flat: usize| {
                         (0..plan.params.len())
                             .find(|&i| {
@@ -3098,6 +3137,13 @@ train = [{{ synthetic = {{ seed = 1, tokens = 100_000 }} }}]
                             let i = tensor_of(start);
                             // an item never straddles two tensors
                             assert_eq!(i, tensor_of(start + len - 1));
+                            // its second moments: own, 16-byte aligned compact slots
+                            let v = items.voffs[k] as usize;
+                            assert_eq!(v % 4, 0);
+                            for slot in &mut slots[v..v + len] {
+                                assert!(!*slot, "{}", plan.params[i].name);
+                                *slot = true;
+                            }
                             let overwritten = written.contains(&layout.offsets[i]);
                             assert_eq!(
                                 k < uc.first + uc.zeroed,
@@ -3128,7 +3174,8 @@ train = [{{ synthetic = {{ seed = 1, tokens = 100_000 }} }}]
             assert!(able.iter().all(|o| written.contains(o)));
             let tied = map.head == map.wte;
             assert_eq!(able.contains(&map.head), !tied, "{}", plan.model.name);
-            let items = adamw_items(&plan, &layout, &written, &able);
+            let second = layout.compact_state(0, &|i| !muon::is_muon(&plan, i));
+            let items = adamw_items(&plan, &layout, &second, &written, &able).unwrap();
             let mut bf16_elems = vec![0usize; plan.params.len()];
             for (u, uc) in items.units.iter().enumerate() {
                 let own = layout.chunk(u, 0).start;

@@ -821,11 +821,18 @@ fn check_cross_entropy(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
 fn check_adamw(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     // all gradients fp32 (every one zeroed), then the first two tensors' gradients in bf16
     // inside their fp32 slots, as the backend holds one-micro-step weight gradients
-    check_adamw_with(env, out, [false; 3])?;
-    check_adamw_with(env, out, [true, true, false])
+    // inside their fp32 slots, as the backend holds one-micro-step weight gradients, with the
+    // second moments in a compact buffer of their own order (as when Muon matrices have none)
+    check_adamw_with(env, out, [false; 3], false)?;
+    check_adamw_with(env, out, [true, true, false], true)
 }
 
-fn check_adamw_with(env: &mut Env, out: &mut Vec<Check>, in_bf16: [bool; 3]) -> R<()> {
+fn check_adamw_with(
+    env: &mut Env,
+    out: &mut Vec<Check>,
+    in_bf16: [bool; 3],
+    compact_v: bool,
+) -> R<()> {
     // three tensors in three groups, three steps, clip multiplier 0.7; the third starts at an
     // element offset that is not a multiple of 4 (the kernel's scalar path)
     let sizes = [70_000usize, 1234, 999];
@@ -843,15 +850,25 @@ fn check_adamw_with(env: &mut Env, out: &mut Vec<Check>, in_bf16: [bool; 3]) -> 
     let mut p_ref = p0.iter().map(|&v| v as f32).collect::<Vec<f32>>();
     let (mut m_ref, mut v_ref) = (vec![0f32; n], vec![0f32; n]);
     let pp = env.f32_buf(&p0)?;
+    // compact second moments: the tensors in reverse order, 64-aligned, 64 apart
+    let mut vstarts = [0usize; 3];
+    let mut vlen = 0;
+    for t in (0..3).rev() {
+        vstarts[t] = vlen;
+        vlen += sizes[t].div_ceil(64) * 64 + 64;
+    }
+    let vstart = |t: usize| if compact_v { vstarts[t] } else { starts[t] };
     let zeros = vec![0.0; n];
-    let (mp, vp) = (env.f32_buf(&zeros)?, env.f32_buf(&zeros)?);
+    let mp = env.f32_buf(&zeros)?;
+    let vp = env.f32_buf(&vec![0.0; if compact_v { vlen } else { n }])?;
     let gp = env.poisoned(n * 4)?;
     let pb = env.poisoned(n * 2)?;
     // chunk table: fp32-gradient items first (the zeroed ones), then the bf16 ones
-    let (mut offs, mut lens, mut grps, mut gbf) = (
+    let (mut offs, mut lens, mut grps, mut gbf, mut voff) = (
         Vec::<i64>::new(),
         Vec::<i32>::new(),
         Vec::<i32>::new(),
+        Vec::<i64>::new(),
         Vec::<i64>::new(),
     );
     for bf in [false, true] {
@@ -864,6 +881,7 @@ fn check_adamw_with(env: &mut Env, out: &mut Vec<Check>, in_bf16: [bool; 3]) -> 
                 grps.push(t as i32);
                 // a bf16 gradient fills the first half of its tensor's fp32 slot
                 gbf.push(if bf { (2 * starts[t] + o) as i64 } else { -1 });
+                voff.push((vstart(t) + o) as i64);
                 o += len;
             }
         }
@@ -881,6 +899,11 @@ fn check_adamw_with(env: &mut Env, out: &mut Vec<Check>, in_bf16: [bool; 3]) -> 
         group: table(env, 4, &|e, p| e.gpu.upload(p, &grps))?,
         gbf: if any_bf16 {
             table(env, 8, &|e, p| e.gpu.upload(p, &gbf))?
+        } else {
+            0
+        },
+        voff: if compact_v {
+            table(env, 8, &|e, p| e.gpu.upload(p, &voff))?
         } else {
             0
         },
@@ -947,11 +970,11 @@ fn check_adamw_with(env: &mut Env, out: &mut Vec<Check>, in_bf16: [bool; 3]) -> 
         g_last = bits;
     }
     let want: Vec<f64> = p_ref.iter().map(|&x| x as f64).collect();
-    let shape = if any_bf16 {
-        format!("{n} params, 3 groups, 3 steps, 2 tensors' gradients in bf16")
-    } else {
-        format!("{n} params, 3 groups, 3 steps")
-    };
+    let shape = format!(
+        "{n} params, 3 groups, 3 steps{}{}",
+        if any_bf16 { ", 2 tensors' gradients in bf16" } else { "" },
+        if compact_v { ", compact exp_avg_sq" } else { "" }
+    );
     push(
         out,
         "adamw params",
@@ -968,13 +991,25 @@ fn check_adamw_with(env: &mut Env, out: &mut Vec<Check>, in_bf16: [bool; 3]) -> 
         1e-6,
     );
     let vw: Vec<f64> = v_ref.iter().map(|&x| x as f64).collect();
+    let v_all = env.read_f32(vp, if compact_v { vlen } else { n })?;
+    let v_got: Vec<f64> = (0..3)
+        .flat_map(|t| v_all[vstart(t)..vstart(t) + sizes[t]].to_vec())
+        .collect();
     push(
         out,
         "adamw exp_avg_sq",
         shape.clone(),
-        rel_err(&env.read_f32(vp, n)?, &vw),
+        rel_err(&v_got, &vw),
         1e-6,
     );
+    if compact_v {
+        // the compact buffer's padding between tensors stays as it was (zero)
+        let stray = (0..vlen)
+            .filter(|&k| !(0..3).any(|t| (vstart(t)..vstart(t) + sizes[t]).contains(&k)))
+            .map(|k| v_all[k].abs())
+            .fold(0.0f64, f64::max);
+        push(out, "adamw compact exp_avg_sq padding untouched", shape.clone(), stray, 0.0);
+    }
     push(
         out,
         "adamw bf16 shadow",

@@ -46,6 +46,59 @@ pub struct OptChunk {
     pub group: usize,
 }
 
+/// A rank's state kept only for some tensors ([`FlatLayout::compact_state`]): each kept piece
+/// of the local buffer and where it starts in the compact buffer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompactState {
+    /// (range of the local buffer, start in the compact buffer), in local order.
+    pieces: Vec<(Range<usize>, usize)>,
+    /// Compact elements this rank uses (each piece padded to 64).
+    pub len: usize,
+    local_len: usize,
+}
+
+impl CompactState {
+    /// Compact index of local element `local`, if its tensor keeps the state.
+    pub fn index(&self, local: usize) -> Option<usize> {
+        let k = self.pieces.partition_point(|(r, _)| r.end <= local);
+        let (r, start) = self.pieces.get(k)?;
+        r.contains(&local).then(|| start + (local - r.start))
+    }
+
+    /// The local buffer of `compact` (zeros where no tensor keeps the state).
+    pub fn to_local(&self, compact: &[f32]) -> Result<Vec<f32>> {
+        if compact.len() < self.len {
+            return Err(RuntimeError::Message(format!(
+                "compact state of {} values, expected at least {}",
+                compact.len(),
+                self.len
+            )));
+        }
+        let mut out = vec![0.0f32; self.local_len];
+        for (r, start) in &self.pieces {
+            out[r.clone()].copy_from_slice(&compact[*start..*start + r.len()]);
+        }
+        Ok(out)
+    }
+
+    /// `local` (a rank's local buffer) packed into a compact buffer of `alloc` values.
+    pub fn from_local(&self, local: &[f32], alloc: usize) -> Result<Vec<f32>> {
+        if local.len() != self.local_len || alloc < self.len {
+            return Err(RuntimeError::Message(format!(
+                "compact state: {} local values into {alloc}, expected {} into at least {}",
+                local.len(),
+                self.local_len,
+                self.len
+            )));
+        }
+        let mut out = vec![0.0f32; alloc];
+        for (r, start) in &self.pieces {
+            out[*start..*start + r.len()].copy_from_slice(&local[r.clone()]);
+        }
+        Ok(out)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct FlatLayout {
     /// Number of chunks every unit is cut into (1 when nothing is sharded).
@@ -247,6 +300,35 @@ impl FlatLayout {
         Ok(out)
     }
 
+    /// Where rank `rank` keeps a state that only the tensors `has(plan index)` carry (AdamW's
+    /// `exp_avg_sq`, which Muon matrices lack): their pieces of the local buffer, in local
+    /// order, each at a 64-aligned start of a compact buffer.
+    pub fn compact_state(&self, rank: usize, has: &dyn Fn(usize) -> bool) -> CompactState {
+        let mut pieces = Vec::new();
+        let mut len = 0;
+        for (i, range, at) in self.local_pieces(rank) {
+            if has(i) {
+                pieces.push((at..at + range.len(), len));
+                len += range.len().div_ceil(ALIGN) * ALIGN;
+            }
+        }
+        CompactState {
+            pieces,
+            len,
+            local_len: self.local_len,
+        }
+    }
+
+    /// Length every rank allocates for [`Self::compact_state`]: the longest rank's (at least
+    /// one aligned block), so the buffers are alike on every rank.
+    pub fn compact_state_len(&self, has: &dyn Fn(usize) -> bool) -> usize {
+        (0..self.shards)
+            .map(|r| self.compact_state(r, has).len)
+            .max()
+            .unwrap_or(0)
+            .max(ALIGN)
+    }
+
     /// The manifest of a state stored as one local buffer per rank (files `<prefix>.shard-…`).
     pub fn manifest(&self, sharding: Sharding, gpus_per_node: usize, prefix: &str) -> Manifest {
         let mut tensors: Vec<TensorEntry> = self
@@ -306,6 +388,56 @@ mod tests {
         v.push(("transformer.ln_f.weight".to_string(), vec![7], 1));
         v.push(("lm_head.weight".to_string(), vec![50, 7], 0));
         v
+    }
+
+    #[test]
+    fn compact_state_keeps_only_the_chosen_tensors_and_round_trips() {
+        // group 0 tensors (attention and MLP matrices, lm_head) have no second moment
+        let has = |l: &FlatLayout| {
+            let groups = l.groups.clone();
+            move |i: usize| groups[i] == 1
+        };
+        for shards in [1, 2, 3, 4, 8] {
+            let mut longest = 0;
+            for rank in 0..shards {
+                let l = FlatLayout::from_tensors(tensors(), shards, rank).unwrap();
+                let c = l.compact_state(rank, &has(&l));
+                longest = longest.max(c.len);
+                let kept: usize = l
+                    .local_pieces(rank)
+                    .iter()
+                    .filter(|(i, _, _)| l.groups[*i] == 1)
+                    .map(|(_, r, _)| r.len())
+                    .sum();
+                assert!(c.len >= kept && c.len < kept + 64 * l.names.len());
+                // every kept local element has its own compact slot; the others none
+                let local: Vec<f32> = (0..l.local_len).map(|k| k as f32 + 1.0).collect();
+                let mut seen = vec![false; c.len];
+                for (i, r, at) in l.local_pieces(rank) {
+                    for k in at..at + r.len() {
+                        match c.index(k) {
+                            Some(j) => {
+                                assert_eq!(l.groups[i], 1);
+                                assert!(!seen[j]);
+                                seen[j] = true;
+                                assert_eq!(j % 64, (k - at) % 64, "aligned pieces");
+                            }
+                            None => assert_eq!(l.groups[i], 0),
+                        }
+                    }
+                }
+                let packed = c.from_local(&local, c.len + 64).unwrap();
+                let back = c.to_local(&packed).unwrap();
+                for k in 0..l.local_len {
+                    let want = if c.index(k).is_some() { local[k] } else { 0.0 };
+                    assert_eq!(back[k], want);
+                }
+                assert!(c.from_local(&local, c.len.saturating_sub(1)).is_err() || c.len == 0);
+                assert!(c.to_local(&packed[..c.len.saturating_sub(1)]).is_err() || c.len == 0);
+            }
+            let l = FlatLayout::from_tensors(tensors(), shards, 0).unwrap();
+            assert_eq!(l.compact_state_len(&has(&l)), longest.max(64));
+        }
     }
 
     #[test]
