@@ -455,8 +455,8 @@ pub fn load(dir: &Path, plan: &Plan) -> Result<Checkpoint> {
 
 /// The full optimizer state of a sharded checkpoint, rebuilt from every rank's files. A
 /// Muon matrix's momentum is sharded in the `exp_avg` files; it comes back named
-/// `<name>.momentum_buffer`, as a one-GPU or CPU checkpoint names it, and its unused
-/// `exp_avg_sq` slot is dropped.
+/// `<name>.momentum_buffer`, as a one-GPU or CPU checkpoint names it, and its `exp_avg_sq`
+/// slot in the files (zeros: the runtime keeps none) is dropped.
 fn load_sharded_optimizer(dir: &Path, state: &TrainState, plan: &Plan) -> Result<OptimizerState> {
     let muon: std::collections::BTreeSet<&str> = plan
         .params

@@ -1,8 +1,8 @@
 //! Muon groups on the CUDA backend (arch-spec §6.3): every weight matrix of a Muon group
 //! gets its own step (`archscale_kernels::muon`) after the fused AdamW launch, which skips
 //! them. The momentum lives in the `exp_avg` buffer where AdamW would keep the matrix's first
-//! moment (its `exp_avg_sq` slot is unused), and is saved as `<name>.momentum_buffer`, as the
-//! CPU backend names it.
+//! moment (the compact `exp_avg_sq` has no slot for it), and is saved as
+//! `<name>.momentum_buffer`, as the CPU backend names it.
 //!
 //! Under ZeRO-1 / ZeRO-3 / hybrid shard a rank holds the reduced gradient and the momentum of
 //! its chunk of each unit only, and a chunk boundary may cut a matrix, while Newton–Schulz
