@@ -662,43 +662,6 @@ extern "C" __global__ void __launch_bounds__(2 * SCAN_SPLIT_THREADS, 3) selectiv
     scan_fwd_split_impl<8>(SCAN_FWD_PASS);
 }
 
-// dB or dC of a backward sub-chunk: Σ over the block's 32 channels of w(q, c)·S(q, c, k) for
-// its SCAN_SUB steps q and 16 states k, added to acc[q][col0 + k] (one atomic per step and
-// column; steps at or past n skipped). S(q, c, k) is sH's slot q + 1 (the states h_q before
-// the reverse walk, λ_q after it), w the float4 component COMP of sS[i0 + q][c] (ḡ before the
-// walk, dt·x after it). A warp takes one step at a time, lane = 4·cg + kq summing states
-// 4·kq.. over channels cg + 8m: each quarter-warp's float4 loads cover 8 distinct bank groups,
-// its weight loads one word per cg, so no shared load conflicts. Replaced a transpose-reduce
-// over the warp's channels inside the walk (7 shuffles, 14 selects and 8 products per step
-// and lane).
-template <int COMP>
-__device__ __forceinline__ void scan_bwd_bc_dot(const float* __restrict__ sH, const float4 (*sS)[SCAN_SPLIT_CH],
-                                                int i0, int n, float* __restrict__ acc, int col0, int warp,
-                                                int lane) {
-    const int cg = lane >> 2, kq = lane & 3;
-    // the state this lane's sum ends with after the transposed reduction over lane bits 4 and 3
-    const int col = col0 + SCAN_KP * kq + 2 * ((lane >> 4) & 1) + ((lane >> 3) & 1);
-#pragma unroll 1
-    for (int q = warp; q < SCAN_SUB; q += SCAN_SPLIT_WARPS) {
-        const float* __restrict__ S = sH + (q + 1) * SCAN_SPLIT_CH * SCAN_N + SCAN_KP * kq;
-        float a[SCAN_KP] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int m = 0; m < SCAN_SPLIT_CH / 8; ++m) {
-            const int c = cg + 8 * m;
-            const float4 v = *reinterpret_cast<const float4*>(S + c * SCAN_N);
-            const float w = reinterpret_cast<const float*>(&sS[i0 + q][c])[COMP];
-            a[0] = fmaf(w, v.x, a[0]);
-            a[1] = fmaf(w, v.y, a[1]);
-            a[2] = fmaf(w, v.z, a[2]);
-            a[3] = fmaf(w, v.w, a[3]);
-        }
-        transpose_reduce_lv<2, 16>(a, lane);
-        transpose_reduce_lv<1, 8>(a, lane);
-        a[0] += __shfl_xor_sync(0xffffffffu, a[0], 4);
-        if ((lane & 4) == 0 && i0 + q < n) atomicAdd(acc + q * 2 * SCAN_N + col, a[0]);
-    }
-}
-
 // One state update of a lane's 4 states from a staged step (s: x, dt, ḡ, dt or +inf).
 __device__ __forceinline__ void scan3_state_step(float (&h)[SCAN_KP], const float (&A2)[SCAN_KP], const float4 s,
                                                  const float4 B4) {
@@ -765,6 +728,10 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
     const int c = c0 + ch;
     const bool active = c < D;
     const int cc = active ? c : D - 1;
+    // Column of dB/dC this lane holds after the transpose-reduction of its 8 values
+    // (v[0..3]: B of states 4·sub.., v[4..7]: C of the same states).
+    const int ridx = (lane >> 2) & 7, rsub = lane & 3;
+    const int rcol = ridx < 4 ? rsub * SCAN_KP + ridx : SCAN_N + rsub * SCAN_KP + (ridx - 4);
     float A[SCAN_KP], A2[SCAN_KP], h[SCAN_KP], hck[SCAN_KP], lam[SCAN_KP], dA[SCAN_KP];
 #pragma unroll
     for (int j = 0; j < SCAN_KP; ++j) {
@@ -892,7 +859,6 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
             // Recompute the sub-chunk's states into sH (slot 0: the state before its first step,
             // slot q + 1: after step q), G steps' loads before their stores.
             *reinterpret_cast<float4*>(&sH[ch * SCAN_N + sub * SCAN_KP]) = make_float4(h[0], h[1], h[2], h[3]);
-            float* __restrict__ accb = dbc_acc + (row0 + t0 + i0) * 2 * SCAN_N;  // the sub-chunk's [step][col] rows
 #pragma unroll 1
             for (int q0 = 0; q0 < SCAN_SUB; q0 += G) {
                 float4 S[G], B4[G];
@@ -908,19 +874,16 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
                         make_float4(h[0], h[1], h[2], h[3]);
                 }
             }
-            __syncthreads();  // every channel's states of the sub-chunk are in sH
-            scan_bwd_bc_dot<2>(sH, sS, i0, n, accb, SCAN_N, warp, lane);  // dC = Σ_c ḡ·h
-            __syncthreads();  // the walk writes λ over the states
             // Reverse walk, G steps at a time: all loads and math first, then the stores.
 #pragma unroll 1
             for (int q0 = SCAN_SUB - G; q0 >= 0; q0 -= G) {
-                float sy[G], slb[G], spa[G];
-                float4 lst[G];  // λ_t (after ḡ_t·C_t), for dB
+                float rv[G], sy[G], slb[G], spa[G];
 #pragma unroll
                 for (int u = G - 1; u >= 0; --u) {
                     const int q = q0 + u, i = i0 + q;
                     const float4 st = sS[i][ch];
-                    const float dt = st.y, gbar = st.z;
+                    const float xv = st.x, dt = st.y, gbar = st.z;
+                    const float dtx = dt * xv;
                     // slot q + 1 holds h_q, slot q the state before it
                     const float4 h4 = *reinterpret_cast<const float4*>(&sH[((q + 1) * SCAN_SPLIT_CH + ch) * SCAN_N + sub * SCAN_KP]);
                     const float4 p4 = *reinterpret_cast<const float4*>(&sH[(q * SCAN_SPLIT_CH + ch) * SCAN_N + sub * SCAN_KP]);
@@ -931,22 +894,28 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
                     const float Bv[SCAN_KP] = {Bq.x, Bq.y, Bq.z, Bq.w};
                     const float Cv[SCAN_KP] = {Cq.x, Cq.y, Cq.z, Cq.w};
                     float ya = 0.f, lb = 0.f, pa = 0.f;
+                    float v[2 * SCAN_KP];
 #pragma unroll
                     for (int j = 0; j < SCAN_KP; ++j) {
-                        ya = fmaf(Cv[j], hv[j], ya);
-                        lam[j] = fmaf(gbar, Cv[j], lam[j]);
-                        lb = fmaf(lam[j], Bv[j], lb);
-                    }
-                    lst[u] = make_float4(lam[0], lam[1], lam[2], lam[3]);
-#pragma unroll
-                    for (int j = 0; j < SCAN_KP; ++j) {
+                        const float hk = hv[j], Bk = Bv[j], Ck = Cv[j];
+                        const float e = ex2(st.w * A2[j]);
+                        ya = fmaf(Ck, hk, ya);
+                        v[SCAN_KP + j] = gbar * hk;
+                        lam[j] = fmaf(gbar, Ck, lam[j]);
+                        lb = fmaf(lam[j], Bk, lb);
+                        v[j] = lam[j] * dtx;
                         // λ·exp(dt·A) is the next step's λ; times the stored h_{t−1} it is the
                         // decay's gradient term, exactly 0 at a reset or a full decay (e = 0)
-                        lam[j] *= ex2(st.w * A2[j]);
+                        lam[j] *= e;
                         const float p = lam[j] * hp[j];
                         dA[j] = fmaf(p, dt, dA[j]);
                         pa = fmaf(A[j], p, pa);
                     }
+                    // Sum over the warp's 8 channels: lane ends with column rcol.
+                    transpose_reduce_lv<4, 16>(v, lane);
+                    transpose_reduce_lv<2, 8>(v, lane);
+                    transpose_reduce_lv<1, 4>(v, lane);
+                    rv[u] = v[0];
                     sy[u] = ya;
                     slb[u] = lb;
                     spa[u] = pa;
@@ -966,16 +935,25 @@ extern "C" __global__ void __launch_bounds__(SCAN_SPLIT_THREADS, 4) selective_sc
                 const float yv = fmaf(dsk, sm.x, sy[0]);
                 dD = fmaf(sm.z, sm.x, dD);
                 dBias += dpre;
-                // λ_t over h_t's slot (only this lane reads its part of a slot in the walk, and
-                // the group's reads of the slot are done); dt·x for dB in the step's .w
+                __syncwarp();  // the warp's reads of these steps' sH and sS are done
 #pragma unroll
                 for (int u = 0; u < G; ++u)
-                    *reinterpret_cast<float4*>(&sH[((q0 + u + 1) * SCAN_SPLIT_CH + ch) * SCAN_N + sub * SCAN_KP]) = lst[u];
-                __syncwarp();  // the warp's reads of these steps' sS are done
-                sS[im][ch] = make_float4(dxv, dpre, yv, sm.x * sm.y);
+                    sH[(q0 + u + 1) * SCAN_SPLIT_CH * SCAN_N + warp * 32 * SCAN_KP + rcol] = rv[u];
+                sS[im][ch] = make_float4(dxv, dpre, yv, 0.f);
             }
             __syncthreads();
-            scan_bwd_bc_dot<3>(sH, sS, i0, n, accb, 0, warp, lane);  // dB = Σ_c λ·dt·x
+            // dB/dC of the sub-chunk: sum the warps' partials, one atomic per step and column.
+            float* __restrict__ accb = dbc_acc + (row0 + t0 + i0) * 2 * SCAN_N;  // the sub-chunk's [step][col] rows
+#pragma unroll
+            for (int k = 0; k < SCAN_SUB * 2 * SCAN_N / SCAN_SPLIT_THREADS; ++k) {
+                const int e = tid + k * SCAN_SPLIT_THREADS, q = e >> 5, col = e & 31, i = i0 + q;
+                if (i < n) {
+                    float sum = 0.f;
+#pragma unroll
+                    for (int w = 0; w < SCAN_SPLIT_WARPS; ++w) sum += sH[(q + 1) * SCAN_SPLIT_CH * SCAN_N + w * 32 * SCAN_KP + col];
+                    atomicAdd(accb + e, sum);
+                }
+            }
             __syncthreads();  // before the next sub-chunk's states overwrite sH
         }
         // dz = dout·silu'(z)·y: dout and z reloaded, each half's loads before its stores
