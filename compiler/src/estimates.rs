@@ -370,8 +370,8 @@ fn is_muon(opt: &OptimizerPlan, p: &ParamSpec) -> bool {
 ///   first half of its tensor's slot);
 /// - optimizer: `exp_avg` (fp32, this rank's chunks; Muon matrices keep their momentum
 ///   there) and `exp_avg_sq` (fp32, slots for this rank's pieces of AdamW tensors only), the
-///   AdamW work-item tables, the group hyperparameters, and Muon's Newton–Schulz scratch (sized for the
-///   largest matrix, never sharded);
+///   AdamW work-item tables, the group hyperparameters, and Muon's Newton–Schulz scratch
+///   (sized for the largest matrix, never sharded);
 /// - working copy: the bf16 copy of every parameter, or under ZeRO-3 / hybrid shard the
 ///   gather slots (fp32 and bf16 parameters and fp32 gradient of the largest unit, plus a
 ///   slot of its own for a tied embedding's unit);
@@ -449,7 +449,9 @@ pub fn memory(
                 let own = r * chunk..(r + 1) * chunk;
                 for &(off, numel, i) in tensors {
                     if !is_muon(opt, &params[i]) {
-                        let piece = (off + numel).min(own.end).saturating_sub(off.max(own.start));
+                        let piece = (off + numel)
+                            .min(own.end)
+                            .saturating_sub(off.max(own.start));
                         len += piece.div_ceil(FLAT_ALIGN) * FLAT_ALIGN;
                     }
                 }

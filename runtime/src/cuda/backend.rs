@@ -1078,7 +1078,9 @@ fn adamw_items(
             items.gbf.push(gbf);
             let local = layout.units[u].local_start + c.offset;
             let v = second.index(local).ok_or_else(|| {
-                err(format!("AdamW item at local element {local} has no second-moment slot"))
+                err(format!(
+                    "AdamW item at local element {local} has no second-moment slot"
+                ))
             })?;
             items.voffs.push(v as i64);
         }
@@ -2752,9 +2754,11 @@ impl Backend for CudaBackend {
                 "optimizer",
             ),
             exp_avg: self.gpu.download_vec(self.exp_avg.ptr, n)?,
-            exp_avg_sq: self
-                .second
-                .to_local(&self.gpu.download_vec(self.exp_avg_sq.ptr, self.second.len)?)?,
+            exp_avg_sq: self.second.to_local(
+                &self
+                    .gpu
+                    .download_vec(self.exp_avg_sq.ptr, self.second.len)?,
+            )?,
         }))
     }
 
@@ -2903,9 +2907,10 @@ impl Backend for CudaBackend {
                 format!("{}.exp_avg", p.name),
                 self.gpu.download_vec(self.exp_avg.ptr + off, p.numel())?,
             ));
-            let v = self.second.index(self.offsets[i]).ok_or_else(|| {
-                err(format!("`{}` has no second-moment slot", p.name))
-            })?;
+            let v = self
+                .second
+                .index(self.offsets[i])
+                .ok_or_else(|| err(format!("`{}` has no second-moment slot", p.name)))?;
             tensors.push((
                 format!("{}.exp_avg_sq", p.name),
                 self.gpu

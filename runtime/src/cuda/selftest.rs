@@ -972,8 +972,16 @@ fn check_adamw_with(
     let want: Vec<f64> = p_ref.iter().map(|&x| x as f64).collect();
     let shape = format!(
         "{n} params, 3 groups, 3 steps{}{}",
-        if any_bf16 { ", 2 tensors' gradients in bf16" } else { "" },
-        if compact_v { ", compact exp_avg_sq" } else { "" }
+        if any_bf16 {
+            ", 2 tensors' gradients in bf16"
+        } else {
+            ""
+        },
+        if compact_v {
+            ", compact exp_avg_sq"
+        } else {
+            ""
+        }
     );
     push(
         out,
@@ -1008,7 +1016,13 @@ fn check_adamw_with(
             .filter(|&k| !(0..3).any(|t| (vstart(t)..vstart(t) + sizes[t]).contains(&k)))
             .map(|k| v_all[k].abs())
             .fold(0.0f64, f64::max);
-        push(out, "adamw compact exp_avg_sq padding untouched", shape.clone(), stray, 0.0);
+        push(
+            out,
+            "adamw compact exp_avg_sq padding untouched",
+            shape.clone(),
+            stray,
+            0.0,
+        );
     }
     push(
         out,

@@ -11,7 +11,8 @@ use crate::cpu::ops::diff_attention::{lambda_full, Lambdas};
 use crate::cpu::ops::selective_scan::{self as scan, ScanInputs};
 use archscale_kernels::cublaslt::OutType;
 use archscale_kernels::ops::{
-    HybridOps, KvGradMode, Rows, ScanGrads, ScanShape, ScanTensors, SCAN_CKPT, SCAN_CKPT_EVERY, SCAN_D_STATE,
+    HybridOps, KvGradMode, Rows, ScanGrads, ScanShape, ScanTensors, SCAN_CKPT, SCAN_CKPT_EVERY,
+    SCAN_D_STATE,
 };
 use archscale_kernels::KernelError;
 use half::bf16;
@@ -1290,11 +1291,7 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
 /// forward's per-element and per-(t, c) arithmetic with no HBM traffic and a full GPU) over
 /// `td` (t, c) pairs, with 0–6 of the 16 exponentials per step on the FMA pipe, against the
 /// memory floor `mem_floor_ms` of the real forward. The forward's time cannot go below this.
-fn bench_scan_floor(
-    env: &mut Env,
-    td: f64,
-    mem_floor_ms: f64,
-) -> R<Vec<String>> {
+fn bench_scan_floor(env: &mut Env, td: f64, mem_floor_ms: f64) -> R<Vec<String>> {
     const THREADS: usize = 128;
     let steps = 512usize; // per thread: 8 blocks of 128 threads per 4096-step row of 1024 channels
     let threads = (td as usize).div_ceil(steps);
@@ -1310,9 +1307,13 @@ fn bench_scan_floor(
         .collect();
     let steps_in = env.poisoned(host.len() * 4)?;
     env.gpu.upload(steps_in, &host)?;
-    let bc: Vec<f64> = (0..SCAN_CKPT * 2 * n).map(|i| ((i % 9) as f64 - 4.0) * 0.1).collect();
+    let bc: Vec<f64> = (0..SCAN_CKPT * 2 * n)
+        .map(|i| ((i % 9) as f64 - 4.0) * 0.1)
+        .collect();
     let bcp = env.f32_buf(&bc)?;
-    let a_log: Vec<f64> = (0..THREADS * n).map(|i| (((i % n) + 1) as f64).ln()).collect();
+    let a_log: Vec<f64> = (0..THREADS * n)
+        .map(|i| (((i % n) + 1) as f64).ln())
+        .collect();
     let alp = env.f32_buf(&a_log)?;
     let sink = env.poisoned(blocks * THREADS * 4)?;
     let elements = td * n as f64;
