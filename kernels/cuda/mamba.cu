@@ -1034,13 +1034,14 @@ extern "C" __global__ void mamba_pad_weights(const bf16* __restrict__ wx, const 
 // Arithmetic floor probe of the scan forward (bench only: `selftest --bench-scan`; its values
 // mean nothing). One thread per channel with its 16 states in registers does, per step, only
 // the work every forward must do: per (t, c) the staging (bf16 x, Δ and z unpacked; Δ + bias,
-// softplus in its cheapest form; Δ·x; SiLU(z); the D skip, the gate and the bf16 output) and per state the exponent
-// product, 2^x, Δx·B, the state FMA and C·h. Every HBM access is gone: the inputs cycle through
-// a window of SCAN_CKPT staged steps in shared memory, B and C are read as in the forward, the
-// outputs go to shared memory, and a short walk per thread (`steps`) keeps the GPU full at any
-// size. NPOLY of the 16 exponentials per step come from a degree-3 polynomial on the FMA pipe
-// (FA4's offload) instead of MUFU.EX2. Its time for the scan's (t, c, n) count bounds from
-// below every forward doing this arithmetic on this GPU.
+// softplus in its cheapest form; Δ·x; SiLU(z); the D skip, the gate and the bf16 output) and
+// per state the exponent product, 2^x, Δx·B, the state FMA and C·h. Every HBM access is gone:
+// the inputs cycle through a window of SCAN_CKPT staged steps in shared memory, B and C are
+// read as in the forward, the outputs go to shared memory, and a short walk per thread
+// (`steps`) keeps the GPU full at any size. NPOLY of the 16 exponentials per step come from a
+// degree-3 polynomial on the FMA pipe (FA4's offload) instead of MUFU.EX2. Its instruction and
+// MUFU counts (ncu) bound from below every forward doing this arithmetic on this GPU; its time
+// is what such a kernel reaches (bench/NOTES.md, "The scan forward's arithmetic floor").
 #define FLOOR_THREADS 128
 
 // 2^x by a degree-3 polynomial on [−0.5, 0.5] and the exponent added to the bits: 6 FMA-pipe

@@ -820,7 +820,6 @@ fn check_cross_entropy(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
 
 fn check_adamw(env: &mut Env, out: &mut Vec<Check>) -> R<()> {
     // all gradients fp32 (every one zeroed), then the first two tensors' gradients in bf16
-    // inside their fp32 slots, as the backend holds one-micro-step weight gradients
     // inside their fp32 slots, as the backend holds one-micro-step weight gradients, with the
     // second moments in a compact buffer of their own order (as when Muon matrices have none)
     check_adamw_with(env, out, [false; 3], false)?;

@@ -1293,7 +1293,8 @@ fn bench_scan_shape(env: &mut Env, n_embd: usize) -> R<Vec<String>> {
 /// memory floor `mem_floor_ms` of the real forward. The forward's time cannot go below this.
 fn bench_scan_floor(env: &mut Env, td: f64, mem_floor_ms: f64) -> R<Vec<String>> {
     const THREADS: usize = 128;
-    let steps = 512usize; // per thread: 8 blocks of 128 threads per 4096-step row of 1024 channels
+    // steps per thread: short walks give the probe enough warps to fill the GPU at any size
+    let steps = 512usize;
     let threads = (td as usize).div_ceil(steps);
     let blocks = threads.div_ceil(THREADS);
     let n = SCAN_D_STATE;
@@ -1339,7 +1340,9 @@ fn bench_scan_floor(env: &mut Env, td: f64, mem_floor_ms: f64) -> R<Vec<String>>
         let ms = time_ms(&env.gpu, &run)?;
         let sums = env.read_f32(sink, 1024)?;
         lines.push(format!(
-            "scan fwd arithmetic floor (no HBM traffic, {npoly} of {n} exponentials per step by              polynomial): {ms:.3} ms for {:.2}e9 (t, c, n) = {:.1}% of the memory floor's              pace ({mem_floor_ms:.3} ms); finite: {}",
+            "scan fwd arithmetic floor (no HBM traffic, {npoly} of {n} exponentials per step by \
+             polynomial): {ms:.3} ms for {:.2}e9 (t, c, n) = {:.1}% of the memory floor's \
+             pace ({mem_floor_ms:.3} ms); finite: {}",
             elements / 1e9,
             100.0 * mem_floor_ms / ms,
             sums.iter().all(|v| v.is_finite())
