@@ -36,6 +36,16 @@ pub trait Backend {
         prefixes: &[usize],
     ) -> crate::Result<Vec<f64>>;
 
+    /// Logits (the padded vocabulary) of the prediction after the last of `tokens`, one row
+    /// and no cache: the step of greedy decoding on a device (`eval::sampling::GreedyDecoder`).
+    fn last_logits(&mut self, tokens: &[u32]) -> crate::Result<Vec<f32>> {
+        let _ = tokens;
+        Err(crate::RuntimeError::Message(format!(
+            "{}: decoding (last_logits) is not implemented on this backend",
+            self.name()
+        )))
+    }
+
     /// Parameters in plan order.
     fn read_params(&mut self) -> crate::Result<Vec<Vec<f32>>>;
     fn write_params(&mut self, params: &[Vec<f32>]) -> crate::Result<()>;

@@ -175,6 +175,10 @@ impl Backend for CpuBackend {
             .forward_loss(&self.params, tokens, rows, row_len, prefixes)
     }
 
+    fn last_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.model.last_logits(&self.params, tokens)
+    }
+
     fn read_params(&mut self) -> Result<Vec<Vec<f32>>> {
         Ok(self.params.clone())
     }

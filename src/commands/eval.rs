@@ -1,10 +1,12 @@
 //! `archscale eval CHECKPOINT_OR_RUN_DIR --task val|phonebook|niah|choice ...`: results as a
-//! table (and `--json`), deterministic given the seed. `val` runs on the chosen backend
-//! (CUDA or CPU); the decoding tasks run on the CPU decoder.
+//! table (and `--json`), deterministic given the seed and the device. `val`, `phonebook` and
+//! `niah` run on the chosen backend (CUDA or CPU; on CUDA the greedy decoding re-runs the
+//! forward per new token, in bf16 as training does); `choice` runs on the CPU decoder.
 
 use super::run::BackendChoice;
+use archscale_runtime::eval::sampling::GreedyDecoder;
 use archscale_runtime::eval::{
-    choice, load_model, niah, phonebook, val, Decoder, TextTokenizer, TokenizerChoice,
+    choice, load_model, niah, phonebook, val, Decoder, LoadedModel, TextTokenizer, TokenizerChoice,
 };
 use archscale_runtime::{Backend, RuntimeError};
 use serde_json::json;
@@ -31,8 +33,8 @@ pub struct Args {
     /// Tasks to run (repeat or comma-separate).
     #[arg(long = "task", value_enum, value_delimiter = ',', required = true)]
     pub tasks: Vec<Task>,
-    /// Device of `val` (auto: CUDA when available, else CPU with a warning). The decoding
-    /// tasks (phonebook, niah, choice) always run on the CPU decoder.
+    /// Device of `val`, `phonebook` and `niah` (auto: CUDA when available, else CPU with a
+    /// warning). `choice` always runs on the CPU decoder.
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendChoice,
     /// Where relative data paths and synthetic corpora resolve (as for `archscale run`).
@@ -108,7 +110,8 @@ fn progress(task: &'static str) -> impl FnMut(usize, usize) {
     }
 }
 
-/// The backend of `val`: as `archscale run` chooses it (auto falls back to the CPU).
+/// The backend of `val`, or of the decoding tasks: as `archscale run` chooses it (auto falls
+/// back to the CPU).
 fn make_backend(
     choice: BackendChoice,
     plan: &archscale_compiler::Plan,
@@ -122,7 +125,7 @@ fn make_backend(
         BackendChoice::Cpu => cpu(),
         BackendChoice::Cuda => archscale_runtime::cuda_backend(plan),
         BackendChoice::Auto => archscale_runtime::cuda_backend(plan).or_else(|e| {
-            eprintln!("warning: CUDA backend unavailable ({e}); validation runs on the CPU");
+            eprintln!("warning: CUDA backend unavailable ({e}); running on the CPU");
             cpu()
         }),
     }
@@ -153,11 +156,8 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
     } else {
         None
     };
-    let decodes = args.tasks.iter().any(|t| *t != Task::Val);
-    if decodes && args.backend == BackendChoice::Cuda {
-        eprintln!(
-            "note: phonebook, niah and choice run on the CPU decoder; --backend cuda applies to val only"
-        );
+    if args.tasks.contains(&Task::Choice) && args.backend == BackendChoice::Cuda {
+        eprintln!("note: choice runs on the CPU decoder; --backend cuda applies to the others");
     }
     let mut backend = if args.tasks.contains(&Task::Val) {
         match make_backend(
@@ -257,11 +257,24 @@ fn run_task(
                 batch_size: args.batch_size,
                 seed: args.seed,
             };
-            let dec = Decoder::new(&model.plan, &model.params)?;
-            let r = phonebook::evaluate(&dec, tok, &opts, progress("phonebook"))?;
+            let longest = phonebook::longest_prompt(tok, &opts)?;
+            let mut device = decoding_backend(args, model, longest + phonebook::MAX_NEW_TOKENS)?;
+            let cpu;
+            let mut dec = match device.as_mut() {
+                Some(b) => GreedyDecoder::Device {
+                    backend: b.as_mut(),
+                    vocab: model.plan.model.vocab_size,
+                },
+                None => {
+                    cpu = Decoder::new(&model.plan, &model.params)?;
+                    GreedyDecoder::Cpu(&cpu)
+                }
+            };
+            let r = phonebook::evaluate(&mut dec, tok, &opts, progress("phonebook"))?;
             text.push_str(&format!(
-                "\nphonebook (seed {}, greedy, ≤{} new tokens, exact match)\n",
+                "\nphonebook (seed {}, greedy on {}, ≤{} new tokens, exact match)\n",
                 args.seed,
+                dec.name(),
                 phonebook::MAX_NEW_TOKENS
             ));
             text.push_str("  entries  prompt tokens  accuracy (mean ± std over 4)\n");
@@ -271,7 +284,10 @@ fn run_task(
                     s.size, s.prompt_tokens_mean, s.accuracy_mean, s.accuracy_std
                 ));
             }
-            Ok(("phonebook", json!({ "options": opts, "sizes": js(&r)? })))
+            Ok((
+                "phonebook",
+                json!({ "options": opts, "decoder": dec.name(), "sizes": js(&r)? }),
+            ))
         }
         Task::Niah => {
             let tok = tokenizer.ok_or_else(|| RuntimeError::Message("no tokenizer".into()))?;
@@ -282,11 +298,25 @@ fn run_task(
                 seed: args.seed,
                 batch_size: args.batch_size,
             };
-            let dec = Decoder::new(&model.plan, &model.params)?;
-            let cells = niah::evaluate(&dec, tok, &opts, progress("niah"))?;
+            let longest = niah::longest_prompt(tok, &opts)?;
+            let mut device = decoding_backend(args, model, longest + niah::MAX_NEW_TOKENS)?;
+            let cpu;
+            let mut dec = match device.as_mut() {
+                Some(b) => GreedyDecoder::Device {
+                    backend: b.as_mut(),
+                    vocab: model.plan.model.vocab_size,
+                },
+                None => {
+                    cpu = Decoder::new(&model.plan, &model.params)?;
+                    GreedyDecoder::Cpu(&cpu)
+                }
+            };
+            let cells = niah::evaluate(&mut dec, tok, &opts, progress("niah"))?;
             text.push_str(&format!(
-                "\nniah single needle (seed {}, {} samples per cell, accuracy)\n",
-                args.seed, args.samples
+                "\nniah single needle (seed {}, greedy on {}, {} samples per cell, accuracy)\n",
+                args.seed,
+                dec.name(),
+                args.samples
             ));
             text.push_str(&format!("  {:>7}", "length"));
             for d in &opts.depths {
@@ -300,7 +330,10 @@ fn run_task(
                 }
                 text.push('\n');
             }
-            Ok(("niah", json!({ "options": opts, "cells": js(&cells)? })))
+            Ok((
+                "niah",
+                json!({ "options": opts, "decoder": dec.name(), "cells": js(&cells)? }),
+            ))
         }
         Task::Choice => {
             let tok = tokenizer.ok_or_else(|| RuntimeError::Message("no tokenizer".into()))?;
@@ -326,6 +359,35 @@ fn run_task(
             Ok(("choice", js(&r)?))
         }
     }
+}
+
+/// The device backend that decodes phonebook or niah prompts of up to `tokens` tokens with the
+/// checkpoint's parameters, or `None` for the CPU decoder (`--backend cpu`, or auto without a
+/// GPU).
+fn decoding_backend(
+    args: &Args,
+    model: &LoadedModel,
+    tokens: usize,
+) -> archscale_runtime::Result<Option<Box<dyn Backend>>> {
+    if args.backend == BackendChoice::Cpu {
+        return Ok(None);
+    }
+    let mut plan = model.plan.clone();
+    plan.data.val_block_size = plan.data.val_block_size.max(tokens + 1);
+    let backend = match archscale_runtime::cuda_backend(&plan) {
+        Ok(b) => Some(b),
+        Err(e) if args.backend == BackendChoice::Auto => {
+            eprintln!("warning: CUDA backend unavailable ({e}); decoding on the CPU");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    backend
+        .map(|mut b| {
+            b.write_params(&model.params)?;
+            Ok(b)
+        })
+        .transpose()
 }
 
 fn js<T: serde::Serialize>(v: &T) -> archscale_runtime::Result<serde_json::Value> {

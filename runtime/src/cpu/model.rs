@@ -624,6 +624,30 @@ impl<T: Real> CpuModel<T> {
             .collect())
     }
 
+    /// Logits after the last of `tokens` (one row, a whole forward): the padded vocabulary.
+    pub fn last_logits(&self, params: &[Vec<T>], tokens: &[u32]) -> Result<Vec<T>> {
+        self.check_params(params)?;
+        let seq = tokens.len();
+        if seq == 0 {
+            return Err(err("last_logits: no tokens".to_string()));
+        }
+        self.check_tokens(tokens)?;
+        // one row of seq inputs and a placeholder target
+        let mut row = tokens.to_vec();
+        row.push(0);
+        let mut cache = self.workspaces.lock().unwrap_or_else(|e| e.into_inner());
+        let ws = workspace(&mut cache, self, 1, seq, false);
+        ws.load_rows(
+            &row,
+            1,
+            seq,
+            self.cfg.varlen.then_some(self.cfg.eos_token_id),
+        );
+        self.forward(ws, params);
+        let v = self.cfg.padded_vocab_size;
+        Ok(ws.logits[(seq - 1) * v..seq * v].to_vec())
+    }
+
     // -----------------------------------------------------------------------------------
     // Forward.
 

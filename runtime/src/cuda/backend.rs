@@ -2827,6 +2827,29 @@ impl Backend for CudaBackend {
             .collect())
     }
 
+    fn last_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let seq = tokens.len();
+        if seq == 0 || seq > self.rope_len || seq > self.cap_eval {
+            return Err(err(format!(
+                "last_logits: {seq} tokens; this backend was allocated for 1..={}",
+                self.cap_eval.min(self.rope_len)
+            )));
+        }
+        // one row of inputs; the target slot is a placeholder (no loss is taken)
+        let mut row = tokens.to_vec();
+        row.push(0);
+        self.upload_tokens(&row, 1, seq + 1, false)?;
+        self.forward(1, seq, false)?;
+        let v = self.dims.padded_vocab;
+        let bits: Vec<u16> = self
+            .gpu
+            .download_vec(self.logits.ptr + ((seq - 1) * v * BF) as u64, v)?;
+        Ok(bits
+            .into_iter()
+            .map(|b| half::bf16::from_bits(b).to_f32())
+            .collect())
+    }
+
     fn read_params(&mut self) -> Result<Vec<Vec<f32>>> {
         if self.zero3.is_some() {
             // collective: every rank gathers unit after unit

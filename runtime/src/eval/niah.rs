@@ -5,9 +5,8 @@
 //! `string_match_all` for one reference). Keys are `adjective-noun` pairs from built-in
 //! lists; every (length, depth, sample) has its own seeded prompt.
 
-use super::decoder::Decoder;
 use super::names::{ADJECTIVES, NOUNS};
-use super::sampling::generate_greedy_batch;
+use super::sampling::GreedyDecoder;
 use super::tokenizer::TextTokenizer;
 use crate::{Result, RuntimeError};
 use rand::{Rng, SeedableRng};
@@ -139,12 +138,8 @@ pub struct NiahCell {
     pub answers: Vec<(String, String, bool)>,
 }
 
-pub fn evaluate(
-    decoder: &Decoder,
-    tokenizer: &TextTokenizer,
-    opts: &NiahOptions,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<Vec<NiahCell>> {
+/// Every (length, depth, sample) prompt in order, with its tokens.
+fn jobs(tokenizer: &TextTokenizer, opts: &NiahOptions) -> Result<Vec<(NiahPrompt, Vec<u32>)>> {
     if !tokenizer.is_text() {
         return Err(RuntimeError::Message(
             "niah needs a text tokenizer; this model reads ids (synthetic corpus)".into(),
@@ -160,7 +155,6 @@ pub fn evaluate(
             "batch size must be at least 1".into(),
         ));
     }
-    // Every (length, depth, sample) prompt in order, decoded batch_size at a time.
     let mut jobs = Vec::new();
     for &length in &opts.lengths {
         for &depth in &opts.depths {
@@ -171,12 +165,33 @@ pub fn evaluate(
             }
         }
     }
+    Ok(jobs)
+}
+
+/// Tokens of the longest prompt [`evaluate`] decodes with `opts` (a device decoder is sized
+/// for it).
+pub fn longest_prompt(tokenizer: &TextTokenizer, opts: &NiahOptions) -> Result<usize> {
+    Ok(jobs(tokenizer, opts)?
+        .iter()
+        .map(|j| j.1.len())
+        .max()
+        .unwrap_or(0))
+}
+
+pub fn evaluate(
+    decoder: &mut GreedyDecoder,
+    tokenizer: &TextTokenizer,
+    opts: &NiahOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<NiahCell>> {
+    // decoded batch_size at a time
+    let jobs = jobs(tokenizer, opts)?;
     let total = jobs.len();
     let eos = tokenizer.eos();
     let mut results = Vec::with_capacity(total);
     for batch in jobs.chunks(opts.batch_size) {
         let ids: Vec<Vec<u32>> = batch.iter().map(|j| j.1.clone()).collect();
-        let generated = generate_greedy_batch(decoder, &ids, MAX_NEW_TOKENS, eos, |_| false)?;
+        let generated = decoder.generate_batch(&ids, MAX_NEW_TOKENS, eos, |_| false)?;
         for ((p, ids), generated) in batch.iter().zip(generated) {
             let kept: Vec<u32> = generated.into_iter().filter(|&t| Some(t) != eos).collect();
             let text = tokenizer.decode(&kept)?;

@@ -15,9 +15,8 @@
 //! at a time with a KV cache instead of left-padded batches with full recompute (same
 //! result for exact attention; no padding).
 
-use super::decoder::Decoder;
 use super::names::{FIRST, LAST};
-use super::sampling::generate_greedy_batch;
+use super::sampling::GreedyDecoder;
 use super::tokenizer::TextTokenizer;
 use crate::{Result, RuntimeError};
 use rand::seq::index::sample;
@@ -161,45 +160,84 @@ pub struct PhonebookSize {
     pub samples: Vec<PhonebookSample>,
 }
 
+fn require_text(tokenizer: &TextTokenizer) -> Result<()> {
+    if tokenizer.is_text() {
+        return Ok(());
+    }
+    Err(RuntimeError::Message(
+        "phonebook needs a text tokenizer; this model reads ids (synthetic corpus)".into(),
+    ))
+}
+
+/// Every batch of prompts the protocol decodes, in order: (book size, measurement, batch,
+/// prompts).
+fn prompt_batches(
+    opts: &PhonebookOptions,
+) -> Result<Vec<(usize, usize, usize, Vec<PhonebookPrompt>)>> {
+    let per_measurement = (opts.batches / MEASUREMENTS).max(1);
+    let mut out = Vec::new();
+    for size in opts.sizes()? {
+        for m in 0..MEASUREMENTS {
+            for b in 0..per_measurement {
+                out.push((
+                    size,
+                    m,
+                    b,
+                    batch_prompts(opts.seed, m, size, b, opts.batch_size)?,
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Tokens of the longest prompt [`evaluate`] decodes with `opts` (a device decoder is sized
+/// for it).
+pub fn longest_prompt(tokenizer: &TextTokenizer, opts: &PhonebookOptions) -> Result<usize> {
+    require_text(tokenizer)?;
+    let mut longest = 0;
+    for (_, _, _, prompts) in prompt_batches(opts)? {
+        for p in prompts {
+            longest = longest.max(tokenizer.encode(&p.prompt)?.len());
+        }
+    }
+    Ok(longest)
+}
+
 /// Runs the protocol, each batch of prompts decoded together; `progress` is called after
 /// each prompt.
 pub fn evaluate(
-    decoder: &Decoder,
+    decoder: &mut GreedyDecoder,
     tokenizer: &TextTokenizer,
     opts: &PhonebookOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<PhonebookSize>> {
-    if !tokenizer.is_text() {
-        return Err(RuntimeError::Message(
-            "phonebook needs a text tokenizer; this model reads ids (synthetic corpus)".into(),
-        ));
-    }
-    let sizes = opts.sizes()?;
-    let per_measurement = (opts.batches / MEASUREMENTS).max(1);
-    let total = sizes.len() * MEASUREMENTS * per_measurement * opts.batch_size;
+    require_text(tokenizer)?;
+    let batches = prompt_batches(opts)?;
+    let total: usize = batches.iter().map(|x| x.3.len()).sum();
     let mut done = 0;
     let mut out = Vec::new();
-    for &size in &sizes {
+    for size in opts.sizes()? {
         let mut samples = Vec::new();
         let mut accs = Vec::new();
         for m in 0..MEASUREMENTS {
             let mut correct = 0usize;
             let mut count = 0usize;
-            for b in 0..per_measurement {
-                let prompts = batch_prompts(opts.seed, m, size, b, opts.batch_size)?;
+            for (_, _, b, prompts) in batches.iter().filter(|x| x.0 == size && x.1 == m) {
+                let b = *b;
                 let ids: Vec<Vec<u32>> = prompts
                     .iter()
                     .map(|p| tokenizer.encode(&p.prompt))
                     .collect::<Result<_>>()?;
                 let eos = tokenizer.eos();
                 // The batch is decoded together, each prompt with its own cache.
-                let generated = generate_greedy_batch(decoder, &ids, MAX_NEW_TOKENS, eos, |g| {
+                let generated = decoder.generate_batch(&ids, MAX_NEW_TOKENS, eos, |g| {
                     tokenizer
                         .decode(g)
                         .map(|t| t.contains('\n'))
                         .unwrap_or(false)
                 })?;
-                for ((p, ids), generated) in prompts.into_iter().zip(&ids).zip(generated) {
+                for ((p, ids), generated) in prompts.iter().zip(&ids).zip(generated) {
                     let kept: Vec<u32> = generated
                         .iter()
                         .copied()
@@ -213,7 +251,7 @@ pub fn evaluate(
                     samples.push(PhonebookSample {
                         measurement: m,
                         batch: b,
-                        label: p.label,
+                        label: p.label.clone(),
                         answer,
                         correct: ok,
                         prompt_tokens: ids.len(),

@@ -199,6 +199,53 @@ fn batched_greedy_decoding_equals_one_prompt_at_a_time() {
 }
 
 #[test]
+fn greedy_decoding_on_a_backend_equals_the_cached_decoder() {
+    // The device path (one whole forward per new token, no cache) through the CPU backend,
+    // against the CPU decoder's cached steps: the same tokens, stops included.
+    use super::sampling::GreedyDecoder;
+    use crate::backend::Backend;
+    let spec = TinySpec::default();
+    let plan = plan(
+        model_config(&spec, 8, true),
+        with_differential(hybrid_layers(spec.n_embd)),
+        vec![],
+    );
+    let params = noisy_params(&plan, 21);
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|i| random_tokens(3 + 4 * i, spec.vocab, 60 + i as u64))
+        .collect();
+    let stop = |g: &[u32]| g.len() >= 3 && g[g.len() - 1] == g[g.len() - 2];
+    let dec = Decoder::new(&plan, &params).unwrap();
+    let cached = GreedyDecoder::Cpu(&dec)
+        .generate_batch(&prompts, 7, Some(5), stop)
+        .unwrap();
+    let mut backend = crate::cpu_backend::CpuBackend::new(&plan).unwrap();
+    backend.write_params(&params).unwrap();
+    let mut device = GreedyDecoder::Device {
+        backend: &mut backend,
+        vocab: spec.vocab,
+    };
+    assert_eq!(device.name(), "cpu");
+    let uncached = device.generate_batch(&prompts, 7, Some(5), stop).unwrap();
+    assert_eq!(uncached, cached);
+    assert!(cached.iter().all(|g| !g.is_empty() && g.len() <= 7));
+    // the last position's logits are the decoder's after the whole prompt
+    let want = Decoder::new(&plan, &params)
+        .unwrap()
+        .feed(&prompts[1], Logits::Last)
+        .unwrap();
+    let got = backend.last_logits(&prompts[1]).unwrap();
+    assert_eq!(got.len(), plan.model.padded_vocab_size);
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "{worst}");
+    assert!(backend.last_logits(&[]).is_err());
+}
+
+#[test]
 fn state_snapshots_continue_identically() {
     let spec = TinySpec::default();
     let plan = plan(
