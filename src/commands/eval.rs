@@ -1,12 +1,12 @@
 //! `archscale eval CHECKPOINT_OR_RUN_DIR --task val|phonebook|niah|choice ...`: results as a
-//! table (and `--json`), deterministic given the seed and the device. `val`, `phonebook` and
-//! `niah` run on the chosen backend (CUDA or CPU; on CUDA the greedy decoding re-runs the
-//! forward per new token, in bf16 as training does); `choice` runs on the CPU decoder.
+//! table (and `--json`), deterministic given the seed and the device. Every task runs on the
+//! chosen backend: CUDA (bf16, as training; decoding re-runs the forward per new token,
+//! choices are scored from the forward's losses) or the CPU (fp32; the decoder with caches).
 
 use super::run::BackendChoice;
-use archscale_runtime::eval::sampling::GreedyDecoder;
 use archscale_runtime::eval::{
-    choice, load_model, niah, phonebook, val, Decoder, LoadedModel, TextTokenizer, TokenizerChoice,
+    choice, load_model, niah, phonebook, val, Decoder, EvalModel, LoadedModel, TextTokenizer,
+    TokenizerChoice,
 };
 use archscale_runtime::{Backend, RuntimeError};
 use serde_json::json;
@@ -33,8 +33,7 @@ pub struct Args {
     /// Tasks to run (repeat or comma-separate).
     #[arg(long = "task", value_enum, value_delimiter = ',', required = true)]
     pub tasks: Vec<Task>,
-    /// Device of `val`, `phonebook` and `niah` (auto: CUDA when available, else CPU with a
-    /// warning). `choice` always runs on the CPU decoder.
+    /// Device of every task (auto: CUDA when available, else CPU with a warning).
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendChoice,
     /// Where relative data paths and synthetic corpora resolve (as for `archscale run`).
@@ -156,9 +155,6 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
     } else {
         None
     };
-    if args.tasks.contains(&Task::Choice) && args.backend == BackendChoice::Cuda {
-        eprintln!("note: choice runs on the CPU decoder; --backend cuda applies to the others");
-    }
     let mut backend = if args.tasks.contains(&Task::Val) {
         match make_backend(
             args.backend,
@@ -258,18 +254,8 @@ fn run_task(
                 seed: args.seed,
             };
             let longest = phonebook::longest_prompt(tok, &opts)?;
-            let mut device = decoding_backend(args, model, longest + phonebook::MAX_NEW_TOKENS)?;
-            let cpu;
-            let mut dec = match device.as_mut() {
-                Some(b) => GreedyDecoder::Device {
-                    backend: b.as_mut(),
-                    vocab: model.plan.model.vocab_size,
-                },
-                None => {
-                    cpu = Decoder::new(&model.plan, &model.params)?;
-                    GreedyDecoder::Cpu(&cpu)
-                }
-            };
+            let mut engine = Engine::new(args, model, longest + phonebook::MAX_NEW_TOKENS)?;
+            let mut dec = engine.model(model.plan.model.vocab_size);
             let r = phonebook::evaluate(&mut dec, tok, &opts, progress("phonebook"))?;
             text.push_str(&format!(
                 "\nphonebook (seed {}, greedy on {}, ≤{} new tokens, exact match)\n",
@@ -299,18 +285,8 @@ fn run_task(
                 batch_size: args.batch_size,
             };
             let longest = niah::longest_prompt(tok, &opts)?;
-            let mut device = decoding_backend(args, model, longest + niah::MAX_NEW_TOKENS)?;
-            let cpu;
-            let mut dec = match device.as_mut() {
-                Some(b) => GreedyDecoder::Device {
-                    backend: b.as_mut(),
-                    vocab: model.plan.model.vocab_size,
-                },
-                None => {
-                    cpu = Decoder::new(&model.plan, &model.params)?;
-                    GreedyDecoder::Cpu(&cpu)
-                }
-            };
+            let mut engine = Engine::new(args, model, longest + niah::MAX_NEW_TOKENS)?;
+            let mut dec = engine.model(model.plan.model.vocab_size);
             let cells = niah::evaluate(&mut dec, tok, &opts, progress("niah"))?;
             text.push_str(&format!(
                 "\nniah single needle (seed {}, greedy on {}, {} samples per cell, accuracy)\n",
@@ -339,9 +315,10 @@ fn run_task(
             let tok = tokenizer.ok_or_else(|| RuntimeError::Message("no tokenizer".into()))?;
             let items = items.ok_or_else(|| RuntimeError::Message("no items".into()))?;
             let max_length = args.max_length.unwrap_or(model.plan.model.block_size);
-            let dec = Decoder::new(&model.plan, &model.params)?;
+            let mut engine = Engine::new(args, model, max_length)?;
+            let mut dec = engine.model(model.plan.model.vocab_size);
             let r = choice::evaluate(
-                &dec,
+                &mut dec,
                 tok,
                 items,
                 max_length,
@@ -349,45 +326,60 @@ fn run_task(
                 progress("choice"),
             )?;
             text.push_str(&format!(
-                "\nchoice ({} items, max length {})\n",
-                r.items, r.max_length
+                "\nchoice ({} items, max length {}, on {})\n",
+                r.items,
+                r.max_length,
+                dec.name()
             ));
             text.push_str(&format!(
                 "  acc       {:.4} ± {:.4}\n  acc_norm  {:.4} ± {:.4}\n",
                 r.acc, r.acc_stderr, r.acc_norm, r.acc_norm_stderr
             ));
-            Ok(("choice", js(&r)?))
+            let mut v = js(&r)?;
+            v["decoder"] = json!(dec.name());
+            Ok(("choice", v))
         }
     }
 }
 
-/// The device backend that decodes phonebook or niah prompts of up to `tokens` tokens with the
-/// checkpoint's parameters, or `None` for the CPU decoder (`--backend cpu`, or auto without a
-/// GPU).
-fn decoding_backend(
-    args: &Args,
-    model: &LoadedModel,
-    tokens: usize,
-) -> archscale_runtime::Result<Option<Box<dyn Backend>>> {
-    if args.backend == BackendChoice::Cpu {
-        return Ok(None);
-    }
-    let mut plan = model.plan.clone();
-    plan.data.val_block_size = plan.data.val_block_size.max(tokens + 1);
-    let backend = match archscale_runtime::cuda_backend(&plan) {
-        Ok(b) => Some(b),
-        Err(e) if args.backend == BackendChoice::Auto => {
-            eprintln!("warning: CUDA backend unavailable ({e}); decoding on the CPU");
-            None
+/// What runs a decoding task: a device backend holding the checkpoint, or the CPU decoder
+/// (`--backend cpu`, or auto without a GPU).
+enum Engine<'p> {
+    Device(Box<dyn Backend>),
+    Cpu(Decoder<'p>),
+}
+
+impl<'p> Engine<'p> {
+    /// The engine for inputs of up to `tokens` tokens (a device backend is sized for them).
+    fn new(args: &Args, model: &'p LoadedModel, tokens: usize) -> archscale_runtime::Result<Self> {
+        let cpu = || Ok(Engine::Cpu(Decoder::new(&model.plan, &model.params)?));
+        if args.backend == BackendChoice::Cpu {
+            return cpu();
         }
-        Err(e) => return Err(e),
-    };
-    backend
-        .map(|mut b| {
-            b.write_params(&model.params)?;
-            Ok(b)
-        })
-        .transpose()
+        let mut plan = model.plan.clone();
+        plan.data.val_block_size = plan.data.val_block_size.max(tokens + 1);
+        match archscale_runtime::cuda_backend(&plan) {
+            Ok(mut b) => {
+                b.write_params(&model.params)?;
+                Ok(Engine::Device(b))
+            }
+            Err(e) if args.backend == BackendChoice::Auto => {
+                eprintln!("warning: CUDA backend unavailable ({e}); decoding on the CPU");
+                cpu()
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn model(&mut self, vocab: usize) -> EvalModel<'_, 'p> {
+        match self {
+            Engine::Device(b) => EvalModel::Device {
+                backend: b.as_mut(),
+                vocab,
+            },
+            Engine::Cpu(d) => EvalModel::Cpu(d),
+        }
+    }
 }
 
 fn js<T: serde::Serialize>(v: &T) -> archscale_runtime::Result<serde_json::Value> {

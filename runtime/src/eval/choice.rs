@@ -12,8 +12,10 @@
 //! Ties go to the lowest index, as `numpy.argmax`.
 
 use super::decoder::{Decoder, Logits};
+use super::eval_model::EvalModel;
 use super::sampling::log_prob;
 use super::tokenizer::TextTokenizer;
+use crate::backend::Backend;
 use crate::{Result, RuntimeError};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -130,6 +132,42 @@ fn first_max(values: impl Iterator<Item = f64>) -> usize {
     best.0
 }
 
+/// The row whose predictions score `cont` after `ctx`: `ctx ++ cont`, left-truncated so the
+/// inputs (all but its last token) are at most `max_length`; at least one context token must
+/// remain.
+fn scored_row(ctx: &[u32], cont: &[u32], max_length: usize) -> Result<Vec<u32>> {
+    let full: Vec<u32> = ctx.iter().chain(cont).copied().collect();
+    let row = &full[full.len().saturating_sub(max_length + 1)..];
+    if row.len() <= cont.len() {
+        return Err(RuntimeError::Message(format!(
+            "a continuation of {} tokens does not fit max_length {max_length}",
+            cont.len()
+        )));
+    }
+    Ok(row.to_vec())
+}
+
+/// [`score`] on a device backend: the continuation's summed cross-entropy from
+/// [`Backend::eval_loss`]'s prefix means (the last `cont.len()` predictions of the row).
+pub fn score_on_backend(
+    backend: &mut dyn Backend,
+    ctx: &[u32],
+    cont: &[u32],
+    max_length: usize,
+) -> Result<f64> {
+    if cont.is_empty() {
+        return Ok(0.0);
+    }
+    let row = scored_row(ctx, cont, max_length)?;
+    let (p, c) = (row.len() - 1, cont.len());
+    if p == c {
+        let m = backend.eval_loss(&row, 1, row.len(), &[p])?;
+        return Ok(-(p as f64) * m[0]);
+    }
+    let m = backend.eval_loss(&row, 1, row.len(), &[p - c, p])?;
+    Ok((p - c) as f64 * m[0] - p as f64 * m[1])
+}
+
 /// Sum of log-probabilities of `cont` after `ctx`, the input left-truncated to `max_length`.
 fn score(
     decoder: &mut Decoder,
@@ -161,15 +199,9 @@ fn score(
     } else {
         // Keep the last max_length inputs; the continuation's first prediction is at
         // input position len − cont.len().
-        let full: Vec<u32> = ctx.iter().chain(cont).copied().collect();
-        let inputs = &full[full.len() - 1 - max_length..full.len() - 1];
-        let keep_ctx = inputs.len() + 1 - cont.len();
-        if keep_ctx == 0 {
-            return Err(RuntimeError::Message(format!(
-                "a continuation of {} tokens does not fit max_length {max_length}",
-                cont.len()
-            )));
-        }
+        let row = scored_row(ctx, cont, max_length)?;
+        let inputs = &row[..row.len() - 1];
+        let keep_ctx = row.len() - cont.len();
         decoder.reset();
         let last = decoder.feed(&inputs[..keep_ctx], Logits::Last)?;
         let rest = if cont.len() > 1 {
@@ -234,9 +266,9 @@ pub fn score_items(
     Ok(out)
 }
 
-/// Scores every item, `batch_size` at a time.
+/// Scores every item, `batch_size` at a time on the CPU decoder.
 pub fn evaluate(
-    decoder: &Decoder,
+    model: &mut EvalModel,
     tokenizer: &TextTokenizer,
     items: &[ChoiceItem],
     max_length: usize,
@@ -260,7 +292,7 @@ pub fn evaluate(
                 .collect::<Result<_>>()
         })
         .collect::<Result<_>>()?;
-    let all_lls = score_items(decoder, &encoded, max_length, batch_size, progress)?;
+    let all_lls = model.score_choices(&encoded, max_length, batch_size, progress)?;
     let mut scores = Vec::with_capacity(items.len());
     for (item, lls) in items.iter().zip(all_lls) {
         let lens: Vec<f64> = item

@@ -5,6 +5,7 @@
 
 pub mod choice;
 pub mod decoder;
+pub mod eval_model;
 pub mod export;
 pub mod load;
 pub mod names;
@@ -15,6 +16,7 @@ pub mod tokenizer;
 pub mod val;
 
 pub use decoder::{Decoder, DecoderState, Logits};
+pub use eval_model::EvalModel;
 pub use load::{load_model, LoadedModel};
 pub use sampling::{Sampler, SamplingOptions};
 pub use tokenizer::{TextTokenizer, TokenizerChoice};

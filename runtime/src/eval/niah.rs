@@ -5,8 +5,8 @@
 //! `string_match_all` for one reference). Keys are `adjective-noun` pairs from built-in
 //! lists; every (length, depth, sample) has its own seeded prompt.
 
+use super::eval_model::EvalModel;
 use super::names::{ADJECTIVES, NOUNS};
-use super::sampling::GreedyDecoder;
 use super::tokenizer::TextTokenizer;
 use crate::{Result, RuntimeError};
 use rand::{Rng, SeedableRng};
@@ -179,7 +179,7 @@ pub fn longest_prompt(tokenizer: &TextTokenizer, opts: &NiahOptions) -> Result<u
 }
 
 pub fn evaluate(
-    decoder: &mut GreedyDecoder,
+    model: &mut EvalModel,
     tokenizer: &TextTokenizer,
     opts: &NiahOptions,
     mut progress: impl FnMut(usize, usize),
@@ -191,7 +191,7 @@ pub fn evaluate(
     let mut results = Vec::with_capacity(total);
     for batch in jobs.chunks(opts.batch_size) {
         let ids: Vec<Vec<u32>> = batch.iter().map(|j| j.1.clone()).collect();
-        let generated = decoder.generate_batch(&ids, MAX_NEW_TOKENS, eos, |_| false)?;
+        let generated = model.generate_greedy(&ids, MAX_NEW_TOKENS, eos, |_| false)?;
         for ((p, ids), generated) in batch.iter().zip(generated) {
             let kept: Vec<u32> = generated.into_iter().filter(|&t| Some(t) != eos).collect();
             let text = tokenizer.decode(&kept)?;

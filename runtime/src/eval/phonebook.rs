@@ -15,8 +15,8 @@
 //! at a time with a KV cache instead of left-padded batches with full recompute (same
 //! result for exact attention; no padding).
 
+use super::eval_model::EvalModel;
 use super::names::{FIRST, LAST};
-use super::sampling::GreedyDecoder;
 use super::tokenizer::TextTokenizer;
 use crate::{Result, RuntimeError};
 use rand::seq::index::sample;
@@ -169,22 +169,28 @@ fn require_text(tokenizer: &TextTokenizer) -> Result<()> {
     ))
 }
 
-/// Every batch of prompts the protocol decodes, in order: (book size, measurement, batch,
-/// prompts).
-fn prompt_batches(
-    opts: &PhonebookOptions,
-) -> Result<Vec<(usize, usize, usize, Vec<PhonebookPrompt>)>> {
+/// One batch of prompts the protocol decodes together.
+struct PromptBatch {
+    size: usize,
+    measurement: usize,
+    batch: usize,
+    prompts: Vec<PhonebookPrompt>,
+}
+
+/// Every batch of prompts the protocol decodes, in order.
+fn prompt_batches(opts: &PhonebookOptions) -> Result<Vec<PromptBatch>> {
     let per_measurement = (opts.batches / MEASUREMENTS).max(1);
     let mut out = Vec::new();
     for size in opts.sizes()? {
-        for m in 0..MEASUREMENTS {
-            for b in 0..per_measurement {
-                out.push((
+        for measurement in 0..MEASUREMENTS {
+            for batch in 0..per_measurement {
+                let prompts = batch_prompts(opts.seed, measurement, size, batch, opts.batch_size)?;
+                out.push(PromptBatch {
                     size,
-                    m,
-                    b,
-                    batch_prompts(opts.seed, m, size, b, opts.batch_size)?,
-                ));
+                    measurement,
+                    batch,
+                    prompts,
+                });
             }
         }
     }
@@ -196,8 +202,8 @@ fn prompt_batches(
 pub fn longest_prompt(tokenizer: &TextTokenizer, opts: &PhonebookOptions) -> Result<usize> {
     require_text(tokenizer)?;
     let mut longest = 0;
-    for (_, _, _, prompts) in prompt_batches(opts)? {
-        for p in prompts {
+    for batch in prompt_batches(opts)? {
+        for p in batch.prompts {
             longest = longest.max(tokenizer.encode(&p.prompt)?.len());
         }
     }
@@ -207,14 +213,14 @@ pub fn longest_prompt(tokenizer: &TextTokenizer, opts: &PhonebookOptions) -> Res
 /// Runs the protocol, each batch of prompts decoded together; `progress` is called after
 /// each prompt.
 pub fn evaluate(
-    decoder: &mut GreedyDecoder,
+    model: &mut EvalModel,
     tokenizer: &TextTokenizer,
     opts: &PhonebookOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<PhonebookSize>> {
     require_text(tokenizer)?;
     let batches = prompt_batches(opts)?;
-    let total: usize = batches.iter().map(|x| x.3.len()).sum();
+    let total: usize = batches.iter().map(|x| x.prompts.len()).sum();
     let mut done = 0;
     let mut out = Vec::new();
     for size in opts.sizes()? {
@@ -223,7 +229,12 @@ pub fn evaluate(
         for m in 0..MEASUREMENTS {
             let mut correct = 0usize;
             let mut count = 0usize;
-            for (_, _, b, prompts) in batches.iter().filter(|x| x.0 == size && x.1 == m) {
+            for PromptBatch {
+                batch: b, prompts, ..
+            } in batches
+                .iter()
+                .filter(|x| x.size == size && x.measurement == m)
+            {
                 let b = *b;
                 let ids: Vec<Vec<u32>> = prompts
                     .iter()
@@ -231,7 +242,7 @@ pub fn evaluate(
                     .collect::<Result<_>>()?;
                 let eos = tokenizer.eos();
                 // The batch is decoded together, each prompt with its own cache.
-                let generated = decoder.generate_batch(&ids, MAX_NEW_TOKENS, eos, |g| {
+                let generated = model.generate_greedy(&ids, MAX_NEW_TOKENS, eos, |g| {
                     tokenizer
                         .decode(g)
                         .map(|t| t.contains('\n'))

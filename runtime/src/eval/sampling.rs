@@ -3,7 +3,6 @@
 //! vocabulary is eligible (padding rows of the head are never chosen).
 
 use super::decoder::{Decoder, Logits};
-use crate::backend::Backend;
 use crate::{Result, RuntimeError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -152,61 +151,6 @@ pub fn generate_greedy_batch(
             generate(&mut row, prompt, max_new, &mut sampler, stop_id, &stop)
         })
         .collect()
-}
-
-/// What decodes the evals' prompts greedily: the CPU decoder (a cache per row, the rows in
-/// parallel: [`generate_greedy_batch`]) or a device backend holding the checkpoint (no cache:
-/// each new token is one forward over the prompt and the tokens generated so far, rows one
-/// after another; answers are a few tokens, so the prompt's forward dominates).
-pub enum GreedyDecoder<'d, 'p> {
-    Cpu(&'d Decoder<'p>),
-    Device {
-        backend: &'d mut dyn Backend,
-        /// Ids below this are eligible (the real vocabulary).
-        vocab: usize,
-    },
-}
-
-impl GreedyDecoder<'_, '_> {
-    /// `cpu decoder`, or the device backend's name (`cuda:0`).
-    pub fn name(&self) -> String {
-        match self {
-            GreedyDecoder::Cpu(_) => "cpu decoder".into(),
-            GreedyDecoder::Device { backend, .. } => backend.name(),
-        }
-    }
-
-    /// Greedy continuations of `prompts`: up to `max_new` tokens each, stopping after
-    /// `stop_id` or when `stop(generated)` says so (a stop id included), as [`generate`].
-    pub fn generate_batch(
-        &mut self,
-        prompts: &[Vec<u32>],
-        max_new: usize,
-        stop_id: Option<u32>,
-        stop: impl Fn(&[u32]) -> bool + Sync,
-    ) -> Result<Vec<Vec<u32>>> {
-        match self {
-            GreedyDecoder::Cpu(decoder) => {
-                generate_greedy_batch(decoder, prompts, max_new, stop_id, stop)
-            }
-            GreedyDecoder::Device { backend, vocab } => prompts
-                .iter()
-                .map(|prompt| {
-                    let mut row = prompt.clone();
-                    let mut out = Vec::with_capacity(max_new);
-                    while out.len() < max_new {
-                        let next = argmax(&backend.last_logits(&row)?[..*vocab]);
-                        out.push(next);
-                        row.push(next);
-                        if Some(next) == stop_id || stop(&out) {
-                            break;
-                        }
-                    }
-                    Ok(out)
-                })
-                .collect(),
-        }
-    }
 }
 
 /// Natural-log softmax probability of `target` over all of `logits` (the padded vocabulary,

@@ -202,7 +202,7 @@ fn batched_greedy_decoding_equals_one_prompt_at_a_time() {
 fn greedy_decoding_on_a_backend_equals_the_cached_decoder() {
     // The device path (one whole forward per new token, no cache) through the CPU backend,
     // against the CPU decoder's cached steps: the same tokens, stops included.
-    use super::sampling::GreedyDecoder;
+    use super::eval_model::EvalModel;
     use crate::backend::Backend;
     let spec = TinySpec::default();
     let plan = plan(
@@ -216,17 +216,17 @@ fn greedy_decoding_on_a_backend_equals_the_cached_decoder() {
         .collect();
     let stop = |g: &[u32]| g.len() >= 3 && g[g.len() - 1] == g[g.len() - 2];
     let dec = Decoder::new(&plan, &params).unwrap();
-    let cached = GreedyDecoder::Cpu(&dec)
-        .generate_batch(&prompts, 7, Some(5), stop)
+    let cached = EvalModel::Cpu(&dec)
+        .generate_greedy(&prompts, 7, Some(5), stop)
         .unwrap();
     let mut backend = crate::cpu_backend::CpuBackend::new(&plan).unwrap();
     backend.write_params(&params).unwrap();
-    let mut device = GreedyDecoder::Device {
+    let mut device = EvalModel::Device {
         backend: &mut backend,
         vocab: spec.vocab,
     };
     assert_eq!(device.name(), "cpu");
-    let uncached = device.generate_batch(&prompts, 7, Some(5), stop).unwrap();
+    let uncached = device.generate_greedy(&prompts, 7, Some(5), stop).unwrap();
     assert_eq!(uncached, cached);
     assert!(cached.iter().all(|g| !g.is_empty() && g.len() <= 7));
     // the last position's logits are the decoder's after the whole prompt
@@ -243,6 +243,67 @@ fn greedy_decoding_on_a_backend_equals_the_cached_decoder() {
         .fold(0.0f32, f32::max);
     assert!(worst < 1e-4, "{worst}");
     assert!(backend.last_logits(&[]).is_err());
+}
+
+#[test]
+fn choice_scores_on_a_backend_equal_the_cached_decoder() {
+    // Continuations scored from the backend's prefix losses, against the CPU decoder's cached
+    // log-probabilities; short and long contexts, some truncated by max_length.
+    use super::eval_model::EvalModel;
+    use crate::backend::Backend;
+    let spec = TinySpec::default();
+    let plan = plan(
+        model_config(&spec, 8, true),
+        hybrid_layers(spec.n_embd),
+        vec![],
+    );
+    let params = noisy_params(&plan, 23);
+    let items: Vec<Vec<(Vec<u32>, Vec<u32>)>> = (0..4)
+        .map(|i| {
+            let ctx = random_tokens(2 + 9 * i, spec.vocab, 80 + i as u64);
+            (0..3)
+                .map(|k| {
+                    (
+                        ctx.clone(),
+                        random_tokens(1 + k, spec.vocab, 90 + (4 * i + k) as u64),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let max_length = 20;
+    let dec = Decoder::new(&plan, &params).unwrap();
+    let cached = EvalModel::Cpu(&dec)
+        .score_choices(&items, max_length, 2, |_, _| {})
+        .unwrap();
+    let mut backend = crate::cpu_backend::CpuBackend::new(&plan).unwrap();
+    backend.write_params(&params).unwrap();
+    let mut seen = 0;
+    let device = EvalModel::Device {
+        backend: &mut backend,
+        vocab: spec.vocab,
+    }
+    .score_choices(&items, max_length, 2, |done, _| seen = done)
+    .unwrap();
+    assert_eq!(seen, items.len());
+    for (a, b) in device.iter().flatten().zip(cached.iter().flatten()) {
+        assert!(a.is_finite() && *a < 0.0);
+        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+    // a continuation longer than max_length is an error on both
+    let long = vec![vec![(
+        vec![1, 2],
+        random_tokens(max_length + 1, spec.vocab, 7),
+    )]];
+    assert!(EvalModel::Cpu(&dec)
+        .score_choices(&long, max_length, 1, |_, _| {})
+        .is_err());
+    assert!(EvalModel::Device {
+        backend: &mut backend,
+        vocab: spec.vocab
+    }
+    .score_choices(&long, max_length, 1, |_, _| {})
+    .is_err());
 }
 
 #[test]
