@@ -109,8 +109,7 @@ fn progress(task: &'static str) -> impl FnMut(usize, usize) {
     }
 }
 
-/// The backend of `val`, or of the decoding tasks: as `archscale run` chooses it (auto falls
-/// back to the CPU).
+/// The backend of `val`: as `archscale run` chooses it (auto falls back to the CPU).
 fn make_backend(
     choice: BackendChoice,
     plan: &archscale_compiler::Plan,
@@ -180,7 +179,11 @@ pub fn run(args: Args) -> miette::Result<ExitCode> {
         "{} (step {}, {} tokens)\n",
         model.plan.run_name, model.step, model.tokens
     );
-    for task in &args.tasks {
+    for (k, task) in args.tasks.iter().enumerate() {
+        // the decoding tasks build their own device backend: free val's once it is done
+        if !args.tasks[k..].contains(&Task::Val) {
+            backend = None;
+        }
         let outcome = run_task(
             *task,
             &args,
