@@ -693,9 +693,10 @@ mod tests {
         assert_eq!(dp.working_bytes, 2 * 2304);
         assert_eq!(dp.params_bytes, 4 * 2304);
         assert_eq!(dp.grads_bytes, 4 * 2304);
-        // two fp32 moments, six AdamW work items (one per tensor: two 48 B tables of
+        // two fp32 moments (the second one compact, the same size here: every tensor is
+        // AdamW's and 64-aligned), six AdamW work items (one per tensor: three 48 B tables of
         // offsets and two 24 B ones, 256 B each), the hyperparameter block (32 B -> 256)
-        assert_eq!(dp.optimizer_bytes, 2 * 4 * 2304 + 4 * 256 + 256);
+        assert_eq!(dp.optimizer_bytes, 2 * 4 * 2304 + 5 * 256 + 256);
         assert_eq!(dp.activations_bytes, 0);
     }
 
