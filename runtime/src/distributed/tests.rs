@@ -207,14 +207,20 @@ fn per_rank_bytes_agree_with_plan_estimates() {
             let state = alloc(param_elems * 4);
             assert_eq!(mem.params_bytes, state, "{nodes}x{gpus} {sharding}: params");
             assert_eq!(mem.grads_bytes, state, "{nodes}x{gpus} {sharding}: grads");
-            // two fp32 moments of the rank's chunks, plus the AdamW work-item tables
-            // (offset and bf16-gradient offset i64, length and group i32) and the groups'
-            // hyperparameters
+            // the first fp32 moment of the rank's chunks, the second of its AdamW tensors
+            // only (compact, the longest rank's length), plus the AdamW work-item tables
+            // (offset, bf16-gradient offset and second-moment offset i64, length and group
+            // i32) and the groups' hyperparameters
             let items: usize = (0..opt_layout.units.len())
                 .map(|u| opt_layout.opt_chunks(u).len())
                 .sum();
-            let optimizer = 2 * alloc(opt_layout.local_len * 4)
-                + 2 * alloc(items * 8)
+            let adamw = |i: usize| {
+                plan.optimizer.groups[plan.params[i].group].optimizer
+                    == archscale_compiler::plan::OptimizerKind::AdamW
+            };
+            let optimizer = alloc(opt_layout.local_len * 4)
+                + alloc(opt_layout.compact_state_len(&adamw) * 4)
+                + 3 * alloc(items * 8)
                 + 2 * alloc(items * 4)
                 + alloc(8 * 4 * plan.optimizer.groups.len());
             assert_eq!(
