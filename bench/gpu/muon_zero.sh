@@ -11,6 +11,8 @@
 #   z3    4 ranks, ZeRO-3                hs  4 ranks (2 "nodes" x 2), hybrid shard
 #   z3r2  z1's step-15 checkpoint resumed under ZeRO-3 on 2 ranks (re-sharded), to step 30
 #   r1    z1's step-15 checkpoint resumed in one process (sharded momentum -> momentum_buffer)
+#   z1r, z3r  z1's / z3's step-15 checkpoint resumed on the same 4 ranks and layout (each
+#         rank reads only its own optimizer shard)
 #   cpu   a CPU-written step-2 Muon checkpoint (world-4 plan, one process) resumed under
 #         ZeRO-1 on 4 ranks
 set -u
@@ -33,6 +35,11 @@ ck=$(ls -d $OUT/z1/*/checkpoints/step-00000015 2>/dev/null | head -1)
 ls "$ck" > "$OUT/ck-files.txt" 2>&1
 ranks z3r2 2 1 zero3 --resume "$ck" --max-steps 15
 one r1 --resume "$ck" --max-steps 15
+# the same world and layout: every rank reads only its own optimizer shard
+ranks z1r 4 1 zero1 --resume "$ck" --max-steps 15
+ck3=$(ls -d $OUT/z3/*/checkpoints/step-00000015 2>/dev/null | head -1)
+ranks z3r 4 1 zero3 --resume "$ck3" --max-steps 15
+grep -h "resumed from" $OUT/z1r/*/events.log $OUT/z3r/*/events.log 2>/dev/null | cut -c1-200
 timeout 120 $B run $P --backend cpu "${PS[@]}" --set cluster.gpus_per_node=4 \
   --set cluster.sharding=data_parallel --set train.out_dir=$OUT/cpu-ck --max-steps 2 > "$OUT/cpu-ck.log" 2>&1
 echo "cpu-ck rc=$?"
@@ -40,7 +47,7 @@ cck=$(ls -d $OUT/cpu-ck/*/checkpoints/step-* 2>/dev/null | tail -1)
 [ -n "$cck" ] && ranks cpu 4 1 zero1 --resume "$cck" --max-steps 3
 sim_errors
 echo "== Muon: loss agreement (same global batch, 4096 tokens/step)"
-sim_compare ref:dp ref:z1 ref:z3 ref:hs z1:z3r2 z1:r1
+sim_compare ref:dp ref:z1 ref:z3 ref:hs z1:z3r2 z1:r1 z1:z1r z3:z3r
 python3 - "$OUT" <<'PY'
 import json, sys, glob
 out = sys.argv[1]

@@ -67,6 +67,22 @@ pub trait Backend {
         Ok(None)
     }
 
+    /// How this rank's optimizer state is cut, when it is sharded: the manifest
+    /// [`Self::optimizer_shard`] writes and the chunk this rank holds.
+    fn optimizer_shard_layout(&self) -> Option<(crate::distributed::manifest::Manifest, usize)> {
+        None
+    }
+
+    /// This rank's part of a sharded optimizer state, cut as [`Self::optimizer_shard_layout`]
+    /// says (a resume on the same world and layout reads only its own shard files).
+    fn write_optimizer_shard(&mut self, shard: &OptimizerShard) -> crate::Result<()> {
+        let _ = shard;
+        Err(crate::RuntimeError::Message(format!(
+            "{}: the optimizer state is not sharded here; load it whole",
+            self.name()
+        )))
+    }
+
     /// Device memory of this rank: (peak bytes allocated, bytes of parameters + gradients
     /// + optimizer state). `None` on the CPU.
     fn device_memory(&self) -> Option<(usize, usize)> {

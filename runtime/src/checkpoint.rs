@@ -62,7 +62,23 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     pub state: TrainState,
     pub params: Vec<Vec<f32>>,
+    /// The whole optimizer state (empty when [`OptimizerRead::Nothing`] was asked, or when
+    /// `optimizer_shard` holds this rank's part instead).
     pub optimizer: OptimizerState,
+    /// This rank's own shard ([`OptimizerRead::Shard`] and a checkpoint cut the same way).
+    pub optimizer_shard: Option<OptimizerShard>,
+}
+
+/// What [`load_with`] reads of the optimizer state.
+pub enum OptimizerRead<'a> {
+    /// Every tensor, whole: any world size and layout resumes from it.
+    All,
+    /// Nothing: eval and export need the parameters only.
+    Nothing,
+    /// Only the files of chunk `chunk` when the checkpoint's optimizer state is cut as `ours`
+    /// cuts it (the same pieces of every tensor and shard length: a ZeRO resume on the same
+    /// world and layout), so a rank reads 1/world of the state; otherwise every tensor.
+    Shard { ours: &'a Manifest, chunk: usize },
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
@@ -378,8 +394,13 @@ fn tensor_f32(
     Ok((t.shape().to_vec(), f32_values(t.data())))
 }
 
-/// Loads and verifies a checkpoint directory against `plan`.
+/// Loads and verifies a checkpoint directory against `plan`, with the whole optimizer state.
 pub fn load(dir: &Path, plan: &Plan) -> Result<Checkpoint> {
+    load_with(dir, plan, OptimizerRead::All)
+}
+
+/// [`load`], reading of the optimizer state what `read` says.
+pub fn load_with(dir: &Path, plan: &Plan, read: OptimizerRead) -> Result<Checkpoint> {
     let state_path = dir.join(STATE_FILE);
     let text = fs::read_to_string(&state_path)
         .map_err(io_err(format!("reading {}", state_path.display())))?;
@@ -421,17 +442,35 @@ pub fn load(dir: &Path, plan: &Plan) -> Result<Checkpoint> {
         }
         params.push(data);
     }
-    if dir.join(manifest_file(MOMENTS[0])).is_file() {
-        let optimizer = load_sharded_optimizer(dir, &state, plan)?;
-        return Ok(Checkpoint {
-            dir: dir.to_path_buf(),
-            state,
-            params,
-            optimizer,
-        });
-    }
+    let sharded = dir.join(manifest_file(MOMENTS[0])).is_file();
+    let empty = OptimizerState {
+        step: state.optimizer_step,
+        tensors: Vec::new(),
+    };
+    let (optimizer, optimizer_shard) = match read {
+        OptimizerRead::Nothing => (empty, None),
+        OptimizerRead::Shard { ours, chunk } if sharded => {
+            match load_own_shard(dir, &state, ours, chunk)? {
+                Some(shard) => (empty, Some(shard)),
+                None => (load_sharded_optimizer(dir, &state, plan)?, None),
+            }
+        }
+        _ if sharded => (load_sharded_optimizer(dir, &state, plan)?, None),
+        _ => (load_whole_optimizer(dir, &state)?, None),
+    };
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        state,
+        params,
+        optimizer,
+        optimizer_shard,
+    })
+}
+
+/// The optimizer state of an unsharded checkpoint (`optimizer.safetensors`).
+fn load_whole_optimizer(dir: &Path, state: &TrainState) -> Result<OptimizerState> {
     let opt_path = dir.join(OPTIMIZER_FILE);
-    let bytes = read_checked(dir, OPTIMIZER_FILE, &state)?;
+    let bytes = read_checked(dir, OPTIMIZER_FILE, state)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| bad(format!("{}: {e}", opt_path.display())))?;
     let mut names: Vec<String> = st.names().into_iter().cloned().collect();
@@ -441,16 +480,52 @@ pub fn load(dir: &Path, plan: &Plan) -> Result<Checkpoint> {
         let (_, data) = tensor_f32(&st, &n, &opt_path)?;
         tensors.push((n, data));
     }
-    let optimizer = OptimizerState {
+    Ok(OptimizerState {
         step: state.optimizer_step,
         tensors,
-    };
-    Ok(Checkpoint {
-        dir: dir.to_path_buf(),
-        state,
-        params,
-        optimizer,
     })
+}
+
+/// Chunk `chunk` of both moments, when the checkpoint's manifests cut the state as `ours`
+/// does; `None` when they do not (another world size or layout).
+fn load_own_shard(
+    dir: &Path,
+    state: &TrainState,
+    ours: &Manifest,
+    chunk: usize,
+) -> Result<Option<OptimizerShard>> {
+    let mut moments = Vec::with_capacity(MOMENTS.len());
+    for moment in MOMENTS {
+        let path = dir.join(manifest_file(moment));
+        let text = fs::read(&path).map_err(io_err(format!("reading {}", path.display())))?;
+        let theirs: Manifest = serde_json::from_slice(&text)
+            .map_err(|e| bad(format!("{} is not a valid manifest: {e}", path.display())))?;
+        if theirs.shard_len != ours.shard_len || theirs.tensors != ours.tensors {
+            return Ok(None);
+        }
+        let Some(f) = theirs.files.iter().find(|f| f.shard == chunk) else {
+            return Ok(None);
+        };
+        let bytes = read_checked(dir, &f.file, state)?;
+        if bytes.len() != 4 * ours.shard_len {
+            return Err(bad(format!(
+                "{}: {} bytes, the manifest says {} f32",
+                dir.join(&f.file).display(),
+                bytes.len(),
+                ours.shard_len
+            )));
+        }
+        moments.push(f32_values(&bytes));
+    }
+    let exp_avg_sq = moments.pop().unwrap_or_default();
+    let exp_avg = moments.pop().unwrap_or_default();
+    Ok(Some(OptimizerShard {
+        step: state.optimizer_step,
+        rank: chunk,
+        manifest: ours.clone(),
+        exp_avg,
+        exp_avg_sq,
+    }))
 }
 
 /// The full optimizer state of a sharded checkpoint, rebuilt from every rank's files. A

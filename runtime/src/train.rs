@@ -271,10 +271,25 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
 
     let (mut step, mut tokens) = (0u64, 0u64);
     let mut resharded_from: Option<usize> = None;
+    let mut own_shard_read = false;
     if let Some(ckpt_dir) = &resume_from {
-        let ck = checkpoint::load(ckpt_dir, plan)?;
+        // a sharded backend reads only its own optimizer shard when the checkpoint was cut
+        // the same way (same world and layout), else the whole state
+        let own = backend.optimizer_shard_layout();
+        let read = match &own {
+            Some((ours, chunk)) => checkpoint::OptimizerRead::Shard {
+                ours,
+                chunk: *chunk,
+            },
+            None => checkpoint::OptimizerRead::All,
+        };
+        let ck = checkpoint::load_with(ckpt_dir, plan, read)?;
         backend.write_params(&ck.params)?;
-        backend.write_optimizer_state(&ck.optimizer)?;
+        match &ck.optimizer_shard {
+            Some(shard) => backend.write_optimizer_shard(shard)?,
+            None => backend.write_optimizer_state(&ck.optimizer)?,
+        }
+        own_shard_read = ck.optimizer_shard.is_some();
         let old_world = ck.state.loaders.len();
         if old_world == world {
             for (loader, &r) in loaders.iter_mut().zip(&loader_ranks) {
@@ -309,7 +324,15 @@ pub fn train(plan: &Plan, backend: &mut dyn Backend, opts: &TrainOptions) -> Res
     };
     match &resume_from {
         Some(p) => {
-            log.event(&format!("resumed from {} at step {step}", p.display()))?;
+            log.event(&format!(
+                "resumed from {} at step {step}{}",
+                p.display(),
+                if own_shard_read {
+                    " (each rank read its own optimizer shard)"
+                } else {
+                    ""
+                }
+            ))?;
             if let Some(old) = resharded_from {
                 log.event(&format!(
                     "checkpoint written by {old} ranks, resumed on {world}: state re-sharded, data loaders replayed past {} micro-batches per rank",

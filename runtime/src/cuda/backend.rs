@@ -2762,6 +2762,44 @@ impl Backend for CudaBackend {
         }))
     }
 
+    fn optimizer_shard_layout(&self) -> Option<(crate::distributed::manifest::Manifest, usize)> {
+        (self.mode != ShardMode::Replicated).then(|| {
+            let manifest = self.layout.manifest(
+                self.plan.layout.sharding,
+                self.plan.layout.gpus_per_node,
+                "optimizer",
+            );
+            (manifest, self.layout.rank)
+        })
+    }
+
+    fn write_optimizer_shard(&mut self, shard: &OptimizerShard) -> Result<()> {
+        let (ours, _) = self
+            .optimizer_shard_layout()
+            .ok_or_else(|| err("write_optimizer_shard: the optimizer state is not sharded"))?;
+        let n = self.layout.local_len;
+        if shard.manifest.tensors != ours.tensors
+            || shard.manifest.shard_len != n
+            || shard.exp_avg.len() != n
+            || shard.exp_avg_sq.len() != n
+        {
+            return Err(err(format!(
+                "write_optimizer_shard: a shard of {} / {} values cut for another layout \
+                 (this rank holds {n})",
+                shard.exp_avg.len(),
+                shard.exp_avg_sq.len()
+            )));
+        }
+        self.gpu.upload(self.exp_avg.ptr, &shard.exp_avg)?;
+        let compact = self
+            .second
+            .from_local(&shard.exp_avg_sq, self.exp_avg_sq.bytes / F32)?;
+        self.gpu.upload(self.exp_avg_sq.ptr, &compact)?;
+        self.step = shard.step;
+        self.gpu.sync()?;
+        Ok(())
+    }
+
     fn eval_loss(
         &mut self,
         tokens: &[u32],

@@ -435,6 +435,91 @@ fn a_corrupt_or_missing_optimizer_shard_is_named() {
 }
 
 #[test]
+fn a_resume_on_the_same_layout_reads_only_its_own_shard() {
+    use crate::checkpoint::{load_with, OptimizerRead};
+    use crate::distributed::flat_layout::FlatLayout;
+    let plan = plan(1, 4, "zero1");
+    let dir = tempfile::tempdir().unwrap();
+    let ck_dir = save_from_ranks(&plan, 4, 4, dir.path());
+    let (m, v) = (full_tensors(&plan, 2), full_tensors(&plan, 3));
+    fn slices(t: &[Vec<f32>]) -> Vec<&[f32]> {
+        t.iter().map(|x| x.as_slice()).collect()
+    }
+    for rank in 0..4 {
+        let layout = FlatLayout::new(&plan, 4, rank).unwrap();
+        let ours = layout.manifest(plan.layout.sharding, 4, "optimizer");
+        let ck = load_with(
+            &ck_dir,
+            &plan,
+            OptimizerRead::Shard {
+                ours: &ours,
+                chunk: rank,
+            },
+        )
+        .unwrap();
+        let shard = ck.optimizer_shard.expect("own shard");
+        assert!(ck.optimizer.tensors.is_empty());
+        assert_eq!(shard.step, 7);
+        assert_eq!(shard.exp_avg, layout.local_from_full(&slices(&m)).unwrap());
+        assert_eq!(
+            shard.exp_avg_sq,
+            layout.local_from_full(&slices(&v)).unwrap()
+        );
+    }
+    // a layout cut another way (2 shards) reads the whole state instead
+    let two = FlatLayout::new(&plan, 2, 1).unwrap();
+    let theirs = two.manifest(plan.layout.sharding, 2, "optimizer");
+    let ck = load_with(
+        &ck_dir,
+        &plan,
+        OptimizerRead::Shard {
+            ours: &theirs,
+            chunk: 1,
+        },
+    )
+    .unwrap();
+    assert!(ck.optimizer_shard.is_none());
+    assert_eq!(ck.optimizer.tensors.len(), 2 * plan.params.len());
+    // parameters only
+    let ck = load_with(&ck_dir, &plan, OptimizerRead::Nothing).unwrap();
+    assert!(ck.optimizer.tensors.is_empty() && ck.optimizer_shard.is_none());
+    assert_eq!(ck.params, full_tensors(&plan, 1));
+    // a corrupt shard of another rank does not concern this one; its own is named
+    let other = ck_dir.join("optimizer.exp_avg_sq.shard-00002-of-00004.bin");
+    let mut bytes = std::fs::read(&other).unwrap();
+    bytes[9] ^= 0x10;
+    std::fs::write(&other, &bytes).unwrap();
+    let l1 = FlatLayout::new(&plan, 4, 1).unwrap();
+    let ours = l1.manifest(plan.layout.sharding, 4, "optimizer");
+    assert!(load_with(
+        &ck_dir,
+        &plan,
+        OptimizerRead::Shard {
+            ours: &ours,
+            chunk: 1
+        }
+    )
+    .is_ok());
+    let l2 = FlatLayout::new(&plan, 4, 2).unwrap();
+    let ours = l2.manifest(plan.layout.sharding, 4, "optimizer");
+    let err = load_with(
+        &ck_dir,
+        &plan,
+        OptimizerRead::Shard {
+            ours: &ours,
+            chunk: 2,
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("shard-00002-of-00004.bin") && err.contains("corrupt"),
+        "{err}"
+    );
+}
+
+#[test]
 fn hybrid_shard_replicas_write_nothing_and_the_checkpoint_loads_whole() {
     let plan = plan(2, 2, "hybrid_shard");
     let dir = tempfile::tempdir().unwrap();

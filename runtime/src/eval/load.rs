@@ -69,7 +69,7 @@ pub fn locate(path: &Path) -> Result<(PathBuf, PathBuf)> {
 pub fn load_model(path: &Path) -> Result<LoadedModel> {
     let (run_dir, ckpt_dir) = locate(path)?;
     let plan = read_plan(&run_dir)?;
-    let ckpt = checkpoint::load(&ckpt_dir, &plan)?;
+    let ckpt = checkpoint::load_with(&ckpt_dir, &plan, checkpoint::OptimizerRead::Nothing)?;
     Ok(LoadedModel {
         plan,
         params: ckpt.params,
