@@ -5,7 +5,7 @@
 
 use super::choice;
 use super::decoder::Decoder;
-use super::sampling::{argmax, generate_greedy_batch};
+use super::sampling::{generate_greedy_batch, Sampler, SamplingOptions};
 use crate::backend::Backend;
 use crate::Result;
 
@@ -44,10 +44,11 @@ impl EvalModel<'_, '_> {
             EvalModel::Device { backend, vocab } => prompts
                 .iter()
                 .map(|prompt| {
+                    let mut greedy = Sampler::new(SamplingOptions::greedy());
                     let mut row = prompt.clone();
                     let mut out = Vec::with_capacity(max_new);
                     while out.len() < max_new {
-                        let next = argmax(&backend.last_logits(&row)?[..*vocab]);
+                        let next = greedy.pick(&backend.last_logits(&row)?, *vocab);
                         out.push(next);
                         row.push(next);
                         if Some(next) == stop_id || stop(&out) {
