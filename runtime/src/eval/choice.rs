@@ -147,7 +147,7 @@ fn scored_row(ctx: &[u32], cont: &[u32], max_length: usize) -> Result<Vec<u32>> 
     Ok(row.to_vec())
 }
 
-/// [`score`] on a device backend: the continuation's summed cross-entropy from
+/// `score` on a device backend: the continuation's summed cross-entropy from
 /// [`Backend::eval_loss`]'s prefix means (the last `cont.len()` predictions of the row).
 pub fn score_on_backend(
     backend: &mut dyn Backend,
@@ -266,7 +266,7 @@ pub fn score_items(
     Ok(out)
 }
 
-/// Scores every item, `batch_size` at a time on the CPU decoder.
+/// Scores every item with `model` (`batch_size` items at a time on the CPU decoder).
 pub fn evaluate(
     model: &mut EvalModel,
     tokenizer: &TextTokenizer,

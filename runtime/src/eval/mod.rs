@@ -1,7 +1,8 @@
-//! Evaluation of trained checkpoints on the CPU: validation loss/perplexity at 1×..k× the
-//! training context, Phonebook (arch-spec §5.2), single-needle retrieval (RULER
-//! `niah_single` style), multiple-choice likelihood scoring (lm-eval conventions), and the
-//! decoding path they share with `archscale generate`; plus export for the PyTorch stack.
+//! Evaluation of trained checkpoints: validation loss/perplexity at 1×..k× the training
+//! context, Phonebook (arch-spec §5.2), single-needle retrieval (RULER `niah_single` style),
+//! multiple-choice likelihood scoring (lm-eval conventions), on the CPU decoder (the decoding
+//! path they share with `archscale generate`) or a device backend (`EvalModel`); plus export
+//! for the PyTorch stack.
 
 pub mod choice;
 pub mod decoder;
