@@ -521,6 +521,7 @@ fn load_own_shard(
     let exp_avg = moments.pop().unwrap_or_default();
     Ok(Some(OptimizerShard {
         step: state.optimizer_step,
+        // the chunk, not the writer's rank (they differ for hybrid shard's replicas)
         rank: chunk,
         manifest: ours.clone(),
         exp_avg,

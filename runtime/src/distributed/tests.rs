@@ -436,27 +436,31 @@ fn a_corrupt_or_missing_optimizer_shard_is_named() {
 
 #[test]
 fn a_resume_on_the_same_layout_reads_only_its_own_shard() {
-    use crate::checkpoint::{load_with, OptimizerRead};
+    use crate::checkpoint::{load_with, Checkpoint, OptimizerRead};
     use crate::distributed::flat_layout::FlatLayout;
     let plan = plan(1, 4, "zero1");
     let dir = tempfile::tempdir().unwrap();
     let ck_dir = save_from_ranks(&plan, 4, 4, dir.path());
+    // the checkpoint as rank `rank` of a layout cut into `shards` chunks loads it
+    let load_as = |shards: usize, rank: usize| -> crate::Result<Checkpoint> {
+        let ours = FlatLayout::new(&plan, shards, rank).unwrap().manifest(
+            plan.layout.sharding,
+            shards,
+            "optimizer",
+        );
+        let read = OptimizerRead::Shard {
+            ours: &ours,
+            chunk: rank,
+        };
+        load_with(&ck_dir, &plan, read)
+    };
     let (m, v) = (full_tensors(&plan, 2), full_tensors(&plan, 3));
     fn slices(t: &[Vec<f32>]) -> Vec<&[f32]> {
         t.iter().map(|x| x.as_slice()).collect()
     }
     for rank in 0..4 {
         let layout = FlatLayout::new(&plan, 4, rank).unwrap();
-        let ours = layout.manifest(plan.layout.sharding, 4, "optimizer");
-        let ck = load_with(
-            &ck_dir,
-            &plan,
-            OptimizerRead::Shard {
-                ours: &ours,
-                chunk: rank,
-            },
-        )
-        .unwrap();
+        let ck = load_as(4, rank).unwrap();
         let shard = ck.optimizer_shard.expect("own shard");
         assert!(ck.optimizer.tensors.is_empty());
         assert_eq!(shard.step, 7);
@@ -467,17 +471,7 @@ fn a_resume_on_the_same_layout_reads_only_its_own_shard() {
         );
     }
     // a layout cut another way (2 shards) reads the whole state instead
-    let two = FlatLayout::new(&plan, 2, 1).unwrap();
-    let theirs = two.manifest(plan.layout.sharding, 2, "optimizer");
-    let ck = load_with(
-        &ck_dir,
-        &plan,
-        OptimizerRead::Shard {
-            ours: &theirs,
-            chunk: 1,
-        },
-    )
-    .unwrap();
+    let ck = load_as(2, 1).unwrap();
     assert!(ck.optimizer_shard.is_none());
     assert_eq!(ck.optimizer.tensors.len(), 2 * plan.params.len());
     // parameters only
@@ -489,30 +483,8 @@ fn a_resume_on_the_same_layout_reads_only_its_own_shard() {
     let mut bytes = std::fs::read(&other).unwrap();
     bytes[9] ^= 0x10;
     std::fs::write(&other, &bytes).unwrap();
-    let l1 = FlatLayout::new(&plan, 4, 1).unwrap();
-    let ours = l1.manifest(plan.layout.sharding, 4, "optimizer");
-    assert!(load_with(
-        &ck_dir,
-        &plan,
-        OptimizerRead::Shard {
-            ours: &ours,
-            chunk: 1
-        }
-    )
-    .is_ok());
-    let l2 = FlatLayout::new(&plan, 4, 2).unwrap();
-    let ours = l2.manifest(plan.layout.sharding, 4, "optimizer");
-    let err = load_with(
-        &ck_dir,
-        &plan,
-        OptimizerRead::Shard {
-            ours: &ours,
-            chunk: 2,
-        },
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    assert!(load_as(4, 1).is_ok());
+    let err = load_as(4, 2).err().unwrap().to_string();
     assert!(
         err.contains("shard-00002-of-00004.bin") && err.contains("corrupt"),
         "{err}"
